@@ -1,0 +1,29 @@
+# rockstate build entry points. Every target first runs the idempotent bootstrap, which
+# installs what is missing on a Debian machine (run as root).
+#
+# Builds go to a persistent target directory outside the clone so that RocksDB is
+# compiled once per machine, not once per checkout.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/rockstate-target
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: bootstrap build test lint demo bench
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+build: bootstrap
+	cargo build --locked --all-targets
+
+lint: bootstrap
+	cargo fmt --all -- --check
+	cargo clippy --locked --all-targets -- -D warnings
+
+test: lint
+	cargo nextest run --locked --no-fail-fast
+	cargo test --locked --doc
+
+demo: bootstrap
+	cargo run --locked --example quickstart
+
+bench: bootstrap
+	cargo bench --locked --bench state_access

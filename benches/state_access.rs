@@ -1,0 +1,273 @@
+//! State access through rockstate beside the same operation on raw RocksDB.
+//!
+//! Both sides use the same RocksDB settings (128 MiB LRU block cache, 10-bit bloom
+//! filters, LZ4, WAL off) and the same key layout (`key group ‖ key ‖ namespace
+//! [‖ user key]`, serde-encoded). The raw side encodes keys and values itself, as a user of
+//! plain RocksDB would; the difference is rockstate's own overhead.
+//!
+//! Run: `cargo bench --bench state_access` (or `make bench`).
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, MergeOperands, Options, WriteOptions, DB};
+use rockstate::{
+    codec, BackendOptions, KeyGroupRange, ListStateDescriptor, MapStateDescriptor,
+    RocksStateBackend, ValueStateDescriptor,
+};
+
+const KEYS: u64 = 50_000;
+const LIST_LEN: u64 = 8;
+const MAP_LEN: u32 = 16;
+const MAX_PAR: u32 = 128;
+
+fn concat(_: &[u8], existing: Option<&[u8]>, ops: &MergeOperands) -> Option<Vec<u8>> {
+    let mut out = existing.map(<[u8]>::to_vec).unwrap_or_default();
+    for op in ops {
+        out.extend_from_slice(op);
+    }
+    Some(out)
+}
+
+struct Raw {
+    db: DB,
+    wo: WriteOptions,
+}
+
+fn raw_db(dir: &std::path::Path) -> Raw {
+    let cache = rocksdb::Cache::new_lru_cache(128 << 20);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(&cache);
+    table.set_bloom_filter(10.0, false);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    table.set_format_version(6);
+    let mut cf = Options::default();
+    cf.set_block_based_table_factory(&table);
+    cf.set_write_buffer_size(16 << 20);
+    cf.set_compression_type(DBCompressionType::Lz4);
+    cf.set_bottommost_compression_type(DBCompressionType::Zstd);
+    cf.set_merge_operator_associative("concat", concat);
+    let mut db_opts = cf.clone();
+    db_opts.create_if_missing(true);
+    db_opts.create_missing_column_families(true);
+    db_opts.set_atomic_flush(true);
+    let cfs = ["value", "list", "map"].map(|n| ColumnFamilyDescriptor::new(n, cf.clone()));
+    let db = DB::open_cf_descriptors(&db_opts, dir, cfs).unwrap();
+    let mut wo = WriteOptions::default();
+    wo.disable_wal(true);
+    Raw { db, wo }
+}
+
+/// A deterministic scrambled walk over the key space.
+fn key_at(i: u64) -> u64 {
+    i.wrapping_mul(0x9e37_79b9_7f4a_7c15) % KEYS
+}
+
+/// The smallest key after every key starting with `prefix`.
+fn successor(prefix: &[u8]) -> Vec<u8> {
+    let mut out = prefix.to_vec();
+    while out.last() == Some(&0xff) {
+        out.pop();
+    }
+    if let Some(last) = out.last_mut() {
+        *last += 1;
+    }
+    out
+}
+
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = (payload.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(payload);
+    out
+}
+
+fn benches(c: &mut Criterion) {
+    let rs_dir = tempfile::tempdir().unwrap();
+    let raw_dir = tempfile::tempdir().unwrap();
+    let all = KeyGroupRange::all(MAX_PAR).unwrap();
+    let mut options = BackendOptions::new(rs_dir.path(), all, MAX_PAR);
+    options.memory_budget = 128 << 20;
+    let backend = RocksStateBackend::open(options).unwrap();
+    let value = backend
+        .register(ValueStateDescriptor::<u64, u64>::new("value"))
+        .unwrap();
+    let list = backend
+        .register(ListStateDescriptor::<u64, u64>::new("list"))
+        .unwrap();
+    let map = backend
+        .register(MapStateDescriptor::<u64, u32, u64>::new("map"))
+        .unwrap();
+    let raw = raw_db(raw_dir.path());
+    let (rv, rl, rm) = (
+        raw.db.cf_handle("value").unwrap(),
+        raw.db.cf_handle("list").unwrap(),
+        raw.db.cf_handle("map").unwrap(),
+    );
+
+    // Load both stores with the same data.
+    for k in 0..KEYS {
+        value.put(&k, &k).unwrap();
+        let key = codec::state_key(&k, &(), MAX_PAR).unwrap();
+        raw.db
+            .put_cf_opt(rv, &key, codec::encode_key(&k).unwrap(), &raw.wo)
+            .unwrap();
+        for j in 0..LIST_LEN {
+            list.add(&k, &j).unwrap();
+            raw.db
+                .merge_cf_opt(rl, &key, frame(&codec::encode_key(&j).unwrap()), &raw.wo)
+                .unwrap();
+        }
+        for u in 0..MAP_LEN {
+            map.put(&k, &u, &(k + u as u64)).unwrap();
+            let mk = codec::map_entry_key(&k, &(), &u, MAX_PAR).unwrap();
+            raw.db
+                .put_cf_opt(rm, mk, codec::encode_key(&(k + u as u64)).unwrap(), &raw.wo)
+                .unwrap();
+        }
+    }
+    backend.flush().unwrap();
+    raw.db.flush_cf(rv).unwrap();
+    raw.db.flush_cf(rl).unwrap();
+    raw.db.flush_cf(rm).unwrap();
+
+    let mut g = c.benchmark_group("value");
+    let mut i = 0u64;
+    g.bench_function(BenchmarkId::new("get", "rockstate"), |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(value.get(&key_at(i)).unwrap())
+        })
+    });
+    g.bench_function(BenchmarkId::new("get", "raw"), |b| {
+        b.iter(|| {
+            i += 1;
+            let key = codec::state_key(&key_at(i), &(), MAX_PAR).unwrap();
+            let v = raw.db.get_pinned_cf(rv, key).unwrap().unwrap();
+            black_box(codec::decode_exact::<u64>(&v, "v").unwrap())
+        })
+    });
+    g.bench_function(BenchmarkId::new("put", "rockstate"), |b| {
+        b.iter(|| {
+            i += 1;
+            value.put(&key_at(i), &i).unwrap()
+        })
+    });
+    g.bench_function(BenchmarkId::new("put", "raw"), |b| {
+        b.iter(|| {
+            i += 1;
+            let key = codec::state_key(&key_at(i), &(), MAX_PAR).unwrap();
+            raw.db
+                .put_cf_opt(rv, key, codec::encode_key(&i).unwrap(), &raw.wo)
+                .unwrap()
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("list");
+    g.bench_function(BenchmarkId::new("get8", "rockstate"), |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(list.get(&key_at(i)).unwrap())
+        })
+    });
+    g.bench_function(BenchmarkId::new("get8", "raw"), |b| {
+        b.iter(|| {
+            i += 1;
+            let key = codec::state_key(&key_at(i), &(), MAX_PAR).unwrap();
+            let v = raw.db.get_pinned_cf(rl, key).unwrap().unwrap();
+            let mut out = Vec::new();
+            let mut rest: &[u8] = &v;
+            while rest.len() >= 4 {
+                let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+                out.push(codec::decode_exact::<u64>(&rest[4..4 + len], "l").unwrap());
+                rest = &rest[4 + len..];
+            }
+            black_box(out)
+        })
+    });
+    g.bench_function(BenchmarkId::new("add", "rockstate"), |b| {
+        b.iter(|| {
+            i += 1;
+            list.add(&key_at(i), &i).unwrap()
+        })
+    });
+    g.bench_function(BenchmarkId::new("add", "raw"), |b| {
+        b.iter(|| {
+            i += 1;
+            let key = codec::state_key(&key_at(i), &(), MAX_PAR).unwrap();
+            raw.db
+                .merge_cf_opt(rl, key, frame(&codec::encode_key(&i).unwrap()), &raw.wo)
+                .unwrap()
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("map");
+    g.bench_function(BenchmarkId::new("get", "rockstate"), |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(map.get(&key_at(i), &((i % 16) as u32)).unwrap())
+        })
+    });
+    g.bench_function(BenchmarkId::new("get", "raw"), |b| {
+        b.iter(|| {
+            i += 1;
+            let key = codec::map_entry_key(&key_at(i), &(), &((i % 16) as u32), MAX_PAR).unwrap();
+            let v = raw.db.get_pinned_cf(rm, key).unwrap().unwrap();
+            black_box(codec::decode_exact::<u64>(&v, "m").unwrap())
+        })
+    });
+    g.bench_function(BenchmarkId::new("put", "rockstate"), |b| {
+        b.iter(|| {
+            i += 1;
+            map.put(&key_at(i), &((i % 16) as u32), &i).unwrap()
+        })
+    });
+    g.bench_function(BenchmarkId::new("put", "raw"), |b| {
+        b.iter(|| {
+            i += 1;
+            let key = codec::map_entry_key(&key_at(i), &(), &((i % 16) as u32), MAX_PAR).unwrap();
+            raw.db
+                .put_cf_opt(rm, key, codec::encode_key(&i).unwrap(), &raw.wo)
+                .unwrap()
+        })
+    });
+    g.bench_function(BenchmarkId::new("iter16", "rockstate"), |b| {
+        b.iter(|| {
+            i += 1;
+            let n = map.iter(&key_at(i)).unwrap().map(|e| e.unwrap().1).sum::<u64>();
+            black_box(n)
+        })
+    });
+    g.bench_function(BenchmarkId::new("iter16", "raw"), |b| {
+        b.iter(|| {
+            i += 1;
+            let prefix = codec::state_key(&key_at(i), &(), MAX_PAR).unwrap();
+            let upper = successor(&prefix);
+            let mut ro = rocksdb::ReadOptions::default();
+            ro.set_iterate_upper_bound(upper);
+            let mut it = raw.db.raw_iterator_cf_opt(rm, ro);
+            it.seek(&prefix);
+            let mut n = 0u64;
+            while let Some((k, v)) = it.item() {
+                black_box(codec::decode_exact::<u32>(&k[prefix.len()..], "m").unwrap());
+                n += codec::decode_exact::<u64>(v, "m").unwrap();
+                it.next();
+            }
+            black_box(n)
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = state_access;
+    config = Criterion::default()
+        .sample_size(30)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    targets = benches
+}
+criterion_main!(state_access);

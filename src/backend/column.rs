@@ -1,0 +1,217 @@
+//! Column-family settings: the list merge operator and the TTL compaction filter.
+
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use rocksdb::compaction_filter::{CompactionFilter, Decision};
+use rocksdb::compaction_filter_factory::{CompactionFilterContext, CompactionFilterFactory};
+use rocksdb::{BlockBasedOptions, DBCompressionType, MergeOperands, Options};
+
+use crate::backend::options::SharedResources;
+use crate::clock::Clock;
+use crate::state::ttl;
+use crate::state::StateKind;
+
+/// The column family that holds the backend's own records.
+pub(crate) const META_COLUMN: &str = "rockstate-meta";
+/// Prefix of every state column family's name.
+pub(crate) const STATE_COLUMN_PREFIX: &str = "state/";
+
+/// What a state's column family needs to know at run time. Shared between the state
+/// handles and the column family's compaction filter factory. The kind and TTL are set
+/// after the column family is opened, once its record is read.
+#[derive(Debug)]
+pub(crate) struct ColumnSettings {
+    pub cf_name: String,
+    kind: AtomicU8,
+    ttl_ms: AtomicU64,
+}
+
+const KIND_UNKNOWN: u8 = 0;
+
+fn kind_code(kind: StateKind) -> u8 {
+    match kind {
+        StateKind::Value => 1,
+        StateKind::List => 2,
+        StateKind::Map => 3,
+        StateKind::Reducing => 4,
+        StateKind::Aggregating => 5,
+    }
+}
+
+impl ColumnSettings {
+    pub(crate) fn new(cf_name: String) -> Self {
+        Self {
+            cf_name,
+            kind: AtomicU8::new(KIND_UNKNOWN),
+            ttl_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn configure(&self, kind: StateKind, ttl_ms: Option<u64>) {
+        self.ttl_ms.store(ttl_ms.unwrap_or(0), Ordering::SeqCst);
+        self.kind.store(kind_code(kind), Ordering::SeqCst);
+    }
+
+    pub(crate) fn ttl_ms(&self) -> Option<u64> {
+        match self.ttl_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(ms),
+        }
+    }
+
+    fn is_list(&self) -> bool {
+        self.kind.load(Ordering::SeqCst) == kind_code(StateKind::List)
+    }
+
+    fn is_known(&self) -> bool {
+        self.kind.load(Ordering::SeqCst) != KIND_UNKNOWN
+    }
+}
+
+/// Appends list elements: the stored list followed by every operand. Lists are
+/// concatenations of self-delimiting elements, so partial merges concatenate too.
+fn list_append(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    let extra: usize = operands.iter().map(<[u8]>::len).sum();
+    let mut out = Vec::with_capacity(existing.map_or(0, <[u8]>::len) + extra);
+    if let Some(existing) = existing {
+        out.extend_from_slice(existing);
+    }
+    for operand in operands {
+        out.extend_from_slice(operand);
+    }
+    Some(out)
+}
+
+struct TtlFilterFactory {
+    settings: Arc<ColumnSettings>,
+    clock: Arc<dyn Clock>,
+}
+
+/// Drops values whose TTL has passed; a list goes only when all its elements have expired.
+/// Bytes it cannot parse are kept: compaction never destroys what it does not understand.
+struct TtlFilter {
+    ttl_ms: Option<u64>,
+    list: bool,
+    now: u64,
+}
+
+impl CompactionFilterFactory for TtlFilterFactory {
+    type Filter = TtlFilter;
+
+    fn create(&mut self, _context: CompactionFilterContext) -> TtlFilter {
+        let known = self.settings.is_known();
+        TtlFilter {
+            ttl_ms: if known { self.settings.ttl_ms() } else { None },
+            list: self.settings.is_list(),
+            now: self.clock.now_millis(),
+        }
+    }
+
+    fn name(&self) -> &CStr {
+        c"rockstate.ttl_filter_factory"
+    }
+}
+
+impl TtlFilter {
+    fn expired(&self, value: &[u8]) -> bool {
+        let Some(ttl_ms) = self.ttl_ms else {
+            return false;
+        };
+        if self.list {
+            let mut any = false;
+            for element in ttl::Elements::new(value, true) {
+                match element {
+                    Ok(e) => match e.written {
+                        Some(ts) if ttl::is_expired(ts, ttl_ms, self.now) => any = true,
+                        _ => return false,
+                    },
+                    Err(_) => return false,
+                }
+            }
+            any
+        } else {
+            let what = String::new;
+            match ttl::split_value(value, true, &what) {
+                Ok((Some(ts), _)) => ttl::is_expired(ts, ttl_ms, self.now),
+                _ => false,
+            }
+        }
+    }
+}
+
+impl CompactionFilter for TtlFilter {
+    fn filter(&mut self, _level: u32, _key: &[u8], value: &[u8]) -> Decision {
+        if self.expired(value) {
+            Decision::Remove
+        } else {
+            Decision::Keep
+        }
+    }
+
+    fn name(&self) -> &CStr {
+        c"rockstate.ttl_filter"
+    }
+}
+
+/// Options shared by every column family: block cache, bloom filters, compression.
+pub(crate) fn base_options(resources: &SharedResources) -> Options {
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(&resources.cache);
+    table.set_bloom_filter(10.0, false);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    table.set_format_version(6);
+    let mut opts = Options::default();
+    opts.set_block_based_table_factory(&table);
+    opts.set_write_buffer_size(resources.write_buffer_size());
+    opts.set_compression_type(DBCompressionType::Lz4);
+    opts.set_bottommost_compression_type(DBCompressionType::Zstd);
+    opts
+}
+
+/// Options of a state column family.
+pub(crate) fn state_column_options(
+    resources: &SharedResources,
+    settings: Arc<ColumnSettings>,
+    clock: Arc<dyn Clock>,
+) -> Options {
+    let mut opts = base_options(resources);
+    opts.set_merge_operator_associative("rockstate.list_append", list_append);
+    opts.set_compaction_filter_factory(TtlFilterFactory { settings, clock });
+    opts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(ttl: Option<u64>, list: bool, now: u64) -> TtlFilter {
+        TtlFilter {
+            ttl_ms: ttl,
+            list,
+            now,
+        }
+    }
+
+    #[test]
+    fn filter_drops_only_expired_values() {
+        let v = ttl::frame_value(Some(10), 100, b"x");
+        assert!(!filter(Some(10), false, 109).expired(&v));
+        assert!(filter(Some(10), false, 110).expired(&v));
+        assert!(!filter(None, false, 1_000).expired(&v));
+        assert!(!filter(Some(10), false, 1_000).expired(b"short"));
+    }
+
+    #[test]
+    fn filter_drops_a_list_only_when_every_element_expired() {
+        let mut list = Vec::new();
+        ttl::frame_element(&mut list, Some(10), 100, b"a").unwrap();
+        ttl::frame_element(&mut list, Some(10), 105, b"b").unwrap();
+        assert!(!filter(Some(10), true, 112).expired(&list));
+        assert!(filter(Some(10), true, 115).expired(&list));
+        list.pop();
+        assert!(!filter(Some(10), true, 1_000).expired(&list), "truncated list is kept");
+    }
+}

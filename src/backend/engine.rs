@@ -1,0 +1,231 @@
+//! `BackendCore`: the RocksDB instance and the operations state handles perform on it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use rocksdb::{
+    DBRawIteratorWithThreadMode, DBWithThreadMode, FlushOptions, MultiThreaded, ReadOptions,
+    WriteBatch, WriteOptions,
+};
+
+use crate::backend::column::ColumnSettings;
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+use crate::keygroup::KeyGroupRange;
+use crate::state::StateMeta;
+
+pub(crate) type Db = DBWithThreadMode<MultiThreaded>;
+
+/// A registered state: its recorded metadata and its column family's settings.
+pub(crate) struct StateEntry {
+    pub meta: StateMeta,
+    pub column: Arc<ColumnSettings>,
+}
+
+/// The shared inside of a backend. State handles hold it through an `Arc`.
+pub(crate) struct BackendCore {
+    pub(crate) db: Db,
+    pub(crate) dir: PathBuf,
+    pub(crate) backend_uid: String,
+    pub(crate) states: Mutex<BTreeMap<String, StateEntry>>,
+    write_opts: WriteOptions,
+    read_opts: ReadOptions,
+    clock: Arc<dyn Clock>,
+    max_parallelism: u32,
+    key_group_range: KeyGroupRange,
+}
+
+impl BackendCore {
+    pub(crate) fn new(
+        db: Db,
+        dir: PathBuf,
+        backend_uid: String,
+        clock: Arc<dyn Clock>,
+        max_parallelism: u32,
+        key_group_range: KeyGroupRange,
+    ) -> Self {
+        let mut write_opts = WriteOptions::default();
+        // Durability comes from checkpoints: no write-ahead log.
+        write_opts.disable_wal(true);
+        Self {
+            db,
+            dir,
+            backend_uid,
+            states: Mutex::new(BTreeMap::new()),
+            write_opts,
+            read_opts: ReadOptions::default(),
+            clock,
+            max_parallelism,
+            key_group_range,
+        }
+    }
+
+    pub(crate) fn max_parallelism(&self) -> u32 {
+        self.max_parallelism
+    }
+
+    pub(crate) fn key_group_range(&self) -> KeyGroupRange {
+        self.key_group_range
+    }
+
+    pub(crate) fn now_millis(&self) -> u64 {
+        self.clock.now_millis()
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn cf(&self, name: &str) -> Result<Arc<rocksdb::BoundColumnFamily<'_>>> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| Error::Internal(format!("column family \"{name}\" is not open")))
+    }
+
+    fn fail(op: &str, column: &ColumnSettings) -> impl FnOnce(rocksdb::Error) -> Error {
+        let context = format!("{op} on column family \"{}\"", column.cf_name);
+        move |e| Error::engine(context, e)
+    }
+
+    /// Calls `f` with the stored bytes under `key` (without copying them).
+    pub(crate) fn get_with<R>(
+        &self,
+        column: &ColumnSettings,
+        key: &[u8],
+        f: impl FnOnce(Option<&[u8]>) -> Result<R>,
+    ) -> Result<R> {
+        let cf = self.cf(&column.cf_name)?;
+        let pinned = self
+            .db
+            .get_pinned_cf_opt(&cf, key, &self.read_opts)
+            .map_err(|e| Self::fail("get", column)(e))?;
+        f(pinned.as_deref())
+    }
+
+    pub(crate) fn put(&self, column: &ColumnSettings, key: &[u8], value: &[u8]) -> Result<()> {
+        let cf = self.cf(&column.cf_name)?;
+        self.db
+            .put_cf_opt(&cf, key, value, &self.write_opts)
+            .map_err(|e| Self::fail("put", column)(e))
+    }
+
+    pub(crate) fn merge(&self, column: &ColumnSettings, key: &[u8], operand: &[u8]) -> Result<()> {
+        let cf = self.cf(&column.cf_name)?;
+        self.db
+            .merge_cf_opt(&cf, key, operand, &self.write_opts)
+            .map_err(|e| Self::fail("merge", column)(e))
+    }
+
+    pub(crate) fn delete(&self, column: &ColumnSettings, key: &[u8]) -> Result<()> {
+        let cf = self.cf(&column.cf_name)?;
+        self.db
+            .delete_cf_opt(&cf, key, &self.write_opts)
+            .map_err(|e| Self::fail("delete", column)(e))
+    }
+
+    /// Applies puts (`Some(value)`) and deletes (`None`) atomically.
+    pub(crate) fn write(
+        &self,
+        column: &ColumnSettings,
+        ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let cf = self.cf(&column.cf_name)?;
+        let mut batch = WriteBatch::default();
+        for (key, value) in ops {
+            match value {
+                Some(value) => batch.put_cf(&cf, key, value),
+                None => batch.delete_cf(&cf, key),
+            }
+        }
+        self.db
+            .write_opt(&batch, &self.write_opts)
+            .map_err(|e| Self::fail("write batch", column)(e))
+    }
+
+    /// Writes a record of the backend's own column family.
+    pub(crate) fn put_meta(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        let cf = self.cf(crate::backend::column::META_COLUMN)?;
+        self.db
+            .put_cf_opt(&cf, key, value, &self.write_opts)
+            .map_err(|e| Error::engine("write backend record", e))
+    }
+
+    /// Scans `column` from `lower` (inclusive) to `upper` (exclusive; `None` = to the end).
+    pub(crate) fn scan(
+        &self,
+        column: &ColumnSettings,
+        lower: Vec<u8>,
+        upper: Option<Vec<u8>>,
+    ) -> Result<RawScan<'_>> {
+        let cf = self.cf(&column.cf_name)?;
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(lower.clone());
+        if let Some(upper) = upper {
+            opts.set_iterate_upper_bound(upper);
+        }
+        let mut iter = self.db.raw_iterator_cf_opt(&cf, opts);
+        iter.seek(&lower);
+        Ok(RawScan {
+            iter,
+            context: column.cf_name.clone(),
+        })
+    }
+
+    /// Flushes every column family's memtable to SST files (atomically across families).
+    pub(crate) fn flush(&self) -> Result<()> {
+        let names: Vec<String> = self.db.cf_names();
+        let handles: Vec<_> = names
+            .iter()
+            .filter_map(|n| self.db.cf_handle(n))
+            .collect();
+        let refs: Vec<&_> = handles.iter().collect();
+        let mut opts = FlushOptions::default();
+        opts.set_wait(true);
+        self.db
+            .flush_cfs_opt(&refs, &opts)
+            .map_err(|e| Error::engine(format!("flush of {}", self.dir.display()), e))
+    }
+}
+
+impl Drop for BackendCore {
+    fn drop(&mut self) {
+        // Without a write-ahead log, unflushed writes would be lost on reopen.
+        if let Err(e) = self.flush() {
+            tracing::error!(dir = %self.dir.display(), error = %e, "flush on close failed");
+        }
+    }
+}
+
+/// A bounded forward scan over raw RocksDB entries.
+pub(crate) struct RawScan<'a> {
+    iter: DBRawIteratorWithThreadMode<'a, Db>,
+    context: String,
+}
+
+impl RawScan<'_> {
+    /// The entry under the cursor, `None` at the end. Engine errors surface here.
+    pub(crate) fn current(&self) -> Result<Option<(&[u8], &[u8])>> {
+        if self.iter.valid() {
+            return Ok(self.iter.item());
+        }
+        self.iter
+            .status()
+            .map_err(|e| Error::engine(format!("scan of column family \"{}\"", self.context), e))?;
+        Ok(None)
+    }
+
+    pub(crate) fn advance(&mut self) {
+        if self.iter.valid() {
+            self.iter.next();
+        }
+    }
+
+    pub(crate) fn seek(&mut self, key: &[u8]) {
+        self.iter.seek(key);
+    }
+}

@@ -1,0 +1,388 @@
+//! `RocksStateBackend`: one RocksDB instance per subtask, one column family per state.
+
+mod column;
+mod engine;
+mod meta;
+mod options;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, Options};
+
+pub(crate) use column::ColumnSettings;
+pub(crate) use engine::{BackendCore, RawScan};
+pub use options::{BackendOptions, SharedResources, DEFAULT_MEMORY_BUDGET};
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, Result};
+use crate::keygroup::KeyGroupRange;
+use crate::state::{StateCore, StateMeta, StateSpec};
+use column::{META_COLUMN, STATE_COLUMN_PREFIX};
+use engine::StateEntry;
+use meta::BackendRecord;
+
+/// Keyed state of one subtask, stored in RocksDB.
+///
+/// Cloning is cheap and yields another handle to the same instance. The RocksDB instance
+/// closes (after flushing its memtables) when the last backend handle and state handle are
+/// dropped; [`close`](Self::close) flushes explicitly and reports errors.
+#[derive(Clone)]
+pub struct RocksStateBackend {
+    core: Arc<BackendCore>,
+    resources: SharedResources,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for RocksStateBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksStateBackend")
+            .field("dir", &self.core.dir())
+            .field("key_group_range", &self.core.key_group_range())
+            .field("max_parallelism", &self.core.max_parallelism())
+            .finish()
+    }
+}
+
+/// Builds a [`RocksStateBackend`] from options and optional components.
+#[derive(Debug)]
+pub struct BackendBuilder {
+    options: BackendOptions,
+    resources: Option<SharedResources>,
+    clock: Arc<dyn Clock>,
+}
+
+impl BackendBuilder {
+    /// Shares `resources` (block cache and write buffer budget) with other backends.
+    pub fn shared_resources(mut self, resources: SharedResources) -> Self {
+        self.resources = Some(resources);
+        self
+    }
+
+    /// Uses `clock` for TTL instead of the system clock.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Opens (or creates) the backend's local directory.
+    ///
+    /// Errors: `InvalidArgument` for bad options; `Incompatible` when the directory holds
+    /// state of another max parallelism or key-group range, or is not a rockstate
+    /// directory; `Io`/engine errors when RocksDB cannot open it (for example while another
+    /// backend holds it open).
+    pub fn open(self) -> Result<RocksStateBackend> {
+        self.options.validate()?;
+        let resources = match self.resources {
+            Some(r) => r,
+            None => SharedResources::new(self.options.memory_budget)?,
+        };
+        let core = open_core(&self.options, &resources, self.clock.clone())?;
+        Ok(RocksStateBackend {
+            core: Arc::new(core),
+            resources,
+            clock: self.clock,
+        })
+    }
+}
+
+fn db_options(options: &BackendOptions, resources: &SharedResources) -> Options {
+    let mut opts = column::base_options(resources);
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    // Without a WAL, families must flush together to stay consistent with each other.
+    opts.set_atomic_flush(true);
+    opts.set_max_background_jobs(options.background_jobs);
+    opts.set_write_buffer_manager(&resources.write_buffers);
+    opts.set_keep_log_file_num(2);
+    opts.set_max_log_file_size(4 << 20);
+    opts
+}
+
+fn open_core(
+    options: &BackendOptions,
+    resources: &SharedResources,
+    clock: Arc<dyn Clock>,
+) -> Result<BackendCore> {
+    let dir = &options.local_dir;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    let db_opts = db_options(options, resources);
+    let exists = dir.join("CURRENT").exists();
+    let existing: Vec<String> = if exists {
+        rocksdb::DB::list_cf(&db_opts, dir)
+            .map_err(|e| Error::engine(format!("list column families of {}", dir.display()), e))?
+    } else {
+        Vec::new()
+    };
+    let mut columns = Vec::new();
+    let mut descriptors = vec![ColumnFamilyDescriptor::new(
+        META_COLUMN,
+        column::base_options(resources),
+    )];
+    for name in &existing {
+        if name == "default" || name == META_COLUMN {
+            continue;
+        }
+        if !name.starts_with(STATE_COLUMN_PREFIX) {
+            return Err(Error::IncompatibleLayout {
+                dir: dir.display().to_string(),
+                detail: format!("unexpected column family \"{name}\""),
+            });
+        }
+        let settings = Arc::new(ColumnSettings::new(name.clone()));
+        let opts = column::state_column_options(resources, settings.clone(), clock.clone());
+        descriptors.push(ColumnFamilyDescriptor::new(name, opts));
+        columns.push(settings);
+    }
+    if exists && !existing.iter().any(|n| n == META_COLUMN) {
+        return Err(Error::IncompatibleLayout {
+            dir: dir.display().to_string(),
+            detail: "a RocksDB database that rockstate did not create".into(),
+        });
+    }
+    let db = engine::Db::open_cf_descriptors(&db_opts, dir, descriptors)
+        .map_err(|e| Error::engine(format!("open {}", dir.display()), e))?;
+
+    let record = read_or_create_record(&db, options, clock.as_ref())?;
+    let core = BackendCore::new(
+        db,
+        dir.clone(),
+        record.backend_uid,
+        clock,
+        options.max_parallelism,
+        options.key_group_range,
+    );
+    load_states(&core, columns)?;
+    Ok(core)
+}
+
+fn read_or_create_record(
+    db: &engine::Db,
+    options: &BackendOptions,
+    clock: &dyn Clock,
+) -> Result<BackendRecord> {
+    let dir = options.local_dir.display().to_string();
+    let cf = db
+        .cf_handle(META_COLUMN)
+        .ok_or_else(|| Error::Internal("meta column family missing".into()))?;
+    let stored = db
+        .get_cf(&cf, meta::BACKEND_KEY)
+        .map_err(|e| Error::engine("read backend record", e))?;
+    match stored {
+        Some(bytes) => {
+            let record = BackendRecord::decode(&bytes)?;
+            if record.max_parallelism != options.max_parallelism {
+                return Err(Error::IncompatibleLayout {
+                    dir,
+                    detail: format!(
+                        "written with max parallelism {}, opened with {}",
+                        record.max_parallelism, options.max_parallelism
+                    ),
+                });
+            }
+            if record.key_group_range != options.key_group_range {
+                return Err(Error::IncompatibleLayout {
+                    dir,
+                    detail: format!(
+                        "holds key groups {}, opened for {}",
+                        record.key_group_range, options.key_group_range
+                    ),
+                });
+            }
+            Ok(record)
+        }
+        None => {
+            let record = BackendRecord {
+                backend_uid: new_uid(),
+                max_parallelism: options.max_parallelism,
+                key_group_range: options.key_group_range,
+                created_at_ms: clock.now_millis(),
+            };
+            let mut wo = rocksdb::WriteOptions::default();
+            wo.disable_wal(true);
+            db.put_cf_opt(&cf, meta::BACKEND_KEY, record.encode()?, &wo)
+                .map_err(|e| Error::engine("write backend record", e))?;
+            Ok(record)
+        }
+    }
+}
+
+/// A random 128-bit id in hex.
+pub(crate) fn new_uid() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Reads the state records and configures the opened state column families. A column
+/// family without a record was created by a registration whose record never became
+/// durable; it holds no durable data (families flush atomically) and is dropped.
+fn load_states(core: &BackendCore, columns: Vec<Arc<ColumnSettings>>) -> Result<()> {
+    let cf = core
+        .db
+        .cf_handle(META_COLUMN)
+        .ok_or_else(|| Error::Internal("meta column family missing".into()))?;
+    let mut records = std::collections::BTreeMap::new();
+    for item in core.db.prefix_iterator_cf(&cf, meta::STATE_KEY_PREFIX) {
+        let (key, value) = item.map_err(|e| Error::engine("read state records", e))?;
+        if !key.starts_with(meta::STATE_KEY_PREFIX) {
+            break;
+        }
+        let meta = meta::decode_state(&value)?;
+        records.insert(meta.name.clone(), meta);
+    }
+    drop(cf);
+    let mut states = core.states.lock();
+    for settings in columns {
+        let name = &settings.cf_name[STATE_COLUMN_PREFIX.len()..];
+        match records.remove(name) {
+            Some(meta) => {
+                settings.configure(meta.kind, meta.ttl_millis);
+                states.insert(
+                    meta.name.clone(),
+                    StateEntry {
+                        meta,
+                        column: settings,
+                    },
+                );
+            }
+            None => {
+                tracing::warn!(column = %settings.cf_name, "dropping column family without a state record");
+                core.db
+                    .drop_cf(&settings.cf_name)
+                    .map_err(|e| Error::engine("drop unrecorded column family", e))?;
+            }
+        }
+    }
+    if let Some(name) = records.keys().next() {
+        return Err(Error::corrupt(
+            format!("backend in {}", core.dir().display()),
+            format!("state \"{name}\" is recorded but its column family is missing"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_state_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+        return Err(Error::invalid(format!(
+            "state name {name:?} must be 1 to 200 bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+impl RocksStateBackend {
+    /// Starts building a backend from `options`.
+    pub fn builder(options: BackendOptions) -> BackendBuilder {
+        BackendBuilder {
+            options,
+            resources: None,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// Opens a backend with its own memory resources and the system clock.
+    pub fn open(options: BackendOptions) -> Result<Self> {
+        Self::builder(options).open()
+    }
+
+    /// Registers a state (or re-attaches to a stored one) and returns its handle.
+    ///
+    /// Registering the same name again returns another handle to the same data when the
+    /// descriptor is compatible (see [`StateMeta`]); a changed TTL duration is recorded.
+    ///
+    /// Errors: `Incompatible` ([`Error::IncompatibleState`]) naming both descriptors when
+    /// kind, types, serializer version or TTL enablement differ; `InvalidArgument` for a bad
+    /// name.
+    pub fn register<S: StateSpec>(&self, spec: S) -> Result<S::Handle> {
+        let requested = spec.meta();
+        validate_state_name(&requested.name)?;
+        let mut states = self.core.states.lock();
+        let column = match states.get_mut(&requested.name) {
+            Some(entry) => {
+                entry.meta.check_compatible(&requested)?;
+                if entry.meta.ttl_millis != requested.ttl_millis {
+                    self.core
+                        .put_meta(&meta::state_key(&requested.name), &meta::encode_state(&requested)?)?;
+                    entry.column.configure(requested.kind, requested.ttl_millis);
+                    entry.meta = requested.clone();
+                }
+                entry.column.clone()
+            }
+            None => {
+                let cf_name = format!("{STATE_COLUMN_PREFIX}{}", requested.name);
+                let settings = Arc::new(ColumnSettings::new(cf_name.clone()));
+                settings.configure(requested.kind, requested.ttl_millis);
+                let opts = column::state_column_options(
+                    &self.resources,
+                    settings.clone(),
+                    self.clock.clone(),
+                );
+                self.core
+                    .db
+                    .create_cf(&cf_name, &opts)
+                    .map_err(|e| Error::engine(format!("create column family \"{cf_name}\""), e))?;
+                self.core
+                    .put_meta(&meta::state_key(&requested.name), &meta::encode_state(&requested)?)?;
+                states.insert(
+                    requested.name.clone(),
+                    StateEntry {
+                        meta: requested.clone(),
+                        column: settings.clone(),
+                    },
+                );
+                settings
+            }
+        };
+        drop(states);
+        let core = StateCore::new(self.core.clone(), &requested.name, column)?;
+        Ok(spec.bind(core))
+    }
+
+    /// The metadata of every state stored in this backend (registered in this process or
+    /// found on disk), ordered by name.
+    pub fn states(&self) -> Vec<StateMeta> {
+        self.core
+            .states
+            .lock()
+            .values()
+            .map(|e| e.meta.clone())
+            .collect()
+    }
+
+    /// The key groups this backend owns.
+    pub fn key_group_range(&self) -> KeyGroupRange {
+        self.core.key_group_range()
+    }
+
+    /// The job's number of key groups.
+    pub fn max_parallelism(&self) -> u32 {
+        self.core.max_parallelism()
+    }
+
+    /// The local directory of the RocksDB instance.
+    pub fn local_dir(&self) -> &Path {
+        self.core.dir()
+    }
+
+    /// A random id given to this backend's local state when it was first created.
+    pub fn backend_uid(&self) -> &str {
+        &self.core.backend_uid
+    }
+
+    /// The memory resources this backend uses.
+    pub fn resources(&self) -> &SharedResources {
+        &self.resources
+    }
+
+    /// Writes all memtables to SST files. Blocks until the flush is done.
+    pub fn flush(&self) -> Result<()> {
+        self.core.flush()
+    }
+
+    /// Flushes and releases this handle. The instance closes once every clone of the
+    /// backend and every state handle is gone.
+    pub fn close(self) -> Result<()> {
+        self.core.flush()
+    }
+}

@@ -1,0 +1,133 @@
+//! Settings of a backend and the memory resources backends of one process can share.
+
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use crate::keygroup::{self, KeyGroupRange};
+
+/// Default memory budget of a backend that is not given [`SharedResources`]: 128 MiB.
+pub const DEFAULT_MEMORY_BUDGET: usize = 128 << 20;
+
+/// Settings of one [`RocksStateBackend`](crate::RocksStateBackend) (one subtask).
+#[derive(Debug, Clone)]
+pub struct BackendOptions {
+    /// Local directory of the subtask's RocksDB instance. Created when missing. Reopening a
+    /// directory requires the same `max_parallelism` and `key_group_range`.
+    pub local_dir: PathBuf,
+    /// Key groups this subtask owns; keys outside it are rejected.
+    pub key_group_range: KeyGroupRange,
+    /// Number of key groups of the job (1..=32768); fixed for the life of the state.
+    pub max_parallelism: u32,
+    /// Bytes for the block cache and write buffers together when the backend creates its
+    /// own [`SharedResources`]. Ignored when resources are passed to the builder.
+    pub memory_budget: usize,
+    /// RocksDB background threads for flushes and compactions (default 2).
+    pub background_jobs: i32,
+}
+
+impl BackendOptions {
+    /// Options for a subtask owning `key_group_range` of `max_parallelism` key groups,
+    /// in `local_dir`, with the default memory budget.
+    pub fn new(
+        local_dir: impl Into<PathBuf>,
+        key_group_range: KeyGroupRange,
+        max_parallelism: u32,
+    ) -> Self {
+        Self {
+            local_dir: local_dir.into(),
+            key_group_range,
+            max_parallelism,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+            background_jobs: 2,
+        }
+    }
+
+    /// Options for subtask `subtask` of `parallelism` with `max_parallelism` key groups.
+    pub fn for_subtask(
+        local_dir: impl Into<PathBuf>,
+        subtask: u32,
+        parallelism: u32,
+        max_parallelism: u32,
+    ) -> Result<Self> {
+        let range = keygroup::key_group_range_for_subtask(subtask, parallelism, max_parallelism)?;
+        Ok(Self::new(local_dir, range, max_parallelism))
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        keygroup::validate_max_parallelism(self.max_parallelism)?;
+        if !self.key_group_range.fits(self.max_parallelism) {
+            return Err(Error::invalid(format!(
+                "key group range {} does not fit max parallelism {}",
+                self.key_group_range, self.max_parallelism
+            )));
+        }
+        if self.memory_budget < (4 << 20) {
+            return Err(Error::invalid(format!(
+                "memory budget {} bytes is below the 4 MiB minimum",
+                self.memory_budget
+            )));
+        }
+        if !(1..=64).contains(&self.background_jobs) {
+            return Err(Error::invalid(format!(
+                "background jobs {} outside 1..=64",
+                self.background_jobs
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A block cache and a write-buffer budget that several backends of one process share, so
+/// that memory is bounded per process rather than per subtask.
+///
+/// Write buffers are charged to the cache: the whole `budget` bounds both together.
+#[derive(Clone)]
+pub struct SharedResources {
+    pub(crate) cache: rocksdb::Cache,
+    pub(crate) write_buffers: rocksdb::WriteBufferManager,
+    pub(crate) budget: usize,
+}
+
+impl std::fmt::Debug for SharedResources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedResources")
+            .field("budget", &self.budget)
+            .finish()
+    }
+}
+
+impl SharedResources {
+    /// Resources bounded by `budget` bytes, half of which may hold write buffers.
+    ///
+    /// Errors: `InvalidArgument` below 4 MiB.
+    pub fn new(budget: usize) -> Result<Self> {
+        if budget < (4 << 20) {
+            return Err(Error::invalid(format!(
+                "memory budget {budget} bytes is below the 4 MiB minimum"
+            )));
+        }
+        let cache = rocksdb::Cache::new_lru_cache(budget);
+        let write_buffers =
+            rocksdb::WriteBufferManager::new_write_buffer_manager_with_cache(budget / 2, false, cache.clone());
+        Ok(Self {
+            cache,
+            write_buffers,
+            budget,
+        })
+    }
+
+    /// The total budget in bytes.
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Bytes currently held by the block cache (including charged write buffers).
+    pub fn cache_usage(&self) -> usize {
+        self.cache.get_usage()
+    }
+
+    /// Per-column-family write buffer size that suits the budget.
+    pub(crate) fn write_buffer_size(&self) -> usize {
+        (self.budget / 8).clamp(1 << 20, 64 << 20)
+    }
+}

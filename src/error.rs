@@ -1,0 +1,224 @@
+//! The crate's one error type.
+//!
+//! Every fallible call returns [`Error`]. Match on [`Error::kind`] to decide what to do
+//! (retry, give up, fix the input); the `Display` text carries the ids that matter (state
+//! name, key group, file) for logs and operators.
+
+use std::fmt;
+
+/// What the caller should do about an [`Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A local I/O or storage operation failed; retrying may succeed.
+    Io,
+    /// A remote service is temporarily unavailable or busy; retry later.
+    Unavailable,
+    /// Data read from disk or storage is damaged (bad checksum, truncated, undecodable).
+    /// Retrying will not help; restore from another snapshot.
+    Corrupt,
+    /// The request does not fit existing state (type, layout, max parallelism).
+    Incompatible,
+    /// The caller passed a value that is not allowed (bad setting, key outside the range).
+    InvalidArgument,
+    /// Something that should exist does not.
+    NotFound,
+    /// A broken internal invariant or an unexpected engine failure.
+    Internal,
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            ErrorKind::Io => "I/O error",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Corrupt => "corrupt data",
+            ErrorKind::Incompatible => "incompatible",
+            ErrorKind::InvalidArgument => "invalid argument",
+            ErrorKind::NotFound => "not found",
+            ErrorKind::Internal => "internal error",
+        };
+        f.write_str(s)
+    }
+}
+
+/// The error returned by every fallible rockstate operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A setting or argument is out of its allowed range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// A key hashed to a key group that this backend does not own.
+    #[error(
+        "state \"{state}\": key belongs to key group {key_group}, outside this backend's range {range}"
+    )]
+    KeyGroupOutOfRange {
+        /// The state that was accessed.
+        state: String,
+        /// The key group the key hashes to.
+        key_group: u16,
+        /// The range the backend owns, as `[start, end]`.
+        range: String,
+    },
+
+    /// A state was registered again with a descriptor that does not match the stored one.
+    #[error("state \"{state}\" is incompatible: stored as {stored}, requested as {requested}")]
+    IncompatibleState {
+        /// The state name.
+        state: String,
+        /// The stored descriptor, human readable.
+        stored: String,
+        /// The descriptor that was requested, human readable.
+        requested: String,
+    },
+
+    /// A local directory holds state written with a different layout than requested.
+    #[error("incompatible local state in {dir}: {detail}")]
+    IncompatibleLayout {
+        /// The local directory.
+        dir: String,
+        /// What differs.
+        detail: String,
+    },
+
+    /// Persisted data carries a format version this build cannot read.
+    #[error("{what} has format version {found}; this build reads up to version {supported}")]
+    UnsupportedVersion {
+        /// What was being read.
+        what: String,
+        /// The version found.
+        found: u32,
+        /// The newest version this build reads.
+        supported: u32,
+    },
+
+    /// A value could not be serialized (a user type's `Serialize` failed).
+    #[error("cannot encode {what}: {detail}")]
+    Encode {
+        /// What was being encoded.
+        what: String,
+        /// The serializer's message.
+        detail: String,
+    },
+
+    /// Bytes read back could not be decoded or failed a check.
+    #[error("corrupt data in {what}: {detail}")]
+    Corrupt {
+        /// Where the bad bytes were found (state, file, ...).
+        what: String,
+        /// What is wrong with them.
+        detail: String,
+    },
+
+    /// The storage engine reported an error.
+    #[error("storage engine error during {context}: {message}")]
+    Engine {
+        /// The operation that failed.
+        context: String,
+        /// The engine's message.
+        message: String,
+        /// Classification of the engine's error.
+        kind: ErrorKind,
+    },
+
+    /// A local file system operation failed.
+    #[error("I/O error during {context}: {source}")]
+    Io {
+        /// The operation that failed, with the path.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Something that should exist does not.
+    #[error("not found: {0}")]
+    NotFound(String),
+
+    /// A broken internal invariant.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Classifies the error so that callers can decide whether to retry, fail, or fix input.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidArgument(_) | Error::KeyGroupOutOfRange { .. } | Error::Encode { .. } => {
+                ErrorKind::InvalidArgument
+            }
+            Error::IncompatibleState { .. }
+            | Error::IncompatibleLayout { .. }
+            | Error::UnsupportedVersion { .. } => {
+                ErrorKind::Incompatible
+            }
+            Error::Corrupt { .. } => ErrorKind::Corrupt,
+            Error::Engine { kind, .. } => *kind,
+            Error::Io { .. } => ErrorKind::Io,
+            Error::NotFound(_) => ErrorKind::NotFound,
+            Error::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+
+    pub(crate) fn corrupt(what: impl Into<String>, detail: impl fmt::Display) -> Self {
+        Error::Corrupt {
+            what: what.into(),
+            detail: detail.to_string(),
+        }
+    }
+
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Wraps a RocksDB error, keeping its classification but not its type.
+    pub(crate) fn engine(context: impl Into<String>, err: rocksdb::Error) -> Self {
+        use rocksdb::ErrorKind as K;
+        let kind = match err.kind() {
+            K::Corruption => ErrorKind::Corrupt,
+            K::IOError => ErrorKind::Io,
+            K::Busy | K::TryAgain | K::TimedOut | K::Incomplete => ErrorKind::Unavailable,
+            K::InvalidArgument | K::NotSupported => ErrorKind::InvalidArgument,
+            K::NotFound => ErrorKind::NotFound,
+            _ => ErrorKind::Internal,
+        };
+        Error::Engine {
+            context: context.into(),
+            message: err.into_string(),
+            kind,
+        }
+    }
+}
+
+/// Shorthand for `std::result::Result<T, rockstate::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_classify_variants() {
+        assert_eq!(Error::invalid("x").kind(), ErrorKind::InvalidArgument);
+        assert_eq!(Error::corrupt("f", "bad crc").kind(), ErrorKind::Corrupt);
+        let e = Error::IncompatibleState {
+            state: "count".into(),
+            stored: "value<u64>".into(),
+            requested: "value<String>".into(),
+        };
+        assert_eq!(e.kind(), ErrorKind::Incompatible);
+        assert!(e.to_string().contains("\"count\""));
+        let io = Error::io("open /x", std::io::Error::other("boom"));
+        assert_eq!(io.kind(), ErrorKind::Io);
+        assert!(io.to_string().contains("open /x"));
+    }
+}

@@ -1,0 +1,240 @@
+//! What every state handle shares: the backend, the column family, the namespace, TTL.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::backend::{BackendCore, ColumnSettings, RawScan};
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::keygroup;
+use crate::state::descriptor::StateKind;
+use crate::state::ttl;
+use crate::state::StateMeta;
+
+mod sealed {
+    pub trait Sealed {}
+}
+pub(crate) use sealed::Sealed;
+
+/// A state descriptor that [`RocksStateBackend::register`](crate::RocksStateBackend::register)
+/// accepts. Implemented by the descriptor types of this crate only.
+pub trait StateSpec: Sealed {
+    /// The handle that registration returns.
+    type Handle;
+
+    /// The metadata recorded for the state.
+    fn meta(&self) -> StateMeta;
+
+    /// Builds the handle once the backend has registered the state.
+    #[doc(hidden)]
+    fn bind(self, core: StateCore) -> Self::Handle;
+}
+
+/// Internal part of every state handle. Not constructible outside the crate.
+#[derive(Clone)]
+pub struct StateCore {
+    pub(crate) backend: Arc<BackendCore>,
+    pub(crate) name: Arc<str>,
+    pub(crate) column: Arc<ColumnSettings>,
+    pub(crate) namespace: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for StateCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateCore")
+            .field("name", &self.name)
+            .field("namespace_len", &self.namespace.len())
+            .finish()
+    }
+}
+
+impl StateCore {
+    pub(crate) fn new(
+        backend: Arc<BackendCore>,
+        name: &str,
+        column: Arc<ColumnSettings>,
+    ) -> Result<Self> {
+        let namespace = codec::encode_key(&())?;
+        Ok(Self {
+            backend,
+            name: name.into(),
+            column,
+            namespace: namespace.into(),
+        })
+    }
+
+    /// "state \"name\"", for error messages.
+    pub(crate) fn what(&self) -> String {
+        format!("state \"{}\"", self.name)
+    }
+
+    pub(crate) fn with_namespace<N: Serialize + ?Sized>(&self, namespace: &N) -> Result<Self> {
+        let mut core = self.clone();
+        core.namespace = codec::encode_key(namespace)?.into();
+        Ok(core)
+    }
+
+    pub(crate) fn ttl_ms(&self) -> Option<u64> {
+        self.column.ttl_ms()
+    }
+
+    pub(crate) fn now(&self) -> u64 {
+        self.backend.now_millis()
+    }
+
+    /// `key group ‖ key ‖ namespace` for `key`, checking the backend owns its key group.
+    pub(crate) fn prefix<K: Serialize + ?Sized>(&self, key: &K) -> Result<Vec<u8>> {
+        let key_bytes = codec::encode_key(key)?;
+        let kg = keygroup::key_group_for_bytes(&key_bytes, self.backend.max_parallelism());
+        let range = self.backend.key_group_range();
+        if !range.contains(kg) {
+            return Err(Error::KeyGroupOutOfRange {
+                state: self.name.to_string(),
+                key_group: kg,
+                range: range.to_string(),
+            });
+        }
+        Ok(codec::compose(kg, &key_bytes, &self.namespace))
+    }
+
+    pub(crate) fn encode_value<V: Serialize + ?Sized>(&self, value: &V) -> Result<Vec<u8>> {
+        let payload = codec::encode_key(value)?;
+        Ok(ttl::frame_value(self.ttl_ms(), self.now(), &payload))
+    }
+
+    /// Decodes a stored value, or `None` when it has expired at `now`.
+    pub(crate) fn decode_live_at<V: DeserializeOwned>(
+        &self,
+        raw: &[u8],
+        now: u64,
+    ) -> Result<Option<V>> {
+        let what = || self.what();
+        match ttl::live_value(raw, self.ttl_ms(), now, &what)? {
+            Some(payload) => Ok(Some(codec::decode_exact(payload, &what())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads and decodes the live value under `raw_key`.
+    pub(crate) fn get_value<V: DeserializeOwned>(&self, raw_key: &[u8]) -> Result<Option<V>> {
+        self.backend.get_with(&self.column, raw_key, |raw| match raw {
+            Some(raw) => self.decode_live_at(raw, self.now()),
+            None => Ok(None),
+        })
+    }
+
+    /// Scans every entry of the state within the backend's key groups.
+    pub(crate) fn scan_all(&self) -> Result<RawScan<'_>> {
+        let range = self.backend.key_group_range();
+        let lower = codec::key_group_prefix(range.start()).to_vec();
+        let upper = codec::key_group_prefix(range.end().wrapping_add(1)).to_vec();
+        let upper = (range.end() < u16::MAX).then_some(upper);
+        self.backend.scan(&self.column, lower, upper)
+    }
+
+    /// Scans the entries whose keys start with `prefix`.
+    pub(crate) fn scan_prefix(&self, prefix: &[u8]) -> Result<RawScan<'_>> {
+        self.backend
+            .scan(&self.column, prefix.to_vec(), codec::prefix_successor(prefix))
+    }
+
+    /// Whether a stored entry holds anything live at `now`.
+    pub(crate) fn entry_is_live(&self, kind: StateKind, raw_value: &[u8], now: u64) -> Result<bool> {
+        let what = || self.what();
+        match kind {
+            StateKind::List => {
+                let ttl = self.ttl_ms();
+                for element in ttl::Elements::new(raw_value, ttl.is_some()) {
+                    let element = element.map_err(|e| Error::corrupt(what(), e))?;
+                    match (element.written, ttl) {
+                        (Some(ts), Some(ms)) if ttl::is_expired(ts, ms, now) => continue,
+                        _ => return Ok(true),
+                    }
+                }
+                Ok(false)
+            }
+            _ => Ok(ttl::live_value(raw_value, self.ttl_ms(), now, &what)?.is_some()),
+        }
+    }
+
+    /// Decodes `key ‖ namespace` after the key-group prefix, returning them and the length
+    /// of the whole `key group ‖ key ‖ namespace` prefix.
+    pub(crate) fn decode_key_namespace<K: DeserializeOwned, N: DeserializeOwned>(
+        &self,
+        raw_key: &[u8],
+    ) -> Result<(K, N, usize)> {
+        let what = self.what();
+        codec::read_key_group(raw_key)?;
+        let start = codec::KEY_GROUP_PREFIX_LEN;
+        let (key, klen) = codec::decode_prefix::<K>(&raw_key[start..], &what)?;
+        let (ns, nlen) = codec::decode_prefix::<N>(&raw_key[start + klen..], &what)?;
+        Ok((key, ns, start + klen + nlen))
+    }
+}
+
+/// Iterator over the distinct `(key, namespace)` pairs of a state that hold live data,
+/// within the backend's key groups, in storage order.
+pub struct KeyIter<'a, K, N> {
+    core: &'a StateCore,
+    scan: RawScan<'a>,
+    kind: StateKind,
+    now: u64,
+    done: bool,
+    _types: PhantomData<fn() -> (K, N)>,
+}
+
+impl<'a, K, N> KeyIter<'a, K, N> {
+    pub(crate) fn new(core: &'a StateCore, kind: StateKind) -> Result<Self> {
+        Ok(Self {
+            scan: core.scan_all()?,
+            now: core.now(),
+            core,
+            kind,
+            done: false,
+            _types: PhantomData,
+        })
+    }
+}
+
+impl<K: DeserializeOwned, N: DeserializeOwned> KeyIter<'_, K, N> {
+    fn step(&mut self) -> Result<Option<(K, N)>> {
+        loop {
+            let Some((raw_key, raw_value)) = self.scan.current()? else {
+                return Ok(None);
+            };
+            if !self.core.entry_is_live(self.kind, raw_value, self.now)? {
+                self.scan.advance();
+                continue;
+            }
+            let (key, ns, prefix_len) = self.core.decode_key_namespace::<K, N>(raw_key)?;
+            if self.kind == StateKind::Map {
+                // Skip the remaining entries of this key and namespace.
+                match codec::prefix_successor(&raw_key[..prefix_len]) {
+                    Some(next) => self.scan.seek(&next),
+                    None => self.done = true,
+                }
+            } else {
+                self.scan.advance();
+            }
+            return Ok(Some((key, ns)));
+        }
+    }
+}
+
+impl<K: DeserializeOwned, N: DeserializeOwned> Iterator for KeyIter<'_, K, N> {
+    type Item = Result<(K, N)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let item = self.step();
+        if !matches!(item, Ok(Some(_))) {
+            self.done = true;
+        }
+        item.transpose()
+    }
+}

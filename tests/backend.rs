@@ -1,0 +1,183 @@
+//! Backend: options, layout checks on reopen, registration rules, shared resources.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rockstate::{
+    BackendOptions, ErrorKind, KeyGroupRange, ListStateDescriptor, ManualClock,
+    MapStateDescriptor, RocksStateBackend, SharedResources, StateKind, ValueStateDescriptor,
+};
+
+#[test]
+fn invalid_options_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let range = KeyGroupRange::new(0, 200).unwrap();
+    let err = RocksStateBackend::open(BackendOptions::new(dir.path(), range, 128)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    let err = BackendOptions::for_subtask(dir.path(), 2, 2, 128).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    let err = BackendOptions::for_subtask(dir.path(), 0, 1, 40_000).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    let mut small = BackendOptions::for_subtask(dir.path(), 0, 1, 128).unwrap();
+    small.memory_budget = 1024;
+    assert_eq!(
+        RocksStateBackend::open(small).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    let backend = open(dir.path(), &ManualClock::new(0));
+    let err = backend
+        .register(ValueStateDescriptor::<u8, u8>::new(""))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    let err = backend
+        .register(ValueStateDescriptor::<u8, u8>::new("bad\nname"))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+}
+
+#[test]
+fn reopen_requires_the_same_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let uid = {
+        let backend = open(dir.path(), &ManualClock::new(0));
+        backend
+            .register(ValueStateDescriptor::<String, u64>::new("v"))
+            .unwrap();
+        backend.backend_uid().to_string()
+    };
+    let other_max = BackendOptions::new(dir.path(), KeyGroupRange::new(0, 63).unwrap(), 256);
+    let err = RocksStateBackend::open(other_max).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Incompatible);
+    assert!(err.to_string().contains("max parallelism 128"), "{err}");
+
+    let other_range = BackendOptions::for_subtask(dir.path(), 1, 2, 128).unwrap();
+    let err = RocksStateBackend::open(other_range).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Incompatible);
+    assert!(err.to_string().contains("[0, 63]"), "{err}");
+
+    let backend = open(dir.path(), &ManualClock::new(0));
+    assert_eq!(backend.backend_uid(), uid, "uid is stable across reopen");
+}
+
+#[test]
+fn a_dir_can_be_open_only_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = open(dir.path(), &ManualClock::new(0));
+    let options = BackendOptions::for_subtask(dir.path(), 0, PAR, MAX_PAR).unwrap();
+    assert!(RocksStateBackend::open(options).is_err());
+}
+
+#[test]
+fn foreign_rocksdb_dirs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        let db = rocksdb::DB::open(&opts, dir.path()).unwrap();
+        db.put(b"k", b"v").unwrap();
+    }
+    let options = BackendOptions::for_subtask(dir.path(), 0, PAR, MAX_PAR).unwrap();
+    let err = RocksStateBackend::open(options).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Incompatible);
+}
+
+#[test]
+fn registration_is_recorded_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(0);
+    {
+        let backend = open(dir.path(), &clock);
+        backend
+            .register(ValueStateDescriptor::<String, u64>::new("a"))
+            .unwrap();
+        backend
+            .register(
+                ListStateDescriptor::<String, u64>::new("b").with_ttl(Duration::from_secs(5)),
+            )
+            .unwrap();
+        // Same descriptor twice is fine and shares data.
+        let m1 = backend
+            .register(MapStateDescriptor::<String, u8, u8>::new("c"))
+            .unwrap();
+        let m2 = backend
+            .register(MapStateDescriptor::<String, u8, u8>::new("c"))
+            .unwrap();
+        let key = &owned_keys(1)[0];
+        m1.put(key, &1, &2).unwrap();
+        assert_eq!(m2.get(key, &1).unwrap(), Some(2));
+        // Another kind under the same name is refused.
+        let err = backend
+            .register(ValueStateDescriptor::<String, u8>::new("c"))
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Incompatible);
+        // A different serializer version is refused.
+        let err = backend
+            .register(ValueStateDescriptor::<String, u64>::new("a").with_serializer_version(2))
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Incompatible);
+    }
+    let backend = open(dir.path(), &clock);
+    let states = backend.states();
+    let names: Vec<_> = states.iter().map(|s| (s.name.as_str(), s.kind)).collect();
+    assert_eq!(
+        names,
+        vec![
+            ("a", StateKind::Value),
+            ("b", StateKind::List),
+            ("c", StateKind::Map)
+        ]
+    );
+    assert_eq!(states[1].ttl_millis, Some(5_000));
+    // Turning TTL off is incompatible (stored values carry timestamps) ...
+    let err = backend
+        .register(ListStateDescriptor::<String, u64>::new("b"))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Incompatible);
+    // ... but changing its duration is recorded.
+    backend
+        .register(ListStateDescriptor::<String, u64>::new("b").with_ttl(Duration::from_secs(9)))
+        .unwrap();
+    drop(backend);
+    let backend = open(dir.path(), &clock);
+    assert_eq!(backend.states()[1].ttl_millis, Some(9_000));
+}
+
+#[test]
+fn backends_share_memory_resources() {
+    let resources = SharedResources::new(16 << 20).unwrap();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let backends: Vec<_> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let options = BackendOptions::for_subtask(d.path(), i as u32, 2, 128).unwrap();
+            RocksStateBackend::builder(options)
+                .shared_resources(resources.clone())
+                .open()
+                .unwrap()
+        })
+        .collect();
+    for (i, backend) in backends.iter().enumerate() {
+        let state = backend
+            .register(ValueStateDescriptor::<String, Vec<u8>>::new("v"))
+            .unwrap();
+        let mut written = 0;
+        for n in 0.. {
+            let key = format!("k{n}");
+            if rockstate::subtask_for_key(&key, 2, 128).unwrap() != i as u32 {
+                continue;
+            }
+            state.put(&key, &vec![7u8; 1024]).unwrap();
+            written += 1;
+            if written == 2_000 {
+                break;
+            }
+        }
+        assert_eq!(backend.resources().budget(), 16 << 20);
+    }
+    // Write buffers of both backends are charged to the one shared cache.
+    assert!(resources.cache_usage() > 0);
+    assert!(resources.cache_usage() <= 2 * resources.budget());
+}
