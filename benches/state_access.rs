@@ -11,7 +11,10 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, MergeOperands, Options, WriteOptions, DB};
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, MergeOperands, Options,
+    WriteOptions, DB,
+};
 use rockstate::{
     codec, BackendOptions, KeyGroupRange, ListStateDescriptor, MapStateDescriptor,
     RocksStateBackend, ValueStateDescriptor,
@@ -111,26 +114,31 @@ fn benches(c: &mut Criterion) {
         value.put(&k, &k).unwrap();
         let key = codec::state_key(&k, &(), MAX_PAR).unwrap();
         raw.db
-            .put_cf_opt(rv, &key, codec::encode_key(&k).unwrap(), &raw.wo)
+            .put_cf_opt(&rv, &key, codec::encode_key(&k).unwrap(), &raw.wo)
             .unwrap();
         for j in 0..LIST_LEN {
             list.add(&k, &j).unwrap();
             raw.db
-                .merge_cf_opt(rl, &key, frame(&codec::encode_key(&j).unwrap()), &raw.wo)
+                .merge_cf_opt(&rl, &key, frame(&codec::encode_key(&j).unwrap()), &raw.wo)
                 .unwrap();
         }
         for u in 0..MAP_LEN {
             map.put(&k, &u, &(k + u as u64)).unwrap();
             let mk = codec::map_entry_key(&k, &(), &u, MAX_PAR).unwrap();
             raw.db
-                .put_cf_opt(rm, mk, codec::encode_key(&(k + u as u64)).unwrap(), &raw.wo)
+                .put_cf_opt(
+                    &rm,
+                    mk,
+                    codec::encode_key(&(k + u as u64)).unwrap(),
+                    &raw.wo,
+                )
                 .unwrap();
         }
     }
     backend.flush().unwrap();
-    raw.db.flush_cf(rv).unwrap();
-    raw.db.flush_cf(rl).unwrap();
-    raw.db.flush_cf(rm).unwrap();
+    raw.db.flush_cf(&rv).unwrap();
+    raw.db.flush_cf(&rl).unwrap();
+    raw.db.flush_cf(&rm).unwrap();
 
     let mut g = c.benchmark_group("value");
     let mut i = 0u64;
@@ -144,7 +152,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             i += 1;
             let key = codec::state_key(&key_at(i), &(), MAX_PAR).unwrap();
-            let v = raw.db.get_pinned_cf(rv, key).unwrap().unwrap();
+            let v = raw.db.get_pinned_cf(&rv, key).unwrap().unwrap();
             black_box(codec::decode_exact::<u64>(&v, "v").unwrap())
         })
     });
@@ -159,7 +167,7 @@ fn benches(c: &mut Criterion) {
             i += 1;
             let key = codec::state_key(&key_at(i), &(), MAX_PAR).unwrap();
             raw.db
-                .put_cf_opt(rv, key, codec::encode_key(&i).unwrap(), &raw.wo)
+                .put_cf_opt(&rv, key, codec::encode_key(&i).unwrap(), &raw.wo)
                 .unwrap()
         })
     });
@@ -176,7 +184,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             i += 1;
             let key = codec::state_key(&key_at(i), &(), MAX_PAR).unwrap();
-            let v = raw.db.get_pinned_cf(rl, key).unwrap().unwrap();
+            let v = raw.db.get_pinned_cf(&rl, key).unwrap().unwrap();
             let mut out = Vec::new();
             let mut rest: &[u8] = &v;
             while rest.len() >= 4 {
@@ -198,7 +206,7 @@ fn benches(c: &mut Criterion) {
             i += 1;
             let key = codec::state_key(&key_at(i), &(), MAX_PAR).unwrap();
             raw.db
-                .merge_cf_opt(rl, key, frame(&codec::encode_key(&i).unwrap()), &raw.wo)
+                .merge_cf_opt(&rl, key, frame(&codec::encode_key(&i).unwrap()), &raw.wo)
                 .unwrap()
         })
     });
@@ -215,7 +223,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             i += 1;
             let key = codec::map_entry_key(&key_at(i), &(), &((i % 16) as u32), MAX_PAR).unwrap();
-            let v = raw.db.get_pinned_cf(rm, key).unwrap().unwrap();
+            let v = raw.db.get_pinned_cf(&rm, key).unwrap().unwrap();
             black_box(codec::decode_exact::<u64>(&v, "m").unwrap())
         })
     });
@@ -230,14 +238,18 @@ fn benches(c: &mut Criterion) {
             i += 1;
             let key = codec::map_entry_key(&key_at(i), &(), &((i % 16) as u32), MAX_PAR).unwrap();
             raw.db
-                .put_cf_opt(rm, key, codec::encode_key(&i).unwrap(), &raw.wo)
+                .put_cf_opt(&rm, key, codec::encode_key(&i).unwrap(), &raw.wo)
                 .unwrap()
         })
     });
     g.bench_function(BenchmarkId::new("iter16", "rockstate"), |b| {
         b.iter(|| {
             i += 1;
-            let n = map.iter(&key_at(i)).unwrap().map(|e| e.unwrap().1).sum::<u64>();
+            let n = map
+                .iter(&key_at(i))
+                .unwrap()
+                .map(|e| e.unwrap().1)
+                .sum::<u64>();
             black_box(n)
         })
     });
@@ -248,7 +260,7 @@ fn benches(c: &mut Criterion) {
             let upper = successor(&prefix);
             let mut ro = rocksdb::ReadOptions::default();
             ro.set_iterate_upper_bound(upper);
-            let mut it = raw.db.raw_iterator_cf_opt(rm, ro);
+            let mut it = raw.db.raw_iterator_cf_opt(&rm, ro);
             it.seek(&prefix);
             let mut n = 0u64;
             while let Some((k, v)) = it.item() {

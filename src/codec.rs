@@ -216,7 +216,18 @@ mod tests {
 
     #[test]
     fn unsigned_integers_keep_their_order() {
-        let values = [0u64, 1, 250, 251, 255, 256, 65_535, 65_536, u32::MAX as u64, u64::MAX];
+        let values = [
+            0u64,
+            1,
+            250,
+            251,
+            255,
+            256,
+            65_535,
+            65_536,
+            u32::MAX as u64,
+            u64::MAX,
+        ];
         let encoded: Vec<Vec<u8>> = values.iter().map(|v| encode_key(v).unwrap()).collect();
         for pair in encoded.windows(2) {
             assert!(pair[0] < pair[1]);

@@ -151,9 +151,7 @@ impl Error {
             }
             Error::IncompatibleState { .. }
             | Error::IncompatibleLayout { .. }
-            | Error::UnsupportedVersion { .. } => {
-                ErrorKind::Incompatible
-            }
+            | Error::UnsupportedVersion { .. } => ErrorKind::Incompatible,
             Error::Corrupt { .. } => ErrorKind::Corrupt,
             Error::Engine { kind, .. } => *kind,
             Error::Io { .. } => ErrorKind::Io,

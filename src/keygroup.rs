@@ -92,7 +92,11 @@ pub fn key_group_for<K: Serialize + ?Sized>(key: &K, max_parallelism: u32) -> Re
 ///
 /// Errors: `InvalidArgument` when the parallelism settings are invalid or `key_group` is not
 /// below `max_parallelism`.
-pub fn subtask_for_key_group(key_group: u16, parallelism: u32, max_parallelism: u32) -> Result<u32> {
+pub fn subtask_for_key_group(
+    key_group: u16,
+    parallelism: u32,
+    max_parallelism: u32,
+) -> Result<u32> {
     validate_parallelism(parallelism, max_parallelism)?;
     if u32::from(key_group) >= max_parallelism {
         return Err(Error::invalid(format!(
@@ -126,7 +130,11 @@ pub fn key_group_range_for_subtask(
             "subtask {subtask} is not below parallelism {parallelism}"
         )));
     }
-    let (i, p, m) = (u64::from(subtask), u64::from(parallelism), u64::from(max_parallelism));
+    let (i, p, m) = (
+        u64::from(subtask),
+        u64::from(parallelism),
+        u64::from(max_parallelism),
+    );
     let start = (i * m).div_ceil(p);
     let end = ((i + 1) * m).div_ceil(p) - 1;
     Ok(KeyGroupRange {

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use common::*;
 use rockstate::{
-    BackendOptions, ErrorKind, KeyGroupRange, ListStateDescriptor, ManualClock,
-    MapStateDescriptor, RocksStateBackend, SharedResources, StateKind, ValueStateDescriptor,
+    BackendOptions, ErrorKind, KeyGroupRange, ListStateDescriptor, ManualClock, MapStateDescriptor,
+    RocksStateBackend, SharedResources, StateKind, ValueStateDescriptor,
 };
 
 #[test]
@@ -93,9 +93,7 @@ fn registration_is_recorded_and_checked() {
             .register(ValueStateDescriptor::<String, u64>::new("a"))
             .unwrap();
         backend
-            .register(
-                ListStateDescriptor::<String, u64>::new("b").with_ttl(Duration::from_secs(5)),
-            )
+            .register(ListStateDescriptor::<String, u64>::new("b").with_ttl(Duration::from_secs(5)))
             .unwrap();
         // Same descriptor twice is fine and shares data.
         let m1 = backend

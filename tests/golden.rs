@@ -13,7 +13,9 @@ use rockstate::keygroup::{key_group_for_bytes, murmur3_32};
 use rockstate::{codec, ManualClock, MapStateDescriptor, ValueStateDescriptor};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
 }
 
 fn check_or_bless(name: &str, actual: &str) {
@@ -57,29 +59,64 @@ fn key_group_vectors() {
         "# type\tvalue\tserialized key (hex)\tmurmur3_x86_32 seed 0\tkg@1\tkg@128\tkg@32768\n",
     );
     for s in ["", "a", "hello", "user-42", "ключ", &"x".repeat(300)] {
-        let shown = if s.len() > 20 { format!("\"x\" x {}", s.len()) } else { format!("{s:?}") };
+        let shown = if s.len() > 20 {
+            format!("\"x\" x {}", s.len())
+        } else {
+            format!("{s:?}")
+        };
         vector_line(&mut out, "String", &shown, codec::encode_key(s).unwrap());
     }
     for n in [0u64, 1, 250, 251, 65_535, 65_536, u64::MAX] {
-        vector_line(&mut out, "u64", &n.to_string(), codec::encode_key(&n).unwrap());
+        vector_line(
+            &mut out,
+            "u64",
+            &n.to_string(),
+            codec::encode_key(&n).unwrap(),
+        );
     }
     for n in [0i32, -1, i32::MIN, i32::MAX] {
-        vector_line(&mut out, "i32", &n.to_string(), codec::encode_key(&n).unwrap());
+        vector_line(
+            &mut out,
+            "i32",
+            &n.to_string(),
+            codec::encode_key(&n).unwrap(),
+        );
     }
     let tuple = ("order".to_string(), 7u32);
-    vector_line(&mut out, "(String, u32)", "(\"order\", 7)", codec::encode_key(&tuple).unwrap());
+    vector_line(
+        &mut out,
+        "(String, u32)",
+        "(\"order\", 7)",
+        codec::encode_key(&tuple).unwrap(),
+    );
     let bytes: Vec<u8> = vec![0, 1, 2, 255];
-    vector_line(&mut out, "Vec<u8>", "[0, 1, 2, 255]", codec::encode_key(&bytes).unwrap());
+    vector_line(
+        &mut out,
+        "Vec<u8>",
+        "[0, 1, 2, 255]",
+        codec::encode_key(&bytes).unwrap(),
+    );
     check_or_bless("keygroup_vectors.txt", &out);
 }
 
 #[test]
 fn key_encoding_vectors() {
-    let mut out = String::from("# case\tRocksDB key (hex): key group u16 BE | key | namespace [| user key]\n");
+    let mut out = String::from(
+        "# case\tRocksDB key (hex): key group u16 BE | key | namespace [| user key]\n",
+    );
     let mut line = |case: &str, bytes: Vec<u8>| writeln!(out, "{case}\t{}", hex(&bytes)).unwrap();
-    line("value \"user-42\" ns ()", codec::state_key("user-42", &(), 128).unwrap());
-    line("value 42u64 ns ()", codec::state_key(&42u64, &(), 128).unwrap());
-    line("value \"user-42\" ns 7u64", codec::state_key("user-42", &7u64, 128).unwrap());
+    line(
+        "value \"user-42\" ns ()",
+        codec::state_key("user-42", &(), 128).unwrap(),
+    );
+    line(
+        "value 42u64 ns ()",
+        codec::state_key(&42u64, &(), 128).unwrap(),
+    );
+    line(
+        "value \"user-42\" ns 7u64",
+        codec::state_key("user-42", &7u64, 128).unwrap(),
+    );
     line(
         "value \"user-42\" ns (\"w\", 3u32)",
         codec::state_key("user-42", &("w", 3u32), 32_768).unwrap(),
@@ -116,7 +153,7 @@ fn stored_keys_follow_the_layout() {
     let db = rocksdb::DB::open_cf_for_read_only(&opts, dir.path(), &cfs, false).unwrap();
     let read_all = |cf: &str| -> Vec<(Vec<u8>, Vec<u8>)> {
         let cf = db.cf_handle(cf).unwrap();
-        db.iterator_cf(cf, rocksdb::IteratorMode::Start)
+        db.iterator_cf(&cf, rocksdb::IteratorMode::Start)
             .map(|r| {
                 let (k, v) = r.unwrap();
                 (k.to_vec(), v.to_vec())

@@ -34,7 +34,11 @@ fn add_get_update_clear_with_namespaces() {
     a.add(&keys[1], &"k1".into()).unwrap();
     let mut all = collect(state.all_keys().unwrap());
     all.sort();
-    let mut expected = vec![(keys[0].clone(), 1), (keys[0].clone(), 2), (keys[1].clone(), 1)];
+    let mut expected = vec![
+        (keys[0].clone(), 1),
+        (keys[0].clone(), 2),
+        (keys[1].clone(), 1),
+    ];
     expected.sort();
     assert_eq!(all, expected);
 

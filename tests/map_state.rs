@@ -35,7 +35,10 @@ fn entry_operations_and_iteration() {
         vec![1, 2, 300, 70_000]
     );
     assert_eq!(collect(state.keys(k1).unwrap()), vec![2]);
-    assert_eq!(collect(state.values(k1).unwrap()), vec!["other".to_string()]);
+    assert_eq!(
+        collect(state.values(k1).unwrap()),
+        vec!["other".to_string()]
+    );
 
     state.remove(k0, &2).unwrap();
     assert!(!state.contains(k0, &2).unwrap());
@@ -125,6 +128,9 @@ fn foreign_keys_rejected_and_maps_survive_reopen() {
         .register(MapStateDescriptor::<String, String, u64>::new("m"))
         .unwrap();
     for (i, k) in keys.iter().enumerate() {
-        assert_eq!(collect(state.iter(k).unwrap()), vec![(format!("u{i}"), i as u64)]);
+        assert_eq!(
+            collect(state.iter(k).unwrap()),
+            vec![(format!("u{i}"), i as u64)]
+        );
     }
 }

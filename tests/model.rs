@@ -12,7 +12,7 @@ use common::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestRunner};
 use rockstate::{
-    AggregateFunction, AggregatingState, Clock, AggregatingStateDescriptor, ErrorKind, ListState,
+    AggregateFunction, AggregatingState, AggregatingStateDescriptor, Clock, ErrorKind, ListState,
     ListStateDescriptor, ManualClock, MapState, MapStateDescriptor, ReducingState,
     ReducingStateDescriptor, RocksStateBackend, ValueState, ValueStateDescriptor,
 };
@@ -127,8 +127,13 @@ fn open_states(dir: &Path, clock: &ManualClock, ttl: bool) -> States {
         value: reg!(ValueStateDescriptor::<String, u64, u8>::new("value")),
         list: reg!(ListStateDescriptor::<String, u64, u8>::new("list")),
         map: reg!(MapStateDescriptor::<String, u8, u64, u8>::new("map")),
-        reduce: reg!(ReducingStateDescriptor::<String, u64, u8>::new("reduce", |a, b| a + b)),
-        aggregate: reg!(AggregatingStateDescriptor::<String, _, u8>::new("agg", CountSum)),
+        reduce: reg!(ReducingStateDescriptor::<String, u64, u8>::new(
+            "reduce",
+            |a, b| a + b
+        )),
+        aggregate: reg!(AggregatingStateDescriptor::<String, _, u8>::new(
+            "agg", CountSum
+        )),
         backend,
     }
 }
@@ -147,23 +152,41 @@ fn run_case(ttl: bool, ops: &[Op]) -> Result<(), TestCaseError> {
         let live = Live { ttl, now };
         match op.clone() {
             Op::ValuePut(k, n, v) => {
-                st.value.with_namespace(&n).unwrap().put(&keys[k], &v).unwrap();
+                st.value
+                    .with_namespace(&n)
+                    .unwrap()
+                    .put(&keys[k], &v)
+                    .unwrap();
                 model.value.insert((k, n), (v, now));
             }
             Op::ValueClear(k, n) => {
-                st.value.with_namespace(&n).unwrap().clear(&keys[k]).unwrap();
+                st.value
+                    .with_namespace(&n)
+                    .unwrap()
+                    .clear(&keys[k])
+                    .unwrap();
                 model.value.remove(&(k, n));
             }
             Op::ListAdd(k, n, v) => {
-                st.list.with_namespace(&n).unwrap().add(&keys[k], &v).unwrap();
+                st.list
+                    .with_namespace(&n)
+                    .unwrap()
+                    .add(&keys[k], &v)
+                    .unwrap();
                 model.list.entry((k, n)).or_default().push((v, now));
             }
             Op::ListUpdate(k, n, vs) => {
-                st.list.with_namespace(&n).unwrap().update(&keys[k], &vs).unwrap();
+                st.list
+                    .with_namespace(&n)
+                    .unwrap()
+                    .update(&keys[k], &vs)
+                    .unwrap();
                 if vs.is_empty() {
                     model.list.remove(&(k, n));
                 } else {
-                    model.list.insert((k, n), vs.iter().map(|v| (*v, now)).collect());
+                    model
+                        .list
+                        .insert((k, n), vs.iter().map(|v| (*v, now)).collect());
                 }
             }
             Op::ListClear(k, n) => {
@@ -171,11 +194,19 @@ fn run_case(ttl: bool, ops: &[Op]) -> Result<(), TestCaseError> {
                 model.list.remove(&(k, n));
             }
             Op::MapPut(k, n, u, v) => {
-                st.map.with_namespace(&n).unwrap().put(&keys[k], &u, &v).unwrap();
+                st.map
+                    .with_namespace(&n)
+                    .unwrap()
+                    .put(&keys[k], &u, &v)
+                    .unwrap();
                 model.map.entry((k, n)).or_default().insert(u, (v, now));
             }
             Op::MapRemove(k, n, u) => {
-                st.map.with_namespace(&n).unwrap().remove(&keys[k], &u).unwrap();
+                st.map
+                    .with_namespace(&n)
+                    .unwrap()
+                    .remove(&keys[k], &u)
+                    .unwrap();
                 if let Some(m) = model.map.get_mut(&(k, n)) {
                     m.remove(&u);
                 }
@@ -185,7 +216,11 @@ fn run_case(ttl: bool, ops: &[Op]) -> Result<(), TestCaseError> {
                 model.map.remove(&(k, n));
             }
             Op::Reduce(k, n, v) => {
-                st.reduce.with_namespace(&n).unwrap().add(&keys[k], v).unwrap();
+                st.reduce
+                    .with_namespace(&n)
+                    .unwrap()
+                    .add(&keys[k], v)
+                    .unwrap();
                 let next = match model.reduce.get(&(k, n)) {
                     Some((cur, w)) if live.ok(*w) => cur + v,
                     _ => v,
@@ -193,7 +228,11 @@ fn run_case(ttl: bool, ops: &[Op]) -> Result<(), TestCaseError> {
                 model.reduce.insert((k, n), (next, now));
             }
             Op::Aggregate(k, n, v) => {
-                st.aggregate.with_namespace(&n).unwrap().add(&keys[k], v).unwrap();
+                st.aggregate
+                    .with_namespace(&n)
+                    .unwrap()
+                    .add(&keys[k], v)
+                    .unwrap();
                 let (c, sum) = match model.aggregate.get(&(k, n)) {
                     Some((acc, w)) if live.ok(*w) => *acc,
                     _ => (0, 0),
@@ -228,12 +267,15 @@ fn check(
         now: clock.now_millis(),
     };
     let mut expect_keys: [BTreeSet<(String, u8)>; 5] = Default::default();
-    for k in 0..KEYS {
+    for (k, key) in keys.iter().enumerate() {
         for n in 0..NAMESPACES {
-            let key = &keys[k];
             let slot = (k, n);
 
-            let want = model.value.get(&slot).filter(|(_, w)| live.ok(*w)).map(|(v, _)| *v);
+            let want = model
+                .value
+                .get(&slot)
+                .filter(|(_, w)| live.ok(*w))
+                .map(|(v, _)| *v);
             prop_assert_eq!(st.value.with_namespace(&n).unwrap().get(key).unwrap(), want);
             if want.is_some() {
                 expect_keys[0].insert((key.clone(), n));
@@ -242,9 +284,17 @@ fn check(
             let want: Vec<u64> = model
                 .list
                 .get(&slot)
-                .map(|l| l.iter().filter(|(_, w)| live.ok(*w)).map(|(v, _)| *v).collect())
+                .map(|l| {
+                    l.iter()
+                        .filter(|(_, w)| live.ok(*w))
+                        .map(|(v, _)| *v)
+                        .collect()
+                })
                 .unwrap_or_default();
-            prop_assert_eq!(&st.list.with_namespace(&n).unwrap().get(key).unwrap(), &want);
+            prop_assert_eq!(
+                &st.list.with_namespace(&n).unwrap().get(key).unwrap(),
+                &want
+            );
             if !want.is_empty() {
                 expect_keys[1].insert((key.clone(), n));
             }
@@ -271,14 +321,28 @@ fn check(
                 expect_keys[2].insert((key.clone(), n));
             }
 
-            let want = model.reduce.get(&slot).filter(|(_, w)| live.ok(*w)).map(|(v, _)| *v);
-            prop_assert_eq!(st.reduce.with_namespace(&n).unwrap().get(key).unwrap(), want);
+            let want = model
+                .reduce
+                .get(&slot)
+                .filter(|(_, w)| live.ok(*w))
+                .map(|(v, _)| *v);
+            prop_assert_eq!(
+                st.reduce.with_namespace(&n).unwrap().get(key).unwrap(),
+                want
+            );
             if want.is_some() {
                 expect_keys[3].insert((key.clone(), n));
             }
 
-            let want = model.aggregate.get(&slot).filter(|(_, w)| live.ok(*w)).map(|(v, _)| *v);
-            prop_assert_eq!(st.aggregate.with_namespace(&n).unwrap().get(key).unwrap(), want);
+            let want = model
+                .aggregate
+                .get(&slot)
+                .filter(|(_, w)| live.ok(*w))
+                .map(|(v, _)| *v);
+            prop_assert_eq!(
+                st.aggregate.with_namespace(&n).unwrap().get(key).unwrap(),
+                want
+            );
             if want.is_some() {
                 expect_keys[4].insert((key.clone(), n));
             }
@@ -289,7 +353,9 @@ fn check(
         collect(st.list.all_keys().unwrap()).into_iter().collect(),
         collect(st.map.all_keys().unwrap()).into_iter().collect(),
         collect(st.reduce.all_keys().unwrap()).into_iter().collect(),
-        collect(st.aggregate.all_keys().unwrap()).into_iter().collect(),
+        collect(st.aggregate.all_keys().unwrap())
+            .into_iter()
+            .collect(),
     ];
     prop_assert_eq!(got, expect_keys);
     Ok(())

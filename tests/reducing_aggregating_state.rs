@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use rockstate::{
-    AggregateFunction, AggregatingStateDescriptor, ErrorKind, ManualClock,
-    ReducingStateDescriptor,
+    AggregateFunction, AggregatingStateDescriptor, ErrorKind, ManualClock, ReducingStateDescriptor,
 };
 
 /// Mean of `f64` inputs; stores `(sum, count)`.
@@ -35,7 +34,10 @@ fn reducing_state_combines_values() {
     let dir = tempfile::tempdir().unwrap();
     let backend = open(dir.path(), &ManualClock::new(0));
     let sum = backend
-        .register(ReducingStateDescriptor::<String, u64, u16>::new("sum", |a, b| a + b))
+        .register(ReducingStateDescriptor::<String, u64, u16>::new(
+            "sum",
+            |a, b| a + b,
+        ))
         .unwrap();
     let max = backend
         .register(ReducingStateDescriptor::<String, u64>::new("max", u64::max))
@@ -125,6 +127,10 @@ fn ttl_restarts_the_accumulation() {
     assert_eq!(mean.get(key).unwrap(), None);
     sum.add(key, 2).unwrap();
     mean.add(key, 1.0).unwrap();
-    assert_eq!(sum.get(key).unwrap(), Some(2), "expired value is not reduced into");
+    assert_eq!(
+        sum.get(key).unwrap(),
+        Some(2),
+        "expired value is not reduced into"
+    );
     assert_eq!(mean.get(key).unwrap(), Some(1.0));
 }

@@ -33,7 +33,11 @@ fn put_get_clear_and_namespaces() {
 
     w1.clear(&keys[0]).unwrap();
     assert_eq!(w1.get(&keys[0]).unwrap(), None);
-    assert_eq!(w2.get(&keys[0]).unwrap(), Some(20), "other namespace untouched");
+    assert_eq!(
+        w2.get(&keys[0]).unwrap(),
+        Some(20),
+        "other namespace untouched"
+    );
 
     let all: BTreeSet<(String, u32)> = collect(state.all_keys().unwrap()).into_iter().collect();
     let expected: BTreeSet<_> = [(keys[0].clone(), 2), (keys[1].clone(), 1)].into();
@@ -85,7 +89,9 @@ fn ttl_hides_expired_values() {
     let clock = ManualClock::new(10_000);
     let backend = open(dir.path(), &clock);
     let state = backend
-        .register(ValueStateDescriptor::<String, String>::new("t").with_ttl(Duration::from_secs(10)))
+        .register(
+            ValueStateDescriptor::<String, String>::new("t").with_ttl(Duration::from_secs(10)),
+        )
         .unwrap();
     let keys = owned_keys(2);
     state.put(&keys[0], &"a".to_string()).unwrap();
@@ -96,7 +102,10 @@ fn ttl_hides_expired_values() {
     clock.advance(Duration::from_millis(1));
     assert_eq!(state.get(&keys[0]).unwrap(), None, "expired at exactly ttl");
     assert_eq!(state.get(&keys[1]).unwrap().as_deref(), Some("b"));
-    assert_eq!(collect(state.all_keys().unwrap()), vec![(keys[1].clone(), ())]);
+    assert_eq!(
+        collect(state.all_keys().unwrap()),
+        vec![(keys[1].clone(), ())]
+    );
     // Writing again refreshes the timestamp.
     state.put(&keys[0], &"c".to_string()).unwrap();
     clock.advance(Duration::from_secs(9));

@@ -70,18 +70,50 @@ impl ColumnSettings {
     }
 }
 
-/// Appends list elements: the stored list followed by every operand. Lists are
+/// The list merge operator: the stored list followed by every operand. Lists are
 /// concatenations of self-delimiting elements, so partial merges concatenate too.
-fn list_append(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
-    let extra: usize = operands.iter().map(<[u8]>::len).sum();
-    let mut out = Vec::with_capacity(existing.map_or(0, <[u8]>::len) + extra);
-    if let Some(existing) = existing {
-        out.extend_from_slice(existing);
+///
+/// Compaction filters never see merge operands, so with TTL the merge itself leaves out
+/// expired elements; a list whose elements all expired becomes empty, and the compaction
+/// filter removes empty lists. Bytes that do not parse are concatenated unchanged.
+fn list_merge(
+    settings: Arc<ColumnSettings>,
+    clock: Arc<dyn Clock>,
+) -> impl Fn(&[u8], Option<&[u8]>, &MergeOperands) -> Option<Vec<u8>> + Clone + Send + Sync + 'static
+{
+    move |_key, existing, operands| {
+        let parts = || existing.into_iter().chain(operands);
+        let total: usize = parts().map(<[u8]>::len).sum();
+        let mut out = Vec::with_capacity(total);
+        let ttl = if settings.is_list() {
+            settings.ttl_ms()
+        } else {
+            None
+        };
+        if let Some(ttl_ms) = ttl {
+            let now = clock.now_millis();
+            let parsed = parts().all(|part| ttl::Elements::new(part, true).all(|e| e.is_ok()));
+            if parsed {
+                for part in parts() {
+                    let mut rest = part;
+                    for element in ttl::Elements::new(part, true).flatten() {
+                        let len = ttl::element_len(&element, true);
+                        let (framed, tail) = rest.split_at(len);
+                        rest = tail;
+                        match element.written {
+                            Some(ts) if ttl::is_expired(ts, ttl_ms, now) => {}
+                            _ => out.extend_from_slice(framed),
+                        }
+                    }
+                }
+                return Some(out);
+            }
+        }
+        for part in parts() {
+            out.extend_from_slice(part);
+        }
+        Some(out)
     }
-    for operand in operands {
-        out.extend_from_slice(operand);
-    }
-    Some(out)
 }
 
 struct TtlFilterFactory {
@@ -120,17 +152,17 @@ impl TtlFilter {
             return false;
         };
         if self.list {
-            let mut any = false;
+            // Empty lists are left behind by merges that dropped every expired element.
             for element in ttl::Elements::new(value, true) {
                 match element {
                     Ok(e) => match e.written {
-                        Some(ts) if ttl::is_expired(ts, ttl_ms, self.now) => any = true,
+                        Some(ts) if ttl::is_expired(ts, ttl_ms, self.now) => {}
                         _ => return false,
                     },
                     Err(_) => return false,
                 }
             }
-            any
+            true
         } else {
             let what = String::new;
             match ttl::split_value(value, true, &what) {
@@ -178,7 +210,10 @@ pub(crate) fn state_column_options(
     clock: Arc<dyn Clock>,
 ) -> Options {
     let mut opts = base_options(resources);
-    opts.set_merge_operator_associative("rockstate.list_append", list_append);
+    opts.set_merge_operator_associative(
+        "rockstate.list_append",
+        list_merge(settings.clone(), clock.clone()),
+    );
     opts.set_compaction_filter_factory(TtlFilterFactory { settings, clock });
     opts
 }
@@ -211,7 +246,14 @@ mod tests {
         ttl::frame_element(&mut list, Some(10), 105, b"b").unwrap();
         assert!(!filter(Some(10), true, 112).expired(&list));
         assert!(filter(Some(10), true, 115).expired(&list));
+        assert!(
+            filter(Some(10), true, 0).expired(&[]),
+            "empty list is dropped"
+        );
         list.pop();
-        assert!(!filter(Some(10), true, 1_000).expired(&list), "truncated list is kept");
+        assert!(
+            !filter(Some(10), true, 1_000).expired(&list),
+            "truncated list is kept"
+        );
     }
 }

@@ -179,10 +179,7 @@ impl BackendCore {
     /// Flushes every column family's memtable to SST files (atomically across families).
     pub(crate) fn flush(&self) -> Result<()> {
         let names: Vec<String> = self.db.cf_names();
-        let handles: Vec<_> = names
-            .iter()
-            .filter_map(|n| self.db.cf_handle(n))
-            .collect();
+        let handles: Vec<_> = names.iter().filter_map(|n| self.db.cf_handle(n)).collect();
         let refs: Vec<&_> = handles.iter().collect();
         let mut opts = FlushOptions::default();
         opts.set_wait(true);

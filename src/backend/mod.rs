@@ -105,8 +105,7 @@ fn open_core(
     clock: Arc<dyn Clock>,
 ) -> Result<BackendCore> {
     let dir = &options.local_dir;
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     let db_opts = db_options(options, resources);
     let exists = dir.join("CURRENT").exists();
     let existing: Vec<String> = if exists {
@@ -302,8 +301,10 @@ impl RocksStateBackend {
             Some(entry) => {
                 entry.meta.check_compatible(&requested)?;
                 if entry.meta.ttl_millis != requested.ttl_millis {
-                    self.core
-                        .put_meta(&meta::state_key(&requested.name), &meta::encode_state(&requested)?)?;
+                    self.core.put_meta(
+                        &meta::state_key(&requested.name),
+                        &meta::encode_state(&requested)?,
+                    )?;
                     entry.column.configure(requested.kind, requested.ttl_millis);
                     entry.meta = requested.clone();
                 }
@@ -322,8 +323,10 @@ impl RocksStateBackend {
                     .db
                     .create_cf(&cf_name, &opts)
                     .map_err(|e| Error::engine(format!("create column family \"{cf_name}\""), e))?;
-                self.core
-                    .put_meta(&meta::state_key(&requested.name), &meta::encode_state(&requested)?)?;
+                self.core.put_meta(
+                    &meta::state_key(&requested.name),
+                    &meta::encode_state(&requested)?,
+                )?;
                 states.insert(
                     requested.name.clone(),
                     StateEntry {
@@ -384,5 +387,90 @@ impl RocksStateBackend {
     /// backend and every state handle is gone.
     pub fn close(self) -> Result<()> {
         self.core.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::state::{ListStateDescriptor, MapStateDescriptor, ValueStateDescriptor};
+
+    fn raw_entries(backend: &RocksStateBackend, state: &str) -> usize {
+        let cf = backend
+            .core
+            .db
+            .cf_handle(&format!("state/{state}"))
+            .unwrap();
+        backend
+            .core
+            .db
+            .iterator_cf(&cf, rocksdb::IteratorMode::Start)
+            .count()
+    }
+
+    fn compact(backend: &RocksStateBackend, state: &str) {
+        let cf = backend
+            .core
+            .db
+            .cf_handle(&format!("state/{state}"))
+            .unwrap();
+        backend
+            .core
+            .db
+            .compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
+    }
+
+    #[test]
+    fn compaction_drops_expired_entries_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(1_000);
+        let options = BackendOptions::new(dir.path(), KeyGroupRange::all(16).unwrap(), 16);
+        let backend = RocksStateBackend::builder(options)
+            .clock(clock.clone())
+            .open()
+            .unwrap();
+        let ttl = Duration::from_secs(10);
+        let value = backend
+            .register(ValueStateDescriptor::<u32, u32>::new("v").with_ttl(ttl))
+            .unwrap();
+        let list = backend
+            .register(ListStateDescriptor::<u32, u32>::new("l").with_ttl(ttl))
+            .unwrap();
+        let map = backend
+            .register(MapStateDescriptor::<u32, u32, u32>::new("m").with_ttl(ttl))
+            .unwrap();
+        let plain = backend
+            .register(ValueStateDescriptor::<u32, u32>::new("p"))
+            .unwrap();
+        for k in 0..100u32 {
+            value.put(&k, &k).unwrap();
+            list.add(&k, &k).unwrap();
+            map.put(&k, &1, &k).unwrap();
+            plain.put(&k, &k).unwrap();
+        }
+        backend.flush().unwrap();
+        clock.advance(Duration::from_secs(6));
+        for k in 0..10u32 {
+            value.put(&k, &k).unwrap();
+            list.add(&k, &k).unwrap();
+            map.put(&k, &2, &k).unwrap();
+        }
+        backend.flush().unwrap();
+        clock.advance(Duration::from_secs(5));
+        for state in ["v", "l", "m", "p"] {
+            compact(&backend, state);
+        }
+        // Merged lists lose their expired elements in the first compaction and, once
+        // empty, are removed by the filter in the next.
+        compact(&backend, "l");
+        assert_eq!(raw_entries(&backend, "v"), 10);
+        // Lists with one live element are kept whole; the rest are gone.
+        assert_eq!(raw_entries(&backend, "l"), 10);
+        assert_eq!(list.get(&3).unwrap(), vec![3]);
+        assert_eq!(raw_entries(&backend, "m"), 10);
+        assert_eq!(raw_entries(&backend, "p"), 100, "no TTL, nothing dropped");
     }
 }

@@ -107,8 +107,11 @@ impl SharedResources {
             )));
         }
         let cache = rocksdb::Cache::new_lru_cache(budget);
-        let write_buffers =
-            rocksdb::WriteBufferManager::new_write_buffer_manager_with_cache(budget / 2, false, cache.clone());
+        let write_buffers = rocksdb::WriteBufferManager::new_write_buffer_manager_with_cache(
+            budget / 2,
+            false,
+            cache.clone(),
+        );
         Ok(Self {
             cache,
             write_buffers,

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::state::core::{KeyIter, Sealed, StateCore, StateSpec};
+use crate::state::core::{KeyIter, Sealed, StateCore, StateSpec, Types};
 use crate::state::descriptor::{common_descriptor_methods, CommonOptions, StateKind, StateMeta};
 
 /// How an [`AggregatingState`] folds inputs of type `In` into an accumulator and reads a
@@ -33,7 +33,7 @@ pub trait AggregateFunction: Send + Sync + 'static {
 pub struct AggregatingStateDescriptor<K, F, N = ()> {
     common: CommonOptions,
     function: Arc<F>,
-    _types: PhantomData<fn() -> (K, N)>,
+    _types: Types<(K, N)>,
 }
 
 impl<K, F, N> AggregatingStateDescriptor<K, F, N> {
@@ -90,7 +90,7 @@ where
 pub struct AggregatingState<K, F, N = ()> {
     core: StateCore,
     function: Arc<F>,
-    _types: PhantomData<fn() -> (K, N)>,
+    _types: Types<(K, N)>,
 }
 
 impl<K, F, N> Clone for AggregatingState<K, F, N> {

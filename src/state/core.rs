@@ -14,6 +14,10 @@ use crate::state::descriptor::StateKind;
 use crate::state::ttl;
 use crate::state::StateMeta;
 
+/// Marks the types a handle is generic over without owning values of them; keeps handles
+/// `Send + Sync` whatever the types.
+pub(crate) type Types<T> = PhantomData<fn() -> T>;
+
 mod sealed {
     pub trait Sealed {}
 }
@@ -120,10 +124,11 @@ impl StateCore {
 
     /// Reads and decodes the live value under `raw_key`.
     pub(crate) fn get_value<V: DeserializeOwned>(&self, raw_key: &[u8]) -> Result<Option<V>> {
-        self.backend.get_with(&self.column, raw_key, |raw| match raw {
-            Some(raw) => self.decode_live_at(raw, self.now()),
-            None => Ok(None),
-        })
+        self.backend
+            .get_with(&self.column, raw_key, |raw| match raw {
+                Some(raw) => self.decode_live_at(raw, self.now()),
+                None => Ok(None),
+            })
     }
 
     /// Scans every entry of the state within the backend's key groups.
@@ -137,12 +142,20 @@ impl StateCore {
 
     /// Scans the entries whose keys start with `prefix`.
     pub(crate) fn scan_prefix(&self, prefix: &[u8]) -> Result<RawScan<'_>> {
-        self.backend
-            .scan(&self.column, prefix.to_vec(), codec::prefix_successor(prefix))
+        self.backend.scan(
+            &self.column,
+            prefix.to_vec(),
+            codec::prefix_successor(prefix),
+        )
     }
 
     /// Whether a stored entry holds anything live at `now`.
-    pub(crate) fn entry_is_live(&self, kind: StateKind, raw_value: &[u8], now: u64) -> Result<bool> {
+    pub(crate) fn entry_is_live(
+        &self,
+        kind: StateKind,
+        raw_value: &[u8],
+        now: u64,
+    ) -> Result<bool> {
         let what = || self.what();
         match kind {
             StateKind::List => {
@@ -183,7 +196,7 @@ pub struct KeyIter<'a, K, N> {
     kind: StateKind,
     now: u64,
     done: bool,
-    _types: PhantomData<fn() -> (K, N)>,
+    _types: Types<(K, N)>,
 }
 
 impl<'a, K, N> KeyIter<'a, K, N> {

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::state::core::{KeyIter, Sealed, StateCore, StateSpec};
+use crate::state::core::{KeyIter, Sealed, StateCore, StateSpec, Types};
 use crate::state::descriptor::{common_descriptor_methods, CommonOptions, StateKind, StateMeta};
 use crate::state::ttl;
 
@@ -18,7 +18,7 @@ use crate::state::ttl;
 #[derive(Debug, Clone)]
 pub struct ListStateDescriptor<K, V, N = ()> {
     common: CommonOptions,
-    _types: PhantomData<fn() -> (K, V, N)>,
+    _types: Types<(K, V, N)>,
 }
 
 impl<K, V, N> ListStateDescriptor<K, V, N> {
@@ -44,8 +44,10 @@ where
     type Handle = ListState<K, V, N>;
 
     fn meta(&self) -> StateMeta {
-        self.common
-            .apply(StateMeta::new::<K, N, V>(&self.common.name, StateKind::List))
+        self.common.apply(StateMeta::new::<K, N, V>(
+            &self.common.name,
+            StateKind::List,
+        ))
     }
 
     fn bind(self, core: StateCore) -> Self::Handle {
@@ -60,7 +62,7 @@ where
 #[derive(Debug, Clone)]
 pub struct ListState<K, V, N = ()> {
     core: StateCore,
-    _types: PhantomData<fn() -> (K, V, N)>,
+    _types: Types<(K, V, N)>,
 }
 
 impl<K, V, N> ListState<K, V, N>

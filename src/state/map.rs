@@ -11,14 +11,14 @@ use serde::Serialize;
 use crate::backend::RawScan;
 use crate::codec;
 use crate::error::Result;
-use crate::state::core::{KeyIter, Sealed, StateCore, StateSpec};
+use crate::state::core::{KeyIter, Sealed, StateCore, StateSpec, Types};
 use crate::state::descriptor::{common_descriptor_methods, CommonOptions, StateKind, StateMeta};
 
 /// Describes a [`MapState`] with key `K`, user key `UK`, value `UV` and namespace `N`.
 #[derive(Debug, Clone)]
 pub struct MapStateDescriptor<K, UK, UV, N = ()> {
     common: CommonOptions,
-    _types: PhantomData<fn() -> (K, UK, UV, N)>,
+    _types: Types<(K, UK, UV, N)>,
 }
 
 impl<K, UK, UV, N> MapStateDescriptor<K, UK, UV, N> {
@@ -62,7 +62,7 @@ where
 #[derive(Debug, Clone)]
 pub struct MapState<K, UK, UV, N = ()> {
     core: StateCore,
-    _types: PhantomData<fn() -> (K, UK, UV, N)>,
+    _types: Types<(K, UK, UV, N)>,
 }
 
 /// Number of deletions `clear` collects before writing them.
@@ -117,7 +117,11 @@ where
     }
 
     /// Stores every `(user key, value)` of `entries` in the map of `key` with one write.
-    pub fn put_all<'e>(&self, key: &K, entries: impl IntoIterator<Item = (&'e UK, &'e UV)>) -> Result<()>
+    pub fn put_all<'e>(
+        &self,
+        key: &K,
+        entries: impl IntoIterator<Item = (&'e UK, &'e UV)>,
+    ) -> Result<()>
     where
         UK: 'e,
         UV: 'e,
@@ -212,7 +216,7 @@ pub struct MapEntryIter<'a, UK, UV> {
     prefix_len: usize,
     now: u64,
     done: bool,
-    _types: PhantomData<fn() -> (UK, UV)>,
+    _types: Types<(UK, UV)>,
 }
 
 impl<UK: DeserializeOwned, UV: DeserializeOwned> MapEntryIter<'_, UK, UV> {

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::state::core::{KeyIter, Sealed, StateCore, StateSpec};
+use crate::state::core::{KeyIter, Sealed, StateCore, StateSpec, Types};
 use crate::state::descriptor::{common_descriptor_methods, CommonOptions, StateKind, StateMeta};
 
 type ReduceFn<V> = Arc<dyn Fn(V, V) -> V + Send + Sync>;
@@ -17,7 +17,7 @@ type ReduceFn<V> = Arc<dyn Fn(V, V) -> V + Send + Sync>;
 pub struct ReducingStateDescriptor<K, V, N = ()> {
     common: CommonOptions,
     reduce: ReduceFn<V>,
-    _types: PhantomData<fn() -> (K, N)>,
+    _types: Types<(K, N)>,
 }
 
 impl<K, V, N> ReducingStateDescriptor<K, V, N> {
@@ -55,8 +55,10 @@ where
     type Handle = ReducingState<K, V, N>;
 
     fn meta(&self) -> StateMeta {
-        self.common
-            .apply(StateMeta::new::<K, N, V>(&self.common.name, StateKind::Reducing))
+        self.common.apply(StateMeta::new::<K, N, V>(
+            &self.common.name,
+            StateKind::Reducing,
+        ))
     }
 
     fn bind(self, core: StateCore) -> Self::Handle {
@@ -75,7 +77,7 @@ where
 pub struct ReducingState<K, V, N = ()> {
     core: StateCore,
     reduce: ReduceFn<V>,
-    _types: PhantomData<fn() -> (K, N)>,
+    _types: Types<(K, N)>,
 }
 
 impl<K, V, N> Clone for ReducingState<K, V, N> {

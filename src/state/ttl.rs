@@ -87,6 +87,11 @@ pub(crate) fn frame_element(
     Ok(())
 }
 
+/// Length of `element` in its framed form.
+pub(crate) fn element_len(element: &Element<'_>, ttl: bool) -> usize {
+    LEN_LEN + if ttl { TS_LEN } else { 0 } + element.payload.len()
+}
+
 /// One element of a stored list.
 pub(crate) struct Element<'a> {
     pub written: Option<u64>,
@@ -116,7 +121,9 @@ impl<'a> Iterator for Elements<'a> {
         if self.rest.len() < header {
             let n = self.rest.len();
             self.rest = &[];
-            return Some(Err(format!("list element header truncated ({n} bytes left)")));
+            return Some(Err(format!(
+                "list element header truncated ({n} bytes left)"
+            )));
         }
         let mut len_buf = [0u8; LEN_LEN];
         len_buf.copy_from_slice(&self.rest[..LEN_LEN]);
@@ -152,11 +159,17 @@ mod tests {
     fn value_framing_round_trip_and_expiry() {
         let plain = frame_value(None, 5, b"abc");
         assert_eq!(plain, b"abc");
-        assert_eq!(live_value(&plain, None, 99, &what).unwrap(), Some(&b"abc"[..]));
+        assert_eq!(
+            live_value(&plain, None, 99, &what).unwrap(),
+            Some(&b"abc"[..])
+        );
 
         let framed = frame_value(Some(10), 100, b"abc");
         assert_eq!(framed.len(), 11);
-        assert_eq!(live_value(&framed, Some(10), 109, &what).unwrap(), Some(&b"abc"[..]));
+        assert_eq!(
+            live_value(&framed, Some(10), 109, &what).unwrap(),
+            Some(&b"abc"[..])
+        );
         assert_eq!(live_value(&framed, Some(10), 110, &what).unwrap(), None);
         assert!(live_value(&framed[..5], Some(10), 0, &what).is_err());
         assert!(!is_expired(u64::MAX, 10, u64::MAX - 1));

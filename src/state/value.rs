@@ -6,7 +6,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::state::core::{KeyIter, Sealed, StateCore, StateSpec};
+use crate::state::core::{KeyIter, Sealed, StateCore, StateSpec, Types};
 use crate::state::descriptor::{common_descriptor_methods, CommonOptions, StateKind, StateMeta};
 
 /// Describes a [`ValueState`] with key `K`, value `V` and namespace `N`.
@@ -19,7 +19,7 @@ use crate::state::descriptor::{common_descriptor_methods, CommonOptions, StateKi
 #[derive(Debug, Clone)]
 pub struct ValueStateDescriptor<K, V, N = ()> {
     common: CommonOptions,
-    _types: PhantomData<fn() -> (K, V, N)>,
+    _types: Types<(K, V, N)>,
 }
 
 impl<K, V, N> ValueStateDescriptor<K, V, N> {
@@ -45,8 +45,10 @@ where
     type Handle = ValueState<K, V, N>;
 
     fn meta(&self) -> StateMeta {
-        self.common
-            .apply(StateMeta::new::<K, N, V>(&self.common.name, StateKind::Value))
+        self.common.apply(StateMeta::new::<K, N, V>(
+            &self.common.name,
+            StateKind::Value,
+        ))
     }
 
     fn bind(self, core: StateCore) -> Self::Handle {
@@ -63,7 +65,7 @@ where
 #[derive(Debug, Clone)]
 pub struct ValueState<K, V, N = ()> {
     core: StateCore,
-    _types: PhantomData<fn() -> (K, V, N)>,
+    _types: Types<(K, V, N)>,
 }
 
 impl<K, V, N> ValueState<K, V, N>
