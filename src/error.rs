@@ -23,6 +23,8 @@ pub enum ErrorKind {
     InvalidArgument,
     /// Something that should exist does not.
     NotFound,
+    /// Something that must be written once already exists (a completed checkpoint).
+    AlreadyExists,
     /// A broken internal invariant or an unexpected engine failure.
     Internal,
 }
@@ -36,6 +38,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Incompatible => "incompatible",
             ErrorKind::InvalidArgument => "invalid argument",
             ErrorKind::NotFound => "not found",
+            ErrorKind::AlreadyExists => "already exists",
             ErrorKind::Internal => "internal error",
         };
         f.write_str(s)
@@ -137,6 +140,23 @@ pub enum Error {
     #[error("not found: {0}")]
     NotFound(String),
 
+    /// Something that is written once already exists.
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+
+    /// An object-store request failed.
+    #[error("storage error during {op} of {path}: {message}")]
+    Storage {
+        /// The operation (put, get, list, delete, ...).
+        op: String,
+        /// The object's path (or URL).
+        path: String,
+        /// The store's message.
+        message: String,
+        /// Classification: `Unavailable` for retryable failures.
+        kind: ErrorKind,
+    },
+
     /// A broken internal invariant.
     #[error("internal error: {0}")]
     Internal(String),
@@ -156,6 +176,8 @@ impl Error {
             Error::Engine { kind, .. } => *kind,
             Error::Io { .. } => ErrorKind::Io,
             Error::NotFound(_) => ErrorKind::NotFound,
+            Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            Error::Storage { kind, .. } => *kind,
             Error::Internal(_) => ErrorKind::Internal,
         }
     }
@@ -193,6 +215,34 @@ impl Error {
             context: context.into(),
             message: err.into_string(),
             kind,
+        }
+    }
+}
+
+impl Error {
+    /// Wraps an object-store error for `op` on `path`.
+    pub(crate) fn storage(op: &str, path: impl fmt::Display, err: object_store::Error) -> Self {
+        use object_store::Error as E;
+        let path = path.to_string();
+        match err {
+            E::NotFound { .. } => Error::NotFound(format!("{path} ({op})")),
+            E::AlreadyExists { .. } | E::Precondition { .. } => Error::AlreadyExists(path),
+            other => {
+                let kind = match &other {
+                    E::InvalidPath { .. } | E::UnknownConfigurationKey { .. } => {
+                        ErrorKind::InvalidArgument
+                    }
+                    E::NotSupported { .. } | E::NotImplemented { .. } => ErrorKind::Internal,
+                    E::PermissionDenied { .. } | E::Unauthenticated { .. } => ErrorKind::Io,
+                    _ => ErrorKind::Unavailable,
+                };
+                Error::Storage {
+                    op: op.to_string(),
+                    path,
+                    message: other.to_string(),
+                    kind,
+                }
+            }
         }
     }
 }

@@ -145,9 +145,25 @@ pub fn key_group_range_for_subtask(
 
 /// An inclusive, non-empty range of key groups `[start, end]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "RangeRepr")]
 pub struct KeyGroupRange {
     start: u16,
     end: u16,
+}
+
+/// The serialized form of a range, checked on the way in.
+#[derive(Deserialize)]
+struct RangeRepr {
+    start: u16,
+    end: u16,
+}
+
+impl TryFrom<RangeRepr> for KeyGroupRange {
+    type Error = Error;
+
+    fn try_from(r: RangeRepr) -> Result<Self> {
+        KeyGroupRange::new(r.start, r.end)
+    }
 }
 
 impl KeyGroupRange {
@@ -273,6 +289,18 @@ mod tests {
                 assert_eq!(next, m);
             }
         }
+    }
+
+    #[test]
+    fn decoding_checks_ranges() {
+        let good = KeyGroupRange::new(3, 9).unwrap();
+        let bytes = codec::encode_key(&good).unwrap();
+        assert_eq!(
+            codec::decode_exact::<KeyGroupRange>(&bytes, "r").unwrap(),
+            good
+        );
+        let bad = codec::encode_key(&(9u16, 3u16)).unwrap();
+        assert!(codec::decode_exact::<KeyGroupRange>(&bad, "r").is_err());
     }
 
     #[test]

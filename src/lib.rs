@@ -43,8 +43,12 @@ mod backend;
 pub mod clock;
 pub mod codec;
 mod error;
+mod hash;
 pub mod keygroup;
+mod restore;
+pub mod snapshot;
 pub mod state;
+pub mod storage;
 
 pub use backend::{
     BackendBuilder, BackendOptions, RocksStateBackend, SharedResources, DEFAULT_MEMORY_BUDGET,
@@ -55,8 +59,10 @@ pub use keygroup::{
     key_group_for, key_group_range_for_subtask, subtask_for_key, subtask_for_key_group,
     KeyGroupRange,
 };
+pub use snapshot::{KeyedStateHandle, PendingSnapshot, StateFile};
 pub use state::{
     AggregateFunction, AggregatingState, AggregatingStateDescriptor, ListState,
     ListStateDescriptor, MapState, MapStateDescriptor, ReducingState, ReducingStateDescriptor,
     StateKind, StateMeta, ValueState, ValueStateDescriptor,
 };
+pub use storage::{CheckpointStorage, StorageOptions};

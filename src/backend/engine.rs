@@ -14,6 +14,7 @@ use crate::backend::column::ColumnSettings;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::keygroup::KeyGroupRange;
+use crate::snapshot::tracker::SnapshotTracker;
 use crate::state::StateMeta;
 
 pub(crate) type Db = DBWithThreadMode<MultiThreaded>;
@@ -30,6 +31,7 @@ pub(crate) struct BackendCore {
     pub(crate) dir: PathBuf,
     pub(crate) backend_uid: String,
     pub(crate) states: Mutex<BTreeMap<String, StateEntry>>,
+    pub(crate) tracker: Arc<Mutex<SnapshotTracker>>,
     write_opts: WriteOptions,
     read_opts: ReadOptions,
     clock: Arc<dyn Clock>,
@@ -54,6 +56,7 @@ impl BackendCore {
             dir,
             backend_uid,
             states: Mutex::new(BTreeMap::new()),
+            tracker: Arc::default(),
             write_opts,
             read_opts: ReadOptions::default(),
             clock,
@@ -186,6 +189,18 @@ impl BackendCore {
         self.db
             .flush_cfs_opt(&refs, &opts)
             .map_err(|e| Error::engine(format!("flush of {}", self.dir.display()), e))
+    }
+}
+
+impl BackendCore {
+    /// Flushes every column family and hard-links a consistent copy of the database into
+    /// `target`, which must not exist.
+    pub(crate) fn checkpoint_into(&self, target: &Path) -> Result<()> {
+        let checkpoint = rocksdb::checkpoint::Checkpoint::new(&self.db)
+            .map_err(|e| Error::engine("prepare checkpoint", e))?;
+        checkpoint
+            .create_checkpoint(target)
+            .map_err(|e| Error::engine(format!("checkpoint into {}", target.display()), e))
     }
 }
 

@@ -17,6 +17,7 @@ pub use options::{BackendOptions, SharedResources, DEFAULT_MEMORY_BUDGET};
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::keygroup::KeyGroupRange;
+use crate::snapshot::{self, PendingSnapshot, StagingDir};
 use crate::state::{StateCore, StateMeta, StateSpec};
 use column::{META_COLUMN, STATE_COLUMN_PREFIX};
 use engine::StateEntry;
@@ -29,7 +30,8 @@ use meta::BackendRecord;
 /// dropped; [`close`](Self::close) flushes explicitly and reports errors.
 #[derive(Clone)]
 pub struct RocksStateBackend {
-    core: Arc<BackendCore>,
+    pub(crate) core: Arc<BackendCore>,
+    pub(crate) options: BackendOptions,
     resources: SharedResources,
     clock: Arc<dyn Clock>,
 }
@@ -47,9 +49,9 @@ impl std::fmt::Debug for RocksStateBackend {
 /// Builds a [`RocksStateBackend`] from options and optional components.
 #[derive(Debug)]
 pub struct BackendBuilder {
-    options: BackendOptions,
-    resources: Option<SharedResources>,
-    clock: Arc<dyn Clock>,
+    pub(crate) options: BackendOptions,
+    pub(crate) resources: Option<SharedResources>,
+    pub(crate) clock: Arc<dyn Clock>,
 }
 
 impl BackendBuilder {
@@ -80,6 +82,7 @@ impl BackendBuilder {
         let core = open_core(&self.options, &resources, self.clock.clone())?;
         Ok(RocksStateBackend {
             core: Arc::new(core),
+            options: self.options,
             resources,
             clock: self.clock,
         })
@@ -99,12 +102,18 @@ fn db_options(options: &BackendOptions, resources: &SharedResources) -> Options 
     opts
 }
 
-fn open_core(
+pub(crate) fn open_core(
     options: &BackendOptions,
     resources: &SharedResources,
     clock: Arc<dyn Clock>,
 ) -> Result<BackendCore> {
     let dir = &options.local_dir;
+    // Snapshots staged before a crash are never uploaded now.
+    let staging = options.staging_dir();
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .map_err(|e| Error::io(format!("remove stale {}", staging.display()), e))?;
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     let db_opts = db_options(options, resources);
     let exists = dir.join("CURRENT").exists();
@@ -381,6 +390,71 @@ impl RocksStateBackend {
     /// Writes all memtables to SST files. Blocks until the flush is done.
     pub fn flush(&self) -> Result<()> {
         self.core.flush()
+    }
+
+    /// The synchronous phase of a snapshot for `checkpoint_id`: flushes the memtables and
+    /// hard-links a consistent copy of the database into the staging directory. Blocks for
+    /// the flush; returns as soon as the copy exists, after which writes may continue while
+    /// [`PendingSnapshot::upload`] runs.
+    ///
+    /// Errors: engine and local I/O errors; `InvalidArgument` when a snapshot of the same
+    /// id is already staged.
+    pub fn snapshot(&self, checkpoint_id: u64) -> Result<PendingSnapshot> {
+        let started = std::time::Instant::now();
+        let root = self.options.staging_dir();
+        std::fs::create_dir_all(&root)
+            .map_err(|e| Error::io(format!("create {}", root.display()), e))?;
+        let target = root.join(format!("chk-{checkpoint_id}"));
+        if target.exists() {
+            return Err(Error::invalid(format!(
+                "a snapshot of checkpoint {checkpoint_id} is already staged in {}",
+                target.display()
+            )));
+        }
+        let reusable = if self.options.incremental {
+            self.core.tracker.lock().reusable()
+        } else {
+            Default::default()
+        };
+        let states = self.states();
+        let staging = StagingDir::new(target.clone());
+        self.core.checkpoint_into(&target)?;
+        let files = snapshot::list_staged(&target)?;
+        Ok(PendingSnapshot {
+            checkpoint_id,
+            staging,
+            files,
+            reusable,
+            incremental: self.options.incremental,
+            backend_uid: self.core.backend_uid.clone(),
+            key_group_range: self.core.key_group_range(),
+            max_parallelism: self.core.max_parallelism(),
+            states,
+            tracker: self.core.tracker.clone(),
+            sync_duration: started.elapsed(),
+        })
+    }
+
+    /// The checkpoint completed: the shared files it uploaded may be referenced by later
+    /// snapshots. Older pending checkpoints are subsumed.
+    pub fn notify_checkpoint_complete(&self, checkpoint_id: u64) {
+        if !self.core.tracker.lock().complete(checkpoint_id) {
+            tracing::debug!(
+                checkpoint_id,
+                "completion of a checkpoint this backend did not upload or already subsumed"
+            );
+        }
+    }
+
+    /// The checkpoint was aborted: none of its files will be referenced again by this
+    /// backend (the coordinator may delete them).
+    pub fn notify_checkpoint_aborted(&self, checkpoint_id: u64) {
+        self.core.tracker.lock().abort(checkpoint_id);
+    }
+
+    /// The last checkpoint whose files this backend reuses, if any.
+    pub fn last_confirmed_checkpoint(&self) -> Option<u64> {
+        self.core.tracker.lock().last_confirmed()
     }
 
     /// Flushes and releases this handle. The instance closes once every clone of the

@@ -23,6 +23,9 @@ pub struct BackendOptions {
     pub memory_budget: usize,
     /// RocksDB background threads for flushes and compactions (default 2).
     pub background_jobs: i32,
+    /// Incremental snapshots (default): upload only SST files that the last confirmed
+    /// checkpoint did not already store. `false` uploads every file on every snapshot.
+    pub incremental: bool,
 }
 
 impl BackendOptions {
@@ -39,6 +42,7 @@ impl BackendOptions {
             max_parallelism,
             memory_budget: DEFAULT_MEMORY_BUDGET,
             background_jobs: 2,
+            incremental: true,
         }
     }
 
@@ -53,7 +57,25 @@ impl BackendOptions {
         Ok(Self::new(local_dir, range, max_parallelism))
     }
 
+    /// Where snapshots are staged (hard links, so on the same file system): a sibling of
+    /// `local_dir` named `<local_dir>.snapshots`.
+    pub fn staging_dir(&self) -> PathBuf {
+        let mut name = self
+            .local_dir
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_else(|| "rockstate".into());
+        name.push(".snapshots");
+        self.local_dir.with_file_name(name)
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
+        if self.local_dir.file_name().is_none() {
+            return Err(Error::invalid(format!(
+                "local dir {} must name a directory",
+                self.local_dir.display()
+            )));
+        }
         keygroup::validate_max_parallelism(self.max_parallelism)?;
         if !self.key_group_range.fits(self.max_parallelism) {
             return Err(Error::invalid(format!(

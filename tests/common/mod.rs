@@ -41,3 +41,6 @@ fn keys_of_subtask(subtask: u32, n: usize) -> Vec<String> {
 pub fn collect<T>(iter: impl Iterator<Item = rockstate::Result<T>>) -> Vec<T> {
     iter.map(|r| r.unwrap()).collect()
 }
+
+pub mod faulty;
+pub mod s3;

@@ -1,0 +1,184 @@
+//! `KeyedStateHandle`: the serialisable description of one subtask's snapshot.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::keygroup::{self, KeyGroupRange};
+use crate::state::StateMeta;
+use crate::storage::path;
+use crate::storage::FileInfo;
+
+const HANDLE_VERSION: u32 = 1;
+
+/// One file of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateFile {
+    /// The file's name in the RocksDB directory (restored under this name).
+    pub local_name: String,
+    /// Where the file is stored, relative to the snapshot's root (the job directory for
+    /// checkpoints), e.g. `shared/4f0c….sst`.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// CRC32 (IEEE) of the content.
+    pub crc32: u32,
+}
+
+impl StateFile {
+    /// Size and checksum, as checked on download.
+    pub fn info(&self) -> FileInfo {
+        FileInfo {
+            size: self.size,
+            crc32: self.crc32,
+        }
+    }
+}
+
+/// What one subtask's snapshot consists of. Handles travel as plain values (serde, or
+/// [`encode`](Self::encode)) so that a runtime can send them over its own channels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyedStateHandle {
+    /// Id of the backend's local state that was snapshotted.
+    pub backend_uid: String,
+    /// The checkpoint this snapshot belongs to.
+    pub checkpoint_id: u64,
+    /// Key groups covered.
+    pub key_group_range: KeyGroupRange,
+    /// The job's number of key groups.
+    pub max_parallelism: u32,
+    /// Whether SST files are shared with other checkpoints (`shared/`) or private.
+    pub incremental: bool,
+    /// SST files under `shared/`, possibly referenced by several checkpoints.
+    pub shared: Vec<StateFile>,
+    /// Files owned by this checkpoint alone (MANIFEST, CURRENT, OPTIONS, and every SST of
+    /// a full snapshot).
+    pub private: Vec<StateFile>,
+    /// The states stored in the snapshot.
+    pub states: Vec<StateMeta>,
+    /// Bytes this checkpoint uploaded (new shared files plus private files).
+    pub uploaded_bytes: u64,
+}
+
+impl KeyedStateHandle {
+    /// Every file, shared first.
+    pub fn files(&self) -> impl Iterator<Item = &StateFile> {
+        self.shared.iter().chain(self.private.iter())
+    }
+
+    /// Total size of every referenced file.
+    pub fn total_size(&self) -> u64 {
+        self.files().map(|f| f.size).sum()
+    }
+
+    /// Encodes the handle as a versioned byte string.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        codec::encode_versioned(HANDLE_VERSION, self)
+    }
+
+    /// Decodes and [validates](Self::validate) a handle.
+    ///
+    /// Errors: `Corrupt` for damaged bytes or unsafe content; `Incompatible` for an unknown
+    /// format version.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let (_, handle): (u32, Self) =
+            codec::decode_versioned(bytes, HANDLE_VERSION, "state handle")?;
+        handle.validate()?;
+        Ok(handle)
+    }
+
+    /// Checks what a handle read from storage must satisfy before anything is touched:
+    /// relative paths inside the root, plain and unique local file names, a key-group
+    /// range within the max parallelism.
+    pub fn validate(&self) -> Result<()> {
+        let what = format!("state handle of checkpoint {}", self.checkpoint_id);
+        keygroup::validate_max_parallelism(self.max_parallelism)
+            .map_err(|e| Error::corrupt(&what, e))?;
+        if !self.key_group_range.fits(self.max_parallelism) {
+            return Err(Error::corrupt(
+                &what,
+                format!(
+                    "key groups {} beyond max parallelism {}",
+                    self.key_group_range, self.max_parallelism
+                ),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for file in self.files() {
+            path::validate_relative(&file.path, &what)?;
+            path::validate_segment(&file.local_name, "local file name")
+                .map_err(|e| Error::corrupt(&what, e))?;
+            if !names.insert(file.local_name.as_str()) {
+                return Err(Error::corrupt(
+                    &what,
+                    format!("file {} listed twice", file.local_name),
+                ));
+            }
+        }
+        if !self.shared.iter().all(|f| f.path.starts_with("shared/")) {
+            return Err(Error::corrupt(&what, "a shared file outside shared/"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle() -> KeyedStateHandle {
+        KeyedStateHandle {
+            backend_uid: "b".into(),
+            checkpoint_id: 3,
+            key_group_range: KeyGroupRange::new(0, 63).unwrap(),
+            max_parallelism: 128,
+            incremental: true,
+            shared: vec![StateFile {
+                local_name: "000012.sst".into(),
+                path: "shared/abc.sst".into(),
+                size: 10,
+                crc32: 7,
+            }],
+            private: vec![StateFile {
+                local_name: "CURRENT".into(),
+                path: "chk-3/00/0/CURRENT".into(),
+                size: 16,
+                crc32: 9,
+            }],
+            states: vec![],
+            uploaded_bytes: 26,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_validation() {
+        let h = handle();
+        assert_eq!(KeyedStateHandle::decode(&h.encode().unwrap()).unwrap(), h);
+        assert_eq!(h.total_size(), 26);
+
+        let mut escaping = handle();
+        escaping.private[0].path = "../../etc/passwd".into();
+        let err = KeyedStateHandle::decode(&escaping.encode().unwrap()).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+
+        let mut bad_name = handle();
+        bad_name.shared[0].local_name = "../x.sst".into();
+        assert!(bad_name.validate().is_err());
+
+        let mut twice = handle();
+        twice.private[0].local_name = "000012.sst".into();
+        assert!(twice.validate().is_err());
+
+        let mut outside = handle();
+        outside.shared[0].path = "chk-3/x.sst".into();
+        assert!(outside.validate().is_err());
+
+        let mut range = handle();
+        range.max_parallelism = 32;
+        assert!(range.validate().is_err());
+
+        assert!(KeyedStateHandle::decode(&[0, 0, 0, 1, 0xff]).is_err());
+    }
+}

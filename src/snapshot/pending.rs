@@ -1,0 +1,234 @@
+//! `PendingSnapshot`: a staged RocksDB checkpoint waiting to be uploaded.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use parking_lot::Mutex;
+
+use crate::backend::new_uid;
+use crate::error::{Error, Result};
+use crate::hash;
+use crate::keygroup::KeyGroupRange;
+use crate::snapshot::handle::{KeyedStateHandle, StateFile};
+use crate::snapshot::tracker::{FileSet, SnapshotTracker};
+use crate::state::StateMeta;
+use crate::storage::CheckpointStorage;
+
+/// A local directory removed when dropped: staged snapshots never outlive their use.
+#[derive(Debug)]
+pub(crate) struct StagingDir {
+    path: PathBuf,
+}
+
+impl StagingDir {
+    pub(crate) fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %self.path.display(), error = %e, "cannot remove staging directory");
+            }
+        }
+    }
+}
+
+/// A file of a staged checkpoint.
+#[derive(Debug, Clone)]
+pub(crate) struct StagedFile {
+    pub name: String,
+    pub size: u64,
+}
+
+/// The result of a snapshot's synchronous phase: a consistent, immutable copy (hard links)
+/// of the backend's files. The backend keeps processing while this is uploaded.
+///
+/// Dropping it without uploading removes the staged files; the checkpoint is then simply
+/// never acknowledged.
+#[derive(Debug)]
+pub struct PendingSnapshot {
+    pub(crate) checkpoint_id: u64,
+    pub(crate) staging: StagingDir,
+    pub(crate) files: Vec<StagedFile>,
+    pub(crate) reusable: FileSet,
+    pub(crate) incremental: bool,
+    pub(crate) backend_uid: String,
+    pub(crate) key_group_range: KeyGroupRange,
+    pub(crate) max_parallelism: u32,
+    pub(crate) states: Vec<StateMeta>,
+    pub(crate) tracker: Arc<Mutex<SnapshotTracker>>,
+    pub(crate) sync_duration: Duration,
+}
+
+enum Placement {
+    Shared,
+    Private,
+}
+
+impl PendingSnapshot {
+    /// The checkpoint id.
+    pub fn checkpoint_id(&self) -> u64 {
+        self.checkpoint_id
+    }
+
+    /// How long the synchronous phase took (flush and hard links).
+    pub fn sync_duration(&self) -> Duration {
+        self.sync_duration
+    }
+
+    /// Number of staged files and their total size.
+    pub fn staged_size(&self) -> (usize, u64) {
+        (self.files.len(), self.files.iter().map(|f| f.size).sum())
+    }
+
+    /// Uploads the snapshot into `job` (the job's checkpoint directory) for subtask
+    /// `subtask` of the operator `operator_uid`, and returns its handle.
+    ///
+    /// New SST files go to `shared/<unique>.sst` (incremental) and the rest to
+    /// `chk-<id>/<uid hash>/<subtask>/`. At most `transfer_concurrency` files move at once.
+    /// The handle's shared files become reusable by later snapshots only once
+    /// [`notify_checkpoint_complete`](crate::RocksStateBackend::notify_checkpoint_complete)
+    /// confirms the checkpoint.
+    ///
+    /// Errors: storage and local I/O errors. On failure the files this call uploaded are
+    /// deleted (best effort; the orphan sweep catches the rest) and nothing is recorded.
+    pub async fn upload(
+        self,
+        job: &CheckpointStorage,
+        operator_uid: &str,
+        subtask: u32,
+    ) -> Result<KeyedStateHandle> {
+        let private_dir = format!(
+            "chk-{}/{}/{subtask}",
+            self.checkpoint_id,
+            hash::operator_uid_hash(operator_uid)
+        );
+        let mut reused = Vec::new();
+        let mut jobs = Vec::new();
+        for file in &self.files {
+            let is_sst = file.name.ends_with(".sst");
+            if is_sst && self.incremental {
+                match self.reusable.get(&file.name) {
+                    Some(prev) if prev.size == file.size => reused.push(prev.clone()),
+                    _ => jobs.push((file, format!("shared/{}.sst", new_uid()), Placement::Shared)),
+                }
+            } else {
+                jobs.push((
+                    file,
+                    format!("{private_dir}/{}", file.name),
+                    Placement::Private,
+                ));
+            }
+        }
+        let started = Instant::now();
+        let staging = self.staging.path();
+        let results: Vec<Result<(StateFile, Placement)>> = futures::stream::iter(jobs)
+            .map(|(file, rel, placement)| async move {
+                let info = job.upload_file(&staging.join(&file.name), &rel).await?;
+                Ok((
+                    StateFile {
+                        local_name: file.name.clone(),
+                        path: rel,
+                        size: info.size,
+                        crc32: info.crc32,
+                    },
+                    placement,
+                ))
+            })
+            .buffer_unordered(job.options().transfer_concurrency.max(1))
+            .collect()
+            .await;
+
+        let mut shared = reused;
+        let mut private = Vec::new();
+        let mut written = Vec::new();
+        let mut uploaded_bytes = 0;
+        let mut first_error = None;
+        for result in results {
+            match result {
+                Ok((file, placement)) => {
+                    uploaded_bytes += file.size;
+                    written.push(file.path.clone());
+                    match placement {
+                        Placement::Shared => shared.push(file),
+                        Placement::Private => private.push(file),
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(error) = first_error {
+            let cleanup = futures::stream::iter(written)
+                .map(|rel| async move { job.delete(&rel).await })
+                .buffer_unordered(job.options().transfer_concurrency.max(1))
+                .try_collect::<Vec<()>>()
+                .await;
+            if let Err(e) = cleanup {
+                tracing::warn!(checkpoint = self.checkpoint_id, error = %e, "cleanup after a failed upload was incomplete");
+            }
+            tracing::warn!(checkpoint = self.checkpoint_id, subtask, error = %error, "snapshot upload failed");
+            return Err(error);
+        }
+        shared.sort_by(|a, b| a.local_name.cmp(&b.local_name));
+        private.sort_by(|a, b| a.local_name.cmp(&b.local_name));
+        if self.incremental {
+            let set: FileSet = shared
+                .iter()
+                .map(|f| (f.local_name.clone(), f.clone()))
+                .collect::<BTreeMap<_, _>>();
+            self.tracker.lock().uploaded(self.checkpoint_id, set);
+        }
+        tracing::debug!(
+            checkpoint = self.checkpoint_id,
+            subtask,
+            uploaded_bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot uploaded"
+        );
+        Ok(KeyedStateHandle {
+            backend_uid: self.backend_uid.clone(),
+            checkpoint_id: self.checkpoint_id,
+            key_group_range: self.key_group_range,
+            max_parallelism: self.max_parallelism,
+            incremental: self.incremental,
+            shared,
+            private,
+            states: self.states.clone(),
+            uploaded_bytes,
+        })
+    }
+}
+
+/// Lists the files of a staged checkpoint.
+pub(crate) fn list_staged(dir: &Path) -> Result<Vec<StagedFile>> {
+    let err = |e| Error::io(format!("list {}", dir.display()), e);
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        let meta = entry.metadata().map_err(err)?;
+        if !meta.is_file() {
+            continue;
+        }
+        let name = entry.file_name().into_string().map_err(|n| {
+            Error::Internal(format!("non UTF-8 file name {n:?} in {}", dir.display()))
+        })?;
+        files.push(StagedFile {
+            name,
+            size: meta.len(),
+        });
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
+}

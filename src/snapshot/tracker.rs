@@ -1,0 +1,117 @@
+//! Which uploaded SST files a backend may reference without uploading them again.
+//!
+//! Only files of the last **confirmed** checkpoint are reused (never those of a pending or
+//! aborted one, which the coordinator may delete): a checkpoint's files become reusable
+//! when `notify_checkpoint_complete` arrives, and are forgotten when it is aborted.
+
+use std::collections::BTreeMap;
+
+use crate::snapshot::handle::StateFile;
+
+/// Files by local SST name.
+pub(crate) type FileSet = BTreeMap<String, StateFile>;
+
+#[derive(Debug, Default)]
+pub(crate) struct SnapshotTracker {
+    confirmed: Option<(u64, FileSet)>,
+    pending: BTreeMap<u64, FileSet>,
+}
+
+impl SnapshotTracker {
+    /// The files that a new snapshot may reference without upload.
+    pub(crate) fn reusable(&self) -> FileSet {
+        self.confirmed
+            .as_ref()
+            .map(|(_, set)| set.clone())
+            .unwrap_or_default()
+    }
+
+    /// The id of the last confirmed checkpoint.
+    pub(crate) fn last_confirmed(&self) -> Option<u64> {
+        self.confirmed.as_ref().map(|(id, _)| *id)
+    }
+
+    /// Records the shared files of an uploaded, not yet confirmed checkpoint.
+    pub(crate) fn uploaded(&mut self, checkpoint_id: u64, files: FileSet) {
+        if self.last_confirmed().is_some_and(|c| checkpoint_id <= c) {
+            return;
+        }
+        self.pending.insert(checkpoint_id, files);
+    }
+
+    /// The checkpoint completed: its files become the reusable set; older pending ones
+    /// are subsumed. Returns false when the checkpoint is unknown here.
+    pub(crate) fn complete(&mut self, checkpoint_id: u64) -> bool {
+        let Some(files) = self.pending.remove(&checkpoint_id) else {
+            return false;
+        };
+        if self.last_confirmed().is_none_or(|c| c < checkpoint_id) {
+            self.confirmed = Some((checkpoint_id, files));
+        }
+        self.pending.retain(|id, _| *id > checkpoint_id);
+        true
+    }
+
+    /// The checkpoint was aborted: its files are never reused.
+    pub(crate) fn abort(&mut self, checkpoint_id: u64) {
+        self.pending.remove(&checkpoint_id);
+    }
+
+    /// After a restore: the restored checkpoint's shared files are confirmed.
+    pub(crate) fn seed(&mut self, checkpoint_id: u64, files: FileSet) {
+        self.confirmed = Some((checkpoint_id, files));
+        self.pending.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(names: &[&str]) -> FileSet {
+        names
+            .iter()
+            .map(|n| {
+                (
+                    n.to_string(),
+                    StateFile {
+                        local_name: n.to_string(),
+                        path: format!("shared/{n}"),
+                        size: 1,
+                        crc32: 0,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_confirmed_files_are_reused() {
+        let mut t = SnapshotTracker::default();
+        t.uploaded(1, set(&["a"]));
+        assert!(t.reusable().is_empty(), "pending files are not reusable");
+        assert!(t.complete(1));
+        assert_eq!(t.reusable().len(), 1);
+
+        t.uploaded(2, set(&["a", "b"]));
+        t.uploaded(3, set(&["a", "b", "c"]));
+        t.abort(2);
+        assert!(!t.complete(2), "aborted checkpoint is unknown");
+        assert_eq!(t.reusable().keys().collect::<Vec<_>>(), vec!["a"]);
+        assert!(t.complete(3));
+        assert_eq!(t.reusable().len(), 3);
+        assert_eq!(t.last_confirmed(), Some(3));
+
+        // A late completion of an older checkpoint does not roll the set back.
+        t.uploaded(5, set(&["d"]));
+        t.uploaded(4, set(&["e"]));
+        assert!(t.complete(5));
+        assert!(!t.complete(4), "subsumed by 5");
+        assert_eq!(t.reusable().keys().collect::<Vec<_>>(), vec!["d"]);
+        t.uploaded(4, set(&["e"]));
+        assert!(!t.complete(4), "older than the confirmed checkpoint");
+
+        t.seed(9, set(&["x"]));
+        assert_eq!(t.last_confirmed(), Some(9));
+    }
+}

@@ -1,0 +1,252 @@
+//! Checkpoint storage: a directory in an object store (local files, S3, GCS, Azure, memory).
+//!
+//! A [`CheckpointStorage`] is rooted at a URL; [`child`](CheckpointStorage::child) descends
+//! into a job's directory. Every path given to its methods is relative to the root and is
+//! validated so that nothing outside the root is ever read, written or deleted. Files are
+//! streamed with bounded memory; each file's size and CRC32 are computed on upload and
+//! checked on download.
+
+mod open;
+pub(crate) mod path;
+mod transfer;
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub use transfer::FileInfo;
+
+/// Tuning of transfers. The defaults suit S3.
+#[derive(Debug, Clone)]
+pub struct StorageOptions {
+    /// Files transferred at the same time by one snapshot or restore (default 4).
+    pub transfer_concurrency: usize,
+    /// Files larger than this are uploaded in parts (default 8 MiB).
+    pub multipart_threshold: u64,
+    /// Size of each uploaded part (default 8 MiB; S3 needs at least 5 MiB).
+    pub part_size: usize,
+}
+
+impl Default for StorageOptions {
+    fn default() -> Self {
+        Self {
+            transfer_concurrency: 4,
+            multipart_threshold: 8 << 20,
+            part_size: 8 << 20,
+        }
+    }
+}
+
+/// An object in storage, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredObject {
+    /// Path relative to the storage root.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification, milliseconds since the Unix epoch.
+    pub last_modified_ms: i64,
+}
+
+/// A directory in an object store.
+#[derive(Clone)]
+pub struct CheckpointStorage {
+    store: Arc<dyn ObjectStore>,
+    root: ObjPath,
+    url: String,
+    options: StorageOptions,
+}
+
+impl fmt::Debug for CheckpointStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CheckpointStorage")
+            .field("url", &self.url)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+impl CheckpointStorage {
+    /// Opens the directory at `url`:
+    ///
+    /// - a plain path or `file:///abs/path`: local files (the directory is created);
+    /// - `s3://bucket/prefix`: configured from the `AWS_*` environment variables
+    ///   (`AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, `AWS_REGION`, credentials, ...);
+    /// - `gs://bucket/prefix` (`GOOGLE_*` variables), `az://container/prefix` (`AZURE_*`);
+    /// - `memory://name`: an in-memory store shared by every `open` of the same name in
+    ///   this process (for tests).
+    ///
+    /// Errors: `InvalidArgument` for an unknown scheme or bad configuration; `Io` when a
+    /// local directory cannot be created.
+    pub fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, std::iter::empty::<(String, String)>())
+    }
+
+    /// Like [`open`](Self::open), with explicit configuration keys (for example
+    /// `("aws_endpoint", "http://127.0.0.1:9000")`) that override the environment.
+    pub fn open_with<K, V>(url: &str, config: impl IntoIterator<Item = (K, V)>) -> Result<Self>
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let config = config
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        let (store, root, url) = open::open_store(url, config)?;
+        Ok(Self {
+            store,
+            root,
+            url,
+            options: StorageOptions::default(),
+        })
+    }
+
+    /// A storage over an existing store, rooted at its top. `label` names it in messages.
+    /// Use this to wrap stores (throttling, fault injection) around a real one.
+    pub fn from_store(store: Arc<dyn ObjectStore>, label: &str) -> Self {
+        Self {
+            store,
+            root: ObjPath::default(),
+            url: label.trim_end_matches('/').to_string(),
+            options: StorageOptions::default(),
+        }
+    }
+
+    /// Replaces the transfer options.
+    pub fn with_options(mut self, options: StorageOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The transfer options.
+    pub fn options(&self) -> &StorageOptions {
+        &self.options
+    }
+
+    /// The URL of this directory.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The subdirectory `name` (one plain path segment, such as a job id).
+    ///
+    /// Errors: `InvalidArgument` when `name` is not a plain name.
+    pub fn child(&self, name: &str) -> Result<Self> {
+        path::validate_segment(name, "directory name")?;
+        Ok(Self {
+            store: self.store.clone(),
+            root: self.root.clone().join(name),
+            url: format!("{}/{name}", self.url),
+            options: self.options.clone(),
+        })
+    }
+
+    /// The store location of the relative path `rel`, after validating it.
+    pub(crate) fn location(&self, rel: &str) -> Result<ObjPath> {
+        path::validate_relative(rel, &format!("path under {}", self.url))?;
+        let mut loc = self.root.clone();
+        for segment in rel.split('/') {
+            loc = loc.join(segment);
+        }
+        Ok(loc)
+    }
+
+    /// The URL of a relative path, for messages and listings.
+    pub fn url_of(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.url)
+    }
+
+    /// Writes `bytes` to `rel` only if nothing is there yet.
+    ///
+    /// Errors: `AlreadyExists` when the object exists; storage errors otherwise.
+    pub async fn put_if_absent(&self, rel: &str, bytes: Bytes) -> Result<()> {
+        let loc = self.location(rel)?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        self.store
+            .put_opts(&loc, PutPayload::from_bytes(bytes), opts)
+            .await
+            .map_err(|e| Error::storage("conditional put", self.url_of(rel), e))?;
+        Ok(())
+    }
+
+    /// Reads a whole object of at most `max_len` bytes (metadata, not data files).
+    ///
+    /// Errors: `NotFound`; `Corrupt` when the object is larger than `max_len`.
+    pub async fn read_small(&self, rel: &str, max_len: u64) -> Result<Bytes> {
+        let loc = self.location(rel)?;
+        let result = self
+            .store
+            .get(&loc)
+            .await
+            .map_err(|e| Error::storage("get", self.url_of(rel), e))?;
+        if result.meta.size > max_len {
+            return Err(Error::corrupt(
+                self.url_of(rel),
+                format!(
+                    "{} bytes, more than the {max_len} allowed",
+                    result.meta.size
+                ),
+            ));
+        }
+        result
+            .bytes()
+            .await
+            .map_err(|e| Error::storage("read", self.url_of(rel), e))
+    }
+
+    /// Deletes `rel`; deleting a missing object succeeds (deletion is idempotent).
+    pub async fn delete(&self, rel: &str) -> Result<()> {
+        let loc = self.location(rel)?;
+        match self.store.delete(&loc).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::storage("delete", self.url_of(rel), e)),
+        }
+    }
+
+    /// Lists every object under `rel_prefix` (or the whole directory when empty), with
+    /// paths relative to the root.
+    pub async fn list(&self, rel_prefix: &str) -> Result<Vec<StoredObject>> {
+        let prefix = if rel_prefix.is_empty() {
+            self.root.clone()
+        } else {
+            self.location(rel_prefix)?
+        };
+        let root_parts = self.root.parts().count();
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| Error::storage("list", self.url_of(rel_prefix), e))?;
+        Ok(objects
+            .into_iter()
+            .map(|meta| StoredObject {
+                path: meta
+                    .location
+                    .parts()
+                    .skip(root_parts)
+                    .map(|p| p.as_ref().to_string())
+                    .collect::<Vec<_>>()
+                    .join("/"),
+                size: meta.size,
+                last_modified_ms: meta.last_modified.timestamp_millis(),
+            })
+            .collect())
+    }
+}

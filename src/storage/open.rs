@@ -1,0 +1,98 @@
+//! Turns a URL into an object store and a root path.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjPath;
+use object_store::ObjectStore;
+use parking_lot::Mutex;
+use url::Url;
+
+use crate::error::{Error, Result};
+
+type Opened = (Arc<dyn ObjectStore>, ObjPath, String);
+
+/// In-memory stores by name, so that every `memory://name` of a process sees the same data.
+fn memory_stores() -> &'static Mutex<HashMap<String, Arc<InMemory>>> {
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock::new();
+    STORES.get_or_init(Default::default)
+}
+
+fn invalid_url(url: &str, why: impl std::fmt::Display) -> Error {
+    Error::invalid(format!("storage URL {url:?}: {why}"))
+}
+
+fn open_local(dir: PathBuf, url: &str) -> Result<Opened> {
+    let dir = if dir.is_absolute() {
+        dir
+    } else {
+        std::env::current_dir()
+            .map_err(|e| Error::io("read the current directory", e))?
+            .join(dir)
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    let store = LocalFileSystem::new_with_prefix(&dir)
+        .map_err(|e| Error::storage("open", url, e))?
+        .with_automatic_cleanup(true);
+    let shown = format!("file://{}", dir.display());
+    Ok((Arc::new(store), ObjPath::default(), shown))
+}
+
+/// Environment variables that configure a cloud store, as lower-case config keys.
+fn env_config(prefix: &str) -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect()
+}
+
+pub(crate) fn open_store(url: &str, config: Vec<(String, String)>) -> Result<Opened> {
+    let trimmed = url.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Err(invalid_url(url, "empty"));
+    }
+    if !trimmed.contains("://") {
+        return open_local(PathBuf::from(trimmed), url);
+    }
+    let parsed = Url::parse(trimmed).map_err(|e| invalid_url(url, e))?;
+    match parsed.scheme() {
+        "file" => {
+            let dir = parsed
+                .to_file_path()
+                .map_err(|()| invalid_url(url, "not an absolute local path"))?;
+            open_local(dir, url)
+        }
+        "memory" => {
+            let name = format!(
+                "{}{}",
+                parsed.host_str().unwrap_or_default(),
+                parsed.path()
+            );
+            let store = memory_stores()
+                .lock()
+                .entry(name)
+                .or_insert_with(|| Arc::new(InMemory::new()))
+                .clone();
+            Ok((store, ObjPath::default(), trimmed.to_string()))
+        }
+        scheme @ ("s3" | "gs" | "az") => {
+            let env_prefix = match scheme {
+                "s3" => "AWS_",
+                "gs" => "GOOGLE_",
+                _ => "AZURE_",
+            };
+            let mut options = env_config(env_prefix);
+            options.extend(config);
+            let (store, root) = object_store::parse_url_opts(&parsed, options)
+                .map_err(|e| Error::storage("open", trimmed, e))?;
+            Ok((Arc::from(store), root, trimmed.to_string()))
+        }
+        other => Err(invalid_url(
+            url,
+            format!("unsupported scheme {other:?} (use a path, file://, s3://, gs://, az:// or memory://)"),
+        )),
+    }
+}
