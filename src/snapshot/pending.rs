@@ -18,23 +18,41 @@ use crate::state::StateMeta;
 use crate::storage::CheckpointStorage;
 
 /// A local directory removed when dropped: staged snapshots never outlive their use.
+/// Async code removes it with [`remove`](Self::remove) instead, off the runtime's threads.
 #[derive(Debug)]
 pub(crate) struct StagingDir {
     path: PathBuf,
+    removed: bool,
 }
 
 impl StagingDir {
     pub(crate) fn new(path: PathBuf) -> Self {
-        Self { path }
+        Self {
+            path,
+            removed: false,
+        }
     }
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Removes the directory without blocking the async runtime.
+    pub(crate) async fn remove(mut self) {
+        if let Err(e) = tokio::fs::remove_dir_all(&self.path).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %self.path.display(), error = %e, "cannot remove staging directory");
+            }
+        }
+        self.removed = true;
+    }
 }
 
 impl Drop for StagingDir {
     fn drop(&mut self) {
+        if self.removed {
+            return;
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.path) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(dir = %self.path.display(), error = %e, "cannot remove staging directory");
@@ -179,6 +197,7 @@ impl PendingSnapshot {
                 tracing::warn!(checkpoint = self.checkpoint_id, error = %e, "cleanup after a failed upload was incomplete");
             }
             tracing::warn!(checkpoint = self.checkpoint_id, subtask, error = %error, "snapshot upload failed");
+            self.staging.remove().await;
             return Err(error);
         }
         shared.sort_by(|a, b| a.local_name.cmp(&b.local_name));
@@ -197,17 +216,19 @@ impl PendingSnapshot {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "snapshot uploaded"
         );
-        Ok(KeyedStateHandle {
-            backend_uid: self.backend_uid.clone(),
+        let handle = KeyedStateHandle {
+            backend_uid: self.backend_uid,
             checkpoint_id: self.checkpoint_id,
             key_group_range: self.key_group_range,
             max_parallelism: self.max_parallelism,
             incremental: self.incremental,
             shared,
             private,
-            states: self.states.clone(),
+            states: self.states,
             uploaded_bytes,
-        })
+        };
+        self.staging.remove().await;
+        Ok(handle)
     }
 }
 
