@@ -40,6 +40,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+pub mod checkpoint;
 pub mod clock;
 pub mod codec;
 mod error;
@@ -52,6 +53,10 @@ pub mod storage;
 
 pub use backend::{
     BackendBuilder, BackendOptions, RocksStateBackend, SharedResources, DEFAULT_MEMORY_BUDGET,
+};
+pub use checkpoint::{
+    AckOutcome, CheckpointCoordinator, CheckpointMetadata, CoordinatorOptions, OperatorSpec,
+    SubtaskSnapshot,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, ErrorKind, Result};

@@ -25,6 +25,10 @@ pub struct StateFile {
     pub size: u64,
     /// CRC32 (IEEE) of the content.
     pub crc32: u32,
+    /// The checkpoint that uploaded the file. A shared file reused by a later checkpoint
+    /// keeps the id of the one that uploaded it, so the coordinator can tell a new file
+    /// from a reference to an existing one.
+    pub uploaded_by: u64,
 }
 
 impl StateFile {
@@ -63,6 +67,13 @@ pub struct KeyedStateHandle {
 }
 
 impl KeyedStateHandle {
+    /// Shared files this checkpoint uploaded (not references to earlier uploads).
+    pub fn new_shared(&self) -> impl Iterator<Item = &StateFile> {
+        self.shared
+            .iter()
+            .filter(|f| f.uploaded_by == self.checkpoint_id)
+    }
+
     /// Every file, shared first.
     pub fn files(&self) -> impl Iterator<Item = &StateFile> {
         self.shared.iter().chain(self.private.iter())
@@ -120,6 +131,14 @@ impl KeyedStateHandle {
         if !self.shared.iter().all(|f| f.path.starts_with("shared/")) {
             return Err(Error::corrupt(&what, "a shared file outside shared/"));
         }
+        if self.files().any(|f| f.uploaded_by > self.checkpoint_id)
+            || self.private.iter().any(|f| f.uploaded_by != self.checkpoint_id)
+        {
+            return Err(Error::corrupt(
+                &what,
+                "a file claims to be uploaded by another checkpoint than possible",
+            ));
+        }
         Ok(())
     }
 }
@@ -140,12 +159,14 @@ mod tests {
                 path: "shared/abc.sst".into(),
                 size: 10,
                 crc32: 7,
+                uploaded_by: 2,
             }],
             private: vec![StateFile {
                 local_name: "CURRENT".into(),
                 path: "chk-3/00/0/CURRENT".into(),
                 size: 16,
                 crc32: 9,
+                uploaded_by: 3,
             }],
             states: vec![],
             uploaded_bytes: 26,

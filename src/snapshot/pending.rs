@@ -150,6 +150,7 @@ impl PendingSnapshot {
         }
         let started = Instant::now();
         let staging = self.staging.path();
+        let checkpoint_id = self.checkpoint_id;
         let results: Vec<Result<(StateFile, Placement)>> = futures::stream::iter(jobs)
             .map(|(file, rel, placement)| async move {
                 let info = job.upload_file(&staging.join(&file.name), &rel).await?;
@@ -159,6 +160,7 @@ impl PendingSnapshot {
                         path: rel,
                         size: info.size,
                         crc32: info.crc32,
+                        uploaded_by: checkpoint_id,
                     },
                     placement,
                 ))

@@ -79,6 +79,7 @@ mod tests {
                         path: format!("shared/{n}"),
                         size: 1,
                         crc32: 0,
+                        uploaded_by: 1,
                     },
                 )
             })

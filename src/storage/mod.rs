@@ -219,6 +219,25 @@ impl CheckpointStorage {
         }
     }
 
+    /// Names of the immediate subdirectories of `rel` (of the root when empty).
+    pub async fn list_dirs(&self, rel: &str) -> Result<Vec<String>> {
+        let prefix = if rel.is_empty() {
+            self.root.clone()
+        } else {
+            self.location(rel)?
+        };
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&prefix))
+            .await
+            .map_err(|e| Error::storage("list", self.url_of(rel), e))?;
+        Ok(listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect())
+    }
+
     /// Lists every object under `rel_prefix` (or the whole directory when empty), with
     /// paths relative to the root.
     pub async fn list(&self, rel_prefix: &str) -> Result<Vec<StoredObject>> {

@@ -1,0 +1,460 @@
+//! `CheckpointCoordinator`: checkpoint ids, acknowledgements, completion, retention.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use crate::checkpoint::discovery;
+use crate::checkpoint::metadata::{
+    CheckpointMetadata, OperatorSnapshot, SnapshotKind, SubtaskSnapshot,
+};
+use crate::checkpoint::registry::SharedStateRegistry;
+use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, Result};
+use crate::hash;
+use crate::keygroup;
+use crate::storage::CheckpointStorage;
+
+/// Settings of a [`CheckpointCoordinator`].
+#[derive(Debug, Clone)]
+pub struct CoordinatorOptions {
+    /// Completed checkpoints kept (default 1); older ones are subsumed and deleted.
+    pub num_retained: usize,
+    /// Checkpoints in flight at once (default 1); `trigger` returns `None` beyond it.
+    pub max_concurrent: usize,
+    /// A checkpoint not acknowledged by every subtask within this time is aborted by
+    /// [`abort_expired`](CheckpointCoordinator::abort_expired) (default 10 minutes).
+    pub timeout: Duration,
+}
+
+impl Default for CoordinatorOptions {
+    fn default() -> Self {
+        Self {
+            num_retained: 1,
+            max_concurrent: 1,
+            timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// An operator taking part in checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorSpec {
+    /// Stable uid.
+    pub uid: String,
+    /// Number of subtasks.
+    pub parallelism: u32,
+    /// Number of key groups.
+    pub max_parallelism: u32,
+}
+
+/// What an acknowledgement led to.
+#[derive(Debug)]
+pub enum AckOutcome {
+    /// Other subtasks still have to acknowledge.
+    Pending,
+    /// This was the last acknowledgement: the checkpoint is complete. Notify every subtask
+    /// (`notify_checkpoint_complete`).
+    Completed(Box<CheckpointMetadata>),
+    /// The checkpoint was already aborted or subsumed; the snapshot's new files were
+    /// deleted.
+    Discarded,
+}
+
+struct Pending {
+    triggered_at_ms: u64,
+    /// The latest completed checkpoint when this one was triggered: subtasks may reference
+    /// its files (or older confirmed ones), so they are kept while this one is pending.
+    base: u64,
+    acks: BTreeMap<(usize, u32), SubtaskSnapshot>,
+}
+
+/// Coordinates the checkpoints of one job. Not internally synchronised: share it behind a
+/// mutex (its methods are async and only await storage).
+pub struct CheckpointCoordinator {
+    job: CheckpointStorage,
+    job_id: String,
+    operators: Vec<OperatorSpec>,
+    options: CoordinatorOptions,
+    clock: Arc<dyn Clock>,
+    next_id: u64,
+    pending: BTreeMap<u64, Pending>,
+    retained: VecDeque<CheckpointMetadata>,
+    registry: SharedStateRegistry,
+}
+
+impl std::fmt::Debug for CheckpointCoordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointCoordinator")
+            .field("job", &self.job.url())
+            .field("next_id", &self.next_id)
+            .field("pending", &self.pending.keys().collect::<Vec<_>>())
+            .field(
+                "retained",
+                &self.retained.iter().map(|m| m.checkpoint_id).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// Deletes paths with bounded concurrency; missing files count as deleted.
+pub(crate) async fn delete_all(job: &CheckpointStorage, paths: Vec<String>) -> Result<()> {
+    let concurrency = job.options().transfer_concurrency.max(1);
+    let mut deletes = futures::stream::iter(paths)
+        .map(|p| async move { job.delete(&p).await })
+        .buffer_unordered(concurrency);
+    let mut first = None;
+    while let Some(result) = deletes.next().await {
+        if let Err(e) = result {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+impl CheckpointCoordinator {
+    /// Starts coordinating `operators` of job `job_id`, whose checkpoint directory is `job`.
+    ///
+    /// Recovers from what storage holds: the newest `num_retained` completed checkpoints
+    /// are retained (unreadable ones skipped with a warning), the registry is rebuilt from
+    /// them, surplus older checkpoints left by a crash are subsumed, and ids continue above
+    /// every `chk-N` found.
+    pub async fn start(
+        job: CheckpointStorage,
+        job_id: &str,
+        operators: Vec<OperatorSpec>,
+        options: CoordinatorOptions,
+    ) -> Result<Self> {
+        Self::start_with_clock(job, job_id, operators, options, Arc::new(SystemClock)).await
+    }
+
+    /// Like [`start`](Self::start) with a given clock (timeouts and timestamps).
+    pub async fn start_with_clock(
+        job: CheckpointStorage,
+        job_id: &str,
+        operators: Vec<OperatorSpec>,
+        options: CoordinatorOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        if options.num_retained == 0 || options.max_concurrent == 0 {
+            return Err(Error::invalid("num_retained and max_concurrent must be at least 1"));
+        }
+        let mut uids = BTreeSet::new();
+        for op in &operators {
+            keygroup::validate_parallelism(op.parallelism, op.max_parallelism)?;
+            if !uids.insert(op.uid.as_str()) {
+                return Err(Error::invalid(format!("operator uid {:?} appears twice", op.uid)));
+            }
+        }
+        let found = discovery::scan(&job).await?;
+        let mut completed = found.completed;
+        let registry = SharedStateRegistry::rebuild(completed.iter());
+        let surplus = completed.len().saturating_sub(options.num_retained);
+        let subsumed: Vec<CheckpointMetadata> = completed.drain(..surplus).collect();
+        let retained: VecDeque<CheckpointMetadata> = completed.into();
+        let mut coordinator = Self {
+            job,
+            job_id: job_id.to_string(),
+            operators,
+            options,
+            clock,
+            next_id: found.highest_id + 1,
+            pending: BTreeMap::new(),
+            retained,
+            registry,
+        };
+        for old in subsumed {
+            coordinator.discard_completed(&old).await?;
+        }
+        coordinator.release_unused().await?;
+        Ok(coordinator)
+    }
+
+    /// The job's checkpoint directory.
+    pub fn job_storage(&self) -> &CheckpointStorage {
+        &self.job
+    }
+
+    /// The retained completed checkpoints, oldest first.
+    pub fn retained(&self) -> impl Iterator<Item = &CheckpointMetadata> {
+        self.retained.iter()
+    }
+
+    /// The newest completed checkpoint.
+    pub fn latest_completed(&self) -> Option<&CheckpointMetadata> {
+        self.retained.back()
+    }
+
+    /// Ids of the checkpoints in flight.
+    pub fn pending_ids(&self) -> Vec<u64> {
+        self.pending.keys().copied().collect()
+    }
+
+    /// The shared-state registry (for inspection).
+    pub fn registry(&self) -> &SharedStateRegistry {
+        &self.registry
+    }
+
+    /// Starts a new checkpoint and returns its id, or `None` when `max_concurrent`
+    /// checkpoints are already in flight. The runtime then has every subtask snapshot
+    /// with this id and acknowledge.
+    pub fn trigger(&mut self) -> Option<u64> {
+        if self.pending.len() >= self.options.max_concurrent {
+            return None;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let base = self.retained.back().map_or(0, |m| m.checkpoint_id);
+        self.pending.insert(
+            id,
+            Pending {
+                triggered_at_ms: self.clock.now_millis(),
+                base,
+                acks: BTreeMap::new(),
+            },
+        );
+        Some(id)
+    }
+
+    fn operator_index(&self, uid: &str) -> Result<usize> {
+        self.operators.iter().position(|o| o.uid == uid).ok_or_else(|| {
+            Error::invalid(format!(
+                "unknown operator uid {uid:?}; this job has {:?}",
+                self.operators.iter().map(|o| &o.uid).collect::<Vec<_>>()
+            ))
+        })
+    }
+
+    fn check_ack(
+        &self,
+        checkpoint_id: u64,
+        op_index: usize,
+        subtask: u32,
+        snapshot: &SubtaskSnapshot,
+    ) -> Result<()> {
+        let op = &self.operators[op_index];
+        if subtask >= op.parallelism {
+            return Err(Error::invalid(format!(
+                "operator {:?} has {} subtasks, got an acknowledgement from subtask {subtask}",
+                op.uid, op.parallelism
+            )));
+        }
+        if let Some(handle) = &snapshot.keyed {
+            handle.validate()?;
+            let expected =
+                keygroup::key_group_range_for_subtask(subtask, op.parallelism, op.max_parallelism)?;
+            if handle.checkpoint_id != checkpoint_id
+                || handle.max_parallelism != op.max_parallelism
+                || handle.key_group_range != expected
+            {
+                return Err(Error::invalid(format!(
+                    "operator {:?} subtask {subtask}: handle of checkpoint {} for key groups {} of {} does not match checkpoint {checkpoint_id}, key groups {expected} of {}",
+                    op.uid, handle.checkpoint_id, handle.key_group_range, handle.max_parallelism, op.max_parallelism
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Files a subtask snapshot wrote for this checkpoint (new shared and private files).
+    fn written_files(snapshot: &SubtaskSnapshot) -> Vec<String> {
+        snapshot
+            .keyed
+            .iter()
+            .flat_map(|h| h.new_shared().chain(h.private.iter()))
+            .map(|f| f.path.clone())
+            .collect()
+    }
+
+    /// Records subtask `subtask` of `operator_uid` as done with `checkpoint_id`. The last
+    /// acknowledgement completes the checkpoint: `_metadata` is written (create-if-absent),
+    /// older pending checkpoints are aborted, and subsumed checkpoints are deleted.
+    ///
+    /// Errors: `InvalidArgument` for an unknown operator, subtask or mismatching handle
+    /// (the acknowledgement is ignored); `NotFound` when the checkpoint references a
+    /// shared file that is no longer registered (the checkpoint is aborted);
+    /// `AlreadyExists` or storage errors when `_metadata` cannot be written (the
+    /// checkpoint is dropped, its files left for the sweep).
+    pub async fn acknowledge(
+        &mut self,
+        checkpoint_id: u64,
+        operator_uid: &str,
+        subtask: u32,
+        snapshot: SubtaskSnapshot,
+    ) -> Result<AckOutcome> {
+        let op_index = self.operator_index(operator_uid)?;
+        self.check_ack(checkpoint_id, op_index, subtask, &snapshot)?;
+        let Some(pending) = self.pending.get_mut(&checkpoint_id) else {
+            tracing::info!(checkpoint_id, operator_uid, subtask, "late acknowledgement discarded");
+            delete_all(&self.job, Self::written_files(&snapshot)).await?;
+            return Ok(AckOutcome::Discarded);
+        };
+        if pending.acks.contains_key(&(op_index, subtask)) {
+            return Err(Error::invalid(format!(
+                "checkpoint {checkpoint_id}: operator {operator_uid:?} subtask {subtask} acknowledged twice"
+            )));
+        }
+        pending.acks.insert((op_index, subtask), snapshot);
+        let expected: usize = self.operators.iter().map(|o| o.parallelism as usize).sum();
+        if pending.acks.len() < expected {
+            return Ok(AckOutcome::Pending);
+        }
+        let pending = self
+            .pending
+            .remove(&checkpoint_id)
+            .expect("pending checkpoint present");
+        self.complete(checkpoint_id, pending).await
+    }
+
+    async fn complete(&mut self, checkpoint_id: u64, pending: Pending) -> Result<AckOutcome> {
+        let mut acks = pending.acks;
+        let mut operators = Vec::with_capacity(self.operators.len());
+        for (i, op) in self.operators.iter().enumerate() {
+            let subtasks: Vec<SubtaskSnapshot> = (0..op.parallelism)
+                .map(|s| acks.remove(&(i, s)).unwrap_or_default())
+                .collect();
+            let mut states = Vec::new();
+            for handle in subtasks.iter().filter_map(|s| s.keyed.as_ref()) {
+                for meta in &handle.states {
+                    if !states.iter().any(|m: &crate::StateMeta| m.name == meta.name) {
+                        states.push(meta.clone());
+                    }
+                }
+            }
+            operators.push(OperatorSnapshot {
+                uid: op.uid.clone(),
+                uid_hash: hash::operator_uid_hash(&op.uid),
+                parallelism: op.parallelism,
+                max_parallelism: op.max_parallelism,
+                states,
+                subtasks,
+            });
+        }
+        let meta = CheckpointMetadata {
+            checkpoint_id,
+            kind: SnapshotKind::Checkpoint,
+            job_id: self.job_id.clone(),
+            triggered_at_ms: pending.triggered_at_ms,
+            completed_at_ms: self.clock.now_millis(),
+            operators,
+        };
+        if let Err(e) = self.registry.check(&meta) {
+            tracing::warn!(checkpoint_id, error = %e, "checkpoint fails: it references an unregistered file");
+            self.delete_checkpoint_files(&meta).await?;
+            return Err(e);
+        }
+        let bytes = meta.encode()?;
+        self.job
+            .put_if_absent(&discovery::metadata_path(checkpoint_id), bytes.into())
+            .await?;
+        self.registry.register(&meta)?;
+        self.retained.push_back(meta.clone());
+
+        let older: Vec<u64> = self.pending.range(..checkpoint_id).map(|(id, _)| *id).collect();
+        for id in older {
+            self.abort(id, "a newer checkpoint completed first").await?;
+        }
+        while self.retained.len() > self.options.num_retained {
+            let old = self.retained.pop_front().expect("more than one retained");
+            self.discard_completed(&old).await?;
+        }
+        self.release_unused().await?;
+        Ok(AckOutcome::Completed(Box::new(meta)))
+    }
+
+    /// Deletes what a checkpoint wrote itself: new shared files and private files.
+    async fn delete_checkpoint_files(&self, meta: &CheckpointMetadata) -> Result<()> {
+        let paths = meta
+            .operators
+            .iter()
+            .flat_map(|op| op.subtasks.iter())
+            .flat_map(Self::written_files)
+            .filter(|p| !self.registry.contains(p))
+            .collect();
+        delete_all(&self.job, paths).await
+    }
+
+    /// Deletes a subsumed checkpoint: `_metadata` first (so it no longer counts as
+    /// completed), then its private files. Shared files go through the registry.
+    async fn discard_completed(&self, meta: &CheckpointMetadata) -> Result<()> {
+        self.job
+            .delete(&discovery::metadata_path(meta.checkpoint_id))
+            .await?;
+        let private: Vec<String> = meta
+            .handles()
+            .flat_map(|(_, h)| h.private.iter().map(|f| f.path.clone()))
+            .collect();
+        delete_all(&self.job, private).await
+    }
+
+    /// Rule 2: deletes shared files no retained (and no pending checkpoint's base) uses.
+    async fn release_unused(&mut self) -> Result<()> {
+        let lowest_retained = self.retained.front().map_or(u64::MAX, |m| m.checkpoint_id);
+        let lowest_base = self.pending.values().map(|p| p.base).min().unwrap_or(u64::MAX);
+        let gone = self.registry.release_below(lowest_retained.min(lowest_base));
+        if !gone.is_empty() {
+            tracing::debug!(files = gone.len(), "deleting shared files no checkpoint uses");
+        }
+        delete_all(&self.job, gone).await
+    }
+
+    async fn abort(&mut self, checkpoint_id: u64, reason: &str) -> Result<()> {
+        let Some(pending) = self.pending.remove(&checkpoint_id) else {
+            return Ok(());
+        };
+        tracing::info!(checkpoint_id, reason, "checkpoint aborted");
+        let paths: Vec<String> = pending
+            .acks
+            .values()
+            .flat_map(Self::written_files)
+            .filter(|p| !self.registry.contains(p))
+            .collect();
+        delete_all(&self.job, paths).await
+    }
+
+    /// A subtask could not snapshot: aborts the checkpoint and deletes the files its
+    /// acknowledged subtasks wrote. Tell the subtasks (`notify_checkpoint_aborted`).
+    pub async fn decline(&mut self, checkpoint_id: u64, reason: &str) -> Result<()> {
+        self.abort(checkpoint_id, reason).await?;
+        self.release_unused().await
+    }
+
+    /// Aborts every pending checkpoint older than the timeout; returns their ids.
+    pub async fn abort_expired(&mut self) -> Result<Vec<u64>> {
+        let now = self.clock.now_millis();
+        let timeout = self.options.timeout.as_millis() as u64;
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now.saturating_sub(p.triggered_at_ms) >= timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &expired {
+            self.abort(*id, "timed out").await?;
+        }
+        if !expired.is_empty() {
+            self.release_unused().await?;
+        }
+        Ok(expired)
+    }
+
+    /// Stops coordinating: pending checkpoints are aborted. Retained checkpoints stay
+    /// (retain-on-cancel, so the job can resume from the latest) unless `discard` asks to
+    /// delete them and every shared file.
+    pub async fn shutdown(mut self, discard: bool) -> Result<()> {
+        let ids: Vec<u64> = self.pending.keys().copied().collect();
+        for id in ids {
+            self.abort(id, "coordinator shut down").await?;
+        }
+        if discard {
+            while let Some(old) = self.retained.pop_front() {
+                self.discard_completed(&old).await?;
+            }
+            let gone = self.registry.release_below(u64::MAX);
+            delete_all(&self.job, gone).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,126 @@
+//! Finding checkpoints in a job directory: completed ones (a readable `_metadata`),
+//! incomplete ones (a `chk-N/` without it) and unreadable ones.
+
+use crate::checkpoint::metadata::{CheckpointMetadata, MAX_METADATA_LEN};
+use crate::error::{ErrorKind, Result};
+use crate::storage::CheckpointStorage;
+
+/// `chk-<id>/_metadata`.
+pub(crate) fn metadata_path(checkpoint_id: u64) -> String {
+    format!("chk-{checkpoint_id}/_metadata")
+}
+
+/// The id of a `chk-<id>` directory name.
+pub(crate) fn parse_checkpoint_dir(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("chk-")?;
+    if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// What a job directory holds.
+#[derive(Debug, Default)]
+pub(crate) struct Found {
+    /// Completed checkpoints, oldest first.
+    pub completed: Vec<CheckpointMetadata>,
+    /// Ids of `chk-N/` directories without `_metadata`.
+    pub incomplete: Vec<u64>,
+    /// Ids whose `_metadata` exists but cannot be read, with the reason.
+    pub unreadable: Vec<(u64, String)>,
+    /// The highest id seen in any form (0 when none).
+    pub highest_id: u64,
+}
+
+/// Reads one checkpoint's `_metadata`: `Ok(None)` when it does not exist.
+pub(crate) async fn read_metadata(
+    job: &CheckpointStorage,
+    checkpoint_id: u64,
+) -> Result<Option<CheckpointMetadata>> {
+    let path = metadata_path(checkpoint_id);
+    match job.read_small(&path, MAX_METADATA_LEN).await {
+        Ok(bytes) => CheckpointMetadata::decode(&bytes, &job.url_of(&path)).map(Some),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Scans the job directory. Storage errors other than damaged metadata are returned:
+/// nothing may be concluded (or deleted) from a partial view.
+pub(crate) async fn scan(job: &CheckpointStorage) -> Result<Found> {
+    let mut ids: Vec<u64> = job
+        .list_dirs("")
+        .await?
+        .iter()
+        .filter_map(|d| parse_checkpoint_dir(d))
+        .collect();
+    ids.sort_unstable();
+    let mut found = Found {
+        highest_id: ids.last().copied().unwrap_or(0),
+        ..Found::default()
+    };
+    for id in ids {
+        match read_metadata(job, id).await {
+            Ok(Some(meta)) if meta.checkpoint_id == id => found.completed.push(meta),
+            Ok(Some(meta)) => found.unreadable.push((
+                id,
+                format!("_metadata names checkpoint {}", meta.checkpoint_id),
+            )),
+            Ok(None) => found.incomplete.push(id),
+            Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Incompatible) => {
+                tracing::warn!(checkpoint = id, error = %e, "skipping unreadable checkpoint");
+                found.unreadable.push((id, e.to_string()));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(found)
+}
+
+impl CheckpointStorage {
+    /// The newest completed checkpoint of the job whose directory this is: the highest
+    /// `chk-N` with a readable `_metadata`. A newer checkpoint whose `_metadata` is damaged
+    /// is skipped (and logged); incomplete `chk-N/` folders are ignored.
+    ///
+    /// Errors: storage errors (a checkpoint is never skipped because of a network error).
+    pub async fn latest_completed(&self) -> Result<Option<CheckpointMetadata>> {
+        let mut ids: Vec<u64> = self
+            .list_dirs("")
+            .await?
+            .iter()
+            .filter_map(|d| parse_checkpoint_dir(d))
+            .collect();
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        for id in ids {
+            match read_metadata(self, id).await {
+                Ok(Some(meta)) if meta.checkpoint_id == id => return Ok(Some(meta)),
+                Ok(Some(meta)) => tracing::warn!(
+                    checkpoint = id,
+                    named = meta.checkpoint_id,
+                    "skipping checkpoint whose _metadata names another id"
+                ),
+                Ok(None) => tracing::debug!(checkpoint = id, "skipping incomplete checkpoint"),
+                Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Incompatible) => {
+                    tracing::warn!(checkpoint = id, error = %e, "skipping unreadable checkpoint");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_dir_names() {
+        assert_eq!(parse_checkpoint_dir("chk-12"), Some(12));
+        assert_eq!(parse_checkpoint_dir("chk-"), None);
+        assert_eq!(parse_checkpoint_dir("chk-1a"), None);
+        assert_eq!(parse_checkpoint_dir("chk--1"), None);
+        assert_eq!(parse_checkpoint_dir("shared"), None);
+        assert_eq!(parse_checkpoint_dir("chk-99999999999999999999999"), None);
+    }
+}
