@@ -93,7 +93,11 @@ impl std::fmt::Debug for CheckpointCoordinator {
             .field("pending", &self.pending.keys().collect::<Vec<_>>())
             .field(
                 "retained",
-                &self.retained.iter().map(|m| m.checkpoint_id).collect::<Vec<_>>(),
+                &self
+                    .retained
+                    .iter()
+                    .map(|m| m.checkpoint_id)
+                    .collect::<Vec<_>>(),
             )
             .finish()
     }
@@ -139,13 +143,18 @@ impl CheckpointCoordinator {
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
         if options.num_retained == 0 || options.max_concurrent == 0 {
-            return Err(Error::invalid("num_retained and max_concurrent must be at least 1"));
+            return Err(Error::invalid(
+                "num_retained and max_concurrent must be at least 1",
+            ));
         }
         let mut uids = BTreeSet::new();
         for op in &operators {
             keygroup::validate_parallelism(op.parallelism, op.max_parallelism)?;
             if !uids.insert(op.uid.as_str()) {
-                return Err(Error::invalid(format!("operator uid {:?} appears twice", op.uid)));
+                return Err(Error::invalid(format!(
+                    "operator uid {:?} appears twice",
+                    op.uid
+                )));
             }
         }
         let found = discovery::scan(&job).await?;
@@ -219,12 +228,15 @@ impl CheckpointCoordinator {
     }
 
     fn operator_index(&self, uid: &str) -> Result<usize> {
-        self.operators.iter().position(|o| o.uid == uid).ok_or_else(|| {
-            Error::invalid(format!(
-                "unknown operator uid {uid:?}; this job has {:?}",
-                self.operators.iter().map(|o| &o.uid).collect::<Vec<_>>()
-            ))
-        })
+        self.operators
+            .iter()
+            .position(|o| o.uid == uid)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "unknown operator uid {uid:?}; this job has {:?}",
+                    self.operators.iter().map(|o| &o.uid).collect::<Vec<_>>()
+                ))
+            })
     }
 
     fn check_ack(
@@ -287,7 +299,12 @@ impl CheckpointCoordinator {
         let op_index = self.operator_index(operator_uid)?;
         self.check_ack(checkpoint_id, op_index, subtask, &snapshot)?;
         let Some(pending) = self.pending.get_mut(&checkpoint_id) else {
-            tracing::info!(checkpoint_id, operator_uid, subtask, "late acknowledgement discarded");
+            tracing::info!(
+                checkpoint_id,
+                operator_uid,
+                subtask,
+                "late acknowledgement discarded"
+            );
             delete_all(&self.job, Self::written_files(&snapshot)).await?;
             return Ok(AckOutcome::Discarded);
         };
@@ -318,7 +335,10 @@ impl CheckpointCoordinator {
             let mut states = Vec::new();
             for handle in subtasks.iter().filter_map(|s| s.keyed.as_ref()) {
                 for meta in &handle.states {
-                    if !states.iter().any(|m: &crate::StateMeta| m.name == meta.name) {
+                    if !states
+                        .iter()
+                        .any(|m: &crate::StateMeta| m.name == meta.name)
+                    {
                         states.push(meta.clone());
                     }
                 }
@@ -352,7 +372,11 @@ impl CheckpointCoordinator {
         self.registry.register(&meta)?;
         self.retained.push_back(meta.clone());
 
-        let older: Vec<u64> = self.pending.range(..checkpoint_id).map(|(id, _)| *id).collect();
+        let older: Vec<u64> = self
+            .pending
+            .range(..checkpoint_id)
+            .map(|(id, _)| *id)
+            .collect();
         for id in older {
             self.abort(id, "a newer checkpoint completed first").await?;
         }
@@ -392,10 +416,20 @@ impl CheckpointCoordinator {
     /// Rule 2: deletes shared files no retained (and no pending checkpoint's base) uses.
     async fn release_unused(&mut self) -> Result<()> {
         let lowest_retained = self.retained.front().map_or(u64::MAX, |m| m.checkpoint_id);
-        let lowest_base = self.pending.values().map(|p| p.base).min().unwrap_or(u64::MAX);
-        let gone = self.registry.release_below(lowest_retained.min(lowest_base));
+        let lowest_base = self
+            .pending
+            .values()
+            .map(|p| p.base)
+            .min()
+            .unwrap_or(u64::MAX);
+        let gone = self
+            .registry
+            .release_below(lowest_retained.min(lowest_base));
         if !gone.is_empty() {
-            tracing::debug!(files = gone.len(), "deleting shared files no checkpoint uses");
+            tracing::debug!(
+                files = gone.len(),
+                "deleting shared files no checkpoint uses"
+            );
         }
         delete_all(&self.job, gone).await
     }

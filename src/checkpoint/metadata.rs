@@ -108,7 +108,9 @@ impl CheckpointMetadata {
         let len = u32::try_from(payload.len())
             .ok()
             .filter(|l| u64::from(*l) + HEADER_LEN as u64 + 4 <= MAX_METADATA_LEN)
-            .ok_or_else(|| Error::invalid(format!("metadata of {} bytes is too large", payload.len())))?;
+            .ok_or_else(|| {
+                Error::invalid(format!("metadata of {} bytes is too large", payload.len()))
+            })?;
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + 4);
         out.extend_from_slice(METADATA_MAGIC);
         out.extend_from_slice(&METADATA_VERSION.to_be_bytes());
@@ -125,10 +127,16 @@ impl CheckpointMetadata {
     /// `Incompatible` for an unknown version.
     pub fn decode(bytes: &[u8], what: &str) -> Result<Self> {
         if bytes.len() < HEADER_LEN + 4 {
-            return Err(Error::corrupt(what, format!("{} bytes, shorter than the header", bytes.len())));
+            return Err(Error::corrupt(
+                what,
+                format!("{} bytes, shorter than the header", bytes.len()),
+            ));
         }
         if &bytes[..8] != METADATA_MAGIC {
-            return Err(Error::corrupt(what, "bad magic (not a rockstate _metadata file)"));
+            return Err(Error::corrupt(
+                what,
+                "bad magic (not a rockstate _metadata file)",
+            ));
         }
         let version = u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
         if version == 0 || version > METADATA_VERSION {
@@ -142,7 +150,10 @@ impl CheckpointMetadata {
         if bytes.len() != HEADER_LEN + len + 4 {
             return Err(Error::corrupt(
                 what,
-                format!("payload length {len} does not match the file size {}", bytes.len()),
+                format!(
+                    "payload length {len} does not match the file size {}",
+                    bytes.len()
+                ),
             ));
         }
         let body_end = HEADER_LEN + len;
@@ -163,14 +174,22 @@ impl CheckpointMetadata {
         for (op, handle) in meta.handles() {
             handle.validate()?;
             if handle.max_parallelism != op.max_parallelism {
-                return Err(Error::corrupt(what, format!("operator {:?}: handle max parallelism differs", op.uid)));
+                return Err(Error::corrupt(
+                    what,
+                    format!("operator {:?}: handle max parallelism differs", op.uid),
+                ));
             }
         }
         for op in &meta.operators {
             if op.subtasks.len() != op.parallelism as usize {
                 return Err(Error::corrupt(
                     what,
-                    format!("operator {:?}: {} subtasks for parallelism {}", op.uid, op.subtasks.len(), op.parallelism),
+                    format!(
+                        "operator {:?}: {} subtasks for parallelism {}",
+                        op.uid,
+                        op.subtasks.len(),
+                        op.parallelism
+                    ),
                 ));
             }
         }
@@ -210,7 +229,10 @@ mod tests {
             bad[i] ^= 0x10;
             let err = CheckpointMetadata::decode(&bad, "m").unwrap_err();
             assert!(
-                matches!(err.kind(), crate::ErrorKind::Corrupt | crate::ErrorKind::Incompatible),
+                matches!(
+                    err.kind(),
+                    crate::ErrorKind::Corrupt | crate::ErrorKind::Incompatible
+                ),
                 "byte {i}: {err}"
             );
         }

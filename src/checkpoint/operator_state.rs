@@ -107,8 +107,16 @@ mod tests {
 
     fn state(offsets: &[u8], union: &[u8]) -> OperatorState {
         let mut s = OperatorState::default();
-        s.put("offsets", Redistribution::Split, offsets.iter().map(|b| vec![*b]).collect());
-        s.put("seen", Redistribution::Union, union.iter().map(|b| vec![*b]).collect());
+        s.put(
+            "offsets",
+            Redistribution::Split,
+            offsets.iter().map(|b| vec![*b]).collect(),
+        );
+        s.put(
+            "seen",
+            Redistribution::Union,
+            union.iter().map(|b| vec![*b]).collect(),
+        );
         s
     }
 

@@ -53,7 +53,11 @@ pub struct SweepReport {
 ///
 /// Errors: storage errors; the sweep deletes nothing when it cannot list or read
 /// everything it needs.
-pub async fn sweep(job: &CheckpointStorage, options: &SweepOptions, now_ms: u64) -> Result<SweepReport> {
+pub async fn sweep(
+    job: &CheckpointStorage,
+    options: &SweepOptions,
+    now_ms: u64,
+) -> Result<SweepReport> {
     let found = discovery::scan(job).await?;
     let mut referenced: BTreeSet<String> = BTreeSet::new();
     for meta in &found.completed {

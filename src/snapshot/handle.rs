@@ -132,7 +132,10 @@ impl KeyedStateHandle {
             return Err(Error::corrupt(&what, "a shared file outside shared/"));
         }
         if self.files().any(|f| f.uploaded_by > self.checkpoint_id)
-            || self.private.iter().any(|f| f.uploaded_by != self.checkpoint_id)
+            || self
+                .private
+                .iter()
+                .any(|f| f.uploaded_by != self.checkpoint_id)
         {
             return Err(Error::corrupt(
                 &what,
