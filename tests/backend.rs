@@ -179,3 +179,31 @@ fn backends_share_memory_resources() {
     assert!(resources.cache_usage() > 0);
     assert!(resources.cache_usage() <= 2 * resources.budget());
 }
+
+#[test]
+fn a_dir_left_by_a_crash_is_not_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let backend = open(dir.path(), &ManualClock::new(0));
+        let v = backend
+            .register(ValueStateDescriptor::<String, u64>::new("v"))
+            .unwrap();
+        v.put(&owned_keys(1)[0], &1).unwrap();
+    }
+    // A crash skips the clean close: the mark written after the final flush is missing.
+    let marker = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .contains("CLOSED-CLEANLY")
+        })
+        .expect("a clean close leaves its mark");
+    std::fs::remove_file(&marker).unwrap();
+    let options = BackendOptions::for_subtask(dir.path(), 0, PAR, MAX_PAR).unwrap();
+    let err = RocksStateBackend::open(options).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Incompatible);
+    assert!(err.to_string().contains("not closed cleanly"), "{err}");
+}

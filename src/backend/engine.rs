@@ -205,10 +205,20 @@ impl BackendCore {
 }
 
 impl Drop for BackendCore {
+    /// Flushes, then marks the directory as closed cleanly. When the flush fails the mark
+    /// is not written, and reopening the directory is refused (restore instead).
     fn drop(&mut self) {
         // Without a write-ahead log, unflushed writes would be lost on reopen.
-        if let Err(e) = self.flush() {
-            tracing::error!(dir = %self.dir.display(), error = %e, "flush on close failed");
+        match self.flush() {
+            Ok(()) => {
+                let marker = self.dir.join(crate::backend::CLEAN_MARKER);
+                if let Err(e) = std::fs::write(&marker, b"") {
+                    tracing::error!(file = %marker.display(), error = %e, "cannot mark clean close");
+                }
+            }
+            Err(e) => {
+                tracing::error!(dir = %self.dir.display(), error = %e, "flush on close failed; the directory will not reopen");
+            }
         }
     }
 }

@@ -43,7 +43,14 @@ pub(crate) fn encode_state(meta: &StateMeta) -> Result<Vec<u8>> {
 }
 
 pub(crate) fn decode_state(bytes: &[u8]) -> Result<StateMeta> {
-    Ok(codec::decode_versioned(bytes, STATE_RECORD_VERSION, "state record")?.1)
+    let meta: StateMeta = codec::decode_versioned(bytes, STATE_RECORD_VERSION, "state record")?.1;
+    if meta.ttl_millis == Some(0) {
+        return Err(crate::Error::corrupt(
+            format!("record of state \"{}\"", meta.name),
+            "a TTL of 0 ms",
+        ));
+    }
+    Ok(meta)
 }
 
 #[cfg(test)]

@@ -26,8 +26,10 @@ use meta::BackendRecord;
 /// Keyed state of one subtask, stored in RocksDB.
 ///
 /// Cloning is cheap and yields another handle to the same instance. The RocksDB instance
-/// closes (after flushing its memtables) when the last backend handle and state handle are
-/// dropped; [`close`](Self::close) flushes explicitly and reports errors.
+/// closes when the last backend handle and state handle are dropped: it flushes its
+/// memtables and marks the directory as closed cleanly. A flush error at that point can
+/// only be logged, and the directory then refuses to reopen; call [`close`](Self::close)
+/// first to see such errors.
 #[derive(Clone)]
 pub struct RocksStateBackend {
     pub(crate) core: Arc<BackendCore>,
@@ -74,12 +76,16 @@ impl BackendBuilder {
     /// directory; `Io`/engine errors when RocksDB cannot open it (for example while another
     /// backend holds it open).
     pub fn open(self) -> Result<RocksStateBackend> {
+        self.open_as(OpenMode::Local)
+    }
+
+    pub(crate) fn open_as(self, mode: OpenMode) -> Result<RocksStateBackend> {
         self.options.validate()?;
         let resources = match self.resources {
             Some(r) => r,
             None => SharedResources::new(self.options.memory_budget)?,
         };
-        let core = open_core(&self.options, &resources, self.clock.clone())?;
+        let core = open_core(&self.options, &resources, self.clock.clone(), mode)?;
         Ok(RocksStateBackend {
             core: Arc::new(core),
             options: self.options,
@@ -102,21 +108,35 @@ fn db_options(options: &BackendOptions, resources: &SharedResources) -> Options 
     opts
 }
 
+/// How a local directory is being opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpenMode {
+    /// The backend's own directory: new, or closed cleanly by a previous backend.
+    Local,
+    /// Files just downloaded and verified by a restore.
+    Restored,
+}
+
+/// Written after the final flush when a backend closes; removed when it opens. Without
+/// a write-ahead log, a directory lacking it was left by a crash and holds whatever the
+/// last automatic flush wrote: a state that matches no checkpoint.
+pub(crate) const CLEAN_MARKER: &str = "ROCKSTATE-CLOSED-CLEANLY";
+
 pub(crate) fn open_core(
     options: &BackendOptions,
     resources: &SharedResources,
     clock: Arc<dyn Clock>,
+    mode: OpenMode,
 ) -> Result<BackendCore> {
     let dir = &options.local_dir;
-    // Snapshots staged before a crash are never uploaded now.
-    let staging = options.staging_dir();
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)
-            .map_err(|e| Error::io(format!("remove stale {}", staging.display()), e))?;
-    }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-    let db_opts = db_options(options, resources);
+    let mut db_opts = db_options(options, resources);
     let exists = dir.join("CURRENT").exists();
+    let marker = dir.join(CLEAN_MARKER);
+    let closed_cleanly = marker.exists();
+    if mode == OpenMode::Restored {
+        db_opts.create_if_missing(false);
+    }
     let existing: Vec<String> = if exists {
         rocksdb::DB::list_cf(&db_opts, dir)
             .map_err(|e| Error::engine(format!("list column families of {}", dir.display()), e))?
@@ -151,6 +171,21 @@ pub(crate) fn open_core(
     }
     let db = engine::Db::open_cf_descriptors(&db_opts, dir, descriptors)
         .map_err(|e| Error::engine(format!("open {}", dir.display()), e))?;
+    // The directory is locked now: nothing else uses it.
+    if exists && mode == OpenMode::Local && !closed_cleanly {
+        return Err(Error::IncompatibleLayout {
+            dir: dir.display().to_string(),
+            detail: "it was not closed cleanly (a crash?); without a write-ahead log its \
+                     contents match no checkpoint: restore from a checkpoint instead"
+                .into(),
+        });
+    }
+    // Snapshots staged before a crash are never uploaded now.
+    let staging = options.staging_dir();
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .map_err(|e| Error::io(format!("remove stale {}", staging.display()), e))?;
+    }
 
     let record = read_or_create_record(&db, options, clock.as_ref())?;
     let core = BackendCore::new(
@@ -162,6 +197,12 @@ pub(crate) fn open_core(
         options.key_group_range,
     );
     load_states(&core, columns)?;
+    // From here on a crash must be noticed: the clean-close mark is written again only by
+    // a clean close.
+    if closed_cleanly {
+        std::fs::remove_file(&marker)
+            .map_err(|e| Error::io(format!("remove {}", marker.display()), e))?;
+    }
     Ok(core)
 }
 
@@ -397,20 +438,14 @@ impl RocksStateBackend {
     /// the flush; returns as soon as the copy exists, after which writes may continue while
     /// [`PendingSnapshot::upload`] runs.
     ///
-    /// Errors: engine and local I/O errors; `InvalidArgument` when a snapshot of the same
-    /// id is already staged.
+    /// Errors: engine and local I/O errors.
     pub fn snapshot(&self, checkpoint_id: u64) -> Result<PendingSnapshot> {
         let started = std::time::Instant::now();
         let root = self.options.staging_dir();
         std::fs::create_dir_all(&root)
             .map_err(|e| Error::io(format!("create {}", root.display()), e))?;
-        let target = root.join(format!("chk-{checkpoint_id}"));
-        if target.exists() {
-            return Err(Error::invalid(format!(
-                "a snapshot of checkpoint {checkpoint_id} is already staged in {}",
-                target.display()
-            )));
-        }
+        // A name of its own per attempt: concurrent or repeated snapshots never collide.
+        let target = root.join(format!("chk-{checkpoint_id}-{}", new_uid()));
         let reusable = if self.options.incremental {
             self.core.tracker.lock().reusable()
         } else {

@@ -100,9 +100,11 @@ impl BackendOptions {
 }
 
 /// A block cache and a write-buffer budget that several backends of one process share, so
-/// that memory is bounded per process rather than per subtask.
+/// that memory is budgeted per process rather than per subtask.
 ///
-/// Write buffers are charged to the cache: the whole `budget` bounds both together.
+/// Write buffers are charged to the cache, so one `budget` covers both. It is a soft
+/// limit: the cache may briefly exceed it under pinned blocks, and writers are not stalled
+/// (memtables are flushed instead).
 #[derive(Clone)]
 pub struct SharedResources {
     pub(crate) cache: rocksdb::Cache,

@@ -4,8 +4,6 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-
 use crate::checkpoint::discovery;
 use crate::checkpoint::metadata::{
     CheckpointMetadata, OperatorSnapshot, SnapshotKind, SubtaskSnapshot,
@@ -103,19 +101,9 @@ impl std::fmt::Debug for CheckpointCoordinator {
     }
 }
 
-/// Deletes paths with bounded concurrency; missing files count as deleted.
+/// Deletes paths; see [`CheckpointStorage::delete_many`].
 pub(crate) async fn delete_all(job: &CheckpointStorage, paths: Vec<String>) -> Result<()> {
-    let concurrency = job.options().transfer_concurrency.max(1);
-    let mut deletes = futures::stream::iter(paths)
-        .map(|p| async move { job.delete(&p).await })
-        .buffer_unordered(concurrency);
-    let mut first = None;
-    while let Some(result) = deletes.next().await {
-        if let Err(e) = result {
-            first.get_or_insert(e);
-        }
-    }
-    first.map_or(Ok(()), Err)
+    job.delete_many(paths).await
 }
 
 impl CheckpointCoordinator {

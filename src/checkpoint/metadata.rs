@@ -94,12 +94,14 @@ impl CheckpointMetadata {
 
     /// Total size of every referenced file.
     pub fn total_size(&self) -> u64 {
-        self.handles().map(|(_, h)| h.total_size()).sum()
+        self.handles()
+            .fold(0u64, |acc, (_, h)| acc.saturating_add(h.total_size()))
     }
 
     /// Bytes uploaded by this checkpoint itself.
     pub fn uploaded_bytes(&self) -> u64 {
-        self.handles().map(|(_, h)| h.uploaded_bytes).sum()
+        self.handles()
+            .fold(0u64, |acc, (_, h)| acc.saturating_add(h.uploaded_bytes))
     }
 
     /// Encodes as a `_metadata` file.

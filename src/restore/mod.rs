@@ -1,15 +1,15 @@
 //! Restoring a backend from a snapshot.
 //!
 //! Same key-group range: every file of the handle is downloaded in parallel into a fresh
-//! directory beside the backend's, checked for size and CRC32, and only then moved into
-//! place and opened. The restored checkpoint's shared files are seeded as confirmed, so
+//! directory beside the backend's, checked for size and CRC32 and synced to disk, and only
+//! then moved into place and opened. A restore that fails leaves no local state behind. The restored checkpoint's shared files are seeded as confirmed, so
 //! the next checkpoint uploads only new SST files.
 
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
 
-use crate::backend::{BackendBuilder, RocksStateBackend};
+use crate::backend::{BackendBuilder, OpenMode, RocksStateBackend};
 use crate::error::{Error, Result};
 use crate::snapshot::KeyedStateHandle;
 use crate::storage::CheckpointStorage;
@@ -43,7 +43,8 @@ async fn remove_dir_if_exists(dir: &Path) -> Result<()> {
     }
 }
 
-/// Downloads every file of `handle` into `dir`, at most `concurrency` at once.
+/// Downloads every file of `handle` into `dir`, at most `concurrency` at once. Every
+/// download finishes (or fails) before this returns, so the directory can be removed.
 async fn download_all(
     handle: &KeyedStateHandle,
     job: &CheckpointStorage,
@@ -56,10 +57,22 @@ async fn download_all(
                 .await
         })
         .buffer_unordered(concurrency);
+    let mut first = None;
     while let Some(result) = downloads.next().await {
-        result?;
+        if let Err(e) = result {
+            first.get_or_insert(e);
+        }
     }
-    Ok(())
+    first.map_or(Ok(()), Err)
+}
+
+/// Makes a directory's entries (a rename, new files) durable.
+async fn sync_dir(dir: &Path) -> Result<()> {
+    let path = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || std::fs::File::open(&path).and_then(|f| f.sync_all()))
+        .await
+        .map_err(|e| Error::Internal(format!("sync task failed: {e}")))?
+        .map_err(|e| Error::io(format!("sync {}", dir.display()), e))
 }
 
 impl BackendBuilder {
@@ -94,6 +107,18 @@ impl BackendBuilder {
                 handle.checkpoint_id, handle.key_group_range, self.options.key_group_range
             )));
         }
+        let has = |prefix: &str| {
+            handle
+                .private
+                .iter()
+                .any(|f| f.local_name.starts_with(prefix))
+        };
+        if !has("CURRENT") || !has("MANIFEST-") {
+            return Err(Error::corrupt(
+                format!("checkpoint {}", handle.checkpoint_id),
+                "the handle lists no CURRENT or MANIFEST file",
+            ));
+        }
         if !is_empty_or_missing(&dir).await? {
             return Err(Error::invalid(format!(
                 "cannot restore into {}: the directory is not empty",
@@ -105,8 +130,14 @@ impl BackendBuilder {
         tokio::fs::create_dir_all(&incoming)
             .await
             .map_err(|e| Error::io(format!("create {}", incoming.display()), e))?;
-        if let Err(e) = download_all(handle, job, &incoming).await {
-            remove_dir_if_exists(&incoming).await?;
+        let downloaded = match download_all(handle, job, &incoming).await {
+            Ok(()) => sync_dir(&incoming).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = downloaded {
+            if let Err(cleanup) = remove_dir_if_exists(&incoming).await {
+                tracing::warn!(dir = %incoming.display(), error = %cleanup, "cannot remove a failed restore");
+            }
             return Err(e);
         }
         remove_dir_if_exists(&dir).await?;
@@ -116,33 +147,50 @@ impl BackendBuilder {
                 e,
             )
         })?;
-
-        let backend = tokio::task::spawn_blocking(move || self.open())
-            .await
-            .map_err(|e| Error::Internal(format!("restore task failed: {e}")))??;
-        let stored = backend.states();
-        for meta in &handle.states {
-            if !stored.iter().any(|s| s.name == meta.name) {
-                return Err(Error::corrupt(
-                    format!("checkpoint {}", handle.checkpoint_id),
-                    format!(
-                        "state \"{}\" is listed but not in the restored files",
-                        meta.name
-                    ),
-                ));
-            }
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent).await?;
         }
+
+        let checkpoint_id = handle.checkpoint_id;
+        let expected: Vec<String> = handle.states.iter().map(|m| m.name.clone()).collect();
+        let target = dir.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let result = self.open_as(OpenMode::Restored).and_then(|backend| {
+                let stored = backend.states();
+                match expected.iter().find(|n| !stored.iter().any(|s| &s.name == *n)) {
+                    Some(missing) => Err(Error::corrupt(
+                        format!("checkpoint {checkpoint_id}"),
+                        format!("state \"{missing}\" is listed but not in the restored files"),
+                    )),
+                    None => Ok(backend),
+                }
+            });
+            if result.is_err() {
+                // Leave nothing half-restored behind (a backend, if any, is closed first).
+                if let Err(e) = std::fs::remove_dir_all(&target) {
+                    tracing::warn!(dir = %target.display(), error = %e, "cannot remove a failed restore");
+                }
+            }
+            result
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("restore task failed: {e}")))?;
+        let backend = opened?;
         if handle.incremental {
             let files = handle
                 .shared
                 .iter()
                 .map(|f| (f.local_name.clone(), f.clone()))
                 .collect();
+            let uploaded = crate::snapshot::tracker::Uploaded {
+                root: job.url().to_string(),
+                files,
+            };
             backend
                 .core
                 .tracker
                 .lock()
-                .seed(handle.checkpoint_id, files);
+                .seed(handle.checkpoint_id, uploaded);
         }
         Ok(backend)
     }

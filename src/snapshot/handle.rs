@@ -79,9 +79,9 @@ impl KeyedStateHandle {
         self.shared.iter().chain(self.private.iter())
     }
 
-    /// Total size of every referenced file.
+    /// Total size of every referenced file (saturating: sizes come from storage).
     pub fn total_size(&self) -> u64 {
-        self.files().map(|f| f.size).sum()
+        self.files().fold(0u64, |acc, f| acc.saturating_add(f.size))
     }
 
     /// Encodes the handle as a versioned byte string.

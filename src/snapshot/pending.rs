@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use parking_lot::Mutex;
 
 use crate::backend::new_uid;
@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::hash;
 use crate::keygroup::KeyGroupRange;
 use crate::snapshot::handle::{KeyedStateHandle, StateFile};
-use crate::snapshot::tracker::{FileSet, SnapshotTracker};
+use crate::snapshot::tracker::{SnapshotTracker, Uploaded};
 use crate::state::StateMeta;
 use crate::storage::CheckpointStorage;
 
@@ -78,7 +78,7 @@ pub struct PendingSnapshot {
     pub(crate) checkpoint_id: u64,
     pub(crate) staging: StagingDir,
     pub(crate) files: Vec<StagedFile>,
-    pub(crate) reusable: FileSet,
+    pub(crate) reusable: Uploaded,
     pub(crate) incremental: bool,
     pub(crate) backend_uid: String,
     pub(crate) key_group_range: KeyGroupRange,
@@ -116,7 +116,7 @@ impl PendingSnapshot {
     /// `chk-<id>/<uid hash>/<subtask>/`. At most `transfer_concurrency` files move at once.
     /// The handle's shared files become reusable by later snapshots only once
     /// [`notify_checkpoint_complete`](crate::RocksStateBackend::notify_checkpoint_complete)
-    /// confirms the checkpoint.
+    /// confirms the checkpoint, and only by snapshots uploaded to the same directory.
     ///
     /// Errors: storage and local I/O errors. On failure the files this call uploaded are
     /// deleted (best effort; the orphan sweep catches the rest) and nothing is recorded.
@@ -133,10 +133,12 @@ impl PendingSnapshot {
         );
         let mut reused = Vec::new();
         let mut jobs = Vec::new();
+        let same_root = self.reusable.root == job.url();
         for file in &self.files {
             let is_sst = file.name.ends_with(".sst");
             if is_sst && self.incremental {
-                match self.reusable.get(&file.name) {
+                let previous = self.reusable.files.get(&file.name).filter(|_| same_root);
+                match previous {
                     Some(prev) if prev.size == file.size => reused.push(prev.clone()),
                     _ => jobs.push((file, format!("shared/{}.sst", new_uid()), Placement::Shared)),
                 }
@@ -190,12 +192,7 @@ impl PendingSnapshot {
             }
         }
         if let Some(error) = first_error {
-            let cleanup = futures::stream::iter(written)
-                .map(|rel| async move { job.delete(&rel).await })
-                .buffer_unordered(job.options().transfer_concurrency.max(1))
-                .try_collect::<Vec<()>>()
-                .await;
-            if let Err(e) = cleanup {
+            if let Err(e) = job.delete_many(written).await {
                 tracing::warn!(checkpoint = self.checkpoint_id, error = %e, "cleanup after a failed upload was incomplete");
             }
             tracing::warn!(checkpoint = self.checkpoint_id, subtask, error = %error, "snapshot upload failed");
@@ -205,11 +202,15 @@ impl PendingSnapshot {
         shared.sort_by(|a, b| a.local_name.cmp(&b.local_name));
         private.sort_by(|a, b| a.local_name.cmp(&b.local_name));
         if self.incremental {
-            let set: FileSet = shared
+            let files = shared
                 .iter()
                 .map(|f| (f.local_name.clone(), f.clone()))
                 .collect::<BTreeMap<_, _>>();
-            self.tracker.lock().uploaded(self.checkpoint_id, set);
+            let uploaded = Uploaded {
+                root: job.url().to_string(),
+                files,
+            };
+            self.tracker.lock().uploaded(self.checkpoint_id, uploaded);
         }
         tracing::debug!(
             checkpoint = self.checkpoint_id,

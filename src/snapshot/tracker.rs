@@ -11,15 +11,26 @@ use crate::snapshot::handle::StateFile;
 /// Files by local SST name.
 pub(crate) type FileSet = BTreeMap<String, StateFile>;
 
+/// Shared files of one checkpoint and the storage directory (URL) their paths are
+/// relative to: they may be reused only by snapshots uploaded to the same directory.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Uploaded {
+    pub root: String,
+    pub files: FileSet,
+}
+
+/// Pending checkpoints remembered at most; older ones can no longer become reusable.
+const MAX_PENDING: usize = 32;
+
 #[derive(Debug, Default)]
 pub(crate) struct SnapshotTracker {
-    confirmed: Option<(u64, FileSet)>,
-    pending: BTreeMap<u64, FileSet>,
+    confirmed: Option<(u64, Uploaded)>,
+    pending: BTreeMap<u64, Uploaded>,
 }
 
 impl SnapshotTracker {
     /// The files that a new snapshot may reference without upload.
-    pub(crate) fn reusable(&self) -> FileSet {
+    pub(crate) fn reusable(&self) -> Uploaded {
         self.confirmed
             .as_ref()
             .map(|(_, set)| set.clone())
@@ -32,11 +43,14 @@ impl SnapshotTracker {
     }
 
     /// Records the shared files of an uploaded, not yet confirmed checkpoint.
-    pub(crate) fn uploaded(&mut self, checkpoint_id: u64, files: FileSet) {
+    pub(crate) fn uploaded(&mut self, checkpoint_id: u64, files: Uploaded) {
         if self.last_confirmed().is_some_and(|c| checkpoint_id <= c) {
             return;
         }
         self.pending.insert(checkpoint_id, files);
+        while self.pending.len() > MAX_PENDING {
+            self.pending.pop_first();
+        }
     }
 
     /// The checkpoint completed: its files become the reusable set; older pending ones
@@ -58,7 +72,7 @@ impl SnapshotTracker {
     }
 
     /// After a restore: the restored checkpoint's shared files are confirmed.
-    pub(crate) fn seed(&mut self, checkpoint_id: u64, files: FileSet) {
+    pub(crate) fn seed(&mut self, checkpoint_id: u64, files: Uploaded) {
         self.confirmed = Some((checkpoint_id, files));
         self.pending.clear();
     }
@@ -68,8 +82,8 @@ impl SnapshotTracker {
 mod tests {
     use super::*;
 
-    fn set(names: &[&str]) -> FileSet {
-        names
+    fn set(names: &[&str]) -> Uploaded {
+        let files = names
             .iter()
             .map(|n| {
                 (
@@ -83,24 +97,31 @@ mod tests {
                     },
                 )
             })
-            .collect()
+            .collect();
+        Uploaded {
+            root: "memory://x".into(),
+            files,
+        }
     }
 
     #[test]
     fn only_confirmed_files_are_reused() {
         let mut t = SnapshotTracker::default();
         t.uploaded(1, set(&["a"]));
-        assert!(t.reusable().is_empty(), "pending files are not reusable");
+        assert!(
+            t.reusable().files.is_empty(),
+            "pending files are not reusable"
+        );
         assert!(t.complete(1));
-        assert_eq!(t.reusable().len(), 1);
+        assert_eq!(t.reusable().files.len(), 1);
 
         t.uploaded(2, set(&["a", "b"]));
         t.uploaded(3, set(&["a", "b", "c"]));
         t.abort(2);
         assert!(!t.complete(2), "aborted checkpoint is unknown");
-        assert_eq!(t.reusable().keys().collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(t.reusable().files.keys().collect::<Vec<_>>(), vec!["a"]);
         assert!(t.complete(3));
-        assert_eq!(t.reusable().len(), 3);
+        assert_eq!(t.reusable().files.len(), 3);
         assert_eq!(t.last_confirmed(), Some(3));
 
         // A late completion of an older checkpoint does not roll the set back.
@@ -108,11 +129,20 @@ mod tests {
         t.uploaded(4, set(&["e"]));
         assert!(t.complete(5));
         assert!(!t.complete(4), "subsumed by 5");
-        assert_eq!(t.reusable().keys().collect::<Vec<_>>(), vec!["d"]);
+        assert_eq!(t.reusable().files.keys().collect::<Vec<_>>(), vec!["d"]);
         t.uploaded(4, set(&["e"]));
         assert!(!t.complete(4), "older than the confirmed checkpoint");
 
         t.seed(9, set(&["x"]));
         assert_eq!(t.last_confirmed(), Some(9));
+
+        for id in 10..100 {
+            t.uploaded(id, set(&["y"]));
+        }
+        assert!(
+            !t.complete(10),
+            "the oldest pending checkpoints are forgotten"
+        );
+        assert!(t.complete(99));
     }
 }

@@ -145,7 +145,9 @@ impl CommonOptions {
 
     pub(crate) fn apply(&self, mut meta: StateMeta) -> StateMeta {
         meta.serializer_version = self.serializer_version;
-        meta.ttl_millis = self.ttl.map(|d| (d.as_millis() as u64).max(1));
+        meta.ttl_millis = self
+            .ttl
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1));
         meta
     }
 }

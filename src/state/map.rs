@@ -180,27 +180,22 @@ where
         Ok(true)
     }
 
-    /// Removes every entry of the map of `key`, in batches of bounded size.
+    /// Removes every entry of the map of `key`, in batches of bounded size, with one
+    /// scan (the scan reads a consistent view, unaffected by its own deletions).
     pub fn clear(&self, key: &K) -> Result<()> {
         let prefix = self.core.prefix(key)?;
-        loop {
-            let mut batch = Vec::with_capacity(CLEAR_BATCH);
-            {
-                let mut scan = self.core.scan_prefix(&prefix)?;
-                while batch.len() < CLEAR_BATCH {
-                    let Some((raw_key, _)) = scan.current()? else {
-                        break;
-                    };
-                    batch.push((raw_key.to_vec(), None));
-                    scan.advance();
-                }
-            }
-            let last = batch.len() < CLEAR_BATCH;
-            self.core.backend.write(&self.core.column, batch)?;
-            if last {
-                return Ok(());
+        let mut scan = self.core.scan_prefix(&prefix)?;
+        let mut batch = Vec::with_capacity(CLEAR_BATCH);
+        while let Some((raw_key, _)) = scan.current()? {
+            batch.push((raw_key.to_vec(), None));
+            scan.advance();
+            if batch.len() == CLEAR_BATCH {
+                self.core
+                    .backend
+                    .write(&self.core.column, std::mem::take(&mut batch))?;
             }
         }
+        self.core.backend.write(&self.core.column, batch)
     }
 
     /// Every `(key, namespace)` whose map has a live entry, in this backend's key groups.

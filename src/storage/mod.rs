@@ -219,6 +219,23 @@ impl CheckpointStorage {
         }
     }
 
+    /// Deletes every path in `rels`, with bounded concurrency, attempting all of them;
+    /// missing objects count as deleted. Returns the first error.
+    pub async fn delete_many(&self, rels: Vec<String>) -> Result<()> {
+        use futures::StreamExt;
+        let concurrency = self.options.transfer_concurrency.max(1);
+        let mut deletes = futures::stream::iter(rels)
+            .map(|rel| async move { self.delete(&rel).await })
+            .buffer_unordered(concurrency);
+        let mut first = None;
+        while let Some(result) = deletes.next().await {
+            if let Err(e) = result {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
     /// Names of the immediate subdirectories of `rel` (of the root when empty).
     pub async fn list_dirs(&self, rel: &str) -> Result<Vec<String>> {
         let prefix = if rel.is_empty() {

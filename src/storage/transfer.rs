@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use futures::StreamExt;
-use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -25,11 +25,15 @@ const READ_CHUNK: usize = 1 << 20;
 const PARTS_IN_FLIGHT: usize = 2;
 
 impl CheckpointStorage {
-    /// Uploads the local file `local` to `rel`, returning its size and CRC32. Files above
-    /// the multipart threshold are sent in parts, with at most two parts in memory.
+    /// Uploads the local file `local` to the new object `rel`, returning its size and
+    /// CRC32. Files up to the multipart threshold are written with create-if-absent, so an
+    /// existing object is never replaced; larger files are sent in parts (memory: two
+    /// parts in flight, the part being filled and a 1 MiB read buffer). Multipart uploads
+    /// cannot be conditional: callers give them fresh, unique names.
     ///
-    /// Errors: `Io` when the local file cannot be read; storage errors (`Unavailable` for
-    /// retryable ones). A failed multipart upload is aborted.
+    /// Errors: `AlreadyExists` when a single-part object exists; `Io` when the local file
+    /// cannot be read; storage errors (`Unavailable` for retryable ones). A failed
+    /// multipart upload is aborted (its parts are removed).
     pub async fn upload_file(&self, local: &Path, rel: &str) -> Result<FileInfo> {
         let loc = self.location(rel)?;
         let local_err = |e| Error::io(format!("read {}", local.display()), e);
@@ -42,8 +46,12 @@ impl CheckpointStorage {
                 size: buf.len() as u64,
                 crc32: crc32fast::hash(&buf),
             };
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..PutOptions::default()
+            };
             self.store
-                .put(&loc, PutPayload::from(buf))
+                .put_opts(&loc, PutPayload::from(buf), opts)
                 .await
                 .map_err(|e| Error::storage("put", self.url_of(rel), e))?;
             return Ok(info);
@@ -90,7 +98,8 @@ impl CheckpointStorage {
     }
 
     /// Downloads `rel` to the new local file `local`, checking size and CRC32 against
-    /// `expected` while streaming (a longer object stops early).
+    /// `expected` while streaming (a longer object stops early), and syncs the file to
+    /// disk.
     ///
     /// Errors: `NotFound` when the object is missing; `Corrupt`, naming the file, on a
     /// size or CRC mismatch; `Io` when the local file cannot be written. A failed download
@@ -132,6 +141,7 @@ impl CheckpointStorage {
             file.write_all(&chunk).await.map_err(local_err)?;
         }
         file.flush().await.map_err(local_err)?;
+        file.sync_all().await.map_err(local_err)?;
         if total != expected.size {
             return Err(Error::corrupt(
                 format!("file {url}"),
