@@ -44,6 +44,7 @@ pub mod checkpoint;
 pub mod clock;
 pub mod codec;
 mod error;
+pub mod harness;
 mod hash;
 pub mod keygroup;
 mod restore;

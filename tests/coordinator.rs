@@ -170,7 +170,7 @@ async fn retention_deletes_exactly_what_no_retained_checkpoint_uses() {
     // Retain on cancel: shutting down keeps the latest; discarding deletes everything.
     coord.shutdown(false).await.unwrap();
     assert!(job.latest_completed().await.unwrap().is_some());
-    let coord =
+    let mut coord =
         CheckpointCoordinator::start(job.clone(), "job", spec(2), CoordinatorOptions::default())
             .await
             .unwrap();

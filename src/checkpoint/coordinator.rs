@@ -465,7 +465,7 @@ impl CheckpointCoordinator {
     /// Stops coordinating: pending checkpoints are aborted. Retained checkpoints stay
     /// (retain-on-cancel, so the job can resume from the latest) unless `discard` asks to
     /// delete them and every shared file.
-    pub async fn shutdown(mut self, discard: bool) -> Result<()> {
+    pub async fn shutdown(&mut self, discard: bool) -> Result<()> {
         let ids: Vec<u64> = self.pending.keys().copied().collect();
         for id in ids {
             self.abort(id, "coordinator shut down").await?;

@@ -151,21 +151,31 @@ impl PendingSnapshot {
             }
         }
         let started = Instant::now();
-        let staging = self.staging.path();
+        let staging = self.staging.path().to_path_buf();
         let checkpoint_id = self.checkpoint_id;
+        // Futures own what they use (no borrowed captures), so the upload can run on any
+        // runtime task.
+        let jobs: Vec<(StagedFile, String, Placement)> = jobs
+            .into_iter()
+            .map(|(file, rel, placement)| (file.clone(), rel, placement))
+            .collect();
         let results: Vec<Result<(StateFile, Placement)>> = futures::stream::iter(jobs)
-            .map(|(file, rel, placement)| async move {
-                let info = job.upload_file(&staging.join(&file.name), &rel).await?;
-                Ok((
-                    StateFile {
-                        local_name: file.name.clone(),
-                        path: rel,
-                        size: info.size,
-                        crc32: info.crc32,
-                        uploaded_by: checkpoint_id,
-                    },
-                    placement,
-                ))
+            .map(|(file, rel, placement)| {
+                let job = job.clone();
+                let local = staging.join(&file.name);
+                async move {
+                    let info = job.upload_file(&local, &rel).await?;
+                    Ok((
+                        StateFile {
+                            local_name: file.name,
+                            path: rel,
+                            size: info.size,
+                            crc32: info.crc32,
+                            uploaded_by: checkpoint_id,
+                        },
+                        placement,
+                    ))
+                }
             })
             .buffer_unordered(job.options().transfer_concurrency.max(1))
             .collect()

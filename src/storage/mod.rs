@@ -225,7 +225,10 @@ impl CheckpointStorage {
         use futures::StreamExt;
         let concurrency = self.options.transfer_concurrency.max(1);
         let mut deletes = futures::stream::iter(rels)
-            .map(|rel| async move { self.delete(&rel).await })
+            .map(|rel| {
+                let this = self.clone();
+                async move { this.delete(&rel).await }
+            })
             .buffer_unordered(concurrency);
         let mut first = None;
         while let Some(result) = deletes.next().await {

@@ -1,0 +1,453 @@
+//! A small in-process driver for tests, benchmarks and the demo: one source with several
+//! partitions feeding one keyed operator of `parallelism` subtasks on threads, with
+//! checkpoints through a [`CheckpointCoordinator`]. It is a test aid, not a stream
+//! processor.
+//!
+//! Records are routed by key group, exactly as state is partitioned. Checkpoints are
+//! aligned: the driver (the only producer) puts a barrier into every subtask's queue at
+//! the same position of the stream, and acknowledges the source's partition offsets as
+//! operator state of the operator `source`. Each subtask snapshots when it reaches the
+//! barrier and uploads in the background while it keeps processing. Restarting from a
+//! checkpoint restores every subtask and resumes the source at the checkpointed offsets,
+//! so a job that crashes and restarts ends in the same state as one that never failed.
+
+mod source;
+mod subtask;
+
+use std::path::PathBuf;
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+
+pub use source::{Source, SourcePosition};
+use subtask::{Message, SubtaskContext};
+
+use crate::backend::{BackendOptions, RocksStateBackend, SharedResources};
+use crate::checkpoint::{
+    CheckpointCoordinator, CheckpointMetadata, CoordinatorOptions, OperatorSpec, SubtaskSnapshot,
+};
+use crate::error::{Error, Result};
+use crate::keygroup;
+use crate::storage::CheckpointStorage;
+
+/// The uid under which the harness records source offsets.
+pub const SOURCE_UID: &str = "source";
+
+/// A keyed operator: called for every record of the keys its subtask owns.
+pub trait Operator<K, V>: Send {
+    /// Processes one record.
+    fn process(&mut self, key: &K, value: V) -> Result<()>;
+}
+
+/// Builds a subtask's operator on its backend (registering its states).
+pub type OperatorFactory<K, V> =
+    Arc<dyn Fn(&RocksStateBackend) -> Result<Box<dyn Operator<K, V>>> + Send + Sync>;
+
+/// Settings of a harness run.
+#[derive(Debug, Clone)]
+pub struct HarnessConfig {
+    /// The job id (its checkpoint directory is `<checkpoint dir>/<job id>`).
+    pub job_id: String,
+    /// The keyed operator's uid.
+    pub operator_uid: String,
+    /// Number of subtasks.
+    pub parallelism: u32,
+    /// Number of key groups.
+    pub max_parallelism: u32,
+    /// Scratch space for the subtasks' RocksDB directories; emptied at start.
+    pub local_root: PathBuf,
+    /// Records between checkpoints (0: only explicit ones).
+    pub checkpoint_interval: u64,
+    /// Memory shared by all subtasks.
+    pub memory_budget: usize,
+    /// Coordinator settings.
+    pub coordinator: CoordinatorOptions,
+}
+
+/// Where a run starts.
+#[derive(Debug, Clone)]
+pub enum StartFrom {
+    /// Empty state, sources at offset 0.
+    Empty,
+    /// The job's latest completed checkpoint (empty when there is none).
+    Latest,
+    /// A given checkpoint.
+    Checkpoint(Box<CheckpointMetadata>),
+}
+
+/// Progress shared between the driver and the upload tasks.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    pub completed: Vec<u64>,
+    pub latest: Option<CheckpointMetadata>,
+    pub failed: Vec<(u64, String)>,
+    pub error: Option<String>,
+}
+
+pub(crate) type SharedProgress = Arc<(Mutex<Progress>, Condvar)>;
+
+/// A running job.
+pub struct Harness<S: Source> {
+    config: HarnessConfig,
+    source: S,
+    position: SourcePosition,
+    senders: Vec<SyncSender<Message<S::Key, S::Value>>>,
+    threads: Vec<JoinHandle<Result<RocksStateBackend>>>,
+    coordinator: Arc<tokio::sync::Mutex<CheckpointCoordinator>>,
+    runtime: tokio::runtime::Runtime,
+    progress: SharedProgress,
+    restored_from: Option<u64>,
+    events: u64,
+    since_checkpoint: u64,
+}
+
+/// What a finished run leaves: the subtasks' backends and the last checkpoint.
+pub struct Finished {
+    /// One backend per subtask, in subtask order.
+    pub backends: Vec<RocksStateBackend>,
+    /// The checkpoint taken at the end of the run.
+    pub last_checkpoint: Option<CheckpointMetadata>,
+    /// Records processed by this run.
+    pub events: u64,
+}
+
+impl<S: Source> Harness<S>
+where
+    S::Key: Serialize + Send + 'static,
+    S::Value: Send + 'static,
+{
+    /// Starts the job: restores (or creates) every subtask's backend, the coordinator and
+    /// the source position.
+    ///
+    /// Errors: `Incompatible` when the checkpoint's parallelism or max parallelism differs
+    /// from the configuration (restoring at another parallelism needs rescaling); storage,
+    /// restore and engine errors.
+    pub fn start(
+        config: HarnessConfig,
+        checkpoint_dir: &CheckpointStorage,
+        source: S,
+        factory: OperatorFactory<S::Key, S::Value>,
+        from: StartFrom,
+    ) -> Result<Self> {
+        keygroup::validate_parallelism(config.parallelism, config.max_parallelism)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("start the harness runtime", e))?;
+        let job = checkpoint_dir.child(&config.job_id)?;
+        let checkpoint = match from {
+            StartFrom::Empty => None,
+            StartFrom::Latest => runtime.block_on(job.latest_completed())?,
+            StartFrom::Checkpoint(meta) => Some(*meta),
+        };
+        if config.local_root.exists() {
+            std::fs::remove_dir_all(&config.local_root)
+                .map_err(|e| Error::io(format!("empty {}", config.local_root.display()), e))?;
+        }
+        let p = config.parallelism;
+        let operators = vec![
+            OperatorSpec {
+                uid: SOURCE_UID.into(),
+                parallelism: p,
+                max_parallelism: config.max_parallelism,
+            },
+            OperatorSpec {
+                uid: config.operator_uid.clone(),
+                parallelism: p,
+                max_parallelism: config.max_parallelism,
+            },
+        ];
+        let coordinator = runtime.block_on(CheckpointCoordinator::start(
+            job.clone(),
+            &config.job_id,
+            operators,
+            config.coordinator.clone(),
+        ))?;
+        let position = match &checkpoint {
+            Some(meta) => SourcePosition::from_checkpoint(meta, source.partitions())?,
+            None => SourcePosition::start(source.partitions()),
+        };
+        let handles = match &checkpoint {
+            Some(meta) => {
+                let op = meta
+                    .operators
+                    .iter()
+                    .find(|o| o.uid == config.operator_uid)
+                    .ok_or_else(|| {
+                        Error::NotFound(format!(
+                            "operator {:?} in checkpoint {}",
+                            config.operator_uid, meta.checkpoint_id
+                        ))
+                    })?;
+                if op.parallelism != p || op.max_parallelism != config.max_parallelism {
+                    return Err(Error::IncompatibleLayout {
+                        dir: job.url().to_string(),
+                        detail: format!(
+                            "checkpoint {} has parallelism {} of {}, the job {p} of {}",
+                            meta.checkpoint_id,
+                            op.parallelism,
+                            op.max_parallelism,
+                            config.max_parallelism
+                        ),
+                    });
+                }
+                op.subtasks.iter().map(|s| s.keyed.clone()).collect()
+            }
+            None => vec![None; p as usize],
+        };
+        let resources = SharedResources::new(config.memory_budget)?;
+        let progress: SharedProgress = Arc::default();
+        let coordinator = Arc::new(tokio::sync::Mutex::new(coordinator));
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..p {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1024);
+            senders.push(tx);
+            receivers.push(rx);
+        }
+        let mut threads = Vec::new();
+        for (i, (rx, handle)) in receivers.into_iter().zip(handles).enumerate() {
+            let options = BackendOptions::for_subtask(
+                config.local_root.join(format!("subtask-{i}")),
+                i as u32,
+                p,
+                config.max_parallelism,
+            )?;
+            let builder = RocksStateBackend::builder(options).shared_resources(resources.clone());
+            let backend = match handle {
+                Some(handle) => runtime.block_on(builder.restore(&handle, &job))?,
+                None => builder.open()?,
+            };
+            let operator = factory(&backend)?;
+            let ctx = SubtaskContext {
+                index: i as u32,
+                operator_uid: config.operator_uid.clone(),
+                job: job.clone(),
+                coordinator: coordinator.clone(),
+                runtime: runtime.handle().clone(),
+                peers: senders.clone(),
+                progress: progress.clone(),
+            };
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("subtask-{i}"))
+                    .spawn(move || subtask::run(ctx, backend, operator, rx))
+                    .map_err(|e| Error::io("spawn a subtask thread", e))?,
+            );
+        }
+        let restored_from = checkpoint.as_ref().map(|m| m.checkpoint_id);
+        if let Some(meta) = checkpoint {
+            progress.0.lock().latest = Some(meta);
+        }
+        Ok(Self {
+            config,
+            source,
+            position,
+            senders,
+            threads,
+            coordinator,
+            runtime,
+            progress,
+            restored_from,
+            events: 0,
+            since_checkpoint: 0,
+        })
+    }
+
+    fn check_errors(&self) -> Result<()> {
+        match &self.progress.0.lock().error {
+            Some(e) => Err(Error::Internal(format!("a subtask failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    fn send(&self, subtask: usize, message: Message<S::Key, S::Value>) -> Result<()> {
+        self.senders[subtask].send(message).map_err(|_| {
+            let detail = self.progress.0.lock().error.clone().unwrap_or_default();
+            Error::Internal(format!("subtask {subtask} stopped {detail}"))
+        })
+    }
+
+    /// Processes up to `max_events` more records (fewer at the end of the source), taking
+    /// checkpoints every `checkpoint_interval` records. Returns the number processed.
+    pub fn run(&mut self, max_events: u64) -> Result<u64> {
+        let mut done = 0;
+        while done < max_events {
+            let Some((key, value)) = self.position.next(&self.source) else {
+                break;
+            };
+            let kg = keygroup::key_group_for(&key, self.config.max_parallelism)?;
+            let subtask = keygroup::subtask_for_key_group(
+                kg,
+                self.config.parallelism,
+                self.config.max_parallelism,
+            )?;
+            self.send(subtask as usize, Message::Record(key, value))?;
+            done += 1;
+            self.events += 1;
+            self.since_checkpoint += 1;
+            if self.config.checkpoint_interval > 0
+                && self.since_checkpoint >= self.config.checkpoint_interval
+            {
+                self.since_checkpoint = 0;
+                self.trigger()?;
+            }
+        }
+        self.check_errors()?;
+        Ok(done)
+    }
+
+    /// Triggers a checkpoint at the current position; `None` when too many are in flight.
+    pub fn trigger(&mut self) -> Result<Option<u64>> {
+        self.check_errors()?;
+        let position = self.position.clone();
+        let p = self.config.parallelism;
+        let coordinator = self.coordinator.clone();
+        let (id, last_completed) = self.runtime.block_on(async move {
+            let mut coord = coordinator.lock().await;
+            for expired in coord.abort_expired().await? {
+                tracing::warn!(checkpoint = expired, "checkpoint timed out");
+            }
+            let last = coord.latest_completed().map(|m| m.checkpoint_id);
+            let Some(id) = coord.trigger() else {
+                return Ok::<_, Error>((None, last));
+            };
+            for (i, state) in position.to_operator_state(p).into_iter().enumerate() {
+                let snapshot = SubtaskSnapshot {
+                    keyed: None,
+                    operator_state: state,
+                };
+                coord
+                    .acknowledge(id, SOURCE_UID, i as u32, snapshot)
+                    .await?;
+            }
+            Ok((Some(id), last))
+        })?;
+        if let Some(id) = id {
+            for i in 0..self.senders.len() {
+                self.send(i, Message::Barrier { id, last_completed })?;
+            }
+        }
+        Ok(id)
+    }
+
+    /// Triggers a checkpoint (once the ones in flight are done) and waits until it
+    /// completes or fails.
+    ///
+    /// Errors: the failure reason when the checkpoint fails; a subtask's error.
+    pub fn checkpoint_now(&mut self) -> Result<CheckpointMetadata> {
+        let id = loop {
+            if let Some(id) = self.trigger()? {
+                break id;
+            }
+            let (lock, cvar) = &*self.progress;
+            let mut progress = lock.lock();
+            cvar.wait_for(&mut progress, std::time::Duration::from_millis(20));
+        };
+        let (lock, cvar) = &*self.progress;
+        let mut progress = lock.lock();
+        loop {
+            if let Some(e) = &progress.error {
+                return Err(Error::Internal(format!("a subtask failed: {e}")));
+            }
+            if let Some((_, reason)) = progress.failed.iter().find(|(f, _)| *f == id) {
+                return Err(Error::Internal(format!("checkpoint {id} failed: {reason}")));
+            }
+            if let Some(meta) = progress.latest.as_ref().filter(|m| m.checkpoint_id >= id) {
+                return Ok(meta.clone());
+            }
+            cvar.wait(&mut progress);
+        }
+    }
+
+    /// Records processed by this run.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// The source's position.
+    pub fn position(&self) -> &SourcePosition {
+        &self.position
+    }
+
+    /// Checkpoints completed by this run, in order.
+    pub fn completed_checkpoints(&self) -> Vec<u64> {
+        self.progress.0.lock().completed.clone()
+    }
+
+    /// The newest completed checkpoint (restored or taken).
+    pub fn latest_checkpoint(&self) -> Option<CheckpointMetadata> {
+        self.progress.0.lock().latest.clone()
+    }
+
+    /// The checkpoint this run started from.
+    pub fn restored_from(&self) -> Option<u64> {
+        self.restored_from
+    }
+
+    fn stop_threads(&mut self) -> Result<Vec<RocksStateBackend>> {
+        stop_threads(
+            std::mem::take(&mut self.senders),
+            std::mem::take(&mut self.threads),
+        )
+    }
+
+    /// Processes the rest of the source, takes a final checkpoint, and stops. The
+    /// coordinator keeps its latest checkpoint (retain on cancel).
+    pub fn finish(mut self) -> Result<Finished> {
+        while self.run(u64::MAX)? > 0 {}
+        let last = self.checkpoint_now()?;
+        let backends = self.stop_threads()?;
+        let coordinator = self.coordinator.clone();
+        self.runtime
+            .block_on(async move { coordinator.lock().await.shutdown(false).await })?;
+        Ok(Finished {
+            backends,
+            last_checkpoint: Some(last),
+            events: self.events,
+        })
+    }
+
+    /// Stops the way a crash would: uploads in flight are abandoned, the coordinator is
+    /// not shut down, nothing is checkpointed. Local directories are left behind.
+    pub fn crash(self) {
+        let Harness {
+            runtime,
+            senders,
+            threads,
+            ..
+        } = self;
+        runtime.shutdown_background();
+        if let Err(e) = stop_threads(senders, threads) {
+            tracing::debug!(error = %e, "subtask error while crashing");
+        }
+    }
+}
+
+fn stop_threads<K, V>(
+    senders: Vec<SyncSender<Message<K, V>>>,
+    threads: Vec<JoinHandle<Result<RocksStateBackend>>>,
+) -> Result<Vec<RocksStateBackend>> {
+    for tx in senders {
+        // A subtask that already stopped has reported why through the progress.
+        let _ = tx.send(Message::Stop);
+    }
+    let mut backends = Vec::new();
+    let mut first = None;
+    for thread in threads {
+        match thread.join() {
+            Ok(Ok(backend)) => backends.push(backend),
+            Ok(Err(e)) => {
+                first.get_or_insert(e);
+            }
+            Err(_) => {
+                first.get_or_insert(Error::Internal("a subtask thread panicked".into()));
+            }
+        }
+    }
+    first.map_or(Ok(backends), Err)
+}
