@@ -23,7 +23,9 @@ fi
 # The S3-protocol test server (moto_server), used by the S3 tests on 127.0.0.1.
 if ! command -v moto_server >/dev/null 2>&1 || ! python3 -c 'import moto' >/dev/null 2>&1; then
   echo "bootstrap: installing moto[server] with pip"
-  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]==5.2.5'
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore 'moto[server]==5.2.5'
+  # pyenv installs console scripts behind shims that must be regenerated.
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -35,11 +35,17 @@ impl S3Server {
     /// Starts moto_server and creates `bucket`. Panics with a hint when moto is missing.
     pub fn start(bucket: &str) -> Self {
         let port = free_port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
+        let port_arg = port.to_string();
+        let spawn = |program: &str, prefix: &[&str]| {
+            Command::new(program)
+                .args(prefix)
+                .args(["-H", "127.0.0.1", "-p", &port_arg])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+        };
+        let child = spawn("moto_server", &[])
+            .or_else(|_| spawn("python3", &["-m", "moto.server"]))
             .expect("moto_server not found: run scripts/bootstrap.sh (make test does)");
         let mut server = Self {
             child,
