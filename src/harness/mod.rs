@@ -301,17 +301,35 @@ where
         Ok(done)
     }
 
+    /// Aborts checkpoints past the coordinator's timeout and tells the subtasks.
+    fn expire(&self) -> Result<()> {
+        let coordinator = self.coordinator.clone();
+        let expired = self
+            .runtime
+            .block_on(async move { coordinator.lock().await.abort_expired().await })?;
+        for id in expired {
+            tracing::warn!(checkpoint = id, "checkpoint timed out");
+            {
+                let (lock, cvar) = &*self.progress;
+                lock.lock().failed.push((id, "timed out".into()));
+                cvar.notify_all();
+            }
+            for i in 0..self.senders.len() {
+                self.send(i, Message::Aborted(id))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Triggers a checkpoint at the current position; `None` when too many are in flight.
     pub fn trigger(&mut self) -> Result<Option<u64>> {
         self.check_errors()?;
+        self.expire()?;
         let position = self.position.clone();
         let p = self.config.parallelism;
         let coordinator = self.coordinator.clone();
         let (id, last_completed) = self.runtime.block_on(async move {
             let mut coord = coordinator.lock().await;
-            for expired in coord.abort_expired().await? {
-                tracing::warn!(checkpoint = expired, "checkpoint timed out");
-            }
             let last = coord.latest_completed().map(|m| m.checkpoint_id);
             let Some(id) = coord.trigger() else {
                 return Ok::<_, Error>((None, last));
@@ -340,27 +358,31 @@ where
     ///
     /// Errors: the failure reason when the checkpoint fails; a subtask's error.
     pub fn checkpoint_now(&mut self) -> Result<CheckpointMetadata> {
+        let wait = std::time::Duration::from_millis(20);
         let id = loop {
             if let Some(id) = self.trigger()? {
                 break id;
             }
             let (lock, cvar) = &*self.progress;
-            let mut progress = lock.lock();
-            cvar.wait_for(&mut progress, std::time::Duration::from_millis(20));
+            cvar.wait_for(&mut lock.lock(), wait);
         };
-        let (lock, cvar) = &*self.progress;
-        let mut progress = lock.lock();
         loop {
-            if let Some(e) = &progress.error {
-                return Err(Error::Internal(format!("a subtask failed: {e}")));
+            {
+                let (lock, cvar) = &*self.progress;
+                let mut progress = lock.lock();
+                if let Some(e) = &progress.error {
+                    return Err(Error::Internal(format!("a subtask failed: {e}")));
+                }
+                if let Some((_, reason)) = progress.failed.iter().find(|(f, _)| *f == id) {
+                    return Err(Error::Internal(format!("checkpoint {id} failed: {reason}")));
+                }
+                if let Some(meta) = progress.latest.as_ref().filter(|m| m.checkpoint_id >= id) {
+                    return Ok(meta.clone());
+                }
+                cvar.wait_for(&mut progress, std::time::Duration::from_secs(1));
             }
-            if let Some((_, reason)) = progress.failed.iter().find(|(f, _)| *f == id) {
-                return Err(Error::Internal(format!("checkpoint {id} failed: {reason}")));
-            }
-            if let Some(meta) = progress.latest.as_ref().filter(|m| m.checkpoint_id >= id) {
-                return Ok(meta.clone());
-            }
-            cvar.wait(&mut progress);
+            // Outside the lock: upload tasks need it to report progress.
+            self.expire()?;
         }
     }
 
