@@ -271,6 +271,21 @@ async fn timeouts_abort_and_operator_state_travels_in_metadata() {
     clock.advance(Duration::from_secs(1));
     assert_eq!(coord.abort_expired().await.unwrap(), vec![id]);
 
+    // An acknowledgement arriving after the timeout never completes the checkpoint, even
+    // before anyone aborted it.
+    let late = coord.trigger().unwrap();
+    let snap = snapshot(&subs[0], &job, late, 0).await;
+    clock.advance(Duration::from_secs(6));
+    assert!(matches!(
+        coord.acknowledge(late, UID, 0, snap).await.unwrap(),
+        AckOutcome::Discarded
+    ));
+    assert!(coord.pending_ids().is_empty());
+    assert!(
+        job.list("").await.unwrap().is_empty(),
+        "its files are deleted"
+    );
+
     let id = coord.trigger().unwrap();
     for (i, s) in subs.iter().enumerate() {
         let mut snap = snapshot(s, &job, id, i as u32).await;

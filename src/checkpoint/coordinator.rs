@@ -56,8 +56,8 @@ pub enum AckOutcome {
     /// This was the last acknowledgement: the checkpoint is complete. Notify every subtask
     /// (`notify_checkpoint_complete`).
     Completed(Box<CheckpointMetadata>),
-    /// The checkpoint was already aborted or subsumed; the snapshot's new files were
-    /// deleted.
+    /// The checkpoint was already aborted, subsumed or past its timeout; the snapshot's new
+    /// files were deleted.
     Discarded,
 }
 
@@ -296,6 +296,17 @@ impl CheckpointCoordinator {
             delete_all(&self.job, Self::written_files(&snapshot)).await?;
             return Ok(AckOutcome::Discarded);
         };
+        let age = self
+            .clock
+            .now_millis()
+            .saturating_sub(pending.triggered_at_ms);
+        if u128::from(age) >= self.options.timeout.as_millis() {
+            // Too late to complete: the orphan sweep may already consider its files old.
+            pending.acks.insert((op_index, subtask), snapshot);
+            self.abort(checkpoint_id, "timed out").await?;
+            self.release_unused().await?;
+            return Ok(AckOutcome::Discarded);
+        }
         if pending.acks.contains_key(&(op_index, subtask)) {
             return Err(Error::invalid(format!(
                 "checkpoint {checkpoint_id}: operator {operator_uid:?} subtask {subtask} acknowledged twice"

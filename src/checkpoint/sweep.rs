@@ -14,7 +14,8 @@ use crate::storage::{CheckpointStorage, StoredObject};
 #[derive(Debug, Clone)]
 pub struct SweepOptions {
     /// Files younger than this are kept: they may belong to a checkpoint in flight
-    /// (default 1 hour).
+    /// (default 1 hour). Keep it longer than the coordinator's checkpoint timeout: a
+    /// checkpoint older than its timeout can no longer complete.
     pub grace: Duration,
     /// Report what would be deleted without deleting it.
     pub dry_run: bool,
