@@ -702,3 +702,26 @@ async fn reuse_of_subsumed_files_fails_the_checkpoint() {
     let retained: Vec<CheckpointMetadata> = coord.retained().cloned().collect();
     assert_referenced_files_exist(&job, &retained, "after recovery").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_acknowledgement_never_deletes_committed_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = CheckpointStorage::open("memory://repeat")
+        .unwrap()
+        .child("job")
+        .unwrap();
+    let subs = subtasks(dir.path(), 1);
+    let mut coord =
+        CheckpointCoordinator::start(job.clone(), "job", spec(1), CoordinatorOptions::default())
+            .await
+            .unwrap();
+    let id = coord.trigger().unwrap();
+    let snap = snapshot(&subs[0], &job, id, 0).await;
+    coord.acknowledge(id, UID, 0, snap.clone()).await.unwrap();
+    assert!(matches!(
+        coord.acknowledge(id, UID, 0, snap).await.unwrap(),
+        AckOutcome::Discarded
+    ));
+    let retained: Vec<CheckpointMetadata> = coord.retained().cloned().collect();
+    assert_referenced_files_exist(&job, &retained, "after a repeated acknowledgement").await;
+}

@@ -224,3 +224,39 @@ fn crashes_and_restarts_end_in_the_same_state() {
         }
     }
 }
+
+#[test]
+fn restarting_from_an_older_checkpoint_than_the_retained_ones() {
+    let expected = uninterrupted();
+    let root = tempfile::tempdir().unwrap();
+    let dir = CheckpointStorage::open(root.path().to_str().unwrap()).unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let mut h = Harness::start(
+        config(local.path(), 0),
+        &dir,
+        source(),
+        factory(),
+        StartFrom::Empty,
+    )
+    .unwrap();
+    h.run(600).unwrap();
+    let older = h.checkpoint_now().unwrap();
+    h.run(900).unwrap();
+    h.checkpoint_now().unwrap();
+    h.crash();
+    // Fewer retained checkpoints now: starting the coordinator subsumes the older one,
+    // which must be restored first, and its files must not be reused afterwards.
+    let mut cfg = config(local.path(), 250);
+    cfg.coordinator.num_retained = 1;
+    let h = Harness::start(
+        cfg,
+        &dir,
+        source(),
+        factory(),
+        StartFrom::Checkpoint(Box::new(older.clone())),
+    )
+    .unwrap();
+    assert_eq!(h.restored_from(), Some(older.checkpoint_id));
+    let done = h.finish().unwrap();
+    assert_eq!(digest(&done.backends), expected);
+}

@@ -487,6 +487,14 @@ impl RocksStateBackend {
         self.core.tracker.lock().abort(checkpoint_id);
     }
 
+    /// Forgets every uploaded file, so that the next snapshot uploads all of its files.
+    /// Call it when the checkpoint this backend was restored from (or last confirmed) is
+    /// no longer retained by the coordinator, for example after restoring an older
+    /// checkpoint than the job's newest.
+    pub fn discard_reusable_files(&self) {
+        *self.core.tracker.lock() = Default::default();
+    }
+
     /// The last checkpoint whose files this backend reuses, if any.
     pub fn last_confirmed_checkpoint(&self) -> Option<u64> {
         self.core.tracker.lock().last_confirmed()

@@ -293,7 +293,16 @@ impl CheckpointCoordinator {
                 subtask,
                 "late acknowledgement discarded"
             );
-            delete_all(&self.job, Self::written_files(&snapshot)).await?;
+            // Never touch what a completed checkpoint may own: a retried or duplicate
+            // acknowledgement of one arrives here too.
+            let completed = self
+                .retained
+                .iter()
+                .any(|m| m.checkpoint_id >= checkpoint_id);
+            if !completed {
+                let orphans = self.unowned(Self::written_files(&snapshot));
+                delete_all(&self.job, orphans).await?;
+            }
             return Ok(AckOutcome::Discarded);
         };
         let age = self
@@ -304,7 +313,7 @@ impl CheckpointCoordinator {
             // Too late to complete: the orphan sweep may already consider its files old.
             pending.acks.insert((op_index, subtask), snapshot);
             self.abort(checkpoint_id, "timed out").await?;
-            self.release_unused().await?;
+            self.subsume_and_release().await;
             return Ok(AckOutcome::Discarded);
         }
         if pending.acks.contains_key(&(op_index, subtask)) {
@@ -365,26 +374,85 @@ impl CheckpointCoordinator {
             return Err(e);
         }
         let bytes = meta.encode()?;
-        self.job
-            .put_if_absent(&discovery::metadata_path(checkpoint_id), bytes.into())
-            .await?;
+        let path = discovery::metadata_path(checkpoint_id);
+        if let Err(e) = self.job.put_if_absent(&path, bytes.clone().into()).await {
+            if e.kind() == crate::ErrorKind::AlreadyExists {
+                return Err(e);
+            }
+            // The write may have happened even though the call failed: look.
+            match self.job.read_small(&path, bytes.len() as u64).await {
+                Ok(stored) if stored[..] == bytes[..] => {
+                    tracing::warn!(checkpoint_id, error = %e, "metadata write reported an error but is stored");
+                }
+                _ => {
+                    if let Err(cleanup) = self.job.delete(&path).await {
+                        tracing::warn!(checkpoint_id, error = %cleanup, "cannot remove a possibly written _metadata");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        // Committed. What follows is cleanup: its failures are logged, never reported as a
+        // failed checkpoint, and retried on the next completion or by the sweep.
         self.registry.register(&meta)?;
         self.retained.push_back(meta.clone());
-
         let older: Vec<u64> = self
             .pending
             .range(..checkpoint_id)
             .map(|(id, _)| *id)
             .collect();
         for id in older {
-            self.abort(id, "a newer checkpoint completed first").await?;
+            if let Err(e) = self.abort(id, "a newer checkpoint completed first").await {
+                tracing::warn!(checkpoint = id, error = %e, "cleanup of an aborted checkpoint failed");
+            }
         }
-        while self.retained.len() > self.options.num_retained {
-            let old = self.retained.pop_front().expect("more than one retained");
-            self.discard_completed(&old).await?;
-        }
-        self.release_unused().await?;
+        self.subsume_and_release().await;
         Ok(AckOutcome::Completed(Box::new(meta)))
+    }
+
+    /// Paths that no retained checkpoint and no registry entry owns.
+    fn unowned(&self, paths: Vec<String>) -> Vec<String> {
+        let owned: BTreeSet<&str> = self
+            .retained
+            .iter()
+            .flat_map(|m| m.referenced_paths())
+            .collect();
+        paths
+            .into_iter()
+            .filter(|p| !self.registry.contains(p) && !owned.contains(p.as_str()))
+            .collect()
+    }
+
+    /// Subsumes retained checkpoints beyond `num_retained` (keeping any that a pending
+    /// checkpoint's subtasks may still reuse files of), then deletes shared files nothing
+    /// uses. A checkpoint stays retained until its deletion succeeded. Errors are logged.
+    async fn subsume_and_release(&mut self) {
+        let lowest_base = self
+            .pending
+            .values()
+            .map(|p| p.base)
+            .min()
+            .unwrap_or(u64::MAX);
+        while self.retained.len() > self.options.num_retained {
+            let Some(old) = self.retained.front() else {
+                break;
+            };
+            if old.checkpoint_id >= lowest_base {
+                break;
+            }
+            match self.discard_completed(old).await {
+                Ok(()) => {
+                    self.retained.pop_front();
+                }
+                Err(e) => {
+                    tracing::warn!(checkpoint = old.checkpoint_id, error = %e, "cannot delete a subsumed checkpoint yet");
+                    break;
+                }
+            }
+        }
+        if let Err(e) = self.release_unused().await {
+            tracing::warn!(error = %e, "cannot delete unused shared files yet (the sweep will)");
+        }
     }
 
     /// Deletes what a checkpoint wrote itself: new shared files and private files.
@@ -394,9 +462,8 @@ impl CheckpointCoordinator {
             .iter()
             .flat_map(|op| op.subtasks.iter())
             .flat_map(Self::written_files)
-            .filter(|p| !self.registry.contains(p))
             .collect();
-        delete_all(&self.job, paths).await
+        delete_all(&self.job, self.unowned(paths)).await
     }
 
     /// Deletes a subsumed checkpoint: `_metadata` first (so it no longer counts as
@@ -442,16 +509,16 @@ impl CheckpointCoordinator {
             .acks
             .values()
             .flat_map(Self::written_files)
-            .filter(|p| !self.registry.contains(p))
             .collect();
-        delete_all(&self.job, paths).await
+        delete_all(&self.job, self.unowned(paths)).await
     }
 
     /// A subtask could not snapshot: aborts the checkpoint and deletes the files its
     /// acknowledged subtasks wrote. Tell the subtasks (`notify_checkpoint_aborted`).
     pub async fn decline(&mut self, checkpoint_id: u64, reason: &str) -> Result<()> {
         self.abort(checkpoint_id, reason).await?;
-        self.release_unused().await
+        self.subsume_and_release().await;
+        Ok(())
     }
 
     /// Aborts every pending checkpoint older than the timeout; returns their ids.
@@ -468,7 +535,7 @@ impl CheckpointCoordinator {
             self.abort(*id, "timed out").await?;
         }
         if !expired.is_empty() {
-            self.release_unused().await?;
+            self.subsume_and_release().await;
         }
         Ok(expired)
     }

@@ -161,12 +161,6 @@ where
                 max_parallelism: config.max_parallelism,
             },
         ];
-        let coordinator = runtime.block_on(CheckpointCoordinator::start(
-            job.clone(),
-            &config.job_id,
-            operators,
-            config.coordinator.clone(),
-        ))?;
         let position = match &checkpoint {
             Some(meta) => SourcePosition::from_checkpoint(meta, source.partitions())?,
             None => SourcePosition::start(source.partitions()),
@@ -201,7 +195,6 @@ where
         };
         let resources = SharedResources::new(config.memory_budget)?;
         let progress: SharedProgress = Arc::default();
-        let coordinator = Arc::new(tokio::sync::Mutex::new(coordinator));
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..p {
@@ -209,8 +202,10 @@ where
             senders.push(tx);
             receivers.push(rx);
         }
-        let mut threads = Vec::new();
-        for (i, (rx, handle)) in receivers.into_iter().zip(handles).enumerate() {
+        // Restore every subtask before the coordinator starts: starting it may subsume
+        // checkpoints older than the retained ones, the one being restored included.
+        let mut backends = Vec::new();
+        for (i, handle) in handles.into_iter().enumerate() {
             let options = BackendOptions::for_subtask(
                 config.local_root.join(format!("subtask-{i}")),
                 i as u32,
@@ -218,10 +213,31 @@ where
                 config.max_parallelism,
             )?;
             let builder = RocksStateBackend::builder(options).shared_resources(resources.clone());
-            let backend = match handle {
+            backends.push(match handle {
                 Some(handle) => runtime.block_on(builder.restore(&handle, &job))?,
                 None => builder.open()?,
-            };
+            });
+        }
+        let coordinator = runtime.block_on(CheckpointCoordinator::start(
+            job.clone(),
+            &config.job_id,
+            operators,
+            config.coordinator.clone(),
+        ))?;
+        let restored_is_retained = checkpoint.as_ref().is_some_and(|m| {
+            coordinator
+                .retained()
+                .any(|r| r.checkpoint_id == m.checkpoint_id)
+        });
+        if !restored_is_retained {
+            // Its files may be gone once a newer checkpoint subsumed it: upload afresh.
+            for backend in &backends {
+                backend.discard_reusable_files();
+            }
+        }
+        let coordinator = Arc::new(tokio::sync::Mutex::new(coordinator));
+        let mut threads = Vec::new();
+        for (i, (rx, backend)) in receivers.into_iter().zip(backends).enumerate() {
             let operator = factory(&backend)?;
             let ctx = SubtaskContext {
                 index: i as u32,
@@ -339,9 +355,10 @@ where
                     keyed: None,
                     operator_state: state,
                 };
-                coord
-                    .acknowledge(id, SOURCE_UID, i as u32, snapshot)
-                    .await?;
+                if let Err(e) = coord.acknowledge(id, SOURCE_UID, i as u32, snapshot).await {
+                    coord.decline(id, &e.to_string()).await?;
+                    return Err(e);
+                }
             }
             Ok((Some(id), last))
         })?;
