@@ -29,6 +29,14 @@ fn spec(parallelism: u32) -> Vec<OperatorSpec> {
     }]
 }
 
+/// The directory of job "job" in the in-memory store `name`.
+fn job_storage(name: &str) -> CheckpointStorage {
+    CheckpointStorage::open(&format!("memory://{name}"))
+        .unwrap()
+        .child("job")
+        .unwrap()
+}
+
 struct Subtask {
     backend: RocksStateBackend,
     state: ValueState<u64, u64>,
@@ -118,10 +126,7 @@ async fn stored_under(job: &CheckpointStorage, prefix: &str) -> BTreeSet<String>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_deletes_exactly_what_no_retained_checkpoint_uses() {
     let dir = tempfile::tempdir().unwrap();
-    let job = CheckpointStorage::open("memory://retention")
-        .unwrap()
-        .child("job")
-        .unwrap();
+    let job = job_storage("retention");
     let subs = subtasks(dir.path(), 2);
     let options = CoordinatorOptions {
         num_retained: 2,
@@ -192,10 +197,7 @@ async fn retention_deletes_exactly_what_no_retained_checkpoint_uses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledgements_are_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let job = CheckpointStorage::open("memory://acks")
-        .unwrap()
-        .child("job")
-        .unwrap();
+    let job = job_storage("acks");
     let subs = subtasks(dir.path(), 2);
     let mut coord =
         CheckpointCoordinator::start(job.clone(), "job", spec(2), CoordinatorOptions::default())
@@ -246,10 +248,7 @@ async fn acknowledgements_are_checked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_abort_and_operator_state_travels_in_metadata() {
     let dir = tempfile::tempdir().unwrap();
-    let job = CheckpointStorage::open("memory://timeouts")
-        .unwrap()
-        .child("job")
-        .unwrap();
+    let job = job_storage("timeouts");
     let subs = subtasks(dir.path(), 2);
     let clock = ManualClock::new(0);
     let options = CoordinatorOptions {
@@ -312,10 +311,7 @@ async fn timeouts_abort_and_operator_state_travels_in_metadata() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_from_latest_after_crashes_and_damage() {
     let dir = tempfile::tempdir().unwrap();
-    let job = CheckpointStorage::open("memory://resume")
-        .unwrap()
-        .child("job")
-        .unwrap();
+    let job = job_storage("resume");
     let subs = subtasks(dir.path(), 1);
     let options = CoordinatorOptions {
         num_retained: 2,
@@ -412,10 +408,7 @@ async fn resume_from_latest_after_crashes_and_damage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweep_respects_grace_and_dry_run() {
-    let job = CheckpointStorage::open("memory://sweep")
-        .unwrap()
-        .child("job")
-        .unwrap();
+    let job = job_storage("sweep");
     job.put_if_absent("shared/orphan.sst", "xx".into())
         .await
         .unwrap();
@@ -640,10 +633,7 @@ async fn randomized_schedules_never_lose_or_leak_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reuse_of_subsumed_files_fails_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let job = CheckpointStorage::open("memory://late-notice")
-        .unwrap()
-        .child("job")
-        .unwrap();
+    let job = job_storage("late-notice");
     let subs = subtasks(dir.path(), 1);
     let s = &subs[0];
     let options = CoordinatorOptions {
@@ -706,10 +696,7 @@ async fn reuse_of_subsumed_files_fails_the_checkpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_acknowledgement_never_deletes_committed_files() {
     let dir = tempfile::tempdir().unwrap();
-    let job = CheckpointStorage::open("memory://repeat")
-        .unwrap()
-        .child("job")
-        .unwrap();
+    let job = job_storage("repeat");
     let subs = subtasks(dir.path(), 1);
     let mut coord =
         CheckpointCoordinator::start(job.clone(), "job", spec(1), CoordinatorOptions::default())

@@ -423,16 +423,20 @@ impl CheckpointCoordinator {
             .collect()
     }
 
+    /// The oldest checkpoint whose files a pending checkpoint's subtasks may reuse.
+    fn lowest_pending_base(&self) -> u64 {
+        self.pending
+            .values()
+            .map(|p| p.base)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
     /// Subsumes retained checkpoints beyond `num_retained` (keeping any that a pending
     /// checkpoint's subtasks may still reuse files of), then deletes shared files nothing
     /// uses. A checkpoint stays retained until its deletion succeeded. Errors are logged.
     async fn subsume_and_release(&mut self) {
-        let lowest_base = self
-            .pending
-            .values()
-            .map(|p| p.base)
-            .min()
-            .unwrap_or(u64::MAX);
+        let lowest_base = self.lowest_pending_base();
         while self.retained.len() > self.options.num_retained {
             let Some(old) = self.retained.front() else {
                 break;
@@ -482,12 +486,7 @@ impl CheckpointCoordinator {
     /// Rule 2: deletes shared files no retained (and no pending checkpoint's base) uses.
     async fn release_unused(&mut self) -> Result<()> {
         let lowest_retained = self.retained.front().map_or(u64::MAX, |m| m.checkpoint_id);
-        let lowest_base = self
-            .pending
-            .values()
-            .map(|p| p.base)
-            .min()
-            .unwrap_or(u64::MAX);
+        let lowest_base = self.lowest_pending_base();
         let gone = self
             .registry
             .release_below(lowest_retained.min(lowest_base));
