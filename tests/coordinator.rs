@@ -37,6 +37,18 @@ fn job_storage(name: &str) -> CheckpointStorage {
         .unwrap()
 }
 
+/// A coordinator with default options for `parallelism` subtasks of the operator.
+async fn start(job: &CheckpointStorage, parallelism: u32) -> CheckpointCoordinator {
+    CheckpointCoordinator::start(
+        job.clone(),
+        "job",
+        spec(parallelism),
+        CoordinatorOptions::default(),
+    )
+    .await
+    .unwrap()
+}
+
 struct Subtask {
     backend: RocksStateBackend,
     state: ValueState<u64, u64>,
@@ -175,10 +187,7 @@ async fn retention_deletes_exactly_what_no_retained_checkpoint_uses() {
     // Retain on cancel: shutting down keeps the latest; discarding deletes everything.
     coord.shutdown(false).await.unwrap();
     assert!(job.latest_completed().await.unwrap().is_some());
-    let mut coord =
-        CheckpointCoordinator::start(job.clone(), "job", spec(2), CoordinatorOptions::default())
-            .await
-            .unwrap();
+    let mut coord = start(&job, 2).await;
     assert_eq!(
         coord.retained().count(),
         1,
@@ -199,10 +208,7 @@ async fn acknowledgements_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     let job = job_storage("acks");
     let subs = subtasks(dir.path(), 2);
-    let mut coord =
-        CheckpointCoordinator::start(job.clone(), "job", spec(2), CoordinatorOptions::default())
-            .await
-            .unwrap();
+    let mut coord = start(&job, 2).await;
     let id = coord.trigger().unwrap();
     assert_eq!(
         coord.trigger(),
@@ -698,10 +704,7 @@ async fn a_repeated_acknowledgement_never_deletes_committed_files() {
     let dir = tempfile::tempdir().unwrap();
     let job = job_storage("repeat");
     let subs = subtasks(dir.path(), 1);
-    let mut coord =
-        CheckpointCoordinator::start(job.clone(), "job", spec(1), CoordinatorOptions::default())
-            .await
-            .unwrap();
+    let mut coord = start(&job, 1).await;
     let id = coord.trigger().unwrap();
     let snap = snapshot(&subs[0], &job, id, 0).await;
     coord.acknowledge(id, UID, 0, snap.clone()).await.unwrap();

@@ -394,7 +394,8 @@ impl CheckpointCoordinator {
         }
         // Committed. What follows is cleanup: its failures are logged, never reported as a
         // failed checkpoint, and retried on the next completion or by the sweep.
-        self.registry.register(&meta)?;
+        // Checked before the commit, with `&mut self` held since: cannot fail now.
+        self.registry.add(&meta);
         self.retained.push_back(meta.clone());
         let older: Vec<u64> = self
             .pending

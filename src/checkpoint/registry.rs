@@ -41,7 +41,8 @@ impl SharedStateRegistry {
         registry
     }
 
-    fn add(&mut self, meta: &CheckpointMetadata) {
+    /// Records `meta`'s shared files without checking them (rebuild, or after `check`).
+    pub(crate) fn add(&mut self, meta: &CheckpointMetadata) {
         for (_, handle) in meta.handles() {
             for file in &handle.shared {
                 let entry = self.files.entry(file.path.clone()).or_insert(Entry {

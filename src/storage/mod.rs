@@ -14,7 +14,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
@@ -195,19 +195,26 @@ impl CheckpointStorage {
             .get(&loc)
             .await
             .map_err(|e| Error::storage("get", self.url_of(rel), e))?;
-        if result.meta.size > max_len {
-            return Err(Error::corrupt(
+        let too_long = |size: u64| {
+            Error::corrupt(
                 self.url_of(rel),
-                format!(
-                    "{} bytes, more than the {max_len} allowed",
-                    result.meta.size
-                ),
-            ));
+                format!("{size} bytes or more, above the {max_len} allowed"),
+            )
+        };
+        if result.meta.size > max_len {
+            return Err(too_long(result.meta.size));
         }
-        result
-            .bytes()
-            .await
-            .map_err(|e| Error::storage("read", self.url_of(rel), e))
+        // The store's stated size is not trusted: stop reading past the limit.
+        let mut out = Vec::with_capacity(result.meta.size as usize);
+        let mut stream = result.into_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| Error::storage("read", self.url_of(rel), e))?;
+            if (out.len() + chunk.len()) as u64 > max_len {
+                return Err(too_long((out.len() + chunk.len()) as u64));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(out))
     }
 
     /// Deletes `rel`; deleting a missing object succeeds (deletion is idempotent).
@@ -222,7 +229,6 @@ impl CheckpointStorage {
     /// Deletes every path in `rels`, with bounded concurrency, attempting all of them;
     /// missing objects count as deleted. Returns the first error.
     pub async fn delete_many(&self, rels: Vec<String>) -> Result<()> {
-        use futures::StreamExt;
         let concurrency = self.options.transfer_concurrency.max(1);
         let mut deletes = futures::stream::iter(rels)
             .map(|rel| {
