@@ -67,8 +67,10 @@ pub enum Error {
     },
 
     /// A state was registered again with a descriptor that does not match the stored one.
-    #[error("state \"{state}\" is incompatible: stored as {stored}, requested as {requested}")]
+    #[error("state \"{state}\"{} is incompatible: stored as {stored}, requested as {requested}", in_operator(.operator))]
     IncompatibleState {
+        /// The operator uid, when known.
+        operator: Option<String>,
         /// The state name.
         state: String,
         /// The stored descriptor, human readable.
@@ -219,7 +221,33 @@ impl Error {
     }
 }
 
+fn in_operator(operator: &Option<String>) -> String {
+    operator
+        .as_ref()
+        .map(|uid| format!(" of operator \"{uid}\""))
+        .unwrap_or_default()
+}
+
 impl Error {
+    /// Names the operator in an [`Error::IncompatibleState`] (other errors are returned
+    /// unchanged).
+    pub fn for_operator(self, uid: &str) -> Self {
+        match self {
+            Error::IncompatibleState {
+                operator: None,
+                state,
+                stored,
+                requested,
+            } => Error::IncompatibleState {
+                operator: Some(uid.to_string()),
+                state,
+                stored,
+                requested,
+            },
+            other => other,
+        }
+    }
+
     /// Wraps an object-store error for `op` on `path`.
     pub(crate) fn storage(op: &str, path: impl fmt::Display, err: object_store::Error) -> Self {
         use object_store::Error as E;
@@ -259,6 +287,7 @@ mod tests {
         assert_eq!(Error::invalid("x").kind(), ErrorKind::InvalidArgument);
         assert_eq!(Error::corrupt("f", "bad crc").kind(), ErrorKind::Corrupt);
         let e = Error::IncompatibleState {
+            operator: None,
             state: "count".into(),
             stored: "value<u64>".into(),
             requested: "value<String>".into(),

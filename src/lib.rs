@@ -47,7 +47,8 @@ mod error;
 pub mod harness;
 mod hash;
 pub mod keygroup;
-mod restore;
+pub mod restore;
+pub mod savepoint;
 pub mod snapshot;
 pub mod state;
 pub mod storage;
@@ -65,7 +66,9 @@ pub use keygroup::{
     key_group_for, key_group_range_for_subtask, subtask_for_key, subtask_for_key_group,
     KeyGroupRange,
 };
-pub use snapshot::{KeyedStateHandle, PendingSnapshot, StateFile};
+pub use restore::{RescaleStrategy, RestoreMode, RestoreOptions, RestoreSource};
+pub use savepoint::SavepointFormat;
+pub use snapshot::{CanonicalHandle, KeyedSnapshot, KeyedStateHandle, PendingSnapshot, StateFile};
 pub use state::{
     AggregateFunction, AggregatingState, AggregatingStateDescriptor, ListState,
     ListStateDescriptor, MapState, MapStateDescriptor, ReducingState, ReducingStateDescriptor,

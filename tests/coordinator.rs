@@ -87,7 +87,7 @@ async fn snapshot(s: &Subtask, job: &CheckpointStorage, id: u64, i: u32) -> Subt
         .await
         .unwrap();
     SubtaskSnapshot {
-        keyed: Some(handle),
+        keyed: Some(handle.into()),
         operator_state: OperatorState::default(),
     }
 }
@@ -346,7 +346,7 @@ async fn resume_from_latest_after_crashes_and_damage() {
     // Crash mid-upload: some files of checkpoint 3, no _metadata.
     subs[0].state.put(&subs[0].keys[0], &99).unwrap();
     let partial = snapshot(&subs[0], &job, 3, 0).await;
-    let handle = partial.keyed.unwrap();
+    let handle = partial.keyed.unwrap().as_files().unwrap().clone();
     job.delete(&handle.private[0].path).await.unwrap();
     assert_eq!(
         job.latest_completed().await.unwrap().unwrap().checkpoint_id,
@@ -404,7 +404,7 @@ async fn resume_from_latest_after_crashes_and_damage() {
         !dirs.contains(&"chk-3".to_string()) && !dirs.contains(&"chk-4".to_string()),
         "{dirs:?}"
     );
-    for f in full.keyed.unwrap().new_shared() {
+    for f in full.keyed.unwrap().as_files().unwrap().new_shared() {
         assert!(
             job.read_small(&f.path, u64::MAX).await.is_ok(),
             "shared files are kept while a _metadata is unreadable"

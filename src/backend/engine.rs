@@ -192,6 +192,134 @@ impl BackendCore {
     }
 }
 
+/// Where an SST file came from, as RocksDB describes it: enough to recognise the same
+/// file under another name after an ingestion.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct FileIdentity {
+    pub column: String,
+    pub size: usize,
+    pub start_key: Option<Vec<u8>>,
+    pub end_key: Option<Vec<u8>>,
+    pub smallest_seqno: u64,
+    pub largest_seqno: u64,
+}
+
+/// A live SST file of a database.
+#[derive(Debug, Clone)]
+pub(crate) struct SstFile {
+    /// File name (`000012.sst`).
+    pub name: String,
+    pub level: i32,
+    pub identity: FileIdentity,
+}
+
+pub(crate) fn live_sst_files(db: &Db) -> Result<Vec<SstFile>> {
+    let files = db
+        .live_files()
+        .map_err(|e| Error::engine("list live files", e))?;
+    Ok(files
+        .into_iter()
+        .map(|f| SstFile {
+            name: f.name.trim_start_matches('/').to_string(),
+            level: f.level,
+            identity: FileIdentity {
+                column: f.column_family_name,
+                size: f.size,
+                start_key: f.start_key,
+                end_key: f.end_key,
+                smallest_seqno: f.smallest_seqno,
+                largest_seqno: f.largest_seqno,
+            },
+        })
+        .collect())
+}
+
+impl BackendCore {
+    /// Every registered state with its column, by name.
+    pub(crate) fn state_columns(&self) -> Vec<(StateMeta, Arc<ColumnSettings>)> {
+        self.states
+            .lock()
+            .values()
+            .map(|e| (e.meta.clone(), e.column.clone()))
+            .collect()
+    }
+
+    /// Writes raw entries (full RocksDB keys) in one batch.
+    pub(crate) fn put_raw(
+        &self,
+        entries: &[(Arc<ColumnSettings>, Vec<u8>, Vec<u8>)],
+    ) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        for (column, key, value) in entries {
+            let cf = self.cf(&column.cf_name)?;
+            batch.put_cf(&cf, key, value);
+        }
+        self.db
+            .write_opt(&batch, &self.write_opts)
+            .map_err(|e| Error::engine("write restored entries", e))
+    }
+
+    /// Deletes every entry of every state whose key group is outside `range`.
+    pub(crate) fn delete_outside(&self, range: KeyGroupRange) -> Result<()> {
+        let low = crate::codec::key_group_prefix(range.start()).to_vec();
+        let high = crate::codec::prefix_successor(&crate::codec::key_group_prefix(range.end()));
+        for (_, column) in self.state_columns() {
+            let cf = self.cf(&column.cf_name)?;
+            let fail = Self::fail("delete range", &column);
+            if range.start() > 0 {
+                self.db
+                    .delete_range_cf_opt(&cf, vec![0u8, 0u8], low.clone(), &self.write_opts)
+                    .map_err(fail)?;
+            }
+            if let Some(high) = &high {
+                self.db
+                    .delete_range_cf_opt(&cf, high.clone(), vec![0xffu8; 3], &self.write_opts)
+                    .map_err(Self::fail("delete range", &column))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every entry of every state whose key group is inside `range`.
+    pub(crate) fn delete_inside(&self, range: KeyGroupRange) -> Result<()> {
+        let low = crate::codec::key_group_prefix(range.start()).to_vec();
+        let high = crate::codec::prefix_successor(&crate::codec::key_group_prefix(range.end()))
+            .unwrap_or_else(|| vec![0xff; 3]);
+        for (_, column) in self.state_columns() {
+            let cf = self.cf(&column.cf_name)?;
+            self.db
+                .delete_range_cf_opt(&cf, &low, &high, &self.write_opts)
+                .map_err(Self::fail("delete range", &column))?;
+        }
+        Ok(())
+    }
+
+    /// Ingests SST files written by another rockstate database into `column`, keeping
+    /// their sequence numbers. `files` must be ordered oldest data first (deepest level
+    /// first) and must not overlap the column's existing keys. The files are moved.
+    pub(crate) fn ingest_db_files(&self, column: &ColumnSettings, files: &[PathBuf]) -> Result<()> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        let cf = self.cf(&column.cf_name)?;
+        let mut opts = rocksdb::IngestExternalFileOptions::default();
+        opts.set_allow_db_generated_files(true);
+        opts.set_move_files(true);
+        opts.set_snapshot_consistency(false);
+        self.db
+            .ingest_external_file_cf_opts(&cf, &opts, files.to_vec())
+            .map_err(Self::fail("ingest files", column))
+    }
+
+    /// The live SST files.
+    pub(crate) fn live_files(&self) -> Result<Vec<SstFile>> {
+        live_sst_files(&self.db)
+    }
+}
+
 impl BackendCore {
     /// Flushes every column family and hard-links a consistent copy of the database into
     /// `target`, which must not exist.

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use rocksdb::{ColumnFamilyDescriptor, Options};
 
 pub(crate) use column::ColumnSettings;
-pub(crate) use engine::{BackendCore, RawScan};
+pub(crate) use column::STATE_COLUMN_PREFIX;
+pub(crate) use engine::{live_sst_files, BackendCore, Db, RawScan};
 pub use options::{BackendOptions, SharedResources, DEFAULT_MEMORY_BUDGET};
 
 use crate::clock::{Clock, SystemClock};
@@ -19,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::keygroup::KeyGroupRange;
 use crate::snapshot::{self, PendingSnapshot, StagingDir};
 use crate::state::{StateCore, StateMeta, StateSpec};
-use column::{META_COLUMN, STATE_COLUMN_PREFIX};
+use column::META_COLUMN;
 use engine::StateEntry;
 use meta::BackendRecord;
 
@@ -115,6 +116,9 @@ pub(crate) enum OpenMode {
     Local,
     /// Files just downloaded and verified by a restore.
     Restored,
+    /// Downloaded files of another subtask, being reshaped into this backend's key-group
+    /// range: the backend record is rewritten for the new range under a new uid.
+    Rescaled,
 }
 
 /// Written after the final flush when a backend closes; removed when it opens. Without
@@ -134,7 +138,7 @@ pub(crate) fn open_core(
     let exists = dir.join("CURRENT").exists();
     let marker = dir.join(CLEAN_MARKER);
     let closed_cleanly = marker.exists();
-    if mode == OpenMode::Restored {
+    if mode != OpenMode::Local {
         db_opts.create_if_missing(false);
     }
     let existing: Vec<String> = if exists {
@@ -187,7 +191,7 @@ pub(crate) fn open_core(
             .map_err(|e| Error::io(format!("remove stale {}", staging.display()), e))?;
     }
 
-    let record = read_or_create_record(&db, options, clock.as_ref())?;
+    let record = read_or_create_record(&db, options, clock.as_ref(), mode == OpenMode::Rescaled)?;
     let core = BackendCore::new(
         db,
         dir.clone(),
@@ -210,6 +214,7 @@ fn read_or_create_record(
     db: &engine::Db,
     options: &BackendOptions,
     clock: &dyn Clock,
+    rescaled: bool,
 ) -> Result<BackendRecord> {
     let dir = options.local_dir.display().to_string();
     let cf = db
@@ -221,6 +226,19 @@ fn read_or_create_record(
     match stored {
         Some(bytes) => {
             let record = BackendRecord::decode(&bytes)?;
+            if record.max_parallelism == options.max_parallelism && rescaled {
+                let record = BackendRecord {
+                    backend_uid: new_uid(),
+                    max_parallelism: options.max_parallelism,
+                    key_group_range: options.key_group_range,
+                    created_at_ms: clock.now_millis(),
+                };
+                let mut wo = rocksdb::WriteOptions::default();
+                wo.disable_wal(true);
+                db.put_cf_opt(&cf, meta::BACKEND_KEY, record.encode()?, &wo)
+                    .map_err(|e| Error::engine("write backend record", e))?;
+                return Ok(record);
+            }
             if record.max_parallelism != options.max_parallelism {
                 return Err(Error::IncompatibleLayout {
                     dir,
@@ -321,6 +339,54 @@ fn validate_state_name(name: &str) -> Result<()> {
 }
 
 impl RocksStateBackend {
+    /// Registers a state from its recorded description (creating its column family), or
+    /// checks it against the stored one. See [`register`](Self::register).
+    pub(crate) fn ensure_state(&self, requested: &StateMeta) -> Result<Arc<ColumnSettings>> {
+        validate_state_name(&requested.name)?;
+        let mut states = self.core.states.lock();
+        let column = match states.get_mut(&requested.name) {
+            Some(entry) => {
+                entry.meta.check_compatible(requested)?;
+                if entry.meta.ttl_millis != requested.ttl_millis {
+                    self.core.put_meta(
+                        &meta::state_key(&requested.name),
+                        &meta::encode_state(requested)?,
+                    )?;
+                    entry.column.configure(requested.kind, requested.ttl_millis);
+                    entry.meta = requested.clone();
+                }
+                entry.column.clone()
+            }
+            None => {
+                let cf_name = format!("{STATE_COLUMN_PREFIX}{}", requested.name);
+                let settings = Arc::new(ColumnSettings::new(cf_name.clone()));
+                settings.configure(requested.kind, requested.ttl_millis);
+                let opts = column::state_column_options(
+                    &self.resources,
+                    settings.clone(),
+                    self.clock.clone(),
+                );
+                self.core
+                    .db
+                    .create_cf(&cf_name, &opts)
+                    .map_err(|e| Error::engine(format!("create column family \"{cf_name}\""), e))?;
+                self.core.put_meta(
+                    &meta::state_key(&requested.name),
+                    &meta::encode_state(requested)?,
+                )?;
+                states.insert(
+                    requested.name.clone(),
+                    StateEntry {
+                        meta: requested.clone(),
+                        column: settings.clone(),
+                    },
+                );
+                settings
+            }
+        };
+        Ok(column)
+    }
+
     /// Starts building a backend from `options`.
     pub fn builder(options: BackendOptions) -> BackendBuilder {
         BackendBuilder {
@@ -345,49 +411,7 @@ impl RocksStateBackend {
     /// name.
     pub fn register<S: StateSpec>(&self, spec: S) -> Result<S::Handle> {
         let requested = spec.meta();
-        validate_state_name(&requested.name)?;
-        let mut states = self.core.states.lock();
-        let column = match states.get_mut(&requested.name) {
-            Some(entry) => {
-                entry.meta.check_compatible(&requested)?;
-                if entry.meta.ttl_millis != requested.ttl_millis {
-                    self.core.put_meta(
-                        &meta::state_key(&requested.name),
-                        &meta::encode_state(&requested)?,
-                    )?;
-                    entry.column.configure(requested.kind, requested.ttl_millis);
-                    entry.meta = requested.clone();
-                }
-                entry.column.clone()
-            }
-            None => {
-                let cf_name = format!("{STATE_COLUMN_PREFIX}{}", requested.name);
-                let settings = Arc::new(ColumnSettings::new(cf_name.clone()));
-                settings.configure(requested.kind, requested.ttl_millis);
-                let opts = column::state_column_options(
-                    &self.resources,
-                    settings.clone(),
-                    self.clock.clone(),
-                );
-                self.core
-                    .db
-                    .create_cf(&cf_name, &opts)
-                    .map_err(|e| Error::engine(format!("create column family \"{cf_name}\""), e))?;
-                self.core.put_meta(
-                    &meta::state_key(&requested.name),
-                    &meta::encode_state(&requested)?,
-                )?;
-                states.insert(
-                    requested.name.clone(),
-                    StateEntry {
-                        meta: requested.clone(),
-                        column: settings.clone(),
-                    },
-                );
-                settings
-            }
-        };
-        drop(states);
+        let column = self.ensure_state(&requested)?;
         let core = StateCore::new(self.core.clone(), &requested.name, column)?;
         Ok(spec.bind(core))
     }
@@ -467,6 +491,8 @@ impl RocksStateBackend {
             states,
             tracker: self.core.tracker.clone(),
             sync_duration: started.elapsed(),
+            resources: self.resources.clone(),
+            clock: self.clock.clone(),
         })
     }
 

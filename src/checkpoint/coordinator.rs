@@ -13,6 +13,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::hash;
 use crate::keygroup;
+use crate::savepoint::SavepointFormat;
 use crate::storage::CheckpointStorage;
 
 /// Settings of a [`CheckpointCoordinator`].
@@ -25,6 +26,8 @@ pub struct CoordinatorOptions {
     /// A checkpoint not acknowledged by every subtask within this time is aborted by
     /// [`abort_expired`](CheckpointCoordinator::abort_expired) (default 10 minutes).
     pub timeout: Duration,
+    /// Where savepoints go when a trigger names no directory (default none).
+    pub savepoints_dir: Option<String>,
 }
 
 impl Default for CoordinatorOptions {
@@ -33,6 +36,7 @@ impl Default for CoordinatorOptions {
             num_retained: 1,
             max_concurrent: 1,
             timeout: Duration::from_secs(600),
+            savepoints_dir: None,
         }
     }
 }
@@ -61,8 +65,21 @@ pub enum AckOutcome {
     Discarded,
 }
 
+/// A savepoint in flight: where its subtasks write, and in which format.
+#[derive(Debug, Clone)]
+pub struct SavepointTrigger {
+    /// The savepoint's id (drawn from the checkpoint ids).
+    pub checkpoint_id: u64,
+    /// The savepoint's own folder; every file and `_metadata` go there.
+    pub folder: CheckpointStorage,
+    /// Canonical or native.
+    pub format: SavepointFormat,
+}
+
 struct Pending {
     triggered_at_ms: u64,
+    /// Set for savepoints.
+    savepoint: Option<SavepointTrigger>,
     /// The latest completed checkpoint when this one was triggered: subtasks may reference
     /// its files (or older confirmed ones), so they are kept while this one is pending.
     base: u64,
@@ -208,11 +225,56 @@ impl CheckpointCoordinator {
             id,
             Pending {
                 triggered_at_ms: self.clock.now_millis(),
+                savepoint: None,
                 base,
                 acks: BTreeMap::new(),
             },
         );
         Some(id)
+    }
+
+    /// Starts a savepoint in a new folder `savepoint-<job>-<random>` of `dir`, or of the
+    /// configured `savepoints_dir` when `dir` is `None`. Savepoints are not limited by
+    /// `max_concurrent`. Every subtask then writes its savepoint into the returned folder
+    /// ([`PendingSnapshot::write_savepoint`](crate::PendingSnapshot::write_savepoint))
+    /// and acknowledges as for a checkpoint; the last acknowledgement writes the folder's
+    /// `_metadata`. Savepoints are never deleted by retention: see
+    /// [`dispose_savepoint`](crate::savepoint::dispose_savepoint).
+    ///
+    /// Errors: `InvalidArgument` when neither `dir` nor `savepoints_dir` is given, or the
+    /// configured URL is bad.
+    pub fn trigger_savepoint(
+        &mut self,
+        dir: Option<&CheckpointStorage>,
+        format: SavepointFormat,
+    ) -> Result<SavepointTrigger> {
+        let parent = match (dir, &self.options.savepoints_dir) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(url)) => CheckpointStorage::open(url)?,
+            (None, None) => {
+                return Err(Error::invalid(
+                    "no savepoint directory: give one, or set the coordinator's savepoints_dir",
+                ))
+            }
+        };
+        let folder = parent.child(&crate::savepoint::folder_name(&self.job_id))?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let trigger = SavepointTrigger {
+            checkpoint_id: id,
+            folder,
+            format,
+        };
+        self.pending.insert(
+            id,
+            Pending {
+                triggered_at_ms: self.clock.now_millis(),
+                savepoint: Some(trigger.clone()),
+                base: u64::MAX,
+                acks: BTreeMap::new(),
+            },
+        );
+        Ok(trigger)
     }
 
     fn operator_index(&self, uid: &str) -> Result<usize> {
@@ -245,13 +307,13 @@ impl CheckpointCoordinator {
             handle.validate()?;
             let expected =
                 keygroup::key_group_range_for_subtask(subtask, op.parallelism, op.max_parallelism)?;
-            if handle.checkpoint_id != checkpoint_id
-                || handle.max_parallelism != op.max_parallelism
-                || handle.key_group_range != expected
+            if handle.checkpoint_id() != checkpoint_id
+                || handle.max_parallelism() != op.max_parallelism
+                || handle.key_group_range() != expected
             {
                 return Err(Error::invalid(format!(
                     "operator {:?} subtask {subtask}: handle of checkpoint {} for key groups {} of {} does not match checkpoint {checkpoint_id}, key groups {expected} of {}",
-                    op.uid, handle.checkpoint_id, handle.key_group_range, handle.max_parallelism, op.max_parallelism
+                    op.uid, handle.checkpoint_id(), handle.key_group_range(), handle.max_parallelism(), op.max_parallelism
                 )));
             }
         }
@@ -263,7 +325,7 @@ impl CheckpointCoordinator {
         snapshot
             .keyed
             .iter()
-            .flat_map(|h| h.new_shared().chain(h.private.iter()))
+            .flat_map(|h| h.written_files())
             .map(|f| f.path.clone())
             .collect()
     }
@@ -300,7 +362,13 @@ impl CheckpointCoordinator {
                 .iter()
                 .any(|m| m.checkpoint_id >= checkpoint_id);
             if !completed {
-                let orphans = self.unowned(Self::written_files(&snapshot));
+                // Only what a checkpoint writes here: a late savepoint's paths belong to
+                // its own folder.
+                let written = Self::written_files(&snapshot)
+                    .into_iter()
+                    .filter(|p| p.starts_with("shared/") || p.starts_with("chk-"))
+                    .collect();
+                let orphans = self.unowned(written);
                 delete_all(&self.job, orphans).await?;
             }
             return Ok(AckOutcome::Discarded);
@@ -342,7 +410,7 @@ impl CheckpointCoordinator {
                 .collect();
             let mut states = Vec::new();
             for handle in subtasks.iter().filter_map(|s| s.keyed.as_ref()) {
-                for meta in &handle.states {
+                for meta in handle.states() {
                     if !states
                         .iter()
                         .any(|m: &crate::StateMeta| m.name == meta.name)
@@ -360,14 +428,39 @@ impl CheckpointCoordinator {
                 subtasks,
             });
         }
+        let kind = match pending.savepoint.as_ref().map(|s| s.format) {
+            None => SnapshotKind::Checkpoint,
+            Some(SavepointFormat::Canonical) => SnapshotKind::SavepointCanonical,
+            Some(SavepointFormat::Native) => SnapshotKind::SavepointNative,
+        };
         let meta = CheckpointMetadata {
             checkpoint_id,
-            kind: SnapshotKind::Checkpoint,
+            kind,
             job_id: self.job_id.clone(),
             triggered_at_ms: pending.triggered_at_ms,
             completed_at_ms: self.clock.now_millis(),
             operators,
         };
+        if let Some(savepoint) = &pending.savepoint {
+            let written = meta
+                .keyed()
+                .flat_map(|(_, h)| h.files())
+                .map(|f| f.path.clone())
+                .collect();
+            let stored = savepoint
+                .folder
+                .put_if_absent(discovery::METADATA_FILE, meta.encode()?.into())
+                .await;
+            if let Err(e) = stored {
+                tracing::warn!(checkpoint_id, folder = %savepoint.folder.url(), error = %e, "savepoint failed");
+                if let Err(cleanup) = delete_all(&savepoint.folder, written).await {
+                    tracing::warn!(error = %cleanup, "cannot remove the files of a failed savepoint");
+                }
+                return Err(e);
+            }
+            tracing::info!(checkpoint_id, folder = %savepoint.folder.url(), "savepoint completed");
+            return Ok(AckOutcome::Completed(Box::new(meta)));
+        }
         if let Err(e) = self.registry.check(&meta) {
             tracing::warn!(checkpoint_id, error = %e, "checkpoint fails: it references an unregistered file");
             self.delete_checkpoint_files(&meta).await?;
@@ -510,7 +603,11 @@ impl CheckpointCoordinator {
             .values()
             .flat_map(Self::written_files)
             .collect();
-        delete_all(&self.job, self.unowned(paths)).await
+        match &pending.savepoint {
+            // A savepoint's folder holds nothing any checkpoint owns.
+            Some(savepoint) => delete_all(&savepoint.folder, paths).await,
+            None => delete_all(&self.job, self.unowned(paths)).await,
+        }
     }
 
     /// A subtask could not snapshot: aborts the checkpoint and deletes the files its

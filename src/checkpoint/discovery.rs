@@ -5,9 +5,23 @@ use crate::checkpoint::metadata::{CheckpointMetadata, MAX_METADATA_LEN};
 use crate::error::{ErrorKind, Result};
 use crate::storage::CheckpointStorage;
 
+/// The name of the file whose presence completes a checkpoint or savepoint.
+pub(crate) const METADATA_FILE: &str = "_metadata";
+
 /// `chk-<id>/_metadata`.
 pub(crate) fn metadata_path(checkpoint_id: u64) -> String {
-    format!("chk-{checkpoint_id}/_metadata")
+    format!("chk-{checkpoint_id}/{METADATA_FILE}")
+}
+
+/// Reads and decodes the `_metadata` at `rel` of `storage`.
+///
+/// Errors: `NotFound`; `Corrupt`/`Incompatible` naming the file; storage errors.
+pub(crate) async fn read_metadata_file(
+    storage: &CheckpointStorage,
+    rel: &str,
+) -> Result<CheckpointMetadata> {
+    let bytes = storage.read_small(rel, MAX_METADATA_LEN).await?;
+    CheckpointMetadata::decode(&bytes, &storage.url_of(rel))
 }
 
 /// The id of a `chk-<id>` directory name.
@@ -37,9 +51,8 @@ pub(crate) async fn read_metadata(
     job: &CheckpointStorage,
     checkpoint_id: u64,
 ) -> Result<Option<CheckpointMetadata>> {
-    let path = metadata_path(checkpoint_id);
-    match job.read_small(&path, MAX_METADATA_LEN).await {
-        Ok(bytes) => CheckpointMetadata::decode(&bytes, &job.url_of(&path)).map(Some),
+    match read_metadata_file(job, &metadata_path(checkpoint_id)).await {
+        Ok(meta) => Ok(Some(meta)),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }

@@ -10,13 +10,13 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::operator_state::OperatorState;
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::snapshot::KeyedStateHandle;
+use crate::snapshot::{KeyedSnapshot, KeyedStateHandle};
 use crate::state::StateMeta;
 
 /// The magic bytes at the start of every `_metadata`.
 pub const METADATA_MAGIC: &[u8; 8] = b"RKSTMETA";
 /// The newest `_metadata` format version this build writes and reads.
-pub const METADATA_VERSION: u32 = 1;
+pub const METADATA_VERSION: u32 = 2;
 /// Largest `_metadata` accepted (64 MiB).
 pub const MAX_METADATA_LEN: u64 = 64 << 20;
 
@@ -37,7 +37,7 @@ pub enum SnapshotKind {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SubtaskSnapshot {
     /// Keyed state, when the operator has any.
-    pub keyed: Option<KeyedStateHandle>,
+    pub keyed: Option<KeyedSnapshot>,
     /// Non-keyed operator state (small lists, e.g. source offsets).
     pub operator_state: OperatorState,
 }
@@ -77,8 +77,8 @@ pub struct CheckpointMetadata {
 }
 
 impl CheckpointMetadata {
-    /// Every keyed-state handle, with its operator.
-    pub fn handles(&self) -> impl Iterator<Item = (&OperatorSnapshot, &KeyedStateHandle)> {
+    /// Every subtask's keyed state, with its operator.
+    pub fn keyed(&self) -> impl Iterator<Item = (&OperatorSnapshot, &KeyedSnapshot)> {
         self.operators.iter().flat_map(|op| {
             op.subtasks
                 .iter()
@@ -86,22 +86,38 @@ impl CheckpointMetadata {
         })
     }
 
+    /// Every RocksDB-file handle (checkpoints and native savepoints), with its operator.
+    pub fn handles(&self) -> impl Iterator<Item = (&OperatorSnapshot, &KeyedStateHandle)> {
+        self.keyed()
+            .filter_map(|(op, k)| k.as_files().map(|h| (op, h)))
+    }
+
+    /// The operator with `uid`.
+    pub fn operator(&self, uid: &str) -> Option<&OperatorSnapshot> {
+        self.operators.iter().find(|o| o.uid == uid)
+    }
+
+    /// Whether this is a savepoint (self-contained, never deleted by retention).
+    pub fn is_savepoint(&self) -> bool {
+        self.kind != SnapshotKind::Checkpoint
+    }
+
     /// Every path this snapshot references, relative to its root.
     pub fn referenced_paths(&self) -> impl Iterator<Item = &str> {
-        self.handles()
-            .flat_map(|(_, h)| h.files().map(|f| f.path.as_str()))
+        self.keyed()
+            .flat_map(|(_, h)| h.files().into_iter().map(|f| f.path.as_str()))
     }
 
     /// Total size of every referenced file.
     pub fn total_size(&self) -> u64 {
-        self.handles()
+        self.keyed()
             .fold(0u64, |acc, (_, h)| acc.saturating_add(h.total_size()))
     }
 
     /// Bytes uploaded by this checkpoint itself.
     pub fn uploaded_bytes(&self) -> u64 {
-        self.handles()
-            .fold(0u64, |acc, (_, h)| acc.saturating_add(h.uploaded_bytes))
+        self.keyed()
+            .fold(0u64, |acc, (_, h)| acc.saturating_add(h.uploaded_bytes()))
     }
 
     /// Encodes as a `_metadata` file.
@@ -172,10 +188,15 @@ impl CheckpointMetadata {
                 format!("CRC32 mismatch: {actual:08x} computed, {stored:08x} stored"),
             ));
         }
-        let meta: CheckpointMetadata = codec::decode_exact(&bytes[HEADER_LEN..body_end], what)?;
-        for (op, handle) in meta.handles() {
+        let payload = &bytes[HEADER_LEN..body_end];
+        let meta: CheckpointMetadata = if version == 1 {
+            codec::decode_exact::<v1::CheckpointMetadata>(payload, what)?.into()
+        } else {
+            codec::decode_exact(payload, what)?
+        };
+        for (op, handle) in meta.keyed() {
             handle.validate()?;
-            if handle.max_parallelism != op.max_parallelism {
+            if handle.max_parallelism() != op.max_parallelism {
                 return Err(Error::corrupt(
                     what,
                     format!("operator {:?}: handle max parallelism differs", op.uid),
@@ -196,6 +217,72 @@ impl CheckpointMetadata {
             }
         }
         Ok(meta)
+    }
+}
+
+/// Format version 1, where keyed state was always RocksDB files. Read and converted.
+mod v1 {
+    use serde::Deserialize;
+
+    use super::{OperatorState, SnapshotKind};
+    use crate::snapshot::KeyedStateHandle;
+    use crate::state::StateMeta;
+
+    #[derive(Deserialize)]
+    pub(super) struct SubtaskSnapshot {
+        keyed: Option<KeyedStateHandle>,
+        operator_state: OperatorState,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct OperatorSnapshot {
+        uid: String,
+        uid_hash: String,
+        parallelism: u32,
+        max_parallelism: u32,
+        states: Vec<StateMeta>,
+        subtasks: Vec<SubtaskSnapshot>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct CheckpointMetadata {
+        checkpoint_id: u64,
+        kind: SnapshotKind,
+        job_id: String,
+        triggered_at_ms: u64,
+        completed_at_ms: u64,
+        operators: Vec<OperatorSnapshot>,
+    }
+
+    impl From<CheckpointMetadata> for super::CheckpointMetadata {
+        fn from(m: CheckpointMetadata) -> Self {
+            Self {
+                checkpoint_id: m.checkpoint_id,
+                kind: m.kind,
+                job_id: m.job_id,
+                triggered_at_ms: m.triggered_at_ms,
+                completed_at_ms: m.completed_at_ms,
+                operators: m
+                    .operators
+                    .into_iter()
+                    .map(|op| super::OperatorSnapshot {
+                        uid: op.uid,
+                        uid_hash: op.uid_hash,
+                        parallelism: op.parallelism,
+                        max_parallelism: op.max_parallelism,
+                        states: op.states,
+                        subtasks: op
+                            .subtasks
+                            .into_iter()
+                            .map(|s| super::SubtaskSnapshot {
+                                keyed: s.keyed.map(Into::into),
+                                operator_state: s.operator_state,
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            }
+        }
     }
 }
 

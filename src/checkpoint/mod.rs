@@ -2,13 +2,15 @@
 //! of the latest checkpoint, the orphan sweep and non-keyed operator state.
 
 mod coordinator;
-mod discovery;
+pub(crate) mod discovery;
 mod metadata;
 mod operator_state;
 mod registry;
 mod sweep;
 
-pub use coordinator::{AckOutcome, CheckpointCoordinator, CoordinatorOptions, OperatorSpec};
+pub use coordinator::{
+    AckOutcome, CheckpointCoordinator, CoordinatorOptions, OperatorSpec, SavepointTrigger,
+};
 pub use metadata::{
     CheckpointMetadata, OperatorSnapshot, SnapshotKind, SubtaskSnapshot, MAX_METADATA_LEN,
     METADATA_MAGIC, METADATA_VERSION,

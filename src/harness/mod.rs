@@ -27,10 +27,13 @@ use subtask::{Message, SubtaskContext};
 
 use crate::backend::{BackendOptions, RocksStateBackend, SharedResources};
 use crate::checkpoint::{
-    CheckpointCoordinator, CheckpointMetadata, CoordinatorOptions, OperatorSpec, SubtaskSnapshot,
+    CheckpointCoordinator, CheckpointMetadata, CoordinatorOptions, OperatorSpec, SavepointTrigger,
+    SubtaskSnapshot,
 };
 use crate::error::{Error, Result};
 use crate::keygroup;
+use crate::restore::{RestoreMode, RestoreOptions, RestoreSource};
+use crate::savepoint::SavepointFormat;
 use crate::storage::CheckpointStorage;
 
 /// The uid under which the harness records source offsets.
@@ -74,8 +77,25 @@ pub enum StartFrom {
     Empty,
     /// The job's latest completed checkpoint (empty when there is none).
     Latest,
-    /// A given checkpoint.
+    /// A given checkpoint of the job's own directory.
     Checkpoint(Box<CheckpointMetadata>),
+    /// Any checkpoint or savepoint (another job's, another parallelism's), restored with
+    /// `options`.
+    Snapshot {
+        /// What to restore.
+        source: Box<RestoreSource>,
+        /// Ownership of its files, rescale strategy, non-restored state policy.
+        options: RestoreOptions,
+    },
+}
+
+/// A completed savepoint.
+#[derive(Debug, Clone)]
+pub struct Savepoint {
+    /// The savepoint folder's URL (restore with [`RestoreSource::open`]).
+    pub url: String,
+    /// Its metadata.
+    pub metadata: CheckpointMetadata,
 }
 
 /// Progress shared between the driver and the upload tasks.
@@ -85,6 +105,7 @@ pub(crate) struct Progress {
     pub latest: Option<CheckpointMetadata>,
     pub failed: Vec<(u64, String)>,
     pub error: Option<String>,
+    pub savepoints: Vec<CheckpointMetadata>,
 }
 
 pub(crate) type SharedProgress = Arc<(Mutex<Progress>, Condvar)>;
@@ -139,10 +160,17 @@ where
             .build()
             .map_err(|e| Error::io("start the harness runtime", e))?;
         let job = checkpoint_dir.child(&config.job_id)?;
-        let checkpoint = match from {
+        let resume = RestoreOptions {
+            mode: RestoreMode::Claim,
+            ..RestoreOptions::default()
+        };
+        let restore = match from {
             StartFrom::Empty => None,
-            StartFrom::Latest => runtime.block_on(job.latest_completed())?,
-            StartFrom::Checkpoint(meta) => Some(*meta),
+            StartFrom::Latest => runtime
+                .block_on(job.latest_completed())?
+                .map(|meta| (RestoreSource::checkpoint(&job, meta), resume)),
+            StartFrom::Checkpoint(meta) => Some((RestoreSource::checkpoint(&job, *meta), resume)),
+            StartFrom::Snapshot { source, options } => Some((*source, options)),
         };
         if config.local_root.exists() {
             std::fs::remove_dir_all(&config.local_root)
@@ -161,37 +189,14 @@ where
                 max_parallelism: config.max_parallelism,
             },
         ];
-        let position = match &checkpoint {
-            Some(meta) => SourcePosition::from_checkpoint(meta, source.partitions())?,
-            None => SourcePosition::start(source.partitions()),
-        };
-        let handles = match &checkpoint {
-            Some(meta) => {
-                let op = meta
-                    .operators
-                    .iter()
-                    .find(|o| o.uid == config.operator_uid)
-                    .ok_or_else(|| {
-                        Error::NotFound(format!(
-                            "operator {:?} in checkpoint {}",
-                            config.operator_uid, meta.checkpoint_id
-                        ))
-                    })?;
-                if op.parallelism != p || op.max_parallelism != config.max_parallelism {
-                    return Err(Error::IncompatibleLayout {
-                        dir: job.url().to_string(),
-                        detail: format!(
-                            "checkpoint {} has parallelism {} of {}, the job {p} of {}",
-                            meta.checkpoint_id,
-                            op.parallelism,
-                            op.max_parallelism,
-                            config.max_parallelism
-                        ),
-                    });
-                }
-                op.subtasks.iter().map(|s| s.keyed.clone()).collect()
+        if let Some((source, options)) = &restore {
+            source.check_operators(&operators, options.allow_non_restored_state)?;
+        }
+        let position = match &restore {
+            Some((snapshot, _)) if snapshot.metadata().operator(SOURCE_UID).is_some() => {
+                SourcePosition::from_checkpoint(snapshot.metadata(), source.partitions())?
             }
-            None => vec![None; p as usize],
+            _ => SourcePosition::start(source.partitions()),
         };
         let resources = SharedResources::new(config.memory_budget)?;
         let progress: SharedProgress = Arc::default();
@@ -205,16 +210,20 @@ where
         // Restore every subtask before the coordinator starts: starting it may subsume
         // checkpoints older than the retained ones, the one being restored included.
         let mut backends = Vec::new();
-        for (i, handle) in handles.into_iter().enumerate() {
+        for i in 0..p {
             let options = BackendOptions::for_subtask(
                 config.local_root.join(format!("subtask-{i}")),
-                i as u32,
+                i,
                 p,
                 config.max_parallelism,
             )?;
             let builder = RocksStateBackend::builder(options).shared_resources(resources.clone());
-            backends.push(match handle {
-                Some(handle) => runtime.block_on(builder.restore(&handle, &job))?,
+            backends.push(match &restore {
+                Some((snapshot, options)) => runtime.block_on(builder.restore_operator(
+                    snapshot,
+                    &config.operator_uid,
+                    options,
+                ))?,
                 None => builder.open()?,
             });
         }
@@ -224,21 +233,27 @@ where
             operators,
             config.coordinator.clone(),
         ))?;
-        let restored_is_retained = checkpoint.as_ref().is_some_and(|m| {
-            coordinator
+        // A checkpoint of this job's own directory: its files can be referenced only while
+        // the coordinator retains it.
+        let own = restore
+            .as_ref()
+            .filter(|(s, _)| !s.metadata().is_savepoint() && s.root().url() == job.url())
+            .map(|(s, _)| s.metadata().clone());
+        if let Some(meta) = &own {
+            let retained = coordinator
                 .retained()
-                .any(|r| r.checkpoint_id == m.checkpoint_id)
-        });
-        if !restored_is_retained {
-            // Its files may be gone once a newer checkpoint subsumed it: upload afresh.
-            for backend in &backends {
-                backend.discard_reusable_files();
+                .any(|r| r.checkpoint_id == meta.checkpoint_id);
+            if !retained {
+                // Its files may be gone once a newer checkpoint subsumed it: upload afresh.
+                for backend in &backends {
+                    backend.discard_reusable_files();
+                }
             }
         }
         let coordinator = Arc::new(tokio::sync::Mutex::new(coordinator));
         let mut threads = Vec::new();
         for (i, (rx, backend)) in receivers.into_iter().zip(backends).enumerate() {
-            let operator = factory(&backend)?;
+            let operator = factory(&backend).map_err(|e| e.for_operator(&config.operator_uid))?;
             let ctx = SubtaskContext {
                 index: i as u32,
                 operator_uid: config.operator_uid.clone(),
@@ -255,8 +270,8 @@ where
                     .map_err(|e| Error::io("spawn a subtask thread", e))?,
             );
         }
-        let restored_from = checkpoint.as_ref().map(|m| m.checkpoint_id);
-        if let Some(meta) = checkpoint {
+        let restored_from = restore.as_ref().map(|(s, _)| s.metadata().checkpoint_id);
+        if let Some(meta) = own {
             progress.0.lock().latest = Some(meta);
         }
         Ok(Self {
@@ -339,16 +354,30 @@ where
 
     /// Triggers a checkpoint at the current position; `None` when too many are in flight.
     pub fn trigger(&mut self) -> Result<Option<u64>> {
+        Ok(self.trigger_snapshot(None)?.map(|(id, _)| id))
+    }
+
+    fn trigger_snapshot(
+        &mut self,
+        savepoint: Option<(Option<CheckpointStorage>, SavepointFormat)>,
+    ) -> Result<Option<(u64, Option<SavepointTrigger>)>> {
         self.check_errors()?;
         self.expire()?;
         let position = self.position.clone();
         let p = self.config.parallelism;
         let coordinator = self.coordinator.clone();
-        let (id, last_completed) = self.runtime.block_on(async move {
+        let (id, last_completed, target) = self.runtime.block_on(async move {
             let mut coord = coordinator.lock().await;
             let last = coord.latest_completed().map(|m| m.checkpoint_id);
-            let Some(id) = coord.trigger() else {
-                return Ok::<_, Error>((None, last));
+            let (id, target) = match savepoint {
+                Some((dir, format)) => {
+                    let trigger = coord.trigger_savepoint(dir.as_ref(), format)?;
+                    (trigger.checkpoint_id, Some(trigger))
+                }
+                None => match coord.trigger() {
+                    Some(id) => (id, None),
+                    None => return Ok::<_, Error>((None, last, None)),
+                },
             };
             for (i, state) in position.to_operator_state(p).into_iter().enumerate() {
                 let snapshot = SubtaskSnapshot {
@@ -360,14 +389,88 @@ where
                     return Err(e);
                 }
             }
-            Ok((Some(id), last))
+            Ok((Some(id), last, target))
         })?;
         if let Some(id) = id {
             for i in 0..self.senders.len() {
-                self.send(i, Message::Barrier { id, last_completed })?;
+                self.send(
+                    i,
+                    Message::Barrier {
+                        id,
+                        last_completed,
+                        savepoint: target.clone(),
+                    },
+                )?;
             }
         }
-        Ok(id)
+        Ok(id.map(|id| (id, target)))
+    }
+
+    /// Takes a savepoint at the current position into a new folder of `dir` (of the
+    /// coordinator's `savepoints_dir` when `None`) and waits until it completes.
+    ///
+    /// Errors: `InvalidArgument` when there is no savepoint directory; the failure reason
+    /// when the savepoint fails; a subtask's error.
+    pub fn savepoint(
+        &mut self,
+        dir: Option<&CheckpointStorage>,
+        format: SavepointFormat,
+    ) -> Result<Savepoint> {
+        let (id, target) = self
+            .trigger_snapshot(Some((dir.cloned(), format)))?
+            .ok_or_else(|| Error::Internal("savepoint not triggered".into()))?;
+        let url = target
+            .map(|t| t.folder.url().to_string())
+            .unwrap_or_default();
+        let metadata = self.wait_for(id, |p| {
+            p.savepoints.iter().find(|m| m.checkpoint_id == id).cloned()
+        })?;
+        Ok(Savepoint { url, metadata })
+    }
+
+    /// Takes a savepoint (see [`savepoint`](Self::savepoint)), then stops without
+    /// processing more records. The coordinator keeps its checkpoints.
+    pub fn stop_with_savepoint(
+        mut self,
+        dir: Option<&CheckpointStorage>,
+        format: SavepointFormat,
+    ) -> Result<(Savepoint, Finished)> {
+        let savepoint = self.savepoint(dir, format)?;
+        let backends = self.stop_threads()?;
+        let coordinator = self.coordinator.clone();
+        self.runtime
+            .block_on(async move { coordinator.lock().await.shutdown(false).await })?;
+        let last_checkpoint = self.latest_checkpoint();
+        Ok((
+            savepoint,
+            Finished {
+                backends,
+                last_checkpoint,
+                events: self.events,
+            },
+        ))
+    }
+
+    /// Waits until `done` finds the result of snapshot `id`, or it fails.
+    fn wait_for<T>(&mut self, id: u64, done: impl Fn(&Progress) -> Option<T>) -> Result<T> {
+        loop {
+            {
+                let (lock, cvar) = &*self.progress;
+                let mut progress = lock.lock();
+                if let Some(e) = &progress.error {
+                    return Err(Error::Internal(format!("a subtask failed: {e}")));
+                }
+                if let Some((_, reason)) = progress.failed.iter().find(|(f, _)| *f == id) {
+                    return Err(Error::Internal(format!("snapshot {id} failed: {reason}")));
+                }
+                if let Some(result) = done(&progress) {
+                    return Ok(result);
+                }
+                cvar.wait_for(&mut progress, std::time::Duration::from_secs(1));
+            }
+            // Outside the lock: upload tasks need it to report progress.
+            self.expire()?;
+        }
     }
 
     /// Triggers a checkpoint (once the ones in flight are done) and waits until it
@@ -383,24 +486,9 @@ where
             let (lock, cvar) = &*self.progress;
             cvar.wait_for(&mut lock.lock(), wait);
         };
-        loop {
-            {
-                let (lock, cvar) = &*self.progress;
-                let mut progress = lock.lock();
-                if let Some(e) = &progress.error {
-                    return Err(Error::Internal(format!("a subtask failed: {e}")));
-                }
-                if let Some((_, reason)) = progress.failed.iter().find(|(f, _)| *f == id) {
-                    return Err(Error::Internal(format!("checkpoint {id} failed: {reason}")));
-                }
-                if let Some(meta) = progress.latest.as_ref().filter(|m| m.checkpoint_id >= id) {
-                    return Ok(meta.clone());
-                }
-                cvar.wait_for(&mut progress, std::time::Duration::from_secs(1));
-            }
-            // Outside the lock: upload tasks need it to report progress.
-            self.expire()?;
-        }
+        self.wait_for(id, |p| {
+            p.latest.as_ref().filter(|m| m.checkpoint_id >= id).cloned()
+        })
     }
 
     /// Records processed by this run.

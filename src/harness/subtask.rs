@@ -5,8 +5,9 @@ use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::Arc;
 
 use crate::backend::RocksStateBackend;
-use crate::checkpoint::{AckOutcome, CheckpointCoordinator, SubtaskSnapshot};
+use crate::checkpoint::{AckOutcome, CheckpointCoordinator, SavepointTrigger, SubtaskSnapshot};
 use crate::harness::{Operator, SharedProgress};
+use crate::savepoint::Compression;
 use crate::snapshot::PendingSnapshot;
 use crate::storage::CheckpointStorage;
 
@@ -18,6 +19,8 @@ pub(crate) enum Message<K, V> {
     Barrier {
         id: u64,
         last_completed: Option<u64>,
+        /// Set when this barrier takes a savepoint instead of a checkpoint.
+        savepoint: Option<SavepointTrigger>,
     },
     Completed(u64),
     Aborted(u64),
@@ -63,12 +66,16 @@ where
                     return Err(e);
                 }
             }
-            Message::Barrier { id, last_completed } => {
+            Message::Barrier {
+                id,
+                last_completed,
+                savepoint,
+            } => {
                 if let Some(done) = last_completed {
                     backend.notify_checkpoint_complete(done);
                 }
                 match backend.snapshot(id) {
-                    Ok(pending) => spawn_upload(&ctx, id, pending),
+                    Ok(pending) => spawn_upload(&ctx, id, pending, savepoint),
                     Err(e) => spawn_decline(&ctx, id, e.to_string()),
                 }
             }
@@ -102,8 +109,12 @@ fn record_failure<K, V>(ctx: &SubtaskContext<K, V>, id: u64, reason: String) {
     cvar.notify_all();
 }
 
-fn spawn_upload<K, V>(ctx: &SubtaskContext<K, V>, id: u64, pending: PendingSnapshot)
-where
+fn spawn_upload<K, V>(
+    ctx: &SubtaskContext<K, V>,
+    id: u64,
+    pending: PendingSnapshot,
+    savepoint: Option<SavepointTrigger>,
+) where
     K: Send + 'static,
     V: Send + 'static,
 {
@@ -121,7 +132,21 @@ where
         progress: ctx.progress.clone(),
     };
     ctx.runtime.spawn(async move {
-        let outcome = match pending.upload(&job, &uid, index).await {
+        let written = match &savepoint {
+            Some(target) => {
+                pending
+                    .write_savepoint(
+                        &target.folder,
+                        &uid,
+                        index,
+                        target.format,
+                        Compression::default(),
+                    )
+                    .await
+            }
+            None => pending.upload(&job, &uid, index).await.map(Into::into),
+        };
+        let outcome = match written {
             Ok(handle) => {
                 let snapshot = SubtaskSnapshot {
                     keyed: Some(handle),
@@ -136,6 +161,11 @@ where
             Err(e) => Err(e),
         };
         match outcome {
+            Ok(AckOutcome::Completed(meta)) if meta.is_savepoint() => {
+                let (lock, cvar) = &*task_ctx.progress;
+                lock.lock().savepoints.push(*meta);
+                cvar.notify_all();
+            }
             Ok(AckOutcome::Completed(meta)) => {
                 {
                     let (lock, cvar) = &*task_ctx.progress;

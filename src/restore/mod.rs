@@ -1,9 +1,26 @@
-//! Restoring a backend from a snapshot.
+//! Restoring a backend from a checkpoint or savepoint, at the same or another
+//! parallelism.
 //!
-//! Same key-group range: every file of the handle is downloaded in parallel into a fresh
-//! directory beside the backend's, checked for size and CRC32 and synced to disk, and only
-//! then moved into place and opened. A restore that fails leaves no local state behind. The restored checkpoint's shared files are seeded as confirmed, so
-//! the next checkpoint uploads only new SST files.
+//! - Same key-group range, RocksDB files: every file of the handle is downloaded in
+//!   parallel into a fresh directory beside the backend's, checked for size and CRC32 and
+//!   synced to disk, and only then moved into place and opened.
+//! - Another range, RocksDB files (checkpoints, native savepoints): the old subtask with
+//!   the largest overlap is the base; the other overlapping subtasks' SST files are
+//!   ingested as they are (their keys never overlap the base's: key groups are disjoint),
+//!   then everything outside the new range is removed with range deletions. Iterating and
+//!   writing is the fallback ([`RescaleStrategy`]).
+//! - Canonical savepoints: only the sections of the new range's key groups are read and
+//!   written.
+//!
+//! A restore that fails leaves no local state behind. Restored SST files are remembered
+//! with the remote files they are copies of, so the first checkpoint afterwards does not
+//! upload them again: it references them (same job directory, [`RestoreMode::Claim`]) or
+//! copies them inside the store ([`RestoreMode::NoClaim`]).
+
+mod rescale;
+mod source;
+
+pub use source::{RescaleStrategy, RestoreMode, RestoreOptions, RestoreSource};
 
 use std::path::{Path, PathBuf};
 
@@ -14,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::snapshot::KeyedStateHandle;
 use crate::storage::CheckpointStorage;
 
-fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+pub(crate) fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let mut name = dir
         .file_name()
         .map(|n| n.to_os_string())
@@ -23,7 +40,7 @@ fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     dir.with_file_name(name)
 }
 
-async fn is_empty_or_missing(dir: &Path) -> Result<bool> {
+pub(crate) async fn is_empty_or_missing(dir: &Path) -> Result<bool> {
     match tokio::fs::read_dir(dir).await {
         Ok(mut entries) => Ok(entries
             .next_entry()
@@ -35,7 +52,7 @@ async fn is_empty_or_missing(dir: &Path) -> Result<bool> {
     }
 }
 
-async fn remove_dir_if_exists(dir: &Path) -> Result<()> {
+pub(crate) async fn remove_dir_if_exists(dir: &Path) -> Result<()> {
     match tokio::fs::remove_dir_all(dir).await {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -45,7 +62,7 @@ async fn remove_dir_if_exists(dir: &Path) -> Result<()> {
 
 /// Downloads every file of `handle` into `dir`, at most `concurrency` at once. Every
 /// download finishes (or fails) before this returns, so the directory can be removed.
-async fn download_all(
+pub(crate) async fn download_all(
     handle: &KeyedStateHandle,
     job: &CheckpointStorage,
     dir: &Path,
@@ -67,7 +84,7 @@ async fn download_all(
 }
 
 /// Makes a directory's entries (a rename, new files) durable.
-async fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) async fn sync_dir(dir: &Path) -> Result<()> {
     let path = dir.to_path_buf();
     tokio::task::spawn_blocking(move || std::fs::File::open(&path).and_then(|f| f.sync_all()))
         .await
@@ -87,6 +104,15 @@ impl BackendBuilder {
         self,
         handle: &KeyedStateHandle,
         job: &CheckpointStorage,
+    ) -> Result<RocksStateBackend> {
+        self.restore_files(handle, job, RestoreMode::Claim).await
+    }
+
+    pub(crate) async fn restore_files(
+        self,
+        handle: &KeyedStateHandle,
+        job: &CheckpointStorage,
+        mode: RestoreMode,
     ) -> Result<RocksStateBackend> {
         self.options.validate()?;
         handle.validate()?;
@@ -176,24 +202,35 @@ impl BackendBuilder {
         .await
         .map_err(|e| Error::Internal(format!("restore task failed: {e}")))?;
         let backend = opened?;
-        if handle.incremental {
-            let files = handle
-                .shared
-                .iter()
-                .map(|f| (f.local_name.clone(), f.clone()))
-                .collect();
-            let uploaded = crate::snapshot::tracker::Uploaded {
-                root: job.url().to_string(),
-                files,
-            };
-            backend
-                .core
-                .tracker
-                .lock()
-                .seed(handle.checkpoint_id, uploaded);
-        }
+        let files = handle
+            .files()
+            .filter(|f| f.local_name.ends_with(".sst"))
+            .map(|f| (f.local_name.clone(), f.clone()))
+            .collect();
+        seed(&backend, handle.checkpoint_id, job, files, mode);
         Ok(backend)
     }
+}
+
+/// Records which local SST files are copies of which stored files, so the next
+/// checkpoint neither uploads nor (in `NoClaim` mode) references them.
+pub(crate) fn seed(
+    backend: &RocksStateBackend,
+    checkpoint_id: u64,
+    root: &CheckpointStorage,
+    files: crate::snapshot::tracker::FileSet,
+    mode: RestoreMode,
+) {
+    if !backend.options.incremental {
+        return;
+    }
+    let uploaded = crate::snapshot::tracker::Uploaded {
+        root: root.url().to_string(),
+        files,
+        in_place: mode == RestoreMode::Claim,
+        source: Some(root.clone()),
+    };
+    backend.core.tracker.lock().seed(checkpoint_id, uploaded);
 }
 
 impl RocksStateBackend {

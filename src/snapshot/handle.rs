@@ -146,6 +146,129 @@ impl KeyedStateHandle {
     }
 }
 
+/// One subtask's keyed state in a canonical savepoint: one data file with a section per
+/// key group (see [`crate::savepoint::canonical`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanonicalHandle {
+    /// The savepoint's id.
+    pub checkpoint_id: u64,
+    /// Key groups covered.
+    pub key_group_range: KeyGroupRange,
+    /// The job's number of key groups.
+    pub max_parallelism: u32,
+    /// The states stored in the file.
+    pub states: Vec<StateMeta>,
+    /// The data file, relative to the savepoint folder.
+    pub file: StateFile,
+    /// Number of entries in the file.
+    pub entries: u64,
+}
+
+/// One subtask's keyed state in a snapshot: RocksDB files (checkpoints and native
+/// savepoints) or a canonical data file (canonical savepoints).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyedSnapshot {
+    /// RocksDB files.
+    Files(KeyedStateHandle),
+    /// A canonical savepoint data file.
+    Canonical(CanonicalHandle),
+}
+
+impl From<KeyedStateHandle> for KeyedSnapshot {
+    fn from(handle: KeyedStateHandle) -> Self {
+        KeyedSnapshot::Files(handle)
+    }
+}
+
+impl KeyedSnapshot {
+    /// The snapshot's checkpoint (or savepoint) id.
+    pub fn checkpoint_id(&self) -> u64 {
+        match self {
+            KeyedSnapshot::Files(h) => h.checkpoint_id,
+            KeyedSnapshot::Canonical(h) => h.checkpoint_id,
+        }
+    }
+
+    /// Key groups covered.
+    pub fn key_group_range(&self) -> KeyGroupRange {
+        match self {
+            KeyedSnapshot::Files(h) => h.key_group_range,
+            KeyedSnapshot::Canonical(h) => h.key_group_range,
+        }
+    }
+
+    /// The job's number of key groups.
+    pub fn max_parallelism(&self) -> u32 {
+        match self {
+            KeyedSnapshot::Files(h) => h.max_parallelism,
+            KeyedSnapshot::Canonical(h) => h.max_parallelism,
+        }
+    }
+
+    /// The states stored.
+    pub fn states(&self) -> &[StateMeta] {
+        match self {
+            KeyedSnapshot::Files(h) => &h.states,
+            KeyedSnapshot::Canonical(h) => &h.states,
+        }
+    }
+
+    /// The RocksDB-file handle, if this is one.
+    pub fn as_files(&self) -> Option<&KeyedStateHandle> {
+        match self {
+            KeyedSnapshot::Files(h) => Some(h),
+            KeyedSnapshot::Canonical(_) => None,
+        }
+    }
+
+    /// Every referenced file.
+    pub fn files(&self) -> Vec<&StateFile> {
+        match self {
+            KeyedSnapshot::Files(h) => h.files().collect(),
+            KeyedSnapshot::Canonical(h) => vec![&h.file],
+        }
+    }
+
+    /// Files this snapshot wrote itself (not references to earlier uploads).
+    pub fn written_files(&self) -> Vec<&StateFile> {
+        match self {
+            KeyedSnapshot::Files(h) => h.new_shared().chain(h.private.iter()).collect(),
+            KeyedSnapshot::Canonical(h) => vec![&h.file],
+        }
+    }
+
+    /// Total size of every referenced file (saturating).
+    pub fn total_size(&self) -> u64 {
+        self.files()
+            .iter()
+            .fold(0u64, |acc, f| acc.saturating_add(f.size))
+    }
+
+    /// Bytes this snapshot uploaded.
+    pub fn uploaded_bytes(&self) -> u64 {
+        match self {
+            KeyedSnapshot::Files(h) => h.uploaded_bytes,
+            KeyedSnapshot::Canonical(h) => h.file.size,
+        }
+    }
+
+    /// Validates what was read from storage; see [`KeyedStateHandle::validate`].
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            KeyedSnapshot::Files(h) => h.validate(),
+            KeyedSnapshot::Canonical(h) => {
+                let what = format!("savepoint handle of {}", h.checkpoint_id);
+                keygroup::validate_max_parallelism(h.max_parallelism)
+                    .map_err(|e| Error::corrupt(&what, e))?;
+                if !h.key_group_range.fits(h.max_parallelism) {
+                    return Err(Error::corrupt(&what, "key groups beyond max parallelism"));
+                }
+                path::validate_relative(&h.file.path, &what)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,6 @@ mod handle;
 mod pending;
 pub(crate) mod tracker;
 
-pub use handle::{KeyedStateHandle, StateFile};
+pub use handle::{CanonicalHandle, KeyedSnapshot, KeyedStateHandle, StateFile};
 pub use pending::PendingSnapshot;
 pub(crate) use pending::{list_staged, StagingDir};

@@ -8,10 +8,13 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use parking_lot::Mutex;
 
-use crate::backend::new_uid;
+use crate::backend::{new_uid, BackendOptions, OpenMode, SharedResources};
+use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::hash;
 use crate::keygroup::KeyGroupRange;
+use crate::savepoint::{canonical, Compression, SavepointFormat};
+use crate::snapshot::handle::{CanonicalHandle, KeyedSnapshot};
 use crate::snapshot::handle::{KeyedStateHandle, StateFile};
 use crate::snapshot::tracker::{SnapshotTracker, Uploaded};
 use crate::state::StateMeta;
@@ -86,12 +89,23 @@ pub struct PendingSnapshot {
     pub(crate) states: Vec<StateMeta>,
     pub(crate) tracker: Arc<Mutex<SnapshotTracker>>,
     pub(crate) sync_duration: Duration,
+    pub(crate) resources: SharedResources,
+    pub(crate) clock: Arc<dyn Clock>,
 }
 
 enum Placement {
     Shared,
     Private,
 }
+
+enum Action {
+    Upload(Placement),
+    /// Copy this earlier file inside the store.
+    Copy(StateFile),
+}
+
+/// The name of a canonical savepoint's data file inside its subtask folder.
+pub(crate) const CANONICAL_FILE: &str = "state.rkss";
 
 impl PendingSnapshot {
     /// The checkpoint id.
@@ -117,6 +131,9 @@ impl PendingSnapshot {
     /// The handle's shared files become reusable by later snapshots only once
     /// [`notify_checkpoint_complete`](crate::RocksStateBackend::notify_checkpoint_complete)
     /// confirms the checkpoint, and only by snapshots uploaded to the same directory.
+    /// After a restore from elsewhere (or in `NoClaim` mode), files that are unchanged
+    /// copies of restored ones are copied inside the store instead of uploaded when the
+    /// store allows it.
     ///
     /// Errors: storage and local I/O errors. On failure the files this call uploaded are
     /// deleted (best effort; the orphan sweep catches the rest) and nothing is recorded.
@@ -131,22 +148,135 @@ impl PendingSnapshot {
             self.checkpoint_id,
             hash::operator_uid_hash(operator_uid)
         );
+        let incremental = self.incremental;
+        let (handle, staging) = self.transfer(job, &private_dir, incremental, true).await?;
+        staging.remove().await;
+        Ok(handle)
+    }
+
+    /// Writes this snapshot as subtask `subtask`'s part of a savepoint into the savepoint
+    /// folder `folder` (from [`SavepointTrigger`](crate::checkpoint::SavepointTrigger)),
+    /// under `<uid hash>/<subtask>/`. Native: every RocksDB file is copied. Canonical:
+    /// the consistent copy is scanned key group by key group into one data file
+    /// (compressed with `compression`), then uploaded. Nothing is recorded for reuse by
+    /// checkpoints.
+    ///
+    /// Errors: storage, engine and local I/O errors; files already written are deleted.
+    pub async fn write_savepoint(
+        self,
+        folder: &CheckpointStorage,
+        operator_uid: &str,
+        subtask: u32,
+        format: SavepointFormat,
+        compression: Compression,
+    ) -> Result<KeyedSnapshot> {
+        let dir = format!("{}/{subtask}", hash::operator_uid_hash(operator_uid));
+        match format {
+            SavepointFormat::Native => {
+                let (handle, staging) = self.transfer(folder, &dir, false, false).await?;
+                staging.remove().await;
+                Ok(KeyedSnapshot::Files(handle))
+            }
+            SavepointFormat::Canonical => self.write_canonical(folder, &dir, compression).await,
+        }
+    }
+
+    async fn write_canonical(
+        self,
+        folder: &CheckpointStorage,
+        dir: &str,
+        compression: Compression,
+    ) -> Result<KeyedSnapshot> {
+        let staged = self.staging.path().to_path_buf();
+        let data_file = PathBuf::from(format!("{}.canonical", staged.display()));
+        let mut options = BackendOptions::new(&staged, self.key_group_range, self.max_parallelism);
+        options.incremental = false;
+        let resources = self.resources.clone();
+        let clock = self.clock.clone();
+        let checkpoint_id = self.checkpoint_id;
+        let out = data_file.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let core = crate::backend::open_core(&options, &resources, clock, OpenMode::Restored)?;
+            canonical::write_file(&core, checkpoint_id, compression, &out)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("savepoint task failed: {e}")))?;
+        let rel = format!("{dir}/{CANONICAL_FILE}");
+        let uploaded = match written {
+            Ok(written) => folder.upload_file(&data_file, &rel).await.map(|info| {
+                debug_assert_eq!(info, written.info);
+                (info, written)
+            }),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = tokio::fs::remove_file(&data_file).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(file = %data_file.display(), error = %e, "cannot remove a savepoint data file");
+            }
+        }
+        self.staging.remove().await;
+        let (info, written) = uploaded?;
+        Ok(KeyedSnapshot::Canonical(CanonicalHandle {
+            checkpoint_id,
+            key_group_range: self.key_group_range,
+            max_parallelism: self.max_parallelism,
+            states: self.states,
+            file: StateFile {
+                local_name: CANONICAL_FILE.to_string(),
+                path: rel,
+                size: info.size,
+                crc32: info.crc32,
+                uploaded_by: checkpoint_id,
+            },
+            entries: written.entries,
+        }))
+    }
+
+    /// Moves the staged files into `target`: SSTs of an incremental snapshot to
+    /// `shared/` (or referenced, or copied), the rest to `private_dir`. `record` makes
+    /// the shared files reusable once the checkpoint is confirmed.
+    async fn transfer(
+        self,
+        target: &CheckpointStorage,
+        private_dir: &str,
+        incremental: bool,
+        record: bool,
+    ) -> Result<(KeyedStateHandle, StagingDir)> {
         let mut reused = Vec::new();
         let mut jobs = Vec::new();
-        let same_root = self.reusable.root == job.url();
+        let same_root = self.reusable.root == target.url();
+        let copy_source = self
+            .reusable
+            .source
+            .clone()
+            .filter(|source| target.can_copy_from(source));
         for file in &self.files {
             let is_sst = file.name.ends_with(".sst");
-            if is_sst && self.incremental {
-                let previous = self.reusable.files.get(&file.name).filter(|_| same_root);
+            if is_sst && incremental {
+                let previous = self
+                    .reusable
+                    .files
+                    .get(&file.name)
+                    .filter(|prev| prev.size == file.size);
+                let dest = format!("shared/{}.sst", new_uid());
                 match previous {
-                    Some(prev) if prev.size == file.size => reused.push(prev.clone()),
-                    _ => jobs.push((file, format!("shared/{}.sst", new_uid()), Placement::Shared)),
+                    Some(prev)
+                        if same_root
+                            && self.reusable.in_place
+                            && prev.path.starts_with("shared/") =>
+                    {
+                        reused.push(prev.clone())
+                    }
+                    Some(prev) if copy_source.is_some() => {
+                        jobs.push((file.clone(), dest, Action::Copy(prev.clone())))
+                    }
+                    _ => jobs.push((file.clone(), dest, Action::Upload(Placement::Shared))),
                 }
             } else {
                 jobs.push((
-                    file,
+                    file.clone(),
                     format!("{private_dir}/{}", file.name),
-                    Placement::Private,
+                    Action::Upload(Placement::Private),
                 ));
             }
         }
@@ -155,16 +285,26 @@ impl PendingSnapshot {
         let checkpoint_id = self.checkpoint_id;
         // Futures own what they use (no borrowed captures), so the upload can run on any
         // runtime task.
-        let jobs: Vec<(StagedFile, String, Placement)> = jobs
-            .into_iter()
-            .map(|(file, rel, placement)| (file.clone(), rel, placement))
-            .collect();
-        let results: Vec<Result<(StateFile, Placement)>> = futures::stream::iter(jobs)
-            .map(|(file, rel, placement)| {
-                let job = job.clone();
+        let results: Vec<Result<(StateFile, Placement, bool)>> = futures::stream::iter(jobs)
+            .map(|(file, rel, action)| {
+                let target = target.clone();
                 let local = staging.join(&file.name);
+                let copy_source = copy_source.clone();
                 async move {
-                    let info = job.upload_file(&local, &rel).await?;
+                    let (info, placement, copied) = match (action, copy_source) {
+                        (Action::Copy(prev), Some(source)) => {
+                            target.copy_from(&source, &prev.path, &rel).await?;
+                            (prev.info(), Placement::Shared, true)
+                        }
+                        (Action::Upload(placement), _) => {
+                            (target.upload_file(&local, &rel).await?, placement, false)
+                        }
+                        (Action::Copy(_), None) => (
+                            target.upload_file(&local, &rel).await?,
+                            Placement::Shared,
+                            false,
+                        ),
+                    };
                     Ok((
                         StateFile {
                             local_name: file.name,
@@ -174,10 +314,11 @@ impl PendingSnapshot {
                             uploaded_by: checkpoint_id,
                         },
                         placement,
+                        copied,
                     ))
                 }
             })
-            .buffer_unordered(job.options().transfer_concurrency.max(1))
+            .buffer_unordered(target.options().transfer_concurrency.max(1))
             .collect()
             .await;
 
@@ -185,11 +326,16 @@ impl PendingSnapshot {
         let mut private = Vec::new();
         let mut written = Vec::new();
         let mut uploaded_bytes = 0;
+        let mut copied_bytes = 0u64;
         let mut first_error = None;
         for result in results {
             match result {
-                Ok((file, placement)) => {
-                    uploaded_bytes += file.size;
+                Ok((file, placement, copied)) => {
+                    if copied {
+                        copied_bytes += file.size;
+                    } else {
+                        uploaded_bytes += file.size;
+                    }
                     written.push(file.path.clone());
                     match placement {
                         Placement::Shared => shared.push(file),
@@ -202,30 +348,32 @@ impl PendingSnapshot {
             }
         }
         if let Some(error) = first_error {
-            if let Err(e) = job.delete_many(written).await {
+            if let Err(e) = target.delete_many(written).await {
                 tracing::warn!(checkpoint = self.checkpoint_id, error = %e, "cleanup after a failed upload was incomplete");
             }
-            tracing::warn!(checkpoint = self.checkpoint_id, subtask, error = %error, "snapshot upload failed");
+            tracing::warn!(checkpoint = self.checkpoint_id, error = %error, "snapshot upload failed");
             self.staging.remove().await;
             return Err(error);
         }
         shared.sort_by(|a, b| a.local_name.cmp(&b.local_name));
         private.sort_by(|a, b| a.local_name.cmp(&b.local_name));
-        if self.incremental {
+        if incremental && record {
             let files = shared
                 .iter()
                 .map(|f| (f.local_name.clone(), f.clone()))
                 .collect::<BTreeMap<_, _>>();
             let uploaded = Uploaded {
-                root: job.url().to_string(),
+                root: target.url().to_string(),
                 files,
+                in_place: true,
+                source: Some(target.clone()),
             };
             self.tracker.lock().uploaded(self.checkpoint_id, uploaded);
         }
         tracing::debug!(
             checkpoint = self.checkpoint_id,
-            subtask,
             uploaded_bytes,
+            copied_bytes,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "snapshot uploaded"
         );
@@ -234,14 +382,13 @@ impl PendingSnapshot {
             checkpoint_id: self.checkpoint_id,
             key_group_range: self.key_group_range,
             max_parallelism: self.max_parallelism,
-            incremental: self.incremental,
+            incremental,
             shared,
             private,
             states: self.states,
-            uploaded_bytes,
+            uploaded_bytes: uploaded_bytes + copied_bytes,
         };
-        self.staging.remove().await;
-        Ok(handle)
+        Ok((handle, self.staging))
     }
 }
 

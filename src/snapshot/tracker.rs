@@ -12,11 +12,17 @@ use crate::snapshot::handle::StateFile;
 pub(crate) type FileSet = BTreeMap<String, StateFile>;
 
 /// Shared files of one checkpoint and the storage directory (URL) their paths are
-/// relative to: they may be reused only by snapshots uploaded to the same directory.
+/// relative to: they may be referenced only by snapshots uploaded to the same directory,
+/// and only when `in_place`. Otherwise a snapshot copies them from `source` inside the
+/// store when it can (no download, no upload from this machine).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Uploaded {
     pub root: String,
     pub files: FileSet,
+    /// Whether later checkpoints may reference these files where they are.
+    pub in_place: bool,
+    /// Where the files are, for copies.
+    pub source: Option<crate::storage::CheckpointStorage>,
 }
 
 /// Pending checkpoints remembered at most; older ones can no longer become reusable.
@@ -101,6 +107,8 @@ mod tests {
         Uploaded {
             root: "memory://x".into(),
             files,
+            in_place: true,
+            source: None,
         }
     }
 

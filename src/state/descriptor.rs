@@ -96,6 +96,7 @@ impl StateMeta {
             Ok(())
         } else {
             Err(Error::IncompatibleState {
+                operator: None,
                 state: self.name.clone(),
                 stored: self.to_string(),
                 requested: requested.to_string(),

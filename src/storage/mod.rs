@@ -23,6 +23,34 @@ use crate::error::{Error, Result};
 
 pub use transfer::FileInfo;
 
+/// Copies a local file to a new name: a hard link when possible (the files are
+/// immutable), else a copy written under a temporary name, synced and renamed.
+fn local_copy(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    let io = |what: &str, e| Error::io(format!("{what} {} to {}", from.display(), to.display()), e);
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io("create the directory to copy", e))?;
+    }
+    match std::fs::hard_link(from, to) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::NotFound(format!("file {}", from.display())))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(Error::AlreadyExists(format!("file {}", to.display())))
+        }
+        Err(_) => {}
+    }
+    let tmp = to.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
+    let copied = std::fs::copy(from, &tmp)
+        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, to));
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io("copy", e));
+    }
+    Ok(())
+}
+
 /// Tuning of transfers. The defaults suit S3.
 #[derive(Debug, Clone)]
 pub struct StorageOptions {
@@ -62,6 +90,20 @@ pub struct CheckpointStorage {
     root: ObjPath,
     url: String,
     options: StorageOptions,
+    /// Identifies the object store: two storages with the same identity can copy objects
+    /// between each other without moving the bytes through this process.
+    identity: StoreIdentity,
+}
+
+/// Which object store a storage lives in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StoreIdentity {
+    /// Local files; the directory of the storage's root.
+    Local(std::path::PathBuf),
+    /// A store addressed by scheme and bucket (or memory store name).
+    Named(String),
+    /// A store handed in by the caller; only the same instance counts as the same store.
+    Instance,
 }
 
 impl fmt::Debug for CheckpointStorage {
@@ -100,12 +142,16 @@ impl CheckpointStorage {
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
             .collect();
-        let (store, root, url) = open::open_store(url, config)?;
+        let opened = open::open_store(url, config)?;
         Ok(Self {
-            store,
-            root,
-            url,
+            store: opened.store,
+            root: opened.root,
+            url: opened.url,
             options: StorageOptions::default(),
+            identity: match opened.local_dir {
+                Some(dir) => StoreIdentity::Local(dir),
+                None => StoreIdentity::Named(opened.store_name),
+            },
         })
     }
 
@@ -117,6 +163,7 @@ impl CheckpointStorage {
             root: ObjPath::default(),
             url: label.trim_end_matches('/').to_string(),
             options: StorageOptions::default(),
+            identity: StoreIdentity::Instance,
         }
     }
 
@@ -151,7 +198,136 @@ impl CheckpointStorage {
             root: self.root.clone().join(name),
             url: format!("{}/{name}", self.url),
             options: self.options.clone(),
+            identity: match &self.identity {
+                StoreIdentity::Local(dir) => StoreIdentity::Local(dir.join(name)),
+                other => other.clone(),
+            },
         })
+    }
+
+    /// The directory above this one and the name of this one, or `None` at the top of
+    /// the store.
+    pub fn parent(&self) -> Option<(Self, String)> {
+        let parts: Vec<_> = self.root.parts().collect();
+        let (name, url, identity) = match &self.identity {
+            StoreIdentity::Local(dir) => {
+                let name = dir.file_name()?.to_str()?.to_string();
+                let parent = dir.parent()?.to_path_buf();
+                let url = format!("file://{}", parent.display());
+                (name, url, StoreIdentity::Local(parent))
+            }
+            other => {
+                let name = parts.last()?.as_ref().to_string();
+                let url = self.url.strip_suffix(&format!("/{name}"))?.to_string();
+                (name, url, other.clone())
+            }
+        };
+        let root = match &identity {
+            StoreIdentity::Local(_) => self.root.clone(),
+            _ => ObjPath::from_iter(parts[..parts.len() - 1].iter().cloned()),
+        };
+        let store = match &identity {
+            // Local storages are rooted at their own directory: open the parent's.
+            StoreIdentity::Local(dir) => Self::open(&dir.display().to_string()).ok()?.store,
+            _ => self.store.clone(),
+        };
+        Some((
+            Self {
+                store,
+                root,
+                url,
+                options: self.options.clone(),
+                identity,
+            },
+            name,
+        ))
+    }
+
+    /// Whether objects of `other` can be copied into this storage without downloading
+    /// them ([`copy_from`](Self::copy_from)).
+    pub fn can_copy_from(&self, other: &Self) -> bool {
+        match (&self.identity, &other.identity) {
+            (StoreIdentity::Local(_), StoreIdentity::Local(_)) => true,
+            (StoreIdentity::Named(a), StoreIdentity::Named(b)) => a == b,
+            (StoreIdentity::Instance, StoreIdentity::Instance) => {
+                Arc::ptr_eq(&self.store, &other.store) && self.root == other.root
+            }
+            _ => false,
+        }
+    }
+
+    /// Copies the object `src` of `source` to the new object `dst` of this storage inside
+    /// the store (a hard link or copy for local files, a server-side copy otherwise).
+    ///
+    /// Errors: `InvalidArgument` when the stores differ (see
+    /// [`can_copy_from`](Self::can_copy_from)); `NotFound`; storage and I/O errors.
+    pub async fn copy_from(&self, source: &Self, src: &str, dst: &str) -> Result<()> {
+        if !self.can_copy_from(source) {
+            return Err(Error::invalid(format!(
+                "cannot copy {} into {}: different stores",
+                source.url_of(src),
+                self.url
+            )));
+        }
+        let from = source.location(src)?;
+        let to = self.location(dst)?;
+        if let (StoreIdentity::Local(a), StoreIdentity::Local(b)) =
+            (&source.identity, &self.identity)
+        {
+            let from_file = a.join(src);
+            let to_file = b.join(dst);
+            return tokio::task::spawn_blocking(move || local_copy(&from_file, &to_file))
+                .await
+                .map_err(|e| Error::Internal(format!("copy task failed: {e}")))?;
+        }
+        self.store
+            .copy(&from, &to)
+            .await
+            .map_err(|e| Error::storage("copy", self.url_of(dst), e))
+    }
+
+    /// Size of the object `rel`.
+    ///
+    /// Errors: `NotFound`; storage errors.
+    pub async fn size_of(&self, rel: &str) -> Result<u64> {
+        let loc = self.location(rel)?;
+        let meta = self
+            .store
+            .head(&loc)
+            .await
+            .map_err(|e| Error::storage("head", self.url_of(rel), e))?;
+        Ok(meta.size)
+    }
+
+    /// Reads the bytes `range` of the object `rel`.
+    ///
+    /// Errors: `NotFound`; `Corrupt` when the object is shorter than the range; storage
+    /// errors.
+    pub async fn read_range(&self, rel: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
+        let loc = self.location(rel)?;
+        let want = range.end.saturating_sub(range.start);
+        let bytes = self
+            .store
+            .get_range(&loc, range.clone())
+            .await
+            .map_err(|e| match e {
+                object_store::Error::NotFound { .. } => Error::storage("get", self.url_of(rel), e),
+                other => Error::corrupt(
+                    format!("file {}", self.url_of(rel)),
+                    format!("cannot read bytes {}..{}: {other}", range.start, range.end),
+                ),
+            })?;
+        if bytes.len() as u64 != want {
+            return Err(Error::corrupt(
+                format!("file {}", self.url_of(rel)),
+                format!(
+                    "{} bytes read at {}, {want} expected",
+                    bytes.len(),
+                    range.start
+                ),
+            ));
+        }
+        Ok(bytes)
     }
 
     /// The store location of the relative path `rel`, after validating it.

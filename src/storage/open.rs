@@ -13,7 +13,16 @@ use url::Url;
 
 use crate::error::{Error, Result};
 
-type Opened = (Arc<dyn ObjectStore>, ObjPath, String);
+/// An opened store.
+pub(crate) struct Opened {
+    pub store: Arc<dyn ObjectStore>,
+    pub root: ObjPath,
+    pub url: String,
+    /// The local directory of a local store.
+    pub local_dir: Option<PathBuf>,
+    /// Scheme and bucket (or memory store name): equal names reach the same objects.
+    pub store_name: String,
+}
 
 /// In-memory stores by name, so that every `memory://name` of a process sees the same data.
 fn memory_stores() -> &'static Mutex<HashMap<String, Arc<InMemory>>> {
@@ -38,7 +47,13 @@ fn open_local(dir: PathBuf, url: &str) -> Result<Opened> {
         .map_err(|e| Error::storage("open", url, e))?
         .with_automatic_cleanup(true);
     let shown = format!("file://{}", dir.display());
-    Ok((Arc::new(store), ObjPath::default(), shown))
+    Ok(Opened {
+        store: Arc::new(store),
+        root: ObjPath::default(),
+        url: shown,
+        local_dir: Some(dir),
+        store_name: String::new(),
+    })
 }
 
 /// Environment variables that configure a cloud store, as lower-case config keys.
@@ -73,10 +88,16 @@ pub(crate) fn open_store(url: &str, config: Vec<(String, String)>) -> Result<Ope
             );
             let store = memory_stores()
                 .lock()
-                .entry(name)
+                .entry(name.clone())
                 .or_insert_with(|| Arc::new(InMemory::new()))
                 .clone();
-            Ok((store, ObjPath::default(), trimmed.to_string()))
+            Ok(Opened {
+                store,
+                root: ObjPath::default(),
+                url: trimmed.to_string(),
+                local_dir: None,
+                store_name: format!("memory://{name}"),
+            })
         }
         scheme @ ("s3" | "gs" | "az") => {
             let env_prefix = match scheme {
@@ -88,7 +109,13 @@ pub(crate) fn open_store(url: &str, config: Vec<(String, String)>) -> Result<Ope
             options.extend(config);
             let (store, root) = object_store::parse_url_opts(&parsed, options)
                 .map_err(|e| Error::storage("open", trimmed, e))?;
-            Ok((Arc::from(store), root, trimmed.to_string()))
+            Ok(Opened {
+                store: Arc::from(store),
+                root,
+                url: trimmed.to_string(),
+                local_dir: None,
+                store_name: format!("{scheme}://{}", parsed.host_str().unwrap_or_default()),
+            })
         }
         other => Err(invalid_url(
             url,

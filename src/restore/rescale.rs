@@ -1,0 +1,435 @@
+//! Restoring one operator's subtask from a snapshot taken at any parallelism.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::backend::{
+    live_sst_files, BackendBuilder, ColumnSettings, Db, OpenMode, RocksStateBackend,
+};
+use crate::backend::{BackendCore, BackendOptions};
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::keygroup::KeyGroupRange;
+use crate::restore::{
+    download_all, is_empty_or_missing, remove_dir_if_exists, seed, sibling, sync_dir,
+    RescaleStrategy, RestoreOptions, RestoreSource,
+};
+use crate::savepoint::canonical::DataFileReader;
+use crate::snapshot::tracker::FileSet;
+use crate::snapshot::{KeyedSnapshot, KeyedStateHandle};
+use crate::state::StateMeta;
+
+/// Bytes of entries written per batch when iterating.
+const BATCH_BYTES: usize = 4 << 20;
+
+type Batch = Vec<(Arc<ColumnSettings>, Vec<u8>, Vec<u8>)>;
+
+fn batch_size(batch: &Batch) -> usize {
+    batch.iter().map(|(_, k, v)| k.len() + v.len()).sum()
+}
+
+impl BackendBuilder {
+    /// Restores subtask state of the operator `operator_uid` from `source` into this
+    /// builder's empty local directory, for the builder's key-group range, whatever the
+    /// parallelism the snapshot was taken at. An operator absent from the snapshot starts
+    /// empty (check the job with [`RestoreSource::check_operators`] first).
+    ///
+    /// Errors: `Incompatible` when the max parallelism differs or the snapshot's states
+    /// disagree; `InvalidArgument` when the local directory is not empty;
+    /// `NotFound`/`Corrupt` naming the file when a file is missing or damaged (nothing is
+    /// left behind locally); storage and engine errors.
+    pub async fn restore_operator(
+        self,
+        source: &RestoreSource,
+        operator_uid: &str,
+        options: &RestoreOptions,
+    ) -> Result<RocksStateBackend> {
+        self.options.validate()?;
+        let dir = self.options.local_dir.clone();
+        if !is_empty_or_missing(&dir).await? {
+            return Err(Error::invalid(format!(
+                "cannot restore into {}: the directory is not empty",
+                dir.display()
+            )));
+        }
+        let Some(op) = source.metadata().operator(operator_uid) else {
+            return blocking(move || self.open()).await;
+        };
+        source.check_max_parallelism(op, self.options.max_parallelism)?;
+        let range = self.options.key_group_range;
+        let overlapping: Vec<&KeyedSnapshot> = op
+            .subtasks
+            .iter()
+            .filter_map(|s| s.keyed.as_ref())
+            .filter(|k| k.key_group_range().intersect(&range).is_some())
+            .collect();
+        let files: Vec<&KeyedStateHandle> =
+            overlapping.iter().filter_map(|k| k.as_files()).collect();
+        let canonical: Vec<&KeyedSnapshot> = overlapping
+            .iter()
+            .copied()
+            .filter(|k| k.as_files().is_none())
+            .collect();
+        let restored = if overlapping.is_empty() {
+            blocking(move || self.open()).await
+        } else if !canonical.is_empty() {
+            if !files.is_empty() {
+                return Err(Error::corrupt(
+                    source.location(),
+                    format!("operator {operator_uid:?} mixes canonical and file snapshots"),
+                ));
+            }
+            self.restore_canonical(source, &op.states, &canonical).await
+        } else if files.len() == 1 && files[0].key_group_range == range {
+            self.restore_files(files[0], source.root(), options.mode)
+                .await
+        } else {
+            self.rescale_files(source, &files, options).await
+        };
+        restored.map_err(|e| e.for_operator(operator_uid))
+    }
+
+    fn with_dir(&self, dir: PathBuf) -> BackendBuilder {
+        let mut options = self.options.clone();
+        options.local_dir = dir;
+        BackendBuilder {
+            options,
+            resources: self.resources.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+
+    /// Builds the state in `<dir>.restoring` with `build`, then closes it, moves it into
+    /// place and opens it. Nothing is left behind on failure.
+    async fn build_then_open<T: Send + 'static>(
+        self,
+        build: impl FnOnce(BackendBuilder) -> Result<T> + Send + 'static,
+    ) -> Result<(RocksStateBackend, T)> {
+        let dir = self.options.local_dir.clone();
+        let incoming = sibling(&dir, ".restoring");
+        let staging_builder = self.with_dir(incoming.clone());
+        let built = blocking(move || build(staging_builder)).await;
+        let built = match built {
+            Ok(t) => sync_dir(&incoming).await.map(|()| t),
+            Err(e) => Err(e),
+        };
+        let value = match built {
+            Ok(value) => value,
+            Err(e) => {
+                if let Err(cleanup) = remove_dir_if_exists(&incoming).await {
+                    tracing::warn!(dir = %incoming.display(), error = %cleanup, "cannot remove a failed restore");
+                }
+                return Err(e);
+            }
+        };
+        remove_dir_if_exists(&dir).await?;
+        tokio::fs::rename(&incoming, &dir).await.map_err(|e| {
+            Error::io(
+                format!("move {} to {}", incoming.display(), dir.display()),
+                e,
+            )
+        })?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent).await?;
+        }
+        let backend = blocking(move || self.open()).await?;
+        Ok((backend, value))
+    }
+
+    async fn restore_canonical(
+        self,
+        source: &RestoreSource,
+        states: &[StateMeta],
+        handles: &[&KeyedSnapshot],
+    ) -> Result<RocksStateBackend> {
+        let range = self.options.key_group_range;
+        let mut readers = Vec::new();
+        for handle in handles {
+            let KeyedSnapshot::Canonical(h) = handle else {
+                continue;
+            };
+            let reader = DataFileReader::open(source.root(), &h.file.path, h.file.size).await?;
+            let header = reader.header();
+            if header.key_group_range != h.key_group_range
+                || header.max_parallelism != h.max_parallelism
+            {
+                return Err(Error::corrupt(
+                    source.root().url_of(&h.file.path),
+                    "the file's key groups differ from the savepoint's metadata",
+                ));
+            }
+            readers.push(reader);
+        }
+        let states = states.to_vec();
+        let runtime = tokio::runtime::Handle::current();
+        let remove_dir = self.options.local_dir.clone();
+        let (backend, ()) = self
+            .build_then_open(move |builder| {
+                let backend = builder.open()?;
+                for meta in &states {
+                    backend.ensure_state(meta)?;
+                }
+                for reader in &readers {
+                    let columns = reader
+                        .header()
+                        .states
+                        .iter()
+                        .map(|m| backend.ensure_state(m))
+                        .collect::<Result<Vec<_>>>()?;
+                    let Some(part) = reader.header().key_group_range.intersect(&range) else {
+                        continue;
+                    };
+                    let mut batch: Batch = Vec::new();
+                    let mut bytes = 0usize;
+                    for kg in part.iter() {
+                        runtime.block_on(reader.read_key_group(kg, |entry| {
+                            let key = codec::compose(kg, entry.key, &[]);
+                            bytes += key.len() + entry.value.len();
+                            batch.push((
+                                columns[usize::from(entry.state)].clone(),
+                                key,
+                                entry.value.to_vec(),
+                            ));
+                            if bytes >= BATCH_BYTES {
+                                backend.core.put_raw(&batch)?;
+                                batch.clear();
+                                bytes = 0;
+                            }
+                            Ok(())
+                        }))?;
+                    }
+                    backend.core.put_raw(&batch)?;
+                }
+                backend.flush()?;
+                Ok(())
+            })
+            .await?;
+        tracing::info!(dir = %remove_dir.display(), "restored from a canonical savepoint");
+        Ok(backend)
+    }
+
+    async fn rescale_files(
+        self,
+        source: &RestoreSource,
+        handles: &[&KeyedStateHandle],
+        options: &RestoreOptions,
+    ) -> Result<RocksStateBackend> {
+        let range = self.options.key_group_range;
+        let overlap =
+            |h: &KeyedStateHandle| h.key_group_range.intersect(&range).map_or(0, |r| r.len());
+        let base_index = (0..handles.len())
+            .max_by_key(|&i| (overlap(handles[i]), std::cmp::Reverse(i)))
+            .ok_or_else(|| Error::Internal("rescale without handles".into()))?;
+        for handle in handles {
+            handle.validate()?;
+        }
+        let dir = self.options.local_dir.clone();
+        let incoming = sibling(&dir, ".restoring");
+        remove_dir_if_exists(&incoming).await?;
+        let mut others = Vec::new();
+        let downloaded = async {
+            create_dir(&incoming).await?;
+            download_all(handles[base_index], source.root(), &incoming).await?;
+            for (i, handle) in handles.iter().enumerate() {
+                if i == base_index {
+                    continue;
+                }
+                let other = sibling(&dir, &format!(".rescale-{i}"));
+                remove_dir_if_exists(&other).await?;
+                others.push(((*handle).clone(), other.clone()));
+                create_dir(&other).await?;
+                download_all(handle, source.root(), &other).await?;
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        let cleanup_others = |others: Vec<(KeyedStateHandle, PathBuf)>| async move {
+            for (_, other) in others {
+                if let Err(e) = remove_dir_if_exists(&other).await {
+                    tracing::warn!(dir = %other.display(), error = %e, "cannot remove a rescale source");
+                }
+            }
+        };
+        if let Err(e) = downloaded {
+            cleanup_others(others).await;
+            remove_dir_if_exists(&incoming).await?;
+            return Err(e);
+        }
+        let base = handles[base_index].clone();
+        let strategy = options.strategy;
+        let sources = others.clone();
+        let mode = options.mode;
+        let built = self
+            .build_then_open(move |builder| {
+                let backend = builder.open_as(OpenMode::Rescaled)?;
+                let mut provenance = sst_files_of(&base);
+                for (handle, dir) in &sources {
+                    for meta in &handle.states {
+                        backend.ensure_state(meta)?;
+                    }
+                    let ingested = match strategy {
+                        RescaleStrategy::Ingest => ingest(&backend, handle, dir),
+                        RescaleStrategy::IterateAndWrite => Err(Error::invalid("iterate")),
+                    };
+                    match ingested {
+                        Ok(files) => provenance.extend(files),
+                        Err(e) => {
+                            if strategy == RescaleStrategy::Ingest {
+                                tracing::info!(error = %e, "ingestion refused; iterating instead");
+                                // Whatever was ingested of this source is removed first.
+                                backend.core.delete_inside(handle.key_group_range)?;
+                            }
+                            iterate(&backend, handle, dir, range)?;
+                        }
+                    }
+                }
+                backend.core.delete_outside(range)?;
+                backend.flush()?;
+                let live: BTreeSet<String> = backend
+                    .core
+                    .live_files()?
+                    .into_iter()
+                    .map(|f| f.name)
+                    .collect();
+                provenance.retain(|name, _| live.contains(name));
+                Ok(provenance)
+            })
+            .await;
+        cleanup_others(others).await;
+        let (backend, provenance) = built?;
+        seed(
+            &backend,
+            source.metadata().checkpoint_id,
+            source.root(),
+            provenance,
+            mode,
+        );
+        Ok(backend)
+    }
+}
+
+async fn create_dir(dir: &Path) -> Result<()> {
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| Error::io(format!("create {}", dir.display()), e))
+}
+
+/// Runs blocking engine work off the async runtime's threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("restore task failed: {e}")))?
+}
+
+/// The SST files of a handle, by local name.
+fn sst_files_of(handle: &KeyedStateHandle) -> FileSet {
+    handle
+        .files()
+        .filter(|f| f.local_name.ends_with(".sst"))
+        .map(|f| (f.local_name.clone(), f.clone()))
+        .collect()
+}
+
+/// Ingests the SST files of the downloaded snapshot in `dir` into `backend`, column by
+/// column, and returns which new local files are copies of which stored files.
+fn ingest(backend: &RocksStateBackend, handle: &KeyedStateHandle, dir: &Path) -> Result<FileSet> {
+    let opts = rocksdb::Options::default();
+    let columns = Db::list_cf(&opts, dir)
+        .map_err(|e| Error::engine(format!("list column families of {}", dir.display()), e))?;
+    let files = {
+        let db = Db::open_cf_for_read_only(&opts, dir, &columns, false)
+            .map_err(|e| Error::engine(format!("open {}", dir.display()), e))?;
+        live_sst_files(&db)?
+    };
+    let stored = sst_files_of(handle);
+    let mut by_column: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    for file in files {
+        if file
+            .identity
+            .column
+            .starts_with(crate::backend::STATE_COLUMN_PREFIX)
+        {
+            by_column
+                .entry(file.identity.column.clone())
+                .or_default()
+                .push(file);
+        }
+    }
+    let before: BTreeSet<String> = backend
+        .core
+        .live_files()?
+        .into_iter()
+        .map(|f| f.name)
+        .collect();
+    let columns = backend.core.state_columns();
+    let mut identities = BTreeMap::new();
+    for (column_name, mut files) in by_column {
+        let (_, column) = columns
+            .iter()
+            .find(|(_, c)| c.cf_name == column_name)
+            .ok_or_else(|| {
+                Error::corrupt(
+                    format!("snapshot {}", handle.checkpoint_id),
+                    format!("column family {column_name:?} has no state record"),
+                )
+            })?;
+        // Oldest data first: the deepest level first, older L0 files before newer.
+        files.sort_by_key(|f| (std::cmp::Reverse(f.level), f.identity.largest_seqno));
+        let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(&f.name)).collect();
+        for f in &files {
+            if let Some(stored) = stored.get(&f.name) {
+                identities.insert(f.identity.clone(), stored.clone());
+            }
+        }
+        backend.core.ingest_db_files(column, &paths)?;
+    }
+    let mut provenance = FileSet::new();
+    for file in backend.core.live_files()? {
+        if before.contains(&file.name) {
+            continue;
+        }
+        if let Some(stored) = identities.get(&file.identity) {
+            provenance.insert(file.name.clone(), stored.clone());
+        }
+    }
+    Ok(provenance)
+}
+
+/// Copies the entries of the key groups `range` shares with the snapshot in `dir` into
+/// `backend`, by reading and writing them.
+fn iterate(
+    backend: &RocksStateBackend,
+    handle: &KeyedStateHandle,
+    dir: &Path,
+    range: KeyGroupRange,
+) -> Result<()> {
+    let Some(part) = handle.key_group_range.intersect(&range) else {
+        return Ok(());
+    };
+    let mut options = BackendOptions::new(dir, handle.key_group_range, handle.max_parallelism);
+    options.incremental = false;
+    let source: BackendCore = crate::backend::open_core(
+        &options,
+        backend.resources(),
+        Arc::new(crate::clock::SystemClock),
+        OpenMode::Restored,
+    )?;
+    let lower = codec::key_group_prefix(part.start()).to_vec();
+    let upper = codec::prefix_successor(&codec::key_group_prefix(part.end()));
+    for (meta, column) in source.state_columns() {
+        let target = backend.ensure_state(&meta)?;
+        let mut scan = source.scan(&column, lower.clone(), upper.clone())?;
+        let mut batch: Batch = Vec::new();
+        while let Some((key, value)) = scan.current()? {
+            batch.push((target.clone(), key.to_vec(), value.to_vec()));
+            if batch.len().is_multiple_of(1024) && batch_size(&batch) >= BATCH_BYTES {
+                backend.core.put_raw(&batch)?;
+                batch.clear();
+            }
+            scan.advance();
+        }
+        backend.core.put_raw(&batch)?;
+    }
+    Ok(())
+}
