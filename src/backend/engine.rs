@@ -283,6 +283,27 @@ impl BackendCore {
         Ok(())
     }
 
+    /// Counts the visible entries of every state outside `range`.
+    pub(crate) fn count_outside(&self, range: KeyGroupRange) -> Result<u64> {
+        let low = crate::codec::key_group_prefix(range.start()).to_vec();
+        let high = crate::codec::prefix_successor(&crate::codec::key_group_prefix(range.end()));
+        let mut count = 0;
+        for (_, column) in self.state_columns() {
+            let mut bounds = vec![(Vec::new(), Some(low.clone()))];
+            if let Some(high) = &high {
+                bounds.push((high.clone(), None));
+            }
+            for (lower, upper) in bounds {
+                let mut scan = self.scan(&column, lower, upper)?;
+                while scan.current()?.is_some() {
+                    count += 1;
+                    scan.advance();
+                }
+            }
+        }
+        Ok(count)
+    }
+
     /// Deletes every entry of every state whose key group is inside `range`.
     pub(crate) fn delete_inside(&self, range: KeyGroupRange) -> Result<()> {
         let low = crate::codec::key_group_prefix(range.start()).to_vec();

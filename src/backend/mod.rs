@@ -452,6 +452,13 @@ impl RocksStateBackend {
         &self.resources
     }
 
+    /// Counts stored entries (of every state) whose key group is outside this backend's
+    /// range: 0 unless a restore or rescale kept data it does not own. A consistency
+    /// check for tools and tests; it scans only outside the range.
+    pub fn entries_outside_range(&self) -> Result<u64> {
+        self.core.count_outside(self.core.key_group_range())
+    }
+
     /// Writes all memtables to SST files. Blocks until the flush is done.
     pub fn flush(&self) -> Result<()> {
         self.core.flush()

@@ -17,7 +17,7 @@ use crate::restore::{
 };
 use crate::savepoint::canonical::DataFileReader;
 use crate::snapshot::tracker::FileSet;
-use crate::snapshot::{KeyedSnapshot, KeyedStateHandle};
+use crate::snapshot::{KeyedSnapshot, KeyedStateHandle, StateFile};
 use crate::state::StateMeta;
 
 /// Bytes of entries written per batch when iterating.
@@ -390,7 +390,11 @@ fn ingest(backend: &RocksStateBackend, handle: &KeyedStateHandle, dir: &Path) ->
             continue;
         }
         if let Some(stored) = identities.get(&file.identity) {
-            provenance.insert(file.name.clone(), stored.clone());
+            let copy = StateFile {
+                local_name: file.name.clone(),
+                ..stored.clone()
+            };
+            provenance.insert(file.name, copy);
         }
     }
     Ok(provenance)

@@ -265,7 +265,10 @@ impl PendingSnapshot {
                             && self.reusable.in_place
                             && prev.path.starts_with("shared/") =>
                     {
-                        reused.push(prev.clone())
+                        reused.push(StateFile {
+                            local_name: file.name.clone(),
+                            ..prev.clone()
+                        })
                     }
                     Some(prev) if copy_source.is_some() => {
                         jobs.push((file.clone(), dest, Action::Copy(prev.clone())))

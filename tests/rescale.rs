@@ -1,0 +1,499 @@
+//! Restoring at another parallelism from checkpoints, native and canonical savepoints,
+//! for every state kind, compared key by key with a model: each key's state is in exactly
+//! one new subtask and nowhere else, and the union equals what was snapshotted.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rockstate::checkpoint::{AckOutcome, CheckpointCoordinator, CoordinatorOptions, OperatorSpec};
+use rockstate::savepoint::Compression;
+use rockstate::{
+    AggregateFunction, AggregatingStateDescriptor, BackendOptions, CheckpointMetadata,
+    CheckpointStorage, ErrorKind, ListStateDescriptor, MapStateDescriptor, ReducingStateDescriptor,
+    RescaleStrategy, RestoreMode, RestoreOptions, RestoreSource, RocksStateBackend,
+    SavepointFormat, SubtaskSnapshot, ValueStateDescriptor,
+};
+
+const MAX_PAR: u32 = 128;
+const UID: &str = "op";
+const KEYS: u64 = 600;
+
+struct Count;
+
+impl AggregateFunction for Count {
+    type In = u64;
+    type Acc = (u64, u64);
+    type Out = u64;
+    fn create_accumulator(&self) -> (u64, u64) {
+        (0, 0)
+    }
+    fn add(&self, input: u64, acc: (u64, u64)) -> (u64, u64) {
+        (acc.0 + input, acc.1 + 1)
+    }
+    fn get_result(&self, acc: &(u64, u64)) -> u64 {
+        acc.0 * 1000 + acc.1
+    }
+}
+
+/// What every state should hold, by key (namespace 0 unless stated).
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Model {
+    value: BTreeMap<(u64, u32), u64>,
+    list: BTreeMap<u64, Vec<u32>>,
+    map: BTreeMap<u64, BTreeMap<u32, u64>>,
+    sum: BTreeMap<u64, u64>,
+    count: BTreeMap<u64, u64>,
+}
+
+struct States {
+    value: rockstate::ValueState<u64, u64, u32>,
+    list: rockstate::ListState<u64, u32>,
+    map: rockstate::MapState<u64, u32, u64>,
+    sum: rockstate::ReducingState<u64, u64>,
+    count: rockstate::AggregatingState<u64, Count>,
+}
+
+fn states(backend: &RocksStateBackend) -> States {
+    States {
+        value: backend
+            .register(ValueStateDescriptor::<u64, u64, u32>::new("value"))
+            .unwrap(),
+        list: backend
+            .register(ListStateDescriptor::<u64, u32>::new("list"))
+            .unwrap(),
+        map: backend
+            .register(MapStateDescriptor::<u64, u32, u64>::new("map"))
+            .unwrap(),
+        sum: backend
+            .register(ReducingStateDescriptor::<u64, u64>::new("sum", |a, b| {
+                a + b
+            }))
+            .unwrap(),
+        count: backend
+            .register(AggregatingStateDescriptor::<u64, Count>::new(
+                "count", Count,
+            ))
+            .unwrap(),
+    }
+}
+
+fn owner(key: u64, parallelism: u32) -> u32 {
+    rockstate::subtask_for_key(&key, parallelism, MAX_PAR).unwrap()
+}
+
+/// Writes random operations for every key into its owner and the model; `round` changes
+/// what is written, so that later rounds overwrite and delete earlier data.
+fn write_round(backends: &[RocksStateBackend], model: &mut Model, seed: u64) {
+    let p = backends.len() as u32;
+    let handles: Vec<States> = backends.iter().map(states).collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    for key in 0..KEYS {
+        let s = &handles[owner(key, p) as usize];
+        let ns: u32 = rng.random_range(0..3);
+        match rng.random_range(0..10) {
+            0 => {
+                s.value.with_namespace(&ns).unwrap().clear(&key).unwrap();
+                model.value.remove(&(key, ns));
+            }
+            _ => {
+                let v = rng.random::<u64>();
+                s.value.with_namespace(&ns).unwrap().put(&key, &v).unwrap();
+                model.value.insert((key, ns), v);
+            }
+        }
+        let e: u32 = rng.random_range(0..1000);
+        s.list.add(&key, &e).unwrap();
+        model.list.entry(key).or_default().push(e);
+        let uk: u32 = rng.random_range(0..4);
+        if rng.random_bool(0.2) {
+            s.map.remove(&key, &uk).unwrap();
+            model.map.entry(key).or_default().remove(&uk);
+        } else {
+            s.map.put(&key, &uk, &key).unwrap();
+            model.map.entry(key).or_default().insert(uk, key);
+        }
+        let n = rng.random_range(1..100);
+        s.sum.add(&key, n).unwrap();
+        *model.sum.entry(key).or_default() += n;
+        s.count.add(&key, n).unwrap();
+        let c = model.count.entry(key).or_insert(0);
+        *c = (*c / 1000 + n) * 1000 + (*c % 1000 + 1);
+    }
+    model.map.retain(|_, m| !m.is_empty());
+    for b in backends {
+        b.flush().unwrap();
+    }
+}
+
+fn open_subtasks(root: &Path, p: u32) -> Vec<RocksStateBackend> {
+    (0..p)
+        .map(|i| {
+            let options =
+                BackendOptions::for_subtask(root.join(format!("old-{p}-{i}")), i, p, MAX_PAR)
+                    .unwrap();
+            RocksStateBackend::open(options).unwrap()
+        })
+        .collect()
+}
+
+/// Checks that the new subtasks hold exactly the model, each only its own keys.
+fn check(backends: &[RocksStateBackend], model: &Model, what: &str) {
+    let p = backends.len() as u32;
+    let mut seen = Model::default();
+    for (i, backend) in backends.iter().enumerate() {
+        assert_eq!(
+            backend.entries_outside_range().unwrap(),
+            0,
+            "{what}: subtask {i} holds entries outside its key groups"
+        );
+        let s = states(backend);
+        for key in s.list.all_keys().unwrap() {
+            let (key, ()) = key.unwrap();
+            assert_eq!(owner(key, p), i as u32, "{what}: key {key} in subtask {i}");
+            seen.list.insert(key, s.list.get(&key).unwrap());
+        }
+        for item in s.value.all_keys().unwrap() {
+            let (key, ns) = item.unwrap();
+            let v = s
+                .value
+                .with_namespace(&ns)
+                .unwrap()
+                .get(&key)
+                .unwrap()
+                .unwrap();
+            seen.value.insert((key, ns), v);
+        }
+        for item in s.map.all_keys().unwrap() {
+            let (key, ()) = item.unwrap();
+            let entries = s.map.iter(&key).unwrap().map(|e| e.unwrap()).collect();
+            seen.map.insert(key, entries);
+        }
+        for item in s.sum.all_keys().unwrap() {
+            let (key, ()) = item.unwrap();
+            seen.sum.insert(key, s.sum.get(&key).unwrap().unwrap());
+        }
+        for item in s.count.all_keys().unwrap() {
+            let (key, ()) = item.unwrap();
+            seen.count.insert(key, s.count.get(&key).unwrap().unwrap());
+        }
+    }
+    assert_eq!(seen.value, model.value, "{what}: value state");
+    assert_eq!(seen.list, model.list, "{what}: list state");
+    assert_eq!(seen.map, model.map, "{what}: map state");
+    assert_eq!(seen.sum, model.sum, "{what}: reducing state");
+    assert_eq!(seen.count, model.count, "{what}: aggregating state");
+}
+
+fn spec(p: u32) -> Vec<OperatorSpec> {
+    vec![OperatorSpec {
+        uid: UID.into(),
+        parallelism: p,
+        max_parallelism: MAX_PAR,
+    }]
+}
+
+/// Takes a checkpoint (`format` `None`) or a savepoint of every backend.
+async fn snapshot(
+    coordinator: &mut CheckpointCoordinator,
+    backends: &[RocksStateBackend],
+    job: &CheckpointStorage,
+    savepoints: &CheckpointStorage,
+    format: Option<SavepointFormat>,
+) -> (RestoreSource, CheckpointMetadata) {
+    let (id, folder) = match format {
+        Some(format) => {
+            let t = coordinator
+                .trigger_savepoint(Some(savepoints), format)
+                .unwrap();
+            (t.checkpoint_id, Some((t.folder, format)))
+        }
+        None => (coordinator.trigger().unwrap(), None),
+    };
+    let mut completed = None;
+    for (i, backend) in backends.iter().enumerate() {
+        let pending = backend.snapshot(id).unwrap();
+        let keyed = match &folder {
+            Some((folder, format)) => pending
+                .write_savepoint(folder, UID, i as u32, *format, Compression::Lz4)
+                .await
+                .unwrap(),
+            None => pending.upload(job, UID, i as u32).await.unwrap().into(),
+        };
+        let ack = SubtaskSnapshot {
+            keyed: Some(keyed),
+            ..Default::default()
+        };
+        if let AckOutcome::Completed(meta) = coordinator
+            .acknowledge(id, UID, i as u32, ack)
+            .await
+            .unwrap()
+        {
+            completed = Some(*meta);
+        }
+    }
+    let meta = completed.expect("all acknowledged");
+    for b in backends {
+        b.notify_checkpoint_complete(id);
+    }
+    let source = match folder {
+        Some((folder, _)) => RestoreSource::open_folder(&folder).await.unwrap(),
+        None => RestoreSource::checkpoint(job, meta.clone()),
+    };
+    (source, meta)
+}
+
+async fn restore_all(
+    source: &RestoreSource,
+    root: &Path,
+    p: u32,
+    options: &RestoreOptions,
+) -> rockstate::Result<Vec<RocksStateBackend>> {
+    let mut out = Vec::new();
+    for i in 0..p {
+        let opts = BackendOptions::for_subtask(root.join(format!("new-{p}-{i}")), i, p, MAX_PAR)?;
+        out.push(
+            RocksStateBackend::builder(opts)
+                .restore_operator(source, UID, options)
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+/// Builds `from` subtasks with two rounds of writes and returns the snapshot source.
+async fn prepare(
+    tmp: &Path,
+    from: u32,
+    format: Option<SavepointFormat>,
+) -> (RestoreSource, Model, CheckpointStorage) {
+    let store = CheckpointStorage::open(tmp.join("store").to_str().unwrap()).unwrap();
+    let job = store.child("job").unwrap();
+    let savepoints = store.child("savepoints").unwrap();
+    let mut coordinator = CheckpointCoordinator::start(
+        job.clone(),
+        "job",
+        spec(from),
+        CoordinatorOptions::default(),
+    )
+    .await
+    .unwrap();
+    let backends = open_subtasks(tmp, from);
+    let mut model = Model::default();
+    write_round(&backends, &mut model, 1);
+    if format.is_none() {
+        // A first checkpoint, so that the second one references shared files.
+        snapshot(&mut coordinator, &backends, &job, &savepoints, None).await;
+    }
+    write_round(&backends, &mut model, 2);
+    let (source, _) = snapshot(&mut coordinator, &backends, &job, &savepoints, format).await;
+    (source, model, job)
+}
+
+const PAIRS: [(u32, u32); 4] = [(4, 3), (3, 4), (4, 1), (1, 4)];
+
+async fn rescale_every_pair(format: Option<SavepointFormat>, strategy: RescaleStrategy) {
+    for (from, to) in PAIRS {
+        let tmp = tempfile::tempdir().unwrap();
+        let (source, model, _) = prepare(tmp.path(), from, format).await;
+        let options = RestoreOptions {
+            strategy,
+            ..Default::default()
+        };
+        let restored = restore_all(&source, tmp.path(), to, &options)
+            .await
+            .unwrap();
+        check(
+            &restored,
+            &model,
+            &format!("{format:?} {from}->{to} {strategy:?}"),
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_rescales_by_ingestion() {
+    rescale_every_pair(None, RescaleStrategy::Ingest).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_rescales_by_iteration() {
+    rescale_every_pair(None, RescaleStrategy::IterateAndWrite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_savepoint_rescales() {
+    rescale_every_pair(Some(SavepointFormat::Native), RescaleStrategy::Ingest).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canonical_savepoint_rescales() {
+    rescale_every_pair(Some(SavepointFormat::Canonical), RescaleStrategy::Ingest).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_parallelism_restores_from_every_kind() {
+    for format in [
+        None,
+        Some(SavepointFormat::Native),
+        Some(SavepointFormat::Canonical),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (source, model, _) = prepare(tmp.path(), 3, format).await;
+        let restored = restore_all(&source, tmp.path(), 3, &RestoreOptions::default())
+            .await
+            .unwrap();
+        check(&restored, &model, &format!("{format:?} 3->3"));
+    }
+}
+
+/// A rescaled backend's first checkpoint references the unchanged SST files it ingested
+/// (Claim, same job directory) instead of uploading them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_checkpoint_after_rescale_uploads_only_new_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (source, model, job) = prepare(tmp.path(), 4, None).await;
+    let options = RestoreOptions {
+        mode: RestoreMode::Claim,
+        ..Default::default()
+    };
+    let restored = restore_all(&source, tmp.path(), 3, &options).await.unwrap();
+    check(&restored, &model, "claim 4->3");
+    let id = source.metadata().checkpoint_id + 1;
+    let restored_files: std::collections::BTreeSet<(u64, u32)> = source
+        .metadata()
+        .handles()
+        .flat_map(|(_, h)| h.files())
+        .map(|f| (f.size, f.crc32))
+        .collect();
+    let mut referenced = 0u64;
+    for (i, backend) in restored.iter().enumerate() {
+        let handle = backend
+            .snapshot(id)
+            .unwrap()
+            .upload(&job, UID, i as u32)
+            .await
+            .unwrap();
+        handle.validate().unwrap();
+        for f in &handle.shared {
+            if f.uploaded_by < id {
+                referenced += 1;
+            } else {
+                // New content only (the clipping flush, compactions), never a copy of a
+                // restored file.
+                assert!(
+                    !restored_files.contains(&(f.size, f.crc32)),
+                    "subtask {i} uploaded {} again",
+                    f.local_name
+                );
+            }
+        }
+    }
+    assert!(referenced > 0, "nothing was reused");
+}
+
+/// NoClaim from a savepoint folder: the first checkpoint copies the restored files into
+/// the job's own `shared/` inside the store (hard links for local files), never
+/// referencing the savepoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_claim_copies_restored_files_without_uploading() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (source, model, _) = prepare(tmp.path(), 2, Some(SavepointFormat::Native)).await;
+    let restored = restore_all(&source, tmp.path(), 2, &RestoreOptions::default())
+        .await
+        .unwrap();
+    check(&restored, &model, "native 2->2");
+    let store_dir = tmp.path().join("store");
+    let job2 = CheckpointStorage::open(store_dir.to_str().unwrap())
+        .unwrap()
+        .child("job2")
+        .unwrap();
+    let mut copied = 0;
+    for (i, backend) in restored.iter().enumerate() {
+        let handle = backend
+            .snapshot(1)
+            .unwrap()
+            .upload(&job2, UID, i as u32)
+            .await
+            .unwrap();
+        for f in &handle.shared {
+            assert_eq!(f.uploaded_by, 1, "a restored file referenced in place");
+            let inode = std::fs::metadata(store_dir.join("job2").join(&f.path))
+                .unwrap()
+                .ino();
+            let from_savepoint = source
+                .metadata()
+                .handles()
+                .flat_map(|(_, h)| h.files())
+                .filter(|s| s.local_name == f.local_name)
+                .any(|s| {
+                    let p =
+                        Path::new(source.root().url().trim_start_matches("file://")).join(&s.path);
+                    std::fs::metadata(p).unwrap().ino() == inode
+                });
+            if from_savepoint {
+                copied += 1;
+            }
+        }
+    }
+    assert!(copied > 0, "no file was copied inside the store");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moved_savepoint_folder_restores() {
+    for format in [SavepointFormat::Canonical, SavepointFormat::Native] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (source, model, _) = prepare(tmp.path(), 2, Some(format)).await;
+        let old = Path::new(source.root().url().trim_start_matches("file://")).to_path_buf();
+        let moved = tmp.path().join("elsewhere").join("renamed-savepoint");
+        std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+        std::fs::rename(&old, &moved).unwrap();
+        assert!(RestoreSource::open(old.to_str().unwrap()).await.is_err());
+        let source = RestoreSource::open(moved.to_str().unwrap()).await.unwrap();
+        let restored = restore_all(&source, tmp.path(), 3, &RestoreOptions::default())
+            .await
+            .unwrap();
+        check(&restored, &model, &format!("moved {format:?} 2->3"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_mapping_and_max_parallelism_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (source, _, _) = prepare(tmp.path(), 2, Some(SavepointFormat::Canonical)).await;
+    let other = vec![OperatorSpec {
+        uid: "renamed".into(),
+        parallelism: 2,
+        max_parallelism: MAX_PAR,
+    }];
+    let err = source.check_operators(&other, false).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    let msg = err.to_string();
+    assert!(msg.contains("\"op\"") && msg.contains("renamed"), "{msg}");
+    source.check_operators(&other, true).unwrap();
+
+    let wrong_max = vec![OperatorSpec {
+        uid: UID.into(),
+        parallelism: 2,
+        max_parallelism: 256,
+    }];
+    let err = source.check_operators(&wrong_max, false).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Incompatible, "{err}");
+    let opts = BackendOptions::for_subtask(tmp.path().join("x"), 0, 2, 256).unwrap();
+    let err = RocksStateBackend::builder(opts)
+        .restore_operator(&source, UID, &RestoreOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Incompatible, "{err}");
+    assert!(err.to_string().contains("max parallelism"), "{err}");
+
+    // A uid the snapshot does not know starts empty.
+    let opts = BackendOptions::for_subtask(tmp.path().join("y"), 0, 2, MAX_PAR).unwrap();
+    let fresh = RocksStateBackend::builder(opts)
+        .restore_operator(&source, "new-operator", &RestoreOptions::default())
+        .await
+        .unwrap();
+    assert!(fresh.states().is_empty());
+}
