@@ -260,3 +260,97 @@ fn restarting_from_an_older_checkpoint_than_the_retained_ones() {
     let done = h.finish().unwrap();
     assert_eq!(digest(&done.backends), expected);
 }
+
+/// A job crashes, restarts from its latest checkpoint at another parallelism (rescale
+/// through the checkpoint's files), then stops with a savepoint and resumes from it at a
+/// third parallelism; it ends in the same state as a run that never stopped.
+#[test]
+fn rescaled_restarts_and_savepoints_end_in_the_same_state() {
+    use rockstate::harness::StartFrom;
+    use rockstate::{RestoreOptions, RestoreSource, SavepointFormat};
+    let expected = uninterrupted();
+    for format in [SavepointFormat::Canonical, SavepointFormat::Native] {
+        let root = tempfile::tempdir().unwrap();
+        let dir =
+            CheckpointStorage::open(root.path().join("checkpoints").to_str().unwrap()).unwrap();
+        let savepoints =
+            CheckpointStorage::open(root.path().join("savepoints").to_str().unwrap()).unwrap();
+        let local = tempfile::tempdir().unwrap();
+        let mut cfg = config(local.path(), 250);
+        cfg.parallelism = 4;
+        let mut h = Harness::start(cfg, &dir, source(), factory(), StartFrom::Empty).unwrap();
+        h.run(1_100).unwrap();
+        h.checkpoint_now().unwrap();
+        h.run(100).unwrap();
+        h.crash();
+
+        let mut cfg = config(local.path(), 250);
+        cfg.parallelism = 3;
+        let mut h = Harness::start(cfg, &dir, source(), factory(), StartFrom::Latest).unwrap();
+        assert!(h.restored_from().is_some());
+        h.run(700).unwrap();
+        let (savepoint, done) = h.stop_with_savepoint(Some(&savepoints), format).unwrap();
+        drop(done);
+        assert!(savepoint.metadata.is_savepoint());
+
+        let source_snapshot = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(RestoreSource::open(&savepoint.url))
+            .unwrap();
+        let mut cfg = config(local.path(), 250);
+        cfg.parallelism = 1;
+        cfg.job_id = "job-from-savepoint".into();
+        let h = Harness::start(
+            cfg,
+            &dir,
+            source(),
+            factory(),
+            StartFrom::Snapshot {
+                source: Box::new(source_snapshot),
+                options: RestoreOptions::default(),
+            },
+        )
+        .unwrap();
+        let done = h.finish().unwrap();
+        assert_eq!(digest(&done.backends), expected, "{format:?}");
+    }
+}
+
+/// A factory that registers a state with another type than the snapshot recorded fails
+/// with an error naming the operator, the state and both types.
+#[test]
+fn incompatible_state_after_restore_names_operator_state_and_types() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = CheckpointStorage::open(root.path().to_str().unwrap()).unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let mut h = Harness::start(
+        config(local.path(), 0),
+        &dir,
+        source(),
+        factory(),
+        StartFrom::Empty,
+    )
+    .unwrap();
+    h.run(300).unwrap();
+    h.checkpoint_now().unwrap();
+    h.crash();
+    let wrong: OperatorFactory<String, u64> = Arc::new(|backend: &RocksStateBackend| {
+        backend.register(ValueStateDescriptor::<String, String>::new("count"))?;
+        unreachable!("registration must fail")
+    });
+    let err = match Harness::start(
+        config(local.path(), 0),
+        &dir,
+        source(),
+        wrong,
+        StartFrom::Latest,
+    ) {
+        Ok(_) => panic!("an incompatible state was accepted"),
+        Err(e) => e,
+    };
+    assert_eq!(err.kind(), rockstate::ErrorKind::Incompatible);
+    let msg = err.to_string();
+    for part in ["counter", "count", "u64", "alloc::string::String"] {
+        assert!(msg.contains(part), "{part} missing from: {msg}");
+    }
+}
