@@ -320,7 +320,8 @@ impl BackendCore {
 
     /// Ingests SST files written by another rockstate database into `column`, keeping
     /// their sequence numbers. `files` must be ordered oldest data first (deepest level
-    /// first) and must not overlap the column's existing keys. The files are moved.
+    /// first) and must not overlap the column's existing keys. The files are hard-linked,
+    /// so the source directory stays whole (a fallback can still read it).
     pub(crate) fn ingest_db_files(&self, column: &ColumnSettings, files: &[PathBuf]) -> Result<()> {
         if files.is_empty() {
             return Ok(());
@@ -328,7 +329,7 @@ impl BackendCore {
         let cf = self.cf(&column.cf_name)?;
         let mut opts = rocksdb::IngestExternalFileOptions::default();
         opts.set_allow_db_generated_files(true);
-        opts.set_move_files(true);
+        opts.set_link_files(true);
         opts.set_snapshot_consistency(false);
         self.db
             .ingest_external_file_cf_opts(&cf, &opts, files.to_vec())

@@ -296,8 +296,15 @@ impl PendingSnapshot {
                 async move {
                     let (info, placement, copied) = match (action, copy_source) {
                         (Action::Copy(prev), Some(source)) => {
-                            target.copy_from(&source, &prev.path, &rel).await?;
-                            (prev.info(), Placement::Shared, true)
+                            match target.copy_from(&source, &prev.path, &rel).await {
+                                Ok(()) => (prev.info(), Placement::Shared, true),
+                                // Gone from the source since the restore: send ours.
+                                Err(e) if e.kind() == crate::ErrorKind::NotFound => {
+                                    tracing::info!(file = %source.url_of(&prev.path), "restored file is gone; uploading the local copy");
+                                    (target.upload_file(&local, &rel).await?, Placement::Shared, false)
+                                }
+                                Err(e) => return Err(e),
+                            }
                         }
                         (Action::Upload(placement), _) => {
                             (target.upload_file(&local, &rel).await?, placement, false)
