@@ -223,21 +223,25 @@ fn read_or_create_record(
     let stored = db
         .get_cf(&cf, meta::BACKEND_KEY)
         .map_err(|e| Error::engine("read backend record", e))?;
+    let new_record = || {
+        let record = BackendRecord {
+            backend_uid: new_uid(),
+            max_parallelism: options.max_parallelism,
+            key_group_range: options.key_group_range,
+            created_at_ms: clock.now_millis(),
+        };
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.disable_wal(true);
+        db.put_cf_opt(&cf, meta::BACKEND_KEY, record.encode()?, &wo)
+            .map_err(|e| Error::engine("write backend record", e))?;
+        Ok(record)
+    };
     match stored {
         Some(bytes) => {
             let record = BackendRecord::decode(&bytes)?;
             if record.max_parallelism == options.max_parallelism && rescaled {
-                let record = BackendRecord {
-                    backend_uid: new_uid(),
-                    max_parallelism: options.max_parallelism,
-                    key_group_range: options.key_group_range,
-                    created_at_ms: clock.now_millis(),
-                };
-                let mut wo = rocksdb::WriteOptions::default();
-                wo.disable_wal(true);
-                db.put_cf_opt(&cf, meta::BACKEND_KEY, record.encode()?, &wo)
-                    .map_err(|e| Error::engine("write backend record", e))?;
-                return Ok(record);
+                // Another range now, and another identity.
+                return new_record();
             }
             if record.max_parallelism != options.max_parallelism {
                 return Err(Error::IncompatibleLayout {
@@ -259,19 +263,7 @@ fn read_or_create_record(
             }
             Ok(record)
         }
-        None => {
-            let record = BackendRecord {
-                backend_uid: new_uid(),
-                max_parallelism: options.max_parallelism,
-                key_group_range: options.key_group_range,
-                created_at_ms: clock.now_millis(),
-            };
-            let mut wo = rocksdb::WriteOptions::default();
-            wo.disable_wal(true);
-            db.put_cf_opt(&cf, meta::BACKEND_KEY, record.encode()?, &wo)
-                .map_err(|e| Error::engine("write backend record", e))?;
-            Ok(record)
-        }
+        None => new_record(),
     }
 }
 

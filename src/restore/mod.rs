@@ -83,6 +83,21 @@ pub(crate) async fn download_all(
     first.map_or(Ok(()), Err)
 }
 
+/// Replaces `dir` with the fully written and synced `incoming`, durably.
+pub(crate) async fn move_into_place(incoming: &Path, dir: &Path) -> Result<()> {
+    remove_dir_if_exists(dir).await?;
+    tokio::fs::rename(incoming, dir).await.map_err(|e| {
+        Error::io(
+            format!("move {} to {}", incoming.display(), dir.display()),
+            e,
+        )
+    })?;
+    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => sync_dir(parent).await,
+        None => Ok(()),
+    }
+}
+
 /// Makes a directory's entries (a rename, new files) durable.
 pub(crate) async fn sync_dir(dir: &Path) -> Result<()> {
     let path = dir.to_path_buf();
@@ -166,16 +181,7 @@ impl BackendBuilder {
             }
             return Err(e);
         }
-        remove_dir_if_exists(&dir).await?;
-        tokio::fs::rename(&incoming, &dir).await.map_err(|e| {
-            Error::io(
-                format!("move {} to {}", incoming.display(), dir.display()),
-                e,
-            )
-        })?;
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            sync_dir(parent).await?;
-        }
+        move_into_place(&incoming, &dir).await?;
 
         let checkpoint_id = handle.checkpoint_id;
         let expected: Vec<String> = handle.states.iter().map(|m| m.name.clone()).collect();

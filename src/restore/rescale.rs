@@ -12,8 +12,8 @@ use crate::codec;
 use crate::error::{Error, Result};
 use crate::keygroup::KeyGroupRange;
 use crate::restore::{
-    download_all, is_empty_or_missing, remove_dir_if_exists, seed, sibling, sync_dir,
-    RescaleStrategy, RestoreOptions, RestoreSource,
+    download_all, is_empty_or_missing, move_into_place, remove_dir_if_exists, seed, sibling,
+    sync_dir, RescaleStrategy, RestoreOptions, RestoreSource,
 };
 use crate::savepoint::canonical::DataFileReader;
 use crate::snapshot::tracker::FileSet;
@@ -123,16 +123,7 @@ impl BackendBuilder {
                 return Err(e);
             }
         };
-        remove_dir_if_exists(&dir).await?;
-        tokio::fs::rename(&incoming, &dir).await.map_err(|e| {
-            Error::io(
-                format!("move {} to {}", incoming.display(), dir.display()),
-                e,
-            )
-        })?;
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            sync_dir(parent).await?;
-        }
+        move_into_place(&incoming, &dir).await?;
         let backend = blocking(move || self.open()).await?;
         Ok((backend, value))
     }
