@@ -25,10 +25,6 @@ const BATCH_BYTES: usize = 4 << 20;
 
 type Batch = Vec<(Arc<ColumnSettings>, Vec<u8>, Vec<u8>)>;
 
-fn batch_size(batch: &Batch) -> usize {
-    batch.iter().map(|(_, k, v)| k.len() + v.len()).sum()
-}
-
 impl BackendBuilder {
     /// Restores subtask state of the operator `operator_uid` from `source` into this
     /// builder's empty local directory, for the builder's key-group range, whatever the
@@ -370,7 +366,16 @@ fn ingest(backend: &RocksStateBackend, handle: &KeyedStateHandle, dir: &Path) ->
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(&f.name)).collect();
         for f in &files {
             if let Some(stored) = stored.get(&f.name) {
-                identities.insert(f.identity.clone(), stored.clone());
+                // An identity seen twice is ambiguous: such files are uploaded again
+                // rather than risk recording the wrong stored file.
+                match identities.entry(f.identity.clone()) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(Some(stored.clone()));
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut o) => {
+                        o.insert(None);
+                    }
+                }
             }
         }
         backend.core.ingest_db_files(column, &paths)?;
@@ -380,7 +385,7 @@ fn ingest(backend: &RocksStateBackend, handle: &KeyedStateHandle, dir: &Path) ->
         if before.contains(&file.name) {
             continue;
         }
-        if let Some(stored) = identities.get(&file.identity) {
+        if let Some(Some(stored)) = identities.get(&file.identity) {
             let copy = StateFile {
                 local_name: file.name.clone(),
                 ..stored.clone()
@@ -416,11 +421,14 @@ fn iterate(
         let target = backend.ensure_state(&meta)?;
         let mut scan = source.scan(&column, lower.clone(), upper.clone())?;
         let mut batch: Batch = Vec::new();
+        let mut bytes = 0usize;
         while let Some((key, value)) = scan.current()? {
+            bytes += key.len() + value.len();
             batch.push((target.clone(), key.to_vec(), value.to_vec()));
-            if batch.len().is_multiple_of(1024) && batch_size(&batch) >= BATCH_BYTES {
+            if bytes >= BATCH_BYTES {
                 backend.core.put_raw(&batch)?;
                 batch.clear();
+                bytes = 0;
             }
             scan.advance();
         }

@@ -197,7 +197,8 @@ pub(crate) fn write_file(
         for (index, (_, column)) in columns.iter().enumerate() {
             let mut scan = core.scan(column, lower.clone(), upper.clone())?;
             while let Some((key, value)) = scan.current()? {
-                let key = &key[2..];
+                // Every key of the scanned range starts with its 2-byte key group.
+                let key = key.get(2..).unwrap_or_default();
                 let key_len = u32::try_from(key.len())
                     .map_err(|_| Error::invalid("a key longer than 4 GiB"))?;
                 let value_len = u32::try_from(value.len())

@@ -203,10 +203,23 @@ impl PendingSnapshot {
         .map_err(|e| Error::Internal(format!("savepoint task failed: {e}")))?;
         let rel = format!("{dir}/{CANONICAL_FILE}");
         let uploaded = match written {
-            Ok(written) => folder.upload_file(&data_file, &rel).await.map(|info| {
-                debug_assert_eq!(info, written.info);
-                (info, written)
-            }),
+            Ok(written) => match folder.upload_file(&data_file, &rel).await {
+                // The stored bytes must be the ones written (and checksummed) above.
+                Ok(info) if info == written.info => Ok((info, written)),
+                Ok(info) => {
+                    if let Err(e) = folder.delete(&rel).await {
+                        tracing::warn!(path = %folder.url_of(&rel), error = %e, "cannot remove a mismatching savepoint file");
+                    }
+                    Err(Error::corrupt(
+                        format!("savepoint file {}", folder.url_of(&rel)),
+                        format!(
+                            "stored {} bytes with CRC32 {:08x}, written {} bytes with {:08x}",
+                            info.size, info.crc32, written.info.size, written.info.crc32
+                        ),
+                    ))
+                }
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         if let Err(e) = tokio::fs::remove_file(&data_file).await {
