@@ -43,6 +43,8 @@ mod backend;
 pub mod checkpoint;
 pub mod clock;
 pub mod codec;
+pub mod demo;
+mod digest;
 mod error;
 pub mod harness;
 mod hash;
@@ -61,6 +63,7 @@ pub use checkpoint::{
     SubtaskSnapshot,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use digest::StateDigest;
 pub use error::{Error, ErrorKind, Result};
 pub use keygroup::{
     key_group_for, key_group_range_for_subtask, subtask_for_key, subtask_for_key_group,

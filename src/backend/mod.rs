@@ -451,6 +451,21 @@ impl RocksStateBackend {
         self.core.count_outside(self.core.key_group_range())
     }
 
+    /// Calls `f(state name, RocksDB key, RocksDB value)` for every stored entry of every
+    /// registered state, state by state in key order. Reads a consistent view per state.
+    ///
+    /// Errors: engine errors from the scan.
+    pub fn for_each_entry(&self, mut f: impl FnMut(&str, &[u8], &[u8])) -> Result<()> {
+        for (meta, column) in self.core.state_columns() {
+            let mut scan = self.core.scan(&column, Vec::new(), None)?;
+            while let Some((key, value)) = scan.current()? {
+                f(&meta.name, key, value);
+                scan.advance();
+            }
+        }
+        Ok(())
+    }
+
     /// Writes all memtables to SST files. Blocks until the flush is done.
     pub fn flush(&self) -> Result<()> {
         self.core.flush()

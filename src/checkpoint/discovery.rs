@@ -33,9 +33,9 @@ pub(crate) fn parse_checkpoint_dir(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// What a job directory holds.
+/// What a job directory holds ([`CheckpointStorage::checkpoints`]).
 #[derive(Debug, Default)]
-pub(crate) struct Found {
+pub struct JobCheckpoints {
     /// Completed checkpoints, oldest first.
     pub completed: Vec<CheckpointMetadata>,
     /// Ids of `chk-N/` directories without `_metadata`.
@@ -60,7 +60,7 @@ pub(crate) async fn read_metadata(
 
 /// Scans the job directory. Storage errors other than damaged metadata are returned:
 /// nothing may be concluded (or deleted) from a partial view.
-pub(crate) async fn scan(job: &CheckpointStorage) -> Result<Found> {
+pub(crate) async fn scan(job: &CheckpointStorage) -> Result<JobCheckpoints> {
     let mut ids: Vec<u64> = job
         .list_dirs("")
         .await?
@@ -68,9 +68,9 @@ pub(crate) async fn scan(job: &CheckpointStorage) -> Result<Found> {
         .filter_map(|d| parse_checkpoint_dir(d))
         .collect();
     ids.sort_unstable();
-    let mut found = Found {
+    let mut found = JobCheckpoints {
         highest_id: ids.last().copied().unwrap_or(0),
-        ..Found::default()
+        ..JobCheckpoints::default()
     };
     for id in ids {
         match read_metadata(job, id).await {
@@ -91,6 +91,14 @@ pub(crate) async fn scan(job: &CheckpointStorage) -> Result<Found> {
 }
 
 impl CheckpointStorage {
+    /// Every checkpoint of the job whose directory this is: completed ones (oldest
+    /// first), incomplete `chk-N/` folders, and ones whose `_metadata` cannot be read.
+    ///
+    /// Errors: storage errors.
+    pub async fn checkpoints(&self) -> Result<JobCheckpoints> {
+        scan(self).await
+    }
+
     /// The newest completed checkpoint of the job whose directory this is: the highest
     /// `chk-N` with a readable `_metadata`. A newer checkpoint whose `_metadata` is damaged
     /// is skipped (and logged); incomplete `chk-N/` folders are ignored.

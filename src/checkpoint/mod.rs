@@ -11,6 +11,7 @@ mod sweep;
 pub use coordinator::{
     AckOutcome, CheckpointCoordinator, CoordinatorOptions, OperatorSpec, SavepointTrigger,
 };
+pub use discovery::JobCheckpoints;
 pub use metadata::{
     CheckpointMetadata, OperatorSnapshot, SnapshotKind, SubtaskSnapshot, MAX_METADATA_LEN,
     METADATA_MAGIC, METADATA_VERSION,

@@ -120,7 +120,7 @@ pub struct Harness<S: Source> {
     coordinator: Arc<tokio::sync::Mutex<CheckpointCoordinator>>,
     runtime: tokio::runtime::Runtime,
     progress: SharedProgress,
-    restored_from: Option<u64>,
+    restored_from: Option<(u64, String)>,
     events: u64,
     since_checkpoint: u64,
 }
@@ -133,6 +133,8 @@ pub struct Finished {
     pub last_checkpoint: Option<CheckpointMetadata>,
     /// Records processed by this run.
     pub events: u64,
+    /// Checkpoints completed by this run, in order.
+    pub completed: Vec<u64>,
 }
 
 impl<S: Source> Harness<S>
@@ -270,7 +272,9 @@ where
                     .map_err(|e| Error::io("spawn a subtask thread", e))?,
             );
         }
-        let restored_from = restore.as_ref().map(|(s, _)| s.metadata().checkpoint_id);
+        let restored_from = restore
+            .as_ref()
+            .map(|(s, _)| (s.metadata().checkpoint_id, s.location().to_string()));
         if let Some(meta) = own {
             progress.0.lock().latest = Some(meta);
         }
@@ -447,6 +451,7 @@ where
                 backends,
                 last_checkpoint,
                 events: self.events,
+                completed: self.completed_checkpoints(),
             },
         ))
     }
@@ -513,7 +518,12 @@ where
 
     /// The checkpoint this run started from.
     pub fn restored_from(&self) -> Option<u64> {
-        self.restored_from
+        self.restored_from.as_ref().map(|(id, _)| *id)
+    }
+
+    /// The URL of the checkpoint or savepoint folder this run started from.
+    pub fn restored_location(&self) -> Option<&str> {
+        self.restored_from.as_ref().map(|(_, url)| url.as_str())
     }
 
     fn stop_threads(&mut self) -> Result<Vec<RocksStateBackend>> {
@@ -536,6 +546,23 @@ where
             backends,
             last_checkpoint: Some(last),
             events: self.events,
+            completed: self.completed_checkpoints(),
+        })
+    }
+
+    /// Stops without processing more records or taking another checkpoint: snapshots in
+    /// flight are aborted, the coordinator keeps its completed checkpoints (the job
+    /// resumes from the latest one), and the subtasks' backends are returned.
+    pub fn cancel(mut self) -> Result<Finished> {
+        let backends = self.stop_threads()?;
+        let coordinator = self.coordinator.clone();
+        self.runtime
+            .block_on(async move { coordinator.lock().await.shutdown(false).await })?;
+        Ok(Finished {
+            backends,
+            last_checkpoint: self.latest_checkpoint(),
+            events: self.events,
+            completed: self.completed_checkpoints(),
         })
     }
 

@@ -19,8 +19,10 @@
 
 mod rescale;
 mod source;
+mod verify;
 
 pub use source::{RescaleStrategy, RestoreMode, RestoreOptions, RestoreSource};
+pub use verify::{BadFile, VerifyReport};
 
 use std::path::{Path, PathBuf};
 

@@ -69,7 +69,7 @@ impl RestoreSource {
         let folder = trimmed
             .strip_suffix(&format!("/{METADATA_FILE}"))
             .unwrap_or(trimmed);
-        Self::open_folder(&CheckpointStorage::open(folder)?).await
+        Self::open_folder(&CheckpointStorage::open_existing(folder)?).await
     }
 
     /// Opens the snapshot whose folder (`chk-N` or savepoint folder) is `folder`.

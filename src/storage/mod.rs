@@ -142,8 +142,19 @@ impl CheckpointStorage {
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
             .collect();
-        let opened = open::open_store(url, config)?;
-        Ok(Self {
+        Ok(Self::from_opened(open::open_store(url, config, true)?))
+    }
+
+    /// Like [`open`](Self::open), for reading what exists: a local directory is not
+    /// created.
+    ///
+    /// Errors: `NotFound` when a local directory does not exist; see [`open`](Self::open).
+    pub fn open_existing(url: &str) -> Result<Self> {
+        Ok(Self::from_opened(open::open_store(url, Vec::new(), false)?))
+    }
+
+    fn from_opened(opened: open::Opened) -> Self {
+        Self {
             store: opened.store,
             root: opened.root,
             url: opened.url,
@@ -152,7 +163,15 @@ impl CheckpointStorage {
                 Some(dir) => StoreIdentity::Local(dir),
                 None => StoreIdentity::Named(opened.store_name),
             },
-        })
+        }
+    }
+
+    /// The local directory of a local-file storage (`None` for other stores).
+    pub fn local_dir(&self) -> Option<&std::path::Path> {
+        match &self.identity {
+            StoreIdentity::Local(dir) => Some(dir),
+            _ => None,
+        }
     }
 
     /// A storage over an existing store, rooted at its top. `label` names it in messages.

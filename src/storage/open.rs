@@ -34,7 +34,7 @@ fn invalid_url(url: &str, why: impl std::fmt::Display) -> Error {
     Error::invalid(format!("storage URL {url:?}: {why}"))
 }
 
-fn open_local(dir: PathBuf, url: &str) -> Result<Opened> {
+fn open_local(dir: PathBuf, url: &str, create: bool) -> Result<Opened> {
     let dir = if dir.is_absolute() {
         dir
     } else {
@@ -42,7 +42,14 @@ fn open_local(dir: PathBuf, url: &str) -> Result<Opened> {
             .map_err(|e| Error::io("read the current directory", e))?
             .join(dir)
     };
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    // Lexically drop `.` components, so that URLs read `file:///a/b`, not `file:///a/./b`.
+    let dir: PathBuf = dir.components().collect();
+    if create {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    } else if !dir.is_dir() {
+        return Err(Error::NotFound(format!("no directory {}", dir.display())));
+    }
     let store = LocalFileSystem::new_with_prefix(&dir)
         .map_err(|e| Error::storage("open", url, e))?
         .with_automatic_cleanup(true);
@@ -64,13 +71,17 @@ fn env_config(prefix: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-pub(crate) fn open_store(url: &str, config: Vec<(String, String)>) -> Result<Opened> {
+pub(crate) fn open_store(
+    url: &str,
+    config: Vec<(String, String)>,
+    create_local: bool,
+) -> Result<Opened> {
     let trimmed = url.trim_end_matches('/');
     if trimmed.is_empty() {
         return Err(invalid_url(url, "empty"));
     }
     if !trimmed.contains("://") {
-        return open_local(PathBuf::from(trimmed), url);
+        return open_local(PathBuf::from(trimmed), url, create_local);
     }
     let parsed = Url::parse(trimmed).map_err(|e| invalid_url(url, e))?;
     match parsed.scheme() {
@@ -78,7 +89,7 @@ pub(crate) fn open_store(url: &str, config: Vec<(String, String)>) -> Result<Ope
             let dir = parsed
                 .to_file_path()
                 .map_err(|()| invalid_url(url, "not an absolute local path"))?;
-            open_local(dir, url)
+            open_local(dir, url, create_local)
         }
         "memory" => {
             let name = format!(

@@ -105,9 +105,56 @@ impl CheckpointStorage {
     /// size or CRC mismatch; `Io` when the local file cannot be written. A failed download
     /// leaves a partial local file that the caller removes with its directory.
     pub async fn download_file(&self, rel: &str, local: &Path, expected: &FileInfo) -> Result<()> {
-        let loc = self.location(rel)?;
-        let url = self.url_of(rel);
-        let result = self
+        let mut read = CheckedRead::open(self, rel, expected).await?;
+        let local_err = |e| Error::io(format!("write {}", local.display()), e);
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(local)
+            .await
+            .map_err(local_err)?;
+        while let Some(chunk) = read.next().await? {
+            file.write_all(&chunk).await.map_err(local_err)?;
+        }
+        file.flush().await.map_err(local_err)?;
+        file.sync_all().await.map_err(local_err)?;
+        read.finish()
+    }
+
+    /// Reads `rel` through and checks its size and CRC32 against `expected`, without
+    /// keeping it; `on_bytes` is called with the length of every chunk read.
+    ///
+    /// Errors: `NotFound` when the object is missing; `Corrupt`, naming the file, on a
+    /// size or CRC mismatch; storage errors.
+    pub async fn verify_file(
+        &self,
+        rel: &str,
+        expected: &FileInfo,
+        mut on_bytes: impl FnMut(u64),
+    ) -> Result<()> {
+        let mut read = CheckedRead::open(self, rel, expected).await?;
+        while let Some(chunk) = read.next().await? {
+            on_bytes(chunk.len() as u64);
+        }
+        read.finish()
+    }
+}
+
+/// A streaming read of one object checked against its recorded size and CRC32.
+struct CheckedRead {
+    url: String,
+    expected: FileInfo,
+    stream: futures::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>,
+    hasher: crc32fast::Hasher,
+    total: u64,
+}
+
+impl CheckedRead {
+    /// Starts the read; fails at once when the stored size differs from the recorded one.
+    async fn open(storage: &CheckpointStorage, rel: &str, expected: &FileInfo) -> Result<Self> {
+        let loc = storage.location(rel)?;
+        let url = storage.url_of(rel);
+        let result = storage
             .store
             .get(&loc)
             .await
@@ -118,43 +165,51 @@ impl CheckpointStorage {
                 format!("size {} but {} recorded", result.meta.size, expected.size),
             ));
         }
-        let local_err = |e| Error::io(format!("write {}", local.display()), e);
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(local)
-            .await
-            .map_err(local_err)?;
-        let mut hasher = crc32fast::Hasher::new();
-        let mut total = 0u64;
-        let mut stream = result.into_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| Error::storage("read", &url, e))?;
-            total += chunk.len() as u64;
-            if total > expected.size {
-                return Err(Error::corrupt(
-                    format!("file {url}"),
-                    format!("longer than the {} bytes recorded", expected.size),
-                ));
-            }
-            hasher.update(&chunk);
-            file.write_all(&chunk).await.map_err(local_err)?;
-        }
-        file.flush().await.map_err(local_err)?;
-        file.sync_all().await.map_err(local_err)?;
-        if total != expected.size {
+        Ok(Self {
+            url,
+            expected: *expected,
+            stream: result.into_stream(),
+            hasher: crc32fast::Hasher::new(),
+            total: 0,
+        })
+    }
+
+    /// The next chunk, `None` at the end. Stops as soon as the object is longer than
+    /// recorded.
+    async fn next(&mut self) -> Result<Option<bytes::Bytes>> {
+        let Some(chunk) = self.stream.next().await else {
+            return Ok(None);
+        };
+        let chunk = chunk.map_err(|e| Error::storage("read", &self.url, e))?;
+        self.total += chunk.len() as u64;
+        if self.total > self.expected.size {
             return Err(Error::corrupt(
-                format!("file {url}"),
-                format!("{total} bytes read but {} recorded", expected.size),
+                format!("file {}", self.url),
+                format!("longer than the {} bytes recorded", self.expected.size),
             ));
         }
-        let crc = hasher.finalize();
-        if crc != expected.crc32 {
+        self.hasher.update(&chunk);
+        Ok(Some(chunk))
+    }
+
+    /// Checks the length and checksum of everything read.
+    fn finish(self) -> Result<()> {
+        if self.total != self.expected.size {
             return Err(Error::corrupt(
-                format!("file {url}"),
+                format!("file {}", self.url),
+                format!(
+                    "{} bytes read but {} recorded",
+                    self.total, self.expected.size
+                ),
+            ));
+        }
+        let crc = self.hasher.finalize();
+        if crc != self.expected.crc32 {
+            return Err(Error::corrupt(
+                format!("file {}", self.url),
                 format!(
                     "CRC32 mismatch: {crc:08x} read, {:08x} recorded",
-                    expected.crc32
+                    self.expected.crc32
                 ),
             ));
         }

@@ -1,0 +1,330 @@
+//! `rockstate demo`: the demo job on the in-process harness.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use rockstate::demo::{Counter, DemoSource, DEMO_UID};
+use rockstate::harness::{Finished, Harness, HarnessConfig, StartFrom};
+use rockstate::{
+    CheckpointStorage, CoordinatorOptions, Error, RestoreMode, RestoreOptions, RestoreSource,
+    SavepointFormat,
+};
+use serde_json::json;
+
+use crate::progress::Progress;
+use crate::snapshots::print_json;
+use crate::{exit, format};
+
+pub const HELP: &str = "\
+The job: a deterministic stream of --events records over --keys keys (seeded by --seed,
+split into 8 source partitions whose offsets are checkpointed as operator state) flows
+into the keyed operator \"counter\", which keeps per key a count (ValueState), the last 8
+values (ListState) and a histogram (MapState), on --parallelism subtasks with an
+incremental checkpoint every --checkpoint-interval records.
+
+Exactly once: a run killed at any moment (even kill -9) and resumed with --resume, at the
+same or another parallelism, ends with the same state_digest as an uninterrupted run with
+the same --seed, --keys and --events.
+
+On SIGTERM or SIGINT the job stops with a savepoint when --savepoint-dir is set (its URL is
+printed) and otherwise stops, keeping its latest checkpoint.
+
+Examples:
+  rockstate demo --events 2000000 --parallelism 2
+  rockstate demo --resume --parallelism 3
+  rockstate demo --from ./savepoints/savepoint-demo-1a2b3c4d5e6f --job-id demo-2
+
+With --json the last line of stdout is one JSON object: job_id, parallelism,
+max_parallelism, events_processed, events_total, checkpoints_completed, last_checkpoint,
+restored_from, savepoint, stopped_by (\"end\" or \"signal\"), state_digest, state_entries,
+elapsed_ms.";
+
+/// Records handed to the harness between checks for a stop signal.
+const CHUNK: u64 = 2_000;
+
+/// Savepoint formats on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum FormatArg {
+    /// Per key group sections, restorable at any parallelism and into any backend layout.
+    Canonical,
+    /// The RocksDB files themselves.
+    Native,
+}
+
+/// Flags of `rockstate demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where checkpoints go: the job's directory is `<URL>/<job id>`.
+    #[arg(long, default_value = "./rockstate-demo", value_name = "URL")]
+    checkpoint_dir: String,
+    /// The job id.
+    #[arg(long, default_value = "demo", value_name = "ID")]
+    job_id: String,
+    /// Number of subtasks.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    parallelism: u32,
+    /// Number of key groups, fixed for the life of the state.
+    #[arg(long, default_value_t = 128, value_name = "M")]
+    max_parallelism: u32,
+    /// Number of distinct keys.
+    #[arg(long, default_value_t = 10_000, value_name = "K")]
+    keys: u64,
+    /// Length of the stream, in records.
+    #[arg(long, default_value_t = 1_000_000, value_name = "E")]
+    events: u64,
+    /// Records between checkpoints (0: only the final one).
+    #[arg(long, default_value_t = 50_000, value_name = "EVENTS")]
+    checkpoint_interval: u64,
+    /// Seed of the stream.
+    #[arg(long, default_value_t = 42, value_name = "S")]
+    seed: u64,
+    /// Resumes from the job's latest completed checkpoint (starts empty when it has none).
+    #[arg(long, conflicts_with = "from")]
+    resume: bool,
+    /// Starts from a given checkpoint or savepoint folder (of any job and parallelism).
+    #[arg(long, value_name = "URL")]
+    from: Option<String>,
+    /// With --from: the job takes ownership of the snapshot's files (references them in
+    /// place when they are in its own directory) instead of copying them.
+    #[arg(long, requires = "from")]
+    claim: bool,
+    /// Drops state of operators the job does not have instead of refusing to start.
+    #[arg(long)]
+    allow_non_restored_state: bool,
+    /// Where a savepoint goes when the job is stopped by SIGTERM or SIGINT.
+    #[arg(long, value_name = "URL")]
+    savepoint_dir: Option<String>,
+    /// Format of that savepoint.
+    #[arg(long, value_enum, default_value = "canonical")]
+    savepoint_format: FormatArg,
+    /// Directory for the subtasks' local RocksDB state (default: a temporary directory,
+    /// removed at exit). Emptied at start.
+    #[arg(long, value_name = "DIR")]
+    local_dir: Option<PathBuf>,
+    /// Checkpoints the job keeps.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    retained: usize,
+    /// Prints one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Sets `stop` on the first SIGTERM or SIGINT.
+fn watch_signals(
+    runtime: &tokio::runtime::Runtime,
+    stop: Arc<AtomicBool>,
+) -> rockstate::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let _guard = runtime.enter();
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| Error::io("watch for SIGTERM", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("watch for SIGINT", e))?;
+    runtime.spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        stop.store(true, Ordering::SeqCst);
+    });
+    Ok(())
+}
+
+/// Prints the checkpoints completed since the last call.
+fn report_checkpoints<S: rockstate::harness::Source>(
+    harness: &Harness<S>,
+    reported: &mut usize,
+    progress: &Progress,
+) where
+    S::Key: serde::Serialize + Send + 'static,
+    S::Value: Send + 'static,
+{
+    let completed = harness.completed_checkpoints();
+    if completed.len() <= *reported {
+        return;
+    }
+    let latest = harness.latest_checkpoint();
+    for id in &completed[*reported..] {
+        let detail = latest
+            .as_ref()
+            .filter(|m| m.checkpoint_id == *id)
+            .map(|m| {
+                format!(
+                    ": {} in total, {} uploaded",
+                    format::bytes(m.total_size()),
+                    format::bytes(m.uploaded_bytes())
+                )
+            })
+            .unwrap_or_default();
+        progress.println(&format!("checkpoint {id} completed{detail}"));
+    }
+    *reported = completed.len();
+}
+
+pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
+    rockstate::keygroup::validate_parallelism(args.parallelism, args.max_parallelism)?;
+    let source = DemoSource::new(args.seed, args.keys, args.events)?;
+    let runtime = crate::runtime()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    watch_signals(&runtime, stop.clone())?;
+
+    let storage = CheckpointStorage::open(&args.checkpoint_dir)?;
+    let job = storage.child(&args.job_id)?;
+    let savepoint_dir = args
+        .savepoint_dir
+        .as_deref()
+        .map(CheckpointStorage::open)
+        .transpose()?;
+    let start = if args.resume {
+        StartFrom::Latest
+    } else if let Some(url) = &args.from {
+        StartFrom::Snapshot {
+            source: Box::new(runtime.block_on(RestoreSource::open(url))?),
+            options: RestoreOptions {
+                mode: if args.claim {
+                    RestoreMode::Claim
+                } else {
+                    RestoreMode::NoClaim
+                },
+                allow_non_restored_state: args.allow_non_restored_state,
+                ..RestoreOptions::default()
+            },
+        }
+    } else {
+        if let Some(meta) = runtime.block_on(job.latest_completed())? {
+            return Err(Error::invalid(format!(
+                "job {:?} already has checkpoint {} in {}: pass --resume to continue it, --from URL to start from a snapshot, or another --job-id",
+                args.job_id,
+                meta.checkpoint_id,
+                job.url()
+            )));
+        }
+        StartFrom::Empty
+    };
+
+    let temp;
+    let local_root = match &args.local_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("rockstate-demo-")
+                .tempdir()
+                .map_err(|e| Error::io("create a temporary directory", e))?;
+            temp.path().to_path_buf()
+        }
+    };
+    let config = HarnessConfig {
+        job_id: args.job_id.clone(),
+        operator_uid: DEMO_UID.into(),
+        parallelism: args.parallelism,
+        max_parallelism: args.max_parallelism,
+        local_root,
+        checkpoint_interval: args.checkpoint_interval,
+        memory_budget: 64 << 20,
+        coordinator: CoordinatorOptions {
+            num_retained: args.retained.max(1),
+            ..CoordinatorOptions::default()
+        },
+    };
+    let started = Instant::now();
+    let mut harness = Harness::start(config, &storage, source, Counter::factory(), start)?;
+    let restored_from = harness.restored_location().map(str::to_string);
+    let already: u64 = harness.position().offsets().iter().sum();
+    eprintln!(
+        "job {:?}: {} subtasks, {} key groups, {} of {} events left, checkpoints in {}{}",
+        args.job_id,
+        args.parallelism,
+        args.max_parallelism,
+        args.events.saturating_sub(already),
+        args.events,
+        job.url(),
+        restored_from
+            .as_deref()
+            .map(|u| format!(", restored from {u}"))
+            .unwrap_or_default()
+    );
+    let progress = Progress::items("events", args.events);
+    progress.set(already);
+    let mut reported = 0;
+    let mut signalled = false;
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            signalled = true;
+            break;
+        }
+        let n = harness.run(CHUNK)?;
+        progress.set(harness.position().offsets().iter().sum());
+        report_checkpoints(&harness, &mut reported, &progress);
+        if n < CHUNK {
+            break;
+        }
+    }
+    let mut savepoint = None;
+    let finished: Finished = if signalled {
+        progress.println("stop signal received");
+        match &savepoint_dir {
+            Some(dir) => {
+                let format = match args.savepoint_format {
+                    FormatArg::Canonical => SavepointFormat::Canonical,
+                    FormatArg::Native => SavepointFormat::Native,
+                };
+                let (sp, finished) = harness.stop_with_savepoint(Some(dir), format)?;
+                progress.println(&format!("savepoint written to {}", sp.url));
+                savepoint = Some(sp.url);
+                finished
+            }
+            None => harness.cancel()?,
+        }
+    } else {
+        harness.finish()?
+    };
+    progress.finish();
+    for id in finished.completed.iter().skip(reported) {
+        eprintln!("checkpoint {id} completed");
+    }
+    let digest = rockstate::demo::state_digest(&finished.backends)?;
+    let last_checkpoint = finished
+        .last_checkpoint
+        .as_ref()
+        .map(|m| job.url_of(&format!("chk-{}", m.checkpoint_id)));
+    let elapsed = started.elapsed();
+    for backend in finished.backends {
+        backend.close()?;
+    }
+    if args.json {
+        print_json(&json!({
+            "job_id": args.job_id,
+            "parallelism": args.parallelism,
+            "max_parallelism": args.max_parallelism,
+            "events_processed": finished.events,
+            "events_total": args.events,
+            "checkpoints_completed": finished.completed.len(),
+            "last_checkpoint": last_checkpoint,
+            "restored_from": restored_from,
+            "savepoint": savepoint,
+            "stopped_by": if signalled { "signal" } else { "end" },
+            "state_digest": digest.to_string(),
+            "state_entries": digest.entries,
+            "elapsed_ms": elapsed.as_millis() as u64,
+        }));
+    } else {
+        println!(
+            "processed {} events in {:.1} s ({:.0} events/s), {} checkpoints completed{}",
+            finished.events,
+            elapsed.as_secs_f64(),
+            finished.events as f64 / elapsed.as_secs_f64().max(1e-3),
+            finished.completed.len(),
+            if signalled { ", stopped by signal" } else { "" }
+        );
+        if let Some(url) = &last_checkpoint {
+            println!("latest checkpoint: {url}");
+        }
+        if let Some(url) = &savepoint {
+            println!("savepoint: {url}");
+        }
+        println!("state digest: {digest} ({} entries)", digest.entries);
+    }
+    Ok(exit::OK)
+}

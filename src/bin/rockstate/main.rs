@@ -1,0 +1,251 @@
+//! The `rockstate` command-line tool: the demo job, inspection and verification of
+//! checkpoints and savepoints, the orphan sweep, and the macro benchmark.
+
+mod bench;
+mod demo;
+mod format;
+mod progress;
+mod snapshots;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit codes, documented in `--help`.
+mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// Nothing to show (`latest` without a completed checkpoint).
+    pub const NONE: u8 = 1;
+    /// Bad input or a failure, explained by one line on stderr.
+    pub const ERROR: u8 = 2;
+    /// `verify` found missing or damaged files.
+    pub const BAD_FILES: u8 = 3;
+}
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  nothing found (`latest` without a completed checkpoint)
+  2  bad input or failure (one line on stderr says why)
+  3  `verify` found missing or damaged files (each listed)
+
+URLs: a plain path, file:///abs/path, s3://bucket/prefix (configured from AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT, AWS_ALLOW_HTTP), gs://, az://.
+Logs: RUST_LOG=rockstate=debug for more detail on stderr.";
+
+/// Keyed state in RocksDB with incremental checkpoints and rescalable savepoints.
+#[derive(Debug, Parser)]
+#[command(name = "rockstate", version, about, after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the demo job: a keyed event stream counted per key, with incremental
+    /// checkpoints; resumable after any crash, at any parallelism.
+    #[command(after_help = demo::HELP)]
+    Demo(demo::DemoArgs),
+    /// Lists a job's checkpoints: completed ones with their sizes, incomplete ones marked.
+    #[command(after_help = "Example: rockstate checkpoints ./rockstate-demo/demo --json")]
+    Checkpoints {
+        /// The job directory (`<checkpoint dir>/<job id>`).
+        job_url: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Prints the URL of a job's newest completed checkpoint (exit 1 when there is none).
+    #[command(
+        after_help = "Example: rockstate demo --from \"$(rockstate latest ./rockstate-demo/demo)\" --job-id demo2"
+    )]
+    Latest {
+        /// The job directory (`<checkpoint dir>/<job id>`).
+        job_url: String,
+    },
+    /// Shows what a checkpoint or savepoint holds: operators, states, key groups, files.
+    #[command(after_help = "Example: rockstate inspect ./rockstate-demo/demo/chk-12")]
+    Inspect {
+        /// A `chk-N` folder, a savepoint folder, or the `_metadata` inside either.
+        snapshot_url: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Checks that every file of a checkpoint or savepoint exists with its recorded size
+    /// and CRC32 (exit 3 listing every bad file).
+    #[command(after_help = "Example: rockstate verify ./rockstate-demo/demo/chk-12")]
+    Verify {
+        /// A `chk-N` folder, a savepoint folder, or the `_metadata` inside either.
+        snapshot_url: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Savepoint operations.
+    #[command(subcommand)]
+    Savepoint(SavepointCommand),
+    /// Deletes files of a job directory that no completed checkpoint references and that
+    /// are older than the grace period.
+    #[command(
+        after_help = "Example: rockstate gc s3://bucket/checkpoints/my-job --dry-run --grace 2h\n\nThe grace period must be longer than the checkpoint timeout of a running job:\nfiles of a checkpoint in flight are not referenced yet."
+    )]
+    Gc {
+        /// The job directory (`<checkpoint dir>/<job id>`).
+        job_url: String,
+        /// Lists what would be deleted without deleting it.
+        #[arg(long)]
+        dry_run: bool,
+        /// Minimum age of a deleted file, e.g. `90s`, `30m`, `2h`, `1d`.
+        #[arg(long, default_value = "1h", value_parser = format::parse_duration)]
+        grace: std::time::Duration,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Runs the macro benchmark: state access against raw RocksDB, incremental
+    /// checkpoints, restore, rescale and savepoint, each against a baseline of the same run.
+    #[command(after_help = bench::HELP)]
+    Bench(bench::BenchArgs),
+    /// Shows which key group and subtask own a string key.
+    #[command(
+        after_help = "Example: rockstate key-group user-42 --max-parallelism 128 --parallelism 4"
+    )]
+    KeyGroup {
+        /// The key, as a string (hashed in its serialized form).
+        key: String,
+        /// Number of key groups (1..=32768).
+        #[arg(long, default_value_t = 128)]
+        max_parallelism: u32,
+        /// Number of subtasks (1..=max parallelism).
+        #[arg(long, default_value_t = 1)]
+        parallelism: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SavepointCommand {
+    /// Deletes a savepoint folder; refuses anything that is not a savepoint.
+    #[command(
+        after_help = "Example: rockstate savepoint dispose ./savepoints/savepoint-demo-1a2b3c4d5e6f"
+    )]
+    Dispose {
+        /// The savepoint folder.
+        savepoint_url: String,
+    },
+}
+
+/// Output format flags shared by the listing commands.
+#[derive(Debug, Clone, Copy, Args)]
+struct Output {
+    /// Prints one JSON object (the last line of stdout) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The runtime for the commands' storage calls.
+fn runtime() -> rockstate::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| rockstate::Error::io("start the async runtime", e))
+}
+
+fn run(cli: Cli) -> rockstate::Result<u8> {
+    match cli.command {
+        Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Checkpoints { job_url, output } => {
+            runtime()?.block_on(snapshots::checkpoints(&job_url, output.json))
+        }
+        Command::Latest { job_url } => runtime()?.block_on(snapshots::latest(&job_url)),
+        Command::Inspect {
+            snapshot_url,
+            output,
+        } => runtime()?.block_on(snapshots::inspect(&snapshot_url, output.json)),
+        Command::Verify {
+            snapshot_url,
+            output,
+        } => runtime()?.block_on(snapshots::verify(&snapshot_url, output.json)),
+        Command::Savepoint(SavepointCommand::Dispose { savepoint_url }) => {
+            runtime()?.block_on(snapshots::dispose(&savepoint_url))
+        }
+        Command::Gc {
+            job_url,
+            dry_run,
+            grace,
+            output,
+        } => runtime()?.block_on(snapshots::gc(&job_url, dry_run, grace, output.json)),
+        Command::KeyGroup {
+            key,
+            max_parallelism,
+            parallelism,
+        } => {
+            let kg = rockstate::key_group_for(&key, max_parallelism)?;
+            let subtask = rockstate::subtask_for_key_group(kg, parallelism, max_parallelism)?;
+            let range =
+                rockstate::key_group_range_for_subtask(subtask, parallelism, max_parallelism)?;
+            println!("key group {kg} of {max_parallelism}; subtask {subtask} of {parallelism}, which owns {range}");
+            Ok(exit::OK)
+        }
+    }
+}
+
+/// Logs go to stderr, warnings and up unless `RUST_LOG` says otherwise.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    // Output piped into `head` ends quietly, as for other command-line tools.
+    // SAFETY: called before any thread exists; SIG_DFL is a valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    // A bug must still end with one line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("rockstate: internal error{at}: {message}");
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let rendered = e.render().to_string();
+            let line = rendered
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("rockstate: {line} (see --help)");
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    init_logging();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("rockstate: {e}");
+            ExitCode::from(exit::ERROR)
+        }
+    }
+}
