@@ -23,7 +23,7 @@ test: lint
 	cargo test --locked --doc
 
 demo: bootstrap
-	cargo run --locked --example quickstart
+	bash scripts/demo.sh
 
 bench: bootstrap
 	cargo bench --locked --bench state_access
