@@ -78,3 +78,8 @@ pub use state::{
     StateKind, StateMeta, ValueState, ValueStateDescriptor,
 };
 pub use storage::{CheckpointStorage, StorageOptions};
+
+/// The README's Rust examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
