@@ -79,10 +79,11 @@ pub enum Error {
         requested: String,
     },
 
-    /// A local directory holds state written with a different layout than requested.
-    #[error("incompatible local state in {dir}: {detail}")]
+    /// A local directory or a snapshot holds state written with a different layout than
+    /// requested (key groups, max parallelism, partitions).
+    #[error("incompatible state layout in {dir}: {detail}")]
     IncompatibleLayout {
-        /// The local directory.
+        /// The local directory or snapshot folder.
         dir: String,
         /// What differs.
         detail: String,

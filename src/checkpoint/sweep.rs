@@ -66,7 +66,11 @@ pub async fn sweep(
         referenced.extend(meta.referenced_paths().map(str::to_string));
     }
     let unreadable_ids: BTreeSet<u64> = found.unreadable.iter().map(|(id, _)| *id).collect();
-    let cutoff = now_ms as i64 - options.grace.as_millis() as i64;
+    // Saturating: a grace longer than the clock's age keeps everything.
+    let grace_ms = i64::try_from(options.grace.as_millis()).unwrap_or(i64::MAX);
+    let cutoff = i64::try_from(now_ms)
+        .unwrap_or(i64::MAX)
+        .saturating_sub(grace_ms);
     let mut report = SweepReport {
         unreadable: found.unreadable.clone(),
         dry_run: options.dry_run,

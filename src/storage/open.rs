@@ -80,7 +80,7 @@ pub(crate) fn open_store(
     if trimmed.is_empty() {
         return Err(invalid_url(url, "empty"));
     }
-    if !trimmed.contains("://") {
+    if !url.contains("://") {
         return open_local(PathBuf::from(trimmed), url, create_local);
     }
     let parsed = Url::parse(trimmed).map_err(|e| invalid_url(url, e))?;

@@ -104,9 +104,9 @@ pub struct DemoArgs {
     /// removed at exit). Emptied at start.
     #[arg(long, value_name = "DIR")]
     local_dir: Option<PathBuf>,
-    /// Checkpoints the job keeps.
-    #[arg(long, default_value_t = 2, value_name = "N")]
-    retained: usize,
+    /// Checkpoints the job keeps (at least 1).
+    #[arg(long, default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    retained: u32,
     /// Prints one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -170,6 +170,13 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
     let stop = Arc::new(AtomicBool::new(false));
     watch_signals(&runtime, stop.clone())?;
 
+    // The snapshot to start from is opened before anything is created: a bad --from
+    // leaves no directory behind.
+    let from = args
+        .from
+        .as_deref()
+        .map(|url| runtime.block_on(RestoreSource::open(url)))
+        .transpose()?;
     let storage = CheckpointStorage::open(&args.checkpoint_dir)?;
     let job = storage.child(&args.job_id)?;
     let savepoint_dir = args
@@ -179,9 +186,9 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
         .transpose()?;
     let start = if args.resume {
         StartFrom::Latest
-    } else if let Some(url) = &args.from {
+    } else if let Some(source) = from {
         StartFrom::Snapshot {
-            source: Box::new(runtime.block_on(RestoreSource::open(url))?),
+            source: Box::new(source),
             options: RestoreOptions {
                 mode: if args.claim {
                     RestoreMode::Claim
@@ -224,7 +231,7 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
         checkpoint_interval: args.checkpoint_interval,
         memory_budget: 64 << 20,
         coordinator: CoordinatorOptions {
-            num_retained: args.retained.max(1),
+            num_retained: args.retained as usize,
             ..CoordinatorOptions::default()
         },
     };

@@ -338,12 +338,13 @@ pub async fn verify(url: &str, json: bool) -> rockstate::Result<u8> {
     Ok(exit::BAD_FILES)
 }
 
+/// The URL of a snapshot's `_metadata`, in the normalized form other reports use.
 fn metadata_url(url: &str) -> String {
     let trimmed = url.trim_end_matches('/');
-    if trimmed.ends_with("/_metadata") {
-        trimmed.to_string()
-    } else {
-        format!("{trimmed}/_metadata")
+    let folder = trimmed.strip_suffix("/_metadata").unwrap_or(trimmed);
+    match CheckpointStorage::open_existing(folder) {
+        Ok(storage) => storage.url_of("_metadata"),
+        Err(_) => format!("{folder}/_metadata"),
     }
 }
 
@@ -351,7 +352,13 @@ fn report_bad(json: bool, url: &str, files: usize, bytes: Option<u64>, bad: &[(S
     if json {
         let list: Vec<Value> = bad
             .iter()
-            .map(|(url, e)| json!({ "url": url, "kind": format!("{:?}", e.kind()), "error": e.to_string() }))
+            .map(|(url, e)| {
+                json!({
+                    "url": url,
+                    "kind": format!("{:?}", e.kind()),
+                    "error": crate::one_line(&e.to_string()),
+                })
+            })
             .collect();
         print_json(&json!({
             "url": url, "sound": false, "files": files, "bytes": bytes, "bad": list,
@@ -359,7 +366,7 @@ fn report_bad(json: bool, url: &str, files: usize, bytes: Option<u64>, bad: &[(S
         return;
     }
     for (file, e) in bad {
-        println!("BAD {file}: {e}");
+        println!("BAD {file}: {}", crate::one_line(&e.to_string()));
     }
     println!("{url}: {} of {files} files bad", bad.len());
     eprintln!(
