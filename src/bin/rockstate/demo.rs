@@ -30,7 +30,8 @@ same or another parallelism, ends with the same state_digest as an uninterrupted
 the same --seed, --keys and --events.
 
 On SIGTERM or SIGINT the job stops with a savepoint when --savepoint-dir is set (its URL is
-printed) and otherwise stops, keeping its latest checkpoint.
+printed) and otherwise stops, keeping its latest checkpoint. A second signal ends it at once
+(exit 130); it then resumes from its latest checkpoint.
 
 Examples:
   rockstate demo --events 2000000 --parallelism 2
@@ -128,6 +129,14 @@ fn watch_signals(
             _ = int.recv() => {}
         }
         stop.store(true, Ordering::SeqCst);
+        // A second signal does not wait for the savepoint: the job ends at once, as after
+        // a crash, and resumes from its latest checkpoint.
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("rockstate: second stop signal, exiting without a savepoint");
+        std::process::exit(130);
     });
     Ok(())
 }

@@ -29,6 +29,7 @@ Exit codes:
   1  nothing found (`latest` without a completed checkpoint)
   2  bad input or failure (one line on stderr says why)
   3  `verify` found missing or damaged files (each listed)
+  130  `demo` ended by a second SIGTERM/SIGINT without waiting for its savepoint
 
 URLs: a plain path, file:///abs/path, s3://bucket/prefix (configured from AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT, AWS_ALLOW_HTTP), gs://, az://.
