@@ -17,9 +17,10 @@ build: bootstrap
 lint: bootstrap
 	cargo fmt --all -- --check
 	cargo clippy --locked --all-targets -- -D warnings
+	cargo clippy --locked --all-targets --features testing -- -D warnings
 
 test: lint
-	cargo nextest run --locked --no-fail-fast
+	cargo nextest run --locked --no-fail-fast --features testing
 	cargo test --locked --doc
 
 demo: bootstrap

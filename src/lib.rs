@@ -43,6 +43,7 @@ mod backend;
 pub mod checkpoint;
 pub mod clock;
 pub mod codec;
+mod crashpoint;
 pub mod demo;
 mod digest;
 mod error;

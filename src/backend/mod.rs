@@ -491,6 +491,7 @@ impl RocksStateBackend {
         };
         let states = self.states();
         let staging = StagingDir::new(target.clone());
+        crate::crashpoint::hit("sync");
         self.core.checkpoint_into(&target)?;
         let files = snapshot::list_staged(&target)?;
         Ok(PendingSnapshot {

@@ -369,7 +369,9 @@ impl CheckpointCoordinator {
                     .filter(|p| p.starts_with("shared/") || p.starts_with("chk-"))
                     .collect();
                 let orphans = self.unowned(written);
-                delete_all(&self.job, orphans).await?;
+                if let Err(e) = delete_all(&self.job, orphans).await {
+                    tracing::warn!(checkpoint_id, error = %e, "cannot delete the files of a late acknowledgement (the sweep will)");
+                }
             }
             return Ok(AckOutcome::Discarded);
         };
@@ -463,11 +465,14 @@ impl CheckpointCoordinator {
         }
         if let Err(e) = self.registry.check(&meta) {
             tracing::warn!(checkpoint_id, error = %e, "checkpoint fails: it references an unregistered file");
-            self.delete_checkpoint_files(&meta).await?;
+            if let Err(cleanup) = self.delete_checkpoint_files(&meta).await {
+                tracing::warn!(checkpoint_id, error = %cleanup, "cannot delete the files of a failed checkpoint (the sweep will)");
+            }
             return Err(e);
         }
         let bytes = meta.encode()?;
         let path = discovery::metadata_path(checkpoint_id);
+        crate::crashpoint::hit("metadata");
         if let Err(e) = self.job.put_if_absent(&path, bytes.clone().into()).await {
             if e.kind() == crate::ErrorKind::AlreadyExists {
                 return Err(e);
@@ -485,6 +490,7 @@ impl CheckpointCoordinator {
                 }
             }
         }
+        crate::crashpoint::hit("committed");
         // Committed. What follows is cleanup: its failures are logged, never reported as a
         // failed checkpoint, and retried on the next completion or by the sweep.
         // Checked before the commit, with `&mut self` held since: cannot fail now.
@@ -570,6 +576,7 @@ impl CheckpointCoordinator {
         self.job
             .delete(&discovery::metadata_path(meta.checkpoint_id))
             .await?;
+        crate::crashpoint::hit("retention");
         let private: Vec<String> = meta
             .handles()
             .flat_map(|(_, h)| h.private.iter().map(|f| f.path.clone()))
@@ -603,11 +610,17 @@ impl CheckpointCoordinator {
             .values()
             .flat_map(Self::written_files)
             .collect();
-        match &pending.savepoint {
+        let deleted = match &pending.savepoint {
             // A savepoint's folder holds nothing any checkpoint owns.
             Some(savepoint) => delete_all(&savepoint.folder, paths).await,
             None => delete_all(&self.job, self.unowned(paths)).await,
+        };
+        // The checkpoint is aborted either way; what could not be deleted is unreferenced
+        // and left to the orphan sweep.
+        if let Err(e) = deleted {
+            tracing::warn!(checkpoint_id, error = %e, "cannot delete the files of an aborted checkpoint (the sweep will)");
         }
+        Ok(())
     }
 
     /// A subtask could not snapshot: aborts the checkpoint and deletes the files its

@@ -61,6 +61,7 @@ where
     for message in rx {
         match message {
             Message::Record(key, value) => {
+                crate::crashpoint::hit("record");
                 if let Err(e) = operator.process(&key, value) {
                     ctx.fail(&e);
                     return Err(e);

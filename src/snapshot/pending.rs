@@ -328,6 +328,7 @@ impl PendingSnapshot {
                             false,
                         ),
                     };
+                    crate::crashpoint::hit("upload");
                     Ok((
                         StateFile {
                             local_name: file.name,
