@@ -55,6 +55,8 @@ pub mod savepoint;
 pub mod snapshot;
 pub mod state;
 pub mod storage;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use backend::{
     BackendBuilder, BackendOptions, RocksStateBackend, SharedResources, DEFAULT_MEMORY_BUDGET,

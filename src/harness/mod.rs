@@ -511,6 +511,11 @@ where
         self.progress.0.lock().completed.clone()
     }
 
+    /// Checkpoints of this run that failed or timed out, with the reason.
+    pub fn failed_checkpoints(&self) -> Vec<(u64, String)> {
+        self.progress.0.lock().failed.clone()
+    }
+
     /// The newest completed checkpoint (restored or taken).
     pub fn latest_checkpoint(&self) -> Option<CheckpointMetadata> {
         self.progress.0.lock().latest.clone()

@@ -60,6 +60,11 @@ pub struct StorageOptions {
     pub multipart_threshold: u64,
     /// Size of each uploaded part (default 8 MiB; S3 needs at least 5 MiB).
     pub part_size: usize,
+    /// Further attempts of a request that failed with a transient error (`Unavailable`):
+    /// uploads, copies, `_metadata` writes, deletes, listings and metadata reads (default 3).
+    pub retries: u32,
+    /// Wait before the first retry; doubled for each further one (default 50 ms).
+    pub retry_backoff: std::time::Duration,
 }
 
 impl Default for StorageOptions {
@@ -68,6 +73,8 @@ impl Default for StorageOptions {
             transfer_concurrency: 4,
             multipart_threshold: 8 << 20,
             part_size: 8 << 20,
+            retries: 3,
+            retry_backoff: std::time::Duration::from_millis(50),
         }
     }
 }
@@ -299,10 +306,13 @@ impl CheckpointStorage {
                 .await
                 .map_err(|e| Error::Internal(format!("copy task failed: {e}")))?;
         }
-        self.store
-            .copy(&from, &to)
-            .await
-            .map_err(|e| Error::storage("copy", self.url_of(dst), e))
+        self.retrying("copy", |_| async {
+            self.store
+                .copy(&from, &to)
+                .await
+                .map_err(|e| Error::storage("copy", self.url_of(dst), e))
+        })
+        .await
     }
 
     /// Size of the object `rel`.
@@ -364,26 +374,75 @@ impl CheckpointStorage {
         format!("{}/{rel}", self.url)
     }
 
-    /// Writes `bytes` to `rel` only if nothing is there yet.
+    /// Runs `op(attempt)` and retries it while it fails with `Unavailable`, up to
+    /// [`StorageOptions::retries`] more times with doubling waits.
+    pub(crate) async fn retrying<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match op(attempt).await {
+                Err(e)
+                    if e.kind() == crate::ErrorKind::Unavailable
+                        && attempt < self.options.retries =>
+                {
+                    let wait = self
+                        .options
+                        .retry_backoff
+                        .saturating_mul(1 << attempt.min(16));
+                    tracing::debug!(what, attempt, error = %e, ?wait, "retrying a storage request");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Writes `bytes` to `rel` only if nothing is there yet. Transient failures are
+    /// retried; when a retry finds the object, it counts as written only if it holds
+    /// exactly `bytes` (the failed attempt may have stored it).
     ///
-    /// Errors: `AlreadyExists` when the object exists; storage errors otherwise.
+    /// Errors: `AlreadyExists` when another object is there; storage errors otherwise.
     pub async fn put_if_absent(&self, rel: &str, bytes: Bytes) -> Result<()> {
         let loc = self.location(rel)?;
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..PutOptions::default()
-        };
-        self.store
-            .put_opts(&loc, PutPayload::from_bytes(bytes), opts)
-            .await
-            .map_err(|e| Error::storage("conditional put", self.url_of(rel), e))?;
-        Ok(())
+        self.retrying("conditional put", |attempt| {
+            let (loc, bytes) = (loc.clone(), bytes.clone());
+            async move {
+                let opts = PutOptions {
+                    mode: PutMode::Create,
+                    ..PutOptions::default()
+                };
+                let put = self
+                    .store
+                    .put_opts(&loc, PutPayload::from_bytes(bytes.clone()), opts)
+                    .await
+                    .map_err(|e| Error::storage("conditional put", self.url_of(rel), e));
+                match put {
+                    Err(e) if attempt > 0 && e.kind() == crate::ErrorKind::AlreadyExists => {
+                        match self.read_small_once(rel, bytes.len() as u64).await {
+                            Ok(stored) if stored == bytes => Ok(()),
+                            _ => Err(e),
+                        }
+                    }
+                    other => other.map(|_| ()),
+                }
+            }
+        })
+        .await
     }
 
     /// Reads a whole object of at most `max_len` bytes (metadata, not data files).
     ///
     /// Errors: `NotFound`; `Corrupt` when the object is larger than `max_len`.
     pub async fn read_small(&self, rel: &str, max_len: u64) -> Result<Bytes> {
+        self.retrying("get", |_| self.read_small_once(rel, max_len))
+            .await
+    }
+
+    async fn read_small_once(&self, rel: &str, max_len: u64) -> Result<Bytes> {
         let loc = self.location(rel)?;
         let result = self
             .store
@@ -415,10 +474,13 @@ impl CheckpointStorage {
     /// Deletes `rel`; deleting a missing object succeeds (deletion is idempotent).
     pub async fn delete(&self, rel: &str) -> Result<()> {
         let loc = self.location(rel)?;
-        match self.store.delete(&loc).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(Error::storage("delete", self.url_of(rel), e)),
-        }
+        self.retrying("delete", |_| async {
+            match self.store.delete(&loc).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(Error::storage("delete", self.url_of(rel), e)),
+            }
+        })
+        .await
     }
 
     /// Deletes every path in `rels`, with bounded concurrency, attempting all of them;
@@ -448,10 +510,13 @@ impl CheckpointStorage {
             self.location(rel)?
         };
         let listing = self
-            .store
-            .list_with_delimiter(Some(&prefix))
-            .await
-            .map_err(|e| Error::storage("list", self.url_of(rel), e))?;
+            .retrying("list", |_| async {
+                self.store
+                    .list_with_delimiter(Some(&prefix))
+                    .await
+                    .map_err(|e| Error::storage("list", self.url_of(rel), e))
+            })
+            .await?;
         Ok(listing
             .common_prefixes
             .iter()
@@ -469,11 +534,14 @@ impl CheckpointStorage {
         };
         let root_parts = self.root.parts().count();
         let objects: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| Error::storage("list", self.url_of(rel_prefix), e))?;
+            .retrying("list", |_| async {
+                self.store
+                    .list(Some(&prefix))
+                    .try_collect()
+                    .await
+                    .map_err(|e| Error::storage("list", self.url_of(rel_prefix), e))
+            })
+            .await?;
         Ok(objects
             .into_iter()
             .map(|meta| StoredObject {

@@ -35,6 +35,23 @@ impl CheckpointStorage {
     /// cannot be read; storage errors (`Unavailable` for retryable ones). A failed
     /// multipart upload is aborted (its parts are removed).
     pub async fn upload_file(&self, local: &Path, rel: &str) -> Result<FileInfo> {
+        self.retrying("upload", |attempt| async move {
+            match self.upload_file_once(local, rel).await {
+                // A failed attempt may have stored the object: it counts if it is ours.
+                Err(e) if attempt > 0 && e.kind() == crate::ErrorKind::AlreadyExists => {
+                    let info = local_info(local).await?;
+                    match self.verify_file(rel, &info, |_| {}).await {
+                        Ok(()) => Ok(info),
+                        Err(_) => Err(e),
+                    }
+                }
+                other => other,
+            }
+        })
+        .await
+    }
+
+    async fn upload_file_once(&self, local: &Path, rel: &str) -> Result<FileInfo> {
         let loc = self.location(rel)?;
         let local_err = |e| Error::io(format!("read {}", local.display()), e);
         let mut file = tokio::fs::File::open(local).await.map_err(local_err)?;
@@ -138,6 +155,27 @@ impl CheckpointStorage {
         }
         read.finish()
     }
+}
+
+/// Size and CRC32 of a local file.
+async fn local_info(local: &Path) -> Result<FileInfo> {
+    let local_err = |e| Error::io(format!("read {}", local.display()), e);
+    let mut file = tokio::fs::File::open(local).await.map_err(local_err)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut size = 0u64;
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let n = file.read(&mut buf).await.map_err(local_err)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok(FileInfo {
+        size,
+        crc32: hasher.finalize(),
+    })
 }
 
 /// A streaming read of one object checked against its recorded size and CRC32.
