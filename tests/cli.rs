@@ -770,8 +770,9 @@ fn verify_lists_each_damaged_or_missing_file() {
     let json = run(&["verify", &url, "--json"]);
     json.expect(3);
     assert_bad_entry(&json, &victim.path, "Corrupt");
-    // Resuming from it fails cleanly, naming the file.
-    let resumed = run(&demo_args(cp, "damaged", &root, &["--resume"]));
+    // Starting from it fails cleanly, naming the file. (`--resume` falls back to an older
+    // checkpoint: tests/corruption.rs.)
+    let resumed = run(&demo_args(cp, "from-damaged", &root, &["--from", &url]));
     assert_error_line(&resumed, "resume from a damaged checkpoint");
     assert!(
         resumed.stderr.contains(&victim.path),

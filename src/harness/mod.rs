@@ -30,7 +30,7 @@ use crate::checkpoint::{
     CheckpointCoordinator, CheckpointMetadata, CoordinatorOptions, OperatorSpec, SavepointTrigger,
     SubtaskSnapshot,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::keygroup;
 use crate::restore::{RestoreMode, RestoreOptions, RestoreSource};
 use crate::savepoint::SavepointFormat;
@@ -166,18 +166,21 @@ where
             mode: RestoreMode::Claim,
             ..RestoreOptions::default()
         };
-        let restore = match from {
-            StartFrom::Empty => None,
+        // Candidates, best first. Resuming from the latest checkpoint falls back to older
+        // completed ones when a newer one cannot be restored (a damaged or missing file).
+        let candidates: Vec<(RestoreSource, RestoreOptions)> = match from {
+            StartFrom::Empty => Vec::new(),
             StartFrom::Latest => runtime
-                .block_on(job.latest_completed())?
-                .map(|meta| (RestoreSource::checkpoint(&job, meta), resume)),
-            StartFrom::Checkpoint(meta) => Some((RestoreSource::checkpoint(&job, *meta), resume)),
-            StartFrom::Snapshot { source, options } => Some((*source, options)),
+                .block_on(job.checkpoints())?
+                .completed
+                .into_iter()
+                .rev()
+                .map(|meta| (RestoreSource::checkpoint(&job, meta), resume))
+                .collect(),
+            StartFrom::Checkpoint(meta) => vec![(RestoreSource::checkpoint(&job, *meta), resume)],
+            StartFrom::Snapshot { source, options } => vec![(*source, options)],
         };
-        if config.local_root.exists() {
-            std::fs::remove_dir_all(&config.local_root)
-                .map_err(|e| Error::io(format!("empty {}", config.local_root.display()), e))?;
-        }
+        let fallback = candidates.len() > 1;
         let p = config.parallelism;
         let operators = vec![
             OperatorSpec {
@@ -191,16 +194,72 @@ where
                 max_parallelism: config.max_parallelism,
             },
         ];
-        if let Some((source, options)) = &restore {
-            source.check_operators(&operators, options.allow_non_restored_state)?;
-        }
-        let position = match &restore {
-            Some((snapshot, _)) if snapshot.metadata().operator(SOURCE_UID).is_some() => {
-                SourcePosition::from_checkpoint(snapshot.metadata(), source.partitions())?
-            }
-            _ => SourcePosition::start(source.partitions()),
-        };
         let resources = SharedResources::new(config.memory_budget)?;
+        // Restore every subtask before the coordinator starts: starting it may subsume
+        // checkpoints older than the retained ones, the one being restored included.
+        let restore_all = |restore: Option<&(RestoreSource, RestoreOptions)>| {
+            if config.local_root.exists() {
+                std::fs::remove_dir_all(&config.local_root)
+                    .map_err(|e| Error::io(format!("empty {}", config.local_root.display()), e))?;
+            }
+            if let Some((source, options)) = restore {
+                source.check_operators(&operators, options.allow_non_restored_state)?;
+            }
+            let position = match restore {
+                Some((snapshot, _)) if snapshot.metadata().operator(SOURCE_UID).is_some() => {
+                    SourcePosition::from_checkpoint(snapshot.metadata(), source.partitions())?
+                }
+                _ => SourcePosition::start(source.partitions()),
+            };
+            let mut backends = Vec::new();
+            for i in 0..p {
+                let options = BackendOptions::for_subtask(
+                    config.local_root.join(format!("subtask-{i}")),
+                    i,
+                    p,
+                    config.max_parallelism,
+                )?;
+                let builder =
+                    RocksStateBackend::builder(options).shared_resources(resources.clone());
+                backends.push(match restore {
+                    Some((snapshot, options)) => runtime.block_on(builder.restore_operator(
+                        snapshot,
+                        &config.operator_uid,
+                        options,
+                    ))?,
+                    None => builder.open()?,
+                });
+            }
+            Ok::<_, Error>((position, backends))
+        };
+        let mut restore = None;
+        let mut started = None;
+        let mut newest_error = None;
+        for candidate in candidates {
+            match restore_all(Some(&candidate)) {
+                Ok(done) => {
+                    started = Some(done);
+                    restore = Some(candidate);
+                    break;
+                }
+                Err(e)
+                    if fallback && matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound) =>
+                {
+                    tracing::warn!(checkpoint = %candidate.0.location(), error = %e, "cannot restore this checkpoint; trying an older one");
+                    newest_error.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let (position, backends) = match started {
+            Some(done) => done,
+            // No completed checkpoint restores: the newest one's reason.
+            None if fallback => {
+                return Err(newest_error
+                    .unwrap_or_else(|| Error::Internal("no checkpoint was tried".into())))
+            }
+            None => restore_all(None)?,
+        };
         let progress: SharedProgress = Arc::default();
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
@@ -208,26 +267,6 @@ where
             let (tx, rx) = std::sync::mpsc::sync_channel(1024);
             senders.push(tx);
             receivers.push(rx);
-        }
-        // Restore every subtask before the coordinator starts: starting it may subsume
-        // checkpoints older than the retained ones, the one being restored included.
-        let mut backends = Vec::new();
-        for i in 0..p {
-            let options = BackendOptions::for_subtask(
-                config.local_root.join(format!("subtask-{i}")),
-                i,
-                p,
-                config.max_parallelism,
-            )?;
-            let builder = RocksStateBackend::builder(options).shared_resources(resources.clone());
-            backends.push(match &restore {
-                Some((snapshot, options)) => runtime.block_on(builder.restore_operator(
-                    snapshot,
-                    &config.operator_uid,
-                    options,
-                ))?,
-                None => builder.open()?,
-            });
         }
         let coordinator = runtime.block_on(CheckpointCoordinator::start(
             job.clone(),

@@ -1,0 +1,233 @@
+//! Corruption of every file kind — a shared SST, a private RocksDB file, `_metadata`, a
+//! canonical savepoint section — is detected by `rockstate verify` (exit 3 naming the file)
+//! and by restore (an error naming the file), and resuming from the latest checkpoint
+//! falls back to the previous one when the newest cannot be restored.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_rockstate");
+
+fn rockstate(args: &[&str]) -> Output {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot start the rockstate binary");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    out
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn json(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| !l.trim().is_empty());
+    serde_json::from_str(line.unwrap_or_else(|| panic!("no output\n{}", text(out)))).unwrap()
+}
+
+/// Runs the demo job; `extra` selects where it starts and where savepoints go.
+fn demo(root: &Path, job: &str, extra: &[&str]) -> Output {
+    let checkpoints = root.join("checkpoints");
+    let local = root.join("local");
+    let mut args = vec![
+        "demo",
+        "--checkpoint-dir",
+        checkpoints.to_str().unwrap(),
+        "--job-id",
+        job,
+        "--local-dir",
+        local.to_str().unwrap(),
+        // Not a multiple of the interval: the final checkpoint uploads new files.
+        "--events",
+        "32000",
+        "--keys",
+        "1000",
+        "--checkpoint-interval",
+        "5000",
+        "--retained",
+        "2",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    rockstate(&args)
+}
+
+/// A finished job with two retained checkpoints; returns (job dir, newest, previous, digest).
+fn finished_job(root: &Path) -> (PathBuf, String, String, String) {
+    let out = demo(root, "job", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let digest = json(&out)["state_digest"].as_str().unwrap().to_string();
+    let job = root.join("checkpoints").join("job");
+    let listing = json(&rockstate(&[
+        "checkpoints",
+        job.to_str().unwrap(),
+        "--json",
+    ]));
+    let urls: Vec<String> = listing["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "completed")
+        .map(|c| c["url"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(urls.len(), 2, "{listing}");
+    (job, urls[1].clone(), urls[0].clone(), digest)
+}
+
+fn url_path(url: &str) -> PathBuf {
+    PathBuf::from(url.strip_prefix("file://").unwrap_or(url))
+}
+
+/// The files of a snapshot, as (path relative to its root, role, uploaded_by).
+fn files(url: &str) -> Vec<(String, String, u64)> {
+    let doc = json(&rockstate(&["inspect", url, "--json"]));
+    let mut out = Vec::new();
+    for op in doc["operators"].as_array().unwrap() {
+        for sub in op["subtasks"].as_array().unwrap() {
+            for f in sub["keyed"]["files"].as_array().into_iter().flatten() {
+                out.push((
+                    f["path"].as_str().unwrap().to_string(),
+                    f["role"].as_str().unwrap().to_string(),
+                    f["uploaded_by"].as_u64().unwrap(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn flip_byte(file: &Path) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x5a;
+    std::fs::write(file, bytes).unwrap();
+}
+
+/// `verify` exits 3 and names `file`; restoring the snapshot as a new job fails naming it.
+fn assert_detected(root: &Path, snapshot: &str, file: &str) {
+    let verify = rockstate(&["verify", snapshot]);
+    assert_eq!(verify.status.code(), Some(3), "{}", text(&verify));
+    assert!(
+        String::from_utf8_lossy(&verify.stdout).contains(file),
+        "verify does not name {file}\n{}",
+        text(&verify)
+    );
+    let restore = demo(root, "restored", &["--from", snapshot]);
+    assert_eq!(restore.status.code(), Some(2), "{}", text(&restore));
+    let stderr = String::from_utf8_lossy(&restore.stderr);
+    assert!(
+        stderr.contains(file),
+        "restore does not name {file}\n{}",
+        text(&restore)
+    );
+}
+
+/// `--resume` skips the damaged newest checkpoint, restores the previous one, and ends in
+/// the reference state.
+fn assert_falls_back(root: &Path, previous: &str, digest: &str) {
+    let resumed = demo(root, "job", &["--resume", "--parallelism", "3"]);
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    let doc = json(&resumed);
+    assert_eq!(doc["restored_from"].as_str(), Some(previous), "{doc}");
+    assert_eq!(doc["state_digest"].as_str(), Some(digest), "{doc}");
+}
+
+#[test]
+fn a_damaged_shared_file_is_detected_and_resume_falls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (job, newest, previous, digest) = finished_job(dir.path());
+    let id: u64 = newest.rsplit("chk-").next().unwrap().parse().unwrap();
+    let (path, _, _) = files(&newest)
+        .into_iter()
+        .find(|(_, role, by)| role == "shared" && *by == id)
+        .expect("the newest checkpoint uploaded a shared file");
+    flip_byte(&job.join(&path));
+    assert_detected(dir.path(), &newest, &path);
+    assert_falls_back(dir.path(), &previous, &digest);
+}
+
+#[test]
+fn a_damaged_private_file_is_detected_and_resume_falls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (job, newest, previous, digest) = finished_job(dir.path());
+    let (path, _, _) = files(&newest)
+        .into_iter()
+        .find(|(path, role, _)| role == "private" && path.contains("MANIFEST"))
+        .expect("a private MANIFEST");
+    flip_byte(&job.join(&path));
+    assert_detected(dir.path(), &newest, &path);
+    assert_falls_back(dir.path(), &previous, &digest);
+}
+
+#[test]
+fn a_truncated_metadata_is_detected_and_resume_falls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_job, newest, previous, digest) = finished_job(dir.path());
+    let metadata = url_path(&newest).join("_metadata");
+    let bytes = std::fs::read(&metadata).unwrap();
+    std::fs::write(&metadata, &bytes[..bytes.len() / 2]).unwrap();
+    let verify = rockstate(&["verify", &newest]);
+    assert_eq!(verify.status.code(), Some(3), "{}", text(&verify));
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("_metadata"));
+    let inspect = rockstate(&["inspect", &newest]);
+    assert_eq!(inspect.status.code(), Some(2), "{}", text(&inspect));
+    assert!(String::from_utf8_lossy(&inspect.stderr).contains("_metadata"));
+    assert_falls_back(dir.path(), &previous, &digest);
+}
+
+#[test]
+fn a_damaged_savepoint_section_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _, _, _) = finished_job(dir.path());
+    // A savepoint taken from the finished job, as a stop-with-savepoint of a resumed run.
+    let savepoints = dir.path().join("savepoints");
+    let child = Command::new(BIN)
+        .args([
+            "demo",
+            "--checkpoint-dir",
+            dir.path().join("checkpoints").to_str().unwrap(),
+            "--job-id",
+            "job",
+            "--local-dir",
+            dir.path().join("local").to_str().unwrap(),
+            "--events",
+            "30000000",
+            "--keys",
+            "1000",
+            "--resume",
+            "--savepoint-dir",
+            savepoints.to_str().unwrap(),
+            "--json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let savepoint = json(&out)["savepoint"].as_str().unwrap().to_string();
+    drop(job);
+    let (path, role, _) = files(&savepoint).into_iter().next().unwrap();
+    assert_eq!(role, "data");
+    // A byte inside the key-group sections, past the header.
+    flip_byte(&url_path(&savepoint).join(&path));
+    assert_detected(dir.path(), &savepoint, &path);
+}
