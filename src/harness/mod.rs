@@ -106,6 +106,8 @@ pub(crate) struct Progress {
     pub failed: Vec<(u64, String)>,
     pub error: Option<String>,
     pub savepoints: Vec<CheckpointMetadata>,
+    /// Longest synchronous snapshot phase of any subtask.
+    pub max_sync: std::time::Duration,
 }
 
 pub(crate) type SharedProgress = Arc<(Mutex<Progress>, Condvar)>;
@@ -548,6 +550,11 @@ where
     /// Checkpoints completed by this run, in order.
     pub fn completed_checkpoints(&self) -> Vec<u64> {
         self.progress.0.lock().completed.clone()
+    }
+
+    /// The longest synchronous snapshot phase (the pause in processing) of any subtask.
+    pub fn max_sync_pause(&self) -> std::time::Duration {
+        self.progress.0.lock().max_sync
     }
 
     /// Checkpoints of this run that failed or timed out, with the reason.

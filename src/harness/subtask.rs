@@ -76,7 +76,13 @@ where
                     backend.notify_checkpoint_complete(done);
                 }
                 match backend.snapshot(id) {
-                    Ok(pending) => spawn_upload(&ctx, id, pending, savepoint),
+                    Ok(pending) => {
+                        {
+                            let mut progress = ctx.progress.0.lock();
+                            progress.max_sync = progress.max_sync.max(pending.sync_duration());
+                        }
+                        spawn_upload(&ctx, id, pending, savepoint)
+                    }
                     Err(e) => spawn_decline(&ctx, id, e.to_string()),
                 }
             }
