@@ -17,14 +17,49 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
-/// Largest single decoded value, guarding against allocation bombs from damaged bytes.
+/// Largest total of the lengths a decode may claim, guarding against allocation bombs
+/// from damaged bytes.
 const DECODE_LIMIT: usize = 1 << 30;
 
 fn config() -> impl bincode::config::Config {
+    limited::<DECODE_LIMIT>()
+}
+
+/// The encoding, with a decode limit of `N` claimed bytes.
+fn limited<const N: usize>() -> impl bincode::config::Config {
     bincode::config::standard()
         .with_big_endian()
         .with_variable_int_encoding()
-        .with_limit::<DECODE_LIMIT>()
+        .with_limit::<N>()
+}
+
+/// Decodes with a limit proportional to the input: the lengths claimed by strings and
+/// collections may add up to 16 times the input size (at least 64 KiB), so a damaged
+/// length field cannot make a small input allocate a large buffer. bincode takes the
+/// limit as a constant: the smallest power-of-four tier that covers it is used.
+fn decode_limited<T: DeserializeOwned>(
+    bytes: &[u8],
+) -> std::result::Result<(T, usize), bincode::error::DecodeError> {
+    let budget = bytes.len().saturating_mul(16).max(1 << 16);
+    macro_rules! tiers {
+        ($($n:expr),*) => {
+            $(
+                if budget <= $n {
+                    return bincode::serde::decode_from_slice(bytes, limited::<{ $n }>());
+                }
+            )*
+        };
+    }
+    tiers!(
+        1 << 16,
+        1 << 18,
+        1 << 20,
+        1 << 22,
+        1 << 24,
+        1 << 26,
+        1 << 28
+    );
+    bincode::serde::decode_from_slice(bytes, config())
 }
 
 /// Serializes `value` on its own.
@@ -49,7 +84,7 @@ pub fn encode_into<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> Resul
 ///
 /// Errors: `Corrupt`, naming `what`, when the bytes do not hold a `T`.
 pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<(T, usize)> {
-    bincode::serde::decode_from_slice(bytes, config()).map_err(|e| {
+    decode_limited(bytes).map_err(|e| {
         Error::corrupt(
             what,
             format!("cannot decode {}: {e}", std::any::type_name::<T>()),

@@ -170,6 +170,7 @@ fn chain(seed: u64, points: &[(&str, u64)]) {
     let mut killed = 0;
     let mut job = format!("job-{segment}");
     let mut trail = Vec::new();
+    let mut finished_in_a_row = 0;
     while killed < kills {
         let (point, max) = points[rng.below(points.len() as u64) as usize];
         let at = format!("{point}:{}", 1 + rng.below(max));
@@ -184,6 +185,7 @@ fn chain(seed: u64, points: &[(&str, u64)]) {
                     context(&out)
                 );
                 killed += 1;
+                finished_in_a_row = 0;
                 assert_latest_sound(root, &job, &at);
             }
             Some(other) => panic!("signal {other}\n{}", context(&out)),
@@ -197,6 +199,12 @@ fn chain(seed: u64, points: &[(&str, u64)]) {
                 );
                 segment += 1;
                 job = format!("job-{segment}");
+                finished_in_a_row += 1;
+                assert!(
+                    finished_in_a_row < 10,
+                    "10 runs in a row were never killed: is the binary built with the \
+                     `testing` feature? runs: {trail:?}"
+                );
             }
         }
     }

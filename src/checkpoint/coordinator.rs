@@ -118,6 +118,20 @@ impl std::fmt::Debug for CheckpointCoordinator {
     }
 }
 
+/// Ids go up to 2^63: a folder name claiming more is damage, not history.
+const MAX_CHECKPOINT_ID: u64 = 1 << 63;
+
+/// The id after the highest one found in the job directory.
+fn next_id(job: &CheckpointStorage, highest: u64) -> Result<u64> {
+    if highest >= MAX_CHECKPOINT_ID {
+        return Err(Error::corrupt(
+            job.url_of(&format!("chk-{highest}")),
+            format!("checkpoint id above {MAX_CHECKPOINT_ID}; remove or rename the folder"),
+        ));
+    }
+    Ok(highest + 1)
+}
+
 /// Deletes paths; see [`CheckpointStorage::delete_many`].
 pub(crate) async fn delete_all(job: &CheckpointStorage, paths: Vec<String>) -> Result<()> {
     job.delete_many(paths).await
@@ -168,13 +182,14 @@ impl CheckpointCoordinator {
         let surplus = completed.len().saturating_sub(options.num_retained);
         let subsumed: Vec<CheckpointMetadata> = completed.drain(..surplus).collect();
         let retained: VecDeque<CheckpointMetadata> = completed.into();
+        let next_id = next_id(&job, found.highest_id)?;
         let mut coordinator = Self {
             job,
             job_id: job_id.to_string(),
             operators,
             options,
             clock,
-            next_id: found.highest_id + 1,
+            next_id,
             pending: BTreeMap::new(),
             retained,
             registry,

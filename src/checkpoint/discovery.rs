@@ -80,7 +80,13 @@ pub(crate) async fn scan(job: &CheckpointStorage) -> Result<JobCheckpoints> {
                 format!("_metadata names checkpoint {}", meta.checkpoint_id),
             )),
             Ok(None) => found.incomplete.push(id),
-            Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Incompatible) => {
+            // Damaged, of an unknown version, or behind a symbolic link: not this job's.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::Corrupt | ErrorKind::Incompatible | ErrorKind::InvalidArgument
+                ) =>
+            {
                 tracing::warn!(checkpoint = id, error = %e, "skipping unreadable checkpoint");
                 found.unreadable.push((id, e.to_string()));
             }
@@ -121,7 +127,13 @@ impl CheckpointStorage {
                     "skipping checkpoint whose _metadata names another id"
                 ),
                 Ok(None) => tracing::debug!(checkpoint = id, "skipping incomplete checkpoint"),
-                Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Incompatible) => {
+                // Damaged, of an unknown version, or behind a symbolic link: not this job's.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Corrupt | ErrorKind::Incompatible | ErrorKind::InvalidArgument
+                    ) =>
+                {
                     tracing::warn!(checkpoint = id, error = %e, "skipping unreadable checkpoint");
                 }
                 Err(e) => return Err(e),

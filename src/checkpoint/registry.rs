@@ -101,6 +101,10 @@ impl SharedStateRegistry {
 
     /// Number of registered files and their total size.
     pub fn stats(&self) -> (usize, u64) {
-        (self.files.len(), self.files.values().map(|e| e.size).sum())
+        let bytes = self
+            .files
+            .values()
+            .fold(0u64, |acc, e| acc.saturating_add(e.size));
+        (self.files.len(), bytes)
     }
 }

@@ -53,7 +53,9 @@ impl RestoreSource {
         }
         let mut report = VerifyReport {
             files: files.len(),
-            bytes: files.values().map(|f| f.size).sum(),
+            bytes: files
+                .values()
+                .fold(0u64, |acc, f| acc.saturating_add(f.size)),
             bad: Vec::new(),
         };
         let root = self.root();

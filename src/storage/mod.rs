@@ -51,6 +51,20 @@ fn local_copy(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether `rel` under `root` passes through a symbolic link (missing parts are not).
+fn through_symlink(root: &std::path::Path, rel: &str) -> bool {
+    let mut at = root.to_path_buf();
+    for segment in rel.split('/').filter(|s| !s.is_empty()) {
+        at.push(segment);
+        match std::fs::symlink_metadata(&at) {
+            Ok(meta) if meta.file_type().is_symlink() => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
 /// Tuning of transfers. The defaults suit S3.
 #[derive(Debug, Clone)]
 pub struct StorageOptions {
@@ -297,6 +311,8 @@ impl CheckpointStorage {
         }
         let from = source.location(src)?;
         let to = self.location(dst)?;
+        source.refuse_symlinks(src).await?;
+        self.refuse_symlinks(dst).await?;
         if let (StoreIdentity::Local(a), StoreIdentity::Local(b)) =
             (&source.identity, &self.identity)
         {
@@ -334,6 +350,7 @@ impl CheckpointStorage {
     /// errors.
     pub async fn read_range(&self, rel: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
         let loc = self.location(rel)?;
+        self.refuse_symlinks(rel).await?;
         let want = range.end.saturating_sub(range.start);
         let bytes = self
             .store
@@ -374,6 +391,28 @@ impl CheckpointStorage {
         format!("{}/{rel}", self.url)
     }
 
+    /// On local storage, refuses a path that goes through a symbolic link: a link inside
+    /// the directory may point anywhere, and nothing outside it is ever read, written or
+    /// deleted. Other stores have no links.
+    ///
+    /// Errors: `InvalidArgument` naming the path.
+    pub(crate) async fn refuse_symlinks(&self, rel: &str) -> Result<()> {
+        let StoreIdentity::Local(root) = &self.identity else {
+            return Ok(());
+        };
+        let (root, rel_owned) = (root.clone(), rel.to_string());
+        let linked = tokio::task::spawn_blocking(move || through_symlink(&root, &rel_owned))
+            .await
+            .map_err(|e| Error::Internal(format!("symlink check failed: {e}")))?;
+        if linked {
+            return Err(Error::invalid(format!(
+                "{} goes through a symbolic link; links out of the directory are never followed",
+                self.url_of(rel)
+            )));
+        }
+        Ok(())
+    }
+
     /// Runs `op(attempt)` and retries it while it fails with `Unavailable`, up to
     /// [`StorageOptions::retries`] more times with doubling waits.
     pub(crate) async fn retrying<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
@@ -408,6 +447,7 @@ impl CheckpointStorage {
     /// Errors: `AlreadyExists` when another object is there; storage errors otherwise.
     pub async fn put_if_absent(&self, rel: &str, bytes: Bytes) -> Result<()> {
         let loc = self.location(rel)?;
+        self.refuse_symlinks(rel).await?;
         self.retrying("conditional put", |attempt| {
             let (loc, bytes) = (loc.clone(), bytes.clone());
             async move {
@@ -444,6 +484,7 @@ impl CheckpointStorage {
 
     async fn read_small_once(&self, rel: &str, max_len: u64) -> Result<Bytes> {
         let loc = self.location(rel)?;
+        self.refuse_symlinks(rel).await?;
         let result = self
             .store
             .get(&loc)
@@ -474,6 +515,7 @@ impl CheckpointStorage {
     /// Deletes `rel`; deleting a missing object succeeds (deletion is idempotent).
     pub async fn delete(&self, rel: &str) -> Result<()> {
         let loc = self.location(rel)?;
+        self.refuse_symlinks(rel).await?;
         self.retrying("delete", |_| async {
             match self.store.delete(&loc).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
@@ -542,7 +584,7 @@ impl CheckpointStorage {
                     .map_err(|e| Error::storage("list", self.url_of(rel_prefix), e))
             })
             .await?;
-        Ok(objects
+        let listed: Vec<StoredObject> = objects
             .into_iter()
             .map(|meta| StoredObject {
                 path: meta
@@ -555,6 +597,26 @@ impl CheckpointStorage {
                 size: meta.size,
                 last_modified_ms: meta.last_modified.timestamp_millis(),
             })
-            .collect())
+            .collect();
+        let StoreIdentity::Local(root) = &self.identity else {
+            return Ok(listed);
+        };
+        // What a local listing finds behind a symbolic link is not in the directory.
+        let root = root.clone();
+        let url = self.url.clone();
+        tokio::task::spawn_blocking(move || {
+            listed
+                .into_iter()
+                .filter(|o| {
+                    let linked = through_symlink(&root, &o.path);
+                    if linked {
+                        tracing::warn!(path = %format!("{url}/{}", o.path), "skipping an object behind a symbolic link");
+                    }
+                    !linked
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("listing filter failed: {e}")))
     }
 }

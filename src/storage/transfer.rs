@@ -53,6 +53,7 @@ impl CheckpointStorage {
 
     async fn upload_file_once(&self, local: &Path, rel: &str) -> Result<FileInfo> {
         let loc = self.location(rel)?;
+        self.refuse_symlinks(rel).await?;
         let local_err = |e| Error::io(format!("read {}", local.display()), e);
         let mut file = tokio::fs::File::open(local).await.map_err(local_err)?;
         let size = file.metadata().await.map_err(local_err)?.len();
@@ -191,6 +192,7 @@ impl CheckedRead {
     /// Starts the read; fails at once when the stored size differs from the recorded one.
     async fn open(storage: &CheckpointStorage, rel: &str, expected: &FileInfo) -> Result<Self> {
         let loc = storage.location(rel)?;
+        storage.refuse_symlinks(rel).await?;
         let url = storage.url_of(rel);
         let result = storage
             .store

@@ -311,8 +311,7 @@ pub async fn verify(url: &str, json: bool) -> rockstate::Result<u8> {
         .metadata()
         .keyed()
         .flat_map(|(_, k)| k.files())
-        .map(|f| f.size)
-        .sum();
+        .fold(0u64, |acc, f| acc.saturating_add(f.size));
     let progress = Progress::bytes("verify", total);
     let report = source.verify(|n| progress.add(n)).await?;
     progress.finish();
