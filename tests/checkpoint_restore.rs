@@ -430,7 +430,13 @@ async fn restore_checks_layout_and_target() {
 async fn failed_uploads_leave_the_backend_working() {
     let inner = CheckpointStorage::open("memory://failing").unwrap();
     let failing = Arc::new(FailingStore::new(inner.store().clone(), 3));
-    let job = CheckpointStorage::from_store(failing.clone(), "memory://failing");
+    // Without retries, so that the injected failures reach the upload.
+    let job = CheckpointStorage::from_store(failing.clone(), "memory://failing").with_options(
+        rockstate::StorageOptions {
+            retries: 0,
+            ..Default::default()
+        },
+    );
     let dir = tempfile::tempdir().unwrap();
     let backend = open(&dir.path().join("db"), &ManualClock::new(0));
     let w = register(&backend);
