@@ -174,3 +174,68 @@ fn ten_percent_failing_requests_seed_1() {
 fn ten_percent_failing_requests_seed_2() {
     faulty_run(0x5eed_0002);
 }
+
+/// Puts that hang for longer than the checkpoint timeout: the checkpoints they belong to
+/// time out and are aborted, processing goes on, later checkpoints complete, and the job
+/// ends in the reference state with every completed checkpoint sound.
+#[test]
+fn hung_requests_time_checkpoints_out_without_stopping_the_job() {
+    let expected = reference();
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let inner = Arc::new(LocalFileSystem::new_with_prefix(&store_dir).unwrap());
+    let faulty = Arc::new(
+        FaultyStore::new(inner.clone(), 0x4a4e)
+            .with(
+                Op::Put,
+                Faults {
+                    hang: 0.02,
+                    ..Faults::default()
+                },
+            )
+            .with_times(Duration::from_millis(1), Duration::from_millis(1_500)),
+    );
+    let storage = CheckpointStorage::from_store(faulty.clone(), "faulty://store");
+    let mut config = config(&dir.path().join("local"), 2);
+    config.coordinator.timeout = Duration::from_millis(500);
+    let mut h = Harness::start(
+        config,
+        &storage,
+        source(),
+        Counter::factory(),
+        StartFrom::Empty,
+    )
+    .unwrap();
+    // Paced, so that checkpoints are triggered after the hung ones time out.
+    while h.run(500).unwrap() > 0 {
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let failed = h.failed_checkpoints();
+    let injected = faulty.injected();
+    eprintln!(
+        "{} checkpoints completed, failed: {failed:?}; injected {injected:?}",
+        h.completed_checkpoints().len()
+    );
+    assert!(injected.hung > 0, "{injected:?}");
+    assert!(
+        failed.iter().any(|(_, why)| why.contains("timed out")),
+        "{failed:?}"
+    );
+    assert!(!h.completed_checkpoints().is_empty());
+    faulty.arm(false);
+    let finished = h.finish().unwrap();
+    assert_eq!(state_digest(&finished.backends).unwrap(), expected);
+    drop(finished);
+    let honest = CheckpointStorage::from_store(inner, "file://store");
+    let job = honest.child("faulty").unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        for meta in job.checkpoints().await.unwrap().completed {
+            let report = RestoreSource::checkpoint(&job, meta)
+                .verify(|_| {})
+                .await
+                .unwrap();
+            assert!(report.is_sound(), "{:?}", report.bad);
+        }
+    });
+}
