@@ -403,7 +403,7 @@ impl CheckpointStorage {
         let (root, rel_owned) = (root.clone(), rel.to_string());
         let linked = tokio::task::spawn_blocking(move || through_symlink(&root, &rel_owned))
             .await
-            .map_err(|e| Error::Internal(format!("symlink check failed: {e}")))?;
+            .map_err(|e| Error::io("check for symbolic links", std::io::Error::other(e)))?;
         if linked {
             return Err(Error::invalid(format!(
                 "{} goes through a symbolic link; links out of the directory are never followed",
@@ -617,6 +617,6 @@ impl CheckpointStorage {
                 .collect()
         })
         .await
-        .map_err(|e| Error::Internal(format!("listing filter failed: {e}")))
+        .map_err(|e| Error::io("check a listing for symbolic links", std::io::Error::other(e)))
     }
 }
