@@ -216,6 +216,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn length_claims_stay_within_the_input_budget() {
+        // A string claiming 512 MiB in 6 bytes: refused before any allocation.
+        let mut bytes = vec![0xfc];
+        bytes.extend_from_slice(&(512u32 << 20).to_be_bytes());
+        bytes.push(b'x');
+        let err = decode_exact::<String>(&bytes, "s").unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+        // Values whose decoded form is far larger than their encoding still decode:
+        // 20 000 `None`s of 72 bytes each from 20 KiB.
+        let value: Vec<Option<[u64; 8]>> = vec![None; 20_000];
+        let encoded = encode_key(&value).unwrap();
+        assert_eq!(
+            decode_exact::<Vec<Option<[u64; 8]>>>(&encoded, "v").unwrap(),
+            value
+        );
+        // And a large string of its own length.
+        let big = "y".repeat(3 << 20);
+        assert_eq!(
+            decode_exact::<String>(&encode_key(&big).unwrap(), "b").unwrap(),
+            big
+        );
+    }
+
+    #[test]
     fn round_trip_and_prefix_decode() {
         let mut buf = encode_key("abc").unwrap();
         encode_into(&mut buf, &42u64).unwrap();

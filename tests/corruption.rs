@@ -3,38 +3,15 @@
 //! and by restore (an error naming the file), and resuming from the latest checkpoint
 //! falls back to the previous one when the newest cannot be restored.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_rockstate");
+use common::process::{self, context, last_json, BIN};
 
 fn rockstate(args: &[&str]) -> Output {
-    let out = Command::new(BIN)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("cannot start the rockstate binary");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
-    out
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn json(out: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| !l.trim().is_empty());
-    serde_json::from_str(line.unwrap_or_else(|| panic!("no output\n{}", text(out)))).unwrap()
+    process::rockstate(args, &[])
 }
 
 /// Runs the demo job; `extra` selects where it starts and where savepoints go.
@@ -67,10 +44,13 @@ fn demo(root: &Path, job: &str, extra: &[&str]) -> Output {
 /// A finished job with two retained checkpoints; returns (job dir, newest, previous, digest).
 fn finished_job(root: &Path) -> (PathBuf, String, String, String) {
     let out = demo(root, "job", &[]);
-    assert!(out.status.success(), "{}", text(&out));
-    let digest = json(&out)["state_digest"].as_str().unwrap().to_string();
+    assert!(out.status.success(), "{}", context(&out));
+    let digest = last_json(&out)["state_digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let job = root.join("checkpoints").join("job");
-    let listing = json(&rockstate(&[
+    let listing = last_json(&rockstate(&[
         "checkpoints",
         job.to_str().unwrap(),
         "--json",
@@ -92,7 +72,7 @@ fn url_path(url: &str) -> PathBuf {
 
 /// The files of a snapshot, as (path relative to its root, role, uploaded_by).
 fn files(url: &str) -> Vec<(String, String, u64)> {
-    let doc = json(&rockstate(&["inspect", url, "--json"]));
+    let doc = last_json(&rockstate(&["inspect", url, "--json"]));
     let mut out = Vec::new();
     for op in doc["operators"].as_array().unwrap() {
         for sub in op["subtasks"].as_array().unwrap() {
@@ -118,19 +98,19 @@ fn flip_byte(file: &Path) {
 /// `verify` exits 3 and names `file`; restoring the snapshot as a new job fails naming it.
 fn assert_detected(root: &Path, snapshot: &str, file: &str) {
     let verify = rockstate(&["verify", snapshot]);
-    assert_eq!(verify.status.code(), Some(3), "{}", text(&verify));
+    assert_eq!(verify.status.code(), Some(3), "{}", context(&verify));
     assert!(
         String::from_utf8_lossy(&verify.stdout).contains(file),
         "verify does not name {file}\n{}",
-        text(&verify)
+        context(&verify)
     );
     let restore = demo(root, "restored", &["--from", snapshot]);
-    assert_eq!(restore.status.code(), Some(2), "{}", text(&restore));
+    assert_eq!(restore.status.code(), Some(2), "{}", context(&restore));
     let stderr = String::from_utf8_lossy(&restore.stderr);
     assert!(
         stderr.contains(file),
         "restore does not name {file}\n{}",
-        text(&restore)
+        context(&restore)
     );
 }
 
@@ -138,8 +118,8 @@ fn assert_detected(root: &Path, snapshot: &str, file: &str) {
 /// the reference state.
 fn assert_falls_back(root: &Path, previous: &str, digest: &str) {
     let resumed = demo(root, "job", &["--resume", "--parallelism", "3"]);
-    assert!(resumed.status.success(), "{}", text(&resumed));
-    let doc = json(&resumed);
+    assert!(resumed.status.success(), "{}", context(&resumed));
+    let doc = last_json(&resumed);
     assert_eq!(doc["restored_from"].as_str(), Some(previous), "{doc}");
     assert_eq!(doc["state_digest"].as_str(), Some(digest), "{doc}");
 }
@@ -179,10 +159,10 @@ fn a_truncated_metadata_is_detected_and_resume_falls_back() {
     let bytes = std::fs::read(&metadata).unwrap();
     std::fs::write(&metadata, &bytes[..bytes.len() / 2]).unwrap();
     let verify = rockstate(&["verify", &newest]);
-    assert_eq!(verify.status.code(), Some(3), "{}", text(&verify));
+    assert_eq!(verify.status.code(), Some(3), "{}", context(&verify));
     assert!(String::from_utf8_lossy(&verify.stdout).contains("_metadata"));
     let inspect = rockstate(&["inspect", &newest]);
-    assert_eq!(inspect.status.code(), Some(2), "{}", text(&inspect));
+    assert_eq!(inspect.status.code(), Some(2), "{}", context(&inspect));
     assert!(String::from_utf8_lossy(&inspect.stderr).contains("_metadata"));
     assert_falls_back(dir.path(), &previous, &digest);
 }
@@ -222,8 +202,8 @@ fn a_damaged_savepoint_section_is_detected() {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let savepoint = json(&out)["savepoint"].as_str().unwrap().to_string();
+    assert!(out.status.success(), "{}", context(&out));
+    let savepoint = last_json(&out)["savepoint"].as_str().unwrap().to_string();
     drop(job);
     let (path, role, _) = files(&savepoint).into_iter().next().unwrap();
     assert_eq!(role, "data");

@@ -9,14 +9,15 @@
 //! `make test` runs 4 chains of 30 kills (120 kill points).
 //! `ROCKSTATE_CRASH_KILLS=N` sets the kills per chain.
 
+mod common;
+
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::OnceLock;
 
-use serde_json::Value;
+use common::process::{self, context, last_json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_rockstate");
 const EVENTS: u64 = 40_000;
 const KEYS: u64 = 1_500;
 const INTERVAL: u64 = 4_000;
@@ -43,41 +44,12 @@ impl Rng {
     }
 }
 
+/// Runs the binary, with a crash schedule when `crash` is set.
 fn rockstate(args: &[&str], crash: Option<&str>) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("ROCKSTATE_CRASH_AT")
-        .stdin(Stdio::null());
-    if let Some(at) = crash {
-        cmd.env("ROCKSTATE_CRASH_AT", at);
+    match crash {
+        Some(at) => process::rockstate(args, &[("ROCKSTATE_CRASH_AT", at)]),
+        None => process::rockstate(args, &[]),
     }
-    let out = cmd.output().expect("cannot start the rockstate binary");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("panicked") && !stderr.contains("internal error"),
-        "{args:?}: {stderr}"
-    );
-    out
-}
-
-fn context(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn last_json(out: &Output) -> Value {
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or_else(|| panic!("no output\n{}", context(out)));
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e})\n{}", context(out)))
 }
 
 fn demo(root: &Path, job: &str, parallelism: u64, crash: Option<&str>) -> Output {

@@ -299,8 +299,9 @@ pub async fn inspect(url: &str, json: bool) -> rockstate::Result<u8> {
 pub async fn verify(url: &str, json: bool) -> rockstate::Result<u8> {
     let source = match RestoreSource::open(url).await {
         Ok(source) => source,
-        // Damaged metadata is a bad file of the snapshot, not bad input.
-        Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Incompatible) => {
+        // Damaged metadata is a bad file of the snapshot, not bad input. Metadata of a
+        // newer format (`Incompatible`) is not damage: it is reported as an error.
+        Err(e) if e.kind() == ErrorKind::Corrupt => {
             let metadata = metadata_url(url);
             report_bad(json, url, 1, None, &[(metadata, e)]);
             return Ok(exit::BAD_FILES);
@@ -380,7 +381,7 @@ pub async fn dispose(url: &str) -> rockstate::Result<u8> {
     rockstate::savepoint::dispose_savepoint(&folder).await?;
     if let Some(dir) = folder.local_dir() {
         // The objects are gone; the emptied folder goes too (left if anything remains).
-        if let Err(e) = std::fs::remove_dir(dir) {
+        if let Err(e) = tokio::fs::remove_dir(dir).await {
             tracing::warn!(dir = %dir.display(), error = %e, "savepoint folder not removed");
         }
     }
