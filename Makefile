@@ -18,6 +18,7 @@ lint: bootstrap
 	cargo fmt --all -- --check
 	cargo clippy --locked --all-targets -- -D warnings
 	cargo clippy --locked --all-targets --features testing -- -D warnings
+	cargo clippy --locked --lib --bins --no-default-features -- -D warnings
 
 test: lint
 	cargo nextest run --locked --no-fail-fast --features testing

@@ -57,6 +57,8 @@ pub mod state;
 pub mod storage;
 #[cfg(feature = "testing")]
 pub mod testing;
+#[cfg(feature = "timely")]
+pub mod timely_adapter;
 
 pub use backend::{
     BackendBuilder, BackendOptions, RocksStateBackend, SharedResources, DEFAULT_MEMORY_BUDGET,

@@ -98,6 +98,8 @@ pub struct CheckpointCoordinator {
     pending: BTreeMap<u64, Pending>,
     retained: VecDeque<CheckpointMetadata>,
     registry: SharedStateRegistry,
+    /// Checkpoints at or above it are kept: subtasks may reuse their files.
+    reuse_floor: u64,
 }
 
 impl std::fmt::Debug for CheckpointCoordinator {
@@ -193,6 +195,7 @@ impl CheckpointCoordinator {
             pending: BTreeMap::new(),
             retained,
             registry,
+            reuse_floor: u64::MAX,
         };
         for old in subsumed {
             coordinator.discard_completed(&old).await?;
@@ -246,6 +249,48 @@ impl CheckpointCoordinator {
             },
         );
         Some(id)
+    }
+
+    /// Keeps every completed checkpoint with id `floor` or above, and the shared files
+    /// they use, even beyond `num_retained`: for runtimes whose subtasks learn of
+    /// completions late, `floor` is the oldest checkpoint a subtask may still reuse files
+    /// of (the lowest last-confirmed checkpoint over all subtasks; 0 while one has not
+    /// confirmed any). Takes effect at the next completion. The default keeps nothing
+    /// beyond what pending checkpoints need.
+    pub fn set_reuse_floor(&mut self, floor: u64) {
+        self.reuse_floor = floor;
+    }
+
+    /// Starts checkpoint `checkpoint_id`, chosen by the runtime (for example its epoch),
+    /// instead of the next id. Ids must grow: later [`trigger`](Self::trigger) calls
+    /// continue above it. Not limited by `max_concurrent`: a runtime whose ids come from
+    /// its own clock bounds the checkpoints in flight itself.
+    ///
+    /// Errors: `InvalidArgument` when the id is pending already, or not above the newest
+    /// retained checkpoint.
+    pub fn trigger_with_id(&mut self, checkpoint_id: u64) -> Result<()> {
+        let newest = self.retained.back().map_or(0, |m| m.checkpoint_id);
+        if checkpoint_id <= newest || checkpoint_id >= MAX_CHECKPOINT_ID {
+            return Err(Error::invalid(format!(
+                "checkpoint id {checkpoint_id} is not above the newest completed checkpoint {newest}"
+            )));
+        }
+        if self.pending.contains_key(&checkpoint_id) {
+            return Err(Error::invalid(format!(
+                "checkpoint {checkpoint_id} is already in flight"
+            )));
+        }
+        self.next_id = self.next_id.max(checkpoint_id + 1);
+        self.pending.insert(
+            checkpoint_id,
+            Pending {
+                triggered_at_ms: self.clock.now_millis(),
+                savepoint: None,
+                base: newest,
+                acks: BTreeMap::new(),
+            },
+        );
+        Ok(())
     }
 
     /// Starts a savepoint in a new folder `savepoint-<job>-<random>` of `dir`, or of the
@@ -538,13 +583,15 @@ impl CheckpointCoordinator {
             .collect()
     }
 
-    /// The oldest checkpoint whose files a pending checkpoint's subtasks may reuse.
+    /// The oldest checkpoint whose files a pending checkpoint's subtasks (or, with a
+    /// reuse floor, any subtask) may reuse.
     fn lowest_pending_base(&self) -> u64 {
         self.pending
             .values()
             .map(|p| p.base)
             .min()
             .unwrap_or(u64::MAX)
+            .min(self.reuse_floor)
     }
 
     /// Subsumes retained checkpoints beyond `num_retained` (keeping any that a pending

@@ -111,6 +111,35 @@ pub struct DemoArgs {
     /// Prints one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// What runs the job: the built-in harness (threads in this process) or timely
+    /// dataflow (workers in one or more processes; --parallelism is then their number).
+    #[arg(long, value_enum, default_value = "harness")]
+    engine: Engine,
+    /// (timely) Worker threads in this process.
+    #[arg(short = 'w', long, default_value_t = 1, value_name = "THREADS", value_parser = clap::value_parser!(u32).range(1..))]
+    threads: u32,
+    /// (timely) Number of processes.
+    #[arg(short = 'n', long, default_value_t = 1, value_name = "PROCESSES", value_parser = clap::value_parser!(u32).range(1..))]
+    processes: u32,
+    /// (timely) This process's index, from 0.
+    #[arg(short = 'p', long, default_value_t = 0, value_name = "INDEX")]
+    process: u32,
+    /// (timely) A file with one host:port per line, in process order (default:
+    /// localhost:2101, localhost:2102, ...).
+    #[arg(short = 'h', long, value_name = "HOSTFILE")]
+    hostfile: Option<PathBuf>,
+    /// Prints help (-h is the host file here).
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
+}
+
+/// Engines of `rockstate demo`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Engine {
+    /// The in-process harness.
+    Harness,
+    /// Timely dataflow.
+    Timely,
 }
 
 /// Sets `stop` on the first SIGTERM or SIGINT.
@@ -173,6 +202,9 @@ fn report_checkpoints<S: rockstate::harness::Source>(
 }
 
 pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
+    if args.engine == Engine::Timely {
+        return timely_engine(args);
+    }
     rockstate::keygroup::validate_parallelism(args.parallelism, args.max_parallelism)?;
     let source = DemoSource::new(args.seed, args.keys, args.events)?;
     let runtime = crate::runtime()?;
@@ -341,6 +373,190 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
             println!("savepoint: {url}");
         }
         println!("state digest: {digest} ({} entries)", digest.entries);
+    }
+    Ok(exit::OK)
+}
+
+/// The timely cluster configuration of the flags.
+#[cfg(feature = "timely")]
+fn timely_config(args: &DemoArgs) -> rockstate::Result<timely::Config> {
+    if args.process >= args.processes {
+        return Err(Error::invalid(format!(
+            "--process {} is not below --processes {}",
+            args.process, args.processes
+        )));
+    }
+    let communication = if args.processes == 1 {
+        timely::CommunicationConfig::Process(args.threads as usize)
+    } else {
+        let addresses: Vec<String> = match &args.hostfile {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| Error::io(format!("read the host file {}", path.display()), e))?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect(),
+            None => (0..args.processes)
+                .map(|i| format!("localhost:{}", 2101 + i))
+                .collect(),
+        };
+        if addresses.len() < args.processes as usize {
+            return Err(Error::invalid(format!(
+                "the host file lists {} addresses for {} processes",
+                addresses.len(),
+                args.processes
+            )));
+        }
+        timely::CommunicationConfig::Cluster {
+            threads: args.threads as usize,
+            process: args.process as usize,
+            addresses: addresses[..args.processes as usize].to_vec(),
+            report: false,
+            zerocopy: false,
+        }
+    };
+    Ok(timely::Config {
+        communication,
+        worker: timely::WorkerConfig::default(),
+    })
+}
+
+#[cfg(not(feature = "timely"))]
+fn timely_engine(_args: DemoArgs) -> rockstate::Result<u8> {
+    Err(Error::invalid(
+        "this rockstate was built without the timely feature",
+    ))
+}
+
+/// `rockstate demo --engine timely`.
+#[cfg(feature = "timely")]
+fn timely_engine(args: DemoArgs) -> rockstate::Result<u8> {
+    use rockstate::timely_adapter::{demo as timely_demo, JobConfig, Start};
+
+    if args.savepoint_dir.is_some() {
+        return Err(Error::invalid(
+            "--savepoint-dir is not supported with --engine timely (stop it and --resume)",
+        ));
+    }
+    let config = timely_config(&args)?;
+    let workers = args.threads * args.processes;
+    rockstate::keygroup::validate_parallelism(workers, args.max_parallelism)?;
+    let source = DemoSource::new(args.seed, args.keys, args.events)?;
+    let runtime = crate::runtime()?;
+    if let Some(url) = &args.from {
+        runtime.block_on(RestoreSource::open(url))?;
+    }
+    let storage = CheckpointStorage::open(&args.checkpoint_dir)?;
+    let job = storage.child(&args.job_id)?;
+    let start = if args.resume {
+        Start::Latest
+    } else if let Some(url) = &args.from {
+        Start::Snapshot {
+            url: url.clone(),
+            options: RestoreOptions {
+                mode: if args.claim {
+                    RestoreMode::Claim
+                } else {
+                    RestoreMode::NoClaim
+                },
+                allow_non_restored_state: args.allow_non_restored_state,
+                ..RestoreOptions::default()
+            },
+        }
+    } else {
+        // Worker 0 decides where the job starts; only its process checks (another
+        // process may start after the first checkpoint completed).
+        if args.process == 0 {
+            if let Some(meta) = runtime.block_on(job.latest_completed())? {
+                return Err(Error::invalid(format!(
+                    "job {:?} already has checkpoint {} in {}: pass --resume to continue it, --from URL to start from a snapshot, or another --job-id",
+                    args.job_id,
+                    meta.checkpoint_id,
+                    job.url()
+                )));
+            }
+        }
+        Start::Empty
+    };
+    drop(runtime);
+    let temp;
+    let local_root = match &args.local_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("rockstate-demo-")
+                .tempdir()
+                .map_err(|e| Error::io("create a temporary directory", e))?;
+            temp.path().to_path_buf()
+        }
+    };
+    let mut job_config = JobConfig::new(storage, &args.job_id, local_root);
+    job_config.max_parallelism = args.max_parallelism;
+    job_config.memory_budget = 64 << 20;
+    job_config.start = start;
+    job_config.coordinator.num_retained = args.retained as usize;
+    eprintln!(
+        "job {:?} on timely: process {} of {}, {} workers in all, {} key groups, checkpoints in {}",
+        args.job_id,
+        args.process,
+        args.processes,
+        workers,
+        args.max_parallelism,
+        job.url()
+    );
+    let report = timely_demo::run(
+        config,
+        timely_demo::DemoRun {
+            source,
+            checkpoint_interval: args.checkpoint_interval,
+            job: job_config,
+        },
+    )?;
+    let last_checkpoint = report
+        .last_checkpoint
+        .map(|id| job.url_of(&format!("chk-{id}")));
+    let elapsed = report.elapsed;
+    let rate = report.events as f64 / elapsed.as_secs_f64().max(1e-3);
+    if args.json {
+        print_json(&json!({
+            "job_id": args.job_id,
+            "engine": "timely",
+            "parallelism": report.workers,
+            "processes": args.processes,
+            "process": args.process,
+            "max_parallelism": args.max_parallelism,
+            "events_processed": report.events,
+            "events_total": args.events,
+            "checkpoints_completed": report.checkpoints_completed,
+            "checkpoints_failed": report.checkpoints_failed,
+            "last_checkpoint": last_checkpoint,
+            "restored_from": report.restored_from,
+            "savepoint": null,
+            "stopped_by": "end",
+            "state_digest": report.digest.to_string(),
+            "state_entries": report.digest.entries,
+            "events_per_second": rate.round(),
+            "max_sync_pause_us": report.max_sync.as_micros() as u64,
+            "mean_sync_pause_us": report.mean_sync.as_micros() as u64,
+            "elapsed_ms": elapsed.as_millis() as u64,
+        }));
+    } else {
+        println!(
+            "processed {} events on {} workers in {:.1} s ({:.0} events/s), {} checkpoints completed",
+            report.events,
+            report.workers,
+            elapsed.as_secs_f64(),
+            rate,
+            report.checkpoints_completed,
+        );
+        if let Some(url) = &last_checkpoint {
+            println!("latest checkpoint: {url}");
+        }
+        println!(
+            "state digest: {} ({} entries)",
+            report.digest, report.digest.entries
+        );
     }
     Ok(exit::OK)
 }

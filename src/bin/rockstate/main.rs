@@ -47,7 +47,7 @@ struct Cli {
 enum Command {
     /// Runs the demo job: a keyed event stream counted per key, with incremental
     /// checkpoints; resumable after any crash, at any parallelism.
-    #[command(after_help = demo::HELP)]
+    #[command(after_help = demo::HELP, disable_help_flag = true)]
     Demo(demo::DemoArgs),
     /// Lists a job's checkpoints: completed ones with their sizes, incomplete ones marked.
     #[command(after_help = "Example: rockstate checkpoints ./rockstate-demo/demo --json")]
