@@ -249,33 +249,40 @@ impl CheckpointStorage {
     /// the store.
     pub fn parent(&self) -> Option<(Self, String)> {
         let parts: Vec<_> = self.root.parts().collect();
-        let (name, url, identity) = match &self.identity {
-            StoreIdentity::Local(dir) => {
-                let name = dir.file_name()?.to_str()?.to_string();
-                let parent = dir.parent()?.to_path_buf();
-                let url = format!("file://{}", parent.display());
-                (name, url, StoreIdentity::Local(parent))
-            }
-            other => {
-                let name = parts.last()?.as_ref().to_string();
-                let url = self.url.strip_suffix(&format!("/{name}"))?.to_string();
-                (name, url, other.clone())
-            }
+        let identity = match &self.identity {
+            StoreIdentity::Local(dir) => StoreIdentity::Local(dir.parent()?.to_path_buf()),
+            other => other.clone(),
         };
-        let root = match &identity {
-            StoreIdentity::Local(_) => self.root.clone(),
-            _ => ObjPath::from_iter(parts[..parts.len() - 1].iter().cloned()),
+        if let Some(last) = parts.last() {
+            // A subdirectory of a storage ([`child`](Self::child)): the same store, one
+            // segment up.
+            let name = last.as_ref().to_string();
+            let url = self.url.strip_suffix(&format!("/{name}"))?.to_string();
+            return Some((
+                Self {
+                    store: self.store.clone(),
+                    root: ObjPath::from_iter(parts[..parts.len() - 1].iter().cloned()),
+                    url,
+                    options: self.options.clone(),
+                    identity,
+                },
+                name,
+            ));
+        }
+        // A local storage opened at its own directory: open the directory above.
+        let StoreIdentity::Local(dir) = &self.identity else {
+            return None;
         };
-        let store = match &identity {
-            // Local storages are rooted at their own directory: open the parent's.
-            StoreIdentity::Local(dir) => Self::open(&dir.display().to_string()).ok()?.store,
-            _ => self.store.clone(),
+        let StoreIdentity::Local(parent) = &identity else {
+            return None;
         };
+        let name = dir.file_name()?.to_str()?.to_string();
+        let store = Self::open(&parent.display().to_string()).ok()?.store;
         Some((
             Self {
                 store,
-                root,
-                url,
+                root: ObjPath::default(),
+                url: format!("file://{}", parent.display()),
                 options: self.options.clone(),
                 identity,
             },
@@ -618,5 +625,42 @@ impl CheckpointStorage {
         })
         .await
         .map_err(|e| Error::io("check a listing for symbolic links", std::io::Error::other(e)))
+    }
+}
+
+#[cfg(test)]
+mod parent_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_parent_of_a_child_reads_the_same_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = CheckpointStorage::open(&dir.path().display().to_string()).unwrap();
+        let job = top.child("job").unwrap();
+        job.put_if_absent("shared/a", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        // Opened directly and reached through `child`: both parents see `shared/a`.
+        let direct =
+            CheckpointStorage::open(&dir.path().join("job/chk-1").display().to_string()).unwrap();
+        for folder in [job.child("chk-1").unwrap(), direct] {
+            let (parent, name) = folder.parent().unwrap();
+            assert_eq!(name, "chk-1");
+            assert_eq!(parent.url(), job.url());
+            assert_eq!(parent.size_of("shared/a").await.unwrap(), 1);
+        }
+        let memory = CheckpointStorage::open("memory:///").unwrap();
+        let child = memory.child("job").unwrap();
+        child
+            .put_if_absent("f", Bytes::from_static(b"yz"))
+            .await
+            .unwrap();
+        let (parent, name) = child.child("chk-2").unwrap().parent().unwrap();
+        assert_eq!(name, "chk-2");
+        assert_eq!(parent.size_of("f").await.unwrap(), 2);
+        assert!(
+            memory.parent().is_none(),
+            "the top of a store has no parent"
+        );
     }
 }
