@@ -351,7 +351,8 @@ struct Plan {
 pub fn all_gather(worker: &mut Worker, mine: Vec<u8>) -> Vec<Vec<u8>> {
     use timely::dataflow::operators::vec::Broadcast;
     let peers = worker.peers();
-    let received: Rc<RefCell<Vec<(u64, Vec<u8>)>>> = Rc::default();
+    type Received = Rc<RefCell<Vec<(u64, Vec<u8>)>>>;
+    let received: Received = Rc::default();
     let sink = received.clone();
     let mut input: InputHandleVec<u64, (u64, Vec<u8>)> = InputHandleVec::new();
     worker.dataflow::<u64, _, _>(|scope| {
