@@ -242,6 +242,7 @@ impl TimelyJob {
             operator_states: BTreeMap::new(),
             building: BTreeMap::new(),
             uploads: 0,
+            writing: 0,
             acked: BTreeSet::new(),
             polling: false,
             last_poll: Instant::now(),
@@ -448,6 +449,8 @@ struct WorkerState {
     operator_states: BTreeMap<String, OperatorStateEntry>,
     building: BTreeMap<u64, Building>,
     uploads: usize,
+    /// Acknowledgements being written.
+    writing: usize,
     /// Acknowledged, completion not yet seen (newest few).
     acked: BTreeSet<u64>,
     polling: bool,
@@ -618,7 +621,8 @@ impl WorkerJob {
             worker.step_or_park(Some(Duration::from_millis(1)));
             self.poll()?;
             let s = self.state.borrow();
-            let drained = s.keyed.iter().all(|k| k.finished) && s.building.is_empty();
+            let drained =
+                s.keyed.iter().all(|k| k.finished) && s.building.is_empty() && s.writing == 0;
             if !drained {
                 continue;
             }
@@ -906,6 +910,7 @@ impl WorkerState {
         let storage = job.job.clone();
         let tx = self.events_tx.clone();
         let path = protocol::ack_path(id, self.plan.run, self.index);
+        self.writing += 1;
         job.runtime.spawn(async move {
             let result = match record.encode() {
                 Ok(bytes) => storage.put_if_absent(&path, bytes.into()).await,
@@ -924,7 +929,9 @@ impl WorkerState {
                 }
                 self.uploaded(job, id, &uid, result);
             }
-            WorkerEvent::Acknowledged { id, result } => match result {
+            WorkerEvent::Acknowledged { id, result } => match result.map(|()| {
+                self.writing = self.writing.saturating_sub(1);
+            }) {
                 Ok(()) => {
                     self.acked.insert(id);
                     while self.acked.len() > MAX_AWAITED {
@@ -932,6 +939,7 @@ impl WorkerState {
                     }
                 }
                 Err(e) => {
+                    self.writing = self.writing.saturating_sub(1);
                     tracing::warn!(checkpoint_id = id, error = %e, "cannot acknowledge");
                 }
             },
@@ -965,6 +973,9 @@ impl WorkerState {
 use crate::clock::Clock;
 
 /// Keyed, checkpointed state on a timely stream of `(key, value)` records.
+///
+/// An epoch's records are buffered until the epoch is complete: sources bound memory by
+/// keeping few epochs in flight (probe the output, and see [`WorkerJob::can_advance`]).
 pub trait KeyedState<'scope, K, V> {
     /// Adds keyed operator `uid`: records are routed to the worker owning their key group;
     /// `build` registers the states on this worker's backend (restored when the job

@@ -112,7 +112,8 @@ pub struct DemoArgs {
     #[arg(long)]
     json: bool,
     /// What runs the job: the built-in harness (threads in this process) or timely
-    /// dataflow (workers in one or more processes; --parallelism is then their number).
+    /// dataflow (workers in one or more processes, which are then the subtasks:
+    /// --parallelism is ignored).
     #[arg(long, value_enum, default_value = "harness")]
     engine: Engine,
     /// (timely) Worker threads in this process.
