@@ -143,6 +143,35 @@ pub enum Engine {
     Timely,
 }
 
+/// `--claim` and `--allow-non-restored-state` as restore options.
+fn restore_options(args: &DemoArgs) -> RestoreOptions {
+    RestoreOptions {
+        mode: if args.claim {
+            RestoreMode::Claim
+        } else {
+            RestoreMode::NoClaim
+        },
+        allow_non_restored_state: args.allow_non_restored_state,
+        ..RestoreOptions::default()
+    }
+}
+
+/// A fresh start must not overwrite a job that already has checkpoints.
+fn refuse_existing(
+    runtime: &tokio::runtime::Runtime,
+    job: &CheckpointStorage,
+    job_id: &str,
+) -> rockstate::Result<()> {
+    match runtime.block_on(job.latest_completed())? {
+        Some(meta) => Err(Error::invalid(format!(
+            "job {job_id:?} already has checkpoint {} in {}: pass --resume to continue it, --from URL to start from a snapshot, or another --job-id",
+            meta.checkpoint_id,
+            job.url()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Sets `stop` on the first SIGTERM or SIGINT.
 fn watch_signals(
     runtime: &tokio::runtime::Runtime,
@@ -231,25 +260,10 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
     } else if let Some(source) = from {
         StartFrom::Snapshot {
             source: Box::new(source),
-            options: RestoreOptions {
-                mode: if args.claim {
-                    RestoreMode::Claim
-                } else {
-                    RestoreMode::NoClaim
-                },
-                allow_non_restored_state: args.allow_non_restored_state,
-                ..RestoreOptions::default()
-            },
+            options: restore_options(&args),
         }
     } else {
-        if let Some(meta) = runtime.block_on(job.latest_completed())? {
-            return Err(Error::invalid(format!(
-                "job {:?} already has checkpoint {} in {}: pass --resume to continue it, --from URL to start from a snapshot, or another --job-id",
-                args.job_id,
-                meta.checkpoint_id,
-                job.url()
-            )));
-        }
+        refuse_existing(&runtime, &job, &args.job_id)?;
         StartFrom::Empty
     };
 
@@ -455,28 +469,13 @@ fn timely_engine(args: DemoArgs) -> rockstate::Result<u8> {
     } else if let Some(url) = &args.from {
         Start::Snapshot {
             url: url.clone(),
-            options: RestoreOptions {
-                mode: if args.claim {
-                    RestoreMode::Claim
-                } else {
-                    RestoreMode::NoClaim
-                },
-                allow_non_restored_state: args.allow_non_restored_state,
-                ..RestoreOptions::default()
-            },
+            options: restore_options(&args),
         }
     } else {
         // Worker 0 decides where the job starts; only its process checks (another
         // process may start after the first checkpoint completed).
         if args.process == 0 {
-            if let Some(meta) = runtime.block_on(job.latest_completed())? {
-                return Err(Error::invalid(format!(
-                    "job {:?} already has checkpoint {} in {}: pass --resume to continue it, --from URL to start from a snapshot, or another --job-id",
-                    args.job_id,
-                    meta.checkpoint_id,
-                    job.url()
-                )));
-            }
+            refuse_existing(&runtime, &job, &args.job_id)?;
         }
         Start::Empty
     };
