@@ -653,10 +653,20 @@ impl WorkerJob {
         let link = self.state.borrow_mut().coordinator.take();
         if let Some(link) = link {
             let _ = link.tx.send(ToCoordinator::Shutdown);
-            let _ = self.job.runtime.block_on(link.task);
+            if let Err(e) = self.job.runtime.block_on(link.task) {
+                self.state
+                    .borrow_mut()
+                    .error
+                    .get_or_insert(Error::Internal(format!(
+                        "the checkpoint coordinator failed: {e}"
+                    )));
+            }
             self.state.borrow_mut().drain_coordinator(&link.rx);
         }
         let mut s = self.state.borrow_mut();
+        if let Some(e) = s.error.take() {
+            return Err(e);
+        }
         let last = s.report.bases.last().map(|b| b.0);
         s.report.last_checkpoint = last.filter(|id| s.report.completed.contains(id));
         Ok(s.report.clone())
