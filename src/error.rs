@@ -25,6 +25,12 @@ pub enum ErrorKind {
     NotFound,
     /// Something that must be written once already exists (a completed checkpoint).
     AlreadyExists,
+    /// A newer writer has claimed the job directory: this one may no longer commit or
+    /// delete anything there. Stop the process; the newer writer owns the job.
+    Fenced,
+    /// A checkpoint's `_metadata` write got no definite answer (it may or may not be
+    /// stored). Its files are kept; the checkpoint is not counted as completed.
+    InDoubt,
     /// A broken internal invariant or an unexpected engine failure.
     Internal,
 }
@@ -39,6 +45,8 @@ impl fmt::Display for ErrorKind {
             ErrorKind::InvalidArgument => "invalid argument",
             ErrorKind::NotFound => "not found",
             ErrorKind::AlreadyExists => "already exists",
+            ErrorKind::Fenced => "fenced",
+            ErrorKind::InDoubt => "in doubt",
             ErrorKind::Internal => "internal error",
         };
         f.write_str(s)
@@ -160,6 +168,28 @@ pub enum Error {
         kind: ErrorKind,
     },
 
+    /// A newer writer claimed the job directory.
+    #[error("fenced: {job}: writer epoch {ours} was superseded by epoch {newer}; another process now owns this job directory")]
+    Fenced {
+        /// The job directory.
+        job: String,
+        /// This writer's epoch.
+        ours: u64,
+        /// The newer epoch found.
+        newer: u64,
+    },
+
+    /// A `_metadata` write whose outcome could not be determined.
+    #[error("checkpoint {checkpoint_id}: the outcome of writing {path} is unknown ({detail}); its files are kept")]
+    InDoubt {
+        /// The checkpoint.
+        checkpoint_id: u64,
+        /// The `_metadata` URL.
+        path: String,
+        /// The last error seen.
+        detail: String,
+    },
+
     /// A broken internal invariant.
     #[error("internal error: {0}")]
     Internal(String),
@@ -181,6 +211,8 @@ impl Error {
             Error::NotFound(_) => ErrorKind::NotFound,
             Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
             Error::Storage { kind, .. } => *kind,
+            Error::Fenced { .. } => ErrorKind::Fenced,
+            Error::InDoubt { .. } => ErrorKind::InDoubt,
             Error::Internal(_) => ErrorKind::Internal,
         }
     }
@@ -220,6 +252,30 @@ impl Error {
             context: context.into(),
             message: err.into_string(),
             kind,
+        }
+    }
+}
+
+impl Error {
+    /// A copy for another thread: `Fenced` and `InDoubt` keep their variant (callers
+    /// act on them), every other error becomes `Internal` with the same message.
+    pub(crate) fn replay(&self) -> Error {
+        match self {
+            Error::Fenced { job, ours, newer } => Error::Fenced {
+                job: job.clone(),
+                ours: *ours,
+                newer: *newer,
+            },
+            Error::InDoubt {
+                checkpoint_id,
+                path,
+                detail,
+            } => Error::InDoubt {
+                checkpoint_id: *checkpoint_id,
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            other => Error::Internal(other.to_string()),
         }
     }
 }

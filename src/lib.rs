@@ -50,6 +50,7 @@ mod error;
 pub mod harness;
 mod hash;
 pub mod keygroup;
+mod local_dir;
 pub mod restore;
 pub mod savepoint;
 pub mod snapshot;
@@ -65,7 +66,7 @@ pub use backend::{
 };
 pub use checkpoint::{
     AckOutcome, CheckpointCoordinator, CheckpointMetadata, CoordinatorOptions, OperatorSpec,
-    SubtaskSnapshot,
+    StartPoint, SubtaskSnapshot,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use digest::StateDigest;

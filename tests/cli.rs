@@ -1424,3 +1424,226 @@ fn storage_errors_on_s3_are_one_line() {
         assert_error_line(&run_env(&args, env), &format!("{args:?}"));
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Concurrent actors on one job directory
+// ---------------------------------------------------------------------------------------
+
+/// Runs `rockstate gc JOB` (default grace) in a loop until `child` exits; returns the
+/// child's run and the number of sweeps. Every sweep must succeed, or find no directory
+/// yet, or report that the directory kept changing (nothing deleted).
+fn gc_beside(child: std::process::Child, job: &str) -> (Run, usize) {
+    let output = std::thread::scope(|scope| {
+        let waiter = scope.spawn(move || child.wait_with_output().expect("wait for rockstate"));
+        let mut sweeps = 0;
+        while !waiter.is_finished() {
+            let sweep = run(&["gc", job, "--json"]);
+            if sweep.code() == Some(0) {
+                sweeps += 1;
+            } else {
+                // Before the job created its directory, or while it kept changing.
+                assert!(
+                    sweep.stderr.contains("kept changing") || sweep.stderr.contains("no directory"),
+                    "gc beside the job failed\n{}",
+                    sweep.context()
+                );
+            }
+        }
+        (waiter.join().expect("waiter"), sweeps)
+    });
+    let (output, sweeps) = output;
+    let run = Run {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    assert_no_panic(&run.stderr, &run.context());
+    (run, sweeps)
+}
+
+/// Every retained checkpoint of `job` verifies sound.
+fn assert_all_sound(job: &str) {
+    let listing = run(&["checkpoints", job, "--json"]);
+    listing.expect(0);
+    let mut completed = 0;
+    for row in listing.json()["checkpoints"].as_array().unwrap() {
+        if row["status"] == "completed" {
+            assert_sound(row["url"].as_str().unwrap(), NO_ENV);
+            completed += 1;
+        }
+    }
+    assert!(completed >= 1, "{}", listing.context());
+}
+
+#[test]
+fn gc_in_a_loop_beside_a_running_job_keeps_every_checkpoint_sound() {
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    let savepoints = root.join("savepoints");
+
+    // A native savepoint whose files are two hours old: copies of them by hard link
+    // must not look old to the sweep.
+    let (_stopped, doc) = stop_with(
+        libc::SIGTERM,
+        &demo_args(
+            cp,
+            "old",
+            &root,
+            &[
+                "--savepoint-dir",
+                path_str(&savepoints),
+                "--savepoint-format",
+                "native",
+            ],
+        ),
+    );
+    let savepoint = doc["savepoint"].as_str().expect("savepoint").to_string();
+    for file in list_files(&url_path(&savepoint)) {
+        age(
+            &url_path(&savepoint).join(file),
+            Duration::from_secs(2 * 3600),
+        );
+    }
+
+    for (job_id, extra) in [
+        ("restored", vec!["--from", savepoint.as_str()]),
+        ("plain", vec![]),
+    ] {
+        let job = checkpoints.join(job_id);
+        let job_url = path_str(&job).to_string();
+        let mut args = demo_args(cp, job_id, &root, &extra);
+        args.extend(["--retained".to_string(), "1".to_string()]);
+        let child = command(&args, NO_ENV)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start rockstate");
+        let (finished, sweeps) = gc_beside(child, &job_url);
+        assert_reference_state(&finished);
+        assert!(sweeps >= 1, "{job_id}: no sweep ran beside the job");
+        assert_all_sound(&job_url);
+        // The latest checkpoint restores to the same state.
+        let resumed = run(&demo_args(cp, job_id, &root, &["--resume"]));
+        assert_reference_state(&resumed);
+    }
+}
+
+/// `demo_args` with `events` events instead of the shared count.
+fn demo_args_with_events(
+    checkpoint_dir: &str,
+    job_id: &str,
+    root: &Path,
+    events: u64,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args = demo_args(checkpoint_dir, job_id, root, extra);
+    let at = args.iter().position(|a| a == "--events").unwrap() + 1;
+    args[at] = events.to_string();
+    args
+}
+
+#[test]
+fn a_second_writer_fences_the_first_which_fails_with_one_line() {
+    // Long enough that the first writer is still committing when the second one starts.
+    const LONG: u64 = 400_000;
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    let uninterrupted = run(&demo_args_with_events(cp, "reference", &root, LONG, &[]));
+    uninterrupted.expect(0);
+    let reference = uninterrupted.json()["state_digest"].clone();
+    let assert_reference = |run: &Run| {
+        run.expect(0);
+        let doc = run.json();
+        assert_eq!(doc["stopped_by"], "end", "{}", run.context());
+        assert_eq!(doc["state_digest"], reference, "{}", run.context());
+    };
+    // A job killed after its first checkpoint: both runs resume it.
+    let killed = interrupt(
+        &demo_args_with_events(cp, "twice", &root, LONG, &[]),
+        NO_ENV,
+        1,
+        0,
+        Stop::Kill,
+    );
+    assert_killed(&killed);
+
+    let mut first = command(
+        &demo_args_with_events(cp, "twice", &root, LONG, &["--resume"]),
+        NO_ENV,
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start the first writer");
+    // Once the first writer is committing, the second one claims the job directory.
+    let mut reader = BufReader::new(first.stderr.take().unwrap());
+    let mut first_stderr = String::new();
+    let mut line = String::new();
+    while checkpoint_line(&line).is_none() {
+        line.clear();
+        if reader.read_line(&mut line).expect("read stderr") == 0 {
+            break;
+        }
+        first_stderr.push_str(&line);
+    }
+    let mut second = command(
+        &demo_args_with_events(cp, "twice", &root, LONG, &["--resume"]),
+        NO_ENV,
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start the second writer");
+    reader
+        .read_to_string(&mut first_stderr)
+        .expect("read stderr");
+    let first_out = first.wait_with_output().expect("wait for the first writer");
+    let first_run = Run {
+        status: first_out.status,
+        stdout: String::from_utf8_lossy(&first_out.stdout).into_owned(),
+        stderr: first_stderr,
+    };
+    assert_no_panic(&first_run.stderr, &first_run.context());
+    let mut second_stderr = String::new();
+    second
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut second_stderr)
+        .unwrap();
+    let second_out = second
+        .wait_with_output()
+        .expect("wait for the second writer");
+    let second_run = Run {
+        status: second_out.status,
+        stdout: String::from_utf8_lossy(&second_out.stdout).into_owned(),
+        stderr: second_stderr,
+    };
+    assert_no_panic(&second_run.stderr, &second_run.context());
+    // The survivor ends in the uninterrupted run's state; the first writer was fenced
+    // and says so in one line.
+    assert_reference(&second_run);
+    assert_eq!(first_run.code(), Some(2), "{}", first_run.context());
+    let last = first_run
+        .stderr
+        .lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or_default();
+    assert!(
+        last.starts_with("rockstate: ") && last.contains("fenced"),
+        "the first writer did not stop with a one-line fencing error\n{}",
+        first_run.context()
+    );
+    let job = checkpoints.join("twice");
+    assert_all_sound(path_str(&job));
+    let resumed = run(&demo_args_with_events(
+        cp,
+        "twice",
+        &root,
+        LONG,
+        &["--resume"],
+    ));
+    assert_reference(&resumed);
+}

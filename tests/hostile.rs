@@ -767,11 +767,20 @@ fn check_handle(bytes: &[u8], limit: usize, tally: &mut Tally) {
 fn normalized(mut meta: CheckpointMetadata) -> CheckpointMetadata {
     meta.triggered_at_ms = 1_700_000_000_000 + meta.checkpoint_id;
     meta.completed_at_ms = meta.triggered_at_ms + 250;
+    // Format 1 has no writer epoch: the same metadata reads back with epoch 0.
+    meta.writer_epoch = 0;
     let mut n = 0u64;
     let mut fixed = |file: &mut rockstate::StateFile| {
         n += 1;
         if file.path.starts_with("shared/") {
             file.path = format!("shared/{:032x}.sst", n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        } else if file.path.starts_with("chk-") {
+            // `chk-N/<uid hash>/<subtask>/<unique upload folder>/<name>`.
+            let mut parts: Vec<String> = file.path.split('/').map(str::to_string).collect();
+            if parts.len() == 5 {
+                parts[3] = format!("{:016x}", parts[2].len());
+                file.path = parts.join("/");
+            }
         }
         file.size = 1_000 + 37 * n;
         file.crc32 = (n as u32).wrapping_mul(0x85eb_ca6b);

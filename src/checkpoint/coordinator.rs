@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::checkpoint::discovery;
+use crate::checkpoint::epoch::{RestoredPoint, WriterEpoch};
 use crate::checkpoint::metadata::{
     CheckpointMetadata, OperatorSnapshot, SnapshotKind, SubtaskSnapshot,
 };
 use crate::checkpoint::registry::SharedStateRegistry;
 use crate::clock::{Clock, SystemClock};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::hash;
 use crate::keygroup;
 use crate::savepoint::SavepointFormat;
@@ -76,6 +77,22 @@ pub struct SavepointTrigger {
     pub format: SavepointFormat,
 }
 
+/// What the job's state was started from, as the coordinator records it when it claims
+/// the job directory (see [`WriterEpoch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartPoint {
+    /// Continue the current timeline from its newest completed checkpoint (or from
+    /// nothing when it has none).
+    Latest,
+    /// The job restored this completed checkpoint of its own directory: it is kept
+    /// until newer checkpoints complete, and checkpoints taken after it by earlier runs
+    /// are abandoned.
+    Checkpoint(u64),
+    /// The job started empty, or from a snapshot of another directory: every earlier
+    /// checkpoint of the directory is abandoned.
+    Fresh,
+}
+
 struct Pending {
     triggered_at_ms: u64,
     /// Set for savepoints.
@@ -100,6 +117,13 @@ pub struct CheckpointCoordinator {
     registry: SharedStateRegistry,
     /// Checkpoints at or above it are kept: subtasks may reuse their files.
     reuse_floor: u64,
+    /// This writer's claim on the job directory.
+    epoch: WriterEpoch,
+    /// Set once a newer writer is found: nothing is committed or deleted any more.
+    fenced: Option<(u64, u64)>,
+    /// Checkpoints whose `_metadata` write got no definite answer: their files stay
+    /// registered (they may be complete) until a newer checkpoint completes.
+    in_doubt: BTreeMap<u64, CheckpointMetadata>,
 }
 
 impl std::fmt::Debug for CheckpointCoordinator {
@@ -139,6 +163,29 @@ pub(crate) async fn delete_all(job: &CheckpointStorage, paths: Vec<String>) -> R
     job.delete_many(paths).await
 }
 
+/// Checks a coordinator's settings and operators.
+fn validate(options: &CoordinatorOptions, operators: &[OperatorSpec]) -> Result<()> {
+    if options.num_retained == 0 || options.max_concurrent == 0 {
+        return Err(Error::invalid(
+            "num_retained and max_concurrent must be at least 1",
+        ));
+    }
+    let mut uids = BTreeSet::new();
+    for op in operators {
+        keygroup::validate_parallelism(op.parallelism, op.max_parallelism)?;
+        if !uids.insert(op.uid.as_str()) {
+            return Err(Error::invalid(format!(
+                "operator uid {:?} appears twice",
+                op.uid
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Rounds of "write, then read back" before a `_metadata` write is declared in doubt.
+const COMMIT_ROUNDS: u32 = 6;
+
 impl CheckpointCoordinator {
     /// Starts coordinating `operators` of job `job_id`, whose checkpoint directory is `job`.
     ///
@@ -163,26 +210,97 @@ impl CheckpointCoordinator {
         options: CoordinatorOptions,
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
-        if options.num_retained == 0 || options.max_concurrent == 0 {
-            return Err(Error::invalid(
-                "num_retained and max_concurrent must be at least 1",
-            ));
-        }
-        let mut uids = BTreeSet::new();
-        for op in &operators {
-            keygroup::validate_parallelism(op.parallelism, op.max_parallelism)?;
-            if !uids.insert(op.uid.as_str()) {
-                return Err(Error::invalid(format!(
-                    "operator uid {:?} appears twice",
-                    op.uid
+        Self::start_at(job, job_id, operators, options, clock, StartPoint::Latest).await
+    }
+
+    /// Starts coordinating after the job's state was started from `start`.
+    ///
+    /// First claims the job directory: a new writer epoch (see [`WriterEpoch`]) fences
+    /// every older writer before its next commit or delete, and records `start`, so that
+    /// checkpoints of timelines nobody continues (taken after the restored one by an
+    /// earlier run) are abandoned: "latest" never returns them, and this coordinator
+    /// deletes them. Then it recovers from what storage holds: the newest `num_retained`
+    /// completed checkpoints of the timeline are retained (the restored one among them),
+    /// the registry is rebuilt from them, older ones are subsumed, and ids continue above
+    /// every `chk-N` found after the claim.
+    ///
+    /// Errors: `InvalidArgument` for bad options or operators; `NotFound` when the
+    /// restored checkpoint is gone (another process retired it); `Fenced` when a newer
+    /// writer claimed the directory meanwhile; storage errors.
+    pub async fn start_at(
+        job: CheckpointStorage,
+        job_id: &str,
+        operators: Vec<OperatorSpec>,
+        options: CoordinatorOptions,
+        clock: Arc<dyn Clock>,
+        start: StartPoint,
+    ) -> Result<Self> {
+        validate(&options, &operators)?;
+        let before = discovery::scan(&job).await?;
+        let restored = match start {
+            StartPoint::Fresh => None,
+            StartPoint::Latest => before.completed.last().map(|m| RestoredPoint {
+                checkpoint_id: m.checkpoint_id,
+                epoch: m.writer_epoch,
+            }),
+            StartPoint::Checkpoint(id) => {
+                let meta = before
+                    .completed
+                    .iter()
+                    .chain(&before.abandoned)
+                    .find(|m| m.checkpoint_id == id)
+                    .ok_or_else(|| {
+                        Error::NotFound(format!(
+                            "checkpoint {id} of {} (restored, but no longer complete)",
+                            job.url()
+                        ))
+                    })?;
+                Some(RestoredPoint {
+                    checkpoint_id: id,
+                    epoch: meta.writer_epoch,
+                })
+            }
+        };
+        let epoch = WriterEpoch::claim(&job, restored, clock.now_millis()).await?;
+        Self::start_claimed(job, job_id, operators, options, clock, epoch).await
+    }
+
+    /// Starts coordinating under an epoch the runtime claimed itself (see
+    /// [`WriterEpoch::claim`]), for runtimes that must know the epoch before the
+    /// coordinator runs. See [`start_at`](Self::start_at).
+    ///
+    /// Errors: see [`start_at`](Self::start_at).
+    pub async fn start_claimed(
+        job: CheckpointStorage,
+        job_id: &str,
+        operators: Vec<OperatorSpec>,
+        options: CoordinatorOptions,
+        clock: Arc<dyn Clock>,
+        epoch: WriterEpoch,
+    ) -> Result<Self> {
+        validate(&options, &operators)?;
+        let restored = epoch.record().restored_from;
+        // Read again under the claim: the timeline now follows this writer's start, and
+        // ids continue above every checkpoint folder that exists after the claim.
+        let found = discovery::scan(&job).await?;
+        epoch.check().await?;
+        if let Some(r) = restored {
+            if !found
+                .completed
+                .iter()
+                .any(|m| m.checkpoint_id == r.checkpoint_id)
+            {
+                return Err(Error::NotFound(format!(
+                    "checkpoint {} of {} was retired while this job started; another process may be running it",
+                    r.checkpoint_id,
+                    job.url()
                 )));
             }
         }
-        let found = discovery::scan(&job).await?;
         let mut completed = found.completed;
-        let registry = SharedStateRegistry::rebuild(completed.iter());
         let surplus = completed.len().saturating_sub(options.num_retained);
         let subsumed: Vec<CheckpointMetadata> = completed.drain(..surplus).collect();
+        let registry = SharedStateRegistry::rebuild(completed.iter());
         let retained: VecDeque<CheckpointMetadata> = completed.into();
         let next_id = next_id(&job, found.highest_id)?;
         let mut coordinator = Self {
@@ -196,12 +314,62 @@ impl CheckpointCoordinator {
             retained,
             registry,
             reuse_floor: u64::MAX,
+            epoch,
+            fenced: None,
+            in_doubt: BTreeMap::new(),
         };
         for old in subsumed {
             coordinator.discard_completed(&old).await?;
         }
+        for abandoned in found.abandoned {
+            tracing::info!(
+                checkpoint = abandoned.checkpoint_id,
+                "deleting a checkpoint of an abandoned timeline"
+            );
+            coordinator.discard_completed(&abandoned).await?;
+            let shared = abandoned
+                .handles()
+                .flat_map(|(_, h)| h.shared.iter().map(|f| f.path.clone()))
+                .collect();
+            let unowned = coordinator.unowned(shared);
+            coordinator.delete_paths(unowned).await?;
+        }
         coordinator.release_unused().await?;
         Ok(coordinator)
+    }
+
+    /// This coordinator's writer epoch.
+    pub fn writer_epoch(&self) -> u64 {
+        self.epoch.epoch()
+    }
+
+    /// Fails with `Fenced` when a newer writer has claimed the job directory (checked
+    /// in storage; once fenced, always fenced).
+    pub async fn check_writer(&mut self) -> Result<()> {
+        if let Some((ours, newer)) = self.fenced {
+            return Err(Error::Fenced {
+                job: self.job.url().to_string(),
+                ours,
+                newer,
+            });
+        }
+        match self.epoch.check().await {
+            Err(Error::Fenced { job, ours, newer }) => {
+                tracing::error!(job = %job, ours, newer, "a newer writer claimed the job directory; this one stops committing and deleting");
+                self.fenced = Some((ours, newer));
+                Err(Error::Fenced { job, ours, newer })
+            }
+            other => other,
+        }
+    }
+
+    /// Deletes paths of the job directory, after checking that this writer still owns it.
+    async fn delete_paths(&mut self, paths: Vec<String>) -> Result<()> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        self.check_writer().await?;
+        delete_all(&self.job, paths).await
     }
 
     /// The job's checkpoint directory.
@@ -406,6 +574,13 @@ impl CheckpointCoordinator {
         subtask: u32,
         snapshot: SubtaskSnapshot,
     ) -> Result<AckOutcome> {
+        if let Some((ours, newer)) = self.fenced {
+            return Err(Error::Fenced {
+                job: self.job.url().to_string(),
+                ours,
+                newer,
+            });
+        }
         let op_index = self.operator_index(operator_uid)?;
         self.check_ack(checkpoint_id, op_index, subtask, &snapshot)?;
         let Some(pending) = self.pending.get_mut(&checkpoint_id) else {
@@ -429,8 +604,12 @@ impl CheckpointCoordinator {
                     .filter(|p| p.starts_with("shared/") || p.starts_with("chk-"))
                     .collect();
                 let orphans = self.unowned(written);
-                if let Err(e) = delete_all(&self.job, orphans).await {
-                    tracing::warn!(checkpoint_id, error = %e, "cannot delete the files of a late acknowledgement (the sweep will)");
+                match self.delete_paths(orphans).await {
+                    Err(e) if e.kind() == ErrorKind::Fenced => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(checkpoint_id, error = %e, "cannot delete the files of a late acknowledgement (the sweep will)")
+                    }
+                    Ok(()) => {}
                 }
             }
             return Ok(AckOutcome::Discarded);
@@ -443,7 +622,7 @@ impl CheckpointCoordinator {
             // Too late to complete: the orphan sweep may already consider its files old.
             pending.acks.insert((op_index, subtask), snapshot);
             self.abort(checkpoint_id, "timed out").await?;
-            self.subsume_and_release().await;
+            self.subsume_and_release().await?;
             return Ok(AckOutcome::Discarded);
         }
         if pending.acks.contains_key(&(op_index, subtask)) {
@@ -502,52 +681,43 @@ impl CheckpointCoordinator {
             triggered_at_ms: pending.triggered_at_ms,
             completed_at_ms: self.clock.now_millis(),
             operators,
+            writer_epoch: self.epoch.epoch(),
         };
         if let Some(savepoint) = &pending.savepoint {
-            let written = meta
-                .keyed()
-                .flat_map(|(_, h)| h.files())
-                .map(|f| f.path.clone())
-                .collect();
-            let stored = savepoint
-                .folder
-                .put_if_absent(discovery::METADATA_FILE, meta.encode()?.into())
-                .await;
-            if let Err(e) = stored {
-                tracing::warn!(checkpoint_id, folder = %savepoint.folder.url(), error = %e, "savepoint failed");
-                if let Err(cleanup) = delete_all(&savepoint.folder, written).await {
-                    tracing::warn!(error = %cleanup, "cannot remove the files of a failed savepoint");
-                }
-                return Err(e);
-            }
-            tracing::info!(checkpoint_id, folder = %savepoint.folder.url(), "savepoint completed");
-            return Ok(AckOutcome::Completed(Box::new(meta)));
+            return self.complete_savepoint(meta, savepoint).await;
         }
         if let Err(e) = self.registry.check(&meta) {
             tracing::warn!(checkpoint_id, error = %e, "checkpoint fails: it references an unregistered file");
             if let Err(cleanup) = self.delete_checkpoint_files(&meta).await {
+                if cleanup.kind() == ErrorKind::Fenced {
+                    return Err(cleanup);
+                }
                 tracing::warn!(checkpoint_id, error = %cleanup, "cannot delete the files of a failed checkpoint (the sweep will)");
             }
             return Err(e);
         }
         let bytes = meta.encode()?;
         let path = discovery::metadata_path(checkpoint_id);
+        self.check_writer().await?;
         crate::crashpoint::hit("metadata");
-        if let Err(e) = self.job.put_if_absent(&path, bytes.clone().into()).await {
-            if e.kind() == crate::ErrorKind::AlreadyExists {
+        match commit(&self.job, &path, checkpoint_id, &bytes).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::InDoubt => {
+                // It may be complete: keep every file it references, and let its files
+                // be reused (a runtime that sees the `_metadata` confirms it), until a
+                // newer checkpoint completes. The job goes on with later checkpoints.
+                tracing::warn!(checkpoint_id, error = %e, "checkpoint in doubt; its files are kept");
+                self.registry.add(&meta);
+                self.in_doubt.insert(checkpoint_id, meta);
                 return Err(e);
             }
-            // The write may have happened even though the call failed: look.
-            match self.job.read_small(&path, bytes.len() as u64).await {
-                Ok(stored) if stored[..] == bytes[..] => {
-                    tracing::warn!(checkpoint_id, error = %e, "metadata write reported an error but is stored");
+            Err(e) => {
+                // Definitely not committed as ours (another object holds the name).
+                tracing::warn!(checkpoint_id, error = %e, "cannot commit the checkpoint");
+                if let Err(cleanup) = self.delete_checkpoint_files(&meta).await {
+                    tracing::warn!(checkpoint_id, error = %cleanup, "cannot delete the files of a failed checkpoint (the sweep will)");
                 }
-                _ => {
-                    if let Err(cleanup) = self.job.delete(&path).await {
-                        tracing::warn!(checkpoint_id, error = %cleanup, "cannot remove a possibly written _metadata");
-                    }
-                    return Err(e);
-                }
+                return Err(e);
             }
         }
         crate::crashpoint::hit("committed");
@@ -556,6 +726,7 @@ impl CheckpointCoordinator {
         // Checked before the commit, with `&mut self` held since: cannot fail now.
         self.registry.add(&meta);
         self.retained.push_back(meta.clone());
+        self.in_doubt.retain(|id, _| *id > checkpoint_id);
         let older: Vec<u64> = self
             .pending
             .range(..checkpoint_id)
@@ -563,11 +734,53 @@ impl CheckpointCoordinator {
             .collect();
         for id in older {
             if let Err(e) = self.abort(id, "a newer checkpoint completed first").await {
+                if e.kind() == ErrorKind::Fenced {
+                    return Err(e);
+                }
                 tracing::warn!(checkpoint = id, error = %e, "cleanup of an aborted checkpoint failed");
             }
         }
-        self.subsume_and_release().await;
+        self.subsume_and_release().await?;
         Ok(AckOutcome::Completed(Box::new(meta)))
+    }
+
+    async fn complete_savepoint(
+        &mut self,
+        meta: CheckpointMetadata,
+        savepoint: &SavepointTrigger,
+    ) -> Result<AckOutcome> {
+        let checkpoint_id = meta.checkpoint_id;
+        let written = meta
+            .keyed()
+            .flat_map(|(_, h)| h.files())
+            .map(|f| f.path.clone())
+            .collect();
+        let bytes = meta.encode()?;
+        match commit(
+            &savepoint.folder,
+            discovery::METADATA_FILE,
+            checkpoint_id,
+            &bytes,
+        )
+        .await
+        {
+            Ok(()) => {
+                tracing::info!(checkpoint_id, folder = %savepoint.folder.url(), "savepoint completed");
+                Ok(AckOutcome::Completed(Box::new(meta)))
+            }
+            // Its `_metadata` may be stored: a savepoint in doubt keeps its files.
+            Err(e) if e.kind() == ErrorKind::InDoubt => {
+                tracing::warn!(checkpoint_id, folder = %savepoint.folder.url(), error = %e, "savepoint in doubt; its files are kept");
+                Err(e)
+            }
+            Err(e) => {
+                tracing::warn!(checkpoint_id, folder = %savepoint.folder.url(), error = %e, "savepoint failed");
+                if let Err(cleanup) = delete_all(&savepoint.folder, written).await {
+                    tracing::warn!(error = %cleanup, "cannot remove the files of a failed savepoint");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Paths that no retained checkpoint and no registry entry owns.
@@ -592,49 +805,59 @@ impl CheckpointCoordinator {
             .min()
             .unwrap_or(u64::MAX)
             .min(self.reuse_floor)
+            .min(self.in_doubt.keys().next().copied().unwrap_or(u64::MAX))
     }
 
     /// Subsumes retained checkpoints beyond `num_retained` (keeping any that a pending
     /// checkpoint's subtasks may still reuse files of), then deletes shared files nothing
-    /// uses. A checkpoint stays retained until its deletion succeeded. Errors are logged.
-    async fn subsume_and_release(&mut self) {
+    /// uses. A checkpoint stays retained until its deletion succeeded. Errors are logged,
+    /// except `Fenced`, which is returned.
+    async fn subsume_and_release(&mut self) -> Result<()> {
         let lowest_base = self.lowest_pending_base();
         while self.retained.len() > self.options.num_retained {
-            let Some(old) = self.retained.front() else {
+            let Some(old) = self.retained.front().cloned() else {
                 break;
             };
             if old.checkpoint_id >= lowest_base {
                 break;
             }
-            match self.discard_completed(old).await {
+            match self.discard_completed(&old).await {
                 Ok(()) => {
                     self.retained.pop_front();
                 }
+                Err(e) if e.kind() == ErrorKind::Fenced => return Err(e),
                 Err(e) => {
                     tracing::warn!(checkpoint = old.checkpoint_id, error = %e, "cannot delete a subsumed checkpoint yet");
                     break;
                 }
             }
         }
-        if let Err(e) = self.release_unused().await {
-            tracing::warn!(error = %e, "cannot delete unused shared files yet (the sweep will)");
+        match self.release_unused().await {
+            Err(e) if e.kind() == ErrorKind::Fenced => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot delete unused shared files yet (the sweep will)");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
         }
     }
 
-    /// Deletes what a checkpoint wrote itself: new shared files and private files.
-    async fn delete_checkpoint_files(&self, meta: &CheckpointMetadata) -> Result<()> {
+    /// Deletes what a checkpoint wrote itself: new shared and private files.
+    async fn delete_checkpoint_files(&mut self, meta: &CheckpointMetadata) -> Result<()> {
         let paths = meta
             .operators
             .iter()
             .flat_map(|op| op.subtasks.iter())
             .flat_map(Self::written_files)
             .collect();
-        delete_all(&self.job, self.unowned(paths)).await
+        let unowned = self.unowned(paths);
+        self.delete_paths(unowned).await
     }
 
     /// Deletes a subsumed checkpoint: `_metadata` first (so it no longer counts as
     /// completed), then its private files. Shared files go through the registry.
-    async fn discard_completed(&self, meta: &CheckpointMetadata) -> Result<()> {
+    async fn discard_completed(&mut self, meta: &CheckpointMetadata) -> Result<()> {
+        self.check_writer().await?;
         self.job
             .delete(&discovery::metadata_path(meta.checkpoint_id))
             .await?;
@@ -643,22 +866,24 @@ impl CheckpointCoordinator {
             .handles()
             .flat_map(|(_, h)| h.private.iter().map(|f| f.path.clone()))
             .collect();
-        delete_all(&self.job, private).await
+        self.delete_paths(private).await
     }
 
     /// Rule 2: deletes shared files no retained (and no pending checkpoint's base) uses.
     async fn release_unused(&mut self) -> Result<()> {
         let lowest_retained = self.retained.front().map_or(u64::MAX, |m| m.checkpoint_id);
         let lowest_base = self.lowest_pending_base();
-        let gone = self
-            .registry
-            .release_below(lowest_retained.min(lowest_base));
-        if !gone.is_empty() {
-            tracing::debug!(
-                files = gone.len(),
-                "deleting shared files no checkpoint uses"
-            );
+        let floor = lowest_retained.min(lowest_base);
+        if self.registry.count_below(floor) == 0 {
+            return Ok(());
         }
+        // Checked before the registry forgets anything: a fenced writer keeps its view.
+        self.check_writer().await?;
+        let gone = self.registry.release_below(floor);
+        tracing::debug!(
+            files = gone.len(),
+            "deleting shared files no checkpoint uses"
+        );
         delete_all(&self.job, gone).await
     }
 
@@ -675,22 +900,28 @@ impl CheckpointCoordinator {
         let deleted = match &pending.savepoint {
             // A savepoint's folder holds nothing any checkpoint owns.
             Some(savepoint) => delete_all(&savepoint.folder, paths).await,
-            None => delete_all(&self.job, self.unowned(paths)).await,
+            None => {
+                let unowned = self.unowned(paths);
+                self.delete_paths(unowned).await
+            }
         };
         // The checkpoint is aborted either way; what could not be deleted is unreferenced
         // and left to the orphan sweep.
-        if let Err(e) = deleted {
-            tracing::warn!(checkpoint_id, error = %e, "cannot delete the files of an aborted checkpoint (the sweep will)");
+        match deleted {
+            Err(e) if e.kind() == ErrorKind::Fenced => Err(e),
+            Err(e) => {
+                tracing::warn!(checkpoint_id, error = %e, "cannot delete the files of an aborted checkpoint (the sweep will)");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
         }
-        Ok(())
     }
 
     /// A subtask could not snapshot: aborts the checkpoint and deletes the files its
     /// acknowledged subtasks wrote. Tell the subtasks (`notify_checkpoint_aborted`).
     pub async fn decline(&mut self, checkpoint_id: u64, reason: &str) -> Result<()> {
         self.abort(checkpoint_id, reason).await?;
-        self.subsume_and_release().await;
-        Ok(())
+        self.subsume_and_release().await
     }
 
     /// Aborts every pending checkpoint older than the timeout; returns their ids.
@@ -707,7 +938,7 @@ impl CheckpointCoordinator {
             self.abort(*id, "timed out").await?;
         }
         if !expired.is_empty() {
-            self.subsume_and_release().await;
+            self.subsume_and_release().await?;
         }
         Ok(expired)
     }
@@ -724,9 +955,71 @@ impl CheckpointCoordinator {
             while let Some(old) = self.retained.pop_front() {
                 self.discard_completed(&old).await?;
             }
+            self.in_doubt.clear();
             let gone = self.registry.release_below(u64::MAX);
-            delete_all(&self.job, gone).await?;
+            self.delete_paths(gone).await?;
         }
         Ok(())
     }
+}
+
+/// Writes a `_metadata` with create-if-absent until its fate is definite: `Ok` when the
+/// stored object is exactly `bytes` (written now, or by an attempt whose answer was lost),
+/// `AlreadyExists` when another object holds the name. A write that fails without a
+/// definite answer is read back and, when absent, written again; when no round gives an
+/// answer, `InDoubt` (the object may or may not be stored; it is never deleted).
+async fn commit(
+    storage: &CheckpointStorage,
+    path: &str,
+    checkpoint_id: u64,
+    bytes: &[u8],
+) -> Result<()> {
+    let mut last = String::new();
+    for round in 0..COMMIT_ROUNDS {
+        if round > 0 {
+            let wait = storage
+                .options()
+                .retry_backoff
+                .saturating_mul(1 << round.min(10));
+            tokio::time::sleep(wait).await;
+        }
+        match storage.put_if_absent(path, bytes.to_vec().into()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => return Err(e),
+            Err(e) => {
+                tracing::warn!(checkpoint_id, round, error = %e, "metadata write has no definite answer; reading it back");
+                last = e.to_string();
+            }
+        }
+        match storage.read_small(path, bytes.len() as u64 + 1).await {
+            Ok(stored) if stored[..] == bytes[..] => {
+                tracing::warn!(
+                    checkpoint_id,
+                    "metadata write reported an error but is stored"
+                );
+                return Ok(());
+            }
+            Ok(_) => {
+                return Err(Error::AlreadyExists(format!(
+                    "{} (another object holds it)",
+                    storage.url_of(path)
+                )))
+            }
+            // Larger than ours: another object.
+            Err(e) if e.kind() == ErrorKind::Corrupt => {
+                return Err(Error::AlreadyExists(format!(
+                    "{} (another object holds it)",
+                    storage.url_of(path)
+                )))
+            }
+            // Not stored: the next round writes it again.
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(Error::InDoubt {
+        checkpoint_id,
+        path: storage.url_of(path),
+        detail: last,
+    })
 }

@@ -1,6 +1,7 @@
 //! Finding checkpoints in a job directory: completed ones (a readable `_metadata`),
 //! incomplete ones (a `chk-N/` without it) and unreadable ones.
 
+use crate::checkpoint::epoch::Epochs;
 use crate::checkpoint::metadata::{CheckpointMetadata, MAX_METADATA_LEN};
 use crate::error::{ErrorKind, Result};
 use crate::storage::CheckpointStorage;
@@ -36,8 +37,16 @@ pub(crate) fn parse_checkpoint_dir(name: &str) -> Option<u64> {
 /// What a job directory holds ([`CheckpointStorage::checkpoints`]).
 #[derive(Debug, Default)]
 pub struct JobCheckpoints {
-    /// Completed checkpoints, oldest first.
+    /// Completed checkpoints of the current timeline, oldest first.
     pub completed: Vec<CheckpointMetadata>,
+    /// Completed checkpoints of abandoned timelines (a writer restored an older
+    /// checkpoint, or started afresh, after they were taken), oldest first. Never
+    /// restored by "latest"; see [`crate::checkpoint::WriterEpoch`].
+    pub abandoned: Vec<CheckpointMetadata>,
+    /// The newest writer epoch of the directory (0 when none was claimed).
+    pub epoch: u64,
+    /// Every writer epoch listed.
+    pub epochs: Vec<u64>,
     /// Ids of `chk-N/` directories without `_metadata`.
     pub incomplete: Vec<u64>,
     /// Ids whose `_metadata` exists but cannot be read, with the reason.
@@ -68,13 +77,22 @@ pub(crate) async fn scan(job: &CheckpointStorage) -> Result<JobCheckpoints> {
         .filter_map(|d| parse_checkpoint_dir(d))
         .collect();
     ids.sort_unstable();
+    let mut epochs = Epochs::list(job).await?;
     let mut found = JobCheckpoints {
         highest_id: ids.last().copied().unwrap_or(0),
+        epoch: epochs.current(),
+        epochs: epochs.listed().to_vec(),
         ..JobCheckpoints::default()
     };
     for id in ids {
         match read_metadata(job, id).await {
-            Ok(Some(meta)) if meta.checkpoint_id == id => found.completed.push(meta),
+            Ok(Some(meta)) if meta.checkpoint_id == id => {
+                if epochs.is_live(id, meta.writer_epoch).await? {
+                    found.completed.push(meta)
+                } else {
+                    found.abandoned.push(meta)
+                }
+            }
             Ok(Some(meta)) => found.unreadable.push((
                 id,
                 format!("_metadata names checkpoint {}", meta.checkpoint_id),
@@ -106,8 +124,10 @@ impl CheckpointStorage {
     }
 
     /// The newest completed checkpoint of the job whose directory this is: the highest
-    /// `chk-N` with a readable `_metadata`. A newer checkpoint whose `_metadata` is damaged
-    /// is skipped (and logged); incomplete `chk-N/` folders are ignored.
+    /// `chk-N` with a readable `_metadata` on the current timeline. A newer checkpoint
+    /// whose `_metadata` is damaged is skipped (and logged); incomplete `chk-N/` folders
+    /// and checkpoints of abandoned timelines (taken before a writer restored an older
+    /// checkpoint) are ignored.
     ///
     /// Errors: storage errors (a checkpoint is never skipped because of a network error).
     pub async fn latest_completed(&self) -> Result<Option<CheckpointMetadata>> {
@@ -118,9 +138,18 @@ impl CheckpointStorage {
             .filter_map(|d| parse_checkpoint_dir(d))
             .collect();
         ids.sort_unstable_by(|a, b| b.cmp(a));
+        let mut epochs = Epochs::list(self).await?;
         for id in ids {
             match read_metadata(self, id).await {
-                Ok(Some(meta)) if meta.checkpoint_id == id => return Ok(Some(meta)),
+                Ok(Some(meta)) if meta.checkpoint_id == id => {
+                    if epochs.is_live(id, meta.writer_epoch).await? {
+                        return Ok(Some(meta));
+                    }
+                    tracing::debug!(
+                        checkpoint = id,
+                        "skipping a checkpoint of an abandoned timeline"
+                    );
+                }
                 Ok(Some(meta)) => tracing::warn!(
                     checkpoint = id,
                     named = meta.checkpoint_id,

@@ -16,7 +16,7 @@ use crate::state::StateMeta;
 /// The magic bytes at the start of every `_metadata`.
 pub const METADATA_MAGIC: &[u8; 8] = b"RKSTMETA";
 /// The newest `_metadata` format version this build writes and reads.
-pub const METADATA_VERSION: u32 = 2;
+pub const METADATA_VERSION: u32 = 3;
 /// Largest `_metadata` accepted (64 MiB).
 pub const MAX_METADATA_LEN: u64 = 64 << 20;
 
@@ -74,6 +74,9 @@ pub struct CheckpointMetadata {
     pub completed_at_ms: u64,
     /// Every operator's snapshot.
     pub operators: Vec<OperatorSnapshot>,
+    /// The writer epoch of the coordinator that committed it (0 for snapshots written
+    /// before epochs existed). See [`crate::checkpoint::WriterEpoch`].
+    pub writer_epoch: u64,
 }
 
 impl CheckpointMetadata {
@@ -189,10 +192,10 @@ impl CheckpointMetadata {
             ));
         }
         let payload = &bytes[HEADER_LEN..body_end];
-        let meta: CheckpointMetadata = if version == 1 {
-            codec::decode_exact::<v1::CheckpointMetadata>(payload, what)?.into()
-        } else {
-            codec::decode_exact(payload, what)?
+        let meta: CheckpointMetadata = match version {
+            1 => codec::decode_exact::<v1::CheckpointMetadata>(payload, what)?.into(),
+            2 => codec::decode_exact::<v2::CheckpointMetadata>(payload, what)?.into(),
+            _ => codec::decode_exact(payload, what)?,
         };
         for (op, handle) in meta.keyed() {
             handle.validate()?;
@@ -217,6 +220,37 @@ impl CheckpointMetadata {
             }
         }
         Ok(meta)
+    }
+}
+
+/// Format version 2, without the writer epoch. Read and converted (epoch 0).
+mod v2 {
+    use serde::Deserialize;
+
+    use super::{OperatorSnapshot, SnapshotKind};
+
+    #[derive(Deserialize)]
+    pub(super) struct CheckpointMetadata {
+        checkpoint_id: u64,
+        kind: SnapshotKind,
+        job_id: String,
+        triggered_at_ms: u64,
+        completed_at_ms: u64,
+        operators: Vec<OperatorSnapshot>,
+    }
+
+    impl From<CheckpointMetadata> for super::CheckpointMetadata {
+        fn from(m: CheckpointMetadata) -> Self {
+            Self {
+                checkpoint_id: m.checkpoint_id,
+                kind: m.kind,
+                job_id: m.job_id,
+                triggered_at_ms: m.triggered_at_ms,
+                completed_at_ms: m.completed_at_ms,
+                operators: m.operators,
+                writer_epoch: 0,
+            }
+        }
     }
 }
 
@@ -281,6 +315,7 @@ mod v1 {
                             .collect(),
                     })
                     .collect(),
+                writer_epoch: 0,
             }
         }
     }
@@ -305,6 +340,7 @@ mod tests {
                 states: vec![],
                 subtasks: vec![SubtaskSnapshot::default()],
             }],
+            writer_epoch: 3,
         }
     }
 

@@ -3,6 +3,7 @@
 
 mod coordinator;
 pub(crate) mod discovery;
+mod epoch;
 mod metadata;
 mod operator_state;
 mod registry;
@@ -10,8 +11,10 @@ mod sweep;
 
 pub use coordinator::{
     AckOutcome, CheckpointCoordinator, CoordinatorOptions, OperatorSpec, SavepointTrigger,
+    StartPoint,
 };
 pub use discovery::JobCheckpoints;
+pub use epoch::{EpochRecord, RestoredPoint, WriterEpoch};
 pub use metadata::{
     CheckpointMetadata, OperatorSnapshot, SnapshotKind, SubtaskSnapshot, MAX_METADATA_LEN,
     METADATA_MAGIC, METADATA_VERSION,

@@ -94,6 +94,14 @@ impl SharedStateRegistry {
         gone
     }
 
+    /// Number of files whose last use is below `lowest_retained`.
+    pub fn count_below(&self, lowest_retained: u64) -> usize {
+        self.files
+            .values()
+            .filter(|e| e.last_used < lowest_retained)
+            .count()
+    }
+
     /// Whether `path` is registered.
     pub fn contains(&self, path: &str) -> bool {
         self.files.contains_key(path)

@@ -28,13 +28,21 @@ use subtask::{Message, SubtaskContext};
 use crate::backend::{BackendOptions, RocksStateBackend, SharedResources};
 use crate::checkpoint::{
     CheckpointCoordinator, CheckpointMetadata, CoordinatorOptions, OperatorSpec, SavepointTrigger,
-    SubtaskSnapshot,
+    StartPoint, SubtaskSnapshot,
 };
-use crate::error::{Error, ErrorKind, Result};
+use crate::clock::SystemClock;
+use crate::error::{Error, Result};
 use crate::keygroup;
-use crate::restore::{RestoreMode, RestoreOptions, RestoreSource};
+use crate::local_dir;
+use crate::restore::plan::{self, StartCandidate, StartRequest};
+use crate::restore::{RestoreOptions, RestoreSource};
 use crate::savepoint::SavepointFormat;
 use crate::storage::CheckpointStorage;
+
+/// Records handed to a subtask at once.
+const BATCH_RECORDS: usize = 256;
+/// Batches queued per subtask before the driver waits.
+const QUEUE_BATCHES: usize = 16;
 
 /// The uid under which the harness records source offsets.
 pub const SOURCE_UID: &str = "source";
@@ -60,7 +68,9 @@ pub struct HarnessConfig {
     pub parallelism: u32,
     /// Number of key groups.
     pub max_parallelism: u32,
-    /// Scratch space for the subtasks' RocksDB directories; emptied at start.
+    /// Scratch space for the subtasks' RocksDB directories, emptied at start. It must be
+    /// new, empty, or one rockstate used before (marked with a `.rockstate-scratch`
+    /// file): a directory holding other files is refused, never emptied.
     pub local_root: PathBuf,
     /// Records between checkpoints (0: only explicit ones).
     pub checkpoint_interval: u64,
@@ -105,6 +115,8 @@ pub(crate) struct Progress {
     pub latest: Option<CheckpointMetadata>,
     pub failed: Vec<(u64, String)>,
     pub error: Option<String>,
+    /// An error that stops the job (a newer writer fenced this one).
+    pub fatal: Option<Error>,
     pub savepoints: Vec<CheckpointMetadata>,
     /// Longest synchronous snapshot phase of any subtask.
     pub max_sync: std::time::Duration,
@@ -118,6 +130,9 @@ pub struct Harness<S: Source> {
     source: S,
     position: SourcePosition,
     senders: Vec<SyncSender<Message<S::Key, S::Value>>>,
+    /// Records not yet handed to each subtask: handing them over in batches wakes a
+    /// subtask thread once per batch instead of once per record.
+    batches: Vec<Vec<(S::Key, S::Value)>>,
     threads: Vec<JoinHandle<Result<RocksStateBackend>>>,
     coordinator: Arc<tokio::sync::Mutex<CheckpointCoordinator>>,
     runtime: tokio::runtime::Runtime,
@@ -164,25 +179,17 @@ where
             .build()
             .map_err(|e| Error::io("start the harness runtime", e))?;
         let job = checkpoint_dir.child(&config.job_id)?;
-        let resume = RestoreOptions {
-            mode: RestoreMode::Claim,
-            ..RestoreOptions::default()
-        };
         // Candidates, best first. Resuming from the latest checkpoint falls back to older
         // completed ones when a newer one cannot be restored (a damaged or missing file).
-        let candidates: Vec<(RestoreSource, RestoreOptions)> = match from {
-            StartFrom::Empty => Vec::new(),
-            StartFrom::Latest => runtime
-                .block_on(job.checkpoints())?
-                .completed
-                .into_iter()
-                .rev()
-                .map(|meta| (RestoreSource::checkpoint(&job, meta), resume))
-                .collect(),
-            StartFrom::Checkpoint(meta) => vec![(RestoreSource::checkpoint(&job, *meta), resume)],
-            StartFrom::Snapshot { source, options } => vec![(*source, options)],
+        let request = match from {
+            StartFrom::Empty => StartRequest::Empty,
+            StartFrom::Latest => StartRequest::Latest,
+            StartFrom::Checkpoint(meta) => StartRequest::Checkpoint(meta),
+            StartFrom::Snapshot { source, options } => StartRequest::Snapshot { source, options },
         };
-        let fallback = candidates.len() > 1;
+        let plan = runtime.block_on(plan::plan_start(&job, request))?;
+        // Refuses a directory holding someone else's files before anything is restored.
+        local_dir::take(&config.local_root)?;
         let p = config.parallelism;
         let operators = vec![
             OperatorSpec {
@@ -197,19 +204,17 @@ where
             },
         ];
         let resources = SharedResources::new(config.memory_budget)?;
-        // Restore every subtask before the coordinator starts: starting it may subsume
-        // checkpoints older than the retained ones, the one being restored included.
-        let restore_all = |restore: Option<&(RestoreSource, RestoreOptions)>| {
-            if config.local_root.exists() {
-                std::fs::remove_dir_all(&config.local_root)
-                    .map_err(|e| Error::io(format!("empty {}", config.local_root.display()), e))?;
-            }
-            if let Some((source, options)) = restore {
-                source.check_operators(&operators, options.allow_non_restored_state)?;
+        // Restore every subtask before the coordinator starts: the coordinator claims the
+        // job directory for what was restored.
+        let restore_all = |restore: Option<&StartCandidate>| {
+            local_dir::reset(&config.local_root)?;
+            if let Some(c) = restore {
+                c.source
+                    .check_operators(&operators, c.options.allow_non_restored_state)?;
             }
             let position = match restore {
-                Some((snapshot, _)) if snapshot.metadata().operator(SOURCE_UID).is_some() => {
-                    SourcePosition::from_checkpoint(snapshot.metadata(), source.partitions())?
+                Some(c) if c.source.metadata().operator(SOURCE_UID).is_some() => {
+                    SourcePosition::from_checkpoint(c.source.metadata(), source.partitions())?
                 }
                 _ => SourcePosition::start(source.partitions()),
             };
@@ -224,10 +229,10 @@ where
                 let builder =
                     RocksStateBackend::builder(options).shared_resources(resources.clone());
                 backends.push(match restore {
-                    Some((snapshot, options)) => runtime.block_on(builder.restore_operator(
-                        snapshot,
+                    Some(c) => runtime.block_on(builder.restore_operator(
+                        &c.source,
                         &config.operator_uid,
-                        options,
+                        &c.options,
                     ))?,
                     None => builder.open()?,
                 });
@@ -237,17 +242,15 @@ where
         let mut restore = None;
         let mut started = None;
         let mut newest_error = None;
-        for candidate in candidates {
+        for candidate in plan.candidates {
             match restore_all(Some(&candidate)) {
                 Ok(done) => {
                     started = Some(done);
                     restore = Some(candidate);
                     break;
                 }
-                Err(e)
-                    if fallback && matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound) =>
-                {
-                    tracing::warn!(checkpoint = %candidate.0.location(), error = %e, "cannot restore this checkpoint; trying an older one");
+                Err(e) if plan.fallback && plan::falls_back(&e) => {
+                    tracing::warn!(checkpoint = %candidate.source.location(), error = %e, "cannot restore this checkpoint; trying an older one");
                     newest_error.get_or_insert(e);
                 }
                 Err(e) => return Err(e),
@@ -256,43 +259,36 @@ where
         let (position, backends) = match started {
             Some(done) => done,
             // No completed checkpoint restores: the newest one's reason.
-            None if fallback => {
-                return Err(newest_error
-                    .unwrap_or_else(|| Error::Internal("no checkpoint was tried".into())))
-            }
-            None => restore_all(None)?,
+            None => match newest_error {
+                Some(e) => return Err(e),
+                None => restore_all(None)?,
+            },
         };
         let progress: SharedProgress = Arc::default();
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..p {
-            let (tx, rx) = std::sync::mpsc::sync_channel(1024);
+            let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_BATCHES);
             senders.push(tx);
             receivers.push(rx);
         }
-        let coordinator = runtime.block_on(CheckpointCoordinator::start(
+        let start_point = restore
+            .as_ref()
+            .map_or(StartPoint::Fresh, |c| c.start_point);
+        let coordinator = runtime.block_on(CheckpointCoordinator::start_at(
             job.clone(),
             &config.job_id,
             operators,
             config.coordinator.clone(),
+            Arc::new(SystemClock),
+            start_point,
         ))?;
-        // A checkpoint of this job's own directory: its files can be referenced only while
-        // the coordinator retains it.
+        // A checkpoint of this job's own directory stays retained by the coordinator's
+        // claim until newer ones complete: the subtasks may reuse its files in place.
         let own = restore
             .as_ref()
-            .filter(|(s, _)| !s.metadata().is_savepoint() && s.root().url() == job.url())
-            .map(|(s, _)| s.metadata().clone());
-        if let Some(meta) = &own {
-            let retained = coordinator
-                .retained()
-                .any(|r| r.checkpoint_id == meta.checkpoint_id);
-            if !retained {
-                // Its files may be gone once a newer checkpoint subsumed it: upload afresh.
-                for backend in &backends {
-                    backend.discard_reusable_files();
-                }
-            }
-        }
+            .filter(|c| matches!(c.start_point, StartPoint::Checkpoint(_)))
+            .map(|c| c.source.metadata().clone());
         let coordinator = Arc::new(tokio::sync::Mutex::new(coordinator));
         let mut threads = Vec::new();
         for (i, (rx, backend)) in receivers.into_iter().zip(backends).enumerate() {
@@ -313,9 +309,12 @@ where
                     .map_err(|e| Error::io("spawn a subtask thread", e))?,
             );
         }
-        let restored_from = restore
-            .as_ref()
-            .map(|(s, _)| (s.metadata().checkpoint_id, s.location().to_string()));
+        let restored_from = restore.as_ref().map(|c| {
+            (
+                c.source.metadata().checkpoint_id,
+                c.source.location().to_string(),
+            )
+        });
         if let Some(meta) = own {
             progress.0.lock().latest = Some(meta);
         }
@@ -323,6 +322,7 @@ where
             config,
             source,
             position,
+            batches: (0..p).map(|_| Vec::new()).collect(),
             senders,
             threads,
             coordinator,
@@ -335,7 +335,11 @@ where
     }
 
     fn check_errors(&self) -> Result<()> {
-        match &self.progress.0.lock().error {
+        let progress = self.progress.0.lock();
+        if let Some(e) = &progress.fatal {
+            return Err(e.replay());
+        }
+        match &progress.error {
             Some(e) => Err(Error::Internal(format!("a subtask failed: {e}"))),
             None => Ok(()),
         }
@@ -362,7 +366,12 @@ where
                 self.config.parallelism,
                 self.config.max_parallelism,
             )?;
-            self.send(subtask as usize, Message::Record(key, value))?;
+            let batch = &mut self.batches[subtask as usize];
+            batch.push((key, value));
+            if batch.len() >= BATCH_RECORDS {
+                let full = std::mem::replace(batch, Vec::with_capacity(BATCH_RECORDS));
+                self.send(subtask as usize, Message::Records(full))?;
+            }
             done += 1;
             self.events += 1;
             self.since_checkpoint += 1;
@@ -373,8 +382,20 @@ where
                 self.trigger()?;
             }
         }
+        self.flush()?;
         self.check_errors()?;
         Ok(done)
+    }
+
+    /// Hands every buffered record to its subtask.
+    fn flush(&mut self) -> Result<()> {
+        for subtask in 0..self.batches.len() {
+            if !self.batches[subtask].is_empty() {
+                let batch = std::mem::take(&mut self.batches[subtask]);
+                self.send(subtask, Message::Records(batch))?;
+            }
+        }
+        Ok(())
     }
 
     /// Aborts checkpoints past the coordinator's timeout and tells the subtasks.
@@ -406,6 +427,8 @@ where
         &mut self,
         savepoint: Option<(Option<CheckpointStorage>, SavepointFormat)>,
     ) -> Result<Option<(u64, Option<SavepointTrigger>)>> {
+        // Every record before the barrier reaches its subtask before the barrier.
+        self.flush()?;
         self.check_errors()?;
         self.expire()?;
         let position = self.position.clone();
@@ -503,6 +526,9 @@ where
             {
                 let (lock, cvar) = &*self.progress;
                 let mut progress = lock.lock();
+                if let Some(e) = &progress.fatal {
+                    return Err(e.replay());
+                }
                 if let Some(e) = &progress.error {
                     return Err(Error::Internal(format!("a subtask failed: {e}")));
                 }

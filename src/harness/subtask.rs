@@ -13,7 +13,8 @@ use crate::storage::CheckpointStorage;
 
 /// What the driver and the upload tasks tell a subtask.
 pub(crate) enum Message<K, V> {
-    Record(K, V),
+    /// Records in stream order.
+    Records(Vec<(K, V)>),
     /// Snapshot for checkpoint `id`; `last_completed` is the newest completed checkpoint
     /// known when it was triggered (a completion notice that may not have arrived yet).
     Barrier {
@@ -60,11 +61,13 @@ where
 {
     for message in rx {
         match message {
-            Message::Record(key, value) => {
-                crate::crashpoint::hit("record");
-                if let Err(e) = operator.process(&key, value) {
-                    ctx.fail(&e);
-                    return Err(e);
+            Message::Records(records) => {
+                for (key, value) in records {
+                    crate::crashpoint::hit("record");
+                    if let Err(e) = operator.process(&key, value) {
+                        ctx.fail(&e);
+                        return Err(e);
+                    }
                 }
             }
             Message::Barrier {
@@ -184,10 +187,22 @@ fn spawn_upload<K, V>(
                 broadcast(&task_ctx, Message::Completed, id);
             }
             Ok(AckOutcome::Pending | AckOutcome::Discarded) => {}
+            Err(e) if e.kind() == crate::ErrorKind::Fenced => {
+                tracing::error!(checkpoint = id, subtask = index, error = %e, "stopping: another writer owns the job directory");
+                let (lock, cvar) = &*task_ctx.progress;
+                let mut progress = lock.lock();
+                progress.fatal.get_or_insert(e);
+                cvar.notify_all();
+            }
             Err(e) => {
                 tracing::warn!(checkpoint = id, subtask = index, error = %e, "checkpoint failed");
                 if let Err(decline) = coordinator.lock().await.decline(id, &e.to_string()).await {
                     tracing::warn!(checkpoint = id, error = %decline, "decline failed");
+                    if decline.kind() == crate::ErrorKind::Fenced {
+                        let (lock, cvar) = &*task_ctx.progress;
+                        lock.lock().fatal.get_or_insert(decline);
+                        cvar.notify_all();
+                    }
                 }
                 record_failure(&task_ctx, id, e.to_string());
                 broadcast(&task_ctx, Message::Aborted, id);

@@ -17,6 +17,7 @@
 //! upload them again: it references them (same job directory, [`RestoreMode::Claim`]) or
 //! copies them inside the store ([`RestoreMode::NoClaim`]).
 
+pub mod plan;
 mod rescale;
 mod source;
 mod verify;

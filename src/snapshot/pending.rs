@@ -127,7 +127,7 @@ impl PendingSnapshot {
     /// `subtask` of the operator `operator_uid`, and returns its handle.
     ///
     /// New SST files go to `shared/<unique>.sst` (incremental) and the rest to
-    /// `chk-<id>/<uid hash>/<subtask>/`. At most `transfer_concurrency` files move at once.
+    /// `chk-<id>/<uid hash>/<subtask>/<unique>/`. At most `transfer_concurrency` files move at once.
     /// The handle's shared files become reusable by later snapshots only once
     /// [`notify_checkpoint_complete`](crate::RocksStateBackend::notify_checkpoint_complete)
     /// confirms the checkpoint, and only by snapshots uploaded to the same directory.
@@ -143,10 +143,14 @@ impl PendingSnapshot {
         operator_uid: &str,
         subtask: u32,
     ) -> Result<KeyedStateHandle> {
+        // A folder of its own per upload: two writers that happen to use the same
+        // checkpoint id (a stale process beside a new one) never overwrite each other's
+        // private files, which large multipart uploads would do unconditionally.
         let private_dir = format!(
-            "chk-{}/{}/{subtask}",
+            "chk-{}/{}/{subtask}/{}",
             self.checkpoint_id,
-            hash::operator_uid_hash(operator_uid)
+            hash::operator_uid_hash(operator_uid),
+            &new_uid()[..16]
         );
         let incremental = self.incremental;
         let (handle, staging) = self.transfer(job, &private_dir, incremental, true).await?;

@@ -31,6 +31,10 @@ const MAX_PENDING: usize = 32;
 #[derive(Debug, Default)]
 pub(crate) struct SnapshotTracker {
     confirmed: Option<(u64, Uploaded)>,
+    /// Whether `confirmed` is a restored snapshot's set: its id is of the snapshot's own
+    /// job and says nothing about the order of this job's checkpoints (a job restored
+    /// from checkpoint 9 of another directory takes checkpoints 1, 2, ...).
+    seeded: bool,
     pending: BTreeMap<u64, Uploaded>,
 }
 
@@ -50,7 +54,7 @@ impl SnapshotTracker {
 
     /// Records the shared files of an uploaded, not yet confirmed checkpoint.
     pub(crate) fn uploaded(&mut self, checkpoint_id: u64, files: Uploaded) {
-        if self.last_confirmed().is_some_and(|c| checkpoint_id <= c) {
+        if !self.seeded && self.last_confirmed().is_some_and(|c| checkpoint_id <= c) {
             return;
         }
         self.pending.insert(checkpoint_id, files);
@@ -65,8 +69,9 @@ impl SnapshotTracker {
         let Some(files) = self.pending.remove(&checkpoint_id) else {
             return false;
         };
-        if self.last_confirmed().is_none_or(|c| c < checkpoint_id) {
+        if self.seeded || self.last_confirmed().is_none_or(|c| c < checkpoint_id) {
             self.confirmed = Some((checkpoint_id, files));
+            self.seeded = false;
         }
         self.pending.retain(|id, _| *id > checkpoint_id);
         true
@@ -80,6 +85,7 @@ impl SnapshotTracker {
     /// After a restore: the restored checkpoint's shared files are confirmed.
     pub(crate) fn seed(&mut self, checkpoint_id: u64, files: Uploaded) {
         self.confirmed = Some((checkpoint_id, files));
+        self.seeded = true;
         self.pending.clear();
     }
 }
@@ -143,6 +149,13 @@ mod tests {
 
         t.seed(9, set(&["x"]));
         assert_eq!(t.last_confirmed(), Some(9));
+        // A restored snapshot's id does not order this job's checkpoints: a job restored
+        // from checkpoint 9 of another directory confirms its own checkpoint 1.
+        t.uploaded(1, set(&["x", "z"]));
+        assert!(t.complete(1));
+        assert_eq!(t.last_confirmed(), Some(1));
+        assert_eq!(t.reusable().files.len(), 2);
+        t.seed(9, set(&["x"]));
 
         for id in 10..100 {
             t.uploaded(id, set(&["y"]));

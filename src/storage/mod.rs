@@ -25,13 +25,28 @@ pub use transfer::FileInfo;
 
 /// Copies a local file to a new name: a hard link when possible (the files are
 /// immutable), else a copy written under a temporary name, synced and renamed.
+///
+/// A copy must look new: the orphan sweep keeps files younger than its grace period
+/// because a checkpoint in flight may still reference them. A hard link shares the
+/// source's modification time, so it is set to now; where that is not allowed, the file
+/// is copied instead.
 fn local_copy(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     let io = |what: &str, e| Error::io(format!("{what} {} to {}", from.display(), to.display()), e);
     if let Some(parent) = to.parent() {
         std::fs::create_dir_all(parent).map_err(|e| io("create the directory to copy", e))?;
     }
     match std::fs::hard_link(from, to) {
-        Ok(()) => return Ok(()),
+        Ok(()) => {
+            let touched =
+                std::fs::File::open(to).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+            match touched {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!(file = %to.display(), error = %e, "cannot renew a link's modification time; copying instead");
+                    std::fs::remove_file(to).map_err(|e| io("remove the link made to copy", e))?;
+                }
+            }
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(Error::NotFound(format!("file {}", from.display())))
         }
@@ -448,14 +463,15 @@ impl CheckpointStorage {
     }
 
     /// Writes `bytes` to `rel` only if nothing is there yet. Transient failures are
-    /// retried; when a retry finds the object, it counts as written only if it holds
-    /// exactly `bytes` (the failed attempt may have stored it).
+    /// retried; when the store answers that the object exists (after a lost answer to an
+    /// attempt that stored it, possibly retried inside the store's client), it is read
+    /// back and counts as written only if it holds exactly `bytes`.
     ///
     /// Errors: `AlreadyExists` when another object is there; storage errors otherwise.
     pub async fn put_if_absent(&self, rel: &str, bytes: Bytes) -> Result<()> {
         let loc = self.location(rel)?;
         self.refuse_symlinks(rel).await?;
-        self.retrying("conditional put", |attempt| {
+        self.retrying("conditional put", |_| {
             let (loc, bytes) = (loc.clone(), bytes.clone());
             async move {
                 let opts = PutOptions {
@@ -468,10 +484,22 @@ impl CheckpointStorage {
                     .await
                     .map_err(|e| Error::storage("conditional put", self.url_of(rel), e));
                 match put {
-                    Err(e) if attempt > 0 && e.kind() == crate::ErrorKind::AlreadyExists => {
+                    // An earlier attempt, or the store client's own retry of this one,
+                    // may have stored it: it counts as written only if it holds exactly
+                    // `bytes`. When that cannot be read, the answer is not definite.
+                    Err(e) if e.kind() == crate::ErrorKind::AlreadyExists => {
                         match self.read_small_once(rel, bytes.len() as u64).await {
                             Ok(stored) if stored == bytes => Ok(()),
-                            _ => Err(e),
+                            Ok(_) => Err(e),
+                            Err(read) if read.kind() == crate::ErrorKind::Corrupt => Err(e),
+                            Err(read) => Err(Error::Storage {
+                                op: "conditional put".into(),
+                                path: self.url_of(rel),
+                                message: format!(
+                                    "an object exists, and reading it back failed: {read}"
+                                ),
+                                kind: crate::ErrorKind::Unavailable,
+                            }),
                         }
                     }
                     other => other.map(|_| ()),

@@ -69,9 +69,11 @@ use timely::worker::Worker;
 
 use crate::backend::{BackendOptions, RocksStateBackend, SharedResources};
 use crate::checkpoint::{
-    redistribute, CoordinatorOptions, OperatorSpec, OperatorState, SubtaskSnapshot,
+    redistribute, CoordinatorOptions, OperatorSpec, OperatorState, RestoredPoint, StartPoint,
+    SubtaskSnapshot, WriterEpoch,
 };
 use crate::error::{Error, Result};
+use crate::restore::plan::{self, StartRequest};
 use crate::restore::{RestoreMode, RestoreOptions, RestoreSource};
 use crate::snapshot::KeyedSnapshot;
 use crate::storage::CheckpointStorage;
@@ -105,7 +107,8 @@ pub struct JobConfig {
     /// Number of key groups (fixed for the life of the state).
     pub max_parallelism: u32,
     /// Local scratch space of this process's workers (`worker-<index>/` each, emptied at
-    /// start).
+    /// start). It must be new, empty, or one rockstate used before (marked with a
+    /// `.rockstate-scratch` file): a directory holding other files is refused.
     pub local_root: PathBuf,
     /// Memory shared by the RocksDB instances of this process.
     pub memory_budget: usize,
@@ -153,6 +156,8 @@ pub struct TimelyJob {
     job: CheckpointStorage,
     runtime: tokio::runtime::Runtime,
     resources: SharedResources,
+    /// The writer epoch worker 0 claimed, until its coordinator takes it.
+    claimed: parking_lot::Mutex<Option<WriterEpoch>>,
 }
 
 impl std::fmt::Debug for TimelyJob {
@@ -183,6 +188,7 @@ impl TimelyJob {
             job,
             runtime,
             resources,
+            claimed: parking_lot::Mutex::new(None),
         }))
     }
 
@@ -211,11 +217,11 @@ impl TimelyJob {
         let plan: std::result::Result<Plan, String> = serde_json::from_slice(&all[0])
             .map_err(|e| Error::Internal(format!("decode the start plan: {e}")))?;
         let plan = plan.map_err(|e| Error::Internal(format!("worker 0 could not start: {e}")))?;
+        // Refuses a local root holding someone else's files; empties only this worker's
+        // own folder in it.
+        crate::local_dir::take(&self.config.local_root)?;
         let local = self.config.local_root.join(format!("worker-{index}"));
-        if local.exists() {
-            std::fs::remove_dir_all(&local)
-                .map_err(|e| Error::io(format!("empty {}", local.display()), e))?;
-        }
+        crate::local_dir::remove(&local)?;
         let restore = match &plan.restore {
             None => None,
             Some(r) => {
@@ -250,6 +256,8 @@ impl TimelyJob {
             events_rx,
             coordinator: None,
             sealed: false,
+            restore_error: None,
+            restore_agreed: false,
             final_epoch: None,
             error: None,
             report: WorkerReport {
@@ -263,40 +271,70 @@ impl TimelyJob {
         })
     }
 
-    /// Worker 0's decision: what to restore, the first epoch, the run number.
+    /// Worker 0's decision: what to restore, the first epoch, the run number. Uses the
+    /// same start planning as every runtime; since one worker's failed restore would
+    /// stall all others, every candidate is first checked for missing or mis-sized files
+    /// and skipped (for an older one, when resuming from the latest) when it has any.
+    /// With checkpoints on, it then claims the job directory for the chosen start.
     fn plan(&self) -> Result<Plan> {
         self.runtime.block_on(async {
-            let found = self.job.checkpoints().await?;
-            let newest = found.completed.last().map(|m| m.checkpoint_id);
-            let restore = match &self.config.start {
-                Start::Empty => None,
-                Start::Latest => newest.map(|id| PlanRestore {
-                    own_checkpoint: Some(id),
-                    url: self.job.url_of(&format!("chk-{id}")),
-                    reuse: true,
-                    options: RestoreOptions {
-                        mode: RestoreMode::Claim,
-                        ..RestoreOptions::default()
-                    },
-                }),
-                Start::Snapshot { url, options } => {
-                    let source = RestoreSource::open(url).await?;
-                    let own =
-                        !source.metadata().is_savepoint() && source.root().url() == self.job.url();
-                    let id = source.metadata().checkpoint_id;
-                    Some(PlanRestore {
-                        own_checkpoint: own.then_some(id),
-                        url: url.clone(),
-                        // Reusing files of an older checkpoint than the newest one would
-                        // reference files that retention may delete.
-                        reuse: own && newest == Some(id),
-                        options: *options,
-                    })
-                }
+            let request = match &self.config.start {
+                Start::Empty => StartRequest::Empty,
+                Start::Latest => StartRequest::Latest,
+                Start::Snapshot { url, options } => StartRequest::Snapshot {
+                    source: Box::new(RestoreSource::open(url).await?),
+                    options: *options,
+                },
             };
+            let plan = plan::plan_start(&self.job, request).await?;
+            let mut chosen = None;
+            let mut newest_error = None;
+            for candidate in plan.candidates {
+                match plan::preflight(&candidate.source).await {
+                    Ok(()) => {
+                        chosen = Some(candidate);
+                        break;
+                    }
+                    Err(e) if plan.fallback && plan::falls_back(&e) => {
+                        tracing::warn!(checkpoint = %candidate.source.location(), error = %e, "cannot restore this checkpoint; trying an older one");
+                        newest_error.get_or_insert(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if let (None, Some(e)) = (&chosen, newest_error) {
+                return Err(e);
+            }
+            let epoch = if self.config.checkpoints {
+                let restored = chosen.as_ref().and_then(|c| match c.start_point {
+                    StartPoint::Checkpoint(id) => Some(RestoredPoint {
+                        checkpoint_id: id,
+                        epoch: c.source.metadata().writer_epoch,
+                    }),
+                    _ => None,
+                });
+                let now = crate::clock::SystemClock.now_millis();
+                let claimed = WriterEpoch::claim(&self.job, restored, now).await?;
+                let number = claimed.epoch();
+                *self.claimed.lock() = Some(claimed);
+                number
+            } else {
+                0
+            };
+            // Epochs continue above every checkpoint folder that exists after the claim.
+            let found = self.job.checkpoints().await?;
+            let restore = chosen.map(|c| PlanRestore {
+                own_checkpoint: match c.start_point {
+                    StartPoint::Checkpoint(id) => Some(id),
+                    _ => None,
+                },
+                url: c.source.location().to_string(),
+                options: c.options,
+            });
             Ok(Plan {
                 first_epoch: found.highest_id.saturating_add(1).max(1),
                 run: rand::random(),
+                epoch,
                 restore,
             })
         })
@@ -308,7 +346,6 @@ struct PlanRestore {
     /// Set for a checkpoint of this job (opened through the job's own storage).
     own_checkpoint: Option<u64>,
     url: String,
-    reuse: bool,
     #[serde(with = "restore_options")]
     options: RestoreOptions,
 }
@@ -344,6 +381,9 @@ mod restore_options {
 struct Plan {
     first_epoch: u64,
     run: u64,
+    /// The writer epoch worker 0 claimed (0 without checkpoints): workers confirm only
+    /// checkpoints committed under it.
+    epoch: u64,
     restore: Option<PlanRestore>,
 }
 
@@ -459,6 +499,10 @@ struct WorkerState {
     events_rx: Receiver<WorkerEvent>,
     coordinator: Option<CoordinatorLink>,
     sealed: bool,
+    /// A failed restore of one of this worker's operators, reported at the first step.
+    restore_error: Option<Error>,
+    /// Whether the workers agreed that every one restored.
+    restore_agreed: bool,
     final_epoch: Option<u64>,
     error: Option<Error>,
     report: WorkerReport,
@@ -606,7 +650,7 @@ impl WorkerJob {
     /// are not errors: they are logged and the next epoch tries again.
     pub fn step(&self, worker: &mut Worker) -> Result<()> {
         worker.step();
-        self.poll()
+        self.poll(worker)
     }
 
     /// Closes out the job after the inputs are closed: steps until every keyed operator
@@ -619,7 +663,7 @@ impl WorkerJob {
         let mut deadline: Option<Instant> = None;
         loop {
             worker.step_or_park(Some(Duration::from_millis(1)));
-            self.poll()?;
+            self.poll(worker)?;
             let s = self.state.borrow();
             let drained =
                 s.keyed.iter().all(|k| k.finished) && s.building.is_empty() && s.writing == 0;
@@ -672,7 +716,40 @@ impl WorkerJob {
         Ok(s.report.clone())
     }
 
-    fn poll(&self) -> Result<()> {
+    /// At the first step: every worker learns whether every other one restored its
+    /// state. A worker that could not restore makes every worker fail (with its reason)
+    /// instead of leaving them waiting for it.
+    fn agree_on_restore(&self, worker: &mut Worker) -> Result<()> {
+        let mine = {
+            let s = self.state.borrow();
+            if s.restore_agreed || s.plan.restore.is_none() {
+                return Ok(());
+            }
+            s.restore_error.as_ref().map(|e| e.to_string())
+        };
+        let bytes = serde_json::to_vec(&mine)
+            .map_err(|e| Error::Internal(format!("encode a restore outcome: {e}")))?;
+        // Outside the state's borrow: gathering steps the worker's dataflows.
+        let all = all_gather(worker, bytes);
+        let mut s = self.state.borrow_mut();
+        s.restore_agreed = true;
+        if let Some(e) = s.restore_error.take() {
+            return Err(e);
+        }
+        for (i, bytes) in all.iter().enumerate() {
+            let theirs: Option<String> = serde_json::from_slice(bytes)
+                .map_err(|e| Error::Internal(format!("decode a restore outcome: {e}")))?;
+            if let Some(reason) = theirs {
+                return Err(Error::Internal(format!(
+                    "worker {i} could not restore its state: {reason}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn poll(&self, worker: &mut Worker) -> Result<()> {
+        self.agree_on_restore(worker)?;
         let mut s = self.state.borrow_mut();
         if !s.sealed {
             s.seal(&self.job)?;
@@ -697,8 +774,9 @@ impl WorkerJob {
             let ids: Vec<u64> = s.acked.iter().copied().collect();
             let job = self.job.job.clone();
             let tx = s.events_tx.clone();
+            let epoch = s.plan.epoch;
             self.job.runtime.spawn(async move {
-                let found = protocol::newest_completed(&job, ids).await;
+                let found = protocol::newest_completed(&job, ids, epoch).await;
                 let _ = tx.send(WorkerEvent::Polled(found));
             });
         }
@@ -753,7 +831,11 @@ impl WorkerState {
         if self.index == 0 && job.config.checkpoints {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let (events_tx, events_rx) = channel();
+            let epoch = job.claimed.lock().take().ok_or_else(|| {
+                Error::Internal("worker 0 started without claiming the job directory".into())
+            })?;
             let task = CoordinatorTask {
+                epoch,
                 job: job.job.clone(),
                 job_id: job.config.job_id.clone(),
                 operators: self.operators.clone(),
@@ -1038,19 +1120,27 @@ where
                 s.peers,
                 max_parallelism,
             )?;
-            let builder =
-                RocksStateBackend::builder(options).shared_resources(job.job.resources.clone());
+            let builder = RocksStateBackend::builder(options.clone())
+                .shared_resources(job.job.resources.clone());
             let backend = match (&s.restore, &s.plan.restore) {
                 (Some(source), Some(plan)) => {
-                    let backend = job.job.runtime.block_on(builder.restore_operator(
+                    let restored = job.job.runtime.block_on(builder.restore_operator(
                         source,
                         uid,
                         &plan.options,
-                    ))?;
-                    if !plan.reuse {
-                        backend.discard_reusable_files();
+                    ));
+                    match restored {
+                        Ok(backend) => backend,
+                        // Reported to every worker at the first step: returning here
+                        // would leave the other workers waiting for this one forever.
+                        Err(e) => {
+                            tracing::error!(operator = uid, error = %e, "cannot restore this worker's state");
+                            s.restore_error.get_or_insert(e);
+                            RocksStateBackend::builder(options)
+                                .shared_resources(job.job.resources.clone())
+                                .open()?
+                        }
                     }
-                    backend
                 }
                 _ => builder.open()?,
             };

@@ -3,14 +3,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use crate::checkpoint::discovery;
 use crate::checkpoint::{
     AckOutcome, CheckpointCoordinator, CoordinatorOptions, OperatorSpec, SubtaskSnapshot,
+    WriterEpoch,
 };
+use crate::clock::SystemClock;
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::CheckpointStorage;
@@ -97,6 +101,8 @@ pub(crate) enum FromCoordinator {
 
 /// Settings of the coordinating task.
 pub(crate) struct CoordinatorTask {
+    /// The writer epoch worker 0 claimed for this run.
+    pub epoch: WriterEpoch,
     pub job: CheckpointStorage,
     pub job_id: String,
     pub operators: Vec<OperatorSpec>,
@@ -113,11 +119,13 @@ impl CoordinatorTask {
         mut rx: UnboundedReceiver<ToCoordinator>,
         events: Sender<FromCoordinator>,
     ) {
-        let mut coordinator = match CheckpointCoordinator::start(
+        let mut coordinator = match CheckpointCoordinator::start_claimed(
             self.job.clone(),
             &self.job_id,
             self.operators.clone(),
             self.options.clone(),
+            Arc::new(SystemClock),
+            self.epoch.clone(),
         )
         .await
         {
@@ -158,8 +166,15 @@ impl CoordinatorTask {
                 let collected = self
                     .collect(&mut coordinator, id, &mut pending, &mut bases, &events)
                     .await;
-                if let Err(e) = collected {
-                    tracing::warn!(checkpoint_id = id, error = %e, "cannot read acknowledgements yet");
+                match collected {
+                    Err(e) if e.kind() == ErrorKind::Fenced => {
+                        let _ = events.send(FromCoordinator::Stopped(e.to_string()));
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(checkpoint_id = id, error = %e, "cannot read acknowledgements yet")
+                    }
+                    Ok(()) => {}
                 }
             }
             match coordinator.abort_expired().await {
@@ -167,6 +182,10 @@ impl CoordinatorTask {
                     for id in expired {
                         let _ = events.send(FromCoordinator::Failed(id, "timed out".into()));
                     }
+                }
+                Err(e) if e.kind() == ErrorKind::Fenced => {
+                    let _ = events.send(FromCoordinator::Stopped(e.to_string()));
+                    return;
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot abort expired checkpoints"),
             }
@@ -243,6 +262,7 @@ impl CoordinatorTask {
                     return Ok(());
                 }
                 Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Fenced => return Err(e),
                 Err(e) => {
                     tracing::warn!(checkpoint_id = id, worker, error = %e, "checkpoint fails");
                     if let Err(e) = coordinator.decline(id, &e.to_string()).await {
@@ -307,15 +327,32 @@ impl CoordinatorTask {
     }
 }
 
-/// The newest of `ids` (tried newest first) whose `_metadata` exists.
+/// The newest of `ids` (tried newest first) whose `_metadata` exists and was committed by
+/// the coordinator of writer epoch `epoch`: a `_metadata` of another writer (a stale
+/// process of the same job) is never confirmed, since this run's coordinator does not
+/// protect its files.
 pub(crate) async fn newest_completed(
     job: &CheckpointStorage,
     ids: Vec<u64>,
+    epoch: u64,
 ) -> Result<Option<u64>> {
     for id in ids.into_iter().rev() {
-        match job.size_of(&format!("chk-{id}/_metadata")).await {
-            Ok(_) => return Ok(Some(id)),
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
+        match discovery::read_metadata(job, id).await {
+            Ok(Some(meta)) if meta.checkpoint_id == id && meta.writer_epoch == epoch => {
+                return Ok(Some(id))
+            }
+            Ok(Some(meta)) => {
+                tracing::warn!(
+                    checkpoint_id = id,
+                    writer_epoch = meta.writer_epoch,
+                    epoch,
+                    "a checkpoint of another writer is not confirmed"
+                );
+            }
+            Ok(None) => {}
+            Err(e) if e.kind() == ErrorKind::Corrupt => {
+                tracing::warn!(checkpoint_id = id, error = %e, "an unreadable checkpoint is not confirmed");
+            }
             Err(e) => return Err(e),
         }
     }

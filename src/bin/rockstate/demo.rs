@@ -102,7 +102,9 @@ pub struct DemoArgs {
     #[arg(long, value_enum, default_value = "canonical")]
     savepoint_format: FormatArg,
     /// Directory for the subtasks' local RocksDB state (default: a temporary directory,
-    /// removed at exit). Emptied at start.
+    /// removed at exit). It must be new, empty, or one a previous run used (rockstate
+    /// marks it with a .rockstate-scratch file); only then is it emptied at start. A
+    /// directory holding other files is refused and left as it is.
     #[arg(long, value_name = "DIR")]
     local_dir: Option<PathBuf>,
     /// Checkpoints the job keeps (at least 1).
