@@ -68,7 +68,12 @@ fn bed() -> Bed {
     let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let live = Arc::new(GatedStore::new(inner.clone()));
     let other = Arc::new(GatedStore::new(inner.clone()));
+    // Retries back off briefly: failures here are injected, not load.
     let job = CheckpointStorage::from_store(live.clone(), "gated://live")
+        .with_options(StorageOptions {
+            retry_backoff: Duration::from_millis(1),
+            ..StorageOptions::default()
+        })
         .child(JOB)
         .unwrap();
     // The second actor issues one request at a time, so that its gate sees them in a
