@@ -424,26 +424,34 @@ async fn copies_of_restored_files_are_not_swept_as_old() {
         CheckpointCoordinator::start(job_b.clone(), "b", spec(1), CoordinatorOptions::default())
             .await
             .unwrap();
-    let id = coord_b.trigger().unwrap();
-    let snap = snapshot(&b[0], &job_b, id, 0).await;
-    let copied_old = {
+    // The hazard: the files the first checkpoint copies are two hours old.
+    let old_sources = {
         use std::os::unix::fs::MetadataExt;
-        let handle = snap.keyed.as_ref().unwrap().as_files().unwrap();
-        handle
-            .shared
-            .iter()
-            .filter(|f| {
-                let meta =
-                    std::fs::metadata(root.path().join("checkpoints/b").join(&f.path)).unwrap();
-                let age_ms = now_ms() as i64 - meta.mtime() * 1000;
-                age_ms > 3600 * 1000
+        std::fs::read_dir(root.path().join("checkpoints/a/shared"))
+            .unwrap()
+            .filter(|e| {
+                let meta = e.as_ref().unwrap().metadata().unwrap();
+                now_ms() as i64 - meta.mtime() * 1000 > 3600 * 1000
             })
             .count()
     };
     assert!(
-        copied_old > 0,
-        "no copy looks old: the hazard is not set up"
+        old_sources > 0,
+        "no source looks old: the hazard is not set up"
     );
+    let id = coord_b.trigger().unwrap();
+    let snap = snapshot(&b[0], &job_b, id, 0).await;
+    let copied = snap
+        .keyed
+        .as_ref()
+        .unwrap()
+        .as_files()
+        .unwrap()
+        .shared
+        .iter()
+        .filter(|f| f.uploaded_by == id)
+        .count();
+    assert!(copied > 0, "the first checkpoint copied nothing");
 
     let report = sweep(&job_b, &SweepOptions::default(), now_ms())
         .await
