@@ -21,8 +21,8 @@ use rockstate::harness::{Harness, HarnessConfig, StartFrom};
 use rockstate::testing::{GatedStore, Lie, Match, Op};
 use rockstate::{
     AckOutcome, BackendOptions, CheckpointCoordinator, CheckpointMetadata, CheckpointStorage,
-    CoordinatorOptions, OperatorSpec, RestoreMode, RestoreOptions, RestoreSource,
-    RocksStateBackend, SavepointFormat, StorageOptions, SubtaskSnapshot, ValueState,
+    CoordinatorOptions, ErrorKind, OperatorSpec, RestoreMode, RestoreOptions, RestoreSource,
+    RocksStateBackend, SavepointFormat, StartPoint, StorageOptions, SubtaskSnapshot, ValueState,
     ValueStateDescriptor,
 };
 
@@ -1102,6 +1102,10 @@ struct Schedule {
     landed: BTreeSet<u64>,
     sweeper: Option<Sweeper>,
     version: u64,
+    /// A coordinator a restart left running: a stale writer of an older epoch.
+    zombie: Option<CheckpointCoordinator>,
+    /// Checkpoints a rollback abandoned: never "latest" again.
+    abandoned: BTreeSet<u64>,
 }
 
 const PARALLELISM: u32 = 2;
@@ -1136,6 +1140,8 @@ impl Schedule {
             landed: BTreeSet::new(),
             sweeper: None,
             version: 0,
+            zombie: None,
+            abandoned: BTreeSet::new(),
         }
     }
 
@@ -1284,24 +1290,39 @@ impl Schedule {
 
     /// A restarted coordinator forgets the snapshots in flight, as a runtime does when it
     /// fails over; their files are orphans.
+    ///
+    /// Sometimes the old coordinator keeps running as a stale writer (see
+    /// [`zombie_step`](Self::zombie_step)).
     async fn restart(&mut self) {
         self.unacked.clear();
         self.snapshotted.clear();
         self.triggered.clear();
-        self.coord = CheckpointCoordinator::start(
-            self.bed.job.clone(),
-            JOB,
-            spec(PARALLELISM),
-            self.options.clone(),
-        )
-        .await
-        .unwrap();
+        let old = std::mem::replace(
+            &mut self.coord,
+            CheckpointCoordinator::start(
+                self.bed.job.clone(),
+                JOB,
+                spec(PARALLELISM),
+                self.options.clone(),
+            )
+            .await
+            .unwrap(),
+        );
+        if self.rng.percent(50) {
+            self.zombie = Some(old);
+        }
     }
 
     async fn step(&mut self, when: &str) {
         let pending = self.coord.pending_ids();
         self.triggered.retain(|id, _| pending.contains(id));
-        let action = self.rng.below(24);
+        let action = self.rng.below(28);
+        match action {
+            24 | 25 => return self.zombie_step(when).await,
+            26 => return self.rollback(when).await,
+            27 => return self.restart().await,
+            _ => {}
+        }
         if (15..=19).contains(&action) {
             match self.sweeper {
                 None if self.rng.percent(50) => self.start_sweep().await,
@@ -1368,6 +1389,95 @@ impl Schedule {
 
     async fn check(&self, when: &str) {
         check_invariants(&self.bed, &self.landed, when).await;
+        if let Some(latest) = self.bed.plain.latest_completed().await.unwrap() {
+            assert!(
+                !self.abandoned.contains(&latest.checkpoint_id),
+                "{when}: latest is checkpoint {}, of an abandoned timeline",
+                latest.checkpoint_id
+            );
+        }
+    }
+
+    /// The stale writer acts: it commits a checkpoint, declines, expires or discards
+    /// everything. It must be fenced, and must neither write a `_metadata` nor delete.
+    async fn zombie_step(&mut self, when: &str) {
+        let Some(zombie) = self.zombie.as_mut() else {
+            return;
+        };
+        let seen = self.bed.live.requests().len();
+        let outcome = match self.rng.below(4) {
+            0 => match zombie.trigger() {
+                Some(id) => {
+                    let mut last = Ok(AckOutcome::Pending);
+                    for i in 0..PARALLELISM {
+                        last = zombie
+                            .acknowledge(id, UID, i, SubtaskSnapshot::default())
+                            .await;
+                    }
+                    last.map(|_| ())
+                }
+                None => Ok(()),
+            },
+            1 => match zombie.pending_ids().first().copied() {
+                Some(id) => zombie.decline(id, "zombie").await,
+                None => Ok(()),
+            },
+            2 => zombie.abort_expired().await.map(|_| ()),
+            _ => zombie.shutdown(true).await,
+        };
+        if let Err(e) = &outcome {
+            assert_eq!(e.kind(), ErrorKind::Fenced, "{when}: the stale writer: {e}");
+        }
+        for r in &self.bed.live.requests()[seen..] {
+            assert!(
+                r.op != Op::Delete && !(r.op == Op::Put && r.path.ends_with("/_metadata")),
+                "{when}: the stale writer wrote or deleted: {r:?} (its outcome: {outcome:?})"
+            );
+        }
+    }
+
+    /// The job goes back to its oldest retained checkpoint (a rollback): every newer one
+    /// is abandoned. The subtasks upload afresh, as restored backends would.
+    async fn rollback(&mut self, when: &str) {
+        let completed = self.bed.plain.checkpoints().await.unwrap().completed;
+        if completed.len() < 2 {
+            return;
+        }
+        let to = completed[0].checkpoint_id;
+        self.unacked.clear();
+        self.snapshotted.clear();
+        self.triggered.clear();
+        self.undelivered.clear();
+        let old = std::mem::replace(
+            &mut self.coord,
+            CheckpointCoordinator::start_at(
+                self.bed.job.clone(),
+                JOB,
+                spec(PARALLELISM),
+                self.options.clone(),
+                Arc::new(rockstate::SystemClock),
+                StartPoint::Checkpoint(to),
+            )
+            .await
+            .unwrap(),
+        );
+        if self.rng.percent(50) {
+            self.zombie = Some(old);
+        }
+        for s in &self.subs {
+            s.backend.discard_reusable_files();
+        }
+        let newer: Vec<u64> = self.landed.iter().copied().filter(|id| *id > to).collect();
+        for id in newer {
+            self.landed.remove(&id);
+            self.abandoned.insert(id);
+        }
+        let latest = self.bed.plain.latest_completed().await.unwrap();
+        assert_eq!(
+            latest.map(|m| m.checkpoint_id),
+            Some(to),
+            "{when}: after the rollback to checkpoint {to}"
+        );
     }
 
     /// The sweep finishes, completions are delivered, one clean checkpoint, a last sweep.
@@ -1404,7 +1514,7 @@ impl Schedule {
                     s.backend.notify_checkpoint_complete(id);
                 }
             }
-            other => eprintln!("seed {seed}: the final checkpoint did not complete: {other:?}"),
+            other => panic!("seed {seed}: once faults stop, a checkpoint completes: {other:?}"),
         }
         self.check(&format!("seed {seed} end")).await;
         let now = mark().await - 1;
@@ -1416,7 +1526,9 @@ impl Schedule {
     }
 }
 
-/// One schedule: a coordinator (restarted now and then), two subtasks snapshotting and
+/// One schedule: a coordinator (restarted now and then, sometimes leaving the old one
+/// running as a stale writer that must be fenced, sometimes rolled back to its oldest
+/// retained checkpoint), two subtasks snapshotting and
 /// acknowledging in any order with late completion notices, ambiguous `_metadata` commits
 /// (stored then answered `AlreadyExists`, or stored then answered with errors while
 /// retries and read-backs fail), and sweeps whose every request is held and released at
@@ -1438,7 +1550,7 @@ async fn schedule(seed: u64) {
     schedule.quiesce().await;
 }
 
-/// Seeded randomized schedules (`ROCKSTATE_SCHEDULES`, default 200; `ROCKSTATE_SEED`
+/// Seeded randomized schedules (`ROCKSTATE_SCHEDULES`, default 1000; `ROCKSTATE_SEED`
 /// replays one): see [`schedule`].
 ///
 /// Proves: under any interleaving of the job, concurrent sweeps and ambiguous commits,
@@ -1455,7 +1567,7 @@ async fn randomized_schedules_keep_every_completed_checkpoint_whole() {
             let n = std::env::var("ROCKSTATE_SCHEDULES")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(200);
+                .unwrap_or(1000);
             (0..n).collect()
         }
     };

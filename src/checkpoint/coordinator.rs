@@ -124,6 +124,8 @@ pub struct CheckpointCoordinator {
     /// Checkpoints whose `_metadata` write got no definite answer: their files stay
     /// registered (they may be complete) until a newer checkpoint completes.
     in_doubt: BTreeMap<u64, CheckpointMetadata>,
+    /// Checkpoints of abandoned timelines, deleted once one of this timeline completes.
+    abandoned: Vec<CheckpointMetadata>,
 }
 
 impl std::fmt::Debug for CheckpointCoordinator {
@@ -219,10 +221,11 @@ impl CheckpointCoordinator {
     /// every older writer before its next commit or delete, and records `start`, so that
     /// checkpoints of timelines nobody continues (taken after the restored one by an
     /// earlier run) are abandoned: "latest" never returns them, and this coordinator
-    /// deletes them. Then it recovers from what storage holds: the newest `num_retained`
+    /// deletes them once a checkpoint of its own completes. Then it recovers from what storage holds: the newest `num_retained`
     /// completed checkpoints of the timeline are retained (the restored one among them),
     /// the registry is rebuilt from them, older ones are subsumed, and ids continue above
-    /// every `chk-N` found after the claim.
+    /// every `chk-N` found after the claim. Abandoned checkpoints are deleted once a
+    /// checkpoint of the new timeline completes.
     ///
     /// Errors: `InvalidArgument` for bad options or operators; `NotFound` when the
     /// restored checkpoint is gone (another process retired it); `Fenced` when a newer
@@ -317,25 +320,34 @@ impl CheckpointCoordinator {
             epoch,
             fenced: None,
             in_doubt: BTreeMap::new(),
+            abandoned: found.abandoned,
         };
         for old in subsumed {
             coordinator.discard_completed(&old).await?;
         }
-        for abandoned in found.abandoned {
+        coordinator.release_unused().await?;
+        Ok(coordinator)
+    }
+
+    /// Deletes the checkpoints of abandoned timelines, once a checkpoint of this one has
+    /// completed: until then their folders keep the ids above the restored checkpoint
+    /// taken, so that no later start hands out an id twice.
+    async fn retire_abandoned(&mut self) -> Result<()> {
+        while let Some(abandoned) = self.abandoned.first().cloned() {
             tracing::info!(
                 checkpoint = abandoned.checkpoint_id,
                 "deleting a checkpoint of an abandoned timeline"
             );
-            coordinator.discard_completed(&abandoned).await?;
+            self.discard_completed(&abandoned).await?;
             let shared = abandoned
                 .handles()
                 .flat_map(|(_, h)| h.shared.iter().map(|f| f.path.clone()))
                 .collect();
-            let unowned = coordinator.unowned(shared);
-            coordinator.delete_paths(unowned).await?;
+            let unowned = self.unowned(shared);
+            self.delete_paths(unowned).await?;
+            self.abandoned.remove(0);
         }
-        coordinator.release_unused().await?;
-        Ok(coordinator)
+        Ok(())
     }
 
     /// This coordinator's writer epoch.
@@ -740,6 +752,13 @@ impl CheckpointCoordinator {
                 tracing::warn!(checkpoint = id, error = %e, "cleanup of an aborted checkpoint failed");
             }
         }
+        match self.retire_abandoned().await {
+            Err(e) if e.kind() == ErrorKind::Fenced => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot delete checkpoints of an abandoned timeline yet")
+            }
+            Ok(()) => {}
+        }
         self.subsume_and_release().await?;
         Ok(AckOutcome::Completed(Box::new(meta)))
     }
@@ -952,6 +971,7 @@ impl CheckpointCoordinator {
             self.abort(id, "coordinator shut down").await?;
         }
         if discard {
+            self.retire_abandoned().await?;
             while let Some(old) = self.retained.pop_front() {
                 self.discard_completed(&old).await?;
             }
