@@ -594,6 +594,85 @@ async fn a_commit_in_doubt_is_never_deleted() {
     assert_every_completed_checkpoint_whole(&bed.plain, "after the next checkpoint").await;
 }
 
+/// The first `_metadata` put of checkpoint C lands and is answered 5xx, and every retry
+/// and read-back fails for longer than the coordinator tries: C is in doubt. A retried
+/// acknowledgement of C arrives. Then the faults stop and checkpoint D completes, with
+/// one checkpoint retained.
+///
+/// Proves: an acknowledgement of a checkpoint in doubt deletes nothing; once D completes,
+/// C is read back and, being stored, is retired like any subsumed checkpoint (its
+/// `_metadata` first): no completed checkpoint ever references a missing file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_in_doubt_is_settled_by_the_next_completion() {
+    let bed = bed();
+    let dir = tempfile::tempdir().unwrap();
+    let subs = subtasks(dir.path(), 2);
+    let mut coord = start(&bed.job, 2, 1).await;
+    write(&subs, 0, 300, 1);
+    checkpoint(&mut coord, &subs, &bed.job).await;
+
+    write(&subs, 5, 30, 2);
+    let id = coord.trigger().unwrap();
+    let mut snaps = Vec::new();
+    for (i, s) in subs.iter().enumerate() {
+        snaps.push(snapshot(s, &bed.job, id, i as u32).await);
+    }
+    let retried = snaps[1].clone();
+    let metadata = format!("chk-{id}/_metadata");
+    let rule = || Match::op(Op::Put).path_ends_with(metadata.as_str());
+    bed.live.lie(rule(), Lie::AppliedThenError, 1);
+    bed.live.fail(rule(), 1_000);
+    bed.live
+        .fail(Match::op(Op::Get).path_ends_with(metadata.as_str()), 1_000);
+    let outcome = acknowledge_all(&mut coord, snaps, id).await;
+    match &outcome {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::InDoubt, "{e}"),
+        Ok(other) => panic!("checkpoint {id} should be in doubt: {other:?}"),
+    }
+    bed.live.clear_rules();
+    let seen = bed.live.requests().len();
+    assert!(matches!(
+        coord.acknowledge(id, UID, 1, retried).await.unwrap(),
+        AckOutcome::Discarded
+    ));
+    let deletes: Vec<_> = bed.live.requests()[seen..]
+        .iter()
+        .filter(|r| r.op == Op::Delete)
+        .cloned()
+        .collect();
+    assert!(
+        deletes.is_empty(),
+        "a retried acknowledgement of a checkpoint in doubt deleted {deletes:?}"
+    );
+    let stored_c = bed
+        .plain
+        .checkpoints()
+        .await
+        .unwrap()
+        .completed
+        .into_iter()
+        .find(|m| m.checkpoint_id == id)
+        .expect("the first put stored it");
+    assert_complete_on_storage(&bed.plain, &stored_c, "while in doubt").await;
+    for s in &subs {
+        s.backend.notify_checkpoint_aborted(id);
+    }
+
+    write(&subs, 50, 30, 3);
+    let d = checkpoint(&mut coord, &subs, &bed.job).await;
+    assert_every_completed_checkpoint_whole(&bed.plain, "after the next checkpoint").await;
+    let latest = bed.plain.latest_completed().await.unwrap().unwrap();
+    assert_eq!(latest.checkpoint_id, d.checkpoint_id);
+    assert_eq!(
+        coord
+            .retained()
+            .map(|m| m.checkpoint_id)
+            .collect::<Vec<_>>(),
+        vec![d.checkpoint_id],
+        "the settled checkpoint is subsumed like any other"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Harness-based tests
 // ---------------------------------------------------------------------------------------
@@ -629,6 +708,84 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 /// Fraction of a checkpoint's size that it uploaded (or copied) itself.
 fn uploaded_fraction(meta: &CheckpointMetadata) -> f64 {
     meta.uploaded_bytes() as f64 / meta.total_size().max(1) as f64
+}
+
+/// Job B starts from a savepoint of job A in a directory that still holds B's older
+/// checkpoints, and crashes before its first checkpoint completes; then B resumes from
+/// the latest.
+///
+/// Proves: resuming restores the savepoint again (the restore point of the current
+/// timeline), never B's abandoned checkpoints and never an empty state.
+#[test]
+fn resuming_before_the_first_checkpoint_after_a_restore_restores_it_again() {
+    let root = tempfile::tempdir().unwrap();
+    let storage =
+        CheckpointStorage::open(&root.path().join("checkpoints").display().to_string()).unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let mut b = Harness::start(
+        harness_config("b", &local.path().join("b0"), 1),
+        &storage,
+        demo_source(),
+        Counter::factory(),
+        StartFrom::Empty,
+    )
+    .unwrap();
+    b.run(30_000).unwrap();
+    let old = b.checkpoint_now().unwrap();
+    b.cancel().unwrap();
+
+    let mut a = Harness::start(
+        harness_config("a", &local.path().join("a"), 1),
+        &storage,
+        demo_source(),
+        Counter::factory(),
+        StartFrom::Empty,
+    )
+    .unwrap();
+    a.run(70_000).unwrap();
+    let savepoints = storage.child("savepoints").unwrap();
+    let savepoint = a
+        .savepoint(Some(&savepoints), SavepointFormat::Native)
+        .unwrap();
+    a.cancel().unwrap();
+
+    let source = block_on(RestoreSource::open(&savepoint.url)).unwrap();
+    let mut restored = Harness::start(
+        harness_config("b", &local.path().join("b1"), 1),
+        &storage,
+        demo_source(),
+        Counter::factory(),
+        StartFrom::Snapshot {
+            source: Box::new(source),
+            options: RestoreOptions::default(),
+        },
+    )
+    .unwrap();
+    restored.run(5_000).unwrap();
+    restored.crash();
+
+    let job_b = storage.child("b").unwrap();
+    assert!(
+        block_on(job_b.latest_completed()).unwrap().is_none(),
+        "checkpoint {} belongs to the abandoned timeline",
+        old.checkpoint_id
+    );
+    let resumed = Harness::start(
+        harness_config("b", &local.path().join("b2"), 1),
+        &storage,
+        demo_source(),
+        Counter::factory(),
+        StartFrom::Latest,
+    )
+    .unwrap();
+    assert_eq!(
+        resumed.restored_location(),
+        Some(savepoint.url.as_str()),
+        "resuming must restore the savepoint again"
+    );
+    assert_eq!(resumed.position().offsets().iter().sum::<u64>(), 70_000);
+    let finished = resumed.finish().unwrap();
+    assert!(finished.last_checkpoint.is_some());
 }
 
 // ---------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::checkpoint::discovery;
-use crate::checkpoint::epoch::{RestoredPoint, WriterEpoch};
+use crate::checkpoint::epoch::{Epochs, RestoredPoint, WriterEpoch};
 use crate::checkpoint::metadata::{
     CheckpointMetadata, OperatorSnapshot, SnapshotKind, SubtaskSnapshot,
 };
@@ -79,7 +79,7 @@ pub struct SavepointTrigger {
 
 /// What the job's state was started from, as the coordinator records it when it claims
 /// the job directory (see [`WriterEpoch`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartPoint {
     /// Continue the current timeline from its newest completed checkpoint (or from
     /// nothing when it has none).
@@ -88,8 +88,11 @@ pub enum StartPoint {
     /// until newer checkpoints complete, and checkpoints taken after it by earlier runs
     /// are abandoned.
     Checkpoint(u64),
-    /// The job started empty, or from a snapshot of another directory: every earlier
-    /// checkpoint of the directory is abandoned.
+    /// The job started from this snapshot (URL) of another directory, or from a
+    /// savepoint: every earlier checkpoint of the directory is abandoned, and until the
+    /// first checkpoint completes, resuming the latest restores this snapshot again.
+    External(String),
+    /// The job started empty: every earlier checkpoint of the directory is abandoned.
     Fresh,
 }
 
@@ -240,12 +243,24 @@ impl CheckpointCoordinator {
     ) -> Result<Self> {
         validate(&options, &operators)?;
         let before = discovery::scan(&job).await?;
+        let mut external = None;
         let restored = match start {
             StartPoint::Fresh => None,
-            StartPoint::Latest => before.completed.last().map(|m| RestoredPoint {
-                checkpoint_id: m.checkpoint_id,
-                epoch: m.writer_epoch,
-            }),
+            StartPoint::External(url) => {
+                external = Some(url);
+                None
+            }
+            StartPoint::Latest => match before.completed.last() {
+                Some(m) => Some(RestoredPoint {
+                    checkpoint_id: m.checkpoint_id,
+                    epoch: m.writer_epoch,
+                }),
+                // Nothing completed since a restore from elsewhere: that restore stands.
+                None => {
+                    external = Epochs::list(&job).await?.newest_external().await?;
+                    None
+                }
+            },
             StartPoint::Checkpoint(id) => {
                 let meta = before
                     .completed
@@ -264,7 +279,7 @@ impl CheckpointCoordinator {
                 })
             }
         };
-        let epoch = WriterEpoch::claim(&job, restored, clock.now_millis()).await?;
+        let epoch = WriterEpoch::claim(&job, restored, external, clock.now_millis()).await?;
         Self::start_claimed(job, job_id, operators, options, clock, epoch).await
     }
 
@@ -607,7 +622,8 @@ impl CheckpointCoordinator {
             let completed = self
                 .retained
                 .iter()
-                .any(|m| m.checkpoint_id >= checkpoint_id);
+                .any(|m| m.checkpoint_id >= checkpoint_id)
+                || self.in_doubt.contains_key(&checkpoint_id);
             if !completed {
                 // Only what a checkpoint writes here: a late savepoint's paths belong to
                 // its own folder.
@@ -712,7 +728,11 @@ impl CheckpointCoordinator {
         let path = discovery::metadata_path(checkpoint_id);
         self.check_writer().await?;
         crate::crashpoint::hit("metadata");
-        match commit(&self.job, &path, checkpoint_id, &bytes).await {
+        let committed = commit(&self.job, &path, checkpoint_id, &bytes, Some(&self.epoch)).await;
+        if let Err(Error::Fenced { ours, newer, .. }) = &committed {
+            self.fenced = Some((*ours, *newer));
+        }
+        match committed {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::InDoubt => {
                 // It may be complete: keep every file it references, and let its files
@@ -738,7 +758,19 @@ impl CheckpointCoordinator {
         // Checked before the commit, with `&mut self` held since: cannot fail now.
         self.registry.add(&meta);
         self.retained.push_back(meta.clone());
-        self.in_doubt.retain(|id, _| *id > checkpoint_id);
+        // A writer fenced during the cleanup below still committed this checkpoint: it
+        // is reported completed, and the writer's next call fails with `Fenced`.
+        if let Err(e) = self.after_commit(checkpoint_id).await {
+            tracing::warn!(checkpoint_id, error = %e, "stopped cleaning up after a commit");
+        }
+        Ok(AckOutcome::Completed(Box::new(meta)))
+    }
+
+    /// Cleanup after checkpoint `checkpoint_id` committed: settles older checkpoints in
+    /// doubt, aborts older pending ones, retires abandoned timelines, applies retention.
+    /// Errors other than `Fenced` are logged and retried at the next completion.
+    async fn after_commit(&mut self, checkpoint_id: u64) -> Result<()> {
+        self.settle_in_doubt(checkpoint_id).await;
         let older: Vec<u64> = self
             .pending
             .range(..checkpoint_id)
@@ -759,8 +791,51 @@ impl CheckpointCoordinator {
             }
             Ok(()) => {}
         }
-        self.subsume_and_release().await?;
-        Ok(AckOutcome::Completed(Box::new(meta)))
+        self.subsume_and_release().await
+    }
+
+    /// Once a newer checkpoint completed, reads back every older checkpoint in doubt: one
+    /// whose `_metadata` is stored (ours) is completed, and retained like any other until
+    /// retention subsumes it (its `_metadata` first); one that is not stored is dropped
+    /// (its files become unused). One that cannot be read stays in doubt.
+    async fn settle_in_doubt(&mut self, completed: u64) {
+        let older: Vec<u64> = self
+            .in_doubt
+            .range(..completed)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in older {
+            match discovery::read_metadata(&self.job, id).await {
+                Ok(Some(stored)) if Some(&stored) == self.in_doubt.get(&id) => {
+                    tracing::info!(
+                        checkpoint_id = id,
+                        "a checkpoint in doubt is stored: completed"
+                    );
+                    if let Some(meta) = self.in_doubt.remove(&id) {
+                        let at = self
+                            .retained
+                            .iter()
+                            .position(|m| m.checkpoint_id > id)
+                            .unwrap_or(self.retained.len());
+                        self.retained.insert(at, meta);
+                    }
+                }
+                Ok(Some(_)) => {
+                    tracing::warn!(
+                        checkpoint_id = id,
+                        "another _metadata holds a checkpoint in doubt; it is not ours"
+                    );
+                    self.in_doubt.remove(&id);
+                }
+                Ok(None) => {
+                    tracing::info!(checkpoint_id = id, "a checkpoint in doubt is not stored");
+                    self.in_doubt.remove(&id);
+                }
+                Err(e) => {
+                    tracing::warn!(checkpoint_id = id, error = %e, "a checkpoint stays in doubt");
+                }
+            }
+        }
     }
 
     async fn complete_savepoint(
@@ -780,6 +855,7 @@ impl CheckpointCoordinator {
             discovery::METADATA_FILE,
             checkpoint_id,
             &bytes,
+            None,
         )
         .await
         {
@@ -802,11 +878,12 @@ impl CheckpointCoordinator {
         }
     }
 
-    /// Paths that no retained checkpoint and no registry entry owns.
+    /// Paths that no retained or in-doubt checkpoint and no registry entry owns.
     fn unowned(&self, paths: Vec<String>) -> Vec<String> {
         let owned: BTreeSet<&str> = self
             .retained
             .iter()
+            .chain(self.in_doubt.values())
             .flat_map(|m| m.referenced_paths())
             .collect();
         paths
@@ -975,7 +1052,9 @@ impl CheckpointCoordinator {
             while let Some(old) = self.retained.pop_front() {
                 self.discard_completed(&old).await?;
             }
-            self.in_doubt.clear();
+            while let Some((_, doubt)) = self.in_doubt.pop_first() {
+                self.discard_completed(&doubt).await?;
+            }
             let gone = self.registry.release_below(u64::MAX);
             self.delete_paths(gone).await?;
         }
@@ -993,6 +1072,7 @@ async fn commit(
     path: &str,
     checkpoint_id: u64,
     bytes: &[u8],
+    writer: Option<&WriterEpoch>,
 ) -> Result<()> {
     let mut last = String::new();
     for round in 0..COMMIT_ROUNDS {
@@ -1002,6 +1082,10 @@ async fn commit(
                 .retry_backoff
                 .saturating_mul(1 << round.min(10));
             tokio::time::sleep(wait).await;
+            // Writing again is a new commit: only while this writer owns the directory.
+            if let Some(writer) = writer {
+                writer.check().await?;
+            }
         }
         match storage.put_if_absent(path, bytes.to_vec().into()).await {
             Ok(()) => return Ok(()),

@@ -85,6 +85,11 @@ pub struct EpochRecord {
     pub restored_from: Option<RestoredPoint>,
     /// When it was claimed (ms since the Unix epoch).
     pub claimed_at_ms: u64,
+    /// The snapshot of another directory (or a savepoint) the writer restored, by URL,
+    /// when it restored no checkpoint of its own directory: until the new timeline's
+    /// first checkpoint completes, resuming "latest" restores it again.
+    #[serde(default)]
+    pub restored_external: Option<String>,
     /// Who claimed it (host and process id), for operators.
     pub writer: String,
     /// Makes every claim's bytes unique, so reading back an ambiguous claim is exact.
@@ -164,6 +169,23 @@ impl<'a> Epochs<'a> {
     /// Every listed epoch number.
     pub(crate) fn listed(&self) -> &[u64] {
         &self.listed
+    }
+
+    /// The external snapshot the newest writer restored (see
+    /// [`EpochRecord::restored_external`]), when it restored no checkpoint of this
+    /// directory.
+    ///
+    /// Errors: storage errors; `Corrupt` for a damaged record.
+    pub(crate) async fn newest_external(&mut self) -> Result<Option<String>> {
+        let current = self.current();
+        if current == 0 {
+            return Ok(None);
+        }
+        let record = self.record(current).await?;
+        Ok(match record.restored_from {
+            Some(_) => None,
+            None => record.restored_external.clone(),
+        })
     }
 
     async fn record(&mut self, epoch: u64) -> Result<&EpochRecord> {
@@ -246,6 +268,7 @@ impl WriterEpoch {
     pub async fn claim(
         job: &CheckpointStorage,
         restored_from: Option<RestoredPoint>,
+        restored_external: Option<String>,
         now_ms: u64,
     ) -> Result<Self> {
         let writer = format!(
@@ -256,9 +279,16 @@ impl WriterEpoch {
         let mut last = 0;
         for _ in 0..CLAIM_ATTEMPTS {
             let current = Epochs::list(job).await?.current();
+            let next = current.checked_add(1).ok_or_else(|| {
+                Error::corrupt(
+                    job.url_of(&epoch_path(current)),
+                    "the highest possible epoch is taken",
+                )
+            })?;
             let record = EpochRecord {
-                epoch: current + 1,
+                epoch: next,
                 restored_from,
+                restored_external: restored_external.clone(),
                 claimed_at_ms: now_ms,
                 writer: writer.clone(),
                 nonce: rand::random(),
@@ -298,13 +328,16 @@ impl WriterEpoch {
     ///
     /// Errors: `Fenced` when one has; storage errors (the caller must not go on then).
     pub async fn check(&self) -> Result<()> {
-        let next = epoch_path(self.record.epoch + 1);
+        let Some(newer) = self.record.epoch.checked_add(1) else {
+            return Ok(());
+        };
+        let next = epoch_path(newer);
         let found = self.job.retrying("head", |_| self.job.size_of(&next)).await;
         match found {
             Ok(_) => Err(Error::Fenced {
                 job: self.job.url().to_string(),
                 ours: self.record.epoch,
-                newer: self.record.epoch + 1,
+                newer,
             }),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
@@ -324,6 +357,7 @@ mod tests {
                 checkpoint_id: 3,
                 epoch: 2,
             }),
+            restored_external: None,
             claimed_at_ms: 1,
             writer: "h:1".into(),
             nonce: 9,
@@ -345,14 +379,14 @@ mod tests {
     #[tokio::test]
     async fn claims_are_sequential_and_fence_older_writers() {
         let job = CheckpointStorage::open("memory:///epoch-test").unwrap();
-        let first = WriterEpoch::claim(&job, None, 1).await.unwrap();
+        let first = WriterEpoch::claim(&job, None, None, 1).await.unwrap();
         assert_eq!(first.epoch(), 1);
         first.check().await.unwrap();
         let at_4 = RestoredPoint {
             checkpoint_id: 4,
             epoch: 1,
         };
-        let second = WriterEpoch::claim(&job, Some(at_4), 2).await.unwrap();
+        let second = WriterEpoch::claim(&job, Some(at_4), None, 2).await.unwrap();
         assert_eq!(second.epoch(), 2);
         assert_eq!(first.check().await.unwrap_err().kind(), ErrorKind::Fenced);
         second.check().await.unwrap();
@@ -374,7 +408,7 @@ mod tests {
             checkpoint_id: 5,
             epoch: 1,
         };
-        WriterEpoch::claim(&job, Some(at_5), 3).await.unwrap();
+        WriterEpoch::claim(&job, Some(at_5), None, 3).await.unwrap();
         let mut epochs = Epochs::list(&job).await.unwrap();
         assert!(epochs.is_live(5, 1).await.unwrap());
         assert!(!epochs.is_live(6, 1).await.unwrap());

@@ -3,7 +3,7 @@
 
 mod coordinator;
 pub(crate) mod discovery;
-mod epoch;
+pub(crate) mod epoch;
 mod metadata;
 mod operator_state;
 mod registry;

@@ -274,7 +274,7 @@ where
         }
         let start_point = restore
             .as_ref()
-            .map_or(StartPoint::Fresh, |c| c.start_point);
+            .map_or(StartPoint::Fresh, |c| c.start_point.clone());
         let coordinator = runtime.block_on(CheckpointCoordinator::start_at(
             job.clone(),
             &config.job_id,
@@ -631,6 +631,10 @@ where
     /// flight are aborted, the coordinator keeps its completed checkpoints (the job
     /// resumes from the latest one), and the subtasks' backends are returned.
     pub fn cancel(mut self) -> Result<Finished> {
+        // Records counted as processed reach their subtasks before the stop.
+        if let Err(e) = self.flush() {
+            tracing::debug!(error = %e, "cannot hand over the last records");
+        }
         let backends = self.stop_threads()?;
         let coordinator = self.coordinator.clone();
         self.runtime

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::checkpoint::epoch::Epochs;
 use crate::checkpoint::{CheckpointMetadata, StartPoint};
 use crate::error::{Error, ErrorKind, Result};
 use crate::restore::{RestoreMode, RestoreOptions, RestoreSource};
@@ -58,7 +59,7 @@ pub fn start_point(job: &CheckpointStorage, source: &RestoreSource) -> StartPoin
     if !meta.is_savepoint() && source.root().url() == job.url() {
         StartPoint::Checkpoint(meta.checkpoint_id)
     } else {
-        StartPoint::Fresh
+        StartPoint::External(source.location().to_string())
     }
 }
 
@@ -80,17 +81,31 @@ pub async fn plan_start(job: &CheckpointStorage, request: StartRequest) -> Resul
             candidates: Vec::new(),
             fallback: false,
         },
-        StartRequest::Latest => StartPlan {
-            candidates: job
-                .checkpoints()
-                .await?
+        StartRequest::Latest => {
+            let found = job.checkpoints().await?;
+            let mut candidates: Vec<StartCandidate> = found
                 .completed
                 .into_iter()
                 .rev()
                 .map(|meta| candidate(RestoreSource::checkpoint(job, meta), resume))
-                .collect(),
-            fallback: true,
-        },
+                .collect();
+            if candidates.is_empty() {
+                // Restored from elsewhere, and no checkpoint completed since: resuming
+                // restores that snapshot again (never an empty state).
+                if let Some(url) = Epochs::list(job).await?.newest_external().await? {
+                    let source = RestoreSource::open(&url).await?;
+                    candidates.push(StartCandidate {
+                        source,
+                        options: RestoreOptions::default(),
+                        start_point: StartPoint::External(url),
+                    });
+                }
+            }
+            StartPlan {
+                candidates,
+                fallback: true,
+            }
+        }
         StartRequest::Checkpoint(meta) => StartPlan {
             candidates: vec![candidate(RestoreSource::checkpoint(job, *meta), resume)],
             fallback: false,
@@ -122,6 +137,41 @@ pub async fn preflight(source: &RestoreSource) -> Result<()> {
         .into_iter()
         .map(|o| (o.path, o.size))
         .collect();
+    check_listed(source, &listed)
+}
+
+/// [`preflight`] of every candidate of `plan`, best first, listing each root once:
+/// the first candidate whose files are all there, or, when resuming with fallback and
+/// none is, the newest one's reason.
+///
+/// Errors: see [`preflight`].
+pub async fn first_whole(plan: StartPlan) -> Result<Option<StartCandidate>> {
+    let mut listings: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut newest_error = None;
+    for candidate in plan.candidates {
+        let root = candidate.source.root();
+        if !listings.contains_key(root.url()) {
+            let listed = root
+                .list("")
+                .await?
+                .into_iter()
+                .map(|o| (o.path, o.size))
+                .collect();
+            listings.insert(root.url().to_string(), listed);
+        }
+        match check_listed(&candidate.source, &listings[root.url()]) {
+            Ok(()) => return Ok(Some(candidate)),
+            Err(e) if plan.fallback && falls_back(&e) => {
+                tracing::warn!(checkpoint = %candidate.source.location(), error = %e, "cannot restore this checkpoint; trying an older one");
+                newest_error.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    newest_error.map_or(Ok(None), Err)
+}
+
+fn check_listed(source: &RestoreSource, listed: &BTreeMap<String, u64>) -> Result<()> {
     let meta = source.metadata();
     for (op, keyed) in meta.keyed() {
         for file in keyed.files() {

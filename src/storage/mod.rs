@@ -28,25 +28,19 @@ pub use transfer::FileInfo;
 ///
 /// A copy must look new: the orphan sweep keeps files younger than its grace period
 /// because a checkpoint in flight may still reference them. A hard link shares the
-/// source's modification time, so it is set to now; where that is not allowed, the file
-/// is copied instead.
+/// source's modification time, so the source's is set to now *before* the link exists
+/// (the link never appears with an old time); where that is not allowed, the file is
+/// copied instead. The source's content is never changed.
 fn local_copy(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     let io = |what: &str, e| Error::io(format!("{what} {} to {}", from.display(), to.display()), e);
     if let Some(parent) = to.parent() {
         std::fs::create_dir_all(parent).map_err(|e| io("create the directory to copy", e))?;
     }
-    match std::fs::hard_link(from, to) {
-        Ok(()) => {
-            let touched =
-                std::fs::File::open(to).and_then(|f| f.set_modified(std::time::SystemTime::now()));
-            match touched {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::debug!(file = %to.display(), error = %e, "cannot renew a link's modification time; copying instead");
-                    std::fs::remove_file(to).map_err(|e| io("remove the link made to copy", e))?;
-                }
-            }
-        }
+    let linked = std::fs::File::open(from)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+        .and_then(|()| std::fs::hard_link(from, to));
+    match linked {
+        Ok(()) => return Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(Error::NotFound(format!("file {}", from.display())))
         }

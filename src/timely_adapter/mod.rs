@@ -219,23 +219,42 @@ impl TimelyJob {
         let plan = plan.map_err(|e| Error::Internal(format!("worker 0 could not start: {e}")))?;
         // Refuses a local root holding someone else's files; empties only this worker's
         // own folder in it.
-        crate::local_dir::take(&self.config.local_root)?;
         let local = self.config.local_root.join(format!("worker-{index}"));
-        crate::local_dir::remove(&local)?;
-        let restore = match &plan.restore {
-            None => None,
-            Some(r) => {
-                let source = self.runtime.block_on(async {
-                    match r.own_checkpoint {
-                        Some(id) => {
-                            RestoreSource::open_folder(&self.job.child(&format!("chk-{id}"))?).await
+        let prepared = crate::local_dir::take(&self.config.local_root)
+            .and_then(|()| crate::local_dir::remove(&local))
+            .and_then(|()| match &plan.restore {
+                None => Ok(None),
+                Some(r) => self
+                    .runtime
+                    .block_on(async {
+                        match r.own_checkpoint {
+                            Some(id) => {
+                                RestoreSource::open_folder(&self.job.child(&format!("chk-{id}"))?)
+                                    .await
+                            }
+                            None => RestoreSource::open(&r.url).await,
                         }
-                        None => RestoreSource::open(&r.url).await,
-                    }
-                })?;
-                Some(source)
+                    })
+                    .map(Some),
+            });
+        // Every worker learns whether every other one could prepare: one that returned
+        // alone would leave the others waiting for it forever.
+        let mine = prepared.as_ref().err().map(|e| e.to_string());
+        let outcomes = all_gather(
+            worker,
+            serde_json::to_vec(&mine)
+                .map_err(|e| Error::Internal(format!("encode a start outcome: {e}")))?,
+        );
+        let restore = prepared?;
+        for (i, bytes) in outcomes.iter().enumerate() {
+            let theirs: Option<String> = serde_json::from_slice(bytes)
+                .map_err(|e| Error::Internal(format!("decode a start outcome: {e}")))?;
+            if let Some(reason) = theirs {
+                return Err(Error::Internal(format!(
+                    "worker {i} could not start: {reason}"
+                )));
             }
-        };
+        }
         let (events_tx, events_rx) = channel();
         let state = WorkerState {
             index,
@@ -287,24 +306,7 @@ impl TimelyJob {
                 },
             };
             let plan = plan::plan_start(&self.job, request).await?;
-            let mut chosen = None;
-            let mut newest_error = None;
-            for candidate in plan.candidates {
-                match plan::preflight(&candidate.source).await {
-                    Ok(()) => {
-                        chosen = Some(candidate);
-                        break;
-                    }
-                    Err(e) if plan.fallback && plan::falls_back(&e) => {
-                        tracing::warn!(checkpoint = %candidate.source.location(), error = %e, "cannot restore this checkpoint; trying an older one");
-                        newest_error.get_or_insert(e);
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            if let (None, Some(e)) = (&chosen, newest_error) {
-                return Err(e);
-            }
+            let chosen = plan::first_whole(plan).await?;
             let epoch = if self.config.checkpoints {
                 let restored = chosen.as_ref().and_then(|c| match c.start_point {
                     StartPoint::Checkpoint(id) => Some(RestoredPoint {
@@ -313,8 +315,12 @@ impl TimelyJob {
                     }),
                     _ => None,
                 });
+                let external = chosen.as_ref().and_then(|c| match &c.start_point {
+                    StartPoint::External(url) => Some(url.clone()),
+                    _ => None,
+                });
                 let now = crate::clock::SystemClock.now_millis();
-                let claimed = WriterEpoch::claim(&self.job, restored, now).await?;
+                let claimed = WriterEpoch::claim(&self.job, restored, external, now).await?;
                 let number = claimed.epoch();
                 *self.claimed.lock() = Some(claimed);
                 number
@@ -870,6 +876,11 @@ impl WorkerState {
                 FromCoordinator::Failed(id, reason) => {
                     tracing::warn!(checkpoint_id = id, reason, "checkpoint failed");
                     self.report.failed.push((id, reason));
+                }
+                // `Fenced` stays `Fenced`: the runtime must stop, another process owns
+                // the job directory.
+                FromCoordinator::Stopped(e) if e.kind() == crate::ErrorKind::Fenced => {
+                    self.error.get_or_insert(e);
                 }
                 FromCoordinator::Stopped(reason) => {
                     self.error.get_or_insert(Error::Internal(format!(

@@ -96,7 +96,7 @@ pub(crate) enum FromCoordinator {
     Completed(u64),
     Failed(u64, String),
     /// The task stopped on an error it cannot recover from.
-    Stopped(String),
+    Stopped(Error),
 }
 
 /// Settings of the coordinating task.
@@ -131,7 +131,7 @@ impl CoordinatorTask {
         {
             Ok(c) => c,
             Err(e) => {
-                let _ = events.send(FromCoordinator::Stopped(e.to_string()));
+                let _ = events.send(FromCoordinator::Stopped(e));
                 return;
             }
         };
@@ -168,7 +168,7 @@ impl CoordinatorTask {
                     .await;
                 match collected {
                     Err(e) if e.kind() == ErrorKind::Fenced => {
-                        let _ = events.send(FromCoordinator::Stopped(e.to_string()));
+                        let _ = events.send(FromCoordinator::Stopped(e));
                         return;
                     }
                     Err(e) => {
@@ -184,7 +184,7 @@ impl CoordinatorTask {
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::Fenced => {
-                    let _ = events.send(FromCoordinator::Stopped(e.to_string()));
+                    let _ = events.send(FromCoordinator::Stopped(e));
                     return;
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot abort expired checkpoints"),
@@ -266,6 +266,9 @@ impl CoordinatorTask {
                 Err(e) => {
                     tracing::warn!(checkpoint_id = id, worker, error = %e, "checkpoint fails");
                     if let Err(e) = coordinator.decline(id, &e.to_string()).await {
+                        if e.kind() == ErrorKind::Fenced {
+                            return Err(e);
+                        }
                         tracing::warn!(checkpoint_id = id, error = %e, "cannot abort");
                     }
                     pending.remove(&id);

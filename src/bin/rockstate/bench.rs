@@ -32,6 +32,11 @@ What is measured (local-file storage in --dir, 1 KiB values over 4 subtasks):
                                      the same files
   rescale_vs_restore                 4->3 rescale time / same-parallelism restore time
   savepoint_mib_per_s                canonical savepoint rate, MiB of state per second
+  events_per_s                       the demo job (count, last 8 values, histogram per key)
+                                     through the harness at parallelism 1, with checkpoints
+  raw_loop_events_per_s              the same six RocksDB operations per event in a plain
+                                     loop on one thread, same options and key layout
+  events_vs_raw_loop                 events_per_s / raw_loop_events_per_s
   peak_rss_mib                       peak resident memory of the process
 
 Build with --release for meaningful figures: cargo run --release -- bench --json";
@@ -55,6 +60,12 @@ pub struct BenchArgs {
     /// Operations per point-operation measurement.
     #[arg(long, default_value_t = 300_000, value_name = "N")]
     ops: u64,
+    /// Events of the demo-job throughput measurement.
+    #[arg(long, default_value_t = 1_000_000, value_name = "N")]
+    demo_events: u64,
+    /// Keys of the demo-job throughput measurement.
+    #[arg(long, default_value_t = 100_000, value_name = "N")]
+    demo_keys: u64,
     /// Scratch directory (a temporary directory inside it is used and removed).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
@@ -130,6 +141,121 @@ fn raw_db(dir: &Path) -> rockstate::Result<DB> {
     db_opts.set_atomic_flush(true);
     DB::open_cf_descriptors(&db_opts, dir, [ColumnFamilyDescriptor::new("value", cf)])
         .map_err(|e| Error::Internal(format!("open the raw RocksDB baseline: {e}")))
+}
+
+/// Memory of the demo job's backend, as `rockstate demo` runs it.
+const DEMO_MEMORY: usize = 64 << 20;
+
+/// Events/s of the demo job through the harness at parallelism 1 (a checkpoint every
+/// 1/20 of the events), and of a plain loop doing the same six RocksDB operations per
+/// event (get and put of the count, the recent values and the histogram bucket) on one
+/// thread, with the backend's options and key layout: `(harness, raw loop)`.
+fn demo_throughput(dir: &Path, events: u64, keys: u64) -> rockstate::Result<(f64, f64)> {
+    use rockstate::demo::{Counter, DemoSource, DEMO_PARTITIONS, DEMO_UID, RECENT_VALUES};
+    use rockstate::harness::{Harness, HarnessConfig, Source, StartFrom};
+    let source = DemoSource::new(7, keys, events)?;
+    let storage = CheckpointStorage::open(&dir.join("demo-checkpoints").display().to_string())?;
+    let config = HarnessConfig {
+        job_id: "throughput".into(),
+        operator_uid: DEMO_UID.into(),
+        parallelism: 1,
+        max_parallelism: MAX_PAR,
+        local_root: dir.join("demo-local"),
+        checkpoint_interval: (events / 20).max(1),
+        memory_budget: DEMO_MEMORY,
+        coordinator: CoordinatorOptions::default(),
+    };
+    let started = Instant::now();
+    let harness = Harness::start(
+        config,
+        &storage,
+        source,
+        Counter::factory(),
+        StartFrom::Empty,
+    )?;
+    let finished = harness.finish()?;
+    let harness_rate = finished.events as f64 / started.elapsed().as_secs_f64();
+    drop(finished);
+
+    // The same records in the same order, applied directly.
+    let cache = rocksdb::Cache::new_lru_cache(DEMO_MEMORY);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(&cache);
+    table.set_bloom_filter(10.0, false);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    table.set_format_version(6);
+    let mut cf = Options::default();
+    cf.set_block_based_table_factory(&table);
+    cf.set_write_buffer_size(DEMO_MEMORY / 8);
+    cf.set_compression_type(DBCompressionType::Lz4);
+    cf.set_bottommost_compression_type(DBCompressionType::Zstd);
+    let mut db_opts = cf.clone();
+    db_opts.create_if_missing(true);
+    db_opts.create_missing_column_families(true);
+    db_opts.set_atomic_flush(true);
+    let raw_err = |e: rocksdb::Error| Error::Internal(format!("raw RocksDB: {e}"));
+    let names = ["count", "recent", "histogram"];
+    let db = DB::open_cf_descriptors(
+        &db_opts,
+        dir.join("demo-raw"),
+        names.map(|n| ColumnFamilyDescriptor::new(n, cf.clone())),
+    )
+    .map_err(raw_err)?;
+    let cfs: Vec<_> = names
+        .iter()
+        .map(|n| {
+            db.cf_handle(n)
+                .ok_or_else(|| Error::Internal(format!("raw column family {n} missing")))
+        })
+        .collect::<rockstate::Result<_>>()?;
+    let mut wo = rocksdb::WriteOptions::default();
+    wo.disable_wal(true);
+    let started = Instant::now();
+    let mut applied = 0u64;
+    for offset in 0.. {
+        let mut any = false;
+        for partition in 0..DEMO_PARTITIONS {
+            let Some((key, value)) = source.record(partition, offset) else {
+                continue;
+            };
+            any = true;
+            applied += 1;
+            let state_key = codec::state_key(&key, &(), MAX_PAR)?;
+            let n: u64 = match db.get_pinned_cf(&cfs[0], &state_key).map_err(raw_err)? {
+                Some(v) => codec::decode_exact(&v, "count")?,
+                None => 0,
+            };
+            db.put_cf_opt(&cfs[0], &state_key, codec::encode_key(&(n + 1))?, &wo)
+                .map_err(raw_err)?;
+            let mut recent: Vec<u64> =
+                match db.get_pinned_cf(&cfs[1], &state_key).map_err(raw_err)? {
+                    Some(v) => codec::decode_exact(&v, "recent")?,
+                    None => Vec::new(),
+                };
+            recent.push(value);
+            let keep = recent.len().saturating_sub(RECENT_VALUES);
+            db.put_cf_opt(
+                &cfs[1],
+                &state_key,
+                codec::encode_key(&recent[keep..])?,
+                &wo,
+            )
+            .map_err(raw_err)?;
+            let entry = codec::map_entry_key(&key, &(), &((value / 100) as u8), MAX_PAR)?;
+            let c: u64 = match db.get_pinned_cf(&cfs[2], &entry).map_err(raw_err)? {
+                Some(v) => codec::decode_exact(&v, "histogram")?,
+                None => 0,
+            };
+            db.put_cf_opt(&cfs[2], &entry, codec::encode_key(&(c + 1))?, &wo)
+                .map_err(raw_err)?;
+        }
+        if !any {
+            break;
+        }
+    }
+    let raw_rate = applied as f64 / started.elapsed().as_secs_f64();
+    Ok((harness_rate, raw_rate))
 }
 
 /// Ops/s of `op` over `ops` operations.
@@ -314,6 +440,8 @@ struct Report {
     incremental_median_bytes: f64,
     full_bytes: f64,
     sync_ms: Vec<f64>,
+    events_per_s: f64,
+    raw_loop_events_per_s: f64,
     restore_s: f64,
     copy_s: f64,
     rescale_s: f64,
@@ -326,6 +454,12 @@ async fn measure(args: &BenchArgs, dir: &Path, say: &dyn Fn(&str)) -> rockstate:
         args.ops
     ));
     let (value_get_ratio, value_put_ratio) = point_ops(dir, args.ops)?;
+    say(&format!(
+        "demo job: {} events over {} keys, harness at parallelism 1 against a raw loop",
+        args.demo_events, args.demo_keys
+    ));
+    let (events_per_s, raw_loop_events_per_s) =
+        demo_throughput(dir, args.demo_events, args.demo_keys)?;
 
     let keys = (args.state_mib.max(1) << 20) / VALUE_LEN as u64;
     let state_bytes = keys * VALUE_LEN as u64;
@@ -441,6 +575,8 @@ async fn measure(args: &BenchArgs, dir: &Path, say: &dyn Fn(&str)) -> rockstate:
         incremental_median_bytes,
         full_bytes,
         sync_ms,
+        events_per_s,
+        raw_loop_events_per_s,
         restore_s,
         copy_s,
         rescale_s,
@@ -490,6 +626,9 @@ pub fn run(args: BenchArgs) -> rockstate::Result<u8> {
             "rescale_vs_restore": rescale_vs_restore,
             "rescale_s": r.rescale_s,
             "savepoint_mib_per_s": r.savepoint_mib_per_s,
+            "events_per_s": r.events_per_s,
+            "raw_loop_events_per_s": r.raw_loop_events_per_s,
+            "events_vs_raw_loop": r.events_per_s / r.raw_loop_events_per_s.max(1e-9),
             "peak_rss_mib": peak,
         }));
     } else {
@@ -527,6 +666,12 @@ pub fn run(args: BenchArgs) -> rockstate::Result<u8> {
         println!(
             "  canonical savepoint                    {:.0} MiB/s",
             r.savepoint_mib_per_s
+        );
+        println!(
+            "  demo job vs raw loop, events/s         {:.2} ({:.0} vs {:.0})",
+            r.events_per_s / r.raw_loop_events_per_s.max(1e-9),
+            r.events_per_s,
+            r.raw_loop_events_per_s
         );
         println!("  peak RSS                               {peak:.0} MiB");
     }
