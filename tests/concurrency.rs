@@ -1126,6 +1126,62 @@ fn timely_resume_falls_back_from_a_damaged_newest_checkpoint() {
     );
 }
 
+/// A 2-worker timely job whose newest checkpoint has a shared file of worker 1 damaged in
+/// place (same size, so the planner's size check passes); the job resumes from the latest.
+///
+/// Proves: the worker whose restore fails (CRC) makes every worker fail with its reason,
+/// promptly; no worker is left waiting for it.
+#[test]
+fn a_timely_worker_that_cannot_restore_stops_every_worker() {
+    use rockstate::timely_adapter::{demo, JobConfig, Start};
+
+    let dir = tempfile::tempdir().unwrap();
+    let storage =
+        CheckpointStorage::open(&dir.path().join("checkpoints").display().to_string()).unwrap();
+    let source = DemoSource::new(3, 1_000, 40_000).unwrap();
+    let run = |start: Start| {
+        let mut job = JobConfig::new(storage.clone(), "damaged", dir.path().join("local"));
+        job.start = start;
+        demo::DemoRun {
+            source,
+            checkpoint_interval: 4_000,
+            job,
+        }
+    };
+    demo::run(timely::Config::process(2), run(Start::Empty)).unwrap();
+    let job = storage.child("damaged").unwrap();
+    let newest = block_on(job.latest_completed()).unwrap().unwrap();
+    let op = newest.operator(DEMO_UID).unwrap();
+    let handle = op.subtasks[1]
+        .keyed
+        .as_ref()
+        .and_then(|k| k.as_files())
+        .unwrap();
+    let damaged = handle.shared.first().expect("worker 1 has a shared file");
+    let path = dir.path().join("checkpoints/damaged").join(&damaged.path);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let resume = run(Start::Latest);
+    std::thread::spawn(move || {
+        let _ = tx.send(demo::run(timely::Config::process(2), resume));
+    });
+    match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(Ok(report)) => panic!("resumed from a damaged file: {:?}", report.restored_from),
+        Ok(Err(e)) => {
+            let message = e.to_string();
+            assert!(
+                message.contains(&damaged.path) || message.contains("could not restore"),
+                "{message}"
+            );
+        }
+        Err(_) => panic!("a worker that could not restore left the others waiting (hang)"),
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Randomized schedules
 // ---------------------------------------------------------------------------------------
