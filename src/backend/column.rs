@@ -194,6 +194,15 @@ pub(crate) fn base_options(resources: &SharedResources) -> Options {
     table.set_bloom_filter(10.0, false);
     table.set_cache_index_and_filter_blocks(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    // Index and filter blocks are partitioned: a point read loads (and checksums) one
+    // small partition, not a whole file's filter, when the budget cannot keep every
+    // filter cached. The top level stays pinned, and cached metadata has priority over
+    // data blocks.
+    table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+    table.set_partition_filters(true);
+    table.set_metadata_block_size(4096);
+    table.set_pin_top_level_index_and_filter(true);
+    table.set_cache_index_and_filter_blocks_with_high_priority(true);
     table.set_format_version(6);
     let mut opts = Options::default();
     opts.set_block_based_table_factory(&table);

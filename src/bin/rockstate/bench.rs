@@ -121,7 +121,8 @@ fn peak_rss_mib() -> f64 {
 }
 
 /// Raw RocksDB with the backend's settings for one value column (128 MiB LRU cache, 10-bit
-/// bloom filters, memtable bloom filters, LZ4 then ZSTD at the bottom, no write-ahead log).
+/// partitioned bloom filters and index, memtable bloom filters, LZ4 then ZSTD at the
+/// bottom, no write-ahead log).
 fn raw_db(dir: &Path) -> rockstate::Result<DB> {
     let cache = rocksdb::Cache::new_lru_cache(128 << 20);
     let mut table = BlockBasedOptions::default();
@@ -129,6 +130,11 @@ fn raw_db(dir: &Path) -> rockstate::Result<DB> {
     table.set_bloom_filter(10.0, false);
     table.set_cache_index_and_filter_blocks(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+    table.set_partition_filters(true);
+    table.set_metadata_block_size(4096);
+    table.set_pin_top_level_index_and_filter(true);
+    table.set_cache_index_and_filter_blocks_with_high_priority(true);
     table.set_format_version(6);
     let mut cf = Options::default();
     cf.set_block_based_table_factory(&table);
@@ -186,6 +192,11 @@ fn demo_throughput(dir: &Path, events: u64, keys: u64) -> rockstate::Result<(f64
     table.set_bloom_filter(10.0, false);
     table.set_cache_index_and_filter_blocks(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+    table.set_partition_filters(true);
+    table.set_metadata_block_size(4096);
+    table.set_pin_top_level_index_and_filter(true);
+    table.set_cache_index_and_filter_blocks_with_high_priority(true);
     table.set_format_version(6);
     let mut cf = Options::default();
     cf.set_block_based_table_factory(&table);
