@@ -34,8 +34,7 @@ use crate::clock::SystemClock;
 use crate::error::{Error, Result};
 use crate::keygroup;
 use crate::local_dir;
-use crate::restore::plan::{self, StartCandidate, StartRequest};
-use crate::restore::{RestoreOptions, RestoreSource};
+use crate::restore::plan::{self, StartCandidate};
 use crate::savepoint::SavepointFormat;
 use crate::storage::CheckpointStorage;
 
@@ -80,29 +79,14 @@ pub struct HarnessConfig {
     pub coordinator: CoordinatorOptions,
 }
 
-/// Where a run starts.
-#[derive(Debug, Clone)]
-pub enum StartFrom {
-    /// Empty state, sources at offset 0.
-    Empty,
-    /// The job's latest completed checkpoint (empty when there is none).
-    Latest,
-    /// A given checkpoint of the job's own directory.
-    Checkpoint(Box<CheckpointMetadata>),
-    /// Any checkpoint or savepoint (another job's, another parallelism's), restored with
-    /// `options`.
-    Snapshot {
-        /// What to restore.
-        source: Box<RestoreSource>,
-        /// Ownership of its files, rescale strategy, non-restored state policy.
-        options: RestoreOptions,
-    },
-}
+/// Where a run starts: the start request every runtime plans with
+/// ([`plan_start`](crate::restore::plan::plan_start)).
+pub use crate::restore::plan::StartRequest as StartFrom;
 
 /// A completed savepoint.
 #[derive(Debug, Clone)]
 pub struct Savepoint {
-    /// The savepoint folder's URL (restore with [`RestoreSource::open`]).
+    /// The savepoint folder's URL (restore with [`RestoreSource::open`](crate::RestoreSource::open)).
     pub url: String,
     /// Its metadata.
     pub metadata: CheckpointMetadata,
@@ -181,13 +165,7 @@ where
         let job = checkpoint_dir.child(&config.job_id)?;
         // Candidates, best first. Resuming from the latest checkpoint falls back to older
         // completed ones when a newer one cannot be restored (a damaged or missing file).
-        let request = match from {
-            StartFrom::Empty => StartRequest::Empty,
-            StartFrom::Latest => StartRequest::Latest,
-            StartFrom::Checkpoint(meta) => StartRequest::Checkpoint(meta),
-            StartFrom::Snapshot { source, options } => StartRequest::Snapshot { source, options },
-        };
-        let plan = runtime.block_on(plan::plan_start(&job, request))?;
+        let plan = runtime.block_on(plan::plan_start(&job, from))?;
         // Refuses a directory holding someone else's files before anything is restored.
         local_dir::take(&config.local_root)?;
         let p = config.parallelism;

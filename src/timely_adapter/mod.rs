@@ -239,22 +239,9 @@ impl TimelyJob {
             });
         // Every worker learns whether every other one could prepare: one that returned
         // alone would leave the others waiting for it forever.
-        let mine = prepared.as_ref().err().map(|e| e.to_string());
-        let outcomes = all_gather(
-            worker,
-            serde_json::to_vec(&mine)
-                .map_err(|e| Error::Internal(format!("encode a start outcome: {e}")))?,
-        );
+        let others = agree(worker, prepared.as_ref().err(), "start");
         let restore = prepared?;
-        for (i, bytes) in outcomes.iter().enumerate() {
-            let theirs: Option<String> = serde_json::from_slice(bytes)
-                .map_err(|e| Error::Internal(format!("decode a start outcome: {e}")))?;
-            if let Some(reason) = theirs {
-                return Err(Error::Internal(format!(
-                    "worker {i} could not start: {reason}"
-                )));
-            }
-        }
+        others?;
         let (events_tx, events_rx) = channel();
         let state = WorkerState {
             index,
@@ -418,6 +405,24 @@ pub fn all_gather(worker: &mut Worker, mine: Vec<u8>) -> Vec<Vec<u8>> {
     let mut all = received.take();
     all.sort_by_key(|(i, _)| *i);
     all.into_iter().map(|(_, bytes)| bytes).collect()
+}
+
+/// Every worker tells every other one whether it could `what` (its failure, if any):
+/// `Err` naming the first worker that could not, on every worker alike.
+fn agree(worker: &mut Worker, mine: Option<&impl ToString>, what: &str) -> Result<()> {
+    let mine = mine.map(ToString::to_string);
+    let bytes = serde_json::to_vec(&mine)
+        .map_err(|e| Error::Internal(format!("encode an outcome: {e}")))?;
+    for (i, bytes) in all_gather(worker, bytes).iter().enumerate() {
+        let theirs: Option<String> = serde_json::from_slice(bytes)
+            .map_err(|e| Error::Internal(format!("decode an outcome: {e}")))?;
+        if let Some(reason) = theirs {
+            return Err(Error::Internal(format!(
+                "worker {i} could not {what}: {reason}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// What a worker did, for reports and tests.
@@ -733,25 +738,14 @@ impl WorkerJob {
             }
             s.restore_error.as_ref().map(|e| e.to_string())
         };
-        let bytes = serde_json::to_vec(&mine)
-            .map_err(|e| Error::Internal(format!("encode a restore outcome: {e}")))?;
         // Outside the state's borrow: gathering steps the worker's dataflows.
-        let all = all_gather(worker, bytes);
+        let others = agree(worker, mine.as_ref(), "restore its state");
         let mut s = self.state.borrow_mut();
         s.restore_agreed = true;
         if let Some(e) = s.restore_error.take() {
             return Err(e);
         }
-        for (i, bytes) in all.iter().enumerate() {
-            let theirs: Option<String> = serde_json::from_slice(bytes)
-                .map_err(|e| Error::Internal(format!("decode a restore outcome: {e}")))?;
-            if let Some(reason) = theirs {
-                return Err(Error::Internal(format!(
-                    "worker {i} could not restore its state: {reason}"
-                )));
-            }
-        }
-        Ok(())
+        others
     }
 
     fn poll(&self, worker: &mut Worker) -> Result<()> {

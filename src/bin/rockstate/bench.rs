@@ -120,13 +120,10 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Raw RocksDB with the backend's settings for one value column (128 MiB LRU cache, 10-bit
-/// partitioned bloom filters and index, memtable bloom filters, LZ4 then ZSTD at the
-/// bottom, no write-ahead log).
-fn raw_db(dir: &Path) -> rockstate::Result<DB> {
-    let cache = rocksdb::Cache::new_lru_cache(128 << 20);
+/// A raw column family's options, as the backend sets them for its states.
+fn raw_options(cache: &rocksdb::Cache, write_buffer: usize) -> Options {
     let mut table = BlockBasedOptions::default();
-    table.set_block_cache(&cache);
+    table.set_block_cache(cache);
     table.set_bloom_filter(10.0, false);
     table.set_cache_index_and_filter_blocks(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
@@ -138,11 +135,20 @@ fn raw_db(dir: &Path) -> rockstate::Result<DB> {
     table.set_format_version(6);
     let mut cf = Options::default();
     cf.set_block_based_table_factory(&table);
-    cf.set_write_buffer_size(16 << 20);
+    cf.set_write_buffer_size(write_buffer);
     cf.set_memtable_prefix_bloom_ratio(0.02);
     cf.set_memtable_whole_key_filtering(true);
     cf.set_compression_type(DBCompressionType::Lz4);
     cf.set_bottommost_compression_type(DBCompressionType::Zstd);
+    cf
+}
+
+/// Raw RocksDB with the backend's settings for one value column (128 MiB LRU cache, 10-bit
+/// partitioned bloom filters and index, memtable bloom filters, LZ4 then ZSTD at the
+/// bottom, no write-ahead log).
+fn raw_db(dir: &Path) -> rockstate::Result<DB> {
+    let cache = rocksdb::Cache::new_lru_cache(128 << 20);
+    let cf = raw_options(&cache, 16 << 20);
     let mut db_opts = cf.clone();
     db_opts.create_if_missing(true);
     db_opts.create_missing_column_families(true);
@@ -187,24 +193,7 @@ fn demo_throughput(dir: &Path, events: u64, keys: u64) -> rockstate::Result<(f64
 
     // The same records in the same order, applied directly.
     let cache = rocksdb::Cache::new_lru_cache(DEMO_MEMORY);
-    let mut table = BlockBasedOptions::default();
-    table.set_block_cache(&cache);
-    table.set_bloom_filter(10.0, false);
-    table.set_cache_index_and_filter_blocks(true);
-    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
-    table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
-    table.set_partition_filters(true);
-    table.set_metadata_block_size(4096);
-    table.set_pin_top_level_index_and_filter(true);
-    table.set_cache_index_and_filter_blocks_with_high_priority(true);
-    table.set_format_version(6);
-    let mut cf = Options::default();
-    cf.set_block_based_table_factory(&table);
-    cf.set_write_buffer_size(DEMO_MEMORY / 8);
-    cf.set_memtable_prefix_bloom_ratio(0.02);
-    cf.set_memtable_whole_key_filtering(true);
-    cf.set_compression_type(DBCompressionType::Lz4);
-    cf.set_bottommost_compression_type(DBCompressionType::Zstd);
+    let cf = raw_options(&cache, DEMO_MEMORY / 8);
     let mut db_opts = cf.clone();
     db_opts.create_if_missing(true);
     db_opts.create_missing_column_families(true);
