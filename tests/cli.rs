@@ -1569,8 +1569,10 @@ fn a_second_writer_fences_the_first_which_fails_with_one_line() {
     );
     assert_killed(&killed);
 
+    // Both keep ten checkpoints: the first writer does not retire the checkpoint the
+    // second one is restoring before the second claims the directory.
     let mut first = command(
-        &demo_args_with_events(cp, "twice", &root, LONG, &["--resume"]),
+        &demo_args_with_events(cp, "twice", &root, LONG, &["--resume", "--retained", "10"]),
         NO_ENV,
     )
     .stdout(Stdio::piped())
@@ -1589,7 +1591,7 @@ fn a_second_writer_fences_the_first_which_fails_with_one_line() {
         first_stderr.push_str(&line);
     }
     let mut second = command(
-        &demo_args_with_events(cp, "twice", &root, LONG, &["--resume"]),
+        &demo_args_with_events(cp, "twice", &root, LONG, &["--resume", "--retained", "10"]),
         NO_ENV,
     )
     .stdout(Stdio::piped())
