@@ -111,17 +111,25 @@ fn assert_no_panic(stderr: &str, context: &str) {
     }
 }
 
+impl Run {
+    /// A finished child's output, with `stderr` when it was read separately; fails the
+    /// test when stderr shows a panic.
+    fn from_output(output: std::process::Output, stderr: Option<String>) -> Self {
+        let run = Run {
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: stderr.unwrap_or_else(|| String::from_utf8_lossy(&output.stderr).into_owned()),
+        };
+        assert_no_panic(&run.stderr, &run.context());
+        run
+    }
+}
+
 fn run_env<S: AsRef<str>>(args: &[S], env: Env) -> Run {
     let output = command(args, env)
         .output()
         .expect("cannot start the rockstate binary");
-    let run = Run {
-        status: output.status,
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    };
-    assert_no_panic(&run.stderr, &run.context());
-    run
+    Run::from_output(output, None)
 }
 
 fn run<S: AsRef<str>>(args: &[S]) -> Run {
@@ -209,12 +217,7 @@ fn interrupt(args: &[String], env: Env, after: usize, pause_ms: u64, stop: Stop)
     }
     reader.read_to_string(&mut stderr).expect("read stderr");
     let output = child.wait_with_output().expect("wait for rockstate");
-    let run = Run {
-        status: output.status,
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr,
-    };
-    assert_no_panic(&run.stderr, &run.context());
+    let run = Run::from_output(output, Some(stderr));
     Interrupted { run, seen }
 }
 
@@ -527,6 +530,33 @@ fn kill_9_and_resume_at_other_parallelism_is_exactly_once() {
 
 /// Stops a fresh job with `signal` after its first checkpoint; returns the stopped run's
 /// JSON.
+/// Runs job `job_id`, stops it with `signal` after a native savepoint into `savepoints`;
+/// returns the run's JSON and the savepoint's URL.
+fn native_savepoint(
+    signal: libc::c_int,
+    checkpoint_dir: &str,
+    job_id: &str,
+    root: &Path,
+    savepoints: &Path,
+) -> (Value, String) {
+    let (_stopped, doc) = stop_with(
+        signal,
+        &demo_args(
+            checkpoint_dir,
+            job_id,
+            root,
+            &[
+                "--savepoint-dir",
+                path_str(savepoints),
+                "--savepoint-format",
+                "native",
+            ],
+        ),
+    );
+    let savepoint = doc["savepoint"].as_str().expect("savepoint").to_string();
+    (doc, savepoint)
+}
+
 fn stop_with(signal: libc::c_int, args: &[String]) -> (Interrupted, Value) {
     let stopped = interrupt(args, NO_ENV, 1, 0, Stop::Signal(signal));
     stopped.run.expect(0);
@@ -634,21 +664,7 @@ fn sigint_native_savepoint_restores_at_parallelism_3() {
     let checkpoints = root.join("checkpoints");
     let cp = path_str(&checkpoints);
     let savepoints = root.join("savepoints");
-    let (_stopped, doc) = stop_with(
-        libc::SIGINT,
-        &demo_args(
-            cp,
-            "native",
-            &root,
-            &[
-                "--savepoint-dir",
-                path_str(&savepoints),
-                "--savepoint-format",
-                "native",
-            ],
-        ),
-    );
-    let savepoint = doc["savepoint"].as_str().expect("savepoint").to_string();
+    let (doc, savepoint) = native_savepoint(libc::SIGINT, cp, "native", &root, &savepoints);
     let info = inspect(&savepoint, NO_ENV);
     assert_eq!(info["kind"], "savepoint", "{info}");
     assert_eq!(info["format"], "native", "{info}");
@@ -1452,13 +1468,7 @@ fn gc_beside(child: std::process::Child, job: &str) -> (Run, usize) {
         (waiter.join().expect("waiter"), sweeps)
     });
     let (output, sweeps) = output;
-    let run = Run {
-        status: output.status,
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    };
-    assert_no_panic(&run.stderr, &run.context());
-    (run, sweeps)
+    (Run::from_output(output, None), sweeps)
 }
 
 /// Every retained checkpoint of `job` verifies sound.
@@ -1484,21 +1494,7 @@ fn gc_in_a_loop_beside_a_running_job_keeps_every_checkpoint_sound() {
 
     // A native savepoint whose files are two hours old: copies of them by hard link
     // must not look old to the sweep.
-    let (_stopped, doc) = stop_with(
-        libc::SIGTERM,
-        &demo_args(
-            cp,
-            "old",
-            &root,
-            &[
-                "--savepoint-dir",
-                path_str(&savepoints),
-                "--savepoint-format",
-                "native",
-            ],
-        ),
-    );
-    let savepoint = doc["savepoint"].as_str().expect("savepoint").to_string();
+    let (_doc, savepoint) = native_savepoint(libc::SIGTERM, cp, "old", &root, &savepoints);
     for file in list_files(&url_path(&savepoint)) {
         age(
             &url_path(&savepoint).join(file),
@@ -1590,7 +1586,7 @@ fn a_second_writer_fences_the_first_which_fails_with_one_line() {
         }
         first_stderr.push_str(&line);
     }
-    let mut second = command(
+    let second = command(
         &demo_args_with_events(cp, "twice", &root, LONG, &["--resume", "--retained", "10"]),
         NO_ENV,
     )
@@ -1602,28 +1598,11 @@ fn a_second_writer_fences_the_first_which_fails_with_one_line() {
         .read_to_string(&mut first_stderr)
         .expect("read stderr");
     let first_out = first.wait_with_output().expect("wait for the first writer");
-    let first_run = Run {
-        status: first_out.status,
-        stdout: String::from_utf8_lossy(&first_out.stdout).into_owned(),
-        stderr: first_stderr,
-    };
-    assert_no_panic(&first_run.stderr, &first_run.context());
-    let mut second_stderr = String::new();
-    second
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut second_stderr)
-        .unwrap();
+    let first_run = Run::from_output(first_out, Some(first_stderr));
     let second_out = second
         .wait_with_output()
         .expect("wait for the second writer");
-    let second_run = Run {
-        status: second_out.status,
-        stdout: String::from_utf8_lossy(&second_out.stdout).into_owned(),
-        stderr: second_stderr,
-    };
-    assert_no_panic(&second_run.stderr, &second_run.context());
+    let second_run = Run::from_output(second_out, None);
     // The survivor ends in the uninterrupted run's state; the first writer was fenced
     // and says so in one line.
     assert_reference(&second_run);
