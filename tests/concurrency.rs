@@ -211,6 +211,30 @@ async fn checkpoint(
     }
 }
 
+/// Two subtasks and a coordinator retaining one checkpoint: checkpoint 1 completed, and
+/// the snapshots of checkpoint 2 uploaded, not acknowledged yet.
+async fn second_in_flight(
+    bed: &Bed,
+    dir: &Path,
+) -> (
+    Vec<Subtask>,
+    CheckpointCoordinator,
+    u64,
+    Vec<SubtaskSnapshot>,
+) {
+    let subs = subtasks(dir, 2);
+    let mut coord = start(&bed.job, 2, 1).await;
+    write(&subs, 0, 300, 1);
+    checkpoint(&mut coord, &subs, &bed.job).await;
+    write(&subs, 5, 30, 2);
+    let id = coord.trigger().unwrap();
+    let mut snaps = Vec::new();
+    for (i, s) in subs.iter().enumerate() {
+        snaps.push(snapshot(s, &bed.job, id, i as u32).await);
+    }
+    (subs, coord, id, snaps)
+}
+
 /// Paths and sizes of what `job` holds.
 async fn stored(job: &CheckpointStorage) -> BTreeMap<String, u64> {
     job.list("")
@@ -479,17 +503,7 @@ async fn copies_of_restored_files_are_not_swept_as_old() {
 async fn a_commit_answered_already_exists_is_recognised_as_ours() {
     let bed = bed();
     let dir = tempfile::tempdir().unwrap();
-    let subs = subtasks(dir.path(), 2);
-    let mut coord = start(&bed.job, 2, 1).await;
-    write(&subs, 0, 300, 1);
-    checkpoint(&mut coord, &subs, &bed.job).await;
-
-    write(&subs, 5, 30, 2);
-    let id = coord.trigger().unwrap();
-    let mut snaps = Vec::new();
-    for (i, s) in subs.iter().enumerate() {
-        snaps.push(snapshot(s, &bed.job, id, i as u32).await);
-    }
+    let (subs, mut coord, id, snaps) = second_in_flight(&bed, dir.path()).await;
     bed.live.lie(
         Match::op(Op::Put).path_ends_with(format!("chk-{id}/_metadata")),
         Lie::AppliedThenAlreadyExists,
@@ -531,17 +545,7 @@ async fn a_commit_answered_already_exists_is_recognised_as_ours() {
 async fn a_commit_in_doubt_is_never_deleted() {
     let bed = bed();
     let dir = tempfile::tempdir().unwrap();
-    let subs = subtasks(dir.path(), 2);
-    let mut coord = start(&bed.job, 2, 1).await;
-    write(&subs, 0, 300, 1);
-    checkpoint(&mut coord, &subs, &bed.job).await;
-
-    write(&subs, 5, 30, 2);
-    let id = coord.trigger().unwrap();
-    let mut snaps = Vec::new();
-    for (i, s) in subs.iter().enumerate() {
-        snaps.push(snapshot(s, &bed.job, id, i as u32).await);
-    }
+    let (subs, mut coord, id, snaps) = second_in_flight(&bed, dir.path()).await;
     let metadata = format!("chk-{id}/_metadata");
     // The first put lands and is answered 5xx; the retries and the reads fail.
     bed.live.lie(
@@ -606,17 +610,7 @@ async fn a_commit_in_doubt_is_never_deleted() {
 async fn a_commit_in_doubt_is_settled_by_the_next_completion() {
     let bed = bed();
     let dir = tempfile::tempdir().unwrap();
-    let subs = subtasks(dir.path(), 2);
-    let mut coord = start(&bed.job, 2, 1).await;
-    write(&subs, 0, 300, 1);
-    checkpoint(&mut coord, &subs, &bed.job).await;
-
-    write(&subs, 5, 30, 2);
-    let id = coord.trigger().unwrap();
-    let mut snaps = Vec::new();
-    for (i, s) in subs.iter().enumerate() {
-        snaps.push(snapshot(s, &bed.job, id, i as u32).await);
-    }
+    let (subs, mut coord, id, snaps) = second_in_flight(&bed, dir.path()).await;
     let retried = snaps[1].clone();
     let metadata = format!("chk-{id}/_metadata");
     let rule = || Match::op(Op::Put).path_ends_with(metadata.as_str());
