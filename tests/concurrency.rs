@@ -1157,6 +1157,8 @@ fn a_timely_worker_that_cannot_restore_stops_every_worker() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     std::fs::write(&path, bytes).unwrap();
+    // On another machine: the workers' own intact copies would be reused instead.
+    std::fs::remove_dir_all(dir.path().join("local")).unwrap();
 
     let (tx, rx) = std::sync::mpsc::channel();
     let resume = run(Start::Latest);

@@ -244,6 +244,20 @@ impl BackendCore {
             .collect()
     }
 
+    /// Turns automatic compactions of every state column off (`paused`) or on again:
+    /// while a rescale builds a database, compactions would rewrite files that range
+    /// deletions are about to make obsolete, and delay every step.
+    pub(crate) fn pause_compactions(&self, paused: bool) -> Result<()> {
+        let value = if paused { "true" } else { "false" };
+        for (_, column) in self.state_columns() {
+            let cf = self.cf(&column.cf_name)?;
+            self.db
+                .set_options_cf(&cf, &[("disable_auto_compactions", value)])
+                .map_err(Self::fail("pause compactions", &column))?;
+        }
+        Ok(())
+    }
+
     /// Writes raw entries (full RocksDB keys) in one batch.
     pub(crate) fn put_raw(
         &self,

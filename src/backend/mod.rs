@@ -55,9 +55,25 @@ pub struct BackendBuilder {
     pub(crate) options: BackendOptions,
     pub(crate) resources: Option<SharedResources>,
     pub(crate) clock: Arc<dyn Clock>,
+    /// Directories of an earlier run whose files a restore may take instead of
+    /// downloading them.
+    pub(crate) reuse: Vec<std::path::PathBuf>,
 }
 
 impl BackendBuilder {
+    /// Lets a restore take files from `dirs` instead of downloading them: directories of
+    /// an earlier run on this machine, such as the backend directories a crashed process
+    /// left behind (local recovery). A file is taken when its name, size and CRC32 match
+    /// the snapshot's record; it is read through once for that check, then hard-linked
+    /// (SST files on the same file system) or copied. Everything else is downloaded.
+    ///
+    /// The directories are only read (subdirectories are not searched); remove them once
+    /// the restore is done. Only the restore methods use them; [`open`](Self::open) does not.
+    pub fn reuse_local_files(mut self, dirs: impl IntoIterator<Item = std::path::PathBuf>) -> Self {
+        self.reuse.extend(dirs);
+        self
+    }
+
     /// Shares `resources` (block cache and write buffer budget) with other backends.
     pub fn shared_resources(mut self, resources: SharedResources) -> Self {
         self.resources = Some(resources);
@@ -385,6 +401,7 @@ impl RocksStateBackend {
             options,
             resources: None,
             clock: Arc::new(SystemClock),
+            reuse: Vec::new(),
         }
     }
 

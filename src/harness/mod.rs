@@ -96,6 +96,8 @@ pub struct Savepoint {
 #[derive(Debug, Default)]
 pub(crate) struct Progress {
     pub completed: Vec<u64>,
+    /// Bytes uploaded by each completed checkpoint, in the order of `completed`.
+    pub uploaded: Vec<u64>,
     pub latest: Option<CheckpointMetadata>,
     pub failed: Vec<(u64, String)>,
     pub error: Option<String>,
@@ -136,6 +138,9 @@ pub struct Finished {
     pub events: u64,
     /// Checkpoints completed by this run, in order.
     pub completed: Vec<u64>,
+    /// Bytes uploaded by each of `completed` (new files; files of earlier checkpoints are
+    /// referenced, not uploaded again).
+    pub uploaded: Vec<u64>,
 }
 
 impl<S: Source> Harness<S>
@@ -167,7 +172,9 @@ where
         // completed ones when a newer one cannot be restored (a damaged or missing file).
         let plan = runtime.block_on(plan::plan_start(&job, from))?;
         // Refuses a directory holding someone else's files before anything is restored.
-        local_dir::take(&config.local_root)?;
+        // What the previous run left is set aside: a restore takes the files that are
+        // still there and match the snapshot instead of downloading them.
+        let reuse = local_dir::set_aside(&config.local_root)?;
         let p = config.parallelism;
         let operators = vec![
             OperatorSpec {
@@ -196,6 +203,7 @@ where
                 }
                 _ => SourcePosition::start(source.partitions()),
             };
+            let mut restores = Vec::new();
             let mut backends = Vec::new();
             for i in 0..p {
                 let options = BackendOptions::for_subtask(
@@ -204,16 +212,36 @@ where
                     p,
                     config.max_parallelism,
                 )?;
-                let builder =
-                    RocksStateBackend::builder(options).shared_resources(resources.clone());
-                backends.push(match restore {
-                    Some(c) => runtime.block_on(builder.restore_operator(
+                let builder = RocksStateBackend::builder(options)
+                    .shared_resources(resources.clone())
+                    .reuse_local_files(reuse.iter().cloned());
+                match restore {
+                    Some(c) => restores.push(builder.restore_operator(
                         &c.source,
                         &config.operator_uid,
                         &c.options,
-                    ))?,
-                    None => builder.open()?,
-                });
+                    )),
+                    None => backends.push(builder.open()?),
+                }
+            }
+            // Subtasks restore side by side; every one finishes before a failure is
+            // reported, so nothing still writes into the directory afterwards.
+            let mut first = None;
+            for restored in runtime.block_on(futures::future::join_all(restores)) {
+                match restored {
+                    Ok(backend) => backends.push(backend),
+                    Err(e) => {
+                        first.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = first {
+                for backend in backends {
+                    if let Err(close) = backend.close() {
+                        tracing::warn!(error = %close, "cannot close a restored subtask");
+                    }
+                }
+                return Err(e);
             }
             Ok::<_, Error>((position, backends))
         };
@@ -242,6 +270,7 @@ where
                 None => restore_all(None)?,
             },
         };
+        local_dir::remove(&config.local_root.join(local_dir::PREVIOUS_RUN))?;
         let progress: SharedProgress = Arc::default();
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
@@ -494,6 +523,7 @@ where
                 last_checkpoint,
                 events: self.events,
                 completed: self.completed_checkpoints(),
+                uploaded: self.progress.0.lock().uploaded.clone(),
             },
         ))
     }
@@ -602,6 +632,7 @@ where
             last_checkpoint: Some(last),
             events: self.events,
             completed: self.completed_checkpoints(),
+            uploaded: self.progress.0.lock().uploaded.clone(),
         })
     }
 
@@ -622,6 +653,7 @@ where
             last_checkpoint: self.latest_checkpoint(),
             events: self.events,
             completed: self.completed_checkpoints(),
+            uploaded: self.progress.0.lock().uploaded.clone(),
         })
     }
 

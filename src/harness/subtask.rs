@@ -181,6 +181,7 @@ fn spawn_upload<K, V>(
                     let (lock, cvar) = &*task_ctx.progress;
                     let mut progress = lock.lock();
                     progress.completed.push(id);
+                    progress.uploaded.push(meta.uploaded_bytes());
                     progress.latest = Some(*meta);
                     cvar.notify_all();
                 }

@@ -1,9 +1,13 @@
 //! Restoring a backend from a checkpoint or savepoint, at the same or another
 //! parallelism.
 //!
-//! - Same key-group range, RocksDB files: every file of the handle is downloaded in
-//!   parallel into a fresh directory beside the backend's, checked for size and CRC32 and
-//!   synced to disk, and only then moved into place and opened.
+//! - Same key-group range, RocksDB files: every file of the handle is fetched in
+//!   parallel into a fresh directory beside the backend's and checked for size and CRC32,
+//!   and only then moved into place and opened. Files already on this machine are not
+//!   downloaded: SST files of a local-file store are hard-linked and read through once
+//!   for the check, and files of an earlier run's directory
+//!   ([`BackendBuilder::reuse_local_files`]) are taken when their name, size and CRC32
+//!   match.
 //! - Another range, RocksDB files (checkpoints, native savepoints): the old subtask with
 //!   the largest overlap is the base; the other overlapping subtasks' SST files are
 //!   ingested as they are (their keys never overlap the base's: key groups are disjoint),
@@ -55,6 +59,30 @@ pub(crate) async fn is_empty_or_missing(dir: &Path) -> Result<bool> {
     }
 }
 
+/// Written into a backend directory while a restore builds it in place; a directory
+/// holding it was left by an interrupted restore, and the next restore empties it.
+pub(crate) const RESTORING_MARKER: &str = "ROCKSTATE-RESTORING";
+
+/// Checks that a restore may write `dir`: missing, empty, or left by an interrupted
+/// restore (then it is removed).
+///
+/// Errors: `InvalidArgument` when it holds other files; I/O errors.
+pub(crate) async fn ensure_empty(dir: &Path) -> Result<()> {
+    if tokio::fs::try_exists(dir.join(RESTORING_MARKER))
+        .await
+        .unwrap_or(false)
+    {
+        remove_dir_if_exists(dir).await?;
+    }
+    if !is_empty_or_missing(dir).await? {
+        return Err(Error::invalid(format!(
+            "cannot restore into {}: the directory is not empty",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) async fn remove_dir_if_exists(dir: &Path) -> Result<()> {
     match tokio::fs::remove_dir_all(dir).await {
         Ok(()) => Ok(()),
@@ -63,18 +91,109 @@ pub(crate) async fn remove_dir_if_exists(dir: &Path) -> Result<()> {
     }
 }
 
-/// Downloads every file of `handle` into `dir`, at most `concurrency` at once. Every
-/// download finishes (or fails) before this returns, so the directory can be removed.
+/// Files of earlier runs on this machine that a restore may take instead of downloading
+/// them, by file name.
+#[derive(Debug, Default)]
+pub(crate) struct LocalFiles {
+    by_name: std::collections::HashMap<String, Vec<(PathBuf, u64)>>,
+}
+
+impl LocalFiles {
+    /// Lists the regular files directly inside `dirs` (missing directories are skipped).
+    pub(crate) async fn scan(dirs: &[PathBuf]) -> Result<Self> {
+        let dirs = dirs.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut files = Self::default();
+            for dir in &dirs {
+                let entries = match std::fs::read_dir(dir) {
+                    Ok(entries) => entries,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Error::io(format!("read {}", dir.display()), e)),
+                };
+                for entry in entries {
+                    let entry =
+                        entry.map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
+                    // Links are not followed: only files the earlier run wrote count.
+                    let Ok(meta) = entry.metadata() else { continue };
+                    if !meta.is_file() {
+                        continue;
+                    }
+                    if let Some(name) = entry.file_name().to_str() {
+                        files
+                            .by_name
+                            .entry(name.to_string())
+                            .or_default()
+                            .push((entry.path(), meta.len()));
+                    }
+                }
+            }
+            Ok(files)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("scan task failed: {e}")))?
+    }
+
+    /// Local files that may be `name` with `size` bytes (their content is not checked yet).
+    fn candidates(&self, name: &str, size: u64) -> impl Iterator<Item = &Path> {
+        self.by_name
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter(move |(_, s)| *s == size)
+            .map(|(p, _)| p.as_path())
+    }
+
+    /// Puts a local copy of `file` at `target` if one of the candidates matches its size
+    /// and CRC32; returns whether it did. A candidate that does not match is skipped.
+    async fn take(&self, file: &crate::snapshot::StateFile, target: &Path) -> Result<bool> {
+        let candidates: Vec<PathBuf> = self
+            .candidates(&file.local_name, file.size)
+            .map(Path::to_path_buf)
+            .collect();
+        if candidates.is_empty() {
+            return Ok(false);
+        }
+        let (target, info, link) = (
+            target.to_path_buf(),
+            file.info(),
+            file.local_name.ends_with(".sst"),
+        );
+        tokio::task::spawn_blocking(move || {
+            for candidate in candidates {
+                let url = candidate.display().to_string();
+                match crate::storage::link_or_copy_checked(&candidate, &target, &info, &url, link) {
+                    Ok(true) => return Ok(true),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::debug!(file = %url, error = %e, "local file not reused");
+                        crate::local_dir::remove(&target)?;
+                    }
+                }
+            }
+            Ok(false)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("reuse task failed: {e}")))?
+    }
+}
+
+/// Fetches every file of `handle` into `dir`, at most `concurrency` at once: from `reuse`
+/// when a local file matches, else from `job`. Every transfer finishes (or fails) before
+/// this returns, so the directory can be removed.
 pub(crate) async fn download_all(
     handle: &KeyedStateHandle,
     job: &CheckpointStorage,
     dir: &Path,
+    reuse: &LocalFiles,
 ) -> Result<()> {
     let concurrency = job.options().transfer_concurrency.max(1);
     let mut downloads = futures::stream::iter(handle.files())
         .map(|file| async move {
-            job.download_file(&file.path, &dir.join(&file.local_name), &file.info())
-                .await
+            let target = dir.join(&file.local_name);
+            if reuse.take(file, &target).await? {
+                return Ok(());
+            }
+            job.download_file(&file.path, &target, &file.info()).await
         })
         .buffer_unordered(concurrency);
     let mut first = None;
@@ -86,7 +205,11 @@ pub(crate) async fn download_all(
     first.map_or(Ok(()), Err)
 }
 
-/// Replaces `dir` with the fully written and synced `incoming`, durably.
+/// Replaces `dir` with the fully written and checked `incoming`.
+///
+/// Nothing is synced to disk: a restored directory is scratch space. After a machine
+/// crash it is never opened as it is; a restart restores again, reusing only files whose
+/// size and CRC32 are checked again.
 pub(crate) async fn move_into_place(incoming: &Path, dir: &Path) -> Result<()> {
     remove_dir_if_exists(dir).await?;
     tokio::fs::rename(incoming, dir).await.map_err(|e| {
@@ -94,20 +217,7 @@ pub(crate) async fn move_into_place(incoming: &Path, dir: &Path) -> Result<()> {
             format!("move {} to {}", incoming.display(), dir.display()),
             e,
         )
-    })?;
-    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(parent) => sync_dir(parent).await,
-        None => Ok(()),
-    }
-}
-
-/// Makes a directory's entries (a rename, new files) durable.
-pub(crate) async fn sync_dir(dir: &Path) -> Result<()> {
-    let path = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || std::fs::File::open(&path).and_then(|f| f.sync_all()))
-        .await
-        .map_err(|e| Error::Internal(format!("sync task failed: {e}")))?
-        .map_err(|e| Error::io(format!("sync {}", dir.display()), e))
+    })
 }
 
 impl BackendBuilder {
@@ -163,22 +273,17 @@ impl BackendBuilder {
                 "the handle lists no CURRENT or MANIFEST file",
             ));
         }
-        if !is_empty_or_missing(&dir).await? {
-            return Err(Error::invalid(format!(
-                "cannot restore into {}: the directory is not empty",
-                dir.display()
-            )));
-        }
+        ensure_empty(&dir).await?;
         let incoming = sibling(&dir, ".restoring");
         remove_dir_if_exists(&incoming).await?;
         tokio::fs::create_dir_all(&incoming)
             .await
             .map_err(|e| Error::io(format!("create {}", incoming.display()), e))?;
-        let downloaded = match download_all(handle, job, &incoming).await {
-            Ok(()) => sync_dir(&incoming).await,
+        let fetched = match LocalFiles::scan(&self.reuse).await {
+            Ok(reuse) => download_all(handle, job, &incoming, &reuse).await,
             Err(e) => Err(e),
         };
-        if let Err(e) = downloaded {
+        if let Err(e) = fetched {
             if let Err(cleanup) = remove_dir_if_exists(&incoming).await {
                 tracing::warn!(dir = %incoming.display(), error = %cleanup, "cannot remove a failed restore");
             }

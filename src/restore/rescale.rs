@@ -12,8 +12,8 @@ use crate::codec;
 use crate::error::{Error, Result};
 use crate::keygroup::KeyGroupRange;
 use crate::restore::{
-    download_all, is_empty_or_missing, move_into_place, remove_dir_if_exists, seed, sibling,
-    sync_dir, RescaleStrategy, RestoreOptions, RestoreSource,
+    download_all, ensure_empty, remove_dir_if_exists, seed, sibling, LocalFiles, RescaleStrategy,
+    RestoreOptions, RestoreSource, RESTORING_MARKER,
 };
 use crate::savepoint::canonical::DataFileReader;
 use crate::snapshot::tracker::FileSet;
@@ -42,13 +42,7 @@ impl BackendBuilder {
         options: &RestoreOptions,
     ) -> Result<RocksStateBackend> {
         self.options.validate()?;
-        let dir = self.options.local_dir.clone();
-        if !is_empty_or_missing(&dir).await? {
-            return Err(Error::invalid(format!(
-                "cannot restore into {}: the directory is not empty",
-                dir.display()
-            )));
-        }
+        ensure_empty(&self.options.local_dir).await?;
         let Some(op) = source.metadata().operator(operator_uid) else {
             return blocking(move || self.open()).await;
         };
@@ -86,42 +80,40 @@ impl BackendBuilder {
         restored.map_err(|e| e.for_operator(operator_uid))
     }
 
-    fn with_dir(&self, dir: PathBuf) -> BackendBuilder {
-        let mut options = self.options.clone();
-        options.local_dir = dir;
-        BackendBuilder {
-            options,
-            resources: self.resources.clone(),
-            clock: self.clock.clone(),
-        }
+    /// Creates the backend's directory for a restore that builds it in place, marked
+    /// with [`RESTORING_MARKER`].
+    async fn start_in_place(&self) -> Result<()> {
+        let dir = &self.options.local_dir;
+        create_dir(dir).await?;
+        let marker = dir.join(RESTORING_MARKER);
+        tokio::fs::write(&marker, b"a restore is building this directory\n")
+            .await
+            .map_err(|e| Error::io(format!("write {}", marker.display()), e))
     }
 
-    /// Builds the state in `<dir>.restoring` with `build`, then closes it, moves it into
-    /// place and opens it. Nothing is left behind on failure.
-    async fn build_then_open<T: Send + 'static>(
+    /// Builds the state in the backend's own directory with `build`, which opens it and
+    /// returns the open backend. The directory carries [`RESTORING_MARKER`] until the
+    /// build succeeded; on failure it is removed, so nothing is left behind. (After a
+    /// crash the marker tells the next restore that the directory is its to empty.)
+    async fn build_in_place<T: Send + 'static>(
         self,
-        build: impl FnOnce(BackendBuilder) -> Result<T> + Send + 'static,
+        build: impl FnOnce(BackendBuilder) -> Result<(RocksStateBackend, T)> + Send + 'static,
     ) -> Result<(RocksStateBackend, T)> {
         let dir = self.options.local_dir.clone();
-        let incoming = sibling(&dir, ".restoring");
-        let staging_builder = self.with_dir(incoming.clone());
-        let built = blocking(move || build(staging_builder)).await;
-        let built = match built {
-            Ok(t) => sync_dir(&incoming).await.map(|()| t),
-            Err(e) => Err(e),
-        };
-        let value = match built {
-            Ok(value) => value,
-            Err(e) => {
-                if let Err(cleanup) = remove_dir_if_exists(&incoming).await {
-                    tracing::warn!(dir = %incoming.display(), error = %cleanup, "cannot remove a failed restore");
-                }
-                return Err(e);
+        let marker = dir.join(RESTORING_MARKER);
+        let built = blocking(move || build(self))
+            .await
+            .and_then(|(backend, value)| {
+                std::fs::remove_file(&marker)
+                    .map_err(|e| Error::io(format!("remove {}", marker.display()), e))?;
+                Ok((backend, value))
+            });
+        if built.is_err() {
+            if let Err(cleanup) = remove_dir_if_exists(&dir).await {
+                tracing::warn!(dir = %dir.display(), error = %cleanup, "cannot remove a failed restore");
             }
-        };
-        move_into_place(&incoming, &dir).await?;
-        let backend = blocking(move || self.open()).await?;
-        Ok((backend, value))
+        }
+        built
     }
 
     async fn restore_canonical(
@@ -151,8 +143,9 @@ impl BackendBuilder {
         let states = states.to_vec();
         let runtime = tokio::runtime::Handle::current();
         let remove_dir = self.options.local_dir.clone();
+        self.start_in_place().await?;
         let (backend, ()) = self
-            .build_then_open(move |builder| {
+            .build_in_place(move |builder| {
                 let backend = builder.open()?;
                 for meta in &states {
                     backend.ensure_state(meta)?;
@@ -189,7 +182,7 @@ impl BackendBuilder {
                     backend.core.put_raw(&batch)?;
                 }
                 backend.flush()?;
-                Ok(())
+                Ok((backend, ()))
             })
             .await?;
         tracing::info!(dir = %remove_dir.display(), "restored from a canonical savepoint");
@@ -212,12 +205,11 @@ impl BackendBuilder {
             handle.validate()?;
         }
         let dir = self.options.local_dir.clone();
-        let incoming = sibling(&dir, ".restoring");
-        remove_dir_if_exists(&incoming).await?;
         let mut others = Vec::new();
+        let reuse = LocalFiles::scan(&self.reuse).await?;
         let downloaded = async {
-            create_dir(&incoming).await?;
-            download_all(handles[base_index], source.root(), &incoming).await?;
+            self.start_in_place().await?;
+            download_all(handles[base_index], source.root(), &dir, &reuse).await?;
             for (i, handle) in handles.iter().enumerate() {
                 if i == base_index {
                     continue;
@@ -226,7 +218,7 @@ impl BackendBuilder {
                 remove_dir_if_exists(&other).await?;
                 others.push(((*handle).clone(), other.clone()));
                 create_dir(&other).await?;
-                download_all(handle, source.root(), &other).await?;
+                download_all(handle, source.root(), &other, &reuse).await?;
             }
             Ok::<_, Error>(())
         }
@@ -240,7 +232,7 @@ impl BackendBuilder {
         };
         if let Err(e) = downloaded {
             cleanup_others(others).await;
-            remove_dir_if_exists(&incoming).await?;
+            remove_dir_if_exists(&dir).await?;
             return Err(e);
         }
         let base = handles[base_index].clone();
@@ -248,13 +240,16 @@ impl BackendBuilder {
         let sources = others.clone();
         let mode = options.mode;
         let built = self
-            .build_then_open(move |builder| {
+            .build_in_place(move |builder| {
                 let backend = builder.open_as(OpenMode::Rescaled)?;
+                // Compactions wait until the range deletions below are written.
+                backend.core.pause_compactions(true)?;
                 let mut provenance = sst_files_of(&base);
                 for (handle, dir) in &sources {
                     for meta in &handle.states {
                         backend.ensure_state(meta)?;
                     }
+                    backend.core.pause_compactions(true)?;
                     let ingested = match strategy {
                         RescaleStrategy::Ingest => ingest(&backend, handle, dir),
                         RescaleStrategy::IterateAndWrite => Err(Error::invalid("iterate")),
@@ -280,7 +275,8 @@ impl BackendBuilder {
                     .map(|f| f.name)
                     .collect();
                 provenance.retain(|name, _| live.contains(name));
-                Ok(provenance)
+                backend.core.pause_compactions(false)?;
+                Ok((backend, provenance))
             })
             .await;
         cleanup_others(others).await;

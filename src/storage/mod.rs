@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+pub(crate) use transfer::link_or_copy_checked;
 pub use transfer::FileInfo;
 
 /// Copies a local file to a new name: a hard link when possible (the files are

@@ -116,13 +116,32 @@ impl CheckpointStorage {
     }
 
     /// Downloads `rel` to the new local file `local`, checking size and CRC32 against
-    /// `expected` while streaming (a longer object stops early), and syncs the file to
-    /// disk.
+    /// `expected` while streaming (a longer object stops early).
+    ///
+    /// From a local-file storage, an SST file (`local` ends with `.sst`) is hard-linked when
+    /// both lie on one file system (stored files are immutable, and RocksDB never writes
+    /// to an SST file; the link is then read through once for the check); other files, or
+    /// where links fail, are copied in one pass that checks what it writes. The local file is not synced:
+    /// restored directories are scratch space, never trusted after a crash without
+    /// checking every file again.
     ///
     /// Errors: `NotFound` when the object is missing; `Corrupt`, naming the file, on a
     /// size or CRC mismatch; `Io` when the local file cannot be written. A failed download
     /// leaves a partial local file that the caller removes with its directory.
     pub async fn download_file(&self, rel: &str, local: &Path, expected: &FileInfo) -> Result<()> {
+        if let Some(source) = self.local_file(rel)? {
+            self.refuse_symlinks(rel).await?;
+            let (url, local, expected) = (self.url_of(rel), local.to_path_buf(), *expected);
+            return tokio::task::spawn_blocking(move || {
+                let link = local.extension().is_some_and(|e| e == "sst");
+                match link_or_copy_checked(&source, &local, &expected, &url, link)? {
+                    true => Ok(()),
+                    false => Err(Error::NotFound(format!("{url} (get)"))),
+                }
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("download task failed: {e}")))?;
+        }
         let mut read = CheckedRead::open(self, rel, expected).await?;
         let local_err = |e| Error::io(format!("write {}", local.display()), e);
         let mut file = tokio::fs::OpenOptions::new()
@@ -135,8 +154,17 @@ impl CheckpointStorage {
             file.write_all(&chunk).await.map_err(local_err)?;
         }
         file.flush().await.map_err(local_err)?;
-        file.sync_all().await.map_err(local_err)?;
         read.finish()
+    }
+
+    /// The local path of `rel` in a local-file storage (`None` for other stores).
+    fn local_file(&self, rel: &str) -> Result<Option<std::path::PathBuf>> {
+        self.location(rel)?;
+        Ok(self.local_dir().map(|root| {
+            let mut path = root.to_path_buf();
+            path.extend(rel.split('/').filter(|s| !s.is_empty()));
+            path
+        }))
     }
 
     /// Reads `rel` through and checks its size and CRC32 against `expected`, without
@@ -156,6 +184,102 @@ impl CheckpointStorage {
         }
         read.finish()
     }
+}
+
+/// Puts a verified copy of the local file `source` at the new path `target`: a hard link
+/// when `link` and possible, else a copy. Returns `false` when `source` does not exist.
+///
+/// The bytes checked are the bytes kept: a link is read through after it is made (the
+/// same inode), a copy is checked while it is written.
+///
+/// Errors: `Corrupt`, naming `url`, when size or CRC32 differ from `expected` (the target
+/// may be left behind for the caller to remove); `AlreadyExists` when `target` exists;
+/// `Io` otherwise.
+pub(crate) fn link_or_copy_checked(
+    source: &Path,
+    target: &Path,
+    expected: &FileInfo,
+    url: &str,
+    link: bool,
+) -> Result<bool> {
+    let read_err = |e| Error::io(format!("read {}", source.display()), e);
+    let size = match std::fs::metadata(source) {
+        Ok(meta) if meta.is_file() => meta.len(),
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(read_err(e)),
+    };
+    if size != expected.size {
+        return Err(Error::corrupt(
+            format!("file {url}"),
+            format!("size {size} but {} recorded", expected.size),
+        ));
+    }
+    let linked = match link.then(|| std::fs::hard_link(source, target)) {
+        None => false,
+        Some(Ok(())) => true,
+        Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Some(Err(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(Error::AlreadyExists(format!("file {}", target.display())))
+        }
+        // Another file system, or links not allowed: copy.
+        Some(Err(_)) => false,
+    };
+    let mut input = std::fs::File::open(if linked { target } else { source }).map_err(read_err)?;
+    let mut output = if linked {
+        None
+    } else {
+        Some(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(target)
+                .map_err(|e| Error::io(format!("write {}", target.display()), e))?,
+        )
+    };
+    let mut hasher = crc32fast::Hasher::new();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let n = std::io::Read::read(&mut input, &mut buf).map_err(read_err)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > expected.size {
+            return Err(Error::corrupt(
+                format!("file {url}"),
+                format!("longer than the {} bytes recorded", expected.size),
+            ));
+        }
+        hasher.update(&buf[..n]);
+        if let Some(out) = output.as_mut() {
+            std::io::Write::write_all(out, &buf[..n])
+                .map_err(|e| Error::io(format!("write {}", target.display()), e))?;
+        }
+    }
+    check_read(url, expected, total, hasher.finalize())?;
+    Ok(true)
+}
+
+/// Compares what was read with what was recorded.
+fn check_read(url: &str, expected: &FileInfo, total: u64, crc: u32) -> Result<()> {
+    if total != expected.size {
+        return Err(Error::corrupt(
+            format!("file {url}"),
+            format!("{total} bytes read but {} recorded", expected.size),
+        ));
+    }
+    if crc != expected.crc32 {
+        return Err(Error::corrupt(
+            format!("file {url}"),
+            format!(
+                "CRC32 mismatch: {crc:08x} read, {:08x} recorded",
+                expected.crc32
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Size and CRC32 of a local file.
@@ -234,25 +358,11 @@ impl CheckedRead {
 
     /// Checks the length and checksum of everything read.
     fn finish(self) -> Result<()> {
-        if self.total != self.expected.size {
-            return Err(Error::corrupt(
-                format!("file {}", self.url),
-                format!(
-                    "{} bytes read but {} recorded",
-                    self.total, self.expected.size
-                ),
-            ));
-        }
-        let crc = self.hasher.finalize();
-        if crc != self.expected.crc32 {
-            return Err(Error::corrupt(
-                format!("file {}", self.url),
-                format!(
-                    "CRC32 mismatch: {crc:08x} read, {:08x} recorded",
-                    self.expected.crc32
-                ),
-            ));
-        }
-        Ok(())
+        check_read(
+            &self.url,
+            &self.expected,
+            self.total,
+            self.hasher.finalize(),
+        )
     }
 }

@@ -219,9 +219,17 @@ impl TimelyJob {
         let plan = plan.map_err(|e| Error::Internal(format!("worker 0 could not start: {e}")))?;
         // Refuses a local root holding someone else's files; empties only this worker's
         // own folder in it.
+        // What this worker's previous run left is set aside: a restore takes the files
+        // that are still there and match the snapshot instead of downloading them.
         let local = self.config.local_root.join(format!("worker-{index}"));
+        let previous = self
+            .config
+            .local_root
+            .join(format!("worker-{index}{}", crate::local_dir::PREVIOUS_RUN));
+        let mut reuse = Vec::new();
         let prepared = crate::local_dir::take(&self.config.local_root)
-            .and_then(|()| crate::local_dir::remove(&local))
+            .and_then(|()| crate::local_dir::set_aside_one(&local, &previous))
+            .map(|dirs| reuse = dirs)
             .and_then(|()| match &plan.restore {
                 None => Ok(None),
                 Some(r) => self
@@ -249,6 +257,8 @@ impl TimelyJob {
             plan,
             restore,
             local,
+            previous,
+            reuse,
             operators: Vec::new(),
             keyed: Vec::new(),
             operator_states: BTreeMap::new(),
@@ -514,6 +524,11 @@ struct WorkerState {
     restore_error: Option<Error>,
     /// Whether the workers agreed that every one restored.
     restore_agreed: bool,
+    /// Where this worker's previous run's files were set aside; removed once the
+    /// workers agreed on the restore.
+    previous: PathBuf,
+    /// The directories set aside, which restores may take files from.
+    reuse: Vec<PathBuf>,
     final_epoch: Option<u64>,
     error: Option<Error>,
     report: WorkerReport,
@@ -732,7 +747,11 @@ impl WorkerJob {
     /// instead of leaving them waiting for it.
     fn agree_on_restore(&self, worker: &mut Worker) -> Result<()> {
         let mine = {
-            let s = self.state.borrow();
+            let mut s = self.state.borrow_mut();
+            if !s.reuse.is_empty() {
+                s.reuse.clear();
+                crate::local_dir::remove(&s.previous)?;
+            }
             if s.restore_agreed || s.plan.restore.is_none() {
                 return Ok(());
             }
@@ -1126,7 +1145,8 @@ where
                 max_parallelism,
             )?;
             let builder = RocksStateBackend::builder(options.clone())
-                .shared_resources(job.job.resources.clone());
+                .shared_resources(job.job.resources.clone())
+                .reuse_local_files(s.reuse.iter().cloned());
             let backend = match (&s.restore, &s.plan.restore) {
                 (Some(source), Some(plan)) => {
                     let restored = job.job.runtime.block_on(builder.restore_operator(

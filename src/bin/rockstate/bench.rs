@@ -28,8 +28,13 @@ What is measured (local-file storage in --dir, 1 KiB values over 4 subtasks):
   incremental_vs_full                median incremental checkpoint bytes / full checkpoint
                                      bytes (1% of keys updated between checkpoints)
   sync_phase_ms_median, _max         the synchronous (blocking) part of each subtask's snapshot
+  sync_phase_ms_p99                  99th percentile of the synchronous part
   restore_vs_copy                    restore time at the same parallelism / plain copy of
-                                     the same files
+                                     the same files (every byte CRC-checked)
+  local_restore_vs_copy              restore time when the subtasks' earlier directories are
+                                     still on this machine (local recovery) / plain copy
+  local_vs_streamed_restore          local recovery / a restore that streams every file
+                                     through the object-store API, as from a remote store
   rescale_vs_restore                 4->3 rescale time / same-parallelism restore time
   savepoint_mib_per_s                canonical savepoint rate, MiB of state per second
   events_per_s                       the demo job (count, last 8 values, histogram per key)
@@ -37,6 +42,8 @@ What is measured (local-file storage in --dir, 1 KiB values over 4 subtasks):
   raw_loop_events_per_s              the same six RocksDB operations per event in a plain
                                      loop on one thread, same options and key layout
   events_vs_raw_loop                 events_per_s / raw_loop_events_per_s
+  upload_mean_bytes, upload_max_bytes bytes uploaded per checkpoint of that demo job
+                                     (at least 50 checkpoints, compactions included)
   peak_rss_mib                       peak resident memory of the process
 
 Build with --release for meaningful figures: cargo run --release -- bench --json";
@@ -104,6 +111,16 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The `q` quantile (0..=1) of `v`, nearest rank.
+fn percentile(mut v: Vec<f64>, q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
 }
@@ -164,10 +181,13 @@ const DEMO_MEMORY: usize = 64 << 20;
 /// 1/20 of the events), and of a plain loop doing the same six RocksDB operations per
 /// event (get and put of the count, the recent values and the histogram bucket) on one
 /// thread, with the backend's options and key layout: `(harness, raw loop)`.
-fn demo_throughput(dir: &Path, events: u64, keys: u64) -> rockstate::Result<(f64, f64)> {
+/// The demo job's throughput: (harness events/s, raw loop events/s, bytes uploaded per
+/// checkpoint).
+fn demo_throughput(dir: &Path, events: u64, keys: u64) -> rockstate::Result<(f64, f64, Vec<u64>)> {
     use rockstate::demo::{Counter, DemoSource, DEMO_PARTITIONS, DEMO_UID, RECENT_VALUES};
     use rockstate::harness::{Harness, HarnessConfig, Source, StartFrom};
     let source = DemoSource::new(7, keys, events)?;
+    // At least 50 checkpoints, so that compactions show in the mean and the maximum.
     let storage = CheckpointStorage::open(&dir.join("demo-checkpoints").display().to_string())?;
     let config = HarnessConfig {
         job_id: "throughput".into(),
@@ -175,7 +195,7 @@ fn demo_throughput(dir: &Path, events: u64, keys: u64) -> rockstate::Result<(f64
         parallelism: 1,
         max_parallelism: MAX_PAR,
         local_root: dir.join("demo-local"),
-        checkpoint_interval: (events / 20).max(1),
+        checkpoint_interval: (events / 60).max(1),
         memory_budget: DEMO_MEMORY,
         coordinator: CoordinatorOptions::default(),
     };
@@ -189,6 +209,7 @@ fn demo_throughput(dir: &Path, events: u64, keys: u64) -> rockstate::Result<(f64
     )?;
     let finished = harness.finish()?;
     let harness_rate = finished.events as f64 / started.elapsed().as_secs_f64();
+    let uploads = finished.uploaded.clone();
     drop(finished);
 
     // The same records in the same order, applied directly.
@@ -259,7 +280,7 @@ fn demo_throughput(dir: &Path, events: u64, keys: u64) -> rockstate::Result<(f64
         }
     }
     let raw_rate = applied as f64 / started.elapsed().as_secs_f64();
-    Ok((harness_rate, raw_rate))
+    Ok((harness_rate, raw_rate, uploads))
 }
 
 /// Ops/s of `op` over `ops` operations.
@@ -394,24 +415,27 @@ async fn snapshot_all(
     Ok((meta, syncs, folder))
 }
 
-/// Restores every subtask of `p` from `source`; returns the time taken.
+/// Restores every subtask of `p` from `source` into `<dir>/<label>-<i>`, taking files
+/// from `reuse` where they match; returns the time taken.
 async fn restore_all(
     source: &RestoreSource,
     dir: &Path,
+    label: &str,
     p: u32,
     strategy: RescaleStrategy,
+    reuse: &[PathBuf],
 ) -> rockstate::Result<Duration> {
     let started = Instant::now();
     let mut backends = Vec::new();
     for i in 0..p {
-        let options =
-            BackendOptions::for_subtask(dir.join(format!("restore-{p}-{i}")), i, p, MAX_PAR)?;
+        let options = BackendOptions::for_subtask(dir.join(format!("{label}-{i}")), i, p, MAX_PAR)?;
         let options_r = RestoreOptions {
             strategy,
             ..RestoreOptions::default()
         };
         backends.push(
             RocksStateBackend::builder(options)
+                .reuse_local_files(reuse.iter().cloned())
                 .restore_operator(source, UID, &options_r)
                 .await?,
         );
@@ -448,6 +472,8 @@ struct Report {
     raw_loop_events_per_s: f64,
     restore_s: f64,
     copy_s: f64,
+    local_restore_s: f64,
+    streamed_restore_s: f64,
     rescale_s: f64,
     savepoint_mib_per_s: f64,
 }
@@ -554,12 +580,30 @@ async fn measure(args: &BenchArgs, dir: &Path, say: &dyn Fn(&str)) -> rockstate:
     }
     let copy_s = started.elapsed().as_secs_f64();
     let source = RestoreSource::checkpoint(&job, previous.clone());
-    let restore_s = restore_all(&source, dir, PARALLELISM, RescaleStrategy::Ingest)
+    let ingest = RescaleStrategy::Ingest;
+    let restore_s = restore_all(&source, dir, "restore", PARALLELISM, ingest, &[])
         .await?
         .as_secs_f64();
-    let rescale_s = restore_all(&source, dir, PARALLELISM - 1, RescaleStrategy::Ingest)
+    let rescale_s = restore_all(&source, dir, "rescale", PARALLELISM - 1, ingest, &[])
         .await?
         .as_secs_f64();
+    // Local recovery: the source backends' directories are still here.
+    let earlier: Vec<PathBuf> = (0..PARALLELISM)
+        .map(|i| dir.join(format!("src-{i}")))
+        .collect();
+    let local_restore_s = restore_all(&source, dir, "local", PARALLELISM, ingest, &earlier)
+        .await?
+        .as_secs_f64();
+    // The same files through the object-store API, every byte streamed as from a remote
+    // store.
+    let streamed_store = object_store::local::LocalFileSystem::new_with_prefix(&job_dir)
+        .map_err(|e| Error::Internal(format!("open the streamed store: {e}")))?;
+    let streamed = CheckpointStorage::from_store(std::sync::Arc::new(streamed_store), "streamed");
+    let streamed_source = RestoreSource::checkpoint(&streamed, previous.clone());
+    let streamed_restore_s =
+        restore_all(&streamed_source, dir, "streamed", PARALLELISM, ingest, &[])
+            .await?
+            .as_secs_f64();
     coordinator.shutdown(true).await?;
 
     let incremental_median_bytes = median(incremental);
@@ -577,6 +621,8 @@ async fn measure(args: &BenchArgs, dir: &Path, say: &dyn Fn(&str)) -> rockstate:
         raw_loop_events_per_s: 0.0,
         restore_s,
         copy_s,
+        local_restore_s,
+        streamed_restore_s,
         rescale_s,
         savepoint_mib_per_s: mib(state_bytes) / savepoint_s.max(1e-9),
     })
@@ -604,15 +650,20 @@ pub fn run(args: BenchArgs) -> rockstate::Result<u8> {
         "demo job: {} events over {} keys, harness at parallelism 1 against a raw loop",
         args.demo_events, args.demo_keys
     ));
-    let (events_per_s, raw_loop_events_per_s) =
+    let (events_per_s, raw_loop_events_per_s, uploads) =
         demo_throughput(work.path(), args.demo_events, args.demo_keys)?;
+    let upload_max = uploads.iter().copied().max().unwrap_or(0);
+    let upload_mean = uploads.iter().sum::<u64>() as f64 / uploads.len().max(1) as f64;
     let runtime = crate::runtime()?;
     let mut r = runtime.block_on(measure(&args, work.path(), &say))?;
     r.events_per_s = events_per_s;
     r.raw_loop_events_per_s = raw_loop_events_per_s;
     let sync_max = r.sync_ms.iter().copied().fold(0.0, f64::max);
     let sync_median = median(r.sync_ms.clone());
+    let sync_p99 = percentile(r.sync_ms.clone(), 0.99);
     let restore_vs_copy = r.restore_s / r.copy_s.max(1e-9);
+    let local_restore_vs_copy = r.local_restore_s / r.copy_s.max(1e-9);
+    let local_vs_streamed = r.local_restore_s / r.streamed_restore_s.max(1e-9);
     let rescale_vs_restore = r.rescale_s / r.restore_s.max(1e-9);
     let peak = peak_rss_mib();
     if args.json {
@@ -627,15 +678,24 @@ pub fn run(args: BenchArgs) -> rockstate::Result<u8> {
             "full_checkpoint_bytes": r.full_bytes,
             "sync_phase_ms_median": sync_median,
             "sync_phase_ms_max": sync_max,
+            "sync_phase_ms_p99": sync_p99,
+            "sync_phase_samples": r.sync_ms.len(),
             "restore_vs_copy": restore_vs_copy,
             "restore_s": r.restore_s,
             "copy_s": r.copy_s,
+            "local_restore_vs_copy": local_restore_vs_copy,
+            "local_restore_s": r.local_restore_s,
+            "local_vs_streamed_restore": local_vs_streamed,
+            "streamed_restore_s": r.streamed_restore_s,
             "rescale_vs_restore": rescale_vs_restore,
             "rescale_s": r.rescale_s,
             "savepoint_mib_per_s": r.savepoint_mib_per_s,
             "events_per_s": r.events_per_s,
             "raw_loop_events_per_s": r.raw_loop_events_per_s,
             "events_vs_raw_loop": r.events_per_s / r.raw_loop_events_per_s.max(1e-9),
+            "upload_mean_bytes": upload_mean,
+            "upload_max_bytes": upload_max,
+            "demo_checkpoints": uploads.len(),
             "peak_rss_mib": peak,
         }));
     } else {
@@ -661,10 +721,16 @@ pub fn run(args: BenchArgs) -> rockstate::Result<u8> {
             format::bytes(r.incremental_median_bytes as u64),
             format::bytes(r.full_bytes as u64)
         );
-        println!("  sync phase, median / max               {sync_median:.1} ms / {sync_max:.1} ms");
+        println!(
+            "  sync phase, median / p99 / max         {sync_median:.1} / {sync_p99:.1} / {sync_max:.1} ms"
+        );
         println!(
             "  restore vs plain copy                  {restore_vs_copy:.2} ({:.2} s vs {:.2} s)",
             r.restore_s, r.copy_s
+        );
+        println!(
+            "  local recovery vs plain copy           {local_restore_vs_copy:.2} ({:.2} s; streamed restore {:.2} s)",
+            r.local_restore_s, r.streamed_restore_s
         );
         println!(
             "  rescale 4->3 vs restore 4->4           {rescale_vs_restore:.2} ({:.2} s vs {:.2} s)",
@@ -679,6 +745,12 @@ pub fn run(args: BenchArgs) -> rockstate::Result<u8> {
             r.events_per_s / r.raw_loop_events_per_s.max(1e-9),
             r.events_per_s,
             r.raw_loop_events_per_s
+        );
+        println!(
+            "  bytes uploaded per checkpoint          mean {} / max {} ({} checkpoints)",
+            format::bytes(upload_mean as u64),
+            format::bytes(upload_max),
+            uploads.len()
         );
         println!("  peak RSS                               {peak:.0} MiB");
     }

@@ -39,8 +39,9 @@ Examples:
   rockstate demo --from ./savepoints/savepoint-demo-1a2b3c4d5e6f --job-id demo-2
 
 With --json the last line of stdout is one JSON object: job_id, parallelism,
-max_parallelism, events_processed, events_total, checkpoints_completed, last_checkpoint,
-restored_from, savepoint, stopped_by (\"end\" or \"signal\"), state_digest, state_entries,
+max_parallelism, events_processed, events_total, checkpoints_completed,
+upload_mean_bytes and upload_max_bytes (bytes uploaded per completed checkpoint; harness
+engine), last_checkpoint, restored_from, savepoint, stopped_by (\"end\" or \"signal\"), state_digest, state_entries,
 elapsed_ms.";
 
 /// Records handed to the harness between checks for a stop signal.
@@ -358,6 +359,8 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
     for backend in finished.backends {
         backend.close()?;
     }
+    let upload_max = finished.uploaded.iter().copied().max().unwrap_or(0);
+    let upload_mean = finished.uploaded.iter().sum::<u64>() / finished.uploaded.len().max(1) as u64;
     if args.json {
         print_json(&json!({
             "job_id": args.job_id,
@@ -366,6 +369,8 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
             "events_processed": finished.events,
             "events_total": args.events,
             "checkpoints_completed": finished.completed.len(),
+            "upload_mean_bytes": upload_mean,
+            "upload_max_bytes": upload_max,
             "last_checkpoint": last_checkpoint,
             "restored_from": restored_from,
             "savepoint": savepoint,
