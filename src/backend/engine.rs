@@ -181,11 +181,19 @@ impl BackendCore {
 
     /// Flushes every column family's memtable to SST files (atomically across families).
     pub(crate) fn flush(&self) -> Result<()> {
+        self.flush_with(false)
+    }
+
+    /// Flushes like [`flush`](Self::flush); with `allow_stall` it does not first wait
+    /// until the new L0 files would not slow writes down (RocksDB's default wait lasts
+    /// as long as compactions are behind, which after a burst of writes is seconds).
+    fn flush_with(&self, allow_stall: bool) -> Result<()> {
         let names: Vec<String> = self.db.cf_names();
         let handles: Vec<_> = names.iter().filter_map(|n| self.db.cf_handle(n)).collect();
         let refs: Vec<&_> = handles.iter().collect();
         let mut opts = FlushOptions::default();
         opts.set_wait(true);
+        opts.set_allow_write_stall(allow_stall);
         self.db
             .flush_cfs_opt(&refs, &opts)
             .map_err(|e| Error::engine(format!("flush of {}", self.dir.display()), e))
@@ -358,12 +366,20 @@ impl BackendCore {
 
 impl BackendCore {
     /// Flushes every column family and hard-links a consistent copy of the database into
-    /// `target`, which must not exist.
+    /// `target`, which must not exist. Writes must not run concurrently (the runtime's
+    /// processing thread takes the snapshot).
+    ///
+    /// This is the synchronous part of a snapshot, so it must not wait for compactions:
+    /// the flush is made without waiting for write stalls to clear (later writes are
+    /// slowed down instead, RocksDB's own back pressure), and the checkpoint is then
+    /// taken without a second flush (the memtables are empty; without a write-ahead log
+    /// there is nothing else to capture).
     pub(crate) fn checkpoint_into(&self, target: &Path) -> Result<()> {
+        self.flush_with(true)?;
         let checkpoint = rocksdb::checkpoint::Checkpoint::new(&self.db)
             .map_err(|e| Error::engine("prepare checkpoint", e))?;
         checkpoint
-            .create_checkpoint(target)
+            .create_checkpoint_with_log_size(target, u64::MAX)
             .map_err(|e| Error::engine(format!("checkpoint into {}", target.display()), e))
     }
 }

@@ -10,6 +10,12 @@
 //! barrier and uploads in the background while it keeps processing. Restarting from a
 //! checkpoint restores every subtask and resumes the source at the checkpointed offsets,
 //! so a job that crashes and restarts ends in the same state as one that never failed.
+//!
+//! The driver hands records to a subtask in batches, each sorted by key group and key
+//! (stably: records of one key keep their order). Keyed state sees the same sequence per
+//! key; records of different keys may be applied in another order than the source's,
+//! as with any parallel upstream. Sorted batches touch RocksDB's memtables and blocks in
+//! key order, which makes the state accesses markedly cheaper.
 
 mod source;
 mod subtask;
@@ -39,9 +45,22 @@ use crate::savepoint::SavepointFormat;
 use crate::storage::CheckpointStorage;
 
 /// Records handed to a subtask at once.
-const BATCH_RECORDS: usize = 256;
-/// Batches queued per subtask before the driver waits.
-const QUEUE_BATCHES: usize = 16;
+const BATCH_RECORDS: usize = 2048;
+/// Batches queued per subtask before the driver waits: with the batch being filled, at
+/// most about 6 000 records lie between a trigger and the subtask, so a barrier reaches
+/// it soon and checkpoints keep the requested interval instead of being skipped while
+/// an earlier one waits behind a long queue.
+const QUEUE_BATCHES: usize = 2;
+
+/// A record with its sort key (key group, then serialized key).
+type Keyed<K, V> = (Vec<u8>, K, V);
+
+/// The records of a batch sorted by key group and serialized key; records of one key keep
+/// their order (the sort is stable).
+fn in_key_order<K, V>(mut batch: Vec<Keyed<K, V>>) -> Vec<(K, V)> {
+    batch.sort_by(|a, b| a.0.cmp(&b.0));
+    batch.into_iter().map(|(_, k, v)| (k, v)).collect()
+}
 
 /// The uid under which the harness records source offsets.
 pub const SOURCE_UID: &str = "source";
@@ -71,7 +90,8 @@ pub struct HarnessConfig {
     /// new, empty, or one rockstate used before (marked with a `.rockstate-scratch`
     /// file): a directory holding other files is refused, never emptied.
     pub local_root: PathBuf,
-    /// Records between checkpoints (0: only explicit ones).
+    /// Records between checkpoints (0: only explicit ones). When the previous checkpoint
+    /// is still in flight, the next is tried again every quarter of the interval.
     pub checkpoint_interval: u64,
     /// Memory shared by all subtasks.
     pub memory_budget: usize,
@@ -116,9 +136,10 @@ pub struct Harness<S: Source> {
     source: S,
     position: SourcePosition,
     senders: Vec<SyncSender<Message<S::Key, S::Value>>>,
-    /// Records not yet handed to each subtask: handing them over in batches wakes a
-    /// subtask thread once per batch instead of once per record.
-    batches: Vec<Vec<(S::Key, S::Value)>>,
+    /// Records not yet handed to each subtask, each with its sort key (key group and
+    /// serialized key): handing them over in batches wakes a subtask thread once per
+    /// batch instead of once per record.
+    batches: Vec<Vec<Keyed<S::Key, S::Value>>>,
     threads: Vec<JoinHandle<Result<RocksStateBackend>>>,
     coordinator: Arc<tokio::sync::Mutex<CheckpointCoordinator>>,
     runtime: tokio::runtime::Runtime,
@@ -367,26 +388,31 @@ where
             let Some((key, value)) = self.position.next(&self.source) else {
                 break;
             };
-            let kg = keygroup::key_group_for(&key, self.config.max_parallelism)?;
+            let mut order = crate::codec::encode_key(&key)?;
+            let kg = keygroup::key_group_for_bytes(&order, self.config.max_parallelism);
             let subtask = keygroup::subtask_for_key_group(
                 kg,
                 self.config.parallelism,
                 self.config.max_parallelism,
             )?;
+            order.splice(0..0, kg.to_be_bytes());
             let batch = &mut self.batches[subtask as usize];
-            batch.push((key, value));
+            batch.push((order, key, value));
             if batch.len() >= BATCH_RECORDS {
                 let full = std::mem::replace(batch, Vec::with_capacity(BATCH_RECORDS));
-                self.send(subtask as usize, Message::Records(full))?;
+                self.send(subtask as usize, Message::Records(in_key_order(full)))?;
             }
             done += 1;
             self.events += 1;
             self.since_checkpoint += 1;
-            if self.config.checkpoint_interval > 0
-                && self.since_checkpoint >= self.config.checkpoint_interval
-            {
+            let interval = self.config.checkpoint_interval;
+            if interval > 0 && self.since_checkpoint >= interval {
                 self.since_checkpoint = 0;
-                self.trigger()?;
+                if self.trigger()?.is_none() {
+                    // The previous checkpoint is still in flight: try again after a
+                    // quarter of the interval rather than skipping a whole one.
+                    self.since_checkpoint = interval - (interval / 4).max(1);
+                }
             }
         }
         self.flush()?;
@@ -399,7 +425,7 @@ where
         for subtask in 0..self.batches.len() {
             if !self.batches[subtask].is_empty() {
                 let batch = std::mem::take(&mut self.batches[subtask]);
-                self.send(subtask, Message::Records(batch))?;
+                self.send(subtask, Message::Records(in_key_order(batch)))?;
             }
         }
         Ok(())

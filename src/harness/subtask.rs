@@ -13,7 +13,7 @@ use crate::storage::CheckpointStorage;
 
 /// What the driver and the upload tasks tell a subtask.
 pub(crate) enum Message<K, V> {
-    /// Records in stream order.
+    /// Records sorted by key group and key; those of one key in stream order.
     Records(Vec<(K, V)>),
     /// Snapshot for checkpoint `id`; `last_completed` is the newest completed checkpoint
     /// known when it was triggered (a completion notice that may not have arrived yet).

@@ -150,9 +150,20 @@ impl CheckpointStorage {
             .open(local)
             .await
             .map_err(local_err)?;
+        // Small chunks are gathered: every write of a tokio file is a blocking task.
+        let mut gathered = Vec::with_capacity(READ_CHUNK);
         while let Some(chunk) = read.next().await? {
-            file.write_all(&chunk).await.map_err(local_err)?;
+            if gathered.is_empty() && chunk.len() >= READ_CHUNK {
+                file.write_all(&chunk).await.map_err(local_err)?;
+                continue;
+            }
+            gathered.extend_from_slice(&chunk);
+            if gathered.len() >= READ_CHUNK {
+                file.write_all(&gathered).await.map_err(local_err)?;
+                gathered.clear();
+            }
         }
+        file.write_all(&gathered).await.map_err(local_err)?;
         file.flush().await.map_err(local_err)?;
         read.finish()
     }

@@ -750,7 +750,9 @@ impl WorkerJob {
             let mut s = self.state.borrow_mut();
             if !s.reuse.is_empty() {
                 s.reuse.clear();
-                crate::local_dir::remove(&s.previous)?;
+                if let Err(e) = crate::local_dir::remove(&s.previous) {
+                    tracing::warn!(dir = %s.previous.display(), error = %e, "cannot remove the previous run's files");
+                }
             }
             if s.restore_agreed || s.plan.restore.is_none() {
                 return Ok(());
