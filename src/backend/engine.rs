@@ -385,14 +385,20 @@ impl BackendCore {
 }
 
 impl Drop for BackendCore {
-    /// Flushes, then marks the directory as closed cleanly. When the flush fails the mark
-    /// is not written, and reopening the directory is refused (restore instead).
+    /// Flushes, makes every file durable, then marks the directory as closed cleanly.
+    /// When the flush fails the mark is not written, and reopening the directory is
+    /// refused (restore instead).
     fn drop(&mut self) {
         // Without a write-ahead log, unflushed writes would be lost on reopen.
         match self.flush() {
             Ok(()) => {
+                // Restored files are not synced when they are fetched (scratch space);
+                // a directory marked clean must survive a machine crash as it is.
                 let marker = self.dir.join(crate::backend::CLEAN_MARKER);
-                if let Err(e) = std::fs::write(&marker, b"") {
+                let marked = sync_files(&self.dir)
+                    .and_then(|()| std::fs::File::create(&marker)?.sync_all())
+                    .and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
+                if let Err(e) = marked {
                     tracing::error!(file = %marker.display(), error = %e, "cannot mark clean close");
                 }
             }
@@ -401,6 +407,22 @@ impl Drop for BackendCore {
             }
         }
     }
+}
+
+/// Syncs every regular file directly inside `dir` to disk (files that RocksDB removes
+/// meanwhile are skipped).
+fn sync_files(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            continue;
+        }
+        match std::fs::File::open(entry.path()).and_then(|f| f.sync_all()) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other?,
+        }
+    }
+    Ok(())
 }
 
 /// A bounded forward scan over raw RocksDB entries.
