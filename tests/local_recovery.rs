@@ -50,6 +50,32 @@ async fn checkpoint(backend: &RocksStateBackend, job: &CheckpointStorage) -> Key
     handle
 }
 
+/// A checkpoint of `keys` values in a local-file job directory.
+struct LocalJob {
+    root: tempfile::TempDir,
+    job: CheckpointStorage,
+    work: tempfile::TempDir,
+    handle: KeyedStateHandle,
+    model: BTreeMap<u64, u64>,
+}
+
+async fn local_job(keys: u64) -> LocalJob {
+    let root = tempfile::tempdir().unwrap();
+    let job = CheckpointStorage::open(root.path().to_str().unwrap()).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let backend = RocksStateBackend::open(options(&work.path().join("source"))).unwrap();
+    let model = fill(&backend, keys, 2);
+    let handle = checkpoint(&backend, &job).await;
+    backend.close().unwrap();
+    LocalJob {
+        root,
+        job,
+        work,
+        handle,
+        model,
+    }
+}
+
 fn sst_gets(store: &GatedStore) -> Vec<String> {
     store
         .requests()
@@ -107,13 +133,13 @@ async fn restore_takes_matching_local_files_and_downloads_the_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_from_local_files_links_sst_files_and_still_checks_them() {
-    let root = tempfile::tempdir().unwrap();
-    let job = CheckpointStorage::open(root.path().to_str().unwrap()).unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let backend = RocksStateBackend::open(options(&work.path().join("source"))).unwrap();
-    let model = fill(&backend, 1_000, 2);
-    let handle = checkpoint(&backend, &job).await;
-    backend.close().unwrap();
+    let LocalJob {
+        root,
+        job,
+        work,
+        handle,
+        model,
+    } = local_job(1_000).await;
 
     let target = work.path().join("restored");
     let restored = RocksStateBackend::restore(options(&target), &handle, &job)
@@ -153,13 +179,13 @@ async fn restore_from_local_files_links_sst_files_and_still_checks_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_in_place_restore_is_cleared_by_the_next_one() {
-    let root = tempfile::tempdir().unwrap();
-    let job = CheckpointStorage::open(root.path().to_str().unwrap()).unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let backend = RocksStateBackend::open(options(&work.path().join("source"))).unwrap();
-    let model = fill(&backend, 500, 2);
-    let handle = checkpoint(&backend, &job).await;
-    backend.close().unwrap();
+    let LocalJob {
+        root: _root,
+        job,
+        work,
+        handle,
+        model,
+    } = local_job(500).await;
 
     // What a crash in the middle of a rescale leaves: a marked, half-built directory.
     let target = work.path().join("restored");
