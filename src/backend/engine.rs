@@ -289,20 +289,57 @@ impl BackendCore {
         let low = crate::codec::key_group_prefix(range.start()).to_vec();
         let high = crate::codec::prefix_successor(&crate::codec::key_group_prefix(range.end()));
         for (_, column) in self.state_columns() {
-            let cf = self.cf(&column.cf_name)?;
-            let fail = Self::fail("delete range", &column);
+            let mut spans = Vec::new();
             if range.start() > 0 {
-                self.db
-                    .delete_range_cf_opt(&cf, vec![0u8, 0u8], low.clone(), &self.write_opts)
-                    .map_err(fail)?;
+                spans.extend(self.extent(&column, None, Some(&low))?);
             }
             if let Some(high) = &high {
+                spans.extend(self.extent(&column, Some(high), None)?);
+            }
+            let cf = self.cf(&column.cf_name)?;
+            for (from, to) in spans {
                 self.db
-                    .delete_range_cf_opt(&cf, high.clone(), vec![0xffu8; 3], &self.write_opts)
+                    .delete_range_cf_opt(&cf, from, to, &self.write_opts)
                     .map_err(Self::fail("delete range", &column))?;
             }
         }
         Ok(())
+    }
+
+    /// The span `[first, last]` of the keys present in `column` between `lower`
+    /// (inclusive) and `upper` (exclusive), as a range-deletion span `[first, last + 0)`;
+    /// `None` when there are none. Range deletions bounded by the data present leave no
+    /// tombstone over key groups this database never held, so a later rescale can still
+    /// ingest other subtasks' files beside it.
+    fn extent(
+        &self,
+        column: &ColumnSettings,
+        lower: Option<&[u8]>,
+        upper: Option<&[u8]>,
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let cf = self.cf(&column.cf_name)?;
+        let mut opts = ReadOptions::default();
+        if let Some(lower) = lower {
+            opts.set_iterate_lower_bound(lower.to_vec());
+        }
+        if let Some(upper) = upper {
+            opts.set_iterate_upper_bound(upper.to_vec());
+        }
+        let mut iter = self.db.raw_iterator_cf_opt(&cf, opts);
+        let fail = |e| Self::fail("scan", column)(e);
+        iter.seek_to_first();
+        iter.status().map_err(fail)?;
+        let Some(first) = iter.key().map(<[u8]>::to_vec) else {
+            return Ok(None);
+        };
+        iter.seek_to_last();
+        iter.status().map_err(fail)?;
+        let Some(last) = iter.key() else {
+            return Ok(None);
+        };
+        let mut end = last.to_vec();
+        end.push(0);
+        Ok(Some((first, end)))
     }
 
     /// Counts the visible entries of every state outside `range`.

@@ -40,6 +40,7 @@ What is measured (local-file storage in --dir, 1 KiB values over 4 subtasks):
   local_vs_streamed_restore          local recovery / a restore that streams every file
                                      through the object-store API, as from a remote store
   rescale_vs_restore                 4->3 rescale time / same-parallelism restore time
+  rescale_2_to_3_vs_restore          the same for 2->3 (of a checkpoint taken at 2)
   savepoint_mib_per_s                canonical savepoint rate, MiB of state per second
   events_per_s                       the demo job (count, last 8 values, histogram per key)
                                      through the harness at parallelism 1, with checkpoints
@@ -432,6 +433,22 @@ async fn restore_all(
     strategy: RescaleStrategy,
     reuse: &[PathBuf],
 ) -> rockstate::Result<Duration> {
+    let (elapsed, backends) = restore_open(source, dir, label, p, strategy, reuse).await?;
+    for b in backends {
+        b.close()?;
+    }
+    Ok(elapsed)
+}
+
+/// Like [`restore_all`], returning the open backends.
+async fn restore_open(
+    source: &RestoreSource,
+    dir: &Path,
+    label: &str,
+    p: u32,
+    strategy: RescaleStrategy,
+    reuse: &[PathBuf],
+) -> rockstate::Result<(Duration, Vec<RocksStateBackend>)> {
     let started = Instant::now();
     let mut backends = Vec::new();
     for i in 0..p {
@@ -447,11 +464,36 @@ async fn restore_all(
                 .await?,
         );
     }
-    let elapsed = started.elapsed();
-    for b in backends {
+    Ok((started.elapsed(), backends))
+}
+
+/// Checkpoints the state at parallelism 2 (restored from `source`) into its own job
+/// directory, then times a restore at 2 and a rescale 2->3 of that checkpoint.
+async fn rescale_two_to_three(
+    source: &RestoreSource,
+    store: &CheckpointStorage,
+    dir: &Path,
+) -> rockstate::Result<(f64, f64)> {
+    let ingest = RescaleStrategy::Ingest;
+    let (_, two) = restore_open(source, dir, "two", 2, ingest, &[]).await?;
+    let job = store.child("job-2")?;
+    let specs = vec![OperatorSpec {
+        uid: UID.into(),
+        parallelism: 2,
+        max_parallelism: MAX_PAR,
+    }];
+    let mut coordinator =
+        CheckpointCoordinator::start(job.clone(), "bench-2", specs, CoordinatorOptions::default())
+            .await?;
+    let (meta, _, _) = snapshot_all(&mut coordinator, &two, &job, None).await?;
+    for b in two {
         b.close()?;
     }
-    Ok(elapsed)
+    let at_two = RestoreSource::checkpoint(&job, meta);
+    let restore_s = restore_all(&at_two, dir, "restore-2", 2, ingest, &[]).await?;
+    let rescale_s = restore_all(&at_two, dir, "rescale-2-3", 3, ingest, &[]).await?;
+    coordinator.shutdown(true).await?;
+    Ok((restore_s.as_secs_f64(), rescale_s.as_secs_f64()))
 }
 
 /// The local names of a checkpoint's SST files with their sizes.
@@ -483,6 +525,8 @@ struct Report {
     local_restore_s: f64,
     streamed_restore_s: f64,
     rescale_s: f64,
+    restore_2_s: f64,
+    rescale_2_3_s: f64,
     savepoint_mib_per_s: f64,
 }
 
@@ -614,6 +658,7 @@ async fn measure(args: &BenchArgs, dir: &Path, say: &dyn Fn(&str)) -> rockstate:
         restore_all(&streamed_source, dir, "streamed", PARALLELISM, ingest, &[])
             .await?
             .as_secs_f64();
+    let (restore_2_s, rescale_2_3_s) = rescale_two_to_three(&source, &store, dir).await?;
     coordinator.shutdown(true).await?;
 
     let incremental_median_bytes = median(incremental);
@@ -635,6 +680,8 @@ async fn measure(args: &BenchArgs, dir: &Path, say: &dyn Fn(&str)) -> rockstate:
         local_restore_s,
         streamed_restore_s,
         rescale_s,
+        restore_2_s,
+        rescale_2_3_s,
         savepoint_mib_per_s: mib(state_bytes) / savepoint_s.max(1e-9),
     })
 }
@@ -702,6 +749,9 @@ pub fn run(args: BenchArgs) -> rockstate::Result<u8> {
             "streamed_restore_s": r.streamed_restore_s,
             "rescale_vs_restore": rescale_vs_restore,
             "rescale_s": r.rescale_s,
+            "rescale_2_to_3_vs_restore": r.rescale_2_3_s / r.restore_2_s.max(1e-9),
+            "rescale_2_to_3_s": r.rescale_2_3_s,
+            "restore_2_s": r.restore_2_s,
             "savepoint_mib_per_s": r.savepoint_mib_per_s,
             "events_per_s": r.events_per_s,
             "raw_loop_events_per_s": r.raw_loop_events_per_s,
@@ -748,6 +798,12 @@ pub fn run(args: BenchArgs) -> rockstate::Result<u8> {
         println!(
             "  rescale 4->3 vs restore 4->4           {rescale_vs_restore:.2} ({:.2} s vs {:.2} s)",
             r.rescale_s, r.restore_s
+        );
+        println!(
+            "  rescale 2->3 vs restore 2->2           {:.2} ({:.2} s vs {:.2} s)",
+            r.rescale_2_3_s / r.restore_2_s.max(1e-9),
+            r.rescale_2_3_s,
+            r.restore_2_s
         );
         println!(
             "  canonical savepoint                    {:.0} MiB/s",
