@@ -598,6 +598,55 @@ mod tests {
             .compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
     }
 
+    /// Range deletions after a rescale cover only keys that are present: none when nothing
+    /// lies outside, and never key groups the database does not hold.
+    #[test]
+    fn deletions_outside_a_range_are_bounded_by_the_data_present() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = KeyGroupRange::all(16).unwrap();
+        let options = BackendOptions::new(dir.path(), all, 16);
+        let backend = RocksStateBackend::open(options).unwrap();
+        let value = backend
+            .register(ValueStateDescriptor::<u32, u32>::new("v"))
+            .unwrap();
+        let kg = |k: u32| crate::keygroup::key_group_for(&k, 16).unwrap();
+        let keys: Vec<u32> = (0..400).filter(|k| (4..=11).contains(&kg(*k))).collect();
+        for k in &keys {
+            value.put(k, k).unwrap();
+        }
+        // Everything present lies inside [2, 13]: nothing may be deleted.
+        backend
+            .core
+            .delete_outside(KeyGroupRange::new(2, 13).unwrap())
+            .unwrap();
+        // [6, 9]: what lies below and above goes.
+        backend
+            .core
+            .delete_outside(KeyGroupRange::new(6, 9).unwrap())
+            .unwrap();
+        for k in &keys {
+            let inside = (6..=9).contains(&kg(*k));
+            assert_eq!(value.get(k).unwrap().is_some(), inside, "key {k}");
+        }
+        // No tombstone reaches into key groups below 4 or above 11, which held nothing:
+        // the flushed files (data and deletions) span key groups [4, 11] only.
+        backend.flush().unwrap();
+        let prefix = |g: u16| crate::codec::key_group_prefix(g).to_vec();
+        let files: Vec<_> = backend
+            .core
+            .live_files()
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.identity.column == "state/v")
+            .collect();
+        assert!(!files.is_empty());
+        for f in files {
+            let start = f.identity.start_key.unwrap();
+            let end = f.identity.end_key.unwrap();
+            assert!(start >= prefix(4) && end < prefix(12), "{start:?}..{end:?}");
+        }
+    }
+
     #[test]
     fn compaction_drops_expired_entries_only() {
         let dir = tempfile::tempdir().unwrap();
