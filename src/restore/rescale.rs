@@ -101,13 +101,13 @@ impl BackendBuilder {
     ) -> Result<(RocksStateBackend, T)> {
         let dir = self.options.local_dir.clone();
         let marker = dir.join(RESTORING_MARKER);
-        let built = blocking(move || build(self))
-            .await
-            .and_then(|(backend, value)| {
-                std::fs::remove_file(&marker)
-                    .map_err(|e| Error::io(format!("remove {}", marker.display()), e))?;
-                Ok((backend, value))
-            });
+        let built = blocking(move || {
+            let (backend, value) = build(self)?;
+            std::fs::remove_file(&marker)
+                .map_err(|e| Error::io(format!("remove {}", marker.display()), e))?;
+            Ok((backend, value))
+        })
+        .await;
         if built.is_err() {
             if let Err(cleanup) = remove_dir_if_exists(&dir).await {
                 tracing::warn!(dir = %dir.display(), error = %cleanup, "cannot remove a failed restore");
