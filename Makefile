@@ -12,17 +12,17 @@ bootstrap:
 	@bash scripts/bootstrap.sh
 
 build: bootstrap
-	cargo build --locked --all-targets
+	cargo build --locked --workspace --all-targets
 
 lint: bootstrap
 	cargo fmt --all -- --check
-	cargo clippy --locked --all-targets -- -D warnings
-	cargo clippy --locked --all-targets --features testing -- -D warnings
-	cargo clippy --locked --lib --bins --no-default-features -- -D warnings
+	cargo clippy --locked --workspace --all-targets -- -D warnings
+	cargo clippy --locked --workspace --all-targets --features rockstate/testing -- -D warnings
+	cargo clippy --locked -p rockstate --lib -- -D warnings
 
 test: lint
-	cargo nextest run --locked --no-fail-fast --features testing
-	cargo test --locked --doc
+	cargo nextest run --locked --workspace --no-fail-fast --features rockstate/testing
+	cargo test --locked --workspace --doc
 
 demo: bootstrap
 	bash scripts/demo.sh

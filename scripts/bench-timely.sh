@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/rockstate-target}"
 events="${1:-4000000}"
-cargo build --release --locked --bin rockstate >&2
+cargo build --release --locked -p rockstate-cli --bin rockstate >&2
 bin="$CARGO_TARGET_DIR/release/rockstate"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

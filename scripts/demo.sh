@@ -12,7 +12,7 @@ EVENTS="${1:-1000000}"
 DIR=./rockstate-demo
 JOB="$DIR/checkpoints/tour"
 
-cargo build --locked --release --bin rockstate
+cargo build --locked --release -p rockstate-cli --bin rockstate
 rs="$CARGO_TARGET_DIR/release/rockstate"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 digest() { python3 -c 'import json,sys; print(json.loads(sys.stdin.read().strip().splitlines()[-1])["state_digest"])'; }

@@ -222,7 +222,8 @@ impl Error {
         Error::InvalidArgument(msg.into())
     }
 
-    pub(crate) fn corrupt(what: impl Into<String>, detail: impl fmt::Display) -> Self {
+    /// A `Corrupt` error: where the bad bytes were found, and what is wrong with them.
+    pub fn corrupt(what: impl Into<String>, detail: impl fmt::Display) -> Self {
         Error::Corrupt {
             what: what.into(),
             detail: detail.to_string(),
@@ -259,7 +260,7 @@ impl Error {
 impl Error {
     /// A copy for another thread: `Fenced` and `InDoubt` keep their variant (callers
     /// act on them), every other error becomes `Internal` with the same message.
-    pub(crate) fn replay(&self) -> Error {
+    pub fn replay(&self) -> Error {
         match self {
             Error::Fenced { job, ours, newer } => Error::Fenced {
                 job: job.clone(),

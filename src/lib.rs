@@ -44,22 +44,18 @@ pub mod checkpoint;
 pub mod clock;
 pub mod codec;
 mod crashpoint;
-pub mod demo;
 mod digest;
 mod error;
-pub mod harness;
 mod hash;
 pub mod keygroup;
-mod local_dir;
 pub mod restore;
+pub mod runtime;
 pub mod savepoint;
 pub mod snapshot;
 pub mod state;
 pub mod storage;
 #[cfg(feature = "testing")]
 pub mod testing;
-#[cfg(feature = "timely")]
-pub mod timely_adapter;
 
 pub use backend::{
     BackendBuilder, BackendOptions, RocksStateBackend, SharedResources, DEFAULT_MEMORY_BUDGET,

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::faulty::FailingStore;
-use common::s3::S3Server;
 use common::*;
+use rockstate::testing::s3::S3Server;
 use rockstate::{
     AggregateFunction, AggregatingState, AggregatingStateDescriptor, BackendOptions,
     CheckpointStorage, ErrorKind, KeyedStateHandle, ListState, ListStateDescriptor, ManualClock,

@@ -1,7 +1,6 @@
 //! Concurrency on one job directory, with the schedule under control: the orphan sweep
 //! beside a live job, writes whose reply lies, restores from other directories and from
-//! older checkpoints, the demo's local directory, and a timely job resuming from a
-//! damaged checkpoint. Interleavings are decided by holding and releasing storage
+//! older checkpoints. Interleavings are decided by holding and releasing storage
 //! requests at [`GatedStore`](rockstate::testing::GatedStore) gates, never by sleeps. Ends
 //! with a seeded randomized schedule of a coordinator, two subtasks, a concurrent sweep
 //! and ambiguous commits.
@@ -16,13 +15,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use object_store::memory::InMemory;
 use object_store::ObjectStore;
 use rockstate::checkpoint::{sweep, OperatorState, SweepOptions};
-use rockstate::demo::{Counter, DemoSource, DEMO_UID};
-use rockstate::harness::{Harness, HarnessConfig, StartFrom};
+use rockstate::testing::checks::{assert_whole_on_storage, stored};
 use rockstate::testing::{GatedStore, Lie, Match, Op};
 use rockstate::{
     AckOutcome, BackendOptions, CheckpointCoordinator, CheckpointMetadata, CheckpointStorage,
     CoordinatorOptions, ErrorKind, OperatorSpec, RestoreMode, RestoreOptions, RestoreSource,
-    RocksStateBackend, SavepointFormat, StartPoint, StorageOptions, SubtaskSnapshot, ValueState,
+    RocksStateBackend, StartPoint, StorageOptions, SubtaskSnapshot, ValueState,
     ValueStateDescriptor,
 };
 
@@ -235,52 +233,10 @@ async fn second_in_flight(
     (subs, coord, id, snaps)
 }
 
-/// Paths and sizes of what `job` holds.
-async fn stored(job: &CheckpointStorage) -> BTreeMap<String, u64> {
-    job.list("")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| (o.path, o.size))
-        .collect()
-}
-
-/// Every file `meta` references, and its `_metadata`, exist with the recorded sizes.
-async fn assert_complete_on_storage(
-    job: &CheckpointStorage,
-    meta: &CheckpointMetadata,
-    when: &str,
-) {
-    let stored = stored(job).await;
-    let id = meta.checkpoint_id;
-    assert!(
-        stored.contains_key(&format!("chk-{id}/_metadata")),
-        "{when}: the _metadata of checkpoint {id} is gone"
-    );
-    let mut missing = Vec::new();
-    for (_, handle) in meta.handles() {
-        for file in handle.files() {
-            match stored.get(&file.path) {
-                Some(size) if *size == file.size => {}
-                Some(size) => missing.push(format!(
-                    "{} ({size} bytes, {} recorded)",
-                    file.path, file.size
-                )),
-                None => missing.push(file.path.clone()),
-            }
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "{when}: checkpoint {id} references {} missing or changed file(s): {missing:?}",
-        missing.len()
-    );
-}
-
 /// Every completed checkpoint of the job directory is whole.
 async fn assert_every_completed_checkpoint_whole(job: &CheckpointStorage, when: &str) {
     for meta in job.checkpoints().await.unwrap().completed {
-        assert_complete_on_storage(job, &meta, when).await;
+        assert_whole_on_storage(job, &meta, when).await;
     }
 }
 
@@ -365,7 +321,7 @@ async fn gc_beside_a_live_job_keeps_the_latest_checkpoints_files() {
     gate.release();
     let report = sweeper.await.unwrap();
     eprintln!("sweep: {report:?}");
-    assert_complete_on_storage(&bed.plain, &d, "after a sweep that raced with D").await;
+    assert_whole_on_storage(&bed.plain, &d, "after a sweep that raced with D").await;
     assert_eq!(
         bed.plain
             .latest_completed()
@@ -486,7 +442,7 @@ async fn copies_of_restored_files_are_not_swept_as_old() {
         Ok(AckOutcome::Completed(meta)) => *meta,
         other => panic!("the first checkpoint after the restore did not complete: {other:?}"),
     };
-    assert_complete_on_storage(&job_b, &meta, "after a sweep during the first checkpoint").await;
+    assert_whole_on_storage(&job_b, &meta, "after a sweep during the first checkpoint").await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -520,7 +476,7 @@ async fn a_commit_answered_already_exists_is_recognised_as_ours() {
         .into_iter()
         .find(|m| m.checkpoint_id == id)
         .unwrap_or_else(|| panic!("checkpoint {id} has no _metadata after an ambiguous commit"));
-    assert_complete_on_storage(&bed.plain, &on_storage, "after an ambiguous commit").await;
+    assert_whole_on_storage(&bed.plain, &on_storage, "after an ambiguous commit").await;
     match &outcome {
         Ok(AckOutcome::Completed(meta)) => assert_eq!(meta.checkpoint_id, id),
         other => panic!("checkpoint {id}, whose _metadata this coordinator stored, is not counted as completed: {other:?}"),
@@ -579,7 +535,7 @@ async fn a_commit_in_doubt_is_never_deleted() {
         .into_iter()
         .find(|m| m.checkpoint_id == id)
         .unwrap_or_else(|| panic!("{metadata}, stored by the first put, is gone"));
-    assert_complete_on_storage(&bed.plain, &on_storage, "after a commit in doubt").await;
+    assert_whole_on_storage(&bed.plain, &on_storage, "after a commit in doubt").await;
 
     match outcome {
         Ok(AckOutcome::Completed(_)) => {
@@ -647,7 +603,7 @@ async fn a_commit_in_doubt_is_settled_by_the_next_completion() {
         .into_iter()
         .find(|m| m.checkpoint_id == id)
         .expect("the first put stored it");
-    assert_complete_on_storage(&bed.plain, &stored_c, "while in doubt").await;
+    assert_whole_on_storage(&bed.plain, &stored_c, "while in doubt").await;
     for s in &subs {
         s.backend.notify_checkpoint_aborted(id);
     }
@@ -665,517 +621,6 @@ async fn a_commit_in_doubt_is_settled_by_the_next_completion() {
         vec![d.checkpoint_id],
         "the settled checkpoint is subsumed like any other"
     );
-}
-
-// ---------------------------------------------------------------------------------------
-// Harness-based tests
-// ---------------------------------------------------------------------------------------
-
-fn harness_config(job_id: &str, local: &Path, num_retained: usize) -> HarnessConfig {
-    HarnessConfig {
-        job_id: job_id.into(),
-        operator_uid: DEMO_UID.into(),
-        parallelism: 2,
-        max_parallelism: 128,
-        local_root: local.to_path_buf(),
-        checkpoint_interval: 0,
-        memory_budget: 32 << 20,
-        coordinator: CoordinatorOptions {
-            num_retained,
-            ..CoordinatorOptions::default()
-        },
-    }
-}
-
-fn demo_source() -> DemoSource {
-    DemoSource::new(11, 20_000, 200_000).unwrap()
-}
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
-/// Fraction of a checkpoint's size that it uploaded (or copied) itself.
-fn uploaded_fraction(meta: &CheckpointMetadata) -> f64 {
-    meta.uploaded_bytes() as f64 / meta.total_size().max(1) as f64
-}
-
-/// Job B starts from a savepoint of job A in a directory that still holds B's older
-/// checkpoints, and crashes before its first checkpoint completes; then B resumes from
-/// the latest.
-///
-/// Proves: resuming restores the savepoint again (the restore point of the current
-/// timeline), never B's abandoned checkpoints and never an empty state.
-#[test]
-fn resuming_before_the_first_checkpoint_after_a_restore_restores_it_again() {
-    let root = tempfile::tempdir().unwrap();
-    let storage =
-        CheckpointStorage::open(&root.path().join("checkpoints").display().to_string()).unwrap();
-    let local = tempfile::tempdir().unwrap();
-    let mut b = Harness::start(
-        harness_config("b", &local.path().join("b0"), 1),
-        &storage,
-        demo_source(),
-        Counter::factory(),
-        StartFrom::Empty,
-    )
-    .unwrap();
-    b.run(30_000).unwrap();
-    let old = b.checkpoint_now().unwrap();
-    b.cancel().unwrap();
-
-    let mut a = Harness::start(
-        harness_config("a", &local.path().join("a"), 1),
-        &storage,
-        demo_source(),
-        Counter::factory(),
-        StartFrom::Empty,
-    )
-    .unwrap();
-    a.run(70_000).unwrap();
-    let savepoints = storage.child("savepoints").unwrap();
-    let savepoint = a
-        .savepoint(Some(&savepoints), SavepointFormat::Native)
-        .unwrap();
-    a.cancel().unwrap();
-
-    let source = block_on(RestoreSource::open(&savepoint.url)).unwrap();
-    let mut restored = Harness::start(
-        harness_config("b", &local.path().join("b1"), 1),
-        &storage,
-        demo_source(),
-        Counter::factory(),
-        StartFrom::Snapshot {
-            source: Box::new(source),
-            options: RestoreOptions::default(),
-        },
-    )
-    .unwrap();
-    restored.run(5_000).unwrap();
-    restored.crash();
-
-    let job_b = storage.child("b").unwrap();
-    assert!(
-        block_on(job_b.latest_completed()).unwrap().is_none(),
-        "checkpoint {} belongs to the abandoned timeline",
-        old.checkpoint_id
-    );
-    let resumed = Harness::start(
-        harness_config("b", &local.path().join("b2"), 1),
-        &storage,
-        demo_source(),
-        Counter::factory(),
-        StartFrom::Latest,
-    )
-    .unwrap();
-    assert_eq!(
-        resumed.restored_location(),
-        Some(savepoint.url.as_str()),
-        "resuming must restore the savepoint again"
-    );
-    assert_eq!(resumed.position().offsets().iter().sum::<u64>(), 70_000);
-    let finished = resumed.finish().unwrap();
-    assert!(finished.last_checkpoint.is_some());
-}
-
-// ---------------------------------------------------------------------------------------
-// 4. Restores from another directory stay incremental
-// ---------------------------------------------------------------------------------------
-
-/// Job A takes nine checkpoints; job B restores A's latest (or a native savepoint of A)
-/// into its own directory, where ids start at 1, below the restored id.
-///
-/// Proves: after a restore from another directory, checkpoints are incremental again
-/// from the second one on (the first may copy everything): a few small writes upload a
-/// small fraction of the state.
-#[test]
-fn restores_from_another_directory_stay_incremental() {
-    let storage = CheckpointStorage::open("memory://incremental-after-restore").unwrap();
-    let local = tempfile::tempdir().unwrap();
-    let mut a = Harness::start(
-        harness_config("a", &local.path().join("a"), 2),
-        &storage,
-        demo_source(),
-        Counter::factory(),
-        StartFrom::Empty,
-    )
-    .unwrap();
-    let mut own = Vec::new();
-    for round in 0..9 {
-        a.run(if round < 8 { 20_000 } else { 2_000 }).unwrap();
-        own.push(a.checkpoint_now().unwrap());
-    }
-    eprintln!(
-        "job A uploaded: {:?}",
-        own.iter()
-            .map(|m| format!("{:.0}%", uploaded_fraction(m) * 100.0))
-            .collect::<Vec<_>>()
-    );
-    // In the same store, so that restores can copy inside it.
-    let savepoints = storage.child("savepoints").unwrap();
-    let savepoint = a
-        .savepoint(Some(&savepoints), SavepointFormat::Native)
-        .unwrap();
-    let latest = own.last().unwrap().clone();
-    assert_eq!(latest.checkpoint_id, 9);
-    a.cancel().unwrap();
-    let a_fraction = uploaded_fraction(&latest);
-
-    let job_a = storage.child("a").unwrap();
-    let folder = savepoints
-        .child(savepoint.url.rsplit('/').next().unwrap())
-        .unwrap();
-    let sources = [
-        ("checkpoint", RestoreSource::checkpoint(&job_a, latest)),
-        (
-            "native savepoint",
-            block_on(RestoreSource::open_folder(&folder)).unwrap(),
-        ),
-    ];
-    let mut failures = Vec::new();
-    for (n, (what, source)) in sources.into_iter().enumerate() {
-        let job_id = format!("b{n}");
-        let mut b = Harness::start(
-            harness_config(&job_id, &local.path().join(&job_id), 2),
-            &storage,
-            demo_source(),
-            Counter::factory(),
-            StartFrom::Snapshot {
-                source: Box::new(source),
-                options: RestoreOptions::default(),
-            },
-        )
-        .unwrap();
-        b.run(2_000).unwrap();
-        let first = b.checkpoint_now().unwrap();
-        b.run(2_000).unwrap();
-        let second = b.checkpoint_now().unwrap();
-        b.cancel().unwrap();
-        let fraction = uploaded_fraction(&second);
-        eprintln!(
-            "{what}: first checkpoint uploaded {:.0}%, second {:.0}% (job A's own: {:.0}%)",
-            uploaded_fraction(&first) * 100.0,
-            fraction * 100.0,
-            a_fraction * 100.0
-        );
-        // SST files the second checkpoint has in common with the first (same local file,
-        // same size): unchanged since, they must be referenced, not sent again.
-        let mut resent = Vec::new();
-        let mut compacted = false;
-        for (i, (_, handle)) in second.handles().enumerate() {
-            let before = first.handles().nth(i).unwrap().1;
-            let earlier: BTreeMap<&str, u64> = before
-                .shared
-                .iter()
-                .map(|f| (f.local_name.as_str(), f.size))
-                .collect();
-            let now: BTreeSet<&str> = handle
-                .shared
-                .iter()
-                .map(|f| f.local_name.as_str())
-                .collect();
-            compacted |= earlier.keys().any(|name| !now.contains(name));
-            resent.extend(
-                handle
-                    .new_shared()
-                    .filter(|f| earlier.get(f.local_name.as_str()) == Some(&f.size))
-                    .map(|f| (f.local_name.clone(), f.size)),
-            );
-        }
-        if !resent.is_empty() {
-            failures.push(format!(
-                "restored from a {what} of another directory: the second checkpoint ({}) sent {} unchanged SST file(s) again ({} of {} bytes uploaded, {:.0}%): incremental checkpoints are off",
-                second.checkpoint_id,
-                resent.len(),
-                second.uploaded_bytes(),
-                second.total_size(),
-                fraction * 100.0
-            ));
-        } else if !compacted && fraction >= 0.5 {
-            // Without a compaction in between, a few writes are a small part of the state.
-            failures.push(format!(
-                "restored from a {what}: the second checkpoint uploaded {:.0}% of its size",
-                fraction * 100.0
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
-
-// ---------------------------------------------------------------------------------------
-// 5. Rollback to an older checkpoint
-// ---------------------------------------------------------------------------------------
-
-/// Runs job `job_id` from empty state through three checkpoints (two retained); returns
-/// them.
-fn three_checkpoints(
-    storage: &CheckpointStorage,
-    job_id: &str,
-    local: &Path,
-) -> Vec<CheckpointMetadata> {
-    let mut h = Harness::start(
-        harness_config(job_id, local, 2),
-        storage,
-        demo_source(),
-        Counter::factory(),
-        StartFrom::Empty,
-    )
-    .unwrap();
-    let mut taken = Vec::new();
-    for _ in 0..3 {
-        h.run(10_000).unwrap();
-        taken.push(h.checkpoint_now().unwrap());
-    }
-    h.cancel().unwrap();
-    taken
-}
-
-/// Checkpoints 1..3 completed; the job is started again from checkpoint 2 of its own
-/// directory (a rollback) and crashes before any new checkpoint completes.
-///
-/// Proves: a rollback starts a new timeline; "latest" never returns checkpoint 3 of the
-/// abandoned one, so a resume after the crash continues from 2.
-#[test]
-fn a_rollback_is_not_undone_by_a_crash() {
-    let storage = CheckpointStorage::open("memory://rollback-crash").unwrap();
-    let local = tempfile::tempdir().unwrap();
-    let taken = three_checkpoints(&storage, "job", local.path());
-    let job = storage.child("job").unwrap();
-    let two = taken[1].clone();
-    let mut h = Harness::start(
-        harness_config("job", local.path(), 2),
-        &storage,
-        demo_source(),
-        Counter::factory(),
-        StartFrom::Checkpoint(Box::new(two.clone())),
-    )
-    .unwrap();
-    assert_eq!(h.restored_from(), Some(two.checkpoint_id));
-    h.run(5_000).unwrap();
-    h.crash();
-    let latest = block_on(job.latest_completed()).unwrap().unwrap();
-    assert_eq!(
-        latest.checkpoint_id, two.checkpoint_id,
-        "after a rollback to checkpoint {} and a crash, latest is checkpoint {} of the abandoned timeline",
-        two.checkpoint_id, latest.checkpoint_id
-    );
-    let resumed = Harness::start(
-        harness_config("job", local.path(), 2),
-        &storage,
-        demo_source(),
-        Counter::factory(),
-        StartFrom::Latest,
-    )
-    .unwrap();
-    assert_eq!(resumed.restored_from(), Some(two.checkpoint_id));
-    resumed.crash();
-}
-
-/// Checkpoints 1..3 completed (2 and 3 retained); the job restarts from checkpoint 2 with
-/// one checkpoint retained. Its coordinator starts after the restore.
-///
-/// Proves: the coordinator of a rolled-back job never deletes the checkpoint it was
-/// restored from.
-#[test]
-fn a_coordinator_keeps_the_older_checkpoint_it_restored() {
-    let storage = CheckpointStorage::open("memory://rollback-keep").unwrap();
-    let local = tempfile::tempdir().unwrap();
-    let taken = three_checkpoints(&storage, "job", local.path());
-    let job = storage.child("job").unwrap();
-    let two = taken[1].clone();
-    let h = Harness::start(
-        harness_config("job", local.path(), 1),
-        &storage,
-        demo_source(),
-        Counter::factory(),
-        StartFrom::Checkpoint(Box::new(two.clone())),
-    )
-    .unwrap();
-    block_on(assert_complete_on_storage(
-        &job,
-        &two,
-        "after starting from checkpoint 2 with one retained",
-    ));
-    h.crash();
-}
-
-// ---------------------------------------------------------------------------------------
-// 6. The demo's local directory
-// ---------------------------------------------------------------------------------------
-
-/// `rockstate demo --local-dir DIR` with a DIR that holds a user's file.
-///
-/// Proves: the demo never deletes what it did not create (it either refuses the
-/// directory with a one-line error or leaves the file alone).
-#[test]
-fn the_demo_keeps_a_users_files_in_its_local_dir() {
-    let root = tempfile::tempdir().unwrap();
-    let local = root.path().join("mine");
-    std::fs::create_dir_all(&local).unwrap();
-    let precious = local.join("notes.txt");
-    std::fs::write(&precious, "do not delete").unwrap();
-    let checkpoints = root.path().join("checkpoints").display().to_string();
-    let out = common::process::rockstate(
-        &[
-            "demo",
-            "--checkpoint-dir",
-            &checkpoints,
-            "--job-id",
-            "local-dir",
-            "--local-dir",
-            &local.display().to_string(),
-            "--events",
-            "2000",
-            "--keys",
-            "100",
-            "--checkpoint-interval",
-            "1000",
-            "--json",
-        ],
-        &[],
-    );
-    assert!(
-        precious.exists(),
-        "the demo deleted a user's file in --local-dir\n{}",
-        common::process::context(&out)
-    );
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "{}", common::process::context(&out));
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// 8. Timely: resume falls back to an older checkpoint
-// ---------------------------------------------------------------------------------------
-
-/// A two-worker timely job whose newest checkpoint lost a shared file (uploaded by that
-/// checkpoint alone). Resuming with `Start::Latest` runs in a thread with a deadline.
-///
-/// Proves: the timely adapter falls back to the previous checkpoint, as the harness does,
-/// finishes (no hang), and ends in the same state as the uninterrupted run.
-#[cfg(feature = "timely")]
-#[test]
-fn timely_resume_falls_back_from_a_damaged_newest_checkpoint() {
-    use rockstate::timely_adapter::{demo, JobConfig, Start};
-
-    let dir = tempfile::tempdir().unwrap();
-    let storage =
-        CheckpointStorage::open(&dir.path().join("checkpoints").display().to_string()).unwrap();
-    let source = DemoSource::new(3, 1_000, 40_000).unwrap();
-    let run = |start: Start| {
-        let mut job = JobConfig::new(storage.clone(), "lost", dir.path().join("local"));
-        job.start = start;
-        demo::DemoRun {
-            source,
-            checkpoint_interval: 4_000,
-            job,
-        }
-    };
-    let first = demo::run(timely::Config::process(2), run(Start::Empty)).unwrap();
-    let job = storage.child("lost").unwrap();
-    let completed = block_on(job.checkpoints()).unwrap().completed;
-    assert!(completed.len() >= 2, "{completed:?}");
-    let newest = completed[completed.len() - 1].clone();
-    let previous = completed[completed.len() - 2].clone();
-    let kept: BTreeSet<&str> = previous.referenced_paths().collect();
-    let lost = newest
-        .handles()
-        .flat_map(|(_, h)| h.shared.iter())
-        .find(|f| !kept.contains(f.path.as_str()))
-        .expect("the newest checkpoint has a shared file of its own")
-        .path
-        .clone();
-    block_on(job.delete(&lost)).unwrap();
-
-    let (tx, rx) = std::sync::mpsc::channel();
-    let resume = run(Start::Latest);
-    std::thread::spawn(move || {
-        let _ = tx.send(demo::run(timely::Config::process(2), resume));
-    });
-    let report = match rx.recv_timeout(Duration::from_secs(120)) {
-        Ok(result) => result.unwrap_or_else(|e| {
-            panic!(
-                "resuming from a checkpoint that lost {lost} failed instead of falling back: {e}"
-            )
-        }),
-        Err(_) => {
-            panic!("resuming from a checkpoint that lost {lost} did not finish within 120 s (hang)")
-        }
-    };
-    let restored = report.restored_from.clone().unwrap_or_default();
-    assert!(
-        restored.ends_with(&format!("chk-{}", previous.checkpoint_id)),
-        "restored from {restored:?}, expected checkpoint {}",
-        previous.checkpoint_id
-    );
-    assert_eq!(
-        report.digest, first.digest,
-        "the resumed job ends in another state"
-    );
-}
-
-/// A 2-worker timely job whose newest checkpoint has a shared file of worker 1 damaged in
-/// place (same size, so the planner's size check passes); the job resumes from the latest.
-///
-/// Proves: the worker whose restore fails (CRC) makes every worker fail with its reason,
-/// promptly; no worker is left waiting for it.
-#[test]
-fn a_timely_worker_that_cannot_restore_stops_every_worker() {
-    use rockstate::timely_adapter::{demo, JobConfig, Start};
-
-    let dir = tempfile::tempdir().unwrap();
-    let storage =
-        CheckpointStorage::open(&dir.path().join("checkpoints").display().to_string()).unwrap();
-    let source = DemoSource::new(3, 1_000, 40_000).unwrap();
-    let run = |start: Start| {
-        let mut job = JobConfig::new(storage.clone(), "damaged", dir.path().join("local"));
-        job.start = start;
-        demo::DemoRun {
-            source,
-            checkpoint_interval: 4_000,
-            job,
-        }
-    };
-    demo::run(timely::Config::process(2), run(Start::Empty)).unwrap();
-    let job = storage.child("damaged").unwrap();
-    let newest = block_on(job.latest_completed()).unwrap().unwrap();
-    let op = newest.operator(DEMO_UID).unwrap();
-    let handle = op.subtasks[1]
-        .keyed
-        .as_ref()
-        .and_then(|k| k.as_files())
-        .unwrap();
-    let damaged = handle.shared.first().expect("worker 1 has a shared file");
-    let path = dir.path().join("checkpoints/damaged").join(&damaged.path);
-    let mut bytes = std::fs::read(&path).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0xff;
-    std::fs::write(&path, bytes).unwrap();
-    // On another machine: the workers' own intact copies would be reused instead.
-    std::fs::remove_dir_all(dir.path().join("local")).unwrap();
-
-    let (tx, rx) = std::sync::mpsc::channel();
-    let resume = run(Start::Latest);
-    std::thread::spawn(move || {
-        let _ = tx.send(demo::run(timely::Config::process(2), resume));
-    });
-    match rx.recv_timeout(Duration::from_secs(120)) {
-        Ok(Ok(report)) => panic!("resumed from a damaged file: {:?}", report.restored_from),
-        Ok(Err(e)) => {
-            let message = e.to_string();
-            assert!(
-                message.contains(&damaged.path) || message.contains("could not restore"),
-                "{message}"
-            );
-        }
-        Err(_) => panic!("a worker that could not restore left the others waiting (hang)"),
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1253,7 +698,7 @@ fn inside_job(path: &str) -> bool {
 async fn check_invariants(bed: &Bed, landed: &BTreeSet<u64>, when: &str) {
     let completed = bed.plain.checkpoints().await.unwrap().completed;
     for meta in &completed {
-        assert_complete_on_storage(&bed.plain, meta, when).await;
+        assert_whole_on_storage(&bed.plain, meta, when).await;
     }
     let newest = completed.last().map_or(0, |m| m.checkpoint_id);
     let stored = stored(&bed.plain).await;

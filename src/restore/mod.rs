@@ -21,7 +21,6 @@
 //! upload them again: it references them (same job directory, [`RestoreMode::Claim`]) or
 //! copies them inside the store ([`RestoreMode::NoClaim`]).
 
-pub mod plan;
 mod rescale;
 mod source;
 mod verify;
@@ -166,7 +165,7 @@ impl LocalFiles {
                     Ok(false) => {}
                     Err(e) => {
                         tracing::debug!(file = %url, error = %e, "local file not reused");
-                        crate::local_dir::remove(&target)?;
+                        crate::runtime::local_dir::remove(&target)?;
                     }
                 }
             }

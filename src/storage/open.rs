@@ -111,6 +111,17 @@ pub(crate) fn open_store(
             })
         }
         scheme @ ("s3" | "gs" | "az") => {
+            let (feature, built) = match scheme {
+                "s3" => ("aws", cfg!(feature = "aws")),
+                "gs" => ("gcp", cfg!(feature = "gcp")),
+                _ => ("azure", cfg!(feature = "azure")),
+            };
+            if !built {
+                return Err(invalid_url(
+                    url,
+                    format!("{scheme}:// stores need rockstate's `{feature}` feature, which this build lacks"),
+                ));
+            }
             let env_prefix = match scheme {
                 "s3" => "AWS_",
                 "gs" => "GOOGLE_",

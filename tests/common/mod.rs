@@ -43,5 +43,3 @@ pub fn collect<T>(iter: impl Iterator<Item = rockstate::Result<T>>) -> Vec<T> {
 }
 
 pub mod faulty;
-pub mod process;
-pub mod s3;

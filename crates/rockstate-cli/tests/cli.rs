@@ -1,0 +1,1573 @@
+//! End-to-end tests of the `rockstate` binary, run as child processes: crash and resume,
+//! stop with a savepoint, verification of damaged snapshots, listings, error reporting,
+//! the orphan sweep, and the same over S3.
+
+mod common;
+
+use common::*;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+use object_store::ObjectStoreExt;
+use serde_json::Value;
+
+/// Parameters of every demo run whose digest is compared with the reference.
+const EVENTS: u64 = 60_000;
+const KEYS: u64 = 2_000;
+const INTERVAL: u64 = 5_000;
+const SEED: u64 = 7;
+
+/// Asserts the error contract: exit 2, nothing on stdout, exactly one line on stderr
+/// starting with `rockstate: `.
+fn assert_error_line(run: &Run, what: &str) {
+    assert_eq!(run.code(), Some(2), "{what}: exit code\n{}", run.context());
+    assert!(
+        run.stdout.trim().is_empty(),
+        "{what}: stdout\n{}",
+        run.context()
+    );
+    let lines: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(lines.len(), 1, "{what}: stderr lines\n{}", run.context());
+    assert!(
+        lines[0].starts_with("rockstate: "),
+        "{what}: stderr prefix\n{}",
+        run.context()
+    );
+}
+
+/// Parses a `checkpoint N completed...` line of the demo's stderr.
+fn checkpoint_line(line: &str) -> Option<u64> {
+    let rest = line.trim().strip_prefix("checkpoint ")?;
+    let (id, tail) = rest.split_once(' ')?;
+    if tail.starts_with("completed") {
+        id.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// How an interrupted run is stopped.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// SIGKILL, through `Child::kill`.
+    Kill,
+    /// Any other signal, through `kill(2)`.
+    Signal(libc::c_int),
+}
+
+/// A run stopped from outside.
+struct Interrupted {
+    run: Run,
+    /// Checkpoint ids announced on stderr before the stop was sent.
+    seen: Vec<u64>,
+}
+
+/// Starts the binary, waits until stderr announced `after` completed checkpoints, waits
+/// `pause_ms` more, then stops it with `stop` and collects its output.
+fn interrupt(args: &[String], env: Env, after: usize, pause_ms: u64, stop: Stop) -> Interrupted {
+    let mut child = command(args, env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start the rockstate binary");
+    let mut reader = BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut stderr = String::new();
+    let mut seen = Vec::new();
+    let mut line = String::new();
+    while seen.len() < after {
+        line.clear();
+        if reader.read_line(&mut line).expect("read stderr") == 0 {
+            break;
+        }
+        seen.extend(checkpoint_line(&line));
+        stderr.push_str(&line);
+    }
+    std::thread::sleep(Duration::from_millis(pause_ms));
+    match stop {
+        Stop::Kill => child.kill().expect("SIGKILL"),
+        Stop::Signal(signal) => {
+            let pid = libc::pid_t::try_from(child.id()).expect("pid");
+            // SAFETY: kill(2) with the pid of a child that has not been reaped yet.
+            let rc = unsafe { libc::kill(pid, signal) };
+            assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+        }
+    }
+    reader.read_to_string(&mut stderr).expect("read stderr");
+    let output = child.wait_with_output().expect("wait for rockstate");
+    let run = Run::from_output(output, Some(stderr));
+    Interrupted { run, seen }
+}
+
+/// Asserts that an interrupted run died of SIGKILL (and so did not finish on its own).
+fn assert_killed(killed: &Interrupted) {
+    assert_eq!(
+        killed.run.status.signal(),
+        Some(libc::SIGKILL),
+        "the job was not killed mid-run (it saw checkpoints {:?})\n{}",
+        killed.seen,
+        killed.run.context()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Demo runs
+// ---------------------------------------------------------------------------------------
+
+/// A canonical path for a new temporary directory (URLs printed by the binary use it).
+fn temp_root() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonicalize tempdir");
+    (dir, root)
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 temp path")
+}
+
+/// Arguments of a demo run with the shared parameters, its local RocksDB state in a fresh
+/// folder under `root`, plus `extra`.
+fn demo_args(checkpoint_dir: &str, job_id: &str, root: &Path, extra: &[&str]) -> Vec<String> {
+    static NEXT_LOCAL: AtomicUsize = AtomicUsize::new(0);
+    let local = root.join(format!(
+        "local-{job_id}-{}",
+        NEXT_LOCAL.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mut args: Vec<String> = [
+        "demo",
+        "--checkpoint-dir",
+        checkpoint_dir,
+        "--job-id",
+        job_id,
+        "--local-dir",
+        path_str(&local),
+        "--events",
+        &EVENTS.to_string(),
+        "--keys",
+        &KEYS.to_string(),
+        "--checkpoint-interval",
+        &INTERVAL.to_string(),
+        "--seed",
+        &SEED.to_string(),
+        "--json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// The outcome of an uninterrupted run (parallelism 2) with the shared parameters.
+struct Reference {
+    digest: String,
+    entries: u64,
+}
+
+fn reference() -> &'static Reference {
+    static REFERENCE: OnceLock<Reference> = OnceLock::new();
+    REFERENCE.get_or_init(|| {
+        let (_dir, root) = temp_root();
+        let checkpoints = root.join("checkpoints");
+        let run = run(&demo_args(
+            path_str(&checkpoints),
+            "reference",
+            &root,
+            &["--parallelism", "2"],
+        ));
+        run.expect(0);
+        let doc = run.json();
+        assert_eq!(doc["stopped_by"], "end", "{}", run.context());
+        assert_eq!(doc["events_processed"], EVENTS, "{}", run.context());
+        assert_eq!(doc["events_total"], EVENTS, "{}", run.context());
+        assert_eq!(doc["parallelism"], 2);
+        assert_eq!(doc["max_parallelism"], 128);
+        assert!(doc["restored_from"].is_null(), "{}", run.context());
+        assert!(doc["savepoint"].is_null(), "{}", run.context());
+        assert!(doc["checkpoints_completed"].as_u64().unwrap() >= 1);
+        assert!(doc["last_checkpoint"].is_string(), "{}", run.context());
+        let digest = doc["state_digest"].as_str().unwrap().to_string();
+        assert_eq!(digest.len(), 32, "digest {digest:?}");
+        assert!(digest.chars().all(|c| c.is_ascii_hexdigit()), "{digest:?}");
+        let entries = doc["state_entries"].as_u64().unwrap();
+        assert!(entries > 0);
+        Reference { digest, entries }
+    })
+}
+
+/// Asserts that a finished run ended with the reference state.
+fn assert_reference_state(run: &Run) -> Value {
+    let reference = reference();
+    run.expect(0);
+    let doc = run.json();
+    assert_eq!(doc["stopped_by"], "end", "{}", run.context());
+    assert_eq!(doc["events_total"], EVENTS, "{}", run.context());
+    assert_eq!(
+        doc["state_digest"].as_str(),
+        Some(reference.digest.as_str()),
+        "state differs from the uninterrupted run\n{}",
+        run.context()
+    );
+    assert_eq!(
+        doc["state_entries"].as_u64(),
+        Some(reference.entries),
+        "{}",
+        run.context()
+    );
+    doc
+}
+
+/// The id of a `.../chk-N` URL.
+fn checkpoint_id(url: &str) -> u64 {
+    url.trim_end_matches('/')
+        .rsplit_once("/chk-")
+        .and_then(|(_, id)| id.parse().ok())
+        .unwrap_or_else(|| panic!("not a checkpoint URL: {url:?}"))
+}
+
+/// The local path of a `file://` URL.
+fn url_path(url: &str) -> PathBuf {
+    PathBuf::from(
+        url.strip_prefix("file://")
+            .unwrap_or_else(|| panic!("not a file URL: {url:?}")),
+    )
+}
+
+/// `rockstate latest`, which must find a checkpoint.
+fn latest(job: &str, env: Env) -> String {
+    let run = run_env(&["latest", job], env);
+    run.expect(0);
+    let url = run.line().to_string();
+    assert!(!url.contains('\n'), "{}", run.context());
+    checkpoint_id(&url);
+    url
+}
+
+fn assert_sound(url: &str, env: Env) {
+    let run = run_env(&["verify", url, "--json"], env);
+    run.expect(0);
+    let doc = run.json();
+    assert_eq!(doc["sound"], true, "{}", run.context());
+    assert!(doc["files"].as_u64().unwrap() > 1, "{}", run.context());
+    assert_eq!(doc["bad"], Value::Array(vec![]), "{}", run.context());
+}
+
+/// A file of a snapshot, as `inspect --json` lists it.
+#[derive(Debug, Clone)]
+struct SnapshotFile {
+    path: String,
+    role: String,
+    size: u64,
+}
+
+fn inspect(url: &str, env: Env) -> Value {
+    let run = run_env(&["inspect", url, "--json"], env);
+    run.expect(0);
+    run.json()
+}
+
+fn snapshot_files(doc: &Value) -> Vec<SnapshotFile> {
+    let mut files = Vec::new();
+    for op in doc["operators"].as_array().expect("operators") {
+        for sub in op["subtasks"].as_array().expect("subtasks") {
+            if sub["keyed"].is_null() {
+                continue;
+            }
+            for f in sub["keyed"]["files"].as_array().expect("files") {
+                files.push(SnapshotFile {
+                    path: f["path"].as_str().unwrap().to_string(),
+                    role: f["role"].as_str().unwrap().to_string(),
+                    size: f["size"].as_u64().unwrap(),
+                });
+            }
+        }
+    }
+    files
+}
+
+/// All files under `dir`, relative to it.
+fn list_files(dir: &Path) -> BTreeSet<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeSet<String>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(base, &path, out);
+            } else {
+                let rel = path.strip_prefix(base).unwrap();
+                out.insert(rel.to_str().unwrap().to_string());
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// A small xorshift generator: the tests' choices are random but reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A number in `lo..=hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Crash and resume
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn kill_9_and_resume_at_other_parallelism_is_exactly_once() {
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    let job = checkpoints.join("crashy");
+    let job_url = path_str(&job);
+    let mut rng = Rng::new(0x5eed_0001);
+    let mut previous: Option<u64> = None;
+    // Killed once at parallelism 2 from scratch, then again after resuming at parallelism 1.
+    for (round, extra) in [
+        vec!["--parallelism", "2"],
+        vec!["--resume", "--parallelism", "1"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let after = if round == 0 {
+            rng.range(1, 4)
+        } else {
+            rng.range(1, 2)
+        } as usize;
+        let pause = rng.range(0, 20);
+        let killed = interrupt(
+            &demo_args(cp, "crashy", &root, &extra),
+            NO_ENV,
+            after,
+            pause,
+            Stop::Kill,
+        );
+        assert_killed(&killed);
+        assert_eq!(killed.seen.len(), after, "{}", killed.run.context());
+
+        let url = latest(job_url, NO_ENV);
+        let id = checkpoint_id(&url);
+        let newest_seen = *killed.seen.iter().max().unwrap();
+        assert!(
+            id >= newest_seen,
+            "latest {url} is older than announced checkpoint {newest_seen}"
+        );
+        if let Some(previous) = previous {
+            assert!(id > previous, "no progress after resuming: {url}");
+        }
+        previous = Some(id);
+        assert!(url_path(&url).join("_metadata").is_file(), "{url}");
+        let verify = run(&["verify", &url]);
+        verify.expect(0);
+        assert!(verify.stdout.contains("sound"), "{}", verify.context());
+    }
+
+    let url = latest(job_url, NO_ENV);
+    let resumed = run(&demo_args(
+        cp,
+        "crashy",
+        &root,
+        &["--resume", "--parallelism", "3"],
+    ));
+    let doc = assert_reference_state(&resumed);
+    assert_eq!(doc["restored_from"].as_str(), Some(url.as_str()));
+    assert_eq!(doc["parallelism"], 3);
+    assert!(
+        doc["events_processed"].as_u64().unwrap() < EVENTS,
+        "the resumed job replayed everything\n{}",
+        resumed.context()
+    );
+    assert!(doc["savepoint"].is_null());
+    let last = doc["last_checkpoint"].as_str().expect("last checkpoint");
+    assert_eq!(latest(job_url, NO_ENV), last);
+    assert!(checkpoint_id(last) > checkpoint_id(&url));
+    assert_sound(last, NO_ENV);
+}
+
+// ---------------------------------------------------------------------------------------
+// Stop with a savepoint
+// ---------------------------------------------------------------------------------------
+
+/// Stops a fresh job with `signal` after its first checkpoint; returns the stopped run's
+/// JSON.
+/// Runs job `job_id`, stops it with `signal` after a native savepoint into `savepoints`;
+/// returns the run's JSON and the savepoint's URL.
+fn native_savepoint(
+    signal: libc::c_int,
+    checkpoint_dir: &str,
+    job_id: &str,
+    root: &Path,
+    savepoints: &Path,
+) -> (Value, String) {
+    let (_stopped, doc) = stop_with(
+        signal,
+        &demo_args(
+            checkpoint_dir,
+            job_id,
+            root,
+            &[
+                "--savepoint-dir",
+                path_str(savepoints),
+                "--savepoint-format",
+                "native",
+            ],
+        ),
+    );
+    let savepoint = doc["savepoint"].as_str().expect("savepoint").to_string();
+    (doc, savepoint)
+}
+
+fn stop_with(signal: libc::c_int, args: &[String]) -> (Interrupted, Value) {
+    let stopped = interrupt(args, NO_ENV, 1, 0, Stop::Signal(signal));
+    stopped.run.expect(0);
+    let doc = stopped.run.json();
+    assert_eq!(doc["stopped_by"], "signal", "{}", stopped.run.context());
+    let processed = doc["events_processed"].as_u64().unwrap();
+    assert!(
+        processed > 0 && processed < EVENTS,
+        "{}",
+        stopped.run.context()
+    );
+    assert!(doc["restored_from"].is_null());
+    (stopped, doc)
+}
+
+#[test]
+fn sigterm_with_savepoint_dir_writes_a_savepoint_that_restores_at_parallelism_1() {
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    let savepoints = root.join("savepoints");
+    let (stopped, doc) = stop_with(
+        libc::SIGTERM,
+        &demo_args(
+            cp,
+            "first",
+            &root,
+            &[
+                "--parallelism",
+                "2",
+                "--savepoint-dir",
+                path_str(&savepoints),
+            ],
+        ),
+    );
+    let savepoint = doc["savepoint"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no savepoint\n{}", stopped.run.context()))
+        .to_string();
+    let folder = url_path(&savepoint);
+    assert!(
+        folder.starts_with(&savepoints),
+        "{savepoint} is not in {savepoints:?}"
+    );
+    assert!(folder.join("_metadata").is_file());
+    assert!(
+        stopped.run.stderr.contains(&savepoint),
+        "{}",
+        stopped.run.context()
+    );
+
+    let info = inspect(&savepoint, NO_ENV);
+    assert_eq!(info["kind"], "savepoint", "{info}");
+    assert_eq!(info["format"], "canonical", "{info}");
+    assert_eq!(info["job_id"], "first", "{info}");
+    assert_eq!(info["url"].as_str(), Some(savepoint.as_str()));
+    let counter = info["operators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|op| op["uid"] == "counter")
+        .unwrap_or_else(|| panic!("no counter operator: {info}"));
+    assert_eq!(counter["parallelism"], 2);
+    assert_eq!(counter["max_parallelism"], 128);
+    let mut next_group = 0;
+    for sub in counter["subtasks"].as_array().unwrap() {
+        let keyed = &sub["keyed"];
+        assert_eq!(keyed["layout"], "canonical", "{info}");
+        assert_eq!(keyed["key_groups"][0], next_group, "{info}");
+        next_group = keyed["key_groups"][1].as_u64().unwrap() + 1;
+    }
+    assert_eq!(next_group, 128, "key groups not covered: {info}");
+    assert!(snapshot_files(&info).iter().all(|f| f.role == "data"));
+    assert_sound(&savepoint, NO_ENV);
+
+    let restored = run(&demo_args(
+        cp,
+        "second",
+        &root,
+        &["--from", &savepoint, "--parallelism", "1"],
+    ));
+    let restored_doc = assert_reference_state(&restored);
+    assert_eq!(restored_doc["restored_from"].as_str(), Some(&*savepoint));
+    assert_eq!(
+        restored_doc["events_processed"].as_u64().unwrap()
+            + doc["events_processed"].as_u64().unwrap(),
+        EVENTS,
+        "events before the savepoint plus after it\n{}",
+        restored.context()
+    );
+
+    // The restored job does not depend on the savepoint: it can be disposed of.
+    let disposed = run(&["savepoint", "dispose", &savepoint]);
+    disposed.expect(0);
+    assert!(!folder.exists(), "{}", disposed.context());
+    assert_sound(
+        &latest(path_str(&checkpoints.join("second")), NO_ENV),
+        NO_ENV,
+    );
+}
+
+#[test]
+fn sigint_native_savepoint_restores_at_parallelism_3() {
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    let savepoints = root.join("savepoints");
+    let (doc, savepoint) = native_savepoint(libc::SIGINT, cp, "native", &root, &savepoints);
+    let info = inspect(&savepoint, NO_ENV);
+    assert_eq!(info["kind"], "savepoint", "{info}");
+    assert_eq!(info["format"], "native", "{info}");
+    assert_sound(&savepoint, NO_ENV);
+
+    let restored = run(&demo_args(
+        cp,
+        "native-3",
+        &root,
+        &["--from", &savepoint, "--parallelism", "3"],
+    ));
+    let restored_doc = assert_reference_state(&restored);
+    assert_eq!(restored_doc["restored_from"].as_str(), Some(&*savepoint));
+    assert_eq!(
+        restored_doc["events_processed"].as_u64().unwrap()
+            + doc["events_processed"].as_u64().unwrap(),
+        EVENTS
+    );
+}
+
+#[test]
+fn sigterm_without_savepoint_dir_keeps_the_latest_checkpoint() {
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    let job = checkpoints.join("plain");
+    let (stopped, doc) = stop_with(libc::SIGTERM, &demo_args(cp, "plain", &root, &[]));
+    assert!(doc["savepoint"].is_null(), "{}", stopped.run.context());
+    let last = doc["last_checkpoint"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no checkpoint kept\n{}", stopped.run.context()))
+        .to_string();
+    assert_eq!(latest(path_str(&job), NO_ENV), last);
+    assert_sound(&last, NO_ENV);
+
+    let resumed = run(&demo_args(cp, "plain", &root, &["--resume"]));
+    let resumed_doc = assert_reference_state(&resumed);
+    assert_eq!(resumed_doc["restored_from"].as_str(), Some(&*last));
+    assert!(resumed_doc["events_processed"].as_u64().unwrap() < EVENTS);
+}
+
+// ---------------------------------------------------------------------------------------
+// verify
+// ---------------------------------------------------------------------------------------
+
+/// The one `BAD` line of a text `verify` output; it must name `path`.
+fn assert_bad_line(run: &Run, path: &str) {
+    let bad: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("BAD "))
+        .collect();
+    assert_eq!(bad.len(), 1, "{}", run.context());
+    assert!(
+        bad[0].contains(&format!("/{path}: ")),
+        "BAD line does not name {path}\n{}",
+        run.context()
+    );
+}
+
+/// The one entry of a JSON `verify` output's `bad` list; its URL must end with `path`.
+fn assert_bad_entry(run: &Run, path: &str, kind: &str) {
+    let doc = run.json();
+    assert_eq!(doc["sound"], false, "{}", run.context());
+    let bad = doc["bad"].as_array().expect("bad");
+    assert_eq!(bad.len(), 1, "{}", run.context());
+    assert!(
+        bad[0]["url"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/{path}")),
+        "{}",
+        run.context()
+    );
+    assert_eq!(bad[0]["kind"], kind, "{}", run.context());
+}
+
+#[test]
+fn verify_lists_each_damaged_or_missing_file() {
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    let job = checkpoints.join("damaged");
+    run(&demo_args(cp, "damaged", &root, &[])).expect(0);
+    let url = latest(path_str(&job), NO_ENV);
+    assert_sound(&url, NO_ENV);
+    let info = inspect(&url, NO_ENV);
+    assert_eq!(info["kind"], "checkpoint");
+    assert_eq!(info["format"], "incremental");
+    let files = snapshot_files(&info);
+    assert_eq!(info["files"].as_u64(), Some(files.len() as u64));
+    let shared: Vec<&SnapshotFile> = files
+        .iter()
+        .filter(|f| f.role == "shared" && f.size > 0)
+        .collect();
+    assert!(shared.len() >= 2, "{info}");
+    for f in &files {
+        assert_eq!(
+            fs::metadata(job.join(&f.path)).unwrap().len(),
+            f.size,
+            "{f:?}"
+        );
+    }
+
+    let mut rng = Rng::new(0x5eed_0003);
+    let first = rng.range(0, shared.len() as u64 - 1) as usize;
+    let victim = shared[first];
+    let victim_path = job.join(&victim.path);
+    let original = fs::read(&victim_path).unwrap();
+
+    // One flipped byte.
+    let mut damaged = original.clone();
+    let offset = rng.range(0, damaged.len() as u64 - 1) as usize;
+    damaged[offset] ^= 0x5a;
+    fs::write(&victim_path, &damaged).unwrap();
+    let text = run(&["verify", &url]);
+    text.expect(3);
+    assert_bad_line(&text, &victim.path);
+    let json = run(&["verify", &url, "--json"]);
+    json.expect(3);
+    assert_bad_entry(&json, &victim.path, "Corrupt");
+    // Starting from it fails cleanly, naming the file. (`--resume` falls back to an older
+    // checkpoint: tests/corruption.rs.)
+    let resumed = run(&demo_args(cp, "from-damaged", &root, &["--from", &url]));
+    assert_error_line(&resumed, "resume from a damaged checkpoint");
+    assert!(
+        resumed.stderr.contains(&victim.path),
+        "{}",
+        resumed.context()
+    );
+
+    // Repaired, it is sound again.
+    fs::write(&victim_path, &original).unwrap();
+    assert_sound(&url, NO_ENV);
+
+    // One missing file.
+    let gone = shared[(first + 1) % shared.len()];
+    fs::remove_file(job.join(&gone.path)).unwrap();
+    let text = run(&["verify", &url]);
+    text.expect(3);
+    assert_bad_line(&text, &gone.path);
+    let json = run(&["verify", &url, "--json"]);
+    json.expect(3);
+    assert_bad_entry(&json, &gone.path, "NotFound");
+
+    // A truncated `_metadata`.
+    let metadata = url_path(&url).join("_metadata");
+    let bytes = fs::read(&metadata).unwrap();
+    fs::write(&metadata, &bytes[..bytes.len() / 2]).unwrap();
+    let text = run(&["verify", &url]);
+    text.expect(3);
+    assert!(
+        text.stdout
+            .lines()
+            .any(|l| l.starts_with("BAD ") && l.contains("/_metadata")),
+        "{}",
+        text.context()
+    );
+    let json = run(&["verify", &url, "--json"]);
+    json.expect(3);
+    let doc = json.json();
+    assert_eq!(doc["sound"], false, "{}", json.context());
+    let bad = doc["bad"].as_array().unwrap();
+    assert_eq!(bad.len(), 1, "{}", json.context());
+    assert!(
+        bad[0]["url"].as_str().unwrap().ends_with("/_metadata"),
+        "{}",
+        json.context()
+    );
+    assert_error_line(&run(&["inspect", &url]), "inspect a truncated _metadata");
+}
+
+// ---------------------------------------------------------------------------------------
+// latest and checkpoints
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn latest_and_checkpoints_after_a_crash() {
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    let job = checkpoints.join("listed");
+    let job_url = path_str(&job);
+
+    // Nothing yet: an empty job directory, then one with only an incomplete checkpoint.
+    fs::create_dir_all(&job).unwrap();
+    for step in ["empty", "only incomplete"] {
+        let none = run(&["latest", job_url]);
+        none.expect(1);
+        assert!(none.stdout.trim().is_empty(), "{step}\n{}", none.context());
+        let lines: Vec<&str> = none.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{step}\n{}", none.context());
+        assert!(
+            lines[0].starts_with("rockstate: no completed checkpoint"),
+            "{}",
+            none.context()
+        );
+        fs::create_dir_all(job.join("chk-1")).unwrap();
+    }
+    fs::remove_dir(job.join("chk-1")).unwrap();
+
+    let mut rng = Rng::new(0x5eed_0004);
+    let after = rng.range(1, 4) as usize;
+    let killed = interrupt(
+        &demo_args(cp, "listed", &root, &["--resume"]),
+        NO_ENV,
+        after,
+        rng.range(0, 20),
+        Stop::Kill,
+    );
+    assert_killed(&killed);
+    let url = latest(job_url, NO_ENV);
+    assert!(url.starts_with("file:///"), "{url}");
+    assert!(checkpoint_id(&url) >= *killed.seen.iter().max().unwrap());
+
+    let listing = run(&["checkpoints", job_url, "--json"]);
+    listing.expect(0);
+    let doc = listing.json();
+    assert_eq!(
+        doc["job"].as_str(),
+        url.rsplit_once('/').map(|(job, _)| job)
+    );
+    let rows = doc["checkpoints"].as_array().unwrap();
+    let completed: Vec<&Value> = rows.iter().filter(|r| r["status"] == "completed").collect();
+    assert!(!completed.is_empty(), "{}", listing.context());
+    let ids: Vec<u64> = rows.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "unsorted: {ids:?}");
+    for row in &completed {
+        let id = row["id"].as_u64().unwrap();
+        assert_eq!(
+            row["url"].as_str().map(checkpoint_id),
+            Some(id),
+            "{}",
+            listing.context()
+        );
+        assert!(row["total_bytes"].as_u64().unwrap() > 0, "{row}");
+        assert!(row["uploaded_bytes"].as_u64().unwrap() > 0, "{row}");
+        assert!(row["uploaded_bytes"].as_u64() <= row["total_bytes"].as_u64());
+        assert!(row["files"].as_u64().unwrap() > 0, "{row}");
+        assert!(row["completed_at_ms"].as_u64() >= row["triggered_at_ms"].as_u64());
+    }
+    assert_eq!(
+        completed.last().unwrap()["url"].as_str(),
+        Some(url.as_str()),
+        "latest is not the newest completed checkpoint\n{}",
+        listing.context()
+    );
+    for id in &killed.seen {
+        // Announced checkpoints are either listed or already subsumed by newer ones.
+        assert!(
+            ids.contains(id) || completed.iter().all(|r| r["id"].as_u64().unwrap() > *id),
+            "announced checkpoint {id} is missing\n{}",
+            listing.context()
+        );
+    }
+
+    // A kill during an upload leaves an incomplete checkpoint of its own.
+    let incomplete = rows.iter().filter(|r| r["status"] == "incomplete").count();
+
+    // An empty folder is an incomplete checkpoint, unreadable metadata is reported as such,
+    // and neither is the latest.
+    fs::create_dir_all(job.join("chk-999")).unwrap();
+    fs::create_dir_all(job.join("chk-1000")).unwrap();
+    fs::write(job.join("chk-1000/_metadata"), b"not a metadata file").unwrap();
+    let listing = run(&["checkpoints", job_url, "--json"]);
+    listing.expect(0);
+    let rows = listing.json()["checkpoints"].as_array().unwrap().clone();
+    let row = |id: u64| rows.iter().find(|r| r["id"] == id).cloned();
+    assert_eq!(
+        row(999),
+        Some(serde_json::json!({"id": 999, "status": "incomplete"})),
+        "{}",
+        listing.context()
+    );
+    let unreadable = row(1000).unwrap_or_else(|| panic!("{}", listing.context()));
+    assert_eq!(unreadable["status"], "unreadable");
+    assert!(!unreadable["error"].as_str().unwrap().is_empty());
+    assert_eq!(
+        rows.iter().filter(|r| r["status"] == "completed").count(),
+        completed.len()
+    );
+    let text = run(&["checkpoints", job_url]);
+    text.expect(0);
+    assert!(
+        text.stdout.contains(&format!(
+            "{} completed, {} incomplete, 1 unreadable",
+            completed.len(),
+            incomplete + 1
+        )),
+        "{}",
+        text.context()
+    );
+    assert_eq!(latest(job_url, NO_ENV), url);
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad input
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn bad_paths_and_urls_fail_with_one_line() {
+    let (_dir, root) = temp_root();
+    let missing = root.join("missing");
+    let missing_job = missing.join("job");
+    let missing_url = format!("file://{}", path_str(&missing_job));
+    for target in [path_str(&missing_job), missing_url.as_str()] {
+        let commands: [Vec<&str>; 7] = [
+            vec!["checkpoints", target],
+            vec!["checkpoints", target, "--json"],
+            vec!["latest", target],
+            vec!["inspect", target],
+            vec!["verify", target],
+            vec!["gc", target, "--grace", "0s"],
+            vec!["savepoint", "dispose", target],
+        ];
+        for args in commands {
+            assert_error_line(&run(&args), &format!("{args:?}"));
+            assert!(!missing.exists(), "{args:?} created {missing:?}");
+        }
+    }
+
+    // Directories that are not snapshots.
+    let empty = root.join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    let other = root.join("other");
+    fs::create_dir_all(&other).unwrap();
+    fs::write(other.join("notes.txt"), b"hello").unwrap();
+    for dir in [&empty, &other] {
+        for cmd in ["inspect", "verify"] {
+            let args = [cmd, path_str(dir)];
+            assert_error_line(&run(&args), &format!("{args:?}"));
+        }
+    }
+    assert_eq!(
+        list_files(&other),
+        BTreeSet::from(["notes.txt".to_string()])
+    );
+
+    // Unreadable `_metadata`.
+    let garbage = root.join("garbage/chk-1");
+    fs::create_dir_all(&garbage).unwrap();
+    let mut rng = Rng::new(0x5eed_0005);
+    let noise: Vec<u8> = (0..200).map(|_| rng.next() as u8).collect();
+    fs::write(garbage.join("_metadata"), &noise).unwrap();
+    for target in [garbage.clone(), garbage.join("_metadata")] {
+        let args = ["inspect", path_str(&target)];
+        assert_error_line(&run(&args), &format!("{args:?}"));
+    }
+    let verify = run(&["verify", path_str(&garbage)]);
+    verify.expect(3);
+
+    // Unsupported scheme.
+    let ftp = "ftp://x/y";
+    let commands: [Vec<&str>; 6] = [
+        vec!["checkpoints", ftp],
+        vec!["latest", ftp],
+        vec!["inspect", ftp],
+        vec!["verify", ftp],
+        vec!["gc", ftp],
+        vec!["savepoint", "dispose", ftp],
+    ];
+    for args in commands {
+        let run = run(&args);
+        assert_error_line(&run, &format!("{args:?}"));
+        assert!(run.stderr.contains("ftp"), "{}", run.context());
+    }
+
+    // Bad flags outside `demo`.
+    for args in [
+        vec!["verify", path_str(&empty), "--frobnicate"],
+        vec!["no-such-command"],
+        vec!["gc", path_str(&empty), "--grace", "soon"],
+        vec!["gc", path_str(&empty), "--grace", "5 fortnights"],
+    ] {
+        assert_error_line(&run(&args), &format!("{args:?}"));
+    }
+}
+
+#[test]
+fn bad_demo_flags_fail_with_one_line_and_change_nothing() {
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    let job = checkpoints.join("existing");
+    let job_url = path_str(&job);
+
+    // A small job with checkpoints.
+    let mut args = demo_args(cp, "existing", &root, &[]);
+    let events = args.iter().position(|a| a == "--events").unwrap();
+    args[events + 1] = "6000".into();
+    let interval = args
+        .iter()
+        .position(|a| a == "--checkpoint-interval")
+        .unwrap();
+    args[interval + 1] = "2000".into();
+    run(&args).expect(0);
+    let url = latest(job_url, NO_ENV);
+    let before = list_files(&job);
+    let chk = url_path(&url);
+    let chk_metadata = fs::read(chk.join("_metadata")).unwrap();
+
+    let missing = root.join("missing");
+    let missing_url = format!("file://{}", path_str(&missing.join("sp")));
+    let missing_path = missing.join("chk-3");
+    let fresh_cp = root.join("fresh");
+    let fresh = path_str(&fresh_cp);
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        (
+            "unknown flag",
+            demo_args(fresh, "x", &root, &["--no-such-flag"]),
+        ),
+        (
+            "--claim without --from",
+            demo_args(fresh, "x", &root, &["--claim"]),
+        ),
+        (
+            "parallelism 0",
+            demo_args(fresh, "x", &root, &["--parallelism", "0"]),
+        ),
+        (
+            "parallelism above max parallelism",
+            demo_args(
+                fresh,
+                "x",
+                &root,
+                &["--parallelism", "300", "--max-parallelism", "128"],
+            ),
+        ),
+        ("no keys", {
+            let mut a = demo_args(fresh, "x", &root, &[]);
+            let keys = a.iter().position(|x| x == "--keys").unwrap();
+            a[keys + 1] = "0".into();
+            a
+        }),
+        (
+            "--from a missing path",
+            demo_args(fresh, "x", &root, &["--from", path_str(&missing_path)]),
+        ),
+        (
+            "--from a missing file URL",
+            demo_args(fresh, "x", &root, &["--from", &missing_url]),
+        ),
+        (
+            "--from an unsupported scheme",
+            demo_args(fresh, "x", &root, &["--from", "ftp://x/y"]),
+        ),
+        (
+            "--checkpoint-dir with an unsupported scheme",
+            demo_args("ftp://x/y", "x", &root, &[]),
+        ),
+        (
+            "--resume with another max parallelism",
+            demo_args(
+                cp,
+                "existing",
+                &root,
+                &["--resume", "--max-parallelism", "64"],
+            ),
+        ),
+        (
+            "start again without --resume",
+            demo_args(cp, "existing", &root, &[]),
+        ),
+        (
+            "--resume and --from",
+            demo_args(cp, "existing", &root, &["--resume", "--from", &url]),
+        ),
+        (
+            "job id with a slash",
+            demo_args(cp, "../existing", &root, &[]),
+        ),
+    ];
+    for (what, args) in &cases {
+        assert_error_line(&run(args), what);
+        assert!(!missing.exists(), "{what}: created {missing:?}");
+    }
+
+    // Disposing of a checkpoint as a savepoint is refused and leaves it intact.
+    for target in [url.clone(), path_str(&chk).to_string(), job_url.to_string()] {
+        let args = ["savepoint", "dispose", target.as_str()];
+        assert_error_line(&run(&args), &format!("{args:?}"));
+    }
+    assert_eq!(list_files(&job), before, "the job directory changed");
+    assert_eq!(fs::read(chk.join("_metadata")).unwrap(), chk_metadata);
+    assert_eq!(latest(job_url, NO_ENV), url);
+    assert_sound(&url, NO_ENV);
+}
+
+// ---------------------------------------------------------------------------------------
+// gc
+// ---------------------------------------------------------------------------------------
+
+fn gc(job: &str, extra: &[&str], env: Env) -> Value {
+    let mut args = vec!["gc", job, "--json"];
+    args.extend_from_slice(extra);
+    let run = run_env(&args, env);
+    run.expect(0);
+    let doc = run.json();
+    assert!(doc["unreadable"].as_array().unwrap().is_empty(), "{doc}");
+    doc
+}
+
+fn orphan_paths(doc: &Value) -> BTreeSet<String> {
+    doc["orphans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["path"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Sets a file's modification time `age` in the past.
+fn age(path: &Path, age: Duration) {
+    let file = fs::File::options().write(true).open(path).unwrap();
+    file.set_modified(SystemTime::now() - age).unwrap();
+}
+
+#[test]
+fn gc_deletes_orphans_after_a_crash_and_keeps_every_referenced_file() {
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    let job = checkpoints.join("swept");
+    let job_url = path_str(&job);
+    let mut rng = Rng::new(0x5eed_0006);
+    let after = rng.range(1, 4) as usize;
+    let killed = interrupt(
+        &demo_args(cp, "swept", &root, &[]),
+        NO_ENV,
+        after,
+        rng.range(0, 20),
+        Stop::Kill,
+    );
+    assert_killed(&killed);
+    let url = latest(job_url, NO_ENV);
+
+    // Everything the completed checkpoints reference.
+    let listing = run(&["checkpoints", job_url, "--json"]);
+    listing.expect(0);
+    let mut referenced = BTreeSet::new();
+    for row in listing.json()["checkpoints"].as_array().unwrap() {
+        if row["status"] != "completed" {
+            continue;
+        }
+        let chk = row["url"].as_str().unwrap();
+        referenced.insert(format!("chk-{}/_metadata", row["id"]));
+        referenced.extend(
+            snapshot_files(&inspect(chk, NO_ENV))
+                .into_iter()
+                .map(|f| f.path),
+        );
+    }
+    let shared = referenced
+        .iter()
+        .find(|p| p.starts_with("shared/"))
+        .expect("a shared file")
+        .clone();
+
+    // Leftovers of uploads in flight, two hours old: a shared file and an incomplete
+    // checkpoint folder.
+    let stray_shared = "shared/00000000000000000000000000000000.sst".to_string();
+    fs::copy(job.join(&shared), job.join(&stray_shared)).unwrap();
+    let stray_chk = format!(
+        "chk-{}/counter/0/MANIFEST-000005",
+        checkpoint_id(&url) + 1000
+    );
+    fs::create_dir_all(job.join(&stray_chk).parent().unwrap()).unwrap();
+    fs::write(job.join(&stray_chk), b"partial upload").unwrap();
+    for stray in [&stray_shared, &stray_chk] {
+        age(&job.join(stray), Duration::from_secs(2 * 3600));
+    }
+    let before = list_files(&job);
+
+    // Younger than the grace period: kept.
+    let young = gc(job_url, &["--dry-run", "--grace", "1d"], NO_ENV);
+    assert!(orphan_paths(&young).is_empty(), "{young}");
+    assert!(young["too_young"].as_u64().unwrap() >= 2, "{young}");
+
+    let dry = gc(job_url, &["--dry-run", "--grace", "0s"], NO_ENV);
+    assert_eq!(dry["dry_run"], true);
+    let orphans = orphan_paths(&dry);
+    assert!(orphans.contains(&stray_shared), "{dry}");
+    assert!(orphans.contains(&stray_chk), "{dry}");
+    for orphan in &orphans {
+        assert!(
+            !referenced.contains(orphan),
+            "referenced file {orphan} listed as an orphan"
+        );
+        assert!(before.contains(orphan), "{orphan} does not exist");
+    }
+    let sizes: u64 = dry["orphans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["size"].as_u64().unwrap())
+        .sum();
+    assert_eq!(dry["orphan_bytes"].as_u64(), Some(sizes));
+    assert_eq!(dry["referenced"].as_u64(), Some(referenced.len() as u64));
+    assert_eq!(list_files(&job), before, "a dry run deleted files");
+
+    let swept = gc(job_url, &["--grace", "0s"], NO_ENV);
+    assert_eq!(swept["dry_run"], false);
+    assert_eq!(orphan_paths(&swept), orphans);
+    let after_sweep = list_files(&job);
+    assert_eq!(
+        after_sweep,
+        before.difference(&orphans).cloned().collect(),
+        "the sweep deleted something else or left orphans"
+    );
+    assert!(referenced.is_subset(&after_sweep));
+    let again = gc(job_url, &["--dry-run", "--grace", "0s"], NO_ENV);
+    assert!(orphan_paths(&again).is_empty(), "{again}");
+
+    assert_eq!(latest(job_url, NO_ENV), url);
+    assert_sound(&url, NO_ENV);
+    let resumed = run(&demo_args(cp, "swept", &root, &["--resume"]));
+    let doc = assert_reference_state(&resumed);
+    assert_eq!(doc["restored_from"].as_str(), Some(url.as_str()));
+}
+
+#[test]
+fn gc_with_a_huge_grace_keeps_young_files() {
+    let (_dir, root) = temp_root();
+    let job = root.join("job");
+    fs::create_dir_all(job.join("shared")).unwrap();
+    fs::write(job.join("shared/fresh.sst"), b"in flight").unwrap();
+    for grace in ["106751991168d", "200000000000d"] {
+        let run = run(&[
+            "gc",
+            path_str(&job),
+            "--dry-run",
+            "--grace",
+            grace,
+            "--json",
+        ]);
+        match run.code() {
+            Some(0) => assert!(
+                orphan_paths(&run.json()).is_empty(),
+                "--grace {grace}\n{}",
+                run.context()
+            ),
+            _ => assert_error_line(&run, grace),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// S3
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn crash_resume_and_listings_on_s3() {
+    let server = rockstate::testing::s3::S3Server::start("rockstate-cli");
+    let env: &[(&str, &str)] = &[
+        ("AWS_ENDPOINT", server.endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    let (_dir, root) = temp_root();
+    let cp = format!("s3://{}/runs", server.bucket);
+    let job = format!("{cp}/remote");
+
+    let none = run_env(&["latest", &format!("{cp}/nothing")], env);
+    none.expect(1);
+
+    let mut rng = Rng::new(0x5eed_0007);
+    let after = rng.range(1, 4) as usize;
+    let killed = interrupt(
+        &demo_args(&cp, "remote", &root, &[]),
+        env,
+        after,
+        rng.range(0, 20),
+        Stop::Kill,
+    );
+    assert_killed(&killed);
+
+    let url = latest(&job, env);
+    assert!(url.starts_with(&format!("{job}/chk-")), "{url}");
+    assert!(checkpoint_id(&url) >= *killed.seen.iter().max().unwrap());
+    assert_sound(&url, env);
+    let info = inspect(&url, env);
+    assert_eq!(info["kind"], "checkpoint");
+    assert_eq!(info["format"], "incremental");
+    assert!(snapshot_files(&info).iter().any(|f| f.role == "shared"));
+
+    let listing = run_env(&["checkpoints", &job, "--json"], env);
+    listing.expect(0);
+    let doc = listing.json();
+    assert_eq!(doc["job"].as_str(), Some(job.as_str()));
+    let completed: Vec<Value> = doc["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == "completed")
+        .cloned()
+        .collect();
+    assert!(!completed.is_empty(), "{}", listing.context());
+    for row in &completed {
+        assert!(row["total_bytes"].as_u64().unwrap() > 0, "{row}");
+        assert!(row["files"].as_u64().unwrap() > 0, "{row}");
+    }
+    assert_eq!(
+        completed.last().unwrap()["url"].as_str(),
+        Some(url.as_str())
+    );
+    let dry = gc(&job, &["--dry-run", "--grace", "0s"], env);
+    assert_eq!(dry["dry_run"], true);
+
+    let resumed = run_env(
+        &demo_args(&cp, "remote", &root, &["--resume", "--parallelism", "3"]),
+        env,
+    );
+    let doc = assert_reference_state(&resumed);
+    assert_eq!(doc["restored_from"].as_str(), Some(url.as_str()));
+    let last = doc["last_checkpoint"].as_str().unwrap();
+    assert!(last.starts_with(&format!("{job}/chk-")), "{last}");
+    assert_eq!(latest(&job, env), last);
+    assert_sound(last, env);
+
+    // Damage on S3 is found too: one byte of a shared file flipped through the server.
+    let victim = snapshot_files(&inspect(last, env))
+        .into_iter()
+        .find(|f| f.role == "shared" && f.size > 0)
+        .expect("a shared file");
+    let storage = server.storage("runs/remote");
+    let location = object_store::path::Path::from(format!("runs/remote/{}", victim.path));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let original = runtime
+        .block_on(storage.read_range(&victim.path, 0..victim.size))
+        .unwrap();
+    let mut damaged = original.to_vec();
+    let offset = rng.range(0, victim.size - 1) as usize;
+    damaged[offset] ^= 0x5a;
+    let put = |bytes: Vec<u8>| {
+        runtime
+            .block_on(storage.store().put(&location, bytes.clone().into()))
+            .unwrap();
+        let stored = runtime
+            .block_on(storage.read_range(&victim.path, 0..victim.size))
+            .unwrap();
+        assert_eq!(
+            stored.as_ref(),
+            bytes.as_slice(),
+            "the object was not replaced"
+        );
+    };
+    put(damaged);
+    let text = run_env(&["verify", last], env);
+    text.expect(3);
+    assert_bad_line(&text, &victim.path);
+    let json = run_env(&["verify", last, "--json"], env);
+    json.expect(3);
+    assert_bad_entry(&json, &victim.path, "Corrupt");
+    put(original.to_vec());
+    assert_sound(last, env);
+}
+
+#[test]
+fn storage_errors_on_s3_are_one_line() {
+    let server = rockstate::testing::s3::S3Server::start("rockstate-cli-errors");
+    let env: &[(&str, &str)] = &[
+        ("AWS_ENDPOINT", server.endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    for args in [
+        vec!["latest", "s3://no-such-bucket/job"],
+        vec!["checkpoints", "s3://no-such-bucket/job"],
+    ] {
+        assert_error_line(&run_env(&args, env), &format!("{args:?}"));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Concurrent actors on one job directory
+// ---------------------------------------------------------------------------------------
+
+/// Runs `rockstate gc JOB` (default grace) in a loop until `child` exits; returns the
+/// child's run and the number of sweeps. Every sweep must succeed, or find no directory
+/// yet, or report that the directory kept changing (nothing deleted).
+fn gc_beside(child: std::process::Child, job: &str) -> (Run, usize) {
+    let output = std::thread::scope(|scope| {
+        let waiter = scope.spawn(move || child.wait_with_output().expect("wait for rockstate"));
+        let mut sweeps = 0;
+        while !waiter.is_finished() {
+            let sweep = run(&["gc", job, "--json"]);
+            if sweep.code() == Some(0) {
+                sweeps += 1;
+            } else {
+                // Before the job created its directory, or while it kept changing.
+                assert!(
+                    sweep.stderr.contains("kept changing") || sweep.stderr.contains("no directory"),
+                    "gc beside the job failed\n{}",
+                    sweep.context()
+                );
+            }
+        }
+        (waiter.join().expect("waiter"), sweeps)
+    });
+    let (output, sweeps) = output;
+    (Run::from_output(output, None), sweeps)
+}
+
+/// Every retained checkpoint of `job` verifies sound.
+fn assert_all_sound(job: &str) {
+    let listing = run(&["checkpoints", job, "--json"]);
+    listing.expect(0);
+    let mut completed = 0;
+    for row in listing.json()["checkpoints"].as_array().unwrap() {
+        if row["status"] == "completed" {
+            assert_sound(row["url"].as_str().unwrap(), NO_ENV);
+            completed += 1;
+        }
+    }
+    assert!(completed >= 1, "{}", listing.context());
+}
+
+#[test]
+fn gc_in_a_loop_beside_a_running_job_keeps_every_checkpoint_sound() {
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    let savepoints = root.join("savepoints");
+
+    // A native savepoint whose files are two hours old: copies of them by hard link
+    // must not look old to the sweep.
+    let (_doc, savepoint) = native_savepoint(libc::SIGTERM, cp, "old", &root, &savepoints);
+    for file in list_files(&url_path(&savepoint)) {
+        age(
+            &url_path(&savepoint).join(file),
+            Duration::from_secs(2 * 3600),
+        );
+    }
+
+    for (job_id, extra) in [
+        ("restored", vec!["--from", savepoint.as_str()]),
+        ("plain", vec![]),
+    ] {
+        let job = checkpoints.join(job_id);
+        let job_url = path_str(&job).to_string();
+        let mut args = demo_args(cp, job_id, &root, &extra);
+        args.extend(["--retained".to_string(), "1".to_string()]);
+        let child = command(&args, NO_ENV)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start rockstate");
+        let (finished, sweeps) = gc_beside(child, &job_url);
+        assert_reference_state(&finished);
+        assert!(sweeps >= 1, "{job_id}: no sweep ran beside the job");
+        assert_all_sound(&job_url);
+        // The latest checkpoint restores to the same state.
+        let resumed = run(&demo_args(cp, job_id, &root, &["--resume"]));
+        assert_reference_state(&resumed);
+    }
+}
+
+/// `demo_args` with `events` events instead of the shared count.
+fn demo_args_with_events(
+    checkpoint_dir: &str,
+    job_id: &str,
+    root: &Path,
+    events: u64,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args = demo_args(checkpoint_dir, job_id, root, extra);
+    let at = args.iter().position(|a| a == "--events").unwrap() + 1;
+    args[at] = events.to_string();
+    args
+}
+
+#[test]
+fn a_second_writer_fences_the_first_which_fails_with_one_line() {
+    // Long enough that the first writer is still committing when the second one starts.
+    const LONG: u64 = 400_000;
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    let uninterrupted = run(&demo_args_with_events(cp, "reference", &root, LONG, &[]));
+    uninterrupted.expect(0);
+    let reference = uninterrupted.json()["state_digest"].clone();
+    let assert_reference = |run: &Run| {
+        run.expect(0);
+        let doc = run.json();
+        assert_eq!(doc["stopped_by"], "end", "{}", run.context());
+        assert_eq!(doc["state_digest"], reference, "{}", run.context());
+    };
+    // A job killed after its first checkpoint: both runs resume it.
+    let killed = interrupt(
+        &demo_args_with_events(cp, "twice", &root, LONG, &[]),
+        NO_ENV,
+        1,
+        0,
+        Stop::Kill,
+    );
+    assert_killed(&killed);
+
+    // Both keep ten checkpoints: the first writer does not retire the checkpoint the
+    // second one is restoring before the second claims the directory.
+    let mut first = command(
+        &demo_args_with_events(cp, "twice", &root, LONG, &["--resume", "--retained", "10"]),
+        NO_ENV,
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start the first writer");
+    // Once the first writer is committing, the second one claims the job directory.
+    let mut reader = BufReader::new(first.stderr.take().unwrap());
+    let mut first_stderr = String::new();
+    let mut line = String::new();
+    while checkpoint_line(&line).is_none() {
+        line.clear();
+        if reader.read_line(&mut line).expect("read stderr") == 0 {
+            break;
+        }
+        first_stderr.push_str(&line);
+    }
+    let second = command(
+        &demo_args_with_events(cp, "twice", &root, LONG, &["--resume", "--retained", "10"]),
+        NO_ENV,
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start the second writer");
+    reader
+        .read_to_string(&mut first_stderr)
+        .expect("read stderr");
+    let first_out = first.wait_with_output().expect("wait for the first writer");
+    let first_run = Run::from_output(first_out, Some(first_stderr));
+    let second_out = second
+        .wait_with_output()
+        .expect("wait for the second writer");
+    let second_run = Run::from_output(second_out, None);
+    // The survivor ends in the uninterrupted run's state; the first writer was fenced
+    // and says so in one line.
+    assert_reference(&second_run);
+    assert_eq!(first_run.code(), Some(2), "{}", first_run.context());
+    let last = first_run
+        .stderr
+        .lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or_default();
+    assert!(
+        last.starts_with("rockstate: ") && last.contains("fenced"),
+        "the first writer did not stop with a one-line fencing error\n{}",
+        first_run.context()
+    );
+    let job = checkpoints.join("twice");
+    assert_all_sound(path_str(&job));
+    let resumed = run(&demo_args_with_events(
+        cp,
+        "twice",
+        &root,
+        LONG,
+        &["--resume"],
+    ));
+    assert_reference(&resumed);
+}
+
+// ---------------------------------------------------------------------------------------
+// The demo's local directory
+// ---------------------------------------------------------------------------------------
+
+/// `rockstate demo --local-dir DIR` with a DIR that holds a user's file.
+///
+/// Proves: the demo never deletes what it did not create (it either refuses the
+/// directory with a one-line error or leaves the file alone).
+#[test]
+fn the_demo_keeps_a_users_files_in_its_local_dir() {
+    let root = tempfile::tempdir().unwrap();
+    let local = root.path().join("mine");
+    std::fs::create_dir_all(&local).unwrap();
+    let precious = local.join("notes.txt");
+    std::fs::write(&precious, "do not delete").unwrap();
+    let checkpoints = root.path().join("checkpoints").display().to_string();
+    let out = run_env(
+        &[
+            "demo",
+            "--checkpoint-dir",
+            &checkpoints,
+            "--job-id",
+            "local-dir",
+            "--local-dir",
+            &local.display().to_string(),
+            "--events",
+            "2000",
+            "--keys",
+            "100",
+            "--checkpoint-interval",
+            "1000",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(
+        precious.exists(),
+        "the demo deleted a user's file in --local-dir\n{}",
+        out.context()
+    );
+    if !out.status.success() {
+        let lines: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert_eq!(lines.len(), 1, "{}", out.context());
+    }
+}

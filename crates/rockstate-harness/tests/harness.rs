@@ -1,0 +1,356 @@
+//! The harness: a keyed job on threads with checkpoints, crashes and restarts. A run that
+//! crashes and resumes from its latest checkpoint ends in the same state as one that never
+//! failed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rockstate::checkpoint::{sweep, SweepOptions};
+use rockstate::{
+    CheckpointCoordinator, CheckpointStorage, CoordinatorOptions, ListState, ListStateDescriptor,
+    MapState, MapStateDescriptor, OperatorSpec, RocksStateBackend, ValueState,
+    ValueStateDescriptor,
+};
+use rockstate_harness::{Harness, HarnessConfig, Operator, OperatorFactory, Source, StartFrom};
+
+const KEYS: u64 = 300;
+
+struct Events {
+    partitions: u32,
+    per_partition: u64,
+}
+
+impl Source for Events {
+    type Key = String;
+    type Value = u64;
+    fn partitions(&self) -> u32 {
+        self.partitions
+    }
+    fn record(&self, partition: u32, offset: u64) -> Option<(String, u64)> {
+        if offset >= self.per_partition {
+            return None;
+        }
+        let x = (u64::from(partition) << 32 | offset).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        Some((format!("user-{}", (x >> 20) % KEYS), (x >> 8) % 1000))
+    }
+}
+
+struct Counter {
+    count: ValueState<String, u64>,
+    recent: ListState<String, u64>,
+    histogram: MapState<String, u8, u64>,
+}
+
+impl Operator<String, u64> for Counter {
+    fn process(&mut self, key: &String, value: u64) -> rockstate::Result<()> {
+        let n = self.count.get(key)?.unwrap_or(0);
+        self.count.put(key, &(n + 1))?;
+        let mut recent = self.recent.get(key)?;
+        recent.push(value);
+        let keep = recent.len().saturating_sub(8);
+        self.recent.update(key, &recent[keep..])?;
+        let bucket = (value / 100) as u8;
+        let c = self.histogram.get(key, &bucket)?.unwrap_or(0);
+        self.histogram.put(key, &bucket, &(c + 1))
+    }
+}
+
+fn factory() -> OperatorFactory<String, u64> {
+    Arc::new(|backend: &RocksStateBackend| {
+        Ok(Box::new(Counter {
+            count: backend.register(ValueStateDescriptor::new("count"))?,
+            recent: backend.register(ListStateDescriptor::new("recent"))?,
+            histogram: backend.register(MapStateDescriptor::new("histogram"))?,
+        }) as Box<dyn Operator<String, u64>>)
+    })
+}
+
+type Digest = BTreeMap<String, (u64, Vec<u64>, Vec<(u8, u64)>)>;
+
+fn digest(backends: &[RocksStateBackend]) -> Digest {
+    let mut out = Digest::new();
+    for b in backends {
+        let count = b
+            .register(ValueStateDescriptor::<String, u64>::new("count"))
+            .unwrap();
+        let recent = b
+            .register(ListStateDescriptor::<String, u64>::new("recent"))
+            .unwrap();
+        let hist = b
+            .register(MapStateDescriptor::<String, u8, u64>::new("histogram"))
+            .unwrap();
+        for entry in count.all_keys().unwrap() {
+            let (key, ()) = entry.unwrap();
+            let h = hist.iter(&key).unwrap().map(|e| e.unwrap()).collect();
+            let value = (
+                count.get(&key).unwrap().unwrap(),
+                recent.get(&key).unwrap(),
+                h,
+            );
+            assert!(
+                out.insert(key, value).is_none(),
+                "a key lives in one subtask only"
+            );
+        }
+    }
+    out
+}
+
+fn config(local: &Path, interval: u64) -> HarnessConfig {
+    HarnessConfig {
+        job_id: "job".into(),
+        operator_uid: "counter".into(),
+        parallelism: 2,
+        max_parallelism: 32,
+        local_root: local.to_path_buf(),
+        checkpoint_interval: interval,
+        memory_budget: 32 << 20,
+        coordinator: CoordinatorOptions {
+            num_retained: 2,
+            ..Default::default()
+        },
+    }
+}
+
+fn source() -> Events {
+    Events {
+        partitions: 3,
+        per_partition: 1_000,
+    }
+}
+
+fn uninterrupted() -> Digest {
+    let local = tempfile::tempdir().unwrap();
+    let dir = CheckpointStorage::open("memory://harness-reference").unwrap();
+    let h = Harness::start(
+        config(local.path(), 250),
+        &dir,
+        source(),
+        factory(),
+        StartFrom::Empty,
+    )
+    .unwrap();
+    let done = h.finish().unwrap();
+    assert_eq!(done.events, 3_000);
+    digest(&done.backends)
+}
+
+#[test]
+fn crashes_and_restarts_end_in_the_same_state() {
+    let expected = uninterrupted();
+    assert_eq!(expected.values().map(|v| v.0).sum::<u64>(), 3_000);
+
+    for (run, crash_points) in [vec![700u64], vec![260, 1_100, 2_900], vec![1]]
+        .into_iter()
+        .enumerate()
+    {
+        let root = tempfile::tempdir().unwrap();
+        let dir = CheckpointStorage::open(root.path().to_str().unwrap()).unwrap();
+        let local = tempfile::tempdir().unwrap();
+        let mut from = StartFrom::Empty;
+        for point in &crash_points {
+            let mut h =
+                Harness::start(config(local.path(), 250), &dir, source(), factory(), from).unwrap();
+            h.run(*point).unwrap();
+            // Give some uploads time to be in flight or done, then crash.
+            std::thread::sleep(Duration::from_millis(20));
+            h.crash();
+            from = StartFrom::Latest;
+        }
+        let h = Harness::start(
+            config(local.path(), 250),
+            &dir,
+            source(),
+            factory(),
+            StartFrom::Latest,
+        )
+        .unwrap();
+        let restored_from = h.restored_from();
+        let done = h.finish().unwrap();
+        assert_eq!(
+            digest(&done.backends),
+            expected,
+            "run {run}: crashes at {crash_points:?}, resumed from {restored_from:?}"
+        );
+        drop(done);
+
+        // The crashes left orphans at most; the sweep removes them and keeps what the
+        // retained checkpoints reference.
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let job = dir.child("job").unwrap();
+        let options = SweepOptions {
+            grace: Duration::ZERO,
+            dry_run: false,
+        };
+        rt.block_on(sweep(&job, &options, u64::MAX / 2)).unwrap();
+        let stored: BTreeSet<String> = rt
+            .block_on(job.list(""))
+            .unwrap()
+            .into_iter()
+            .map(|o| o.path)
+            .collect();
+        let specs = ["source", "counter"]
+            .map(|uid| OperatorSpec {
+                uid: uid.into(),
+                parallelism: 2,
+                max_parallelism: 32,
+            })
+            .to_vec();
+        let coordinator = rt
+            .block_on(CheckpointCoordinator::start(
+                job.clone(),
+                "job",
+                specs,
+                config(local.path(), 0).coordinator,
+            ))
+            .unwrap();
+        let referenced: BTreeSet<&str> = coordinator
+            .retained()
+            .flat_map(|m| m.referenced_paths())
+            .collect();
+        for path in &referenced {
+            assert!(
+                stored.contains(*path),
+                "run {run}: {path} missing after the sweep"
+            );
+        }
+        for path in stored.iter().filter(|p| p.starts_with("shared/")) {
+            assert!(
+                referenced.contains(path.as_str()),
+                "run {run}: orphan {path} survived the sweep"
+            );
+        }
+    }
+}
+
+#[test]
+fn restarting_from_an_older_checkpoint_than_the_retained_ones() {
+    let expected = uninterrupted();
+    let root = tempfile::tempdir().unwrap();
+    let dir = CheckpointStorage::open(root.path().to_str().unwrap()).unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let mut h = Harness::start(
+        config(local.path(), 0),
+        &dir,
+        source(),
+        factory(),
+        StartFrom::Empty,
+    )
+    .unwrap();
+    h.run(600).unwrap();
+    let older = h.checkpoint_now().unwrap();
+    h.run(900).unwrap();
+    h.checkpoint_now().unwrap();
+    h.crash();
+    // Fewer retained checkpoints now: starting the coordinator subsumes the older one,
+    // which must be restored first, and its files must not be reused afterwards.
+    let mut cfg = config(local.path(), 250);
+    cfg.coordinator.num_retained = 1;
+    let h = Harness::start(
+        cfg,
+        &dir,
+        source(),
+        factory(),
+        StartFrom::Checkpoint(Box::new(older.clone())),
+    )
+    .unwrap();
+    assert_eq!(h.restored_from(), Some(older.checkpoint_id));
+    let done = h.finish().unwrap();
+    assert_eq!(digest(&done.backends), expected);
+}
+
+/// A job crashes, restarts from its latest checkpoint at another parallelism (rescale
+/// through the checkpoint's files), then stops with a savepoint and resumes from it at a
+/// third parallelism; it ends in the same state as a run that never stopped.
+#[test]
+fn rescaled_restarts_and_savepoints_end_in_the_same_state() {
+    use rockstate::{RestoreOptions, RestoreSource, SavepointFormat};
+    use rockstate_harness::StartFrom;
+    let expected = uninterrupted();
+    for format in [SavepointFormat::Canonical, SavepointFormat::Native] {
+        let root = tempfile::tempdir().unwrap();
+        let dir =
+            CheckpointStorage::open(root.path().join("checkpoints").to_str().unwrap()).unwrap();
+        let savepoints =
+            CheckpointStorage::open(root.path().join("savepoints").to_str().unwrap()).unwrap();
+        let local = tempfile::tempdir().unwrap();
+        let mut cfg = config(local.path(), 250);
+        cfg.parallelism = 4;
+        let mut h = Harness::start(cfg, &dir, source(), factory(), StartFrom::Empty).unwrap();
+        h.run(1_100).unwrap();
+        h.checkpoint_now().unwrap();
+        h.run(100).unwrap();
+        h.crash();
+
+        let mut cfg = config(local.path(), 250);
+        cfg.parallelism = 3;
+        let mut h = Harness::start(cfg, &dir, source(), factory(), StartFrom::Latest).unwrap();
+        assert!(h.restored_from().is_some());
+        h.run(700).unwrap();
+        let (savepoint, done) = h.stop_with_savepoint(Some(&savepoints), format).unwrap();
+        drop(done);
+        assert!(savepoint.metadata.is_savepoint());
+
+        let source_snapshot = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(RestoreSource::open(&savepoint.url))
+            .unwrap();
+        let mut cfg = config(local.path(), 250);
+        cfg.parallelism = 1;
+        cfg.job_id = "job-from-savepoint".into();
+        let h = Harness::start(
+            cfg,
+            &dir,
+            source(),
+            factory(),
+            StartFrom::Snapshot {
+                source: Box::new(source_snapshot),
+                options: RestoreOptions::default(),
+            },
+        )
+        .unwrap();
+        let done = h.finish().unwrap();
+        assert_eq!(digest(&done.backends), expected, "{format:?}");
+    }
+}
+
+/// A factory that registers a state with another type than the snapshot recorded fails
+/// with an error naming the operator, the state and both types.
+#[test]
+fn incompatible_state_after_restore_names_operator_state_and_types() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = CheckpointStorage::open(root.path().to_str().unwrap()).unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let mut h = Harness::start(
+        config(local.path(), 0),
+        &dir,
+        source(),
+        factory(),
+        StartFrom::Empty,
+    )
+    .unwrap();
+    h.run(300).unwrap();
+    h.checkpoint_now().unwrap();
+    h.crash();
+    let wrong: OperatorFactory<String, u64> = Arc::new(|backend: &RocksStateBackend| {
+        backend.register(ValueStateDescriptor::<String, String>::new("count"))?;
+        unreachable!("registration must fail")
+    });
+    let err = match Harness::start(
+        config(local.path(), 0),
+        &dir,
+        source(),
+        wrong,
+        StartFrom::Latest,
+    ) {
+        Ok(_) => panic!("an incompatible state was accepted"),
+        Err(e) => e,
+    };
+    assert_eq!(err.kind(), rockstate::ErrorKind::Incompatible);
+    let msg = err.to_string();
+    for part in ["counter", "count", "u64", "alloc::string::String"] {
+        assert!(msg.contains(part), "{part} missing from: {msg}");
+    }
+}

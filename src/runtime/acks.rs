@@ -1,0 +1,414 @@
+//! Acknowledgements through checkpoint storage, for runtimes whose subtasks live in
+//! several processes: every worker writes an acknowledgement file per checkpoint
+//! ([`AckRecord`] at [`ack_path`]), one coordinating task ([`CoordinatorTask`], run by
+//! one worker) collects them and commits the checkpoint, and every worker learns which
+//! checkpoints completed from storage ([`newest_completed`]). No RPC is needed: it works
+//! across processes and machines on any store.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::checkpoint::discovery;
+use crate::checkpoint::{
+    AckOutcome, CheckpointCoordinator, CoordinatorOptions, OperatorSpec, SubtaskSnapshot,
+    WriterEpoch,
+};
+use crate::clock::SystemClock;
+use crate::codec;
+use crate::storage::CheckpointStorage;
+use crate::{Error, ErrorKind, Result};
+
+const ACK_MAGIC: &[u8; 8] = b"RKSTACK\0";
+const ACK_VERSION: u32 = 1;
+/// Acknowledgements hold handles of a few operators: a generous bound on their size.
+const MAX_ACK_LEN: u64 = 64 << 20;
+
+/// What one worker reports for one checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AckRecord {
+    /// The checkpoint acknowledged.
+    pub checkpoint_id: u64,
+    /// The run (attempt) that wrote it: acknowledgements of other runs are ignored.
+    pub run: u64,
+    /// The worker that wrote it.
+    pub worker: u32,
+    /// How many workers the run has.
+    pub workers: u32,
+    /// The oldest checkpoint whose files this worker's snapshots reused (0: none
+    /// confirmed yet, so it may still adopt any completed checkpoint).
+    pub base: u64,
+    /// Set when the worker could not snapshot or upload: the checkpoint cannot complete.
+    pub declined: Option<String>,
+    /// `(operator uid, snapshot)` of the worker's subtask of each operator.
+    pub snapshots: Vec<(String, SubtaskSnapshot)>,
+}
+
+impl AckRecord {
+    /// `magic ‖ version ‖ payload ‖ CRC32 of everything before it`.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let mut out = ACK_MAGIC.to_vec();
+        out.extend(codec::encode_versioned(ACK_VERSION, self)?);
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_be_bytes());
+        Ok(out)
+    }
+
+    /// Errors: `Corrupt` for a bad magic, CRC or payload; `Incompatible` for a newer
+    /// version.
+    pub fn decode(bytes: &[u8], what: &str) -> Result<Self> {
+        let Some((body, crc)) = bytes.split_last_chunk::<4>() else {
+            return Err(Error::corrupt(what, "too short for an acknowledgement"));
+        };
+        if !body.starts_with(ACK_MAGIC) {
+            return Err(Error::corrupt(
+                what,
+                "bad magic (not a rockstate acknowledgement)",
+            ));
+        }
+        if crc32fast::hash(body) != u32::from_be_bytes(*crc) {
+            return Err(Error::corrupt(what, "CRC32 mismatch"));
+        }
+        let (_, record) = codec::decode_versioned(&body[ACK_MAGIC.len()..], ACK_VERSION, what)?;
+        Ok(record)
+    }
+}
+
+/// The folder of a run's acknowledgements of one checkpoint.
+pub fn ack_dir(checkpoint_id: u64, run: u64) -> String {
+    format!("chk-{checkpoint_id}/_acks/{run:016x}")
+}
+
+/// The acknowledgement of `worker`.
+pub fn ack_path(checkpoint_id: u64, run: u64, worker: u32) -> String {
+    format!("{}/worker-{worker}", ack_dir(checkpoint_id, run))
+}
+
+/// Messages from worker 0's thread to the coordinating task.
+#[derive(Debug)]
+pub enum ToCoordinator {
+    /// Worker 0 snapshotted this epoch: the checkpoint is in flight.
+    Trigger(u64),
+    /// Stop: pending checkpoints are aborted, completed ones retained.
+    Shutdown,
+}
+
+/// What the coordinating task reports to worker 0's thread.
+#[derive(Debug)]
+pub enum FromCoordinator {
+    /// The checkpoint completed.
+    Completed(u64),
+    /// The checkpoint failed, with the reason.
+    Failed(u64, String),
+    /// The task stopped on an error it cannot recover from.
+    Stopped(Error),
+}
+
+/// Settings of the coordinating task.
+pub struct CoordinatorTask {
+    /// The writer epoch worker 0 claimed for this run.
+    pub epoch: WriterEpoch,
+    /// The job directory.
+    pub job: CheckpointStorage,
+    /// The job id recorded in `_metadata`.
+    pub job_id: String,
+    /// The job's operators.
+    pub operators: Vec<OperatorSpec>,
+    /// Retention and timeouts.
+    pub options: CoordinatorOptions,
+    /// The run (attempt): acknowledgements of other runs are ignored.
+    pub run: u64,
+    /// How many workers acknowledge each checkpoint.
+    pub workers: u32,
+    /// How often the acknowledgement folder is listed.
+    pub poll: Duration,
+}
+
+impl CoordinatorTask {
+    /// Runs until `Shutdown` or until worker 0 goes away.
+    pub async fn run(
+        self,
+        mut rx: UnboundedReceiver<ToCoordinator>,
+        events: Sender<FromCoordinator>,
+    ) {
+        let mut coordinator = match CheckpointCoordinator::start_claimed(
+            self.job.clone(),
+            &self.job_id,
+            self.operators.clone(),
+            self.options.clone(),
+            Arc::new(SystemClock),
+            self.epoch.clone(),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = events.send(FromCoordinator::Stopped(e));
+                return;
+            }
+        };
+        // Per checkpoint in flight: the workers whose acknowledgement was read.
+        let mut pending: BTreeMap<u64, BTreeSet<u32>> = BTreeMap::new();
+        // Per worker: the newest base it reported. Until every worker reported one, any
+        // completed checkpoint may still be adopted by some worker.
+        let mut bases: BTreeMap<u32, u64> = BTreeMap::new();
+        coordinator.set_reuse_floor(0);
+        loop {
+            let shutdown = tokio::select! {
+                message = rx.recv() => match message {
+                    Some(ToCoordinator::Trigger(id)) => {
+                        match coordinator.trigger_with_id(id) {
+                            Ok(()) => {
+                                pending.insert(id, BTreeSet::new());
+                            }
+                            Err(e) => {
+                                let _ = events.send(FromCoordinator::Failed(id, e.to_string()));
+                            }
+                        }
+                        false
+                    }
+                    Some(ToCoordinator::Shutdown) | None => true,
+                },
+                () = tokio::time::sleep(self.poll) => false,
+            };
+            if shutdown {
+                break;
+            }
+            for id in pending.keys().copied().collect::<Vec<_>>() {
+                let collected = self
+                    .collect(&mut coordinator, id, &mut pending, &mut bases, &events)
+                    .await;
+                match collected {
+                    Err(e) if e.kind() == ErrorKind::Fenced => {
+                        let _ = events.send(FromCoordinator::Stopped(e));
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(checkpoint_id = id, error = %e, "cannot read acknowledgements yet")
+                    }
+                    Ok(()) => {}
+                }
+            }
+            match coordinator.abort_expired().await {
+                Ok(expired) => {
+                    for id in expired {
+                        let _ = events.send(FromCoordinator::Failed(id, "timed out".into()));
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Fenced => {
+                    let _ = events.send(FromCoordinator::Stopped(e));
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot abort expired checkpoints"),
+            }
+            // Checkpoints the coordinator no longer tracks (aborted, subsumed): their
+            // acknowledgements are of no use.
+            let live: BTreeSet<u64> = coordinator.pending_ids().into_iter().collect();
+            let gone: Vec<u64> = pending
+                .keys()
+                .copied()
+                .filter(|id| !live.contains(id))
+                .collect();
+            for id in gone {
+                pending.remove(&id);
+                self.remove_acks(id).await;
+            }
+        }
+        if let Err(e) = coordinator.shutdown(false).await {
+            tracing::warn!(error = %e, "coordinator shutdown");
+        }
+        for id in pending.into_keys() {
+            self.remove_acks(id).await;
+        }
+    }
+
+    /// Reads the new acknowledgements of checkpoint `id` and hands them to the coordinator.
+    async fn collect(
+        &self,
+        coordinator: &mut CheckpointCoordinator,
+        id: u64,
+        pending: &mut BTreeMap<u64, BTreeSet<u32>>,
+        bases: &mut BTreeMap<u32, u64>,
+        events: &Sender<FromCoordinator>,
+    ) -> Result<()> {
+        let dir = ack_dir(id, self.run);
+        let listed = self.job.list(&dir).await?;
+        for object in listed {
+            let Some(seen) = pending.get_mut(&id) else {
+                return Ok(());
+            };
+            let Some(worker) = object
+                .path
+                .rsplit('/')
+                .next()
+                .and_then(|n| n.strip_prefix("worker-"))
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if seen.contains(&worker) {
+                continue;
+            }
+            let rel = format!("{dir}/worker-{worker}");
+            let bytes = self.job.read_small(&rel, MAX_ACK_LEN).await?;
+            seen.insert(worker);
+            let outcome = match AckRecord::decode(&bytes, &self.job.url_of(&rel)) {
+                Ok(record) => {
+                    if record.worker == worker && worker < self.workers {
+                        let base = bases.entry(worker).or_insert(0);
+                        *base = (*base).max(record.base);
+                        if bases.len() == self.workers as usize {
+                            let floor = bases.values().copied().min().unwrap_or(0);
+                            coordinator.set_reuse_floor(floor);
+                        }
+                    }
+                    self.acknowledge(coordinator, id, worker, record).await
+                }
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(Some(AckOutcome::Completed(_))) => {
+                    pending.remove(&id);
+                    let _ = events.send(FromCoordinator::Completed(id));
+                    self.remove_acks(id).await;
+                    return Ok(());
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Fenced => return Err(e),
+                Err(e) => {
+                    tracing::warn!(checkpoint_id = id, worker, error = %e, "checkpoint fails");
+                    if let Err(e) = coordinator.decline(id, &e.to_string()).await {
+                        if e.kind() == ErrorKind::Fenced {
+                            return Err(e);
+                        }
+                        tracing::warn!(checkpoint_id = id, error = %e, "cannot abort");
+                    }
+                    pending.remove(&id);
+                    let _ = events.send(FromCoordinator::Failed(id, e.to_string()));
+                    self.remove_acks(id).await;
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Feeds one worker's record to the coordinator; `Ok(None)` when it completes nothing.
+    async fn acknowledge(
+        &self,
+        coordinator: &mut CheckpointCoordinator,
+        id: u64,
+        worker: u32,
+        record: AckRecord,
+    ) -> Result<Option<AckOutcome>> {
+        if record.checkpoint_id != id
+            || record.run != self.run
+            || record.worker != worker
+            || record.workers != self.workers
+        {
+            return Err(Error::invalid(format!(
+                "acknowledgement of worker {worker} for checkpoint {id} names checkpoint {}, run {:016x}, worker {} of {} (expected run {:016x} of {} workers)",
+                record.checkpoint_id, record.run, record.worker, record.workers, self.run, self.workers
+            )));
+        }
+        if let Some(reason) = record.declined {
+            return Err(Error::Internal(format!(
+                "worker {worker} declined: {reason}"
+            )));
+        }
+        let mut last = None;
+        for (uid, snapshot) in record.snapshots {
+            last = Some(coordinator.acknowledge(id, &uid, worker, snapshot).await?);
+        }
+        Ok(last)
+    }
+
+    /// Deletes a checkpoint's acknowledgements (best effort: the sweep removes leftovers).
+    async fn remove_acks(&self, id: u64) {
+        let dir = ack_dir(id, self.run);
+        let removed = async {
+            let paths = self
+                .job
+                .list(&dir)
+                .await?
+                .into_iter()
+                .map(|o| o.path)
+                .collect();
+            self.job.delete_many(paths).await
+        };
+        if let Err(e) = removed.await {
+            tracing::debug!(checkpoint_id = id, error = %e, "cannot remove acknowledgements (the sweep will)");
+        }
+    }
+}
+
+/// The newest of `ids` (tried newest first) whose `_metadata` exists and was committed by
+/// the coordinator of writer epoch `epoch`: a `_metadata` of another writer (a stale
+/// process of the same job) is never confirmed, since this run's coordinator does not
+/// protect its files.
+pub async fn newest_completed(
+    job: &CheckpointStorage,
+    ids: Vec<u64>,
+    epoch: u64,
+) -> Result<Option<u64>> {
+    for id in ids.into_iter().rev() {
+        match discovery::read_metadata(job, id).await {
+            Ok(Some(meta)) if meta.checkpoint_id == id && meta.writer_epoch == epoch => {
+                return Ok(Some(id))
+            }
+            Ok(Some(meta)) => {
+                tracing::warn!(
+                    checkpoint_id = id,
+                    writer_epoch = meta.writer_epoch,
+                    epoch,
+                    "a checkpoint of another writer is not confirmed"
+                );
+            }
+            Ok(None) => {}
+            Err(e) if e.kind() == ErrorKind::Corrupt => {
+                tracing::warn!(checkpoint_id = id, error = %e, "an unreadable checkpoint is not confirmed");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acknowledgements_round_trip_and_damage_is_detected() {
+        let record = AckRecord {
+            checkpoint_id: 7,
+            run: 0xabc,
+            worker: 1,
+            workers: 4,
+            base: 3,
+            declined: None,
+            snapshots: vec![("source".into(), SubtaskSnapshot::default())],
+        };
+        let bytes = record.encode().unwrap();
+        let back = AckRecord::decode(&bytes, "ack").unwrap();
+        assert_eq!(back.checkpoint_id, 7);
+        assert_eq!(back.snapshots.len(), 1);
+        for cut in 0..bytes.len() {
+            let e = AckRecord::decode(&bytes[..cut], "ack").unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "cut at {cut}");
+        }
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x41;
+            assert!(AckRecord::decode(&bad, "ack").is_err(), "flip at {i}");
+        }
+        assert_eq!(
+            ack_path(7, 0xabc, 1),
+            "chk-7/_acks/0000000000000abc/worker-1"
+        );
+    }
+}

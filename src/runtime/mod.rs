@@ -1,0 +1,28 @@
+//! The runtime-integration kit: what a stream runtime needs to host rockstate state,
+//! shared by the thread harness and the timely adapter.
+//!
+//! - [`start`]: choosing where a job starts (the latest checkpoint with fallback to older
+//!   ones, a given snapshot, or empty) and checking that a candidate's files are there.
+//! - [`local_dir`]: the local scratch directories of a runtime: rockstate empties only
+//!   directories it created, and sets an earlier run's files aside so that a restore can
+//!   reuse them (local recovery).
+//! - [`acks`]: acknowledgements and checkpoint completion through storage, for runtimes
+//!   whose subtasks run in several processes.
+
+pub mod acks;
+pub mod local_dir;
+pub mod start;
+
+/// The name of an operator's directory under a runtime's local root (and in a
+/// checkpoint): the 16-byte hash of its uid, in hex, so that any uid makes a safe name.
+pub fn operator_dir_name(uid: &str) -> String {
+    crate::hash::operator_uid_hash(uid)
+}
+
+/// A named place where crash tests kill the process: with the `testing` feature and
+/// `ROCKSTATE_CRASH_AT=<point>:<n>` set, the `n`-th pass through `point` sends SIGKILL
+/// to the process itself. Without the feature it does nothing.
+#[inline]
+pub fn crash_point(point: &'static str) {
+    crate::crashpoint::hit(point)
+}
