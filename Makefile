@@ -23,6 +23,8 @@ lint: bootstrap
 test: lint
 	cargo nextest run --locked --workspace --no-fail-fast --features rockstate/testing
 	cargo test --locked --workspace --doc
+	# The library alone, without the cloud features the CLI turns on.
+	cargo nextest run --locked -p rockstate --lib --no-fail-fast storage::
 
 demo: bootstrap
 	bash scripts/demo.sh

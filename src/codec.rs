@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::keygroup;
 
 /// Largest total of the lengths a decode may claim, guarding against allocation bombs
 /// from damaged bytes.
@@ -145,8 +146,8 @@ where
     N: Serialize + ?Sized,
 {
     let key_bytes = encode_key(key)?;
-    let kg = crate::keygroup::key_group_for_bytes(&key_bytes, {
-        crate::keygroup::validate_max_parallelism(max_parallelism)?;
+    let kg = keygroup::key_group_for_bytes(&key_bytes, {
+        keygroup::validate_max_parallelism(max_parallelism)?;
         max_parallelism
     });
     Ok(compose(kg, &key_bytes, &encode_key(namespace)?))
@@ -211,6 +212,26 @@ pub(crate) fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// The key group of `key`, hashing its serialized form (see [`encode_key`]).
+///
+/// Errors: `InvalidArgument` when `max_parallelism` is invalid or the key cannot be
+/// serialized.
+pub fn key_group_for<K: Serialize + ?Sized>(key: &K, max_parallelism: u32) -> Result<u16> {
+    keygroup::validate_max_parallelism(max_parallelism)?;
+    let bytes = encode_key(key)?;
+    Ok(keygroup::key_group_for_bytes(&bytes, max_parallelism))
+}
+
+/// The subtask (0-based) of `parallelism` that owns `key`.
+pub fn subtask_for_key<K: Serialize + ?Sized>(
+    key: &K,
+    parallelism: u32,
+    max_parallelism: u32,
+) -> Result<u32> {
+    let kg = key_group_for(key, max_parallelism)?;
+    keygroup::subtask_for_key_group(kg, parallelism, max_parallelism)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,7 +243,7 @@ mod tests {
         bytes.extend_from_slice(&(512u32 << 20).to_be_bytes());
         bytes.push(b'x');
         let err = decode_exact::<String>(&bytes, "s").unwrap_err();
-        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+        assert_eq!(err.kind(), crate::error::ErrorKind::Corrupt);
         // Values whose decoded form is far larger than their encoding still decode:
         // 20 000 `None`s of 72 bytes each from 20 KiB.
         let value: Vec<Option<[u64; 8]>> = vec![None; 20_000];
@@ -253,7 +274,7 @@ mod tests {
     #[test]
     fn damaged_bytes_are_corrupt_errors() {
         let err = decode_exact::<String>(&[0xfb, 0xff, 0xff], "state \"x\"").unwrap_err();
-        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+        assert_eq!(err.kind(), crate::error::ErrorKind::Corrupt);
         assert!(err.to_string().contains("state \"x\""));
         // A huge claimed length must fail without allocating it.
         let bomb = [0xfd, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
@@ -268,7 +289,7 @@ mod tests {
         let (v, value): (u32, (String, u32)) = decode_versioned(&bytes, 2, "rec").unwrap();
         assert_eq!((v, value), (2, ("a".to_string(), 7)));
         let err = decode_versioned::<(String, u32)>(&bytes, 1, "rec").unwrap_err();
-        assert_eq!(err.kind(), crate::ErrorKind::Incompatible);
+        assert_eq!(err.kind(), crate::error::ErrorKind::Incompatible);
         assert!(decode_versioned::<u32>(&[0, 0], 1, "rec").is_err());
         assert!(decode_versioned::<u32>(&[0, 0, 0, 0, 1], 1, "rec").is_err());
     }
@@ -299,5 +320,17 @@ mod tests {
         assert_eq!(prefix_successor(&[1, 0xff]), Some(vec![2]));
         assert_eq!(prefix_successor(&[0xff, 0xff]), None);
         assert_eq!(compose(258, b"k", b"n"), vec![1, 2, b'k', b'n']);
+    }
+
+    #[test]
+    fn decoding_checks_ranges() {
+        let good = keygroup::KeyGroupRange::new(3, 9).unwrap();
+        let bytes = encode_key(&good).unwrap();
+        assert_eq!(
+            decode_exact::<keygroup::KeyGroupRange>(&bytes, "r").unwrap(),
+            good
+        );
+        let bad = encode_key(&(9u16, 3u16)).unwrap();
+        assert!(decode_exact::<keygroup::KeyGroupRange>(&bad, "r").is_err());
     }
 }

@@ -5,14 +5,15 @@
 //! `kg` belongs to subtask `kg * p / m`. These rules are frozen: every checkpoint and
 //! savepoint depends on them, and `fixtures/keygroup_vectors.txt` pins them.
 //!
-//! Runtimes must route records with [`subtask_for_key`] (or [`key_group_for`] followed by
-//! [`subtask_for_key_group`]) so that routing and state ownership agree.
+//! This module works on serialized keys; [`crate::subtask_for_key`] and
+//! [`crate::key_group_for`] (in [`crate::codec`], which decides how a key is serialized)
+//! take typed keys. Runtimes must route records with them (or [`key_group_for_bytes`]
+//! followed by [`subtask_for_key_group`]) so that routing and state ownership agree.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec;
 use crate::error::{Error, Result};
 
 /// The largest allowed max parallelism (number of key groups). Key groups are stored as a
@@ -78,16 +79,6 @@ pub fn key_group_for_bytes(key_bytes: &[u8], max_parallelism: u32) -> u16 {
     (murmur3_32(key_bytes, 0) % max_parallelism) as u16
 }
 
-/// The key group of `key`, hashing its serialized form (see [`crate::codec`]).
-///
-/// Errors: `InvalidArgument` when `max_parallelism` is invalid or the key cannot be
-/// serialized.
-pub fn key_group_for<K: Serialize + ?Sized>(key: &K, max_parallelism: u32) -> Result<u16> {
-    validate_max_parallelism(max_parallelism)?;
-    let bytes = codec::encode_key(key)?;
-    Ok(key_group_for_bytes(&bytes, max_parallelism))
-}
-
 /// The subtask (0-based) of `parallelism` that owns `key_group`.
 ///
 /// Errors: `InvalidArgument` when the parallelism settings are invalid or `key_group` is not
@@ -104,16 +95,6 @@ pub fn subtask_for_key_group(
         )));
     }
     Ok(u32::from(key_group) * parallelism / max_parallelism)
-}
-
-/// The subtask (0-based) of `parallelism` that owns `key`.
-pub fn subtask_for_key<K: Serialize + ?Sized>(
-    key: &K,
-    parallelism: u32,
-    max_parallelism: u32,
-) -> Result<u32> {
-    let kg = key_group_for(key, max_parallelism)?;
-    subtask_for_key_group(kg, parallelism, max_parallelism)
 }
 
 /// The key groups owned by `subtask` of `parallelism`.
@@ -289,18 +270,6 @@ mod tests {
                 assert_eq!(next, m);
             }
         }
-    }
-
-    #[test]
-    fn decoding_checks_ranges() {
-        let good = KeyGroupRange::new(3, 9).unwrap();
-        let bytes = codec::encode_key(&good).unwrap();
-        assert_eq!(
-            codec::decode_exact::<KeyGroupRange>(&bytes, "r").unwrap(),
-            good
-        );
-        let bad = codec::encode_key(&(9u16, 3u16)).unwrap();
-        assert!(codec::decode_exact::<KeyGroupRange>(&bad, "r").is_err());
     }
 
     #[test]

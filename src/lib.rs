@@ -45,7 +45,9 @@ pub mod clock;
 pub mod codec;
 mod crashpoint;
 mod digest;
+mod engine;
 mod error;
+pub mod format;
 mod hash;
 pub mod keygroup;
 pub mod restore;
@@ -65,12 +67,10 @@ pub use checkpoint::{
     StartPoint, SubtaskSnapshot,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use codec::{key_group_for, subtask_for_key};
 pub use digest::StateDigest;
 pub use error::{Error, ErrorKind, Result};
-pub use keygroup::{
-    key_group_for, key_group_range_for_subtask, subtask_for_key, subtask_for_key_group,
-    KeyGroupRange,
-};
+pub use keygroup::{key_group_range_for_subtask, subtask_for_key_group, KeyGroupRange};
 pub use restore::{RescaleStrategy, RestoreMode, RestoreOptions, RestoreSource};
 pub use savepoint::SavepointFormat;
 pub use snapshot::{CanonicalHandle, KeyedSnapshot, KeyedStateHandle, PendingSnapshot, StateFile};

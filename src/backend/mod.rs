@@ -1,28 +1,17 @@
 //! `RocksStateBackend`: one RocksDB instance per subtask, one column family per state.
 
-mod column;
-mod engine;
-mod meta;
-mod options;
-
 use std::path::Path;
 use std::sync::Arc;
 
-use rocksdb::{ColumnFamilyDescriptor, Options};
-
-pub(crate) use column::ColumnSettings;
-pub(crate) use column::STATE_COLUMN_PREFIX;
-pub(crate) use engine::{live_sst_files, BackendCore, Db, RawScan};
-pub use options::{BackendOptions, SharedResources, DEFAULT_MEMORY_BUDGET};
+pub use crate::engine::{BackendOptions, SharedResources, DEFAULT_MEMORY_BUDGET};
 
 use crate::clock::{Clock, SystemClock};
+use crate::engine::{open_core, BackendCore, ColumnSettings, OpenMode};
 use crate::error::{Error, Result};
+use crate::format::StateMeta;
 use crate::keygroup::KeyGroupRange;
 use crate::snapshot::{self, PendingSnapshot, StagingDir};
-use crate::state::{StateCore, StateMeta, StateSpec};
-use column::META_COLUMN;
-use engine::StateEntry;
-use meta::BackendRecord;
+use crate::state::{StateCore, StateSpec};
 
 /// Keyed state of one subtask, stored in RocksDB.
 ///
@@ -112,287 +101,12 @@ impl BackendBuilder {
     }
 }
 
-fn db_options(options: &BackendOptions, resources: &SharedResources) -> Options {
-    let mut opts = column::base_options(resources);
-    opts.create_if_missing(true);
-    opts.create_missing_column_families(true);
-    // Without a WAL, families must flush together to stay consistent with each other.
-    opts.set_atomic_flush(true);
-    opts.set_max_background_jobs(options.background_jobs);
-    opts.set_write_buffer_manager(&resources.write_buffers);
-    opts.set_keep_log_file_num(2);
-    opts.set_max_log_file_size(4 << 20);
-    opts
-}
-
-/// How a local directory is being opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum OpenMode {
-    /// The backend's own directory: new, or closed cleanly by a previous backend.
-    Local,
-    /// Files just downloaded and verified by a restore.
-    Restored,
-    /// Downloaded files of another subtask, being reshaped into this backend's key-group
-    /// range: the backend record is rewritten for the new range under a new uid.
-    Rescaled,
-}
-
-/// Written after the final flush when a backend closes; removed when it opens. Without
-/// a write-ahead log, a directory lacking it was left by a crash and holds whatever the
-/// last automatic flush wrote: a state that matches no checkpoint.
-pub(crate) const CLEAN_MARKER: &str = "ROCKSTATE-CLOSED-CLEANLY";
-
-pub(crate) fn open_core(
-    options: &BackendOptions,
-    resources: &SharedResources,
-    clock: Arc<dyn Clock>,
-    mode: OpenMode,
-) -> Result<BackendCore> {
-    let dir = &options.local_dir;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-    let mut db_opts = db_options(options, resources);
-    let exists = dir.join("CURRENT").exists();
-    let marker = dir.join(CLEAN_MARKER);
-    let closed_cleanly = marker.exists();
-    if mode != OpenMode::Local {
-        db_opts.create_if_missing(false);
-    }
-    let existing: Vec<String> = if exists {
-        rocksdb::DB::list_cf(&db_opts, dir)
-            .map_err(|e| Error::engine(format!("list column families of {}", dir.display()), e))?
-    } else {
-        Vec::new()
-    };
-    let mut columns = Vec::new();
-    let mut descriptors = vec![ColumnFamilyDescriptor::new(
-        META_COLUMN,
-        column::base_options(resources),
-    )];
-    for name in &existing {
-        if name == "default" || name == META_COLUMN {
-            continue;
-        }
-        if !name.starts_with(STATE_COLUMN_PREFIX) {
-            return Err(Error::IncompatibleLayout {
-                dir: dir.display().to_string(),
-                detail: format!("unexpected column family \"{name}\""),
-            });
-        }
-        let settings = Arc::new(ColumnSettings::new(name.clone()));
-        let opts = column::state_column_options(resources, settings.clone(), clock.clone());
-        descriptors.push(ColumnFamilyDescriptor::new(name, opts));
-        columns.push(settings);
-    }
-    if exists && !existing.iter().any(|n| n == META_COLUMN) {
-        return Err(Error::IncompatibleLayout {
-            dir: dir.display().to_string(),
-            detail: "a RocksDB database that rockstate did not create".into(),
-        });
-    }
-    let db = engine::Db::open_cf_descriptors(&db_opts, dir, descriptors)
-        .map_err(|e| Error::engine(format!("open {}", dir.display()), e))?;
-    // The directory is locked now: nothing else uses it.
-    if exists && mode == OpenMode::Local && !closed_cleanly {
-        return Err(Error::IncompatibleLayout {
-            dir: dir.display().to_string(),
-            detail: "it was not closed cleanly (a crash?); without a write-ahead log its \
-                     contents match no checkpoint: restore from a checkpoint instead"
-                .into(),
-        });
-    }
-    // Snapshots staged before a crash are never uploaded now.
-    let staging = options.staging_dir();
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)
-            .map_err(|e| Error::io(format!("remove stale {}", staging.display()), e))?;
-    }
-
-    let record = read_or_create_record(&db, options, clock.as_ref(), mode == OpenMode::Rescaled)?;
-    let core = BackendCore::new(
-        db,
-        dir.clone(),
-        record.backend_uid,
-        clock,
-        options.max_parallelism,
-        options.key_group_range,
-    );
-    load_states(&core, columns)?;
-    // From here on a crash must be noticed: the clean-close mark is written again only by
-    // a clean close.
-    if closed_cleanly {
-        std::fs::remove_file(&marker)
-            .map_err(|e| Error::io(format!("remove {}", marker.display()), e))?;
-    }
-    Ok(core)
-}
-
-fn read_or_create_record(
-    db: &engine::Db,
-    options: &BackendOptions,
-    clock: &dyn Clock,
-    rescaled: bool,
-) -> Result<BackendRecord> {
-    let dir = options.local_dir.display().to_string();
-    let cf = db
-        .cf_handle(META_COLUMN)
-        .ok_or_else(|| Error::Internal("meta column family missing".into()))?;
-    let stored = db
-        .get_cf(&cf, meta::BACKEND_KEY)
-        .map_err(|e| Error::engine("read backend record", e))?;
-    let new_record = || {
-        let record = BackendRecord {
-            backend_uid: new_uid(),
-            max_parallelism: options.max_parallelism,
-            key_group_range: options.key_group_range,
-            created_at_ms: clock.now_millis(),
-        };
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.disable_wal(true);
-        db.put_cf_opt(&cf, meta::BACKEND_KEY, record.encode()?, &wo)
-            .map_err(|e| Error::engine("write backend record", e))?;
-        Ok(record)
-    };
-    match stored {
-        Some(bytes) => {
-            let record = BackendRecord::decode(&bytes)?;
-            if record.max_parallelism == options.max_parallelism && rescaled {
-                // Another range now, and another identity.
-                return new_record();
-            }
-            if record.max_parallelism != options.max_parallelism {
-                return Err(Error::IncompatibleLayout {
-                    dir,
-                    detail: format!(
-                        "written with max parallelism {}, opened with {}",
-                        record.max_parallelism, options.max_parallelism
-                    ),
-                });
-            }
-            if record.key_group_range != options.key_group_range {
-                return Err(Error::IncompatibleLayout {
-                    dir,
-                    detail: format!(
-                        "holds key groups {}, opened for {}",
-                        record.key_group_range, options.key_group_range
-                    ),
-                });
-            }
-            Ok(record)
-        }
-        None => new_record(),
-    }
-}
-
-/// A random 128-bit id in hex.
-pub(crate) fn new_uid() -> String {
-    format!("{:032x}", rand::random::<u128>())
-}
-
-/// Reads the state records and configures the opened state column families. A column
-/// family without a record was created by a registration whose record never became
-/// durable; it holds no durable data (families flush atomically) and is dropped.
-fn load_states(core: &BackendCore, columns: Vec<Arc<ColumnSettings>>) -> Result<()> {
-    let cf = core
-        .db
-        .cf_handle(META_COLUMN)
-        .ok_or_else(|| Error::Internal("meta column family missing".into()))?;
-    let mut records = std::collections::BTreeMap::new();
-    for item in core.db.prefix_iterator_cf(&cf, meta::STATE_KEY_PREFIX) {
-        let (key, value) = item.map_err(|e| Error::engine("read state records", e))?;
-        if !key.starts_with(meta::STATE_KEY_PREFIX) {
-            break;
-        }
-        let meta = meta::decode_state(&value)?;
-        records.insert(meta.name.clone(), meta);
-    }
-    drop(cf);
-    let mut states = core.states.lock();
-    for settings in columns {
-        let name = &settings.cf_name[STATE_COLUMN_PREFIX.len()..];
-        match records.remove(name) {
-            Some(meta) => {
-                settings.configure(meta.kind, meta.ttl_millis);
-                states.insert(
-                    meta.name.clone(),
-                    StateEntry {
-                        meta,
-                        column: settings,
-                    },
-                );
-            }
-            None => {
-                tracing::warn!(column = %settings.cf_name, "dropping column family without a state record");
-                core.db
-                    .drop_cf(&settings.cf_name)
-                    .map_err(|e| Error::engine("drop unrecorded column family", e))?;
-            }
-        }
-    }
-    if let Some(name) = records.keys().next() {
-        return Err(Error::corrupt(
-            format!("backend in {}", core.dir().display()),
-            format!("state \"{name}\" is recorded but its column family is missing"),
-        ));
-    }
-    Ok(())
-}
-
-fn validate_state_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
-        return Err(Error::invalid(format!(
-            "state name {name:?} must be 1 to 200 bytes without control characters"
-        )));
-    }
-    Ok(())
-}
-
 impl RocksStateBackend {
     /// Registers a state from its recorded description (creating its column family), or
     /// checks it against the stored one. See [`register`](Self::register).
     pub(crate) fn ensure_state(&self, requested: &StateMeta) -> Result<Arc<ColumnSettings>> {
-        validate_state_name(&requested.name)?;
-        let mut states = self.core.states.lock();
-        let column = match states.get_mut(&requested.name) {
-            Some(entry) => {
-                entry.meta.check_compatible(requested)?;
-                if entry.meta.ttl_millis != requested.ttl_millis {
-                    self.core.put_meta(
-                        &meta::state_key(&requested.name),
-                        &meta::encode_state(requested)?,
-                    )?;
-                    entry.column.configure(requested.kind, requested.ttl_millis);
-                    entry.meta = requested.clone();
-                }
-                entry.column.clone()
-            }
-            None => {
-                let cf_name = format!("{STATE_COLUMN_PREFIX}{}", requested.name);
-                let settings = Arc::new(ColumnSettings::new(cf_name.clone()));
-                settings.configure(requested.kind, requested.ttl_millis);
-                let opts = column::state_column_options(
-                    &self.resources,
-                    settings.clone(),
-                    self.clock.clone(),
-                );
-                self.core
-                    .db
-                    .create_cf(&cf_name, &opts)
-                    .map_err(|e| Error::engine(format!("create column family \"{cf_name}\""), e))?;
-                self.core.put_meta(
-                    &meta::state_key(&requested.name),
-                    &meta::encode_state(requested)?,
-                )?;
-                states.insert(
-                    requested.name.clone(),
-                    StateEntry {
-                        meta: requested.clone(),
-                        column: settings.clone(),
-                    },
-                );
-                settings
-            }
-        };
-        Ok(column)
+        self.core
+            .ensure_state(requested, &self.resources, self.clock.clone())
     }
 
     /// Starts building a backend from `options`.
@@ -500,7 +214,7 @@ impl RocksStateBackend {
         std::fs::create_dir_all(&root)
             .map_err(|e| Error::io(format!("create {}", root.display()), e))?;
         // A name of its own per attempt: concurrent or repeated snapshots never collide.
-        let target = root.join(format!("chk-{checkpoint_id}-{}", new_uid()));
+        let target = root.join(format!("chk-{checkpoint_id}-{}", crate::engine::new_uid()));
         let reusable = if self.options.incremental {
             self.core.tracker.lock().reusable()
         } else {
@@ -609,7 +323,7 @@ mod tests {
         let value = backend
             .register(ValueStateDescriptor::<u32, u32>::new("v"))
             .unwrap();
-        let kg = |k: u32| crate::keygroup::key_group_for(&k, 16).unwrap();
+        let kg = |k: u32| crate::codec::key_group_for(&k, 16).unwrap();
         let keys: Vec<u32> = (0..400).filter(|k| (4..=11).contains(&kg(*k))).collect();
         for k in &keys {
             value.put(k, k).unwrap();

@@ -6,15 +6,15 @@ use std::time::Duration;
 
 use crate::checkpoint::discovery;
 use crate::checkpoint::epoch::{Epochs, RestoredPoint, WriterEpoch};
-use crate::checkpoint::metadata::{
-    CheckpointMetadata, OperatorSnapshot, SnapshotKind, SubtaskSnapshot,
-};
 use crate::checkpoint::registry::SharedStateRegistry;
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::metadata::{
+    CheckpointMetadata, OperatorSnapshot, SnapshotKind, SubtaskSnapshot,
+};
+use crate::format::SavepointFormat;
 use crate::hash;
 use crate::keygroup;
-use crate::savepoint::SavepointFormat;
 use crate::storage::CheckpointStorage;
 
 /// Settings of a [`CheckpointCoordinator`].
@@ -512,7 +512,7 @@ impl CheckpointCoordinator {
                 ))
             }
         };
-        let folder = parent.child(&crate::savepoint::folder_name(&self.job_id))?;
+        let folder = parent.child(&crate::format::folder_name(&self.job_id))?;
         let id = self.next_id;
         self.next_id += 1;
         let trigger = SavepointTrigger {
@@ -682,7 +682,7 @@ impl CheckpointCoordinator {
                 for meta in handle.states() {
                     if !states
                         .iter()
-                        .any(|m: &crate::StateMeta| m.name == meta.name)
+                        .any(|m: &crate::format::StateMeta| m.name == meta.name)
                     {
                         states.push(meta.clone());
                     }
@@ -725,7 +725,7 @@ impl CheckpointCoordinator {
             return Err(e);
         }
         let bytes = meta.encode()?;
-        let path = discovery::metadata_path(checkpoint_id);
+        let path = crate::format::metadata_path(checkpoint_id);
         self.check_writer().await?;
         crate::crashpoint::hit("metadata");
         let committed = commit(&self.job, &path, checkpoint_id, &bytes, Some(&self.epoch)).await;
@@ -852,7 +852,7 @@ impl CheckpointCoordinator {
         let bytes = meta.encode()?;
         match commit(
             &savepoint.folder,
-            discovery::METADATA_FILE,
+            crate::format::METADATA_FILE,
             checkpoint_id,
             &bytes,
             None,
@@ -955,7 +955,7 @@ impl CheckpointCoordinator {
     async fn discard_completed(&mut self, meta: &CheckpointMetadata) -> Result<()> {
         self.check_writer().await?;
         self.job
-            .delete(&discovery::metadata_path(meta.checkpoint_id))
+            .delete(&crate::format::metadata_path(meta.checkpoint_id))
             .await?;
         crate::crashpoint::hit("retention");
         let private: Vec<String> = meta

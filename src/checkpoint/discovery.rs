@@ -2,28 +2,9 @@
 //! incomplete ones (a `chk-N/` without it) and unreadable ones.
 
 use crate::checkpoint::epoch::Epochs;
-use crate::checkpoint::metadata::{CheckpointMetadata, MAX_METADATA_LEN};
 use crate::error::{ErrorKind, Result};
+use crate::format::{metadata_path, read_metadata_file, CheckpointMetadata};
 use crate::storage::CheckpointStorage;
-
-/// The name of the file whose presence completes a checkpoint or savepoint.
-pub(crate) const METADATA_FILE: &str = "_metadata";
-
-/// `chk-<id>/_metadata`.
-pub(crate) fn metadata_path(checkpoint_id: u64) -> String {
-    format!("chk-{checkpoint_id}/{METADATA_FILE}")
-}
-
-/// Reads and decodes the `_metadata` at `rel` of `storage`.
-///
-/// Errors: `NotFound`; `Corrupt`/`Incompatible` naming the file; storage errors.
-pub(crate) async fn read_metadata_file(
-    storage: &CheckpointStorage,
-    rel: &str,
-) -> Result<CheckpointMetadata> {
-    let bytes = storage.read_small(rel, MAX_METADATA_LEN).await?;
-    CheckpointMetadata::decode(&bytes, &storage.url_of(rel))
-}
 
 /// The id of a `chk-<id>` directory name.
 pub(crate) fn parse_checkpoint_dir(name: &str) -> Option<u64> {

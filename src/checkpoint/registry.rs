@@ -10,8 +10,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::checkpoint::metadata::CheckpointMetadata;
 use crate::error::{Error, Result};
+use crate::format::metadata::CheckpointMetadata;
 
 /// One registered shared file.
 #[derive(Debug, Clone, PartialEq, Eq)]

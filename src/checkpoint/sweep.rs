@@ -68,7 +68,7 @@ fn stale_view(found: &discovery::JobCheckpoints, objects: &[StoredObject]) -> Op
         let (top, rest) = (parts.next().unwrap_or_default(), parts.next());
         if top == super::epoch::EPOCHS_DIR {
             epochs.insert(object.path.clone());
-        } else if rest == Some(discovery::METADATA_FILE) {
+        } else if rest == Some(crate::format::METADATA_FILE) {
             if let Some(id) = parse_checkpoint_dir(top) {
                 listed.insert(id);
             }
@@ -146,7 +146,7 @@ async fn sweep_view(
 ) -> Result<SweepReport> {
     let mut referenced: BTreeSet<String> = BTreeSet::new();
     for meta in found.completed.iter().chain(&found.abandoned) {
-        referenced.insert(discovery::metadata_path(meta.checkpoint_id));
+        referenced.insert(crate::format::metadata_path(meta.checkpoint_id));
         referenced.extend(meta.referenced_paths().map(str::to_string));
     }
     let kept: BTreeSet<u64> = found

@@ -32,9 +32,10 @@ use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
 
-use crate::backend::{BackendBuilder, OpenMode, RocksStateBackend};
+use crate::backend::{BackendBuilder, RocksStateBackend};
+use crate::engine::OpenMode;
 use crate::error::{Error, Result};
-use crate::snapshot::KeyedStateHandle;
+use crate::format::KeyedStateHandle;
 use crate::storage::CheckpointStorage;
 
 pub(crate) fn sibling(dir: &Path, suffix: &str) -> PathBuf {
@@ -144,7 +145,7 @@ impl LocalFiles {
 
     /// Puts a local copy of `file` at `target` if one of the candidates matches its size
     /// and CRC32; returns whether it did. A candidate that does not match is skipped.
-    async fn take(&self, file: &crate::snapshot::StateFile, target: &Path) -> Result<bool> {
+    async fn take(&self, file: &crate::format::StateFile, target: &Path) -> Result<bool> {
         let candidates: Vec<PathBuf> = self
             .candidates(&file.local_name, file.size)
             .map(Path::to_path_buf)
@@ -165,7 +166,7 @@ impl LocalFiles {
                     Ok(false) => {}
                     Err(e) => {
                         tracing::debug!(file = %url, error = %e, "local file not reused");
-                        crate::runtime::local_dir::remove(&target)?;
+                        crate::storage::remove_local(&target)?;
                     }
                 }
             }
@@ -331,13 +332,13 @@ pub(crate) fn seed(
     backend: &RocksStateBackend,
     checkpoint_id: u64,
     root: &CheckpointStorage,
-    files: crate::snapshot::tracker::FileSet,
+    files: crate::engine::tracker::FileSet,
     mode: RestoreMode,
 ) {
     if !backend.options.incremental {
         return;
     }
-    let uploaded = crate::snapshot::tracker::Uploaded {
+    let uploaded = crate::engine::tracker::Uploaded {
         root: root.url().to_string(),
         files,
         in_place: mode == RestoreMode::Claim,
@@ -350,7 +351,7 @@ impl RocksStateBackend {
     /// Restores `handle` from `job` into a new backend with `options` (own memory, system
     /// clock). See [`BackendBuilder::restore`].
     pub async fn restore(
-        options: crate::BackendOptions,
+        options: crate::engine::BackendOptions,
         handle: &KeyedStateHandle,
         job: &CheckpointStorage,
     ) -> Result<Self> {

@@ -4,21 +4,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::{
-    live_sst_files, BackendBuilder, ColumnSettings, Db, OpenMode, RocksStateBackend,
-};
-use crate::backend::{BackendCore, BackendOptions};
+use crate::backend::{BackendBuilder, RocksStateBackend};
 use crate::codec;
+use crate::engine::tracker::FileSet;
+use crate::engine::{live_sst_files, BackendCore, BackendOptions, ColumnSettings, Db, OpenMode};
 use crate::error::{Error, Result};
+use crate::format::StateMeta;
+use crate::format::{KeyedSnapshot, KeyedStateHandle, StateFile};
 use crate::keygroup::KeyGroupRange;
 use crate::restore::{
     download_all, ensure_empty, remove_dir_if_exists, seed, sibling, LocalFiles, RescaleStrategy,
     RestoreOptions, RestoreSource, RESTORING_MARKER,
 };
 use crate::savepoint::canonical::DataFileReader;
-use crate::snapshot::tracker::FileSet;
-use crate::snapshot::{KeyedSnapshot, KeyedStateHandle, StateFile};
-use crate::state::StateMeta;
 
 /// Bytes of entries written per batch when iterating.
 const BATCH_BYTES: usize = 4 << 20;
@@ -331,7 +329,7 @@ fn ingest(backend: &RocksStateBackend, handle: &KeyedStateHandle, dir: &Path) ->
         if file
             .identity
             .column
-            .starts_with(crate::backend::STATE_COLUMN_PREFIX)
+            .starts_with(crate::engine::STATE_COLUMN_PREFIX)
         {
             by_column
                 .entry(file.identity.column.clone())
@@ -405,7 +403,7 @@ fn iterate(
     };
     let mut options = BackendOptions::new(dir, handle.key_group_range, handle.max_parallelism);
     options.incremental = false;
-    let source: BackendCore = crate::backend::open_core(
+    let source: BackendCore = crate::engine::open_core(
         &options,
         backend.resources(),
         Arc::new(crate::clock::SystemClock),

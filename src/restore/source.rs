@@ -2,9 +2,10 @@
 
 use std::collections::BTreeSet;
 
-use crate::checkpoint::discovery::{self, METADATA_FILE};
+use crate::checkpoint::discovery;
 use crate::checkpoint::{CheckpointMetadata, OperatorSnapshot, OperatorSpec};
 use crate::error::{Error, Result};
+use crate::format::METADATA_FILE;
 use crate::storage::CheckpointStorage;
 
 /// Who owns a restored snapshot's files afterwards.
@@ -76,10 +77,10 @@ impl RestoreSource {
     ///
     /// Errors: see [`open`](Self::open).
     pub async fn open_folder(folder: &CheckpointStorage) -> Result<Self> {
-        let metadata = discovery::read_metadata_file(folder, METADATA_FILE)
+        let metadata = crate::format::read_metadata_file(folder, METADATA_FILE)
             .await
             .map_err(|e| match e.kind() {
-                crate::ErrorKind::NotFound => Error::NotFound(format!(
+                crate::error::ErrorKind::NotFound => Error::NotFound(format!(
                     "{}: no _metadata (not a completed checkpoint or savepoint)",
                     folder.url()
                 )),

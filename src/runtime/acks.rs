@@ -20,8 +20,8 @@ use crate::checkpoint::{
 };
 use crate::clock::SystemClock;
 use crate::codec;
+use crate::error::{Error, ErrorKind, Result};
 use crate::storage::CheckpointStorage;
-use crate::{Error, ErrorKind, Result};
 
 const ACK_MAGIC: &[u8; 8] = b"RKSTACK\0";
 const ACK_VERSION: u32 = 1;

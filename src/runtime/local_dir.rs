@@ -136,19 +136,10 @@ fn dirs_in(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     Ok(dirs)
 }
 
-/// Removes `path` (a file, a link, or a directory tree; links are not followed).
+/// Removes `path` (a file, a link, or a directory tree; links are not followed); a
+/// missing path is fine.
 pub fn remove(path: &Path) -> Result<()> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(format!("inspect {}", path.display()), e)),
-    };
-    let removed = if meta.is_dir() {
-        std::fs::remove_dir_all(path)
-    } else {
-        std::fs::remove_file(path)
-    };
-    removed.map_err(|e| Error::io(format!("remove {}", path.display()), e))
+    crate::storage::remove_local(path)
 }
 
 #[cfg(test)]
@@ -170,7 +161,7 @@ mod tests {
         std::fs::create_dir_all(&user).unwrap();
         std::fs::write(user.join("thesis.tex"), b"years of work").unwrap();
         let err = reset(&user).unwrap_err();
-        assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);
+        assert_eq!(err.kind(), crate::error::ErrorKind::InvalidArgument);
         assert!(
             err.to_string().contains("not created by rockstate"),
             "{err}"

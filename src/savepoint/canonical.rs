@@ -21,11 +21,11 @@ use std::path::Path;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::BackendCore;
 use crate::codec;
+use crate::engine::BackendCore;
 use crate::error::{Error, Result};
+use crate::format::{Compression, StateMeta};
 use crate::keygroup::{self, KeyGroupRange};
-use crate::state::StateMeta;
 use crate::storage::{CheckpointStorage, FileInfo};
 
 /// First bytes of a canonical savepoint data file.
@@ -46,25 +46,6 @@ const BLOCK_HEADER_LEN: usize = 1 + 4 + 4;
 const FOOTER_LEN: u64 = 8 + 4 + 4 + 8;
 /// Bytes read from storage at once while reading a section.
 const READ_WINDOW: u64 = 4 << 20;
-
-/// Compression of savepoint blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum Compression {
-    /// Stored as is.
-    None,
-    /// LZ4 block compression (fast; the default).
-    #[default]
-    Lz4,
-}
-
-impl Compression {
-    fn tag(self) -> u8 {
-        match self {
-            Compression::None => 0,
-            Compression::Lz4 => 1,
-        }
-    }
-}
 
 /// The header of a data file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

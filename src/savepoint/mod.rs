@@ -14,37 +14,11 @@
 
 pub mod canonical;
 
-use serde::{Deserialize, Serialize};
-
-use crate::checkpoint::discovery::{read_metadata_file, METADATA_FILE};
-use crate::checkpoint::CheckpointMetadata;
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::{read_metadata_file, CheckpointMetadata, METADATA_FILE};
 use crate::storage::CheckpointStorage;
 
-pub use canonical::Compression;
-
-/// How a savepoint stores keyed state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum SavepointFormat {
-    /// Key-group sections in rockstate's own format (the default).
-    #[default]
-    Canonical,
-    /// RocksDB files.
-    Native,
-}
-
-/// A new savepoint folder name for `job_id`: `savepoint-<first 8 characters>-<12 hex>`.
-pub(crate) fn folder_name(job_id: &str) -> String {
-    let short: String = job_id
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-        .take(8)
-        .collect();
-    format!(
-        "savepoint-{short}-{:012x}",
-        rand::random::<u64>() & 0xffff_ffff_ffff
-    )
-}
+pub use crate::format::{Compression, SavepointFormat};
 
 /// Reads the `_metadata` of the savepoint folder `folder`.
 ///
@@ -81,18 +55,4 @@ pub async fn dispose_savepoint(folder: &CheckpointStorage) -> Result<()> {
     folder.delete(METADATA_FILE).await?;
     let rest: Vec<String> = folder.list("").await?.into_iter().map(|o| o.path).collect();
     folder.delete_many(rest).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn folder_names_are_plain_and_unique() {
-        let a = folder_name("my/job id with spaces");
-        let b = folder_name("my/job id with spaces");
-        assert!(a.starts_with("savepoint-myjobidw-"), "{a}");
-        assert_ne!(a, b);
-        crate::storage::path::validate_segment(&a, "folder").unwrap();
-    }
 }

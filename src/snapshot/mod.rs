@@ -7,10 +7,8 @@
 //! private to each checkpoint. Full snapshots (`incremental = false`) upload every file as
 //! private.
 
-mod handle;
 mod pending;
-pub(crate) mod tracker;
 
-pub use handle::{CanonicalHandle, KeyedSnapshot, KeyedStateHandle, StateFile};
+pub use crate::format::{CanonicalHandle, KeyedSnapshot, KeyedStateHandle, StateFile};
 pub use pending::PendingSnapshot;
 pub(crate) use pending::{list_staged, StagingDir};

@@ -8,16 +8,17 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use parking_lot::Mutex;
 
-use crate::backend::{new_uid, BackendOptions, OpenMode, SharedResources};
 use crate::clock::Clock;
+use crate::engine::tracker::{SnapshotTracker, Uploaded};
+use crate::engine::{new_uid, BackendOptions, OpenMode, SharedResources};
 use crate::error::{Error, Result};
+use crate::format::handle::{CanonicalHandle, KeyedSnapshot};
+use crate::format::handle::{KeyedStateHandle, StateFile};
+use crate::format::StateMeta;
+use crate::format::{Compression, SavepointFormat};
 use crate::hash;
 use crate::keygroup::KeyGroupRange;
-use crate::savepoint::{canonical, Compression, SavepointFormat};
-use crate::snapshot::handle::{CanonicalHandle, KeyedSnapshot};
-use crate::snapshot::handle::{KeyedStateHandle, StateFile};
-use crate::snapshot::tracker::{SnapshotTracker, Uploaded};
-use crate::state::StateMeta;
+use crate::savepoint::canonical;
 use crate::storage::CheckpointStorage;
 
 /// A local directory removed when dropped: staged snapshots never outlive their use.
@@ -200,7 +201,7 @@ impl PendingSnapshot {
         let checkpoint_id = self.checkpoint_id;
         let out = data_file.clone();
         let written = tokio::task::spawn_blocking(move || {
-            let core = crate::backend::open_core(&options, &resources, clock, OpenMode::Restored)?;
+            let core = crate::engine::open_core(&options, &resources, clock, OpenMode::Restored)?;
             canonical::write_file(&core, checkpoint_id, compression, &out)
         })
         .await
@@ -316,7 +317,7 @@ impl PendingSnapshot {
                             match target.copy_from(&source, &prev.path, &rel).await {
                                 Ok(()) => (prev.info(), Placement::Shared, true),
                                 // Gone from the source since the restore: send ours.
-                                Err(e) if e.kind() == crate::ErrorKind::NotFound => {
+                                Err(e) if e.kind() == crate::error::ErrorKind::NotFound => {
                                     tracing::info!(file = %source.url_of(&prev.path), "restored file is gone; uploading the local copy");
                                     (target.upload_file(&local, &rel).await?, Placement::Shared, false)
                                 }

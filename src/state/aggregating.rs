@@ -8,8 +8,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::format::{StateKind, StateMeta};
 use crate::state::core::{KeyIter, Sealed, StateCore, StateSpec, Types};
-use crate::state::descriptor::{common_descriptor_methods, CommonOptions, StateKind, StateMeta};
+use crate::state::descriptor::{common_descriptor_methods, CommonOptions};
 
 /// How an [`AggregatingState`] folds inputs of type `In` into an accumulator and reads a
 /// result of type `Out` from it. Only the accumulator is stored.

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::backend::{BackendCore, ColumnSettings, RawScan};
 use crate::codec;
+use crate::engine::ttl;
+use crate::engine::{BackendCore, ColumnSettings, RawScan};
 use crate::error::{Error, Result};
+use crate::format::StateKind;
+use crate::format::StateMeta;
 use crate::keygroup;
-use crate::state::descriptor::StateKind;
-use crate::state::ttl;
-use crate::state::StateMeta;
 
 /// Marks the types a handle is generic over without owning values of them; keeps handles
 /// `Send + Sync` whatever the types.

@@ -9,10 +9,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::codec;
+use crate::engine::ttl;
 use crate::error::{Error, Result};
+use crate::format::{StateKind, StateMeta};
 use crate::state::core::{KeyIter, Sealed, StateCore, StateSpec, Types};
-use crate::state::descriptor::{common_descriptor_methods, CommonOptions, StateKind, StateMeta};
-use crate::state::ttl;
+use crate::state::descriptor::{common_descriptor_methods, CommonOptions};
 
 /// Describes a [`ListState`] with key `K`, element `V` and namespace `N`.
 #[derive(Debug, Clone)]

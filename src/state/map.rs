@@ -8,11 +8,12 @@ use std::marker::PhantomData;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::backend::RawScan;
 use crate::codec;
+use crate::engine::RawScan;
 use crate::error::Result;
+use crate::format::{StateKind, StateMeta};
 use crate::state::core::{KeyIter, Sealed, StateCore, StateSpec, Types};
-use crate::state::descriptor::{common_descriptor_methods, CommonOptions, StateKind, StateMeta};
+use crate::state::descriptor::{common_descriptor_methods, CommonOptions};
 
 /// Describes a [`MapState`] with key `K`, user key `UK`, value `UV` and namespace `N`.
 #[derive(Debug, Clone)]

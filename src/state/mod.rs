@@ -16,13 +16,12 @@ mod descriptor;
 mod list;
 mod map;
 mod reducing;
-pub(crate) mod ttl;
 mod value;
 
+pub use crate::format::{StateKind, StateMeta};
 pub use aggregating::{AggregateFunction, AggregatingState, AggregatingStateDescriptor};
 pub(crate) use core::StateCore;
 pub use core::{KeyIter, StateSpec};
-pub use descriptor::{StateKind, StateMeta};
 pub use list::{ListState, ListStateDescriptor};
 pub use map::{MapEntryIter, MapState, MapStateDescriptor};
 pub use reducing::{ReducingState, ReducingStateDescriptor};

@@ -8,8 +8,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::format::{StateKind, StateMeta};
 use crate::state::core::{KeyIter, Sealed, StateCore, StateSpec, Types};
-use crate::state::descriptor::{common_descriptor_methods, CommonOptions, StateKind, StateMeta};
+use crate::state::descriptor::{common_descriptor_methods, CommonOptions};
 
 type ReduceFn<V> = Arc<dyn Fn(V, V) -> V + Send + Sync>;
 

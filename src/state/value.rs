@@ -6,8 +6,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::format::{StateKind, StateMeta};
 use crate::state::core::{KeyIter, Sealed, StateCore, StateSpec, Types};
-use crate::state::descriptor::{common_descriptor_methods, CommonOptions, StateKind, StateMeta};
+use crate::state::descriptor::{common_descriptor_methods, CommonOptions};
 
 /// Describes a [`ValueState`] with key `K`, value `V` and namespace `N`.
 ///

@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-pub(crate) use transfer::link_or_copy_checked;
 pub use transfer::FileInfo;
+pub(crate) use transfer::{link_or_copy_checked, remove_local};
 
 /// Copies a local file to a new name: a hard link when possible (the files are
 /// immutable), else a copy written under a temporary name, synced and renamed.
@@ -441,7 +441,7 @@ impl CheckpointStorage {
         loop {
             match op(attempt).await {
                 Err(e)
-                    if e.kind() == crate::ErrorKind::Unavailable
+                    if e.kind() == crate::error::ErrorKind::Unavailable
                         && attempt < self.options.retries =>
                 {
                     let wait = self
@@ -482,18 +482,18 @@ impl CheckpointStorage {
                     // An earlier attempt, or the store client's own retry of this one,
                     // may have stored it: it counts as written only if it holds exactly
                     // `bytes`. When that cannot be read, the answer is not definite.
-                    Err(e) if e.kind() == crate::ErrorKind::AlreadyExists => {
+                    Err(e) if e.kind() == crate::error::ErrorKind::AlreadyExists => {
                         match self.read_small_once(rel, bytes.len() as u64).await {
                             Ok(stored) if stored == bytes => Ok(()),
                             Ok(_) => Err(e),
-                            Err(read) if read.kind() == crate::ErrorKind::Corrupt => Err(e),
+                            Err(read) if read.kind() == crate::error::ErrorKind::Corrupt => Err(e),
                             Err(read) => Err(Error::Storage {
                                 op: "conditional put".into(),
                                 path: self.url_of(rel),
                                 message: format!(
                                     "an object exists, and reading it back failed: {read}"
                                 ),
-                                kind: crate::ErrorKind::Unavailable,
+                                kind: crate::error::ErrorKind::Unavailable,
                             }),
                         }
                     }

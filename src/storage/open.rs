@@ -145,3 +145,40 @@ pub(crate) fn open_store(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each cloud scheme opens only with its feature; without it the error names the
+    /// feature to enable instead of failing later with an engine message.
+    #[test]
+    fn cloud_schemes_need_their_feature() {
+        let cases = [
+            ("s3://bucket/job", "aws", cfg!(feature = "aws")),
+            ("gs://bucket/job", "gcp", cfg!(feature = "gcp")),
+            ("az://container/job", "azure", cfg!(feature = "azure")),
+        ];
+        for (url, feature, built) in cases {
+            let result = open_store(url, Vec::new(), false);
+            if built {
+                // Opening builds a client and sends nothing: it may still fail for want
+                // of settings, but never for want of the feature.
+                if let Err(e) = result {
+                    assert!(!e.to_string().contains("feature"), "{url}: {e}");
+                }
+            } else {
+                let e = result.err().expect("opened without the feature");
+                assert_eq!(
+                    e.kind(),
+                    crate::error::ErrorKind::InvalidArgument,
+                    "{url}: {e}"
+                );
+                assert!(
+                    e.to_string().contains(&format!("`{feature}` feature")),
+                    "{e}"
+                );
+            }
+        }
+    }
+}

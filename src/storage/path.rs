@@ -58,7 +58,7 @@ mod tests {
             "a/\0",
         ] {
             let err = validate_relative(bad, "handle").unwrap_err();
-            assert_eq!(err.kind(), crate::ErrorKind::Corrupt, "{bad:?}");
+            assert_eq!(err.kind(), crate::error::ErrorKind::Corrupt, "{bad:?}");
         }
         for good in ["shared/abc.sst", "chk-1/0123/0/MANIFEST-000005", "x"] {
             validate_relative(good, "handle").unwrap();

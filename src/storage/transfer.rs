@@ -38,7 +38,7 @@ impl CheckpointStorage {
         self.retrying("upload", |attempt| async move {
             match self.upload_file_once(local, rel).await {
                 // A failed attempt may have stored the object: it counts if it is ours.
-                Err(e) if attempt > 0 && e.kind() == crate::ErrorKind::AlreadyExists => {
+                Err(e) if attempt > 0 && e.kind() == crate::error::ErrorKind::AlreadyExists => {
                     let info = local_info(local).await?;
                     match self.verify_file(rel, &info, |_| {}).await {
                         Ok(()) => Ok(info),
@@ -376,4 +376,19 @@ impl CheckedRead {
             self.hasher.finalize(),
         )
     }
+}
+/// Removes `path` (a file, a link, or a directory tree; links are not followed); a
+/// missing path is fine.
+pub(crate) fn remove_local(path: &Path) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("inspect {}", path.display()), e)),
+    };
+    let removed = if meta.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    removed.map_err(|e| Error::io(format!("remove {}", path.display()), e))
 }

@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::{CheckpointMetadata, CheckpointStorage};
+use crate::format::CheckpointMetadata;
+use crate::storage::CheckpointStorage;
 
 /// Paths and sizes of every object under `storage`. Panics when the listing fails.
 pub async fn stored(storage: &CheckpointStorage) -> BTreeMap<String, u64> {

@@ -5,7 +5,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::CheckpointStorage;
+use crate::storage::CheckpointStorage;
 
 /// A running moto_server with one bucket; stopped when dropped.
 pub struct S3Server {

@@ -1187,7 +1187,7 @@ where
         let state = job.state.clone();
         let shared = job.job.clone();
         let route = move |(key, _): &(K, V)| -> u64 {
-            keygroup::key_group_for(key, max_parallelism)
+            rockstate::key_group_for(key, max_parallelism)
                 .and_then(|kg| keygroup::subtask_for_key_group(kg, peers, max_parallelism))
                 .map_or(0, u64::from)
         };
@@ -1233,7 +1233,7 @@ where
                         records.sort_unstable();
                         let mut out = Vec::new();
                         for (key, value) in records {
-                            let kg = keygroup::key_group_for(&key, max_parallelism)
+                            let kg = rockstate::key_group_for(&key, max_parallelism)
                                 .and_then(|kg| {
                                     keygroup::subtask_for_key_group(kg, peers, max_parallelism)
                                 });

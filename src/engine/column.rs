@@ -8,10 +8,10 @@ use rocksdb::compaction_filter::{CompactionFilter, Decision};
 use rocksdb::compaction_filter_factory::{CompactionFilterContext, CompactionFilterFactory};
 use rocksdb::{BlockBasedOptions, DBCompressionType, MergeOperands, Options};
 
-use crate::backend::options::SharedResources;
 use crate::clock::Clock;
-use crate::state::ttl;
-use crate::state::StateKind;
+use crate::engine::ttl;
+use crate::engine::SharedResources;
+use crate::format::StateKind;
 
 /// The column family that holds the backend's own records.
 pub(crate) const META_COLUMN: &str = "rockstate-meta";

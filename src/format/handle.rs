@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec;
 use crate::error::{Error, Result};
+use crate::format::StateMeta;
 use crate::keygroup::{self, KeyGroupRange};
-use crate::state::StateMeta;
 use crate::storage::path;
 use crate::storage::FileInfo;
 
@@ -308,7 +308,7 @@ mod tests {
         let mut escaping = handle();
         escaping.private[0].path = "../../etc/passwd".into();
         let err = KeyedStateHandle::decode(&escaping.encode().unwrap()).unwrap_err();
-        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+        assert_eq!(err.kind(), crate::error::ErrorKind::Corrupt);
 
         let mut bad_name = handle();
         bad_name.shared[0].local_name = "../x.sst".into();

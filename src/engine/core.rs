@@ -10,12 +10,12 @@ use rocksdb::{
     WriteBatch, WriteOptions,
 };
 
-use crate::backend::column::ColumnSettings;
 use crate::clock::Clock;
+use crate::engine::tracker::SnapshotTracker;
+use crate::engine::ColumnSettings;
 use crate::error::{Error, Result};
+use crate::format::StateMeta;
 use crate::keygroup::KeyGroupRange;
-use crate::snapshot::tracker::SnapshotTracker;
-use crate::state::StateMeta;
 
 pub(crate) type Db = DBWithThreadMode<MultiThreaded>;
 
@@ -152,7 +152,7 @@ impl BackendCore {
 
     /// Writes a record of the backend's own column family.
     pub(crate) fn put_meta(&self, key: &[u8], value: &[u8]) -> Result<()> {
-        let cf = self.cf(crate::backend::column::META_COLUMN)?;
+        let cf = self.cf(crate::engine::META_COLUMN)?;
         self.db
             .put_cf_opt(&cf, key, value, &self.write_opts)
             .map_err(|e| Error::engine("write backend record", e))
@@ -431,7 +431,7 @@ impl Drop for BackendCore {
             Ok(()) => {
                 // Restored files are not synced when they are fetched (scratch space);
                 // a directory marked clean must survive a machine crash as it is.
-                let marker = self.dir.join(crate::backend::CLEAN_MARKER);
+                let marker = self.dir.join(crate::engine::CLEAN_MARKER);
                 let marked = sync_files(&self.dir)
                     .and_then(|()| std::fs::File::create(&marker)?.sync_all())
                     .and_then(|()| std::fs::File::open(&self.dir)?.sync_all());

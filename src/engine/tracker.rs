@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::snapshot::handle::StateFile;
+use crate::format::handle::StateFile;
 
 /// Files by local SST name.
 pub(crate) type FileSet = BTreeMap<String, StateFile>;

@@ -4,8 +4,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec;
 use crate::error::Result;
+use crate::format::StateMeta;
 use crate::keygroup::KeyGroupRange;
-use crate::state::StateMeta;
 
 /// Key of the backend record.
 pub(crate) const BACKEND_KEY: &[u8] = b"backend";
@@ -45,7 +45,7 @@ pub(crate) fn encode_state(meta: &StateMeta) -> Result<Vec<u8>> {
 pub(crate) fn decode_state(bytes: &[u8]) -> Result<StateMeta> {
     let meta: StateMeta = codec::decode_versioned(bytes, STATE_RECORD_VERSION, "state record")?.1;
     if meta.ttl_millis == Some(0) {
-        return Err(crate::Error::corrupt(
+        return Err(crate::error::Error::corrupt(
             format!("record of state \"{}\"", meta.name),
             "a TTL of 0 ms",
         ));
@@ -56,7 +56,7 @@ pub(crate) fn decode_state(bytes: &[u8]) -> Result<StateMeta> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::StateKind;
+    use crate::format::StateKind;
 
     #[test]
     fn records_round_trip() {

@@ -7,11 +7,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::operator_state::OperatorState;
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::snapshot::{KeyedSnapshot, KeyedStateHandle};
-use crate::state::StateMeta;
+use crate::format::handle::{KeyedSnapshot, KeyedStateHandle};
+use crate::format::operator_state::OperatorState;
+use crate::format::StateMeta;
+use crate::storage::CheckpointStorage;
 
 /// The magic bytes at the start of every `_metadata`.
 pub const METADATA_MAGIC: &[u8; 8] = b"RKSTMETA";
@@ -259,8 +260,8 @@ mod v1 {
     use serde::Deserialize;
 
     use super::{OperatorState, SnapshotKind};
-    use crate::snapshot::KeyedStateHandle;
-    use crate::state::StateMeta;
+    use crate::format::KeyedStateHandle;
+    use crate::format::StateMeta;
 
     #[derive(Deserialize)]
     pub(super) struct SubtaskSnapshot {
@@ -321,6 +322,25 @@ mod v1 {
     }
 }
 
+/// The name of the file whose presence completes a checkpoint or savepoint.
+pub(crate) const METADATA_FILE: &str = "_metadata";
+
+/// `chk-<id>/_metadata`.
+pub(crate) fn metadata_path(checkpoint_id: u64) -> String {
+    format!("chk-{checkpoint_id}/{METADATA_FILE}")
+}
+
+/// Reads and decodes the `_metadata` at `rel` of `storage`.
+///
+/// Errors: `NotFound`; `Corrupt`/`Incompatible` naming the file; storage errors.
+pub(crate) async fn read_metadata_file(
+    storage: &CheckpointStorage,
+    rel: &str,
+) -> Result<CheckpointMetadata> {
+    let bytes = storage.read_small(rel, MAX_METADATA_LEN).await?;
+    CheckpointMetadata::decode(&bytes, &storage.url_of(rel))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,7 +376,7 @@ mod tests {
             assert!(
                 matches!(
                     err.kind(),
-                    crate::ErrorKind::Corrupt | crate::ErrorKind::Incompatible
+                    crate::error::ErrorKind::Corrupt | crate::error::ErrorKind::Incompatible
                 ),
                 "byte {i}: {err}"
             );
@@ -368,7 +388,7 @@ mod tests {
         future[11] = 9;
         assert_eq!(
             CheckpointMetadata::decode(&future, "m").unwrap_err().kind(),
-            crate::ErrorKind::Incompatible
+            crate::error::ErrorKind::Incompatible
         );
     }
 }
