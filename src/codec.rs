@@ -11,6 +11,11 @@
 //!
 //! Types must serialize without `deserialize_any` (no `#[serde(untagged)]` or `flatten`),
 //! as usual for a binary format. `fixtures/key_encoding.txt` pins the layout.
+//!
+//! bincode is used here and nowhere else, and never appears in a public signature. It is
+//! pinned to exactly 2.0.1, its final release: RUSTSEC-2025-0141 marks the crate
+//! unmaintained, which suits a format that must never change. The golden files under
+//! `fixtures/` guard the bytes, so a replacement encoder would have to reproduce them.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;

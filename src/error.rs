@@ -1,10 +1,33 @@
 //! The crate's one error type.
 //!
 //! Every fallible call returns [`Error`]. Match on [`Error::kind`] to decide what to do
-//! (retry, give up, fix the input); the `Display` text carries the ids that matter (state
-//! name, key group, file) for logs and operators.
+//! (retry, give up, fix the input): the kind is the contract. The `Display` text says what
+//! rockstate was doing and carries the ids that matter (state name, key group, file); the
+//! underlying failure (RocksDB's, the object store's, the file system's, a user
+//! operator's) is kept as the error's [`source`](std::error::Error::source), never repeated
+//! in the message. [`Error::report`] prints the whole chain on one line.
+//!
+//! Errors are `Clone` (causes are shared), so an error that crosses a thread (a subtask's,
+//! a worker's, an upload's) arrives whole: same variant, same kind, same causes.
 
 use std::fmt;
+use std::sync::Arc;
+
+/// The cause of an [`Error`]: the underlying library's error, shared so that errors can be
+/// cloned and sent to other threads.
+pub type Source = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A cause given as text (where no error value exists, or it is not `Send`).
+#[derive(Debug, Clone)]
+struct Cause(String);
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Cause {}
 
 /// What the caller should do about an [`Error`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -12,7 +35,8 @@ use std::fmt;
 pub enum ErrorKind {
     /// A local I/O or storage operation failed; retrying may succeed.
     Io,
-    /// A remote service is temporarily unavailable or busy; retry later.
+    /// A remote service, or rockstate itself (too many checkpoints in flight), is
+    /// temporarily unavailable or busy; retry later.
     Unavailable,
     /// Data read from disk or storage is damaged (bad checksum, truncated, undecodable).
     /// Retrying will not help; restore from another snapshot.
@@ -31,6 +55,12 @@ pub enum ErrorKind {
     /// A checkpoint's `_metadata` write got no definite answer (it may or may not be
     /// stored). Its files are kept; the checkpoint is not counted as completed.
     InDoubt,
+    /// A local directory is held by another backend, in this process or another one.
+    /// Close that backend (or stop that process), or use another directory.
+    InUse,
+    /// The user's operator (application code run by a runtime) failed; its error is the
+    /// source.
+    OperatorFailed,
     /// A broken internal invariant or an unexpected engine failure.
     Internal,
 }
@@ -47,6 +77,8 @@ impl fmt::Display for ErrorKind {
             ErrorKind::AlreadyExists => "already exists",
             ErrorKind::Fenced => "fenced",
             ErrorKind::InDoubt => "in doubt",
+            ErrorKind::InUse => "in use",
+            ErrorKind::OperatorFailed => "operator failed",
             ErrorKind::Internal => "internal error",
         };
         f.write_str(s)
@@ -54,7 +86,7 @@ impl fmt::Display for ErrorKind {
 }
 
 /// The error returned by every fallible rockstate operation.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A setting or argument is out of its allowed range.
@@ -126,25 +158,36 @@ pub enum Error {
         detail: String,
     },
 
-    /// The storage engine reported an error.
-    #[error("storage engine error during {context}: {message}")]
+    /// The storage engine (RocksDB) reported an error.
+    #[error("storage engine error during {context}")]
     Engine {
         /// The operation that failed.
         context: String,
-        /// The engine's message.
-        message: String,
         /// Classification of the engine's error.
         kind: ErrorKind,
+        /// The engine's error.
+        #[source]
+        source: Source,
     },
 
     /// A local file system operation failed.
-    #[error("I/O error during {context}: {source}")]
+    #[error("I/O error during {context}")]
     Io {
         /// The operation that failed, with the path.
         context: String,
         /// The underlying error.
         #[source]
-        source: std::io::Error,
+        source: Source,
+    },
+
+    /// A local directory is locked by another backend.
+    #[error("local directory {dir} is in use by another backend (in this or another process)")]
+    InUse {
+        /// The directory.
+        dir: String,
+        /// The engine's lock error.
+        #[source]
+        source: Source,
     },
 
     /// Something that should exist does not.
@@ -156,16 +199,27 @@ pub enum Error {
     AlreadyExists(String),
 
     /// An object-store request failed.
-    #[error("storage error during {op} of {path}: {message}")]
+    #[error("storage error during {op} of {path}")]
     Storage {
         /// The operation (put, get, list, delete, ...).
         op: String,
         /// The object's path (or URL).
         path: String,
-        /// The store's message.
-        message: String,
         /// Classification: `Unavailable` for retryable failures.
         kind: ErrorKind,
+        /// The store's error.
+        #[source]
+        source: Source,
+    },
+
+    /// The user's operator failed.
+    #[error("operator \"{operator}\" failed")]
+    Operator {
+        /// The operator's uid.
+        operator: String,
+        /// The operator's error.
+        #[source]
+        source: Source,
     },
 
     /// A newer writer claimed the job directory.
@@ -190,6 +244,10 @@ pub enum Error {
         detail: String,
     },
 
+    /// A request that cannot be served now (too many checkpoints in flight); retry later.
+    #[error("busy: {0}")]
+    Busy(String),
+
     /// A broken internal invariant.
     #[error("internal error: {0}")]
     Internal(String),
@@ -213,6 +271,9 @@ impl Error {
             Error::Storage { kind, .. } => *kind,
             Error::Fenced { .. } => ErrorKind::Fenced,
             Error::InDoubt { .. } => ErrorKind::InDoubt,
+            Error::InUse { .. } => ErrorKind::InUse,
+            Error::Operator { .. } => ErrorKind::OperatorFailed,
+            Error::Busy(_) => ErrorKind::Unavailable,
             Error::Internal(_) => ErrorKind::Internal,
         }
     }
@@ -234,8 +295,39 @@ impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             context: context.into(),
-            source,
+            source: Arc::new(source),
         }
+    }
+
+    /// An `OperatorFailed` error: the operator `uid` (user code) failed with `source`.
+    pub fn operator(
+        uid: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Error::Operator {
+            operator: uid.into(),
+            source: Arc::from(source.into()),
+        }
+    }
+
+    /// A storage error whose cause is given as text (no store error exists).
+    pub(crate) fn storage_failed(
+        op: impl Into<String>,
+        path: impl Into<String>,
+        kind: ErrorKind,
+        cause: impl Into<String>,
+    ) -> Self {
+        Error::Storage {
+            op: op.into(),
+            path: path.into(),
+            kind,
+            source: Arc::new(Cause(cause.into())),
+        }
+    }
+
+    /// The error and its chain of causes on one line: `message: cause: cause`.
+    pub fn report(&self) -> Report<'_> {
+        Report(self)
     }
 
     /// Wraps a RocksDB error, keeping its classification but not its type.
@@ -251,33 +343,28 @@ impl Error {
         };
         Error::Engine {
             context: context.into(),
-            message: err.into_string(),
             kind,
+            source: Arc::new(err),
         }
     }
 }
 
-impl Error {
-    /// A copy for another thread: `Fenced` and `InDoubt` keep their variant (callers
-    /// act on them), every other error becomes `Internal` with the same message.
-    pub fn replay(&self) -> Error {
-        match self {
-            Error::Fenced { job, ours, newer } => Error::Fenced {
-                job: job.clone(),
-                ours: *ours,
-                newer: *newer,
-            },
-            Error::InDoubt {
-                checkpoint_id,
-                path,
-                detail,
-            } => Error::InDoubt {
-                checkpoint_id: *checkpoint_id,
-                path: path.clone(),
-                detail: detail.clone(),
-            },
-            other => Error::Internal(other.to_string()),
+/// An error with its causes on one line ([`Error::report`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Report<'a>(&'a Error);
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = std::error::Error::source(self.0);
+        while let Some(e) = cause {
+            let text = e.to_string();
+            if !text.is_empty() {
+                write!(f, ": {text}")?;
+            }
+            cause = e.source();
         }
+        Ok(())
     }
 }
 
@@ -327,8 +414,8 @@ impl Error {
                 Error::Storage {
                     op: op.to_string(),
                     path,
-                    message: other.to_string(),
                     kind,
+                    source: Arc::new(other),
                 }
             }
         }
@@ -357,5 +444,38 @@ mod tests {
         let io = Error::io("open /x", std::io::Error::other("boom"));
         assert_eq!(io.kind(), ErrorKind::Io);
         assert!(io.to_string().contains("open /x"));
+    }
+
+    /// Causes are kept as sources, not repeated in the message, and survive a clone sent
+    /// to another thread with the kind intact.
+    #[test]
+    fn causes_are_sources_and_survive_threads() {
+        use std::error::Error as _;
+        let io = Error::io("open /x", std::io::Error::other("boom"));
+        assert!(!io.to_string().contains("boom"), "{io}");
+        assert_eq!(io.source().unwrap().to_string(), "boom");
+        assert_eq!(io.report().to_string(), "I/O error during open /x: boom");
+        let sent = std::thread::spawn({
+            let io = io.clone();
+            move || io
+        })
+        .join()
+        .unwrap();
+        assert_eq!(sent.kind(), ErrorKind::Io);
+        assert_eq!(sent.source().unwrap().to_string(), "boom");
+
+        let failed = Error::operator("counter", "negative count");
+        assert_eq!(failed.kind(), ErrorKind::OperatorFailed);
+        assert_eq!(
+            failed.report().to_string(),
+            "operator \"counter\" failed: negative count"
+        );
+
+        let engine = Error::engine(
+            "open /db",
+            rocksdb::DB::open_default("/proc/rockstate-cannot-create-this").unwrap_err(),
+        );
+        assert!(engine.source().is_some());
+        assert!(!engine.to_string().contains("proc/rockstate"), "{engine}");
     }
 }

@@ -207,3 +207,35 @@ fn a_dir_left_by_a_crash_is_not_reopened() {
     assert_eq!(err.kind(), ErrorKind::Incompatible);
     assert!(err.to_string().contains("not closed cleanly"), "{err}");
 }
+
+/// A directory held by an open backend cannot be opened by a second one.
+///
+/// Proves: the second open fails with kind `InUse` naming the directory (not `Io`, which
+/// says "retry"), keeps RocksDB's lock error as its source rather than in its message,
+/// and leaves the first backend working.
+#[test]
+fn a_directory_in_use_is_refused_with_a_clear_error() {
+    use std::error::Error as _;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(0);
+    let first = open(dir.path(), &clock);
+    let count = first
+        .register(ValueStateDescriptor::<String, u64>::new("count"))
+        .unwrap();
+    let options = BackendOptions::for_subtask(dir.path(), 0, PAR, MAX_PAR).unwrap();
+    let err = RocksStateBackend::open(options).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InUse, "{}", err.report());
+    let text = err.to_string();
+    assert!(
+        text.contains("in use") && text.contains(&dir.path().display().to_string()),
+        "{text}"
+    );
+    assert!(
+        !text.to_lowercase().contains("lock"),
+        "the engine's message is repeated: {text}"
+    );
+    assert!(err.source().is_some());
+    let key = &owned_keys(1)[0];
+    count.put(key, &1).unwrap();
+    assert_eq!(count.get(key).unwrap(), Some(1));
+}

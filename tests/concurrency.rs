@@ -813,7 +813,7 @@ impl Schedule {
 
     async fn trigger(&mut self) {
         let at = mark().await;
-        if let Some(id) = self.coord.trigger() {
+        if let Ok(id) = self.coord.trigger() {
             self.triggered.insert(id, at);
         }
     }
@@ -1061,7 +1061,7 @@ impl Schedule {
         let seen = self.bed.live.requests().len();
         let outcome = match self.rng.below(4) {
             0 => match zombie.trigger() {
-                Some(id) => {
+                Ok(id) => {
                     let mut last = Ok(AckOutcome::Pending);
                     for i in 0..PARALLELISM {
                         last = zombie
@@ -1070,7 +1070,7 @@ impl Schedule {
                     }
                     last.map(|_| ())
                 }
-                None => Ok(()),
+                Err(_) => Ok(()),
             },
             1 => match zombie.pending_ids().first().copied() {
                 Some(id) => zombie.decline(id, "zombie").await,

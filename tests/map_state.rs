@@ -134,3 +134,39 @@ fn foreign_keys_rejected_and_maps_survive_reopen() {
         );
     }
 }
+
+/// A windowed map state (namespace type `u64`, the window) used through a handle on which
+/// `with_namespace` was never called.
+///
+/// Proves: every access is refused with `InvalidArgument` naming the state and the
+/// namespace type, instead of silently using the `()` namespace (whose data a windowed
+/// read would then decode as another window's, or fail as `Corrupt`); after
+/// `with_namespace` the same handle type reads and writes its window only.
+#[test]
+fn a_namespaced_handle_needs_a_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = open(dir.path(), &ManualClock::new(0));
+    let counts = backend
+        .register(MapStateDescriptor::<String, String, u64, u64>::new(
+            "window-counts",
+        ))
+        .unwrap();
+    let key = &owned_keys(1)[0];
+    let err = counts.put(key, &"word".to_string(), &1).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("window-counts") && text.contains("u64") && text.contains("with_namespace"),
+        "{text}"
+    );
+    assert_eq!(
+        counts.get(key, &"word".to_string()).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+
+    let window_1 = counts.with_namespace(&1).unwrap();
+    let window_2 = counts.with_namespace(&2).unwrap();
+    window_1.put(key, &"word".to_string(), &5).unwrap();
+    assert_eq!(window_1.get(key, &"word".to_string()).unwrap(), Some(5));
+    assert_eq!(window_2.get(key, &"word".to_string()).unwrap(), None);
+}

@@ -489,10 +489,24 @@ async fn operator_mapping_and_max_parallelism_are_checked() {
     assert_eq!(err.kind(), ErrorKind::Incompatible, "{err}");
     assert!(err.to_string().contains("max parallelism"), "{err}");
 
-    // A uid the snapshot does not know starts empty.
+    // A uid the snapshot does not know (a misspelt one) is refused, naming what it holds.
     let opts = BackendOptions::for_subtask(tmp.path().join("y"), 0, 2, MAX_PAR).unwrap();
+    let err = RocksStateBackend::builder(opts.clone())
+        .restore_operator(&source, "countr", &RestoreOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(
+        err.to_string().contains("countr") && err.to_string().contains(UID),
+        "{err}"
+    );
+    // Declared new to the job, it starts empty.
+    let new_operator = RestoreOptions {
+        allow_new_operator: true,
+        ..RestoreOptions::default()
+    };
     let fresh = RocksStateBackend::builder(opts)
-        .restore_operator(&source, "new-operator", &RestoreOptions::default())
+        .restore_operator(&source, "new-operator", &new_operator)
         .await
         .unwrap();
     assert!(fresh.states().is_empty());

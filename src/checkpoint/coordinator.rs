@@ -424,12 +424,18 @@ impl CheckpointCoordinator {
         &self.registry
     }
 
-    /// Starts a new checkpoint and returns its id, or `None` when `max_concurrent`
-    /// checkpoints are already in flight. The runtime then has every subtask snapshot
-    /// with this id and acknowledge.
-    pub fn trigger(&mut self) -> Option<u64> {
+    /// Starts a new checkpoint and returns its id. The runtime then has every subtask
+    /// snapshot with this id and acknowledge.
+    ///
+    /// Errors: `Unavailable` ([`Error::Busy`]) when `max_concurrent` checkpoints are
+    /// already in flight: trigger again once one completes, fails or expires.
+    pub fn trigger(&mut self) -> Result<u64> {
         if self.pending.len() >= self.options.max_concurrent {
-            return None;
+            return Err(Error::Busy(format!(
+                "{} checkpoint(s) of job {:?} in flight, the most allowed (max_concurrent)",
+                self.pending.len(),
+                self.job_id
+            )));
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -443,7 +449,7 @@ impl CheckpointCoordinator {
                 acks: BTreeMap::new(),
             },
         );
-        Some(id)
+        Ok(id)
     }
 
     /// Keeps every completed checkpoint with id `floor` or above, and the shared files
@@ -635,7 +641,7 @@ impl CheckpointCoordinator {
                 match self.delete_paths(orphans).await {
                     Err(e) if e.kind() == ErrorKind::Fenced => return Err(e),
                     Err(e) => {
-                        tracing::warn!(checkpoint_id, error = %e, "cannot delete the files of a late acknowledgement (the sweep will)")
+                        tracing::warn!(checkpoint_id, error = %e.report(), "cannot delete the files of a late acknowledgement (the sweep will)")
                     }
                     Ok(()) => {}
                 }
@@ -715,12 +721,12 @@ impl CheckpointCoordinator {
             return self.complete_savepoint(meta, savepoint).await;
         }
         if let Err(e) = self.registry.check(&meta) {
-            tracing::warn!(checkpoint_id, error = %e, "checkpoint fails: it references an unregistered file");
+            tracing::warn!(checkpoint_id, error = %e.report(), "checkpoint fails: it references an unregistered file");
             if let Err(cleanup) = self.delete_checkpoint_files(&meta).await {
                 if cleanup.kind() == ErrorKind::Fenced {
                     return Err(cleanup);
                 }
-                tracing::warn!(checkpoint_id, error = %cleanup, "cannot delete the files of a failed checkpoint (the sweep will)");
+                tracing::warn!(checkpoint_id, error = %cleanup.report(), "cannot delete the files of a failed checkpoint (the sweep will)");
             }
             return Err(e);
         }
@@ -738,16 +744,16 @@ impl CheckpointCoordinator {
                 // It may be complete: keep every file it references, and let its files
                 // be reused (a runtime that sees the `_metadata` confirms it), until a
                 // newer checkpoint completes. The job goes on with later checkpoints.
-                tracing::warn!(checkpoint_id, error = %e, "checkpoint in doubt; its files are kept");
+                tracing::warn!(checkpoint_id, error = %e.report(), "checkpoint in doubt; its files are kept");
                 self.registry.add(&meta);
                 self.in_doubt.insert(checkpoint_id, meta);
                 return Err(e);
             }
             Err(e) => {
                 // Definitely not committed as ours (another object holds the name).
-                tracing::warn!(checkpoint_id, error = %e, "cannot commit the checkpoint");
+                tracing::warn!(checkpoint_id, error = %e.report(), "cannot commit the checkpoint");
                 if let Err(cleanup) = self.delete_checkpoint_files(&meta).await {
-                    tracing::warn!(checkpoint_id, error = %cleanup, "cannot delete the files of a failed checkpoint (the sweep will)");
+                    tracing::warn!(checkpoint_id, error = %cleanup.report(), "cannot delete the files of a failed checkpoint (the sweep will)");
                 }
                 return Err(e);
             }
@@ -761,7 +767,7 @@ impl CheckpointCoordinator {
         // A writer fenced during the cleanup below still committed this checkpoint: it
         // is reported completed, and the writer's next call fails with `Fenced`.
         if let Err(e) = self.after_commit(checkpoint_id).await {
-            tracing::warn!(checkpoint_id, error = %e, "stopped cleaning up after a commit");
+            tracing::warn!(checkpoint_id, error = %e.report(), "stopped cleaning up after a commit");
         }
         Ok(AckOutcome::Completed(Box::new(meta)))
     }
@@ -781,13 +787,13 @@ impl CheckpointCoordinator {
                 if e.kind() == ErrorKind::Fenced {
                     return Err(e);
                 }
-                tracing::warn!(checkpoint = id, error = %e, "cleanup of an aborted checkpoint failed");
+                tracing::warn!(checkpoint = id, error = %e.report(), "cleanup of an aborted checkpoint failed");
             }
         }
         match self.retire_abandoned().await {
             Err(e) if e.kind() == ErrorKind::Fenced => return Err(e),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot delete checkpoints of an abandoned timeline yet")
+                tracing::warn!(error = %e.report(), "cannot delete checkpoints of an abandoned timeline yet")
             }
             Ok(()) => {}
         }
@@ -832,7 +838,7 @@ impl CheckpointCoordinator {
                     self.in_doubt.remove(&id);
                 }
                 Err(e) => {
-                    tracing::warn!(checkpoint_id = id, error = %e, "a checkpoint stays in doubt");
+                    tracing::warn!(checkpoint_id = id, error = %e.report(), "a checkpoint stays in doubt");
                 }
             }
         }
@@ -865,13 +871,13 @@ impl CheckpointCoordinator {
             }
             // Its `_metadata` may be stored: a savepoint in doubt keeps its files.
             Err(e) if e.kind() == ErrorKind::InDoubt => {
-                tracing::warn!(checkpoint_id, folder = %savepoint.folder.url(), error = %e, "savepoint in doubt; its files are kept");
+                tracing::warn!(checkpoint_id, folder = %savepoint.folder.url(), error = %e.report(), "savepoint in doubt; its files are kept");
                 Err(e)
             }
             Err(e) => {
-                tracing::warn!(checkpoint_id, folder = %savepoint.folder.url(), error = %e, "savepoint failed");
+                tracing::warn!(checkpoint_id, folder = %savepoint.folder.url(), error = %e.report(), "savepoint failed");
                 if let Err(cleanup) = delete_all(&savepoint.folder, written).await {
-                    tracing::warn!(error = %cleanup, "cannot remove the files of a failed savepoint");
+                    tracing::warn!(error = %cleanup.report(), "cannot remove the files of a failed savepoint");
                 }
                 Err(e)
             }
@@ -923,7 +929,7 @@ impl CheckpointCoordinator {
                 }
                 Err(e) if e.kind() == ErrorKind::Fenced => return Err(e),
                 Err(e) => {
-                    tracing::warn!(checkpoint = old.checkpoint_id, error = %e, "cannot delete a subsumed checkpoint yet");
+                    tracing::warn!(checkpoint = old.checkpoint_id, error = %e.report(), "cannot delete a subsumed checkpoint yet");
                     break;
                 }
             }
@@ -931,7 +937,7 @@ impl CheckpointCoordinator {
         match self.release_unused().await {
             Err(e) if e.kind() == ErrorKind::Fenced => Err(e),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot delete unused shared files yet (the sweep will)");
+                tracing::warn!(error = %e.report(), "cannot delete unused shared files yet (the sweep will)");
                 Ok(())
             }
             Ok(()) => Ok(()),
@@ -1006,7 +1012,7 @@ impl CheckpointCoordinator {
         match deleted {
             Err(e) if e.kind() == ErrorKind::Fenced => Err(e),
             Err(e) => {
-                tracing::warn!(checkpoint_id, error = %e, "cannot delete the files of an aborted checkpoint (the sweep will)");
+                tracing::warn!(checkpoint_id, error = %e.report(), "cannot delete the files of an aborted checkpoint (the sweep will)");
                 Ok(())
             }
             Ok(()) => Ok(()),
@@ -1091,7 +1097,7 @@ async fn commit(
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => return Err(e),
             Err(e) => {
-                tracing::warn!(checkpoint_id, round, error = %e, "metadata write has no definite answer; reading it back");
+                tracing::warn!(checkpoint_id, round, error = %e.report(), "metadata write has no definite answer; reading it back");
                 last = e.to_string();
             }
         }

@@ -86,7 +86,7 @@ pub(crate) async fn scan(job: &CheckpointStorage) -> Result<JobCheckpoints> {
                     ErrorKind::Corrupt | ErrorKind::Incompatible | ErrorKind::InvalidArgument
                 ) =>
             {
-                tracing::warn!(checkpoint = id, error = %e, "skipping unreadable checkpoint");
+                tracing::warn!(checkpoint = id, error = %e.report(), "skipping unreadable checkpoint");
                 found.unreadable.push((id, e.to_string()));
             }
             Err(e) => return Err(e),
@@ -144,7 +144,7 @@ impl CheckpointStorage {
                         ErrorKind::Corrupt | ErrorKind::Incompatible | ErrorKind::InvalidArgument
                     ) =>
                 {
-                    tracing::warn!(checkpoint = id, error = %e, "skipping unreadable checkpoint");
+                    tracing::warn!(checkpoint = id, error = %e.report(), "skipping unreadable checkpoint");
                 }
                 Err(e) => return Err(e),
             }

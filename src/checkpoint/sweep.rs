@@ -127,14 +127,12 @@ pub async fn sweep(
             }
         }
     }
-    Err(Error::Storage {
-        op: "sweep".into(),
-        path: job.url().to_string(),
-        message: format!(
-            "the job directory kept changing ({reason}); nothing was deleted, try again"
-        ),
-        kind: ErrorKind::Unavailable,
-    })
+    Err(Error::storage_failed(
+        "sweep",
+        job.url(),
+        ErrorKind::Unavailable,
+        format!("the job directory kept changing ({reason}); nothing was deleted, try again"),
+    ))
 }
 
 async fn sweep_view(

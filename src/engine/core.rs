@@ -440,7 +440,7 @@ impl Drop for BackendCore {
                 }
             }
             Err(e) => {
-                tracing::error!(dir = %self.dir.display(), error = %e, "flush on close failed; the directory will not reopen");
+                tracing::error!(dir = %self.dir.display(), error = %e.report(), "flush on close failed; the directory will not reopen");
             }
         }
     }

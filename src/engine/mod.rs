@@ -100,8 +100,16 @@ pub(crate) fn open_core(
             detail: "a RocksDB database that rockstate did not create".into(),
         });
     }
-    let db = Db::open_cf_descriptors(&db_opts, dir, descriptors)
-        .map_err(|e| Error::engine(format!("open {}", dir.display()), e))?;
+    let db = Db::open_cf_descriptors(&db_opts, dir, descriptors).map_err(|e| {
+        if is_lock_error(&e) {
+            Error::InUse {
+                dir: dir.display().to_string(),
+                source: Arc::new(e),
+            }
+        } else {
+            Error::engine(format!("open {}", dir.display()), e)
+        }
+    })?;
     // The directory is locked now: nothing else uses it.
     if exists && mode == OpenMode::Local && !closed_cleanly {
         return Err(Error::IncompatibleLayout {
@@ -192,6 +200,12 @@ fn read_or_create_record(
         }
         None => new_record(),
     }
+}
+
+/// Whether RocksDB refused to open a database because another instance (in this process
+/// or another) holds its `LOCK` file.
+fn is_lock_error(e: &rocksdb::Error) -> bool {
+    e.kind() == rocksdb::ErrorKind::IOError && e.as_ref().contains("lock")
 }
 
 /// A random 128-bit id in hex.

@@ -165,7 +165,7 @@ impl LocalFiles {
                     Ok(true) => return Ok(true),
                     Ok(false) => {}
                     Err(e) => {
-                        tracing::debug!(file = %url, error = %e, "local file not reused");
+                        tracing::debug!(file = %url, error = %e.report(), "local file not reused");
                         crate::storage::remove_local(&target)?;
                     }
                 }
@@ -285,7 +285,7 @@ impl BackendBuilder {
         };
         if let Err(e) = fetched {
             if let Err(cleanup) = remove_dir_if_exists(&incoming).await {
-                tracing::warn!(dir = %incoming.display(), error = %cleanup, "cannot remove a failed restore");
+                tracing::warn!(dir = %incoming.display(), error = %cleanup.report(), "cannot remove a failed restore");
             }
             return Err(e);
         }

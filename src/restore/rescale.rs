@@ -26,11 +26,13 @@ type Batch = Vec<(Arc<ColumnSettings>, Vec<u8>, Vec<u8>)>;
 impl BackendBuilder {
     /// Restores subtask state of the operator `operator_uid` from `source` into this
     /// builder's empty local directory, for the builder's key-group range, whatever the
-    /// parallelism the snapshot was taken at. An operator absent from the snapshot starts
-    /// empty (check the job with [`RestoreSource::check_operators`] first).
+    /// parallelism the snapshot was taken at. An operator absent from the snapshot is
+    /// refused unless [`RestoreOptions::allow_new_operator`] (then it starts empty); check
+    /// the whole job with [`RestoreSource::check_operators`] first.
     ///
-    /// Errors: `Incompatible` when the max parallelism differs or the snapshot's states
-    /// disagree; `InvalidArgument` when the local directory is not empty;
+    /// Errors: `NotFound` listing the snapshot's operators when it has no `operator_uid`
+    /// (and `allow_new_operator` is off); `Incompatible` when the max parallelism differs
+    /// or the snapshot's states disagree; `InvalidArgument` when the local directory is not empty;
     /// `NotFound`/`Corrupt` naming the file when a file is missing or damaged (nothing is
     /// left behind locally); storage and engine errors.
     pub async fn restore_operator(
@@ -42,7 +44,19 @@ impl BackendBuilder {
         self.options.validate()?;
         ensure_empty(&self.options.local_dir).await?;
         let Some(op) = source.metadata().operator(operator_uid) else {
-            return blocking(move || self.open()).await;
+            if options.allow_new_operator {
+                return blocking(move || self.open()).await;
+            }
+            let known: Vec<&str> = source
+                .metadata()
+                .operators
+                .iter()
+                .map(|o| o.uid.as_str())
+                .collect();
+            return Err(Error::NotFound(format!(
+                "operator {operator_uid:?} in {} (it holds {known:?}; set allow_new_operator for an operator new to the job)",
+                source.location()
+            )));
         };
         source.check_max_parallelism(op, self.options.max_parallelism)?;
         let range = self.options.key_group_range;
@@ -108,7 +122,7 @@ impl BackendBuilder {
         .await;
         if built.is_err() {
             if let Err(cleanup) = remove_dir_if_exists(&dir).await {
-                tracing::warn!(dir = %dir.display(), error = %cleanup, "cannot remove a failed restore");
+                tracing::warn!(dir = %dir.display(), error = %cleanup.report(), "cannot remove a failed restore");
             }
         }
         built
@@ -224,7 +238,7 @@ impl BackendBuilder {
         let cleanup_others = |others: Vec<(KeyedStateHandle, PathBuf)>| async move {
             for (_, other) in others {
                 if let Err(e) = remove_dir_if_exists(&other).await {
-                    tracing::warn!(dir = %other.display(), error = %e, "cannot remove a rescale source");
+                    tracing::warn!(dir = %other.display(), error = %e.report(), "cannot remove a rescale source");
                 }
             }
         };
@@ -256,7 +270,7 @@ impl BackendBuilder {
                         Ok(files) => provenance.extend(files),
                         Err(e) => {
                             if strategy == RescaleStrategy::Ingest {
-                                tracing::info!(error = %e, "ingestion refused; iterating instead");
+                                tracing::info!(error = %e.report(), "ingestion refused; iterating instead");
                                 // Whatever was ingested of this source is removed first.
                                 backend.core.delete_inside(handle.key_group_range)?;
                             }

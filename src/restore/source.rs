@@ -47,6 +47,11 @@ pub struct RestoreOptions {
     /// Accept a snapshot holding state of operators the new job does not have (that
     /// state is dropped). Default `false`: such a restore fails.
     pub allow_non_restored_state: bool,
+    /// The operator may be new to the job: when the snapshot has no operator with the
+    /// restored uid, [`restore_operator`](crate::BackendBuilder::restore_operator) starts
+    /// it empty. Default `false`: a uid the snapshot does not know fails with `NotFound`
+    /// listing the snapshot's operators, so that a misspelt uid never restores nothing.
+    pub allow_new_operator: bool,
 }
 
 /// A completed checkpoint or savepoint to restore from: its metadata and the directory

@@ -188,7 +188,7 @@ impl CoordinatorTask {
                         return;
                     }
                     Err(e) => {
-                        tracing::warn!(checkpoint_id = id, error = %e, "cannot read acknowledgements yet")
+                        tracing::warn!(checkpoint_id = id, error = %e.report(), "cannot read acknowledgements yet")
                     }
                     Ok(()) => {}
                 }
@@ -203,7 +203,7 @@ impl CoordinatorTask {
                     let _ = events.send(FromCoordinator::Stopped(e));
                     return;
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot abort expired checkpoints"),
+                Err(e) => tracing::warn!(error = %e.report(), "cannot abort expired checkpoints"),
             }
             // Checkpoints the coordinator no longer tracks (aborted, subsumed): their
             // acknowledgements are of no use.
@@ -219,7 +219,7 @@ impl CoordinatorTask {
             }
         }
         if let Err(e) = coordinator.shutdown(false).await {
-            tracing::warn!(error = %e, "coordinator shutdown");
+            tracing::warn!(error = %e.report(), "coordinator shutdown");
         }
         for id in pending.into_keys() {
             self.remove_acks(id).await;
@@ -280,12 +280,12 @@ impl CoordinatorTask {
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::Fenced => return Err(e),
                 Err(e) => {
-                    tracing::warn!(checkpoint_id = id, worker, error = %e, "checkpoint fails");
+                    tracing::warn!(checkpoint_id = id, worker, error = %e.report(), "checkpoint fails");
                     if let Err(e) = coordinator.decline(id, &e.to_string()).await {
                         if e.kind() == ErrorKind::Fenced {
                             return Err(e);
                         }
-                        tracing::warn!(checkpoint_id = id, error = %e, "cannot abort");
+                        tracing::warn!(checkpoint_id = id, error = %e.report(), "cannot abort");
                     }
                     pending.remove(&id);
                     let _ = events.send(FromCoordinator::Failed(id, e.to_string()));
@@ -341,7 +341,7 @@ impl CoordinatorTask {
             self.job.delete_many(paths).await
         };
         if let Err(e) = removed.await {
-            tracing::debug!(checkpoint_id = id, error = %e, "cannot remove acknowledgements (the sweep will)");
+            tracing::debug!(checkpoint_id = id, error = %e.report(), "cannot remove acknowledgements (the sweep will)");
         }
     }
 }
@@ -370,7 +370,7 @@ pub async fn newest_completed(
             }
             Ok(None) => {}
             Err(e) if e.kind() == ErrorKind::Corrupt => {
-                tracing::warn!(checkpoint_id = id, error = %e, "an unreadable checkpoint is not confirmed");
+                tracing::warn!(checkpoint_id = id, error = %e.report(), "an unreadable checkpoint is not confirmed");
             }
             Err(e) => return Err(e),
         }

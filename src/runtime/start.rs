@@ -162,7 +162,7 @@ pub async fn first_whole(plan: StartPlan) -> Result<Option<StartCandidate>> {
         match check_listed(&candidate.source, &listings[root.url()]) {
             Ok(()) => return Ok(Some(candidate)),
             Err(e) if plan.fallback && falls_back(&e) => {
-                tracing::warn!(checkpoint = %candidate.source.location(), error = %e, "cannot restore this checkpoint; trying an older one");
+                tracing::warn!(checkpoint = %candidate.source.location(), error = %e.report(), "cannot restore this checkpoint; trying an older one");
                 newest_error.get_or_insert(e);
             }
             Err(e) => return Err(e),

@@ -213,7 +213,7 @@ impl PendingSnapshot {
                 Ok(info) if info == written.info => Ok((info, written)),
                 Ok(info) => {
                     if let Err(e) = folder.delete(&rel).await {
-                        tracing::warn!(path = %folder.url_of(&rel), error = %e, "cannot remove a mismatching savepoint file");
+                        tracing::warn!(path = %folder.url_of(&rel), error = %e.report(), "cannot remove a mismatching savepoint file");
                     }
                     Err(Error::corrupt(
                         format!("savepoint file {}", folder.url_of(&rel)),
@@ -378,9 +378,9 @@ impl PendingSnapshot {
         }
         if let Some(error) = first_error {
             if let Err(e) = target.delete_many(written).await {
-                tracing::warn!(checkpoint = self.checkpoint_id, error = %e, "cleanup after a failed upload was incomplete");
+                tracing::warn!(checkpoint = self.checkpoint_id, error = %e.report(), "cleanup after a failed upload was incomplete");
             }
-            tracing::warn!(checkpoint = self.checkpoint_id, error = %error, "snapshot upload failed");
+            tracing::warn!(checkpoint = self.checkpoint_id, error = %error.report(), "snapshot upload failed");
             self.staging.remove().await;
             return Err(error);
         }

@@ -43,14 +43,18 @@ pub struct StateCore {
     pub(crate) backend: Arc<BackendCore>,
     pub(crate) name: Arc<str>,
     pub(crate) column: Arc<ColumnSettings>,
-    pub(crate) namespace: Arc<[u8]>,
+    /// The serialized namespace the handle addresses; `None` until
+    /// [`with_namespace`](Self::with_namespace) for a state whose namespace type is not `()`.
+    pub(crate) namespace: Option<Arc<[u8]>>,
+    /// The namespace type's name, for the error of a handle without a namespace.
+    namespace_type: &'static str,
 }
 
 impl std::fmt::Debug for StateCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StateCore")
             .field("name", &self.name)
-            .field("namespace_len", &self.namespace.len())
+            .field("namespace_len", &self.namespace.as_ref().map(|n| n.len()))
             .finish()
     }
 }
@@ -66,8 +70,21 @@ impl StateCore {
             backend,
             name: name.into(),
             column,
-            namespace: namespace.into(),
+            namespace: Some(namespace.into()),
+            namespace_type: "()",
         })
+    }
+
+    /// The core of a handle whose namespace type is `N`: unless `N` is `()` (one possible
+    /// namespace), it addresses no namespace until `with_namespace` is called, and every
+    /// access before that is refused instead of silently using the `()` namespace.
+    pub(crate) fn for_namespace_type<N: ?Sized>(mut self) -> Self {
+        let name = std::any::type_name::<N>();
+        if name != "()" {
+            self.namespace = None;
+            self.namespace_type = name;
+        }
+        self
     }
 
     /// "state \"name\"", for error messages.
@@ -77,8 +94,22 @@ impl StateCore {
 
     pub(crate) fn with_namespace<N: Serialize + ?Sized>(&self, namespace: &N) -> Result<Self> {
         let mut core = self.clone();
-        core.namespace = codec::encode_key(namespace)?.into();
+        core.namespace = Some(codec::encode_key(namespace)?.into());
         Ok(core)
+    }
+
+    /// The namespace this handle addresses.
+    ///
+    /// Errors: `InvalidArgument` for a handle of a namespaced state on which
+    /// `with_namespace` was not called.
+    pub(crate) fn namespace(&self) -> Result<&[u8]> {
+        self.namespace.as_deref().ok_or_else(|| {
+            Error::invalid(format!(
+                "{} has namespace type {}: address a namespace with `with_namespace` before using the handle",
+                self.what(),
+                self.namespace_type
+            ))
+        })
     }
 
     pub(crate) fn ttl_ms(&self) -> Option<u64> {
@@ -101,7 +132,7 @@ impl StateCore {
                 range: range.to_string(),
             });
         }
-        Ok(codec::compose(kg, &key_bytes, &self.namespace))
+        Ok(codec::compose(kg, &key_bytes, self.namespace()?))
     }
 
     pub(crate) fn encode_value<V: Serialize + ?Sized>(&self, value: &V) -> Result<Vec<u8>> {

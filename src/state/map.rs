@@ -52,6 +52,7 @@ where
     }
 
     fn bind(self, core: StateCore) -> Self::Handle {
+        let core = core.for_namespace_type::<N>();
         MapState {
             core,
             _types: PhantomData,

@@ -448,7 +448,7 @@ impl CheckpointStorage {
                         .options
                         .retry_backoff
                         .saturating_mul(1 << attempt.min(16));
-                    tracing::debug!(what, attempt, error = %e, ?wait, "retrying a storage request");
+                    tracing::debug!(what, attempt, error = %e.report(), ?wait, "retrying a storage request");
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
@@ -488,12 +488,11 @@ impl CheckpointStorage {
                             Ok(_) => Err(e),
                             Err(read) if read.kind() == crate::error::ErrorKind::Corrupt => Err(e),
                             Err(read) => Err(Error::Storage {
-                                op: "conditional put".into(),
+                                op: "conditional put (an object exists; reading it back failed)"
+                                    .into(),
                                 path: self.url_of(rel),
-                                message: format!(
-                                    "an object exists, and reading it back failed: {read}"
-                                ),
                                 kind: crate::error::ErrorKind::Unavailable,
+                                source: std::sync::Arc::new(read),
                             }),
                         }
                     }

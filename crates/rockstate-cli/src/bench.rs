@@ -378,12 +378,7 @@ async fn snapshot_all(
             let t = coordinator.trigger_savepoint(Some(dir), SavepointFormat::Canonical)?;
             (t.checkpoint_id, Some(t.folder))
         }
-        None => (
-            coordinator
-                .trigger()
-                .ok_or_else(|| Error::Internal("a checkpoint is still in flight".into()))?,
-            None,
-        ),
+        None => (coordinator.trigger()?, None),
     };
     let mut syncs = Vec::new();
     let mut completed = None;

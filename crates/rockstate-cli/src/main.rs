@@ -266,7 +266,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("rockstate: {}", one_line(&e.to_string()));
+            eprintln!("rockstate: {}", one_line(&e.report().to_string()));
             ExitCode::from(exit::ERROR)
         }
     }

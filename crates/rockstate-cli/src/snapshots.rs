@@ -356,7 +356,7 @@ fn report_bad(json: bool, url: &str, files: usize, bytes: Option<u64>, bad: &[(S
                 json!({
                     "url": url,
                     "kind": format!("{:?}", e.kind()),
-                    "error": crate::one_line(&e.to_string()),
+                    "error": crate::one_line(&e.report().to_string()),
                 })
             })
             .collect();
@@ -366,7 +366,7 @@ fn report_bad(json: bool, url: &str, files: usize, bytes: Option<u64>, bad: &[(S
         return;
     }
     for (file, e) in bad {
-        println!("BAD {file}: {}", crate::one_line(&e.to_string()));
+        println!("BAD {file}: {}", crate::one_line(&e.report().to_string()));
     }
     println!("{url}: {} of {files} files bad", bad.len());
     eprintln!(

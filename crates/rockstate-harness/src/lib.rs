@@ -42,7 +42,7 @@ use rockstate::runtime::local_dir;
 use rockstate::runtime::start::{self, StartCandidate};
 use rockstate::savepoint::SavepointFormat;
 use rockstate::storage::CheckpointStorage;
-use rockstate::{BackendOptions, RocksStateBackend, SharedResources};
+use rockstate::{BackendOptions, RestoreOptions, RocksStateBackend, SharedResources};
 use rockstate::{Error, Result};
 
 /// Records handed to a subtask at once.
@@ -121,7 +121,7 @@ pub(crate) struct Progress {
     pub uploaded: Vec<u64>,
     pub latest: Option<CheckpointMetadata>,
     pub failed: Vec<(u64, String)>,
-    pub error: Option<String>,
+    pub error: Option<Error>,
     /// An error that stops the job (a newer writer fenced this one).
     pub fatal: Option<Error>,
     pub savepoints: Vec<CheckpointMetadata>,
@@ -143,7 +143,8 @@ pub struct Harness<S: Source> {
     batches: Vec<Vec<Keyed<S::Key, S::Value>>>,
     threads: Vec<JoinHandle<Result<RocksStateBackend>>>,
     coordinator: Arc<tokio::sync::Mutex<CheckpointCoordinator>>,
-    runtime: tokio::runtime::Runtime,
+    /// `None` only after [`crash`](Self::crash) took it.
+    runtime: Option<tokio::runtime::Runtime>,
     progress: SharedProgress,
     restored_from: Option<(u64, String)>,
     events: u64,
@@ -225,6 +226,11 @@ where
                 }
                 _ => SourcePosition::start(source.partitions()),
             };
+            // The job's operators were checked against the snapshot above.
+            let restore_options = restore.map(|c| RestoreOptions {
+                allow_new_operator: true,
+                ..c.options
+            });
             let mut restores = Vec::new();
             let mut backends = Vec::new();
             for i in 0..p {
@@ -237,13 +243,13 @@ where
                 let builder = RocksStateBackend::builder(options)
                     .shared_resources(resources.clone())
                     .reuse_local_files(reuse.iter().cloned());
-                match restore {
-                    Some(c) => restores.push(builder.restore_operator(
+                match (restore, &restore_options) {
+                    (Some(c), Some(options)) => restores.push(builder.restore_operator(
                         &c.source,
                         &config.operator_uid,
-                        &c.options,
+                        options,
                     )),
-                    None => backends.push(builder.open()?),
+                    _ => backends.push(builder.open()?),
                 }
             }
             // Subtasks restore side by side; every one finishes before a failure is
@@ -260,7 +266,7 @@ where
             if let Some(e) = first {
                 for backend in backends {
                     if let Err(close) = backend.close() {
-                        tracing::warn!(error = %close, "cannot close a restored subtask");
+                        tracing::warn!(error = %close.report(), "cannot close a restored subtask");
                     }
                 }
                 return Err(e);
@@ -278,7 +284,7 @@ where
                     break;
                 }
                 Err(e) if plan.fallback && start::falls_back(&e) => {
-                    tracing::warn!(checkpoint = %candidate.source.location(), error = %e, "cannot restore this checkpoint; trying an older one");
+                    tracing::warn!(checkpoint = %candidate.source.location(), error = %e.report(), "cannot restore this checkpoint; trying an older one");
                     newest_error.get_or_insert(e);
                 }
                 Err(e) => return Err(e),
@@ -355,7 +361,7 @@ where
             senders,
             threads,
             coordinator,
-            runtime,
+            runtime: Some(runtime),
             progress,
             restored_from,
             events: 0,
@@ -366,18 +372,18 @@ where
     fn check_errors(&self) -> Result<()> {
         let progress = self.progress.0.lock();
         if let Some(e) = &progress.fatal {
-            return Err(e.replay());
+            return Err(e.clone());
         }
         match &progress.error {
-            Some(e) => Err(Error::Internal(format!("a subtask failed: {e}"))),
+            Some(e) => Err(e.clone()),
             None => Ok(()),
         }
     }
 
     fn send(&self, subtask: usize, message: Message<S::Key, S::Value>) -> Result<()> {
         self.senders[subtask].send(message).map_err(|_| {
-            let detail = self.progress.0.lock().error.clone().unwrap_or_default();
-            Error::Internal(format!("subtask {subtask} stopped {detail}"))
+            let failed = self.progress.0.lock().error.clone();
+            failed.unwrap_or_else(|| Error::Internal(format!("subtask {subtask} stopped")))
         })
     }
 
@@ -436,7 +442,7 @@ where
     fn expire(&self) -> Result<()> {
         let coordinator = self.coordinator.clone();
         let expired = self
-            .runtime
+            .runtime()
             .block_on(async move { coordinator.lock().await.abort_expired().await })?;
         for id in expired {
             tracing::warn!(checkpoint = id, "checkpoint timed out");
@@ -468,7 +474,7 @@ where
         let position = self.position.clone();
         let p = self.config.parallelism;
         let coordinator = self.coordinator.clone();
-        let (id, last_completed, target) = self.runtime.block_on(async move {
+        let (id, last_completed, target) = self.runtime().block_on(async move {
             let mut coord = coordinator.lock().await;
             let last = coord.latest_completed().map(|m| m.checkpoint_id);
             let (id, target) = match savepoint {
@@ -477,8 +483,9 @@ where
                     (trigger.checkpoint_id, Some(trigger))
                 }
                 None => match coord.trigger() {
-                    Some(id) => (id, None),
-                    None => return Ok::<_, Error>((None, last, None)),
+                    Ok(id) => (id, None),
+                    Err(Error::Busy(_)) => return Ok::<_, Error>((None, last, None)),
+                    Err(e) => return Err(e),
                 },
             };
             for (i, state) in position.to_operator_state(p).into_iter().enumerate() {
@@ -540,7 +547,7 @@ where
         let savepoint = self.savepoint(dir, format)?;
         let backends = self.stop_threads()?;
         let coordinator = self.coordinator.clone();
-        self.runtime
+        self.runtime()
             .block_on(async move { coordinator.lock().await.shutdown(false).await })?;
         let last_checkpoint = self.latest_checkpoint();
         Ok((
@@ -562,10 +569,10 @@ where
                 let (lock, cvar) = &*self.progress;
                 let mut progress = lock.lock();
                 if let Some(e) = &progress.fatal {
-                    return Err(e.replay());
+                    return Err(e.clone());
                 }
                 if let Some(e) = &progress.error {
-                    return Err(Error::Internal(format!("a subtask failed: {e}")));
+                    return Err(e.clone());
                 }
                 if let Some((_, reason)) = progress.failed.iter().find(|(f, _)| *f == id) {
                     return Err(Error::Internal(format!("snapshot {id} failed: {reason}")));
@@ -652,7 +659,7 @@ where
         let last = self.checkpoint_now()?;
         let backends = self.stop_threads()?;
         let coordinator = self.coordinator.clone();
-        self.runtime
+        self.runtime()
             .block_on(async move { coordinator.lock().await.shutdown(false).await })?;
         Ok(Finished {
             backends,
@@ -669,11 +676,11 @@ where
     pub fn cancel(mut self) -> Result<Finished> {
         // Records counted as processed reach their subtasks before the stop.
         if let Err(e) = self.flush() {
-            tracing::debug!(error = %e, "cannot hand over the last records");
+            tracing::debug!(error = %e.report(), "cannot hand over the last records");
         }
         let backends = self.stop_threads()?;
         let coordinator = self.coordinator.clone();
-        self.runtime
+        self.runtime()
             .block_on(async move { coordinator.lock().await.shutdown(false).await })?;
         Ok(Finished {
             backends,
@@ -686,16 +693,31 @@ where
 
     /// Stops the way a crash would: uploads in flight are abandoned, the coordinator is
     /// not shut down, nothing is checkpointed. Local directories are left behind.
-    pub fn crash(self) {
-        let Harness {
-            runtime,
-            senders,
-            threads,
-            ..
-        } = self;
-        runtime.shutdown_background();
+    pub fn crash(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+        if let Err(e) = self.stop_threads() {
+            tracing::debug!(error = %e.report(), "subtask error while crashing");
+        }
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime
+            .as_ref()
+            .expect("the runtime is taken only by crash, which consumes the harness")
+    }
+}
+
+/// A harness dropped without `finish`, `cancel` or `crash` (an error ended the run)
+/// stops its subtask threads and waits for them, so that no thread still uses RocksDB
+/// when the process exits; the coordinator is not shut down, as after a crash.
+impl<S: Source> Drop for Harness<S> {
+    fn drop(&mut self) {
+        let senders = std::mem::take(&mut self.senders);
+        let threads = std::mem::take(&mut self.threads);
         if let Err(e) = stop_threads(senders, threads) {
-            tracing::debug!(error = %e, "subtask error while crashing");
+            tracing::debug!(error = %e.report(), "subtask error while dropping the harness");
         }
     }
 }

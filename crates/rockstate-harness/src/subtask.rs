@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use crate::{Operator, SharedProgress};
 use rockstate::checkpoint::{AckOutcome, CheckpointCoordinator, SavepointTrigger, SubtaskSnapshot};
-use rockstate::savepoint::Compression;
 use rockstate::snapshot::PendingSnapshot;
 use rockstate::storage::CheckpointStorage;
 use rockstate::RocksStateBackend;
@@ -41,9 +40,9 @@ pub(crate) struct SubtaskContext<K, V> {
 impl<K, V> SubtaskContext<K, V> {
     fn fail(&self, error: &rockstate::Error) {
         let (lock, cvar) = &*self.progress;
-        lock.lock()
-            .error
-            .get_or_insert_with(|| format!("subtask {}: {error}", self.index));
+        let index = self.index;
+        tracing::error!(subtask = index, error = %error.report(), "subtask failed");
+        lock.lock().error.get_or_insert_with(|| error.clone());
         cvar.notify_all();
     }
 }
@@ -142,20 +141,9 @@ fn spawn_upload<K, V>(
         progress: ctx.progress.clone(),
     };
     ctx.runtime.spawn(async move {
-        let written = match &savepoint {
-            Some(target) => {
-                pending
-                    .write_savepoint(
-                        &target.folder,
-                        &uid,
-                        index,
-                        target.format,
-                        Compression::default(),
-                    )
-                    .await
-            }
-            None => pending.upload(&job, &uid, index).await.map(Into::into),
-        };
+        let written =
+            rockstate::runtime::store_snapshot(pending, &job, &uid, index, savepoint.as_ref())
+                .await;
         let outcome = match written {
             Ok(handle) => {
                 let snapshot = SubtaskSnapshot {
@@ -189,16 +177,16 @@ fn spawn_upload<K, V>(
             }
             Ok(AckOutcome::Pending | AckOutcome::Discarded) => {}
             Err(e) if e.kind() == rockstate::ErrorKind::Fenced => {
-                tracing::error!(checkpoint = id, subtask = index, error = %e, "stopping: another writer owns the job directory");
+                tracing::error!(checkpoint = id, subtask = index, error = %e.report(), "stopping: another writer owns the job directory");
                 let (lock, cvar) = &*task_ctx.progress;
                 let mut progress = lock.lock();
                 progress.fatal.get_or_insert(e);
                 cvar.notify_all();
             }
             Err(e) => {
-                tracing::warn!(checkpoint = id, subtask = index, error = %e, "checkpoint failed");
+                tracing::warn!(checkpoint = id, subtask = index, error = %e.report(), "checkpoint failed");
                 if let Err(decline) = coordinator.lock().await.decline(id, &e.to_string()).await {
-                    tracing::warn!(checkpoint = id, error = %decline, "decline failed");
+                    tracing::warn!(checkpoint = id, error = %decline.report(), "decline failed");
                     if decline.kind() == rockstate::ErrorKind::Fenced {
                         let (lock, cvar) = &*task_ctx.progress;
                         lock.lock().fatal.get_or_insert(decline);
@@ -229,7 +217,7 @@ where
     };
     ctx.runtime.spawn(async move {
         if let Err(e) = coordinator.lock().await.decline(id, &reason).await {
-            tracing::warn!(checkpoint = id, error = %e, "decline failed");
+            tracing::warn!(checkpoint = id, error = %e.report(), "decline failed");
         }
         record_failure(&task_ctx, id, reason);
         broadcast(&task_ctx, Message::Aborted, id);

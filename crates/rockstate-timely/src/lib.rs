@@ -485,7 +485,7 @@ enum WorkerEvent {
     Uploaded {
         id: u64,
         uid: String,
-        result: Result<rockstate::KeyedStateHandle>,
+        result: Result<KeyedSnapshot>,
     },
     Acknowledged {
         id: u64,
@@ -752,7 +752,7 @@ impl WorkerJob {
             if !s.reuse.is_empty() {
                 s.reuse.clear();
                 if let Err(e) = rockstate::runtime::local_dir::remove(&s.previous) {
-                    tracing::warn!(dir = %s.previous.display(), error = %e, "cannot remove the previous run's files");
+                    tracing::warn!(dir = %s.previous.display(), error = %e.report(), "cannot remove the previous run's files");
                 }
             }
             if s.restore_agreed || s.plan.restore.is_none() {
@@ -967,33 +967,29 @@ impl WorkerState {
                 let tx = self.events_tx.clone();
                 let subtask = self.index;
                 job.runtime.spawn(async move {
-                    let result = pending.upload(&storage, &uid, subtask).await;
+                    let result =
+                        rockstate::runtime::store_snapshot(pending, &storage, &uid, subtask, None)
+                            .await;
                     let _ = tx.send(WorkerEvent::Uploaded { id, uid, result });
                 });
             }
             Err(e) => {
-                tracing::warn!(checkpoint_id = id, operator = %uid, error = %e, "snapshot failed");
+                tracing::warn!(checkpoint_id = id, operator = %uid, error = %e.report(), "snapshot failed");
                 self.uploaded(job, id, &uid, Err(e));
             }
         }
     }
 
-    fn uploaded(
-        &mut self,
-        job: &TimelyJob,
-        id: u64,
-        uid: &str,
-        result: Result<rockstate::KeyedStateHandle>,
-    ) {
+    fn uploaded(&mut self, job: &TimelyJob, id: u64, uid: &str, result: Result<KeyedSnapshot>) {
         let Some(building) = self.building.get_mut(&id) else {
             return;
         };
         building.waiting = building.waiting.saturating_sub(1);
         match result {
-            Ok(handle) => building.snapshots.push((
+            Ok(keyed) => building.snapshots.push((
                 uid.to_string(),
                 SubtaskSnapshot {
-                    keyed: Some(KeyedSnapshot::Files(handle)),
+                    keyed: Some(keyed),
                     operator_state: OperatorState::default(),
                 },
             )),
@@ -1044,7 +1040,7 @@ impl WorkerState {
             WorkerEvent::Uploaded { id, uid, result } => {
                 self.uploads = self.uploads.saturating_sub(1);
                 if let Err(e) = &result {
-                    tracing::warn!(checkpoint_id = id, operator = %uid, error = %e, "upload failed");
+                    tracing::warn!(checkpoint_id = id, operator = %uid, error = %e.report(), "upload failed");
                 }
                 self.uploaded(job, id, &uid, result);
             }
@@ -1059,7 +1055,7 @@ impl WorkerState {
                 }
                 Err(e) => {
                     self.writing = self.writing.saturating_sub(1);
-                    tracing::warn!(checkpoint_id = id, error = %e, "cannot acknowledge");
+                    tracing::warn!(checkpoint_id = id, error = %e.report(), "cannot acknowledge");
                 }
             },
             WorkerEvent::Polled(found) => {
@@ -1067,7 +1063,9 @@ impl WorkerState {
                 match found {
                     Ok(Some(id)) => self.completed(id),
                     Ok(None) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot look for completed checkpoints"),
+                    Err(e) => {
+                        tracing::warn!(error = %e.report(), "cannot look for completed checkpoints")
+                    }
                 }
             }
         }
@@ -1152,17 +1150,21 @@ where
                 .reuse_local_files(s.reuse.iter().cloned());
             let backend = match (&s.restore, &s.plan.restore) {
                 (Some(source), Some(plan)) => {
+                    // The job's operators were checked against the snapshot by worker 0.
                     let restored = job.job.runtime.block_on(builder.restore_operator(
                         source,
                         uid,
-                        &plan.options,
+                        &RestoreOptions {
+                            allow_new_operator: true,
+                            ..plan.options
+                        },
                     ));
                     match restored {
                         Ok(backend) => backend,
                         // Reported to every worker at the first step: returning here
                         // would leave the other workers waiting for this one forever.
                         Err(e) => {
-                            tracing::error!(operator = uid, error = %e, "cannot restore this worker's state");
+                            tracing::error!(operator = uid, error = %e.report(), "cannot restore this worker's state");
                             s.restore_error.get_or_insert(e);
                             RocksStateBackend::builder(options)
                                 .shared_resources(job.job.resources.clone())
