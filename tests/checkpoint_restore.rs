@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
-use common::faulty::FailingStore;
 use common::*;
 use rockstate::testing::s3::S3Server;
+use rockstate::testing::{GatedStore, Match, Op};
 use rockstate::{
     AggregateFunction, AggregatingState, AggregatingStateDescriptor, BackendOptions,
     CheckpointStorage, ErrorKind, KeyedStateHandle, ListState, ListStateDescriptor, ManualClock,
@@ -429,7 +429,15 @@ async fn restore_checks_layout_and_target() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_uploads_leave_the_backend_working() {
     let inner = CheckpointStorage::open("memory://failing").unwrap();
-    let failing = Arc::new(FailingStore::new(inner.store().clone(), 3));
+    let failing = Arc::new(GatedStore::new(inner.store().clone()));
+    // Puts from the third on fail: the first two land and must be cleaned up.
+    let puts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = puts.clone();
+    failing.fail(
+        Match::op(Op::Put)
+            .path_matches(move |_| counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 2),
+        u64::MAX,
+    );
     // Without retries, so that the injected failures reach the upload.
     let job = CheckpointStorage::from_store(failing.clone(), "memory://failing").with_options(
         rockstate::StorageOptions {
@@ -451,7 +459,10 @@ async fn failed_uploads_leave_the_backend_working() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
-    assert!(failing.failed.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    assert!(
+        puts.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+        "the upload failed at an injected failure"
+    );
     backend.notify_checkpoint_aborted(1);
     assert!(
         job.list("")
@@ -464,7 +475,7 @@ async fn failed_uploads_leave_the_backend_working() {
 
     // Processing continues, and the next checkpoint succeeds once the store recovers.
     apply(&w, &mut model, &keys[..20], 2);
-    failing.disarm();
+    failing.clear_rules();
     let h2 = checkpoint(&backend, &job, 2).await;
     assert_eq!(h2.uploaded_bytes, h2.total_size());
     let target = tempfile::tempdir().unwrap();

@@ -14,9 +14,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use object_store::memory::InMemory;
 use object_store::ObjectStore;
-use rockstate::checkpoint::{sweep, OperatorState, SweepOptions};
+use rockstate::checkpoint::{sweep, SweepOptions};
 use rockstate::testing::checks::{assert_whole_on_storage, stored};
-use rockstate::testing::{GatedStore, Lie, Match, Op};
+use rockstate::testing::{GatedStore, Lie, Match, Op, SeededRng};
 use rockstate::{
     AckOutcome, BackendOptions, CheckpointCoordinator, CheckpointMetadata, CheckpointStorage,
     CoordinatorOptions, ErrorKind, OperatorSpec, RestoreMode, RestoreOptions, RestoreSource,
@@ -143,17 +143,7 @@ fn write(subs: &[Subtask], from: usize, n: usize, value: u64) {
 }
 
 async fn snapshot(s: &Subtask, job: &CheckpointStorage, id: u64, i: u32) -> SubtaskSnapshot {
-    let handle = s
-        .backend
-        .snapshot(id)
-        .unwrap()
-        .upload(job, UID, i)
-        .await
-        .unwrap();
-    SubtaskSnapshot {
-        keyed: Some(handle.into()),
-        operator_state: OperatorState::default(),
-    }
+    rockstate::testing::fixtures::snapshot_subtask(&s.backend, job, UID, i, id).await
 }
 
 async fn start(
@@ -627,33 +617,6 @@ async fn a_commit_in_doubt_is_settled_by_the_next_completion() {
 // Randomized schedules
 // ---------------------------------------------------------------------------------------
 
-/// splitmix64: a small generator whose sequence is fixed here, so a seed replays the
-/// same schedule whatever the versions of the crate's dependencies.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n > 0`).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn index(&mut self, len: usize) -> usize {
-        self.below(len as u64) as usize
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
-}
-
 /// A wall-clock time (ms) after every object written so far and not after any object
 /// written later: the in-memory store stamps objects with the wall clock, in ms.
 async fn mark() -> u64 {
@@ -740,7 +703,7 @@ async fn check_invariants(bed: &Bed, landed: &BTreeSet<u64>, when: &str) {
 /// The state of one randomized schedule.
 struct Schedule {
     seed: u64,
-    rng: SplitMix,
+    rng: SeededRng,
     bed: Bed,
     subs: Vec<Subtask>,
     options: CoordinatorOptions,
@@ -766,7 +729,7 @@ const PARALLELISM: u32 = 2;
 
 impl Schedule {
     async fn new(seed: u64, dir: &Path) -> Self {
-        let mut rng = SplitMix(seed);
+        let mut rng = SeededRng::new(seed);
         let bed = bed();
         for path in NEIGHBOURS {
             bed.top.put_if_absent(path, "n".into()).await.unwrap();

@@ -9,9 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::collect;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use rockstate::checkpoint::{redistribute, sweep, OperatorState, Redistribution, SweepOptions};
+use rockstate::testing::SeededRng;
 use rockstate::{
     AckOutcome, BackendOptions, CheckpointCoordinator, CheckpointMetadata, CheckpointStorage,
     CoordinatorOptions, ErrorKind, KeyedStateHandle, ManualClock, OperatorSpec, RocksStateBackend,
@@ -79,17 +78,7 @@ fn subtasks(dir: &Path, parallelism: u32) -> Vec<Subtask> {
 }
 
 async fn snapshot(s: &Subtask, job: &CheckpointStorage, id: u64, i: u32) -> SubtaskSnapshot {
-    let handle = s
-        .backend
-        .snapshot(id)
-        .unwrap()
-        .upload(job, UID, i)
-        .await
-        .unwrap();
-    SubtaskSnapshot {
-        keyed: Some(handle.into()),
-        operator_state: OperatorState::default(),
-    }
+    rockstate::testing::fixtures::snapshot_subtask(&s.backend, job, UID, i, id).await
 }
 
 /// Every file referenced by `metas` exists in storage.
@@ -448,7 +437,7 @@ async fn sweep_respects_grace_and_dry_run() {
 /// One randomized schedule: two concurrent checkpoints, acknowledgements in any order,
 /// declines, timeouts, delayed completion notifications and coordinator restarts.
 async fn schedule(seed: u64) {
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = SeededRng::new(seed);
     let dir = tempfile::tempdir().unwrap();
     let job = CheckpointStorage::open(&format!("memory://schedule-{seed}"))
         .unwrap()
@@ -457,7 +446,7 @@ async fn schedule(seed: u64) {
     let parallelism = 2;
     let subs = subtasks(dir.path(), parallelism);
     let options = CoordinatorOptions {
-        num_retained: rng.random_range(1..=2),
+        num_retained: rng.range(1, 2) as usize,
         max_concurrent: 2,
         ..Default::default()
     };
@@ -471,15 +460,15 @@ async fn schedule(seed: u64) {
     let mut undelivered: Vec<(u64, u32)> = Vec::new();
     let mut version = 0u64;
     for step in 0..60 {
-        match rng.random_range(0..11) {
+        match rng.below(11) {
             0 | 1 | 10 => {
-                let s = &subs[rng.random_range(0..parallelism) as usize];
+                let s = &subs[rng.below(u64::from(parallelism)) as usize];
                 version += 1;
                 for _ in 0..20 {
-                    let k = s.keys[rng.random_range(0..s.keys.len())];
+                    let k = s.keys[rng.index(s.keys.len())];
                     s.state.put(&k, &version).unwrap();
                 }
-                if rng.random_bool(0.8) {
+                if rng.chance(0.8) {
                     s.backend.flush().unwrap();
                 }
             }
@@ -492,8 +481,8 @@ async fn schedule(seed: u64) {
                 if pending.is_empty() {
                     continue;
                 }
-                let id = pending[rng.random_range(0..pending.len())];
-                let i = rng.random_range(0..parallelism);
+                let id = pending[rng.index(pending.len())];
+                let i = rng.below(u64::from(parallelism)) as u32;
                 if snapshotted.insert((id, i)) {
                     let snap = snapshot(&subs[i as usize], &job, id, i).await;
                     unacked.push((id, i, snap));
@@ -503,7 +492,7 @@ async fn schedule(seed: u64) {
                 if unacked.is_empty() {
                     continue;
                 }
-                let (id, i, snap) = unacked.remove(rng.random_range(0..unacked.len()));
+                let (id, i, snap) = unacked.remove(rng.index(unacked.len()));
                 match coord.acknowledge(id, UID, i, snap).await {
                     Ok(AckOutcome::Completed(meta)) => {
                         for s in 0..parallelism {
@@ -520,7 +509,7 @@ async fn schedule(seed: u64) {
             }
             7 => {
                 if !undelivered.is_empty() {
-                    let (id, s) = undelivered.remove(rng.random_range(0..undelivered.len()));
+                    let (id, s) = undelivered.remove(rng.index(undelivered.len()));
                     subs[s as usize].backend.notify_checkpoint_complete(id);
                 }
             }
@@ -534,7 +523,7 @@ async fn schedule(seed: u64) {
                 }
             }
             _ => {
-                if rng.random_bool(0.3) {
+                if rng.chance(0.3) {
                     // A coordinator restart discards the snapshots in flight, as a runtime
                     // does when it fails over; their files are left for the sweep.
                     unacked.clear();

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use object_store::memory::InMemory;
 use object_store::ObjectStore;
-use rockstate::checkpoint::OperatorState;
 use rockstate::testing::{GatedStore, Op};
 use rockstate::{
     AckOutcome, BackendOptions, CheckpointCoordinator, CheckpointMetadata, CheckpointStorage,
@@ -48,17 +47,7 @@ fn write(s: &Subtask, from: u64, n: u64, value: u64) {
 }
 
 async fn snapshot(s: &Subtask, job: &CheckpointStorage, id: u64) -> SubtaskSnapshot {
-    let handle = s
-        .backend
-        .snapshot(id)
-        .unwrap()
-        .upload(job, UID, 0)
-        .await
-        .unwrap();
-    SubtaskSnapshot {
-        keyed: Some(handle.into()),
-        operator_state: OperatorState::default(),
-    }
+    rockstate::testing::fixtures::snapshot_subtask(&s.backend, job, UID, 0, id).await
 }
 
 async fn checkpoint(
@@ -66,15 +55,8 @@ async fn checkpoint(
     s: &Subtask,
     job: &CheckpointStorage,
 ) -> CheckpointMetadata {
-    let id = coord.trigger().unwrap();
-    let snap = snapshot(s, job, id).await;
-    match coord.acknowledge(id, UID, 0, snap).await {
-        Ok(AckOutcome::Completed(meta)) => {
-            s.backend.notify_checkpoint_complete(id);
-            *meta
-        }
-        other => panic!("checkpoint {id} did not complete: {other:?}"),
-    }
+    rockstate::testing::fixtures::checkpoint_once(coord, job, UID, std::slice::from_ref(&s.backend))
+        .await
 }
 
 async fn assert_whole(job: &CheckpointStorage, when: &str) {

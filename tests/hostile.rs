@@ -1,5 +1,7 @@
-//! Nothing read from storage can crash the process, exhaust its memory or make it touch
-//! files outside the snapshot's root.
+//! Nothing read from storage can crash the process or exhaust its memory: the decoders
+//! of `_metadata`, state handles and canonical savepoint files, fed hostile bytes.
+//! Paths and symlinks: `hostile_paths.rs`; numbers used in arithmetic:
+//! `hostile_numbers.rs`.
 //!
 //! Every hostile input derives from real encodings: a checkpoint, canonical savepoints
 //! (plain and LZ4 blocks) and a native savepoint taken by a real backend (what differs from
@@ -27,46 +29,27 @@
 //! - `canonical_restore_survives_hostile_files`: such files restored through
 //!   [`RestoreSource`] at one and two subtasks and read back through typed state: typed
 //!   errors only, and a failed restore leaves nothing behind.
-//! - `hostile_paths_are_refused_by_every_consumer`: file paths that escape the root or are
-//!   not normalised, in `_metadata` on disk and in metadata handed over in memory, through
-//!   open, verify, restore, the orphan sweep, coordinator recovery, acknowledgements,
-//!   abort, discard and `dispose_savepoint`: refused with a typed error or treated as plain
-//!   names inside the root; sentinel files outside the root are never read, deleted or
-//!   modified.
-//! - `file_symlinks_are_never_followed`: checkpoint and savepoint files that are symlinks
-//!   to files outside the root are refused by verify and restore (typed errors), skipped
-//!   by listings, and never deleted through by the sweep, discard or dispose.
 //! - `string_length_claims_allocate_no_more_than_the_input_justifies`: a string length
 //!   claim allocates at most what the codec allows for the input's size (16 times it, at
 //!   least 64 KiB), not the codec's absolute limit.
-//! - `sweep_never_deletes_through_a_directory_symlink`,
-//!   `discard_never_deletes_through_a_directory_symlink`,
-//!   `dispose_never_deletes_through_a_directory_symlink`: a directory symlink inside the
-//!   root never leads a deletion outside it.
-//! - `recorded_sizes_never_overflow_a_sum`: recorded file sizes are added without
-//!   overflow.
-//! - `checkpoint_ids_from_directory_names_never_overflow`: a `chk-N` folder with an id
-//!   near `u64::MAX` is refused instead of overflowing the next checkpoint id.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rockstate::checkpoint::{
-    sweep, AckOutcome, CheckpointCoordinator, CoordinatorOptions, OperatorSpec, OperatorState,
-    Redistribution, SnapshotKind, SweepOptions,
-};
+use rockstate::checkpoint::{OperatorState, SnapshotKind};
 use rockstate::savepoint::canonical::{DataFileReader, FileHeader, Section};
-use rockstate::savepoint::{dispose_savepoint, Compression};
+use rockstate::savepoint::Compression;
 use rockstate::{
     BackendOptions, CheckpointMetadata, CheckpointStorage, ErrorKind, KeyedSnapshot,
-    KeyedStateHandle, ListStateDescriptor, MapStateDescriptor, RestoreOptions, RestoreSource,
-    RocksStateBackend, SavepointFormat, StateMeta, SubtaskSnapshot, ValueStateDescriptor,
+    KeyedStateHandle, RestoreOptions, RestoreSource, RocksStateBackend, StateMeta,
 };
 use serde::Serialize;
+
+mod common;
+
+use common::snapshots::*;
 
 // ---------------------------------------------------------------------------------------
 // Allocation accounting: the largest single allocation requested on the current thread.
@@ -136,43 +119,7 @@ fn justified(input_len: usize) -> usize {
 // ---------------------------------------------------------------------------------------
 // Deterministic randomness and mutations.
 
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
+use rockstate::testing::SeededRng as Rng;
 
 /// Bincode variable-length integers (big-endian) claiming huge lengths or values.
 const HUGE_VARINTS: &[&[u8]] = &[
@@ -193,42 +140,42 @@ const HUGE_U64: &[u64] = &[0, 1 << 32, 1 << 40, 1 << 62, u64::MAX - 23, u64::MAX
 
 /// Applies one to three random mutations to `bytes`.
 fn mutate(rng: &mut Rng, bytes: &mut Vec<u8>) {
-    for _ in 0..1 + rng.below(3) {
+    for _ in 0..1 + rng.index(3) {
         mutate_once(rng, bytes);
     }
 }
 
 fn mutate_once(rng: &mut Rng, bytes: &mut Vec<u8>) {
     let len = bytes.len();
-    let at = rng.below(len.max(1));
-    match rng.below(11) {
-        0 | 1 if len > 0 => bytes[at] ^= 1 << rng.below(8),
+    let at = rng.index(len.max(1));
+    match rng.index(11) {
+        0 | 1 if len > 0 => bytes[at] ^= 1 << rng.index(8),
         2 if len > 0 => {
             bytes[at] = *rng.pick(&[0x00, 0x01, 0x7f, 0x80, 0xfa, 0xfb, 0xfc, 0xfd, 0xff])
         }
-        3 if len > 0 => bytes[at] = rng.next() as u8,
-        4 => bytes.truncate(rng.below(len + 1)),
+        3 if len > 0 => bytes[at] = rng.next_u64() as u8,
+        4 => bytes.truncate(rng.index(len + 1)),
         5 => {
-            let n = 1 + rng.below(8);
+            let n = 1 + rng.index(8);
             let extra = rng.bytes(n);
-            let at = rng.below(len + 1);
+            let at = rng.index(len + 1);
             bytes.splice(at..at, extra);
         }
         6 if len > 0 => {
-            let end = (at + 1 + rng.below(16)).min(len);
+            let end = (at + 1 + rng.index(16)).min(len);
             bytes.drain(at..end);
         }
         7 if len > 0 => {
-            let end = (at + 1 + rng.below(32)).min(len);
+            let end = (at + 1 + rng.index(32)).min(len);
             let copy = bytes[at..end].to_vec();
-            let to = rng.below(len + 1);
+            let to = rng.index(len + 1);
             bytes.splice(to..to, copy);
         }
         8 => {
             // A length claim replacing (or inserted before) whatever was there.
             let claim = *rng.pick(HUGE_VARINTS);
-            let at = rng.below(len + 1);
-            let end = if rng.chance(50) {
+            let at = rng.index(len + 1);
+            let end = if rng.percent(50) {
                 (at + 1).min(len)
             } else {
                 at
@@ -236,14 +183,14 @@ fn mutate_once(rng: &mut Rng, bytes: &mut Vec<u8>) {
             bytes.splice(at..end, claim.iter().copied());
         }
         9 if len >= 4 => {
-            let at = rng.below(len - 3);
+            let at = rng.index(len - 3);
             bytes[at..at + 4].copy_from_slice(&rng.pick(HUGE_U32).to_be_bytes());
         }
         10 if len >= 8 => {
-            let at = rng.below(len - 7);
+            let at = rng.index(len - 7);
             bytes[at..at + 8].copy_from_slice(&rng.pick(HUGE_U64).to_be_bytes());
         }
-        _ => bytes.push(rng.next() as u8),
+        _ => bytes.push(rng.next_u64() as u8),
     }
 }
 
@@ -326,320 +273,7 @@ fn encode_v1(meta: &CheckpointMetadata) -> Vec<u8> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Real snapshots.
-
-const UID: &str = "counter";
-const SOURCE_UID: &str = "source";
-const MAX_PAR: u32 = 16;
-const KEYS: u32 = 40;
-
-fn specs(p: u32) -> Vec<OperatorSpec> {
-    [UID, SOURCE_UID]
-        .iter()
-        .map(|uid| OperatorSpec {
-            uid: uid.to_string(),
-            parallelism: p,
-            max_parallelism: MAX_PAR,
-        })
-        .collect()
-}
-
-fn fill(backend: &RocksStateBackend, subtask: u32, p: u32, round: u64) {
-    let count = backend
-        .register(ValueStateDescriptor::<u32, u64>::new("count"))
-        .unwrap();
-    let recent = backend
-        .register(ListStateDescriptor::<u32, String>::new("recent"))
-        .unwrap();
-    let hist = backend
-        .register(MapStateDescriptor::<u32, u8, u64>::new("histogram"))
-        .unwrap();
-    for key in 0..KEYS {
-        if rockstate::subtask_for_key(&key, p, MAX_PAR).unwrap() != subtask {
-            continue;
-        }
-        if round > 0 && key % 3 != 0 {
-            continue;
-        }
-        count.put(&key, &(u64::from(key) * 3 + round)).unwrap();
-        recent.add(&key, &format!("r{key}-{round}")).unwrap();
-        hist.put(&key, &(key as u8 % 4), &u64::from(key)).unwrap();
-    }
-}
-
-/// Reads every state of `backend` through its typed handles. Damaged entries may fail
-/// with a typed error; nothing may panic.
-fn read_back(backend: &RocksStateBackend, subtask: u32, p: u32) -> Vec<rockstate::Error> {
-    let mut errors = Vec::new();
-    let mut keep = |r: rockstate::Result<()>| {
-        if let Err(e) = r {
-            errors.push(e);
-        }
-    };
-    let count = backend.register(ValueStateDescriptor::<u32, u64>::new("count"));
-    let recent = backend.register(ListStateDescriptor::<u32, String>::new("recent"));
-    let hist = backend.register(MapStateDescriptor::<u32, u8, u64>::new("histogram"));
-    match count {
-        Ok(count) => keep((|| {
-            for key in count.all_keys()? {
-                let (key, ()) = key?;
-                count.get(&key)?;
-            }
-            Ok(())
-        })()),
-        Err(e) => keep(Err(e)),
-    }
-    match recent {
-        Ok(recent) => keep((|| {
-            for key in recent.all_keys()? {
-                let (key, ()) = key?;
-                recent.get(&key)?;
-            }
-            Ok(())
-        })()),
-        Err(e) => keep(Err(e)),
-    }
-    match hist {
-        Ok(hist) => keep((|| {
-            for key in hist.all_keys()? {
-                let (key, ()) = key?;
-                for entry in hist.iter(&key)? {
-                    entry?;
-                }
-            }
-            Ok(())
-        })()),
-        Err(e) => keep(Err(e)),
-    }
-    for key in 0..KEYS {
-        if rockstate::subtask_for_key(&key, p, MAX_PAR).unwrap() != subtask {
-            continue;
-        }
-        keep(
-            backend
-                .register(ValueStateDescriptor::<u32, u64>::new("count"))
-                .and_then(|s| s.get(&key).map(drop)),
-        );
-    }
-    keep(backend.for_each_entry(|_, _, _| {}));
-    errors
-}
-
-/// A job with real snapshots in a local directory:
-/// `<root>/store/job` (checkpoints) and `<root>/store/savepoints`.
-struct Fixture {
-    tmp: tempfile::TempDir,
-    job: CheckpointStorage,
-    savepoints: CheckpointStorage,
-    /// The retained checkpoint: shared files of two checkpoints, private files, and
-    /// operator state of a second operator.
-    checkpoint_id: u64,
-    checkpoint: Vec<u8>,
-    /// Its subtask 0 handle.
-    handle: KeyedStateHandle,
-    /// A canonical savepoint with uncompressed blocks: its folder and `_metadata`.
-    plain_folder: CheckpointStorage,
-    plain: Vec<u8>,
-    /// A canonical savepoint with LZ4 blocks.
-    lz4_folder: CheckpointStorage,
-    lz4: Vec<u8>,
-    /// The `_metadata` of a native savepoint.
-    native: Vec<u8>,
-}
-
-impl Fixture {
-    fn root(&self) -> &Path {
-        self.tmp.path()
-    }
-
-    fn decoded(bytes: &[u8]) -> CheckpointMetadata {
-        CheckpointMetadata::decode(bytes, "fixture").unwrap()
-    }
-
-    /// The data file of subtask 0 of a canonical savepoint: relative path and bytes.
-    fn data_file(folder: &CheckpointStorage, meta: &[u8]) -> (String, Vec<u8>) {
-        let meta = Self::decoded(meta);
-        let (_, keyed) = meta.keyed().next().unwrap();
-        let rel = keyed.files()[0].path.clone();
-        (rel.clone(), std::fs::read(local(folder).join(rel)).unwrap())
-    }
-}
-
-fn local(storage: &CheckpointStorage) -> PathBuf {
-    storage.local_dir().expect("a local storage").to_path_buf()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-struct Live {
-    coordinator: CheckpointCoordinator,
-    backends: Vec<RocksStateBackend>,
-    job: CheckpointStorage,
-}
-
-impl Live {
-    async fn take(
-        &mut self,
-        savepoint: Option<(&CheckpointStorage, SavepointFormat, Compression)>,
-    ) -> (u64, Option<CheckpointStorage>, Vec<u8>) {
-        let (id, folder) = match savepoint {
-            Some((dir, format, _)) => {
-                let t = self
-                    .coordinator
-                    .trigger_savepoint(Some(dir), format)
-                    .unwrap();
-                (t.checkpoint_id, Some(t.folder))
-            }
-            None => (self.coordinator.trigger().unwrap(), None),
-        };
-        let mut outcome = None;
-        for (i, b) in self.backends.iter().enumerate() {
-            let i = i as u32;
-            let pending = b.snapshot(id).unwrap();
-            let keyed = match (&folder, savepoint) {
-                (Some(f), Some((_, format, compression))) => pending
-                    .write_savepoint(f, UID, i, format, compression)
-                    .await
-                    .unwrap(),
-                _ => pending.upload(&self.job, UID, i).await.unwrap().into(),
-            };
-            let keyed = SubtaskSnapshot {
-                keyed: Some(keyed),
-                ..Default::default()
-            };
-            self.coordinator
-                .acknowledge(id, UID, i, keyed)
-                .await
-                .unwrap();
-            let mut operator_state = OperatorState::default();
-            operator_state.put(
-                "offsets",
-                Redistribution::Split,
-                vec![vec![i as u8; 3], b"tail".to_vec()],
-            );
-            operator_state.put("watermarks", Redistribution::Union, vec![vec![7; 8]]);
-            let source = SubtaskSnapshot {
-                keyed: None,
-                operator_state,
-            };
-            outcome = Some(
-                self.coordinator
-                    .acknowledge(id, SOURCE_UID, i, source)
-                    .await
-                    .unwrap(),
-            );
-        }
-        assert!(matches!(outcome, Some(AckOutcome::Completed(_))));
-        for b in &self.backends {
-            b.notify_checkpoint_complete(id);
-        }
-        let meta_file = match &folder {
-            Some(f) => local(f).join("_metadata"),
-            None => local(&self.job).join(format!("chk-{id}/_metadata")),
-        };
-        (id, folder, std::fs::read(meta_file).unwrap())
-    }
-}
-
-/// Takes two checkpoints (the second incremental on the first) and three savepoints of a
-/// job with `p` subtasks. The backends are closed before returning.
-async fn fixture(p: u32) -> Fixture {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().to_path_buf();
-    let store = CheckpointStorage::open(root.join("store").to_str().unwrap()).unwrap();
-    let job = store.child("job").unwrap();
-    let savepoints = store.child("savepoints").unwrap();
-    let coordinator =
-        CheckpointCoordinator::start(job.clone(), "job", specs(p), CoordinatorOptions::default())
-            .await
-            .unwrap();
-    let backends = (0..p)
-        .map(|i| {
-            let o = BackendOptions::for_subtask(root.join(format!("local-{i}")), i, p, MAX_PAR)
-                .unwrap();
-            let b = RocksStateBackend::open(o).unwrap();
-            fill(&b, i, p, 0);
-            b
-        })
-        .collect();
-    let mut live = Live {
-        coordinator,
-        backends,
-        job: job.clone(),
-    };
-    live.take(None).await;
-    for (i, b) in live.backends.iter().enumerate() {
-        fill(b, i as u32, p, 1);
-    }
-    let (checkpoint_id, _, checkpoint) = live.take(None).await;
-    let (_, plain_folder, plain) = live
-        .take(Some((
-            &savepoints,
-            SavepointFormat::Canonical,
-            Compression::None,
-        )))
-        .await;
-    let (_, lz4_folder, lz4) = live
-        .take(Some((
-            &savepoints,
-            SavepointFormat::Canonical,
-            Compression::Lz4,
-        )))
-        .await;
-    let (_, _, native) = live
-        .take(Some((
-            &savepoints,
-            SavepointFormat::Native,
-            Compression::Lz4,
-        )))
-        .await;
-    for b in live.backends.drain(..) {
-        b.close().unwrap();
-    }
-    let handle = Fixture::decoded(&checkpoint)
-        .handles()
-        .next()
-        .unwrap()
-        .1
-        .clone();
-    Fixture {
-        tmp,
-        job,
-        savepoints,
-        checkpoint_id,
-        checkpoint,
-        handle,
-        plain_folder: plain_folder.unwrap(),
-        plain,
-        lz4_folder: lz4_folder.unwrap(),
-        lz4,
-        native,
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // Checks shared by the decoding tests.
-
-/// Whether `path` is a plain relative path inside its root, checked independently of the
-/// crate: no absolute path, no empty, `.` or `..` segment, no backslash or control
-/// character.
-fn is_inside_root(path: &str) -> bool {
-    !path.is_empty()
-        && !path.starts_with('/')
-        && path.split('/').all(|s| {
-            !s.is_empty()
-                && s != "."
-                && s != ".."
-                && s.len() <= 255
-                && !s.chars().any(|c| c == '\\' || c.is_control())
-        })
-}
 
 fn is_plain_name(name: &str) -> bool {
     is_inside_root(name) && !name.contains('/')
@@ -846,7 +480,7 @@ fn metadata_decode_survives_hostile_bytes() {
     // Random bytes, bare or framed with a valid header and CRC (so the payload decoder
     // sees them).
     for i in 0..METADATA_RANDOM {
-        let n = rng.below(600);
+        let n = rng.index(600);
         let random = rng.bytes(n);
         let bytes = if i % 2 == 0 {
             random
@@ -868,7 +502,7 @@ fn metadata_decode_survives_hostile_bytes() {
         let (version, payload) = metadata_payload(seed);
         let mut payload = payload.to_vec();
         mutate(&mut rng, &mut payload);
-        let version = if rng.chance(3) {
+        let version = if rng.percent(3) {
             1 + version % 2
         } else {
             version
@@ -898,7 +532,7 @@ fn handle_decode_survives_hostile_bytes() {
     let mut rng = Rng::new(0x6861_6e64_0002);
     let mut tally = Tally::default();
     for i in 0..HANDLE_RANDOM {
-        let n = rng.below(400);
+        let n = rng.index(400);
         let mut bytes = rng.bytes(n);
         if i % 2 == 1 && bytes.len() >= 4 {
             bytes[..4].copy_from_slice(&1u32.to_be_bytes());
@@ -1187,21 +821,21 @@ fn hostile_names() -> Vec<String> {
 fn semantic_mutation(rng: &mut Rng, real: &DataParts) -> Vec<u8> {
     let mut p = real.clone();
     let n_states = p.header.states.len();
-    match rng.below(20) {
+    match rng.index(20) {
         0 => p.header.states.clear(),
         1 => {
             p.header.states.pop();
         }
         2 => {
-            let s = p.header.states[rng.below(n_states)].clone();
+            let s = p.header.states[rng.index(n_states)].clone();
             p.header.states.push(s);
         }
         3 => {
-            let k = rng.below(n_states);
+            let k = rng.index(n_states);
             p.header.states[k].name = rng.pick(&hostile_names()).clone();
         }
         4 => {
-            let k = rng.below(n_states);
+            let k = rng.index(n_states);
             p.header.states[k].kind = *rng.pick(&[
                 rockstate::StateKind::Value,
                 rockstate::StateKind::List,
@@ -1211,11 +845,11 @@ fn semantic_mutation(rng: &mut Rng, real: &DataParts) -> Vec<u8> {
             ]);
         }
         5 => {
-            let k = rng.below(n_states);
+            let k = rng.index(n_states);
             p.header.states[k].ttl_millis = *rng.pick(&[None, Some(0), Some(1), Some(u64::MAX)]);
         }
         6 => {
-            let k = rng.below(n_states);
+            let k = rng.index(n_states);
             let s = &mut p.header.states[k];
             s.user_key_type = match s.user_key_type {
                 Some(_) => None,
@@ -1243,25 +877,25 @@ fn semantic_mutation(rng: &mut Rng, real: &DataParts) -> Vec<u8> {
         }
         9 => p.header.checkpoint_id = u64::MAX,
         10 => {
-            let k = rng.below(p.sections.len());
+            let k = rng.index(p.sections.len());
             let s = &mut p.sections[k];
             s.entries = *rng.pick(&[0, s.entries + 1, s.entries.saturating_sub(1), u64::MAX]);
         }
         11 => {
-            let k = rng.below(p.sections.len());
+            let k = rng.index(p.sections.len());
             let delta = *rng.pick(&[1u64, 9, u64::MAX, 1 << 40]);
             p.sections[k].len = p.sections[k].len.wrapping_add(delta);
-            if k + 1 < p.sections.len() && rng.chance(50) {
+            if k + 1 < p.sections.len() && rng.percent(50) {
                 p.sections[k + 1].offset = p.sections[k + 1].offset.wrapping_add(delta);
                 p.sections[k + 1].len = p.sections[k + 1].len.wrapping_sub(delta);
             }
         }
         12 => {
-            let k = rng.below(p.sections.len());
+            let k = rng.index(p.sections.len());
             p.sections[k].offset = *rng.pick(&[0, 1, u64::MAX - 3, 1 << 40]);
         }
         13 => {
-            if rng.chance(50) {
+            if rng.percent(50) {
                 p.sections.pop();
             } else {
                 let last = *p.sections.last().unwrap();
@@ -1273,7 +907,7 @@ fn semantic_mutation(rng: &mut Rng, real: &DataParts) -> Vec<u8> {
             }
         }
         14 => {
-            let (a, b) = (rng.below(p.sections.len()), rng.below(p.sections.len()));
+            let (a, b) = (rng.index(p.sections.len()), rng.index(p.sections.len()));
             p.sections.swap(a, b);
         }
         15 => {
@@ -1295,9 +929,9 @@ fn semantic_mutation(rng: &mut Rng, real: &DataParts) -> Vec<u8> {
         16 | 17 => {
             // A block's header fields.
             let blocks = p.block_offsets();
-            if let Some(&at) = blocks.get(rng.below(blocks.len())) {
+            if let Some(&at) = blocks.get(rng.index(blocks.len())) {
                 let stored = be32(&p.blocks[at + 1..]);
-                match rng.below(4) {
+                match rng.index(4) {
                     0 => p.blocks[at] = *rng.pick(&[0, 1, 2, 0xff]),
                     1 => {
                         let raw = *rng.pick(&[
@@ -1320,8 +954,8 @@ fn semantic_mutation(rng: &mut Rng, real: &DataParts) -> Vec<u8> {
                     _ => {
                         // Garbage compressed or stored bytes.
                         let body = at + BLOCK_HEADER..at + BLOCK_HEADER + stored as usize;
-                        let i = body.start + rng.below(body.len());
-                        p.blocks[i] = rng.next() as u8;
+                        let i = body.start + rng.index(body.len());
+                        p.blocks[i] = rng.next_u64() as u8;
                     }
                 }
             }
@@ -1329,9 +963,9 @@ fn semantic_mutation(rng: &mut Rng, real: &DataParts) -> Vec<u8> {
         _ => {
             // An entry's fields in an uncompressed block.
             let entries = p.entry_offsets();
-            if let Some(&at) = entries.get(rng.below(entries.len())) {
+            if let Some(&at) = entries.get(rng.index(entries.len())) {
                 let key_len = be32(&p.blocks[at + 2..]) as usize;
-                match rng.below(4) {
+                match rng.index(4) {
                     0 => {
                         let state = *rng.pick(&[n_states as u16, u16::MAX, 1]);
                         p.blocks[at..at + 2].copy_from_slice(&state.to_be_bytes());
@@ -1347,8 +981,8 @@ fn semantic_mutation(rng: &mut Rng, real: &DataParts) -> Vec<u8> {
                     }
                     _ => {
                         // A byte of the key or value.
-                        let i = at + 6 + rng.below(key_len + 4);
-                        p.blocks[i] = rng.next() as u8;
+                        let i = at + 6 + rng.index(key_len + 4);
+                        p.blocks[i] = rng.next_u64() as u8;
                     }
                 }
             }
@@ -1361,7 +995,7 @@ fn semantic_mutation(rng: &mut Rng, real: &DataParts) -> Vec<u8> {
 
 /// One hostile version of a real data file.
 fn hostile_data_file(rng: &mut Rng, real: &[u8], parts: &DataParts) -> Vec<u8> {
-    match rng.below(4) {
+    match rng.index(4) {
         0 => {
             let mut bytes = real.to_vec();
             mutate(rng, &mut bytes);
@@ -1385,7 +1019,7 @@ fn hostile_data_file(rng: &mut Rng, real: &[u8], parts: &DataParts) -> Vec<u8> {
                 let v = *rng.pick(HUGE_U32);
                 bytes[at..at + 4].copy_from_slice(&v.to_be_bytes());
             }
-            if rng.chance(70) {
+            if rng.percent(70) {
                 repair_crcs(&mut bytes);
             }
             bytes
@@ -1501,7 +1135,7 @@ fn canonical_reader_survives_hostile_files() {
     for i in 0..READER_CASES {
         let (real, parts) = &reals[i as usize % reals.len()];
         let bytes = hostile_data_file(&mut rng, real, parts);
-        let size = if rng.chance(5) {
+        let size = if rng.percent(5) {
             real.len() as u64
         } else {
             bytes.len() as u64
@@ -1545,16 +1179,6 @@ fn canonical_reader_survives_hostile_files() {
     eprintln!("reader: {cases} cases, {read} read through, {errors} errors ({deep} in sections)");
     assert!(cases >= READER_CASES + 4_000, "{cases}");
     assert!(read > 0 && deep > 0);
-}
-
-fn is_typed(kind: ErrorKind) -> bool {
-    matches!(
-        kind,
-        ErrorKind::Corrupt
-            | ErrorKind::Incompatible
-            | ErrorKind::InvalidArgument
-            | ErrorKind::NotFound
-    )
 }
 
 /// `meta` with subtask 0's canonical data file recorded as `bytes`.
@@ -1718,685 +1342,4 @@ fn string_length_claims_allocate_no_more_than_the_input_justifies() {
         failures.push("the length-claim sweep, with the input-proportional bound".into());
     }
     assert!(failures.is_empty(), "{failures:#?}");
-}
-
-// ---------------------------------------------------------------------------------------
-// 2. Hostile paths.
-
-/// The content of every sentinel: size and CRC32 are recorded for hostile entries, so a
-/// consumer that followed an escaping path would find exactly what it expects.
-const SENTINEL: &[u8] = b"sentinel outside the root: never read, deleted or modified\n";
-
-/// A file outside every root.
-struct Sentinel {
-    path: PathBuf,
-    content: Vec<u8>,
-    modified: SystemTime,
-}
-
-impl Sentinel {
-    fn plant(path: PathBuf) -> Self {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, SENTINEL).unwrap();
-        Self::existing(path)
-    }
-
-    fn existing(path: PathBuf) -> Self {
-        let content = std::fs::read(&path).unwrap();
-        let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
-        Self {
-            path,
-            content,
-            modified,
-        }
-    }
-
-    /// What happened to the file, if anything.
-    fn damage(&self) -> Option<String> {
-        let path = self.path.display();
-        match std::fs::read(&self.path) {
-            Err(e) => Some(format!("{path} is gone ({e})")),
-            Ok(content) if content != self.content => Some(format!("{path} was modified")),
-            Ok(_) => {
-                let modified = std::fs::metadata(&self.path).unwrap().modified().unwrap();
-                (modified != self.modified).then(|| format!("{path} was touched"))
-            }
-        }
-    }
-}
-
-fn assert_all_intact(sentinels: &[Sentinel], after: &str) {
-    let damaged: Vec<String> = sentinels.iter().filter_map(Sentinel::damage).collect();
-    assert!(damaged.is_empty(), "after {after}: {damaged:#?}");
-}
-
-/// Relative paths that escape their root or are not normalised, and names that only look
-/// dangerous (`%2e%2e`, `~`, full-width dots: plain names inside the root). An absolute
-/// path names a sentinel (never a system file: some consumers delete what they find).
-fn hostile_paths(root: &Path) -> Vec<String> {
-    let mut paths: Vec<String> = [
-        "../x",
-        "../../x",
-        "../../outside",
-        "a/../../x",
-        "shared/../../outside",
-        "shared/../../../outside",
-        "shared/./x",
-        "./shared/x",
-        "shared//x",
-        "shared/x/..",
-        "shared/",
-        "/",
-        "",
-        ".",
-        "..",
-        "shared\\..\\..\\outside",
-        "..\\..\\outside",
-        "C:\\x",
-        "shared/x\0.sst",
-        "shared/\n",
-        "shared/x\r",
-        "%2e%2e/x",
-        "shared/%2e%2e/%2e%2e/outside",
-        "shared/%2E%2E%2F%2E%2E%2Foutside",
-        "~/outside",
-        "shared/\u{ff0e}\u{ff0e}/x",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    paths.push(format!("{}/outside", root.display()));
-    paths.push(format!("file://{}/outside", root.display()));
-    paths.push(format!("shared/{}", "a".repeat(300)));
-    paths.push(format!("shared/{}x", "ab/".repeat(400)));
-    paths
-}
-
-/// `meta` with every file of `UID`'s subtask 0 (or only the first shared or private file)
-/// at `path`, recorded with the sentinel's size and CRC32.
-fn with_hostile_path(meta: &CheckpointMetadata, path: &str, which: Which) -> CheckpointMetadata {
-    let mut meta = meta.clone();
-    let op = meta.operators.iter_mut().find(|o| o.uid == UID).unwrap();
-    let hostile = |f: &mut rockstate::StateFile| {
-        f.path = path.to_string();
-        f.size = SENTINEL.len() as u64;
-        f.crc32 = crc32fast::hash(SENTINEL);
-    };
-    match op.subtasks[0].keyed.as_mut().unwrap() {
-        KeyedSnapshot::Files(h) => match which {
-            Which::Shared => hostile(&mut h.shared[0]),
-            Which::Private => hostile(&mut h.private[0]),
-            Which::All => h.shared.iter_mut().chain(&mut h.private).for_each(hostile),
-        },
-        KeyedSnapshot::Canonical(h) => hostile(&mut h.file),
-    }
-    meta
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Which {
-    Shared,
-    Private,
-    All,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
-async fn restore_p1(source: &RestoreSource, dir: &Path) -> rockstate::Result<RocksStateBackend> {
-    let options = BackendOptions::for_subtask(dir, 0, 1, MAX_PAR).unwrap();
-    RocksStateBackend::builder(options)
-        .restore_operator(source, UID, &RestoreOptions::default())
-        .await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_paths_are_refused_by_every_consumer() {
-    let f = fixture(1).await;
-    let root = f.root().to_path_buf();
-    let job_dir = local(&f.job);
-    assert_eq!(job_dir, root.join("store/job"));
-    // Where the escaping paths lead from the job directory and from a savepoint folder.
-    let sentinels: Vec<Sentinel> = [
-        "outside",
-        "x",
-        "store/x",
-        "store/outside",
-        "store/savepoints/x",
-    ]
-    .iter()
-    .map(|p| Sentinel::plant(root.join(p)))
-    .collect();
-    let checkpoint = Fixture::decoded(&f.checkpoint);
-    let canonical = Fixture::decoded(&f.plain);
-    let paths = hostile_paths(&root);
-    let mut refused = 0;
-
-    for (k, path) in paths.iter().enumerate() {
-        let inside = is_inside_root(path);
-        let what = format!("path {path:?}");
-
-        // Bypassing the decoder: metadata handed over in memory, every file of the
-        // subtask at the hostile path. Nothing is read from it, restore fails.
-        let meta = with_hostile_path(&checkpoint, path, Which::All);
-        let source = RestoreSource::checkpoint(&f.job, meta.clone());
-        let read = AtomicU64::new(0);
-        let report = source
-            .verify(|n| {
-                read.fetch_add(n, Ordering::SeqCst);
-            })
-            .await
-            .unwrap();
-        assert_eq!(read.load(Ordering::SeqCst), 0, "{what}: bytes were read");
-        assert_eq!(report.bad.len(), 1, "{what}: {:?}", report.bad);
-        assert!(
-            is_typed(report.bad[0].error.kind()),
-            "{what}: {:?}",
-            report.bad
-        );
-        let dir = root.join(format!("restored-{k}"));
-        let err = restore_p1(&source, &dir).await.unwrap_err();
-        assert!(is_typed(err.kind()), "{what}: {:?}: {err}", err.kind());
-        let handle = meta.handles().next().unwrap().1.clone();
-        let options = BackendOptions::for_subtask(&dir, 0, 1, MAX_PAR).unwrap();
-        let err = RocksStateBackend::restore(options, &handle, &f.job)
-            .await
-            .unwrap_err();
-        assert!(is_typed(err.kind()), "{what}: {:?}: {err}", err.kind());
-        assert!(
-            !dir.exists(),
-            "{what}: a failed restore left {}",
-            dir.display()
-        );
-        if !inside {
-            assert_eq!(err.kind(), ErrorKind::Corrupt, "{what}: {err}");
-            assert_eq!(handle.validate().unwrap_err().kind(), ErrorKind::Corrupt);
-        }
-
-        // Written as the `_metadata` of a checkpoint folder: refused when read, or (for
-        // names that only look dangerous) a checkpoint whose file is missing.
-        let which = if k % 2 == 0 {
-            Which::Shared
-        } else {
-            Which::Private
-        };
-        // A plain path of at most 1024 bytes, and under `shared/` for a shared file.
-        let acceptable = inside
-            && path.len() <= 1024
-            && (matches!(which, Which::Private) || path.starts_with("shared/"));
-        let mut meta = with_hostile_path(&checkpoint, path, which);
-        meta.checkpoint_id = 100 + k as u64;
-        let folder = job_dir.join(format!("chk-{}", meta.checkpoint_id));
-        std::fs::create_dir_all(&folder).unwrap();
-        let bytes = meta.encode().unwrap();
-        std::fs::write(folder.join("_metadata"), &bytes).unwrap();
-        match RestoreSource::open(folder.to_str().unwrap()).await {
-            Err(e) => {
-                assert_eq!(e.kind(), ErrorKind::Corrupt, "{what}: {e}");
-                assert!(!acceptable, "{what}: refused a plain path: {e}");
-                refused += 1;
-            }
-            Ok(source) => {
-                assert!(acceptable, "{what}: accepted");
-                let report = source.verify(|_| {}).await.unwrap();
-                assert_eq!(report.bad.len(), 1, "{what}");
-                assert_eq!(report.bad[0].error.kind(), ErrorKind::NotFound, "{what}");
-                let err = restore_p1(&source, &root.join(format!("restored-{k}")))
-                    .await
-                    .unwrap_err();
-                assert_eq!(err.kind(), ErrorKind::NotFound, "{what}: {err}");
-            }
-        }
-
-        // The same for a canonical savepoint folder, which `dispose_savepoint` then
-        // refuses (nothing deleted) or empties (nothing outside touched).
-        let meta = with_hostile_path(&canonical, path, Which::All);
-        let sp = f
-            .savepoints
-            .child(&format!("savepoint-hostile-{k}"))
-            .unwrap();
-        std::fs::create_dir_all(local(&sp).join("keep")).unwrap();
-        std::fs::write(local(&sp).join("_metadata"), meta.encode().unwrap()).unwrap();
-        std::fs::write(local(&sp).join("keep/me"), b"mine").unwrap();
-        match RestoreSource::open_folder(&sp).await {
-            Err(e) => {
-                assert_eq!(e.kind(), ErrorKind::Corrupt, "savepoint {what}: {e}");
-                let err = dispose_savepoint(&sp).await.unwrap_err();
-                assert_eq!(err.kind(), ErrorKind::Corrupt, "savepoint {what}: {err}");
-                assert!(local(&sp).join("_metadata").exists());
-                assert!(local(&sp).join("keep/me").exists());
-            }
-            Ok(source) => {
-                assert!(inside && path.len() <= 1024, "savepoint {what}: accepted");
-                let err = restore_p1(&source, &root.join(format!("restored-sp-{k}")))
-                    .await
-                    .unwrap_err();
-                assert_eq!(err.kind(), ErrorKind::NotFound, "savepoint {what}: {err}");
-                dispose_savepoint(&sp).await.unwrap();
-                assert!(sp.list("").await.unwrap().is_empty());
-            }
-        }
-        assert_all_intact(&sentinels, &format!("open, verify and restore of {what}"));
-    }
-    assert!(
-        refused >= paths.len() - 5,
-        "{refused} of {} refused",
-        paths.len()
-    );
-
-    // A canonical data file's local name is never used as a path: a hostile one changes
-    // nothing (the file is read where its path says).
-    let mut meta = canonical.clone();
-    for op in &mut meta.operators {
-        for s in &mut op.subtasks {
-            if let Some(KeyedSnapshot::Canonical(h)) = &mut s.keyed {
-                h.file.local_name = "../../../x".into();
-            }
-        }
-    }
-    std::fs::write(
-        local(&f.plain_folder).join("_metadata"),
-        meta.encode().unwrap(),
-    )
-    .unwrap();
-    let source = RestoreSource::open_folder(&f.plain_folder).await.unwrap();
-    let backend = restore_p1(&source, &root.join("restored-local-name"))
-        .await
-        .unwrap();
-    assert!(read_back(&backend, 0, 1).is_empty());
-    backend.close().unwrap();
-    assert_all_intact(&sentinels, "a restore with a hostile local name");
-
-    // The orphan sweep: damaged checkpoints make it keep every shared file; the real
-    // checkpoint stays whole.
-    let report = sweep(
-        &f.job,
-        &SweepOptions {
-            grace: Duration::ZERO,
-            dry_run: false,
-        },
-        now_ms() + 60_000,
-    )
-    .await
-    .unwrap();
-    assert_eq!(report.unreadable.len(), refused, "{report:?}");
-    assert_all_intact(&sentinels, "the orphan sweep");
-    let real = RestoreSource::open(
-        job_dir
-            .join(format!("chk-{}", f.checkpoint_id))
-            .to_str()
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    assert!(real.verify(|_| {}).await.unwrap().is_sound());
-
-    // The coordinator: recovery retains the newest readable checkpoint and subsumes the
-    // others; acknowledgements with hostile handles are refused; discarding everything
-    // on shutdown deletes nothing outside.
-    let mut coordinator = CheckpointCoordinator::start(
-        f.job.clone(),
-        "job",
-        specs(1),
-        CoordinatorOptions::default(),
-    )
-    .await
-    .unwrap();
-    assert_all_intact(&sentinels, "coordinator recovery");
-    let mut id = coordinator.trigger().unwrap();
-    let mut accepted = 0;
-    for (k, path) in paths.iter().enumerate() {
-        let which = if k % 2 == 0 {
-            Which::Private
-        } else {
-            Which::All
-        };
-        let meta = with_hostile_path(&checkpoint, path, which);
-        let ack = |id: u64| {
-            let mut handle = meta.handles().next().unwrap().1.clone();
-            handle.checkpoint_id = id;
-            for file in handle.private.iter_mut() {
-                file.uploaded_by = id;
-            }
-            SubtaskSnapshot {
-                keyed: Some(handle.into()),
-                ..Default::default()
-            }
-        };
-        // A late acknowledgement (no such pending checkpoint) is checked the same way.
-        let late = coordinator
-            .acknowledge(id + 1_000, UID, 0, ack(id + 1_000))
-            .await;
-        let ack = ack(id);
-        match coordinator.acknowledge(id, UID, 0, ack).await {
-            Err(e) => {
-                assert_eq!(e.kind(), ErrorKind::Corrupt, "ack of {path:?}: {e}");
-                assert_eq!(late.unwrap_err().kind(), ErrorKind::Corrupt);
-            }
-            Ok(outcome) => {
-                assert!(is_inside_root(path), "ack of {path:?} accepted");
-                assert!(matches!(outcome, AckOutcome::Pending));
-                assert!(matches!(late, Ok(AckOutcome::Discarded)));
-                // Aborting deletes what the subtask claims to have written, in the root.
-                coordinator.decline(id, "hostile").await.unwrap();
-                id = coordinator.trigger().unwrap();
-                accepted += 1;
-            }
-        }
-    }
-    assert!(
-        (1..=5).contains(&accepted),
-        "{accepted} hostile acknowledgements accepted"
-    );
-    assert_all_intact(&sentinels, "hostile acknowledgements");
-    coordinator.shutdown(true).await.unwrap();
-    assert_all_intact(&sentinels, "coordinator shutdown with discard");
-}
-
-// ---------------------------------------------------------------------------------------
-// 3. Symlinks inside the root.
-
-fn no_grace() -> SweepOptions {
-    SweepOptions {
-        grace: Duration::ZERO,
-        dry_run: false,
-    }
-}
-
-/// Moves `inside` to `outside` and leaves a symlink to it in its place.
-#[cfg(unix)]
-fn move_out_and_link(inside: &Path, outside: &Path) -> Sentinel {
-    std::fs::create_dir_all(outside.parent().unwrap()).unwrap();
-    std::fs::rename(inside, outside).unwrap();
-    std::os::unix::fs::symlink(outside, inside).unwrap();
-    Sentinel::existing(outside.to_path_buf())
-}
-
-/// Every file of the checkpoint and the canonical savepoint is a symlink to a file outside
-/// the store, with the recorded size and CRC32 (the same bytes). Reading through them is
-/// accepted: the content is what the metadata recorded. Deleting removes only the links.
-#[cfg(unix)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn file_symlinks_are_never_followed() {
-    let f = fixture(1).await;
-    let root = f.root().to_path_buf();
-    let job_dir = local(&f.job);
-    let outside = root.join("outside");
-    let checkpoint = Fixture::decoded(&f.checkpoint);
-    let mut targets = Vec::new();
-    for (_, h) in checkpoint.handles() {
-        for file in h.files() {
-            let name = file.path.replace('/', "_");
-            targets.push(move_out_and_link(
-                &job_dir.join(&file.path),
-                &outside.join(name),
-            ));
-        }
-    }
-    assert!(targets.len() >= 4);
-    // An orphan shared file and a file of an incomplete checkpoint, both links too.
-    for (rel, name) in [("shared/orphan.sst", "orphan"), ("chk-9/0/x", "incomplete")] {
-        let target = Sentinel::plant(outside.join(name));
-        std::fs::create_dir_all(job_dir.join(rel).parent().unwrap()).unwrap();
-        std::os::unix::fs::symlink(&target.path, job_dir.join(rel)).unwrap();
-        targets.push(target);
-    }
-    let (data_rel, _) = Fixture::data_file(&f.plain_folder, &f.plain);
-    targets.push(move_out_and_link(
-        &local(&f.plain_folder).join(&data_rel),
-        &outside.join("savepoint.rkss"),
-    ));
-
-    // Verify and restore refuse to read through the links.
-    let chk = job_dir.join(format!("chk-{}", f.checkpoint_id));
-    let source = RestoreSource::open(chk.to_str().unwrap()).await.unwrap();
-    let report = source.verify(|_| {}).await.unwrap();
-    assert!(!report.is_sound());
-    assert!(report
-        .bad
-        .iter()
-        .all(|b| b.error.kind() == rockstate::ErrorKind::InvalidArgument));
-    let restored = restore_p1(&source, &root.join("restored-checkpoint")).await;
-    assert!(restored.is_err());
-    let savepoint = RestoreSource::open_folder(&f.plain_folder).await.unwrap();
-    let restored = restore_p1(&savepoint, &root.join("restored-savepoint")).await;
-    assert!(restored.is_err());
-    assert_all_intact(&targets, "verify and restore");
-
-    // The sweep does not see objects behind links, and deletes nothing through them.
-    let report = sweep(&f.job, &no_grace(), now_ms() + 60_000).await.unwrap();
-    assert!(
-        report
-            .orphans
-            .iter()
-            .all(|o| o.path != "shared/orphan.sst" && o.path != "chk-9/0/x"),
-        "{report:?}"
-    );
-    assert_all_intact(&targets, "the orphan sweep");
-
-    // Discarding every checkpoint refuses to delete through the links.
-    let mut coordinator = CheckpointCoordinator::start(
-        f.job.clone(),
-        "job",
-        specs(1),
-        CoordinatorOptions::default(),
-    )
-    .await
-    .unwrap();
-    let discarded = coordinator.shutdown(true).await;
-    eprintln!("shutdown: {discarded:?}");
-    assert_all_intact(&targets, "coordinator shutdown with discard");
-
-    // Disposing of the savepoint does not delete through its link either.
-    let disposed = dispose_savepoint(&f.plain_folder).await;
-    eprintln!("dispose: {disposed:?}");
-    assert_all_intact(&targets, "dispose_savepoint");
-}
-
-/// Plants `victim` files in a directory outside the store and links `link` to it.
-#[cfg(unix)]
-fn outside_dir_linked_from(link: &Path, outside: &Path) -> Vec<Sentinel> {
-    let victims = ["victim", "nested/victim"]
-        .iter()
-        .map(|p| Sentinel::plant(outside.join(p)))
-        .collect();
-    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
-    std::os::unix::fs::symlink(outside, link).unwrap();
-    victims
-}
-
-/// `chk-7 -> <outside>`: an incomplete checkpoint folder for the sweep, whose files it
-/// deletes.
-#[cfg(unix)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sweep_never_deletes_through_a_directory_symlink() {
-    let f = fixture(1).await;
-    let victims =
-        outside_dir_linked_from(&local(&f.job).join("chk-7"), &f.root().join("outside-dir"));
-    let report = sweep(&f.job, &no_grace(), now_ms() + 60_000).await;
-    eprintln!("sweep: {report:?}");
-    assert_all_intact(&victims, "the orphan sweep");
-    assert!(f.root().join("outside-dir/nested").is_dir());
-}
-
-/// `chk-N -> <outside>/chk-N`, a complete checkpoint kept elsewhere (another job's, a
-/// backup): the coordinator retains it, and discarding it deletes its `_metadata` and
-/// private files.
-#[cfg(unix)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn discard_never_deletes_through_a_directory_symlink() {
-    let f = fixture(1).await;
-    let name = format!("chk-{}", f.checkpoint_id);
-    let link = local(&f.job).join(&name);
-    let elsewhere = f.root().join("elsewhere").join(&name);
-    std::fs::create_dir_all(elsewhere.parent().unwrap()).unwrap();
-    std::fs::rename(&link, &elsewhere).unwrap();
-    std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
-    let victims: Vec<Sentinel> = walk(&elsewhere)
-        .into_iter()
-        .map(Sentinel::existing)
-        .collect();
-    assert!(victims.len() >= 4, "{} files", victims.len());
-
-    // Files behind the link are not the job's: verify refuses to read them.
-    let source = RestoreSource::open(link.to_str().unwrap()).await.unwrap();
-    let report = source.verify(|_| {}).await.unwrap();
-    assert!(!report.is_sound());
-    assert!(report
-        .bad
-        .iter()
-        .all(|b| b.error.kind() == rockstate::ErrorKind::InvalidArgument));
-
-    let mut coordinator = CheckpointCoordinator::start(
-        f.job.clone(),
-        "job",
-        specs(1),
-        CoordinatorOptions::default(),
-    )
-    .await
-    .unwrap();
-    // A checkpoint behind a link is not the job's: it is neither retained nor discarded.
-    assert_eq!(coordinator.retained().count(), 0);
-    let result = coordinator.shutdown(true).await;
-    eprintln!("shutdown: {result:?}");
-    assert_all_intact(&victims, "coordinator shutdown with discard");
-    for victim in &victims {
-        assert!(victim.path.parent().unwrap().is_dir());
-    }
-}
-
-/// A savepoint folder holding `extra -> <outside>`: disposing of the savepoint deletes
-/// every object listed in the folder.
-#[cfg(unix)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dispose_never_deletes_through_a_directory_symlink() {
-    let f = fixture(1).await;
-    let victims = outside_dir_linked_from(
-        &local(&f.plain_folder).join("extra"),
-        &f.root().join("outside-dir"),
-    );
-    let result = dispose_savepoint(&f.plain_folder).await;
-    eprintln!("dispose: {result:?}");
-    assert_all_intact(&victims, "dispose_savepoint");
-    // Emptied directories are removed up to the root, but never outside it.
-    assert!(f.root().join("outside-dir/nested").is_dir());
-}
-
-/// Every file under `dir`, recursively.
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
-
-// ---------------------------------------------------------------------------------------
-// 4. Numbers read from storage used in arithmetic.
-
-/// Recorded sizes come from `_metadata`: adding them up must not overflow. Two files
-/// recorded with `u64::MAX` bytes each are accepted by the decoder (sizes are checked
-/// against the stored objects later), then summed with `Iterator::sum`, which panics on
-/// overflow in a build with overflow checks and wraps otherwise.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recorded_sizes_never_overflow_a_sum() {
-    use futures::FutureExt;
-    let f = fixture(1).await;
-    let mut meta = Fixture::decoded(&f.checkpoint);
-    for op in &mut meta.operators {
-        for s in &mut op.subtasks {
-            if let Some(KeyedSnapshot::Files(h)) = &mut s.keyed {
-                h.shared[0].size = u64::MAX;
-                h.shared[1].size = u64::MAX;
-                h.private[0].size = u64::MAX;
-            }
-        }
-    }
-    let folder = local(&f.job).join(format!("chk-{}", f.checkpoint_id));
-    std::fs::write(folder.join("_metadata"), meta.encode().unwrap()).unwrap();
-    let mut failures = Vec::new();
-
-    let source = RestoreSource::open(folder.to_str().unwrap()).await.unwrap();
-    match std::panic::AssertUnwindSafe(source.verify(|_| {}))
-        .catch_unwind()
-        .await
-    {
-        Ok(report) => {
-            // The three files do not have the recorded sizes.
-            let report = report.unwrap();
-            assert_eq!(report.bad.len(), 3, "{report:?}");
-        }
-        Err(_) => failures.push("RestoreSource::verify panicked"),
-    }
-
-    let coordinator = CheckpointCoordinator::start(
-        f.job.clone(),
-        "job",
-        specs(1),
-        CoordinatorOptions::default(),
-    )
-    .await
-    .unwrap();
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        coordinator.registry().stats()
-    }))
-    .is_err()
-    {
-        failures.push("SharedStateRegistry::stats panicked");
-    }
-    assert!(failures.is_empty(), "{failures:?}");
-}
-
-/// Checkpoint ids come from directory names: `chk-18446744073709551615` (u64::MAX) in a
-/// job directory, even empty of `_metadata`, makes the coordinator compute the next id as
-/// `highest + 1`, which overflows (a panic with overflow checks, ids starting again at 0
-/// without). One below makes the next `trigger` overflow.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn checkpoint_ids_from_directory_names_never_overflow() {
-    use futures::FutureExt;
-    let mut failures = Vec::new();
-    for id in [u64::MAX, u64::MAX - 1] {
-        let f = fixture(1).await;
-        let dir = local(&f.job).join(format!("chk-{id}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("part"), b"an incomplete checkpoint").unwrap();
-        let started = std::panic::AssertUnwindSafe(CheckpointCoordinator::start(
-            f.job.clone(),
-            "job",
-            specs(1),
-            CoordinatorOptions::default(),
-        ))
-        .catch_unwind()
-        .await;
-        let mut coordinator = match started {
-            Err(_) => {
-                failures.push(format!("start with chk-{id} panicked"));
-                continue;
-            }
-            // Refusing the directory is fine too.
-            Ok(Err(e)) => {
-                assert!(is_typed(e.kind()), "{e}");
-                continue;
-            }
-            Ok(Ok(c)) => c,
-        };
-        // No id may repeat or go backwards: either no new id, or a new, higher one.
-        let triggered =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| coordinator.trigger()));
-        match triggered {
-            Err(_) => failures.push(format!("trigger after chk-{id} panicked")),
-            Ok(Ok(new)) => assert!(new > id, "chk-{id} exists, new checkpoint {new}"),
-            Ok(Err(_)) => {}
-        }
-    }
-    assert!(failures.is_empty(), "{failures:?}");
 }

@@ -5,10 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use rockstate::checkpoint::{AckOutcome, CheckpointCoordinator, CoordinatorOptions, OperatorSpec};
 use rockstate::savepoint::Compression;
+use rockstate::testing::SeededRng;
 use rockstate::{
     AggregateFunction, AggregatingStateDescriptor, BackendOptions, CheckpointMetadata,
     CheckpointStorage, ErrorKind, ListStateDescriptor, MapStateDescriptor, ReducingStateDescriptor,
@@ -88,33 +87,33 @@ fn owner(key: u64, parallelism: u32) -> u32 {
 fn write_round(backends: &[RocksStateBackend], model: &mut Model, seed: u64) {
     let p = backends.len() as u32;
     let handles: Vec<States> = backends.iter().map(states).collect();
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = SeededRng::new(seed);
     for key in 0..KEYS {
         let s = &handles[owner(key, p) as usize];
-        let ns: u32 = rng.random_range(0..3);
-        match rng.random_range(0..10) {
+        let ns = rng.below(3) as u32;
+        match rng.below(10) {
             0 => {
                 s.value.with_namespace(&ns).unwrap().clear(&key).unwrap();
                 model.value.remove(&(key, ns));
             }
             _ => {
-                let v = rng.random::<u64>();
+                let v = rng.next_u64();
                 s.value.with_namespace(&ns).unwrap().put(&key, &v).unwrap();
                 model.value.insert((key, ns), v);
             }
         }
-        let e: u32 = rng.random_range(0..1000);
+        let e = rng.below(1000) as u32;
         s.list.add(&key, &e).unwrap();
         model.list.entry(key).or_default().push(e);
-        let uk: u32 = rng.random_range(0..4);
-        if rng.random_bool(0.2) {
+        let uk = rng.below(4) as u32;
+        if rng.chance(0.2) {
             s.map.remove(&key, &uk).unwrap();
             model.map.entry(key).or_default().remove(&uk);
         } else {
             s.map.put(&key, &uk, &key).unwrap();
             model.map.entry(key).or_default().insert(uk, key);
         }
-        let n = rng.random_range(1..100);
+        let n = rng.range(1, 99);
         s.sum.add(&key, n).unwrap();
         *model.sum.entry(key).or_default() += n;
         s.count.add(&key, n).unwrap();

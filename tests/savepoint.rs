@@ -24,15 +24,11 @@ fn spec(p: u32) -> Vec<OperatorSpec> {
 }
 
 fn fill(backend: &RocksStateBackend, subtask: u32, p: u32) {
-    let count = backend
-        .register(ValueStateDescriptor::<u32, u64>::new("count"))
-        .unwrap();
-    let recent = backend
-        .register(ListStateDescriptor::<u32, String>::new("recent"))
-        .unwrap();
-    let hist = backend
-        .register(MapStateDescriptor::<u32, u8, u64>::new("histogram"))
-        .unwrap();
+    let rockstate::testing::fixtures::DemoStates {
+        count,
+        recent,
+        histogram: hist,
+    } = rockstate::testing::fixtures::DemoStates::register(backend);
     for key in 0..40u32 {
         if rockstate::subtask_for_key(&key, p, MAX_PAR).unwrap() != subtask {
             continue;

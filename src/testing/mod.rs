@@ -1,5 +1,6 @@
-//! Test support (feature `testing`): object stores that misbehave on purpose, and a real
-//! S3-protocol server for tests ([`s3::S3Server`]).
+//! Test support (feature `testing`): object stores that misbehave on purpose, a real
+//! S3-protocol server for tests ([`s3::S3Server`]), checks of what a job directory holds
+//! ([`checks`]) and a seeded generator whose sequence never changes ([`SeededRng`]).
 //!
 //! - [`FaultyStore`] wraps any store and, while armed, makes requests of chosen kinds fail,
 //!   wait, hang, or (for single-part puts) store a truncated object and then fail, with
@@ -9,13 +10,20 @@
 //!   land and still be reported as failed ([`Lie`]), requests can fail a given number of
 //!   times, and every request is logged.
 //!
+//! Both stores forward every method of `ObjectStore` explicitly (none falls back to a
+//! default built on another method), so every request passes their rules exactly once.
+//!
 //! Wrap either with [`CheckpointStorage::from_store`](crate::CheckpointStorage::from_store)
 //! to run a job on a storage that misbehaves. Two `GatedStore`s around the same inner
 //! store give two actors (say, a job and the orphan sweep) the same objects but separate
 //! gates.
 
 pub mod checks;
+pub mod fixtures;
+mod rng;
 pub mod s3;
+
+pub use rng::SeededRng;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -270,6 +278,15 @@ impl ObjectStore for FaultyStore {
         self.inner.get_opts(location, options).await
     }
 
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[std::ops::Range<u64>],
+    ) -> Result<Vec<bytes::Bytes>> {
+        self.gate(Op::Get, location.as_ref()).await?;
+        self.inner.get_ranges(location, ranges).await
+    }
+
     fn delete_stream(
         &self,
         locations: BoxStream<'static, Result<Path>>,
@@ -293,6 +310,20 @@ impl ObjectStore for FaultyStore {
         }
     }
 
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, Result<ObjectMeta>> {
+        let at = prefix.map(|p| p.to_string()).unwrap_or_default();
+        match self.decide(Op::List, &at) {
+            Decision::Fail | Decision::Partial => {
+                futures::stream::once(async move { Err(Self::error(Op::List, &at)) }).boxed()
+            }
+            Decision::Run | Decision::Wait(_) => self.inner.list_with_offset(prefix, offset),
+        }
+    }
+
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
         let at = prefix.map(|p| p.to_string()).unwrap_or_default();
         self.gate(Op::List, &at).await?;
@@ -302,6 +333,16 @@ impl ObjectStore for FaultyStore {
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
         self.gate(Op::Copy, to.as_ref()).await?;
         self.inner.copy_opts(from, to, options).await
+    }
+
+    async fn rename_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: object_store::RenameOptions,
+    ) -> Result<()> {
+        self.gate(Op::Copy, to.as_ref()).await?;
+        self.inner.rename_opts(from, to, options).await
     }
 }
 

@@ -42,4 +42,4 @@ pub fn collect<T>(iter: impl Iterator<Item = rockstate::Result<T>>) -> Vec<T> {
     iter.map(|r| r.unwrap()).collect()
 }
 
-pub mod faulty;
+pub mod snapshots;

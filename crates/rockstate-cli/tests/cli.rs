@@ -314,28 +314,7 @@ fn list_files(dir: &Path) -> BTreeSet<String> {
     out
 }
 
-/// A small xorshift generator: the tests' choices are random but reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    /// A number in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
+use rockstate::testing::SeededRng as Rng;
 
 // ---------------------------------------------------------------------------------------
 // Crash and resume
@@ -896,7 +875,7 @@ fn bad_paths_and_urls_fail_with_one_line() {
     let garbage = root.join("garbage/chk-1");
     fs::create_dir_all(&garbage).unwrap();
     let mut rng = Rng::new(0x5eed_0005);
-    let noise: Vec<u8> = (0..200).map(|_| rng.next() as u8).collect();
+    let noise: Vec<u8> = (0..200).map(|_| rng.next_u64() as u8).collect();
     fs::write(garbage.join("_metadata"), &noise).unwrap();
     for target in [garbage.clone(), garbage.join("_metadata")] {
         let args = ["inspect", path_str(&target)];

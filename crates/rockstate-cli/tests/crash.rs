@@ -32,16 +32,7 @@ const POINTS: [(&str, u64); 6] = [
     ("retention", 6),
 ];
 
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
+use rockstate::testing::SeededRng as Rng;
 
 /// Runs the binary, with a crash schedule when `crash` is set.
 fn rockstate(args: &[&str], crash: Option<&str>) -> Run {
@@ -133,7 +124,7 @@ fn chain(seed: u64, points: &[(&str, u64)]) {
     let expected = reference();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut segment = 0;
     let mut killed = 0;
     let mut job = format!("job-{segment}");
