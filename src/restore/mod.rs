@@ -35,8 +35,9 @@ use futures::StreamExt;
 use crate::backend::{BackendBuilder, RocksStateBackend};
 use crate::engine::OpenMode;
 use crate::error::{Error, Result};
-use crate::format::KeyedStateHandle;
+use crate::format::{KeyedSnapshot, KeyedStateHandle};
 use crate::storage::CheckpointStorage;
+use rescale::blocking;
 
 pub(crate) fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let mut name = dir
@@ -221,6 +222,74 @@ pub(crate) async fn move_into_place(incoming: &Path, dir: &Path) -> Result<()> {
 }
 
 impl BackendBuilder {
+    /// Restores subtask state of the operator `operator_uid` from `source` into this
+    /// builder's empty local directory, for the builder's key-group range, whatever the
+    /// parallelism the snapshot was taken at. An operator absent from the snapshot is
+    /// refused unless [`RestoreOptions::allow_new_operator`] (then it starts empty); check
+    /// the whole job with [`RestoreSource::check_operators`] first.
+    ///
+    /// Errors: `NotFound` listing the snapshot's operators when it has no `operator_uid`
+    /// (and `allow_new_operator` is off); `Incompatible` when the max parallelism differs
+    /// or the snapshot's states disagree; `InvalidArgument` when the local directory is not empty;
+    /// `NotFound`/`Corrupt` naming the file when a file is missing or damaged (nothing is
+    /// left behind locally); storage and engine errors.
+    pub async fn restore_operator(
+        self,
+        source: &RestoreSource,
+        operator_uid: &str,
+        options: &RestoreOptions,
+    ) -> Result<RocksStateBackend> {
+        self.options.validate()?;
+        ensure_empty(&self.options.local_dir).await?;
+        let Some(op) = source.metadata().operator(operator_uid) else {
+            if options.allow_new_operator {
+                return blocking(move || self.open()).await;
+            }
+            let known: Vec<&str> = source
+                .metadata()
+                .operators
+                .iter()
+                .map(|o| o.uid.as_str())
+                .collect();
+            return Err(Error::NotFound(format!(
+                "operator {operator_uid:?} in {} (it holds {known:?}; set allow_new_operator for an operator new to the job)",
+                source.location()
+            )));
+        };
+        source.check_max_parallelism(op, self.options.max_parallelism)?;
+        let range = self.options.key_group_range;
+        let overlapping: Vec<&KeyedSnapshot> = op
+            .subtasks
+            .iter()
+            .filter_map(|s| s.keyed.as_ref())
+            .filter(|k| k.key_group_range().intersect(&range).is_some())
+            .collect();
+        let files: Vec<&KeyedStateHandle> =
+            overlapping.iter().filter_map(|k| k.as_files()).collect();
+        let canonical: Vec<&KeyedSnapshot> = overlapping
+            .iter()
+            .copied()
+            .filter(|k| k.as_files().is_none())
+            .collect();
+        let restored = if overlapping.is_empty() {
+            blocking(move || self.open()).await
+        } else if !canonical.is_empty() {
+            if !files.is_empty() {
+                return Err(Error::corrupt(
+                    source.location(),
+                    format!("operator {operator_uid:?} mixes canonical and file snapshots"),
+                ));
+            }
+            self.restore_canonical(source, &op.states, &canonical).await
+        } else if files.len() == 1 && files[0].key_group_range == range {
+            self.restore_files(files[0], source.root(), options.mode)
+                .await
+        } else {
+            self.rescale_files(source, &files, options).await
+        };
+        restored.map_err(|e| e.for_operator(operator_uid))
+    }
+
     /// Restores the snapshot `handle`, stored under `job` (the job's checkpoint directory),
     /// into this builder's empty local directory and opens it.
     ///

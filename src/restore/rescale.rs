@@ -1,4 +1,5 @@
-//! Restoring one operator's subtask from a snapshot taken at any parallelism.
+//! Rescaling: restoring one subtask from the snapshots of subtasks with other key-group
+//! ranges (file ingestion, iterate-and-write, canonical sections).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -13,8 +14,8 @@ use crate::format::StateMeta;
 use crate::format::{KeyedSnapshot, KeyedStateHandle, StateFile};
 use crate::keygroup::KeyGroupRange;
 use crate::restore::{
-    download_all, ensure_empty, remove_dir_if_exists, seed, sibling, LocalFiles, RescaleStrategy,
-    RestoreOptions, RestoreSource, RESTORING_MARKER,
+    download_all, remove_dir_if_exists, seed, sibling, LocalFiles, RescaleStrategy, RestoreOptions,
+    RestoreSource, RESTORING_MARKER,
 };
 use crate::savepoint::canonical::DataFileReader;
 
@@ -24,74 +25,6 @@ const BATCH_BYTES: usize = 4 << 20;
 type Batch = Vec<(Arc<ColumnSettings>, Vec<u8>, Vec<u8>)>;
 
 impl BackendBuilder {
-    /// Restores subtask state of the operator `operator_uid` from `source` into this
-    /// builder's empty local directory, for the builder's key-group range, whatever the
-    /// parallelism the snapshot was taken at. An operator absent from the snapshot is
-    /// refused unless [`RestoreOptions::allow_new_operator`] (then it starts empty); check
-    /// the whole job with [`RestoreSource::check_operators`] first.
-    ///
-    /// Errors: `NotFound` listing the snapshot's operators when it has no `operator_uid`
-    /// (and `allow_new_operator` is off); `Incompatible` when the max parallelism differs
-    /// or the snapshot's states disagree; `InvalidArgument` when the local directory is not empty;
-    /// `NotFound`/`Corrupt` naming the file when a file is missing or damaged (nothing is
-    /// left behind locally); storage and engine errors.
-    pub async fn restore_operator(
-        self,
-        source: &RestoreSource,
-        operator_uid: &str,
-        options: &RestoreOptions,
-    ) -> Result<RocksStateBackend> {
-        self.options.validate()?;
-        ensure_empty(&self.options.local_dir).await?;
-        let Some(op) = source.metadata().operator(operator_uid) else {
-            if options.allow_new_operator {
-                return blocking(move || self.open()).await;
-            }
-            let known: Vec<&str> = source
-                .metadata()
-                .operators
-                .iter()
-                .map(|o| o.uid.as_str())
-                .collect();
-            return Err(Error::NotFound(format!(
-                "operator {operator_uid:?} in {} (it holds {known:?}; set allow_new_operator for an operator new to the job)",
-                source.location()
-            )));
-        };
-        source.check_max_parallelism(op, self.options.max_parallelism)?;
-        let range = self.options.key_group_range;
-        let overlapping: Vec<&KeyedSnapshot> = op
-            .subtasks
-            .iter()
-            .filter_map(|s| s.keyed.as_ref())
-            .filter(|k| k.key_group_range().intersect(&range).is_some())
-            .collect();
-        let files: Vec<&KeyedStateHandle> =
-            overlapping.iter().filter_map(|k| k.as_files()).collect();
-        let canonical: Vec<&KeyedSnapshot> = overlapping
-            .iter()
-            .copied()
-            .filter(|k| k.as_files().is_none())
-            .collect();
-        let restored = if overlapping.is_empty() {
-            blocking(move || self.open()).await
-        } else if !canonical.is_empty() {
-            if !files.is_empty() {
-                return Err(Error::corrupt(
-                    source.location(),
-                    format!("operator {operator_uid:?} mixes canonical and file snapshots"),
-                ));
-            }
-            self.restore_canonical(source, &op.states, &canonical).await
-        } else if files.len() == 1 && files[0].key_group_range == range {
-            self.restore_files(files[0], source.root(), options.mode)
-                .await
-        } else {
-            self.rescale_files(source, &files, options).await
-        };
-        restored.map_err(|e| e.for_operator(operator_uid))
-    }
-
     /// Creates the backend's directory for a restore that builds it in place, marked
     /// with [`RESTORING_MARKER`].
     async fn start_in_place(&self) -> Result<()> {
@@ -128,7 +61,7 @@ impl BackendBuilder {
         built
     }
 
-    async fn restore_canonical(
+    pub(super) async fn restore_canonical(
         self,
         source: &RestoreSource,
         states: &[StateMeta],
@@ -201,7 +134,7 @@ impl BackendBuilder {
         Ok(backend)
     }
 
-    async fn rescale_files(
+    pub(super) async fn rescale_files(
         self,
         source: &RestoreSource,
         handles: &[&KeyedStateHandle],
@@ -311,7 +244,9 @@ async fn create_dir(dir: &Path) -> Result<()> {
 }
 
 /// Runs blocking engine work off the async runtime's threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Internal(format!("restore task failed: {e}")))?
