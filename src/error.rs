@@ -355,13 +355,16 @@ pub struct Report<'a>(&'a Error);
 
 impl fmt::Display for Report<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
+        let mut previous = self.0.to_string();
+        f.write_str(&previous)?;
         let mut cause = std::error::Error::source(self.0);
         while let Some(e) = cause {
             let text = e.to_string();
-            if !text.is_empty() {
+            // Some libraries print their own cause too: say each text once.
+            if !text.is_empty() && !previous.ends_with(&text) {
                 write!(f, ": {text}")?;
             }
+            previous = text;
             cause = e.source();
         }
         Ok(())
@@ -470,6 +473,18 @@ mod tests {
             failed.report().to_string(),
             "operator \"counter\" failed: negative count"
         );
+
+        // A cause that prints its own cause is said once.
+        let store = Error::storage(
+            "put",
+            "memory://x/a",
+            object_store::Error::Generic {
+                store: "S3",
+                source: "connection reset".into(),
+            },
+        );
+        let line = store.report().to_string();
+        assert_eq!(line.matches("connection reset").count(), 1, "{line}");
 
         let engine = Error::engine(
             "open /db",

@@ -155,3 +155,123 @@ async fn the_older_of_two_writers_is_fenced() {
     checkpoint(&mut b, &sb, &job_b).await;
     assert_whole(&plain, "after the newer writer's next checkpoint").await;
 }
+
+/// Two coordinators of one job directory (an old process still polling, and the one that
+/// took over), two control requests at once, and a client that gives up.
+///
+/// Proves: the fenced writer can neither take nor answer a request (both fail with
+/// `Fenced` and write nothing); the current writer takes and answers both requests (a
+/// taken request is no longer offered), each client gets its own answer, a second answer
+/// changes nothing; a request its client
+/// withdrew, or one past its deadline, is never taken; nothing is left in `_control/`
+/// but the withdrawn request's claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_requests_are_answered_once_and_never_by_a_fenced_writer() {
+    use rockstate::runtime::control::{self, Answer, Command, Outcome};
+    use std::time::Duration;
+
+    let job = CheckpointStorage::open("memory://control")
+        .unwrap()
+        .child("job")
+        .unwrap();
+    let mut old =
+        CheckpointCoordinator::start(job.clone(), "job", spec(), CoordinatorOptions::default())
+            .await
+            .unwrap();
+    let mut current =
+        CheckpointCoordinator::start(job.clone(), "job", spec(), CoordinatorOptions::default())
+            .await
+            .unwrap();
+    let savepoint = Command::Savepoint {
+        dir: None,
+        format: rockstate::SavepointFormat::Canonical,
+    };
+    let minute = Duration::from_secs(60);
+    let first = control::submit(&job, savepoint.clone(), minute)
+        .await
+        .unwrap();
+    let second = control::submit(&job, savepoint.clone(), minute)
+        .await
+        .unwrap();
+    assert_ne!(first, second);
+    let pending = control::pending(&job).await.unwrap();
+    let ids: BTreeSet<&str> = pending.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, BTreeSet::from([first.as_str(), second.as_str()]));
+
+    let err = control::accept(&mut old, &pending[0]).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Fenced, "{err}");
+    let stale = Answer::Savepoint {
+        url: "memory://stale".into(),
+    };
+    let err = control::answer(&mut old, &first, &stale).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Fenced, "{err}");
+    assert_eq!(
+        control::pending(&job).await.unwrap().len(),
+        2,
+        "the fenced writer took one"
+    );
+
+    let url_of = |id: &str| {
+        if id == first {
+            "memory://one"
+        } else {
+            "memory://two"
+        }
+    };
+    for request in &pending {
+        let url = url_of(&request.id);
+        assert!(control::accept(&mut current, request).await.unwrap());
+        // Taken: no longer offered.
+        assert!(control::pending(&job)
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.id != request.id));
+        let answer = Answer::Savepoint { url: url.into() };
+        control::answer(&mut current, &request.id, &answer)
+            .await
+            .unwrap();
+        let again = Answer::Savepoint {
+            url: "memory://again".into(),
+        };
+        control::answer(&mut current, &request.id, &again)
+            .await
+            .unwrap();
+    }
+    assert!(control::pending(&job).await.unwrap().is_empty());
+    let poll = Duration::from_millis(10);
+    for (id, url) in [(&first, "memory://one"), (&second, "memory://two")] {
+        let got = control::wait_for_answer(&job, id, Duration::from_secs(5), poll)
+            .await
+            .unwrap();
+        assert_eq!(
+            got,
+            Outcome::Answered(Answer::Savepoint { url: url.into() })
+        );
+    }
+    assert!(job.list("_control").await.unwrap().is_empty());
+
+    // A client that gives up withdraws its request: a job that listed it before cannot
+    // take it afterwards.
+    let third = control::submit(&job, savepoint.clone(), minute)
+        .await
+        .unwrap();
+    let listed = control::pending(&job).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    let gave_up = control::wait_for_answer(&job, &third, Duration::ZERO, poll)
+        .await
+        .unwrap();
+    assert_eq!(gave_up, Outcome::Withdrawn);
+    assert!(!control::accept(&mut current, &listed[0]).await.unwrap());
+    assert!(control::pending(&job).await.unwrap().is_empty());
+
+    // A request past its deadline (its client is gone) is withdrawn, not taken.
+    control::submit(&job, savepoint, Duration::ZERO)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let expired = control::pending(&job).await.unwrap();
+    assert_eq!(expired.len(), 1);
+    assert!(!control::accept(&mut current, &expired[0]).await.unwrap());
+    assert!(control::pending(&job).await.unwrap().is_empty());
+}

@@ -494,7 +494,7 @@ async fn operator_mapping_and_max_parallelism_are_checked() {
         .restore_operator(&source, "countr", &RestoreOptions::default())
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     assert!(
         err.to_string().contains("countr") && err.to_string().contains(UID),
         "{err}"

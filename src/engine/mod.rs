@@ -205,7 +205,9 @@ fn read_or_create_record(
 /// Whether RocksDB refused to open a database because another instance (in this process
 /// or another) holds its `LOCK` file.
 fn is_lock_error(e: &rocksdb::Error) -> bool {
-    e.kind() == rocksdb::ErrorKind::IOError && e.as_ref().contains("lock")
+    let message: &str = e.as_ref();
+    e.kind() == rocksdb::ErrorKind::IOError
+        && (message.contains("While lock file") || message.contains("lock hold by current process"))
 }
 
 /// A random 128-bit id in hex.

@@ -228,7 +228,7 @@ impl BackendBuilder {
     /// refused unless [`RestoreOptions::allow_new_operator`] (then it starts empty); check
     /// the whole job with [`RestoreSource::check_operators`] first.
     ///
-    /// Errors: `NotFound` listing the snapshot's operators when it has no `operator_uid`
+    /// Errors: `InvalidArgument` listing the snapshot's operators when it has no `operator_uid`
     /// (and `allow_new_operator` is off); `Incompatible` when the max parallelism differs
     /// or the snapshot's states disagree; `InvalidArgument` when the local directory is not empty;
     /// `NotFound`/`Corrupt` naming the file when a file is missing or damaged (nothing is
@@ -251,8 +251,9 @@ impl BackendBuilder {
                 .iter()
                 .map(|o| o.uid.as_str())
                 .collect();
-            return Err(Error::NotFound(format!(
-                "operator {operator_uid:?} in {} (it holds {known:?}; set allow_new_operator for an operator new to the job)",
+            // Not `NotFound`: that means "this snapshot is damaged, try an older one".
+            return Err(Error::invalid(format!(
+                "no operator {operator_uid:?} in {} (it holds {known:?}; set allow_new_operator for an operator new to the job)",
                 source.location()
             )));
         };

@@ -49,7 +49,7 @@ pub struct RestoreOptions {
     pub allow_non_restored_state: bool,
     /// The operator may be new to the job: when the snapshot has no operator with the
     /// restored uid, [`restore_operator`](crate::BackendBuilder::restore_operator) starts
-    /// it empty. Default `false`: a uid the snapshot does not know fails with `NotFound`
+    /// it empty. Default `false`: a uid the snapshot does not know fails with `InvalidArgument`
     /// listing the snapshot's operators, so that a misspelt uid never restores nothing.
     pub allow_new_operator: bool,
 }

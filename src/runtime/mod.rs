@@ -9,8 +9,11 @@
 //! - [`store_snapshot`]: one subtask's snapshot stored as a checkpoint's or a savepoint's.
 //! - [`acks`]: acknowledgements and checkpoint completion through storage, for runtimes
 //!   whose subtasks run in several processes.
+//! - [`control`]: requests from other processes (take a savepoint, stop) through the
+//!   job's storage, and the job's answers.
 
 pub mod acks;
+pub mod control;
 pub mod local_dir;
 pub mod start;
 

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use rockstate::{
@@ -41,11 +41,13 @@ Examples:
 With --json the last line of stdout is one JSON object: job_id, parallelism,
 max_parallelism, events_processed, events_total, checkpoints_completed,
 upload_mean_bytes and upload_max_bytes (bytes uploaded per completed checkpoint; harness
-engine), last_checkpoint, restored_from, savepoint, stopped_by (\"end\" or \"signal\"), state_digest, state_entries,
+engine), last_checkpoint, restored_from, savepoint, stopped_by (\"end\", \"signal\" or \"request\": `rockstate stop`), state_digest, state_entries,
 elapsed_ms.";
 
 /// Records handed to the harness between checks for a stop signal.
 const CHUNK: u64 = 2_000;
+/// How often the job directory is looked at for control requests.
+const CONTROL_POLL: Duration = Duration::from_millis(500);
 
 /// Savepoint formats on the command line.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -315,6 +317,8 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
     progress.set(already);
     let mut reported = 0;
     let mut signalled = false;
+    let mut requested_stop = None;
+    let mut polled = Instant::now();
     loop {
         if stop.load(Ordering::SeqCst) {
             signalled = true;
@@ -323,12 +327,35 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
         let n = harness.run(CHUNK)?;
         progress.set(harness.position().offsets().iter().sum());
         report_checkpoints(&harness, &mut reported, &progress);
+        // Requests of `rockstate savepoint trigger` and `rockstate stop`.
+        if polled.elapsed() >= CONTROL_POLL {
+            polled = Instant::now();
+            if let Some(stop) = harness.poll_control()? {
+                requested_stop = Some(stop);
+                break;
+            }
+        }
         if n < CHUNK {
             break;
         }
     }
     let mut savepoint = None;
-    let finished: Finished = if signalled {
+    let stopped_by = if requested_stop.is_some() {
+        "request"
+    } else if signalled {
+        "signal"
+    } else {
+        "end"
+    };
+    let finished: Finished = if let Some(request) = requested_stop {
+        progress.println("stop requested");
+        let (sp, finished) = harness.stop_on_request(request)?;
+        if let Some(sp) = sp {
+            progress.println(&format!("savepoint written to {}", sp.url));
+            savepoint = Some(sp.url);
+        }
+        finished
+    } else if signalled {
         progress.println("stop signal received");
         match &savepoint_dir {
             Some(dir) => {
@@ -374,7 +401,7 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
             "last_checkpoint": last_checkpoint,
             "restored_from": restored_from,
             "savepoint": savepoint,
-            "stopped_by": if signalled { "signal" } else { "end" },
+            "stopped_by": stopped_by,
             "state_digest": digest.to_string(),
             "state_entries": digest.entries,
             "elapsed_ms": elapsed.as_millis() as u64,
@@ -386,7 +413,10 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
             elapsed.as_secs_f64(),
             finished.events as f64 / elapsed.as_secs_f64().max(1e-3),
             finished.completed.len(),
-            if signalled { ", stopped by signal" } else { "" }
+            match stopped_by {
+                "end" => String::new(),
+                by => format!(", stopped by {by}"),
+            }
         );
         if let Some(url) = &last_checkpoint {
             println!("latest checkpoint: {url}");

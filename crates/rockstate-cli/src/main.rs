@@ -2,6 +2,7 @@
 //! checkpoints and savepoints, the orphan sweep, and the macro benchmark.
 
 mod bench;
+mod control;
 mod demo;
 mod format;
 mod progress;
@@ -10,6 +11,7 @@ mod snapshots;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use rockstate::runtime::control::Command as ControlCommand;
 
 /// Exit codes, documented in `--help`.
 mod exit {
@@ -21,6 +23,8 @@ mod exit {
     pub const ERROR: u8 = 2;
     /// `verify` found missing or damaged files.
     pub const BAD_FILES: u8 = 3;
+    /// `savepoint trigger` or `stop`: no job answered within `--wait`.
+    pub const NO_ANSWER: u8 = 4;
 }
 
 const EXIT_CODES: &str = "\
@@ -29,6 +33,7 @@ Exit codes:
   1  nothing found (`latest` without a completed checkpoint)
   2  bad input or failure (one line on stderr says why)
   3  `verify` found missing or damaged files (each listed)
+  4  `savepoint trigger`, `stop`: no running job answered within --wait
   130  `demo` ended by a second SIGTERM/SIGINT without waiting for its savepoint
 
 URLs: a plain path, file:///abs/path, s3://bucket/prefix (configured from AWS_ACCESS_KEY_ID,
@@ -85,6 +90,24 @@ enum Command {
     /// Savepoint operations.
     #[command(subcommand)]
     Savepoint(SavepointCommand),
+    /// Stops a running job (any process of it, on any machine), after a final savepoint
+    /// when `--savepoint` is given, through a request in its checkpoint storage.
+    #[command(
+        after_help = "Example: rockstate stop ./rockstate-demo/demo --savepoint ./savepoints\n\nPrints the final savepoint's URL. Exit 4 when no job answers within --wait\n(the request is then withdrawn)."
+    )]
+    Stop {
+        /// The job directory (`<checkpoint dir>/<job id>`).
+        job_url: String,
+        /// Parent directory of the final savepoint.
+        #[arg(long)]
+        savepoint: Option<String>,
+        /// Savepoint format.
+        #[arg(long, value_enum, default_value = "canonical")]
+        format: demo::FormatArg,
+        /// How long to wait for the job's answer, e.g. `30s`, `2m`.
+        #[arg(long, default_value = "60s", value_parser = format::parse_duration)]
+        wait: std::time::Duration,
+    },
     /// Deletes files of a job directory that no completed checkpoint references and that
     /// are older than the grace period.
     #[command(
@@ -124,6 +147,24 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum SavepointCommand {
+    /// Asks a running job to take a savepoint, through a request in its checkpoint
+    /// storage, and prints the savepoint's URL.
+    #[command(
+        after_help = "Example: rockstate savepoint trigger ./rockstate-demo/demo ./savepoints\n\nExit 2 when the job could not take it (the reason on stderr), 4 when no job answers\nwithin --wait (the request is then withdrawn)."
+    )]
+    Trigger {
+        /// The job directory (`<checkpoint dir>/<job id>`).
+        job_url: String,
+        /// Parent directory of the new savepoint folder (the job's own default when left
+        /// out).
+        dir: Option<String>,
+        /// Savepoint format.
+        #[arg(long, value_enum, default_value = "canonical")]
+        format: demo::FormatArg,
+        /// How long to wait for the job's answer, e.g. `30s`, `2m`.
+        #[arg(long, default_value = "60s", value_parser = format::parse_duration)]
+        wait: std::time::Duration,
+    },
     /// Deletes a savepoint folder; refuses anything that is not a savepoint.
     #[command(
         after_help = "Example: rockstate savepoint dispose ./savepoints/savepoint-demo-1a2b3c4d5e6f"
@@ -167,6 +208,32 @@ fn run(cli: Cli) -> rockstate::Result<u8> {
             snapshot_url,
             output,
         } => runtime()?.block_on(snapshots::verify(&snapshot_url, output.json)),
+        Command::Savepoint(SavepointCommand::Trigger {
+            job_url,
+            dir,
+            format,
+            wait,
+        }) => runtime()?.block_on(control::request(
+            &job_url,
+            ControlCommand::Savepoint {
+                dir: control::directory_url(dir)?,
+                format: control::savepoint_format(format),
+            },
+            wait,
+        )),
+        Command::Stop {
+            job_url,
+            savepoint,
+            format,
+            wait,
+        } => runtime()?.block_on(control::request(
+            &job_url,
+            ControlCommand::Stop {
+                savepoint_dir: control::directory_url(savepoint)?,
+                format: control::savepoint_format(format),
+            },
+            wait,
+        )),
         Command::Savepoint(SavepointCommand::Dispose { savepoint_url }) => {
             runtime()?.block_on(snapshots::dispose(&savepoint_url))
         }

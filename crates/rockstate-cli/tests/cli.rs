@@ -1550,3 +1550,140 @@ fn the_demo_keeps_a_users_files_in_its_local_dir() {
         assert_eq!(lines.len(), 1, "{}", out.context());
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Control requests: `savepoint trigger` and `stop` against a running job
+// ---------------------------------------------------------------------------------------
+
+/// A demo job runs (long enough to be stopped from outside); another process asks it for
+/// a savepoint, then for a stop with a savepoint.
+///
+/// Proves: `rockstate savepoint trigger` prints the URL of a savepoint the running job
+/// took (and that verifies), the job keeps running, `rockstate stop --savepoint` ends it
+/// after a final savepoint whose URL both print, and the job reports `stopped_by:
+/// request`; no request or answer is left in the job directory.
+#[test]
+fn savepoint_trigger_and_stop_reach_a_running_job() {
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    let job = checkpoints.join("remote");
+    let savepoints = root.join("savepoints");
+    let mut child = command(
+        &demo_args_with_events(cp, "remote", &root, 50_000_000, &["--parallelism", "2"]),
+        NO_ENV,
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start the demo");
+    // Wait for the first completed checkpoint: the job is running.
+    let mut reader = BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut stderr = String::new();
+    let mut line = String::new();
+    while checkpoint_line(&line).is_none() {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).expect("read stderr") > 0,
+            "the demo ended early: {stderr}"
+        );
+        stderr.push_str(&line);
+    }
+    let drain = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = reader.read_to_string(&mut rest);
+        rest
+    });
+
+    let trigger = run(&[
+        "savepoint",
+        "trigger",
+        path_str(&job),
+        path_str(&savepoints),
+        "--wait",
+        "120s",
+    ]);
+    trigger.expect(0);
+    let first = trigger.line().to_string();
+    assert!(url_path(&first).starts_with(&savepoints), "{first}");
+    run(&["verify", &first]).expect(0);
+    assert_eq!(inspect(&first, NO_ENV)["kind"], "savepoint");
+
+    let stop = run(&[
+        "stop",
+        path_str(&job),
+        "--savepoint",
+        path_str(&savepoints),
+        "--format",
+        "native",
+        "--wait",
+        "120s",
+    ]);
+    stop.expect(0);
+    let last = stop.line().to_string();
+    assert_ne!(first, last);
+    run(&["verify", &last]).expect(0);
+    assert_eq!(inspect(&last, NO_ENV)["format"], "native");
+
+    let output = child.wait_with_output().expect("wait for the demo");
+    stderr.push_str(&drain.join().unwrap());
+    let demo = Run::from_output(output, Some(stderr));
+    demo.expect(0);
+    let doc = demo.json();
+    assert_eq!(doc["stopped_by"], "request", "{}", demo.context());
+    assert_eq!(
+        doc["savepoint"].as_str(),
+        Some(last.as_str()),
+        "{}",
+        demo.context()
+    );
+    let control = job.join("_control");
+    let left: Vec<_> = fs::read_dir(&control)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {control:?}: {left:?}");
+}
+
+/// A request to a job directory where no job runs.
+///
+/// Proves: the CLI waits `--wait`, exits 4 with one line saying no job answered, and
+/// withdraws its request (a `withdrawn` claim replaces it), so a job started later never
+/// acts on it.
+#[test]
+fn a_request_no_job_answers_is_withdrawn() {
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    run(&demo_args(cp, "idle", &root, &[])).expect(0);
+    let job = checkpoints.join("idle");
+    let trigger = run(&["savepoint", "trigger", path_str(&job), "--wait", "1s"]);
+    assert_eq!(trigger.code(), Some(4), "{}", trigger.context());
+    let lines: Vec<&str> = trigger
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(lines.len(), 1, "{}", trigger.context());
+    assert!(
+        lines[0].contains("no job answered"),
+        "{}",
+        trigger.context()
+    );
+    let stop = run(&["stop", path_str(&job), "--wait", "500ms"]);
+    assert_eq!(stop.code(), Some(4), "{}", stop.context());
+    // Only the withdrawals remain (kept an hour, so that a job that listed a request
+    // just before cannot take it): no request a job could act on.
+    let control = job.join("_control");
+    let left: Vec<PathBuf> = fs::read_dir(&control)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert_eq!(left.len(), 2, "{left:?}");
+    for path in &left {
+        assert_eq!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("claim"),
+            "{left:?}"
+        );
+        assert_eq!(fs::read_to_string(path).unwrap(), "withdrawn");
+    }
+}

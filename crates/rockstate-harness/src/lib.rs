@@ -38,6 +38,7 @@ use rockstate::checkpoint::{
 };
 use rockstate::clock::SystemClock;
 use rockstate::keygroup;
+use rockstate::runtime::control::{self, Answer, Command};
 use rockstate::runtime::local_dir;
 use rockstate::runtime::start::{self, StartCandidate};
 use rockstate::savepoint::SavepointFormat;
@@ -107,10 +108,20 @@ pub use rockstate::runtime::start::StartRequest as StartFrom;
 /// A completed savepoint.
 #[derive(Debug, Clone)]
 pub struct Savepoint {
-    /// The savepoint folder's URL (restore with [`RestoreSource::open`](crate::RestoreSource::open)).
+    /// The savepoint folder's URL (restore with [`RestoreSource::open`](rockstate::RestoreSource::open)).
     pub url: String,
     /// Its metadata.
     pub metadata: CheckpointMetadata,
+}
+
+/// A stop asked through a control request ([`Harness::poll_control`]): the final
+/// savepoint, when one was asked for, is already taken. Hand it to
+/// [`Harness::stop_on_request`].
+#[derive(Debug)]
+pub struct StopRequest {
+    id: String,
+    /// The final savepoint.
+    pub savepoint: Option<Savepoint>,
 }
 
 /// Progress shared between the driver and the upload tasks.
@@ -325,9 +336,19 @@ where
             .filter(|c| matches!(c.start_point, StartPoint::Checkpoint(_)))
             .map(|c| c.source.metadata().clone());
         let coordinator = Arc::new(tokio::sync::Mutex::new(coordinator));
+        // Every operator is built before any thread starts: a factory that fails leaves
+        // no thread behind holding a backend.
+        let operators = backends
+            .iter()
+            .map(|backend| factory(backend).map_err(|e| e.for_operator(&config.operator_uid)))
+            .collect::<Result<Vec<_>>>()?;
         let mut threads = Vec::new();
-        for (i, (rx, backend)) in receivers.into_iter().zip(backends).enumerate() {
-            let operator = factory(&backend).map_err(|e| e.for_operator(&config.operator_uid))?;
+        for (i, ((rx, backend), operator)) in receivers
+            .into_iter()
+            .zip(backends)
+            .zip(operators)
+            .enumerate()
+        {
             let ctx = SubtaskContext {
                 index: i as u32,
                 operator_uid: config.operator_uid.clone(),
@@ -337,12 +358,17 @@ where
                 peers: senders.clone(),
                 progress: progress.clone(),
             };
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("subtask-{i}"))
-                    .spawn(move || subtask::run(ctx, backend, operator, rx))
-                    .map_err(|e| Error::io("spawn a subtask thread", e))?,
-            );
+            let spawned = std::thread::Builder::new()
+                .name(format!("subtask-{i}"))
+                .spawn(move || subtask::run(ctx, backend, operator, rx));
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    // The threads already running stop and release their backends.
+                    let _ = stop_threads(senders, threads);
+                    return Err(Error::io("spawn a subtask thread", e));
+                }
+            }
         }
         let restored_from = restore.as_ref().map(|c| {
             (
@@ -700,6 +726,127 @@ where
         if let Err(e) = self.stop_threads() {
             tracing::debug!(error = %e.report(), "subtask error while crashing");
         }
+    }
+
+    /// Carries out the control requests other processes wrote into the job directory
+    /// ([`rockstate::runtime::control`]): savepoints are taken and answered here; a stop
+    /// (after its savepoint, when asked for) is returned for the driver to end the run
+    /// with [`stop_on_request`](Self::stop_on_request). Call it now and then between
+    /// [`run`](Self::run) calls; each call lists the job's control folder once.
+    ///
+    /// Errors: `Fenced` when a newer writer owns the job (its requests are not ours to
+    /// answer). Other failures are logged and the run goes on (the request's client
+    /// times out); a savepoint that fails is answered as failed.
+    pub fn poll_control(&mut self) -> Result<Option<StopRequest>> {
+        match self.carry_out_requests() {
+            Err(e) if e.kind() != rockstate::ErrorKind::Fenced => {
+                tracing::warn!(error = %e.report(), "cannot serve control requests now");
+                Ok(None)
+            }
+            other => other,
+        }
+    }
+
+    fn carry_out_requests(&mut self) -> Result<Option<StopRequest>> {
+        let coordinator = self.coordinator.clone();
+        let job = self
+            .runtime()
+            .block_on(async move { coordinator.lock().await.job_storage().clone() });
+        let requests = self.runtime().block_on(control::pending(&job))?;
+        for request in requests {
+            let coordinator = self.coordinator.clone();
+            let taken = request.clone();
+            let accepted = self.runtime().block_on(async move {
+                control::accept(&mut *coordinator.lock().await, &taken).await
+            })?;
+            if !accepted {
+                continue;
+            }
+            match request.command {
+                Command::Savepoint { dir, format } => {
+                    let taken = self.savepoint_to(dir.as_deref(), format);
+                    let answer = match &taken {
+                        Ok(savepoint) => Answer::Savepoint {
+                            url: savepoint.url.clone(),
+                        },
+                        Err(e) => Answer::failed(e),
+                    };
+                    self.answer_control(&request.id, &answer)?;
+                    if let Err(e) = taken {
+                        if e.kind() == rockstate::ErrorKind::Fenced {
+                            return Err(e);
+                        }
+                        tracing::warn!(request = %request.id, error = %e.report(), "requested savepoint failed");
+                    }
+                }
+                Command::Stop {
+                    savepoint_dir,
+                    format,
+                } => {
+                    let savepoint = match savepoint_dir {
+                        Some(dir) => match self.savepoint_to(Some(&dir), format) {
+                            Ok(savepoint) => Some(savepoint),
+                            Err(e) => {
+                                // The job keeps running: a stop asked with a savepoint
+                                // happens only with one.
+                                self.answer_control(&request.id, &Answer::failed(&e))?;
+                                if e.kind() == rockstate::ErrorKind::Fenced {
+                                    return Err(e);
+                                }
+                                continue;
+                            }
+                        },
+                        None => None,
+                    };
+                    return Ok(Some(StopRequest {
+                        id: request.id,
+                        savepoint,
+                    }));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Ends the run for a stop request: stops the subtasks without taking another
+    /// checkpoint (as [`cancel`](Self::cancel)), answers the request with the final
+    /// savepoint's URL, and shuts the coordinator down.
+    ///
+    /// Errors: a subtask's error; `Fenced`; storage errors.
+    pub fn stop_on_request(mut self, stop: StopRequest) -> Result<(Option<Savepoint>, Finished)> {
+        if let Err(e) = self.flush() {
+            tracing::debug!(error = %e.report(), "cannot hand over the last records");
+        }
+        let backends = self.stop_threads()?;
+        let answer = Answer::Stopped {
+            savepoint: stop.savepoint.as_ref().map(|s| s.url.clone()),
+        };
+        self.answer_control(&stop.id, &answer)?;
+        let coordinator = self.coordinator.clone();
+        self.runtime()
+            .block_on(async move { coordinator.lock().await.shutdown(false).await })?;
+        let finished = Finished {
+            backends,
+            last_checkpoint: self.latest_checkpoint(),
+            events: self.events,
+            completed: self.completed_checkpoints(),
+            uploaded: self.progress.0.lock().uploaded.clone(),
+        };
+        Ok((stop.savepoint, finished))
+    }
+
+    /// A savepoint under the directory `dir` (a URL), or the configured one.
+    fn savepoint_to(&mut self, dir: Option<&str>, format: SavepointFormat) -> Result<Savepoint> {
+        let dir = dir.map(CheckpointStorage::open).transpose()?;
+        self.savepoint(dir.as_ref(), format)
+    }
+
+    fn answer_control(&self, id: &str, answer: &Answer) -> Result<()> {
+        let coordinator = self.coordinator.clone();
+        let (id, answer) = (id.to_string(), answer.clone());
+        self.runtime().block_on(async move {
+            control::answer(&mut *coordinator.lock().await, &id, &answer).await
+        })
     }
 
     fn runtime(&self) -> &tokio::runtime::Runtime {

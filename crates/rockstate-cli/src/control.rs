@@ -1,0 +1,74 @@
+//! `rockstate savepoint trigger` and `rockstate stop`: requests to a running job through
+//! its checkpoint storage.
+
+use std::time::Duration;
+
+use rockstate::runtime::control::{self, Answer, Command, Outcome};
+use rockstate::{CheckpointStorage, SavepointFormat};
+
+use crate::demo::FormatArg;
+use crate::exit;
+
+/// How often the answer is looked for.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Sends `command` to the job of `job_url`, waits up to `wait` for its answer and prints
+/// it. Exit codes: 0 answered, 2 the job failed to carry it out, 4 no answer in time.
+pub async fn request(job_url: &str, command: Command, wait: Duration) -> rockstate::Result<u8> {
+    let job = CheckpointStorage::open(job_url)?;
+    let id = control::submit(&job, command, wait).await?;
+    match control::wait_for_answer(&job, &id, wait, POLL).await? {
+        Outcome::Answered(Answer::Savepoint { url }) => {
+            println!("{url}");
+            Ok(exit::OK)
+        }
+        Outcome::Answered(Answer::Stopped { savepoint }) => {
+            match savepoint {
+                Some(url) => println!("{url}"),
+                None => eprintln!("rockstate: the job stopped"),
+            }
+            Ok(exit::OK)
+        }
+        Outcome::Answered(Answer::Failed { kind, message }) => {
+            eprintln!(
+                "rockstate: the job could not do it ({kind}): {}",
+                crate::one_line(&message)
+            );
+            Ok(exit::ERROR)
+        }
+        Outcome::Withdrawn => {
+            eprintln!(
+                "rockstate: no job answered within {wait:?} (is one running on {}?); the request was withdrawn",
+                job.url()
+            );
+            Ok(exit::NO_ANSWER)
+        }
+        Outcome::Unanswered => {
+            eprintln!(
+                "rockstate: the job took the request but did not answer within {wait:?}; it may still complete it"
+            );
+            Ok(exit::NO_ANSWER)
+        }
+    }
+}
+
+/// A directory argument as a URL the job can use wherever it runs: a relative path is
+/// made absolute against this process's working directory.
+pub fn directory_url(dir: Option<String>) -> rockstate::Result<Option<String>> {
+    match dir {
+        Some(dir) if !dir.contains("://") => {
+            let absolute = std::path::absolute(&dir)
+                .map_err(|e| rockstate::Error::io(format!("resolve {dir}"), e))?;
+            Ok(Some(format!("file://{}", absolute.display())))
+        }
+        other => Ok(other),
+    }
+}
+
+/// The savepoint format of a `--format` flag.
+pub fn savepoint_format(format: FormatArg) -> SavepointFormat {
+    match format {
+        FormatArg::Canonical => SavepointFormat::Canonical,
+        FormatArg::Native => SavepointFormat::Native,
+    }
+}
