@@ -69,6 +69,8 @@ enum Command {
     Latest {
         /// The job directory (`<checkpoint dir>/<job id>`).
         job_url: String,
+        #[command(flatten)]
+        output: Output,
     },
     /// Shows what a checkpoint or savepoint holds: operators, states, key groups, files.
     #[command(after_help = "Example: rockstate inspect ./rockstate-demo/demo/chk-12")]
@@ -142,6 +144,8 @@ enum Command {
         /// Number of subtasks (1..=max parallelism).
         #[arg(long, default_value_t = 1)]
         parallelism: u32,
+        #[command(flatten)]
+        output: Output,
     },
 }
 
@@ -199,7 +203,9 @@ fn run(cli: Cli) -> rockstate::Result<u8> {
         Command::Checkpoints { job_url, output } => {
             runtime()?.block_on(snapshots::checkpoints(&job_url, output.json))
         }
-        Command::Latest { job_url } => runtime()?.block_on(snapshots::latest(&job_url)),
+        Command::Latest { job_url, output } => {
+            runtime()?.block_on(snapshots::latest(&job_url, output.json))
+        }
         Command::Inspect {
             snapshot_url,
             output,
@@ -247,12 +253,24 @@ fn run(cli: Cli) -> rockstate::Result<u8> {
             key,
             max_parallelism,
             parallelism,
+            output,
         } => {
             let kg = rockstate::key_group_for(&key, max_parallelism)?;
             let subtask = rockstate::subtask_for_key_group(kg, parallelism, max_parallelism)?;
             let range =
                 rockstate::key_group_range_for_subtask(subtask, parallelism, max_parallelism)?;
-            println!("key group {kg} of {max_parallelism}; subtask {subtask} of {parallelism}, which owns {range}");
+            if output.json {
+                snapshots::print_json(&serde_json::json!({
+                    "key": key,
+                    "key_group": kg,
+                    "max_parallelism": max_parallelism,
+                    "subtask": subtask,
+                    "parallelism": parallelism,
+                    "key_groups": [range.start(), range.end()],
+                }));
+            } else {
+                println!("key group {kg} of {max_parallelism}; subtask {subtask} of {parallelism}, which owns {range}");
+            }
             Ok(exit::OK)
         }
     }

@@ -12,9 +12,56 @@ use serde_json::{json, Value};
 use crate::progress::Progress;
 use crate::{exit, format};
 
-/// Prints a JSON document as one line of stdout.
+/// The version of every `--json` document's layout: fields may be added within a version;
+/// a field removed or changed in meaning bumps it.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Prints a JSON document as one line of stdout, with its `schema_version`.
 pub fn print_json(value: &Value) {
+    let mut value = value.clone();
+    if let Value::Object(fields) = &mut value {
+        fields.insert("schema_version".into(), json!(SCHEMA_VERSION));
+    }
     println!("{value}");
+}
+
+/// The job directories directly inside `dir` (folders holding a `chk-N/_metadata` or an
+/// `_epochs/` claim), for commands given a checkpoint directory instead of a job's.
+async fn job_dirs_inside(dir: &CheckpointStorage) -> rockstate::Result<Vec<String>> {
+    let mut jobs = std::collections::BTreeSet::new();
+    for object in dir.list("").await? {
+        let parts: Vec<&str> = object.path.split('/').collect();
+        let is_job = match parts.as_slice() {
+            [_, chk, "_metadata"] => chk.starts_with("chk-"),
+            [_, "_epochs", _] => true,
+            _ => false,
+        };
+        if is_job {
+            jobs.insert(parts[0].to_string());
+        }
+    }
+    Ok(jobs.into_iter().collect())
+}
+
+/// The error for a checkpoint directory given where a job directory is expected, when
+/// `job` holds job directories (`Ok` otherwise).
+async fn refuse_parent(job: &CheckpointStorage) -> rockstate::Result<()> {
+    let jobs = job_dirs_inside(job).await?;
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<&str> = jobs.iter().take(5).map(String::as_str).collect();
+    Err(Error::invalid(format!(
+        "{} is a checkpoint directory holding the job directories {}{}; give one of them, e.g. {}",
+        job.url(),
+        shown.join(", "),
+        if jobs.len() > shown.len() {
+            ", ..."
+        } else {
+            ""
+        },
+        job.url_of(&jobs[0])
+    )))
 }
 
 /// Opens an existing job directory (never creates one).
@@ -38,6 +85,9 @@ fn file_count(meta: &CheckpointMetadata) -> usize {
 pub async fn checkpoints(job_url: &str, json: bool) -> rockstate::Result<u8> {
     let job = open_job(job_url)?;
     let found = job.checkpoints().await?;
+    if found.completed.is_empty() && found.incomplete.is_empty() && found.unreadable.is_empty() {
+        refuse_parent(&job).await?;
+    }
     let mut rows: Vec<(u64, Value)> = Vec::new();
     for meta in &found.completed {
         rows.push((
@@ -103,11 +153,27 @@ pub async fn checkpoints(job_url: &str, json: bool) -> rockstate::Result<u8> {
 }
 
 /// `rockstate latest JOB_URL`.
-pub async fn latest(job_url: &str) -> rockstate::Result<u8> {
+pub async fn latest(job_url: &str, json: bool) -> rockstate::Result<u8> {
     let job = open_job(job_url)?;
-    match job.latest_completed().await? {
-        Some(meta) => {
-            println!("{}", job.url_of(&format!("chk-{}", meta.checkpoint_id)));
+    let latest = job.latest_completed().await?;
+    if latest.is_none() {
+        refuse_parent(&job).await?;
+    }
+    let url = latest
+        .as_ref()
+        .map(|meta| job.url_of(&format!("chk-{}", meta.checkpoint_id)));
+    if json {
+        print_json(&json!({
+            "job": job.url(),
+            "latest": url,
+            "checkpoint_id": latest.as_ref().map(|m| m.checkpoint_id),
+        }));
+    }
+    match url {
+        Some(url) => {
+            if !json {
+                println!("{url}");
+            }
             Ok(exit::OK)
         }
         None => {

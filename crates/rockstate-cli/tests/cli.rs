@@ -1687,3 +1687,44 @@ fn a_request_no_job_answers_is_withdrawn() {
         assert_eq!(fs::read_to_string(path).unwrap(), "withdrawn");
     }
 }
+
+/// Every command's `--json` output, and `latest` and `checkpoints` given the checkpoint
+/// directory instead of a job directory.
+///
+/// Proves: each JSON document carries `schema_version` 1 (demo, latest, checkpoints,
+/// inspect, verify, gc, key-group); pointed at a directory that holds job directories,
+/// `latest` and `checkpoints` fail with one line naming the jobs instead of answering
+/// "none".
+#[test]
+fn json_outputs_are_versioned_and_a_parent_directory_is_named() {
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    let demo = run(&demo_args(cp, "versioned", &root, &[]));
+    demo.expect(0);
+    let job = checkpoints.join("versioned");
+    let latest = run(&["latest", path_str(&job), "--json"]);
+    latest.expect(0);
+    let url = latest.json()["latest"].as_str().unwrap().to_string();
+    let docs = [
+        demo.json(),
+        latest.json(),
+        run(&["checkpoints", path_str(&job), "--json"]).json(),
+        run(&["inspect", &url, "--json"]).json(),
+        run(&["verify", &url, "--json"]).json(),
+        run(&["gc", path_str(&job), "--dry-run", "--json"]).json(),
+        run(&["key-group", "user-1", "--parallelism", "4", "--json"]).json(),
+    ];
+    for doc in &docs {
+        assert_eq!(doc["schema_version"], 1, "{doc}");
+    }
+    for command in ["latest", "checkpoints"] {
+        let parent = run(&[command, cp]);
+        assert_error_line(&parent, command);
+        assert!(
+            parent.stderr.contains("versioned") && parent.stderr.contains("job directories"),
+            "{}",
+            parent.context()
+        );
+    }
+}
