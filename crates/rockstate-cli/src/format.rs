@@ -42,30 +42,18 @@ pub fn utc_millis(ms: u64) -> String {
     )
 }
 
-/// Parses `500ms`, `90s`, `30m`, `2h`, `1d` (a bare number is seconds).
+/// Parses a duration in humantime syntax (`500ms`, `90s`, `30m`, `1h30m`, `2h`, `1d`,
+/// `1w`); a bare number is seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (e.g. 90s, 30m, 2h, 1d)"))?;
-    let ms = match unit {
-        "ms" => Some(n),
-        "" | "s" => n.checked_mul(1_000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        "d" => n.checked_mul(86_400_000),
-        _ => {
-            return Err(format!(
-                "unknown unit {unit:?} in {text:?} (use ms, s, m, h or d)"
-            ))
-        }
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text
+            .parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{text:?} is too long"));
     }
-    .ok_or_else(|| format!("{text:?} is too long"))?;
-    Ok(Duration::from_millis(ms))
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration ({e}; e.g. 90s, 30m, 1h30m, 1d)"))
 }
 
 #[cfg(test)]
@@ -95,8 +83,10 @@ mod tests {
         assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1w"), Ok(Duration::from_secs(604_800)));
         assert!(parse_duration("h").is_err());
-        assert!(parse_duration("5w").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("-5s").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
     }

@@ -121,7 +121,7 @@ enum Command {
         /// Lists what would be deleted without deleting it.
         #[arg(long)]
         dry_run: bool,
-        /// Minimum age of a deleted file, e.g. `90s`, `30m`, `2h`, `1d`.
+        /// Minimum age of a deleted file, e.g. `90s`, `30m`, `1h30m`, `1d`.
         #[arg(long, default_value = "1h", value_parser = format::parse_duration)]
         grace: std::time::Duration,
         #[command(flatten)]
