@@ -41,9 +41,7 @@ impl Progress {
             done: AtomicU64::new(0),
             bytes,
             started: now,
-            drawn: std::io::stderr()
-                .is_terminal()
-                .then(|| Mutex::new(now - REDRAW)),
+            drawn: redraws().then(|| Mutex::new(now - REDRAW)),
         }
     }
 
@@ -127,4 +125,14 @@ impl Drop for Progress {
     fn drop(&mut self) {
         self.finish();
     }
+}
+/// Whether stderr is a terminal that can redraw a line: not when `TERM=dumb`.
+fn redraws() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("TERM").is_none_or(|t| t != "dumb")
+}
+
+/// Whether logs on stderr may use colours: a terminal, and neither `NO_COLOR` (any
+/// value) nor `TERM=dumb` set.
+pub fn colours() -> bool {
+    redraws() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
