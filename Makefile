@@ -19,6 +19,7 @@ lint: bootstrap
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 	cargo clippy --locked --workspace --all-targets --features rockstate/testing -- -D warnings
 	cargo clippy --locked -p rockstate --lib -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --locked --workspace --no-deps
 
 test: lint
 	cargo nextest run --locked --workspace --no-fail-fast --features rockstate/testing

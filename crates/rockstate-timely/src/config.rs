@@ -46,7 +46,7 @@ pub struct JobConfig {
     pub coordinator: CoordinatorOptions,
     /// How often acknowledgements and completions are looked for in storage.
     pub poll_interval: Duration,
-    /// Snapshots a worker may have uploading at once; see [`WorkerJob::can_advance`].
+    /// Snapshots a worker may have uploading at once; see [`WorkerJob::can_advance`](crate::WorkerJob::can_advance).
     pub max_uploads: usize,
 }
 
