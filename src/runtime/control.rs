@@ -122,6 +122,9 @@ fn answer_path(id: &str) -> String {
 
 const ACCEPTED: &[u8] = b"accepted";
 const WITHDRAWN: &[u8] = b"withdrawn";
+/// Requests read per call of [`pending`]: a flood of requests cannot make one poll read
+/// without bound (the rest wait for the next poll).
+const MAX_PER_POLL: usize = 64;
 /// Withdrawn claims are kept this long, so that a job that listed their request just
 /// before the withdrawal still finds the claim.
 const KEEP_WITHDRAWN_MS: i64 = 3_600_000;
@@ -240,8 +243,9 @@ async fn remove(job: &CheckpointStorage, id: &str) -> Result<()> {
         .await
 }
 
-/// The requests of `job` that nobody claimed yet, oldest first. Unreadable requests are
-/// skipped (their clients time out); withdrawn claims older than an hour are removed.
+/// The requests of `job` that nobody claimed yet (at most 64, the oldest listed first).
+/// Unreadable requests are skipped (their clients time out); withdrawn claims older than
+/// an hour are removed.
 ///
 /// Errors: storage errors.
 pub async fn pending(job: &CheckpointStorage) -> Result<Vec<Request>> {
@@ -264,6 +268,9 @@ pub async fn pending(job: &CheckpointStorage) -> Result<Vec<Request>> {
         };
         if names.contains(format!("{stem}.claim").as_str()) {
             continue;
+        }
+        if requests.len() >= MAX_PER_POLL {
+            break;
         }
         let Some(id) = stem.strip_prefix(&format!("{CONTROL_DIR}/")) else {
             continue;

@@ -293,6 +293,8 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
         memory_budget: 64 << 20,
         coordinator: CoordinatorOptions {
             num_retained: args.retained as usize,
+            // Also where `rockstate savepoint trigger JOB` (no directory) puts savepoints.
+            savepoints_dir: args.savepoint_dir.clone(),
             ..CoordinatorOptions::default()
         },
     };

@@ -1559,7 +1559,8 @@ fn the_demo_keeps_a_users_files_in_its_local_dir() {
 /// a savepoint, then for a stop with a savepoint.
 ///
 /// Proves: `rockstate savepoint trigger` prints the URL of a savepoint the running job
-/// took (and that verifies), the job keeps running, `rockstate stop --savepoint` ends it
+/// took (and that verifies), into the given directory or, without one, the job's own
+/// `--savepoint-dir`; the job keeps running, `rockstate stop --savepoint` ends it
 /// after a final savepoint whose URL both print, and the job reports `stopped_by:
 /// request`; no request or answer is left in the job directory.
 #[test]
@@ -1570,7 +1571,18 @@ fn savepoint_trigger_and_stop_reach_a_running_job() {
     let job = checkpoints.join("remote");
     let savepoints = root.join("savepoints");
     let mut child = command(
-        &demo_args_with_events(cp, "remote", &root, 50_000_000, &["--parallelism", "2"]),
+        &demo_args_with_events(
+            cp,
+            "remote",
+            &root,
+            50_000_000,
+            &[
+                "--parallelism",
+                "2",
+                "--savepoint-dir",
+                path_str(&savepoints),
+            ],
+        ),
         NO_ENV,
     )
     .stdout(Stdio::piped())
@@ -1608,6 +1620,15 @@ fn savepoint_trigger_and_stop_reach_a_running_job() {
     assert!(url_path(&first).starts_with(&savepoints), "{first}");
     run(&["verify", &first]).expect(0);
     assert_eq!(inspect(&first, NO_ENV)["kind"], "savepoint");
+    // Without a directory: the job's own savepoint directory.
+    let own = run(&["savepoint", "trigger", path_str(&job), "--wait", "120s"]);
+    own.expect(0);
+    assert!(
+        url_path(own.line()).starts_with(&savepoints),
+        "{}",
+        own.context()
+    );
+    assert_ne!(own.line(), first);
 
     let stop = run(&[
         "stop",
