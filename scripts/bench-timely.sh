@@ -16,7 +16,7 @@ trap 'rm -rf "$work"' EXIT
 
 run() { # workers interval
     rm -rf "$work/ck"
-    "$bin" demo --engine timely -w "$1" --events "$events" --keys 100000 \
+    "$bin" demo --engine timely --threads "$1" --events "$events" --keys 100000 \
         --checkpoint-interval "$2" --checkpoint-dir "$work/ck" --local-dir "$work/local" --json 2>/dev/null | tail -n 1
 }
 

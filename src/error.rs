@@ -406,16 +406,29 @@ impl Error {
             E::NotFound { .. } => Error::NotFound(format!("{path} ({op})")),
             E::AlreadyExists { .. } | E::Precondition { .. } => Error::AlreadyExists(path),
             other => {
+                let mut op = op.to_string();
                 let kind = match &other {
                     E::InvalidPath { .. } | E::UnknownConfigurationKey { .. } => {
                         ErrorKind::InvalidArgument
                     }
                     E::NotSupported { .. } | E::NotImplemented { .. } => ErrorKind::Internal,
                     E::PermissionDenied { .. } | E::Unauthenticated { .. } => ErrorKind::Io,
+                    E::Generic { .. } => match misconfiguration(&chain_text(&other)) {
+                        Some(Misconfigured::NoSuchBucket) => {
+                            return Error::NotFound(format!(
+                                "{path}: the bucket does not exist ({op})"
+                            ))
+                        }
+                        Some(Misconfigured::Credentials(hint)) => {
+                            op.push_str(&format!(" ({hint})"));
+                            ErrorKind::InvalidArgument
+                        }
+                        None => ErrorKind::Unavailable,
+                    },
                     _ => ErrorKind::Unavailable,
                 };
                 Error::Storage {
-                    op: op.to_string(),
+                    op,
                     path,
                     kind,
                     source: Arc::new(other),
@@ -425,12 +438,110 @@ impl Error {
     }
 }
 
+/// An error and its causes as one text.
+fn chain_text(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}
+
+/// A store's answer that no retry can change: the configuration is wrong.
+#[derive(Debug, PartialEq, Eq)]
+enum Misconfigured {
+    NoSuchBucket,
+    /// With what to do about it.
+    Credentials(&'static str),
+}
+
+/// Recognises misconfiguration in the text of a store client's generic error (the
+/// clients report these as generic HTTP errors, with the service's error code).
+fn misconfiguration(text: &str) -> Option<Misconfigured> {
+    if text.contains("NoSuchBucket") || text.contains("ContainerNotFound") {
+        return Some(Misconfigured::NoSuchBucket);
+    }
+    // No credentials in the environment: the client asked the instance metadata
+    // service, which does not exist here.
+    if text.contains("169.254.169.254") || text.contains("metadata.google.internal") {
+        return Some(Misconfigured::Credentials(
+            "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where instance credentials exist",
+        ));
+    }
+    const REFUSED: [&str; 5] = [
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "AuthorizationHeaderMalformed",
+        "AuthenticationFailed",
+    ];
+    if REFUSED.iter().any(|code| text.contains(code)) {
+        return Some(Misconfigured::Credentials(
+            "the store refused the credentials: check the access key, secret and region, and the bucket's policy",
+        ));
+    }
+    None
+}
+
+/// Whether a storage error already went through the store client's own retries (its
+/// message says so): retrying it again would repeat the whole wait.
+pub(crate) fn already_retried(error: &Error) -> bool {
+    match error {
+        Error::Storage { source, .. } => {
+            let text = chain_text(source.as_ref());
+            text.contains(" retries, max_retries")
+        }
+        _ => false,
+    }
+}
+
 /// Shorthand for `std::result::Result<T, rockstate::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_misconfiguration_is_told_apart_from_outages() {
+        let generic = |text: &str| object_store::Error::Generic {
+            store: "S3",
+            source: text.to_string().into(),
+        };
+        let e = Error::storage(
+            "list",
+            "s3://b/j/",
+            generic("404 Not Found: <Code>NoSuchBucket</Code>"),
+        );
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert!(e.to_string().contains("bucket does not exist"), "{e}");
+        let e = Error::storage(
+            "get",
+            "s3://b/j/x",
+            generic("Error performing PUT http://169.254.169.254/latest/api/token: 403"),
+        );
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert!(e.to_string().contains("AWS_ACCESS_KEY_ID"), "{e}");
+        let e = Error::storage(
+            "put",
+            "s3://b/j/x",
+            generic("403 Forbidden: <Code>SignatureDoesNotMatch</Code>"),
+        );
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        let e = Error::storage(
+            "list",
+            "s3://b/j/",
+            generic("Error performing GET http://127.0.0.1:1/b in 6.7s, after 10 retries, max_retries: 10, retry_timeout: 180s - HTTP error: Connection refused"),
+        );
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert!(already_retried(&e));
+        let e = Error::storage("list", "s3://b/j/", generic("500 Internal Server Error"));
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert!(!already_retried(&e));
+    }
 
     #[test]
     fn kinds_classify_variants() {

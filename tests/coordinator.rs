@@ -708,3 +708,141 @@ async fn data_files(job: &CheckpointStorage) -> Vec<String> {
         .filter(|p| !p.starts_with("_epochs/"))
         .collect()
 }
+
+/// The status document a coordinator keeps in its job directory.
+///
+/// Proves: it is written when something changed and not otherwise before a heartbeat;
+/// it shows checkpoints in flight with their acknowledgements, completions with their
+/// sync and async parts and bytes, failures with their reason; a reader calls it stale
+/// when it is not refreshed for three heartbeats or when a newer writer claimed the job
+/// directory, whose old writer then cannot overwrite it; a stopped job's status never
+/// turns stale by age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_document_follows_checkpoints_and_turns_stale() {
+    use rockstate::checkpoint::status::{read_status, Outcome, RunState};
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_storage("status");
+    let t0 = 1_800_000_000_000;
+    let clock = Arc::new(ManualClock::new(t0));
+    let mut coordinator = CheckpointCoordinator::start_with_clock(
+        job.clone(),
+        "job",
+        spec(2),
+        CoordinatorOptions::default(),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    assert!(read_status(&job, t0).await.unwrap().is_none());
+    assert!(coordinator.publish_status(RunState::Running).await.unwrap());
+    assert!(!coordinator.publish_status(RunState::Running).await.unwrap());
+
+    let tasks = subtasks(dir.path(), 2);
+    for (i, s) in tasks.iter().enumerate() {
+        s.state.put(&s.keys[0], &(i as u64 + 1)).unwrap();
+    }
+    let id = coordinator.trigger().unwrap();
+    assert!(coordinator.publish_status(RunState::Running).await.unwrap());
+    let view = read_status(&job, t0).await.unwrap().unwrap();
+    assert_eq!(view.stale, None);
+    assert_eq!(view.status.in_flight.len(), 1);
+    assert_eq!(
+        (
+            view.status.in_flight[0].id,
+            view.status.in_flight[0].acknowledged,
+            view.status.in_flight[0].expected
+        ),
+        (id, 0, 2)
+    );
+
+    clock.advance(Duration::from_millis(250));
+    coordinator.note_sync_pause(id, Duration::from_millis(12));
+    coordinator.note_sync_pause(id, Duration::from_millis(30));
+    for (i, s) in tasks.iter().enumerate() {
+        let snap = snapshot(s, &job, id, i as u32).await;
+        coordinator
+            .acknowledge(id, UID, i as u32, snap)
+            .await
+            .unwrap();
+    }
+    let failed = coordinator.trigger().unwrap();
+    clock.advance(Duration::from_millis(50));
+    coordinator
+        .decline(failed, "disk full on subtask 1")
+        .await
+        .unwrap();
+    assert!(coordinator.publish_status(RunState::Running).await.unwrap());
+    let view = read_status(&job, clock_now(&clock)).await.unwrap().unwrap();
+    let status = &view.status;
+    assert_eq!((status.completed, status.failed, status.aborted), (1, 1, 0));
+    assert_eq!(status.last_completed_id, Some(id));
+    assert!(status.in_flight.is_empty());
+    assert_eq!(status.recent[0].id, failed);
+    assert_eq!(status.recent[0].outcome, Outcome::Failed);
+    assert_eq!(
+        status.recent[0].reason.as_deref(),
+        Some("disk full on subtask 1")
+    );
+    let done = status.last_completed().unwrap();
+    assert_eq!(done.id, id);
+    assert_eq!(
+        (done.duration_ms, done.sync_ms, done.async_ms),
+        (250, Some(30), Some(220))
+    );
+    assert!(done.bytes_uploaded > 0);
+    assert_eq!(status.bytes_uploaded, done.bytes_uploaded);
+
+    // Not refreshed: stale after three heartbeats (10 s each), not before.
+    let updated = status.updated_ms;
+    assert_eq!(
+        read_status(&job, updated + 29_000)
+            .await
+            .unwrap()
+            .unwrap()
+            .stale,
+        None
+    );
+    let late = read_status(&job, updated + 31_000).await.unwrap().unwrap();
+    assert!(late.stale.unwrap().contains("not refreshed"));
+    // A heartbeat rewrites an unchanged status.
+    clock.advance(Duration::from_secs(10));
+    assert!(coordinator.publish_status(RunState::Running).await.unwrap());
+
+    // A newer writer: the old status is stale at once, and the old writer cannot
+    // overwrite it any more.
+    let mut newer = start(&job, 2).await;
+    let view = read_status(&job, clock_now(&clock)).await.unwrap().unwrap();
+    assert!(
+        view.stale.unwrap().contains("replaced"),
+        "{:?}",
+        view.status
+    );
+    let e = coordinator
+        .publish_status(RunState::Failed)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Fenced);
+    assert_eq!(
+        read_status(&job, clock_now(&clock))
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+            .state,
+        RunState::Running
+    );
+    assert!(newer.publish_status(RunState::Running).await.unwrap());
+    newer.shutdown(false).await.unwrap();
+    assert!(newer.publish_status(RunState::Stopped).await.unwrap());
+    let view = read_status(&job, u64::MAX / 2).await.unwrap().unwrap();
+    assert_eq!((view.stale, view.status.state), (None, RunState::Stopped));
+    assert_eq!(view.status.writer_epoch, view.current_epoch);
+    for s in tasks {
+        s.backend.close().unwrap();
+    }
+}
+
+fn clock_now(clock: &ManualClock) -> u64 {
+    use rockstate::clock::Clock;
+    clock.now_millis()
+}

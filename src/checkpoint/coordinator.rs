@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::checkpoint::discovery;
 use crate::checkpoint::epoch::{Epochs, RestoredPoint, WriterEpoch};
 use crate::checkpoint::registry::SharedStateRegistry;
+use crate::checkpoint::status::{self, InFlight, RunState, StatusTracker};
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::metadata::{
@@ -29,6 +30,9 @@ pub struct CoordinatorOptions {
     pub timeout: Duration,
     /// Where savepoints go when a trigger names no directory (default none).
     pub savepoints_dir: Option<String>,
+    /// How often an unchanged status document is rewritten (default 10 s); a status not
+    /// refreshed for three of these is stale. See [`status`].
+    pub status_heartbeat: Duration,
 }
 
 impl Default for CoordinatorOptions {
@@ -38,6 +42,7 @@ impl Default for CoordinatorOptions {
             max_concurrent: 1,
             timeout: Duration::from_secs(600),
             savepoints_dir: None,
+            status_heartbeat: status::DEFAULT_HEARTBEAT,
         }
     }
 }
@@ -129,6 +134,8 @@ pub struct CheckpointCoordinator {
     in_doubt: BTreeMap<u64, CheckpointMetadata>,
     /// Checkpoints of abandoned timelines, deleted once one of this timeline completes.
     abandoned: Vec<CheckpointMetadata>,
+    /// What the status document ([`status`]) reports.
+    status: StatusTracker,
 }
 
 impl std::fmt::Debug for CheckpointCoordinator {
@@ -321,12 +328,15 @@ impl CheckpointCoordinator {
         let registry = SharedStateRegistry::rebuild(completed.iter());
         let retained: VecDeque<CheckpointMetadata> = completed.into();
         let next_id = next_id(&job, found.highest_id)?;
+        let mut status = StatusTracker::new(clock.now_millis());
+        status.heartbeat = options.status_heartbeat.max(Duration::from_millis(100));
         let mut coordinator = Self {
             job,
             job_id: job_id.to_string(),
             operators,
             options,
             clock,
+            status,
             next_id,
             pending: BTreeMap::new(),
             retained,
@@ -449,6 +459,7 @@ impl CheckpointCoordinator {
                 acks: BTreeMap::new(),
             },
         );
+        self.status.changed();
         Ok(id)
     }
 
@@ -491,6 +502,7 @@ impl CheckpointCoordinator {
                 acks: BTreeMap::new(),
             },
         );
+        self.status.changed();
         Ok(())
     }
 
@@ -535,6 +547,7 @@ impl CheckpointCoordinator {
                 acks: BTreeMap::new(),
             },
         );
+        self.status.changed();
         Ok(trigger)
     }
 
@@ -665,6 +678,7 @@ impl CheckpointCoordinator {
             )));
         }
         pending.acks.insert((op_index, subtask), snapshot);
+        self.status.changed();
         let expected: usize = self.operators.iter().map(|o| o.parallelism as usize).sum();
         if pending.acks.len() < expected {
             return Ok(AckOutcome::Pending);
@@ -673,7 +687,22 @@ impl CheckpointCoordinator {
             .pending
             .remove(&checkpoint_id)
             .expect("pending checkpoint present");
-        self.complete(checkpoint_id, pending).await
+        let (triggered_ms, savepoint) = (pending.triggered_at_ms, pending.savepoint.is_some());
+        let outcome = self.complete(checkpoint_id, pending).await;
+        let now = self.clock.now_millis();
+        match &outcome {
+            Ok(AckOutcome::Completed(meta)) => self.status.completed(meta, now),
+            Ok(_) => {}
+            Err(e) => self.status.ended(
+                checkpoint_id,
+                savepoint,
+                status::Outcome::Failed,
+                &e.to_string(),
+                triggered_ms,
+                now,
+            ),
+        }
+        outcome
     }
 
     async fn complete(&mut self, checkpoint_id: u64, pending: Pending) -> Result<AckOutcome> {
@@ -990,10 +1019,28 @@ impl CheckpointCoordinator {
     }
 
     async fn abort(&mut self, checkpoint_id: u64, reason: &str) -> Result<()> {
+        self.abort_as(checkpoint_id, reason, status::Outcome::Aborted)
+            .await
+    }
+
+    async fn abort_as(
+        &mut self,
+        checkpoint_id: u64,
+        reason: &str,
+        outcome: status::Outcome,
+    ) -> Result<()> {
         let Some(pending) = self.pending.remove(&checkpoint_id) else {
             return Ok(());
         };
         tracing::info!(checkpoint_id, reason, "checkpoint aborted");
+        self.status.ended(
+            checkpoint_id,
+            pending.savepoint.is_some(),
+            outcome,
+            reason,
+            pending.triggered_at_ms,
+            self.clock.now_millis(),
+        );
         let paths: Vec<String> = pending
             .acks
             .values()
@@ -1022,7 +1069,8 @@ impl CheckpointCoordinator {
     /// A subtask could not snapshot: aborts the checkpoint and deletes the files its
     /// acknowledged subtasks wrote. Tell the subtasks (`notify_checkpoint_aborted`).
     pub async fn decline(&mut self, checkpoint_id: u64, reason: &str) -> Result<()> {
-        self.abort(checkpoint_id, reason).await?;
+        self.abort_as(checkpoint_id, reason, status::Outcome::Failed)
+            .await?;
         self.subsume_and_release().await
     }
 
@@ -1043,6 +1091,58 @@ impl CheckpointCoordinator {
             self.subsume_and_release().await?;
         }
         Ok(expired)
+    }
+
+    /// Notes the synchronous pause of one subtask's snapshot for checkpoint
+    /// `checkpoint_id`, for the status document (its longest pause is reported).
+    pub fn note_sync_pause(&mut self, checkpoint_id: u64, pause: Duration) {
+        self.status.note_sync(checkpoint_id, pause);
+    }
+
+    /// The status document as it would be written now (see [`status`]).
+    pub fn status(&self, state: RunState) -> status::JobStatus {
+        let now = self.clock.now_millis();
+        let expected: usize = self.operators.iter().map(|o| o.parallelism as usize).sum();
+        let in_flight = self
+            .pending
+            .iter()
+            .map(|(id, p)| InFlight {
+                id: *id,
+                savepoint: p.savepoint.is_some(),
+                triggered_ms: p.triggered_at_ms,
+                age_ms: now.saturating_sub(p.triggered_at_ms),
+                acknowledged: u32::try_from(p.acks.len()).unwrap_or(u32::MAX),
+                expected: u32::try_from(expected).unwrap_or(u32::MAX),
+            })
+            .collect();
+        self.status.document(
+            &self.job_id,
+            self.epoch.epoch(),
+            &self.epoch.record().writer,
+            state,
+            now,
+            self.retained.back().map(|m| m.checkpoint_id),
+            in_flight,
+        )
+    }
+
+    /// Writes the job's status document (`_status.json` in the job directory) when
+    /// something changed since the last write, `state` differs, or a heartbeat passed;
+    /// `Ok(false)` when nothing was due. Runtimes call it from their polling loop (it is
+    /// cheap when nothing is due) and once with the final state when they stop. It first
+    /// checks that this coordinator still owns the job directory.
+    ///
+    /// Errors: `Fenced` when a newer writer owns the job; storage errors.
+    pub async fn publish_status(&mut self, state: RunState) -> Result<bool> {
+        let now = self.clock.now_millis();
+        if !self.status.due(state, now) {
+            return Ok(false);
+        }
+        let document = self.status(state).encode()?;
+        self.check_writer().await?;
+        self.job.put(status::STATUS_FILE, document).await?;
+        self.status.published(state, now);
+        Ok(true)
     }
 
     /// Stops coordinating: pending checkpoints are aborted. Retained checkpoints stay

@@ -6,6 +6,7 @@ mod coordinator;
 pub(crate) mod discovery;
 pub(crate) mod epoch;
 mod registry;
+pub mod status;
 mod sweep;
 
 pub use crate::format::{redistribute, OperatorList, OperatorState, Redistribution};

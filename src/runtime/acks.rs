@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::checkpoint::discovery;
+use crate::checkpoint::status::RunState;
 use crate::checkpoint::{
     AckOutcome, CheckpointCoordinator, CoordinatorOptions, OperatorSpec, SubtaskSnapshot,
     WriterEpoch,
@@ -21,10 +22,11 @@ use crate::checkpoint::{
 use crate::clock::SystemClock;
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
+use crate::runtime::control::{self, Command};
 use crate::storage::CheckpointStorage;
 
 const ACK_MAGIC: &[u8; 8] = b"RKSTACK\0";
-const ACK_VERSION: u32 = 1;
+const ACK_VERSION: u32 = 2;
 /// Acknowledgements hold handles of a few operators: a generous bound on their size.
 const MAX_ACK_LEN: u64 = 64 << 20;
 
@@ -46,6 +48,8 @@ pub struct AckRecord {
     pub declined: Option<String>,
     /// `(operator uid, snapshot)` of the worker's subtask of each operator.
     pub snapshots: Vec<(String, SubtaskSnapshot)>,
+    /// The longest synchronous pause of the worker's snapshots, in µs.
+    pub sync_us: u64,
 }
 
 impl AckRecord {
@@ -126,6 +130,30 @@ pub struct CoordinatorTask {
     pub workers: u32,
     /// How often the acknowledgement folder is listed.
     pub poll: Duration,
+    /// A local directory (of the runtime's scratch space) where savepoints asked through
+    /// control requests are assembled from completed checkpoints.
+    pub scratch: std::path::PathBuf,
+    /// Memory of the temporary backends those savepoints are assembled with.
+    pub memory_budget: usize,
+}
+
+/// How often the task looks for control requests.
+const CONTROL_POLL: Duration = Duration::from_millis(500);
+
+/// A stop asked through a control request, answered when the job ends.
+struct AwaitedStop {
+    request: String,
+    savepoint_dir: Option<String>,
+    format: crate::format::SavepointFormat,
+}
+
+/// A savepoint asked through a control request, made from the first checkpoint that
+/// completes after `after`.
+struct AwaitedSavepoint {
+    request: String,
+    after: u64,
+    dir: Option<String>,
+    format: crate::format::SavepointFormat,
 }
 
 impl CoordinatorTask {
@@ -157,6 +185,10 @@ impl CoordinatorTask {
         // completed checkpoint may still be adopted by some worker.
         let mut bases: BTreeMap<u32, u64> = BTreeMap::new();
         coordinator.set_reuse_floor(0);
+        let mut awaited: Vec<AwaitedSavepoint> = Vec::new();
+        let mut stops: Vec<AwaitedStop> = Vec::new();
+        let mut last_control: Option<tokio::time::Instant> = None;
+        control::clear_stops(&self.job, Some(self.run)).await;
         loop {
             let shutdown = tokio::select! {
                 message = rx.recv() => match message {
@@ -217,13 +249,225 @@ impl CoordinatorTask {
                 pending.remove(&id);
                 self.remove_acks(id).await;
             }
+            if last_control.is_none_or(|at| at.elapsed() >= CONTROL_POLL) {
+                last_control = Some(tokio::time::Instant::now());
+                if let Err(e) = self
+                    .take_requests(&mut coordinator, &mut awaited, &mut stops)
+                    .await
+                {
+                    if e.kind() == ErrorKind::Fenced {
+                        let _ = events.send(FromCoordinator::Stopped(e));
+                        return;
+                    }
+                    tracing::warn!(error = %e.report(), "cannot serve control requests now");
+                }
+            }
+            if let Err(e) = self
+                .make_savepoints(&mut coordinator, &mut awaited, false)
+                .await
+            {
+                if e.kind() == ErrorKind::Fenced {
+                    let _ = events.send(FromCoordinator::Stopped(e));
+                    return;
+                }
+            }
+            match coordinator.publish_status(RunState::Running).await {
+                Err(e) if e.kind() == ErrorKind::Fenced => {
+                    let _ = events.send(FromCoordinator::Stopped(e));
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e.report(), "cannot write the job's status"),
+                Ok(_) => {}
+            }
         }
+        // The job ends: savepoints asked for are made from its final checkpoint.
+        if let Err(e) = self
+            .make_savepoints(&mut coordinator, &mut awaited, true)
+            .await
+        {
+            tracing::warn!(error = %e.report(), "cannot answer savepoint requests");
+        }
+        if let Err(e) = self.answer_stops(&mut coordinator, stops).await {
+            tracing::warn!(error = %e.report(), "cannot answer stop requests");
+        }
+        control::clear_stops(&self.job, None).await;
         if let Err(e) = coordinator.shutdown(false).await {
             tracing::warn!(error = %e.report(), "coordinator shutdown");
+        }
+        if let Err(e) = coordinator.publish_status(RunState::Stopped).await {
+            tracing::debug!(error = %e.report(), "cannot write the job's final status");
         }
         for id in pending.into_keys() {
             self.remove_acks(id).await;
         }
+    }
+
+    /// Takes the job's new control requests: savepoints wait for the next checkpoint to
+    /// complete; stops are announced to the workers and answered when the job ends.
+    async fn take_requests(
+        &self,
+        coordinator: &mut CheckpointCoordinator,
+        awaited: &mut Vec<AwaitedSavepoint>,
+        stops: &mut Vec<AwaitedStop>,
+    ) -> Result<()> {
+        for request in control::pending(&self.job).await? {
+            if !control::accept(coordinator, &request).await? {
+                continue;
+            }
+            match request.command {
+                Command::Savepoint { dir, format } => {
+                    let after = coordinator
+                        .pending_ids()
+                        .into_iter()
+                        .max()
+                        .into_iter()
+                        .chain(coordinator.latest_completed().map(|m| m.checkpoint_id))
+                        .max()
+                        .unwrap_or(0);
+                    tracing::info!(request = %request.id, after, "savepoint asked; it is made from the next checkpoint");
+                    awaited.push(AwaitedSavepoint {
+                        request: request.id,
+                        after,
+                        dir,
+                        format,
+                    });
+                }
+                Command::Stop {
+                    savepoint_dir,
+                    format,
+                } => {
+                    let notice = control::StopNotice {
+                        request: request.id.clone(),
+                    };
+                    control::announce_stop(coordinator, self.run, &notice).await?;
+                    tracing::info!(request = %request.id, "stop asked; the workers agree on the last epoch");
+                    stops.push(AwaitedStop {
+                        request: request.id,
+                        savepoint_dir,
+                        format,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes and answers the awaited savepoints whose checkpoint has completed; at the
+    /// end of the job (`last`), the rest are answered as failed.
+    async fn make_savepoints(
+        &self,
+        coordinator: &mut CheckpointCoordinator,
+        awaited: &mut Vec<AwaitedSavepoint>,
+        last: bool,
+    ) -> Result<()> {
+        let latest = coordinator.latest_completed().map(|m| m.checkpoint_id);
+        let mut index = 0;
+        while index < awaited.len() {
+            let ready = latest.filter(|id| *id > awaited[index].after);
+            if ready.is_none() && !last {
+                index += 1;
+                continue;
+            }
+            let wanted = awaited.remove(index);
+            let made = match ready {
+                Some(id) => self.savepoint_of(coordinator, id, &wanted).await,
+                None => Err(Error::NotFound(
+                    "the job ended before a checkpoint completed after the request".into(),
+                )),
+            };
+            let answer = match &made {
+                Ok(url) => control::Answer::Savepoint { url: url.clone() },
+                Err(e) => {
+                    tracing::warn!(request = %wanted.request, error = %e.report(), "requested savepoint failed");
+                    control::Answer::failed(e)
+                }
+            };
+            control::answer(coordinator, &wanted.request, &answer).await?;
+        }
+        Ok(())
+    }
+
+    /// Answers the stop requests of a job that ended: with a savepoint of its final
+    /// checkpoint when one was asked for (one savepoint answers every such request).
+    async fn answer_stops(
+        &self,
+        coordinator: &mut CheckpointCoordinator,
+        stops: Vec<AwaitedStop>,
+    ) -> Result<()> {
+        let wanted = stops.iter().find_map(|s| {
+            s.savepoint_dir.as_ref().map(|dir| AwaitedSavepoint {
+                request: s.request.clone(),
+                after: 0,
+                dir: Some(dir.clone()),
+                format: s.format,
+            })
+        });
+        let savepoint = match (
+            wanted,
+            coordinator.latest_completed().map(|m| m.checkpoint_id),
+        ) {
+            (None, _) => None,
+            (Some(wanted), Some(id)) => Some(self.savepoint_of(coordinator, id, &wanted).await),
+            (Some(_), None) => Some(Err(Error::NotFound(
+                "the job stopped without a completed checkpoint to make its savepoint from".into(),
+            ))),
+        };
+        for stop in stops {
+            let answer = match (&savepoint, &stop.savepoint_dir) {
+                (Some(Err(e)), Some(_)) => control::Answer::failed(e),
+                (Some(Ok(url)), Some(_)) => control::Answer::Stopped {
+                    savepoint: Some(url.clone()),
+                },
+                _ => control::Answer::Stopped { savepoint: None },
+            };
+            control::answer(coordinator, &stop.request, &answer).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes a savepoint of completed checkpoint `id` for a request.
+    async fn savepoint_of(
+        &self,
+        coordinator: &CheckpointCoordinator,
+        id: u64,
+        wanted: &AwaitedSavepoint,
+    ) -> Result<String> {
+        let parent =
+            match (&wanted.dir, &self.options.savepoints_dir) {
+                (Some(dir), _) | (None, Some(dir)) => CheckpointStorage::open(dir)?,
+                (None, None) => return Err(Error::invalid(
+                    "no savepoint directory: give one, or start the job with a savepoint directory",
+                )),
+            };
+        let source = crate::restore::RestoreSource::open_folder(
+            &coordinator.job_storage().child(&format!("chk-{id}"))?,
+        )
+        .await?;
+        let scratch = self.scratch.clone();
+        crate::restore::remove_dir_if_exists(&scratch).await?;
+        // Driven on a blocking thread: the restore's future is not `Send`, and the
+        // conversion must not hold up this runtime's other tasks.
+        let (job_id, format, budget) = (self.job_id.clone(), wanted.format, self.memory_budget);
+        let runtime = tokio::runtime::Handle::current();
+        let scratch_dir = scratch.clone();
+        let made = tokio::task::spawn_blocking(move || {
+            runtime.block_on(crate::runtime::savepoint_from_snapshot(
+                &source,
+                &parent,
+                &job_id,
+                format,
+                &scratch_dir,
+                budget,
+            ))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("the savepoint task failed: {e}")))
+        .and_then(|r| r);
+        if let Err(e) = crate::restore::remove_dir_if_exists(&scratch).await {
+            tracing::debug!(error = %e.report(), "cannot remove the savepoint scratch directory");
+        }
+        let (folder, _) = made?;
+        Ok(folder.url().to_string())
     }
 
     /// Reads the new acknowledgements of checkpoint `id` and hands them to the coordinator.
@@ -320,6 +564,7 @@ impl CoordinatorTask {
                 "worker {worker} declined: {reason}"
             )));
         }
+        coordinator.note_sync_pause(id, Duration::from_micros(record.sync_us));
         let mut last = None;
         for (uid, snapshot) in record.snapshots {
             last = Some(coordinator.acknowledge(id, &uid, worker, snapshot).await?);
@@ -392,6 +637,7 @@ mod tests {
             base: 3,
             declined: None,
             snapshots: vec![("source".into(), SubtaskSnapshot::default())],
+            sync_us: 1_500,
         };
         let bytes = record.encode().unwrap();
         let back = AckRecord::decode(&bytes, "ack").unwrap();

@@ -322,6 +322,127 @@ pub async fn answer(
     }
 }
 
+/// A stop the job's coordinator accepted, announced to every worker of a run through
+/// `_control/stop/<run>/notice`, for runtimes whose workers live in several processes.
+///
+/// The workers of a run then agree on the last epoch (checkpoint) they process: each
+/// proposes the last epoch it has fully sent ([`propose_final`]), and the job stops after
+/// the highest proposal ([`agreed_final`]), so that every worker takes its final snapshot
+/// at the same epoch. A worker whose input ends on its own proposes its final epoch as it
+/// finishes, so that no proposal is ever missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopNotice {
+    /// The request that asked for the stop.
+    pub request: String,
+}
+
+fn stop_dir(run: u64) -> String {
+    format!("{CONTROL_DIR}/stop/{run:016x}")
+}
+
+/// Announces a stop to the workers of run `run`. Announcing twice is harmless.
+///
+/// Errors: `Fenced` when a newer writer owns the job; storage errors.
+pub async fn announce_stop(
+    coordinator: &mut CheckpointCoordinator,
+    run: u64,
+    notice: &StopNotice,
+) -> Result<()> {
+    coordinator.check_writer().await?;
+    let job = coordinator.job_storage().clone();
+    match job
+        .put_if_absent(&format!("{}/notice", stop_dir(run)), encode(notice)?)
+        .await
+    {
+        Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The stop announced to run `run`, if any.
+///
+/// Errors: `Corrupt` for an unreadable notice; storage errors.
+pub async fn stop_notice(job: &CheckpointStorage, run: u64) -> Result<Option<StopNotice>> {
+    let path = format!("{}/notice", stop_dir(run));
+    match read_if_exists(job, &path).await? {
+        Some(bytes) => decode(&bytes, &job.url_of(&path)).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Worker `worker` of run `run` proposes `epoch` as the last epoch of the job (the last
+/// one it has fully sent, or its final one). A second proposal of the same worker is
+/// ignored: the first counts.
+///
+/// Errors: storage errors.
+pub async fn propose_final(
+    job: &CheckpointStorage,
+    run: u64,
+    worker: u32,
+    epoch: u64,
+) -> Result<()> {
+    let path = format!("{}/worker-{worker}", stop_dir(run));
+    match job
+        .put_if_absent(&path, Bytes::from(epoch.to_string()))
+        .await
+    {
+        Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The agreed last epoch of run `run`: the highest proposal once all `workers` proposed,
+/// `None` before.
+///
+/// Errors: `Corrupt` for a damaged proposal; storage errors.
+pub async fn agreed_final(job: &CheckpointStorage, run: u64, workers: u32) -> Result<Option<u64>> {
+    let dir = stop_dir(run);
+    let listed = job.list(&dir).await?;
+    let mut highest = None;
+    let mut seen = std::collections::BTreeSet::new();
+    for object in listed {
+        let Some(worker) = object
+            .path
+            .rsplit('/')
+            .next()
+            .and_then(|n| n.strip_prefix("worker-"))
+            .and_then(|n| n.parse::<u32>().ok())
+            .filter(|w| *w < workers)
+        else {
+            continue;
+        };
+        let bytes = job.read_small(&object.path, 32).await?;
+        let epoch: u64 = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| Error::corrupt(job.url_of(&object.path), "not an epoch number"))?;
+        seen.insert(worker);
+        highest = highest.max(Some(epoch));
+    }
+    Ok(highest.filter(|_| seen.len() == workers as usize))
+}
+
+/// Removes the stop announcements and proposals of every run but `keep` (best effort).
+pub async fn clear_stops(job: &CheckpointStorage, keep: Option<u64>) {
+    let keep = keep.map(stop_dir);
+    let cleared = async {
+        let paths: Vec<String> = job
+            .list(&format!("{CONTROL_DIR}/stop"))
+            .await?
+            .into_iter()
+            .map(|o| o.path)
+            .filter(|p| {
+                keep.as_ref()
+                    .is_none_or(|k| !p.starts_with(&format!("{k}/")))
+            })
+            .collect();
+        job.delete_many(paths).await
+    };
+    if let Err(e) = cleared.await {
+        tracing::debug!(error = %e.report(), "cannot remove old stop announcements");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

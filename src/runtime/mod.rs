@@ -15,7 +15,10 @@
 pub mod acks;
 pub mod control;
 pub mod local_dir;
+pub mod savepoint;
 pub mod start;
+
+pub use savepoint::savepoint_from_snapshot;
 
 use crate::checkpoint::SavepointTrigger;
 use crate::error::Result;

@@ -431,7 +431,9 @@ impl CheckpointStorage {
     }
 
     /// Runs `op(attempt)` and retries it while it fails with `Unavailable`, up to
-    /// [`StorageOptions::retries`] more times with doubling waits.
+    /// [`StorageOptions::retries`] more times with doubling waits. A failure the store's
+    /// client already retried on its own (cloud stores retry transient HTTP failures) is
+    /// returned as it is: a second loop would only repeat the wait.
     pub(crate) async fn retrying<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
     where
         F: FnMut(u32) -> Fut,
@@ -442,7 +444,8 @@ impl CheckpointStorage {
             match op(attempt).await {
                 Err(e)
                     if e.kind() == crate::error::ErrorKind::Unavailable
-                        && attempt < self.options.retries =>
+                        && attempt < self.options.retries
+                        && !crate::error::already_retried(&e) =>
                 {
                     let wait = self
                         .options
@@ -498,6 +501,28 @@ impl CheckpointStorage {
                     }
                     other => other.map(|_| ()),
                 }
+            }
+        })
+        .await
+    }
+
+    /// Writes `bytes` to `rel`, replacing what is there, as one object (readers see the
+    /// old or the new bytes, never a mix). For small documents that one writer keeps up
+    /// to date (a job's status); never for snapshot files, which are written once.
+    /// Transient failures are retried.
+    ///
+    /// Errors: storage errors.
+    pub async fn put(&self, rel: &str, bytes: Bytes) -> Result<()> {
+        let loc = self.location(rel)?;
+        self.refuse_symlinks(rel).await?;
+        self.retrying("put", |_| {
+            let (loc, bytes) = (loc.clone(), bytes.clone());
+            async move {
+                self.store
+                    .put(&loc, PutPayload::from_bytes(bytes))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| Error::storage("put", self.url_of(rel), e))
             }
         })
         .await

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use rockstate::checkpoint::status::{read_status, RunState};
 use rockstate::runtime::control::{self, Answer, Command, Outcome};
 use rockstate::{CheckpointStorage, SavepointFormat};
 
@@ -16,6 +17,24 @@ const POLL: Duration = Duration::from_millis(200);
 /// it. Exit codes: 0 answered, 2 the job failed to carry it out, 4 no answer in time.
 pub async fn request(job_url: &str, command: Command, wait: Duration) -> rockstate::Result<u8> {
     let job = CheckpointStorage::open(job_url)?;
+    if job.list("_epochs").await?.is_empty() {
+        crate::snapshots::refuse_parent(&job).await?;
+        return Err(rockstate::Error::NotFound(format!(
+            "no job has run in {} (give the job directory, <checkpoint dir>/<job id>)",
+            job.url()
+        )));
+    }
+    let now = rockstate::clock::Clock::now_millis(&rockstate::clock::SystemClock);
+    if let Some(view) = read_status(&job, now).await? {
+        if view.stale.is_none() && view.status.state != RunState::Running {
+            eprintln!(
+                "rockstate: job {} is not running (it stopped at {})",
+                job.url(),
+                crate::format::utc_millis(view.status.updated_ms)
+            );
+            return Ok(exit::NO_ANSWER);
+        }
+    }
     let id = control::submit(&job, command, wait).await?;
     match control::wait_for_answer(&job, &id, wait, POLL).await? {
         Outcome::Answered(Answer::Savepoint { url }) => {

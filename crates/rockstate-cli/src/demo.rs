@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
+use rockstate::runtime::control::{self, Command as ControlCommand};
 use rockstate::{
     CheckpointStorage, CoordinatorOptions, Error, RestoreMode, RestoreOptions, RestoreSource,
     SavepointFormat,
@@ -30,8 +31,13 @@ same or another parallelism, ends with the same state_digest as an uninterrupted
 the same --seed, --keys and --events.
 
 On SIGTERM or SIGINT the job stops with a savepoint when --savepoint-dir is set (its URL is
-printed) and otherwise stops, keeping its latest checkpoint. A second signal ends it at once
-(exit 130); it then resumes from its latest checkpoint.
+printed) and otherwise stops, keeping its latest checkpoint. With --engine timely a signal to
+any one process stops every process of the job (through a stop request in its storage; needs
+checkpoints). A second signal ends the process at once (exit 130); the job then resumes from
+its latest checkpoint.
+
+While it runs, from another shell: `rockstate status JOB`, `rockstate savepoint trigger JOB`,
+`rockstate stop JOB [--savepoint DIR]` (JOB is <checkpoint dir>/<job id>).
 
 Examples:
   rockstate demo --events 2000000 --parallelism 2
@@ -82,6 +88,9 @@ pub struct DemoArgs {
     /// Records between checkpoints (0: only the final one).
     #[arg(long, default_value_t = 50_000, value_name = "EVENTS")]
     checkpoint_interval: u64,
+    /// Records per second, as from a live source (0: as fast as possible).
+    #[arg(long, default_value_t = 0, value_name = "EVENTS")]
+    rate: u64,
     /// Seed of the stream.
     #[arg(long, default_value_t = 42, value_name = "S")]
     seed: u64,
@@ -98,7 +107,9 @@ pub struct DemoArgs {
     /// Drops state of operators the job does not have instead of refusing to start.
     #[arg(long)]
     allow_non_restored_state: bool,
-    /// Where a savepoint goes when the job is stopped by SIGTERM or SIGINT.
+    /// Where savepoints go: the default directory of `rockstate savepoint trigger`, and
+    /// (harness) where the final savepoint goes when the job is stopped by SIGTERM or
+    /// SIGINT.
     #[arg(long, value_name = "URL")]
     savepoint_dir: Option<String>,
     /// Format of that savepoint.
@@ -113,6 +124,10 @@ pub struct DemoArgs {
     /// Checkpoints the job keeps (at least 1).
     #[arg(long, default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     retained: u32,
+    /// How often the job's status document (`rockstate status`) is rewritten when
+    /// nothing changed, e.g. `10s`; a status not refreshed for three of these is stale.
+    #[arg(long, default_value = "10s", value_parser = format::parse_duration, value_name = "INTERVAL")]
+    status_interval: std::time::Duration,
     /// Prints one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -122,21 +137,56 @@ pub struct DemoArgs {
     #[arg(long, value_enum, default_value = "harness")]
     engine: Engine,
     /// (timely) Worker threads in this process.
-    #[arg(short = 'w', long, default_value_t = 1, value_name = "THREADS", value_parser = clap::value_parser!(u32).range(1..))]
-    threads: u32,
+    #[arg(long, value_name = "THREADS", value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
     /// (timely) Number of processes.
-    #[arg(short = 'n', long, default_value_t = 1, value_name = "PROCESSES", value_parser = clap::value_parser!(u32).range(1..))]
-    processes: u32,
+    #[arg(long, value_name = "PROCESSES", value_parser = clap::value_parser!(u32).range(1..))]
+    processes: Option<u32>,
     /// (timely) This process's index, from 0.
-    #[arg(short = 'p', long, default_value_t = 0, value_name = "INDEX")]
-    process: u32,
+    #[arg(long, value_name = "INDEX")]
+    process: Option<u32>,
     /// (timely) A file with one host:port per line, in process order (default:
     /// localhost:2101, localhost:2102, ...).
-    #[arg(short = 'h', long, value_name = "HOSTFILE")]
+    #[arg(long, value_name = "HOSTFILE")]
     hostfile: Option<PathBuf>,
-    /// Prints help (-h is the host file here).
-    #[arg(long, action = clap::ArgAction::Help)]
-    help: Option<bool>,
+}
+
+/// The timely flags, with their defaults (1 thread, 1 process, process 0).
+struct TimelyFlags {
+    threads: u32,
+    processes: u32,
+    process: u32,
+}
+
+impl DemoArgs {
+    fn timely(&self) -> TimelyFlags {
+        TimelyFlags {
+            threads: self.threads.unwrap_or(1),
+            processes: self.processes.unwrap_or(1),
+            process: self.process.unwrap_or(0),
+        }
+    }
+
+    /// Refuses timely flags given to the harness engine, where they would be ignored.
+    fn refuse_timely_flags(&self) -> rockstate::Result<()> {
+        let given: Vec<&str> = [
+            ("--threads", self.threads.is_some()),
+            ("--processes", self.processes.is_some()),
+            ("--process", self.process.is_some()),
+            ("--hostfile", self.hostfile.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(flag, _)| flag)
+        .collect();
+        if given.is_empty() {
+            return Ok(());
+        }
+        Err(Error::invalid(format!(
+            "{} only apply to --engine timely (the harness runs --parallelism subtasks in this process)",
+            given.join(", ")
+        )))
+    }
 }
 
 /// Engines of `rockstate demo`.
@@ -175,6 +225,55 @@ fn refuse_existing(
         ))),
         None => Ok(()),
     }
+}
+
+/// For a timely job: on the first SIGTERM or SIGINT, writes `command` (a stop) as a
+/// control request into the job's storage and records its id in `asked`; the job's
+/// coordinator, in whichever process it runs, makes every worker stop. A second signal,
+/// or a signal when checkpoints are off (nothing coordinates), ends the process at once
+/// (exit 130).
+fn watch_signals_timely(
+    runtime: &tokio::runtime::Runtime,
+    job: CheckpointStorage,
+    coordinated: bool,
+    command: ControlCommand,
+    asked: Arc<parking_lot::Mutex<Option<String>>>,
+) -> rockstate::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let _guard = runtime.enter();
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| Error::io("watch for SIGTERM", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("watch for SIGINT", e))?;
+    runtime.spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if !coordinated {
+            eprintln!("rockstate: stopped by a signal (no checkpoints to keep)");
+            std::process::exit(130);
+        }
+        eprintln!("stop signal received: asking every process of the job to stop");
+        match control::submit(&job, command, Duration::from_secs(600)).await {
+            Ok(id) => *asked.lock() = Some(id),
+            Err(e) => {
+                eprintln!(
+                    "rockstate: cannot ask the job to stop: {}",
+                    crate::one_line(&e.report().to_string())
+                );
+                std::process::exit(130);
+            }
+        }
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!(
+            "rockstate: second stop signal: ending at once; resume from the latest checkpoint"
+        );
+        std::process::exit(130);
+    });
+    Ok(())
 }
 
 /// Sets `stop` on the first SIGTERM or SIGINT.
@@ -240,6 +339,7 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
     if args.engine == Engine::Timely {
         return timely_engine(args);
     }
+    args.refuse_timely_flags()?;
     rockstate::keygroup::validate_parallelism(args.parallelism, args.max_parallelism)?;
     let source = DemoSource::new(args.seed, args.keys, args.events)?;
     let runtime = crate::runtime()?;
@@ -295,6 +395,7 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
             num_retained: args.retained as usize,
             // Also where `rockstate savepoint trigger JOB` (no directory) puts savepoints.
             savepoints_dir: args.savepoint_dir.clone(),
+            status_heartbeat: args.status_interval,
             ..CoordinatorOptions::default()
         },
     };
@@ -321,12 +422,25 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
     let mut signalled = false;
     let mut requested_stop = None;
     let mut polled = Instant::now();
+    let mut ran = 0u64;
     loop {
         if stop.load(Ordering::SeqCst) {
             signalled = true;
             break;
         }
-        let n = harness.run(CHUNK)?;
+        let chunk = if args.rate == 0 {
+            CHUNK
+        } else {
+            CHUNK.min(args.rate / 20).max(1)
+        };
+        let n = harness.run(chunk)?;
+        ran += n;
+        if args.rate > 0 {
+            // A live source: records arrive at --rate.
+            let due = Duration::from_secs_f64(ran as f64 / args.rate as f64);
+            let early = due.saturating_sub(started.elapsed());
+            std::thread::sleep(early.min(Duration::from_millis(100)));
+        }
         progress.set(harness.position().offsets().iter().sum());
         report_checkpoints(&harness, &mut reported, &progress);
         // Requests of `rockstate savepoint trigger` and `rockstate stop`.
@@ -337,7 +451,7 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
                 break;
             }
         }
-        if n < CHUNK {
+        if n < chunk {
             break;
         }
     }
@@ -433,14 +547,15 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
 
 /// The timely cluster configuration of the flags.
 fn timely_config(args: &DemoArgs) -> rockstate::Result<timely::Config> {
-    if args.process >= args.processes {
+    let t = args.timely();
+    if t.process >= t.processes {
         return Err(Error::invalid(format!(
             "--process {} is not below --processes {}",
-            args.process, args.processes
+            t.process, t.processes
         )));
     }
-    let communication = if args.processes == 1 {
-        timely::CommunicationConfig::Process(args.threads as usize)
+    let communication = if t.processes == 1 {
+        timely::CommunicationConfig::Process(t.threads as usize)
     } else {
         let addresses: Vec<String> = match &args.hostfile {
             Some(path) => std::fs::read_to_string(path)
@@ -450,21 +565,21 @@ fn timely_config(args: &DemoArgs) -> rockstate::Result<timely::Config> {
                 .filter(|l| !l.is_empty())
                 .map(str::to_string)
                 .collect(),
-            None => (0..args.processes)
+            None => (0..t.processes)
                 .map(|i| format!("localhost:{}", 2101 + i))
                 .collect(),
         };
-        if addresses.len() < args.processes as usize {
+        if addresses.len() < t.processes as usize {
             return Err(Error::invalid(format!(
                 "the host file lists {} addresses for {} processes",
                 addresses.len(),
-                args.processes
+                t.processes
             )));
         }
         timely::CommunicationConfig::Cluster {
-            threads: args.threads as usize,
-            process: args.process as usize,
-            addresses: addresses[..args.processes as usize].to_vec(),
+            threads: t.threads as usize,
+            process: t.process as usize,
+            addresses: addresses[..t.processes as usize].to_vec(),
             report: false,
             zerocopy: false,
         }
@@ -479,13 +594,9 @@ fn timely_config(args: &DemoArgs) -> rockstate::Result<timely::Config> {
 fn timely_engine(args: DemoArgs) -> rockstate::Result<u8> {
     use rockstate_timely::{demo as timely_demo, JobConfig, Start};
 
-    if args.savepoint_dir.is_some() {
-        return Err(Error::invalid(
-            "--savepoint-dir is not supported with --engine timely (stop it and --resume)",
-        ));
-    }
     let config = timely_config(&args)?;
-    let workers = args.threads * args.processes;
+    let t = args.timely();
+    let workers = t.threads * t.processes;
     rockstate::keygroup::validate_parallelism(workers, args.max_parallelism)?;
     let source = DemoSource::new(args.seed, args.keys, args.events)?;
     let runtime = crate::runtime()?;
@@ -504,12 +615,30 @@ fn timely_engine(args: DemoArgs) -> rockstate::Result<u8> {
     } else {
         // Worker 0 decides where the job starts; only its process checks (another
         // process may start after the first checkpoint completed).
-        if args.process == 0 {
+        if t.process == 0 {
             refuse_existing(&runtime, &job, &args.job_id)?;
         }
         Start::Empty
     };
-    drop(runtime);
+    // A stop signal asks the whole job (every process) to stop, through a stop request
+    // in its storage, after a savepoint when --savepoint-dir is set.
+    let savepoint_dir = args
+        .savepoint_dir
+        .clone()
+        .map(|dir| crate::control::directory_url(Some(dir)))
+        .transpose()?
+        .flatten();
+    let asked: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
+    watch_signals_timely(
+        &runtime,
+        job.clone(),
+        args.checkpoint_interval > 0,
+        ControlCommand::Stop {
+            savepoint_dir: savepoint_dir.clone(),
+            format: crate::control::savepoint_format(args.savepoint_format),
+        },
+        asked.clone(),
+    )?;
     let temp;
     let local_root = match &args.local_dir {
         Some(dir) => dir.clone(),
@@ -526,11 +655,13 @@ fn timely_engine(args: DemoArgs) -> rockstate::Result<u8> {
     job_config.memory_budget = 64 << 20;
     job_config.start = start;
     job_config.coordinator.num_retained = args.retained as usize;
+    job_config.coordinator.status_heartbeat = args.status_interval;
+    job_config.coordinator.savepoints_dir = savepoint_dir;
     eprintln!(
         "job {:?} on timely: process {} of {}, {} workers in all, {} key groups, checkpoints in {}",
         args.job_id,
-        args.process,
-        args.processes,
+        t.process,
+        t.processes,
         workers,
         args.max_parallelism,
         job.url()
@@ -538,11 +669,39 @@ fn timely_engine(args: DemoArgs) -> rockstate::Result<u8> {
     let report = timely_demo::run(
         config,
         timely_demo::DemoRun {
+            rate: args.rate,
             source,
             checkpoint_interval: args.checkpoint_interval,
             job: job_config,
         },
     )?;
+    // This process asked for the stop: its answer holds the savepoint.
+    let mut savepoint = None;
+    let mut stopped_by = if report.stopped { "request" } else { "end" };
+    let request = asked.lock().take();
+    if let Some(id) = request {
+        stopped_by = "signal";
+        match runtime.block_on(control::wait_for_answer(
+            &job,
+            &id,
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+        ))? {
+            control::Outcome::Answered(control::Answer::Stopped { savepoint: url }) => {
+                if let Some(url) = &url {
+                    eprintln!("savepoint written to {url}");
+                }
+                savepoint = url;
+            }
+            control::Outcome::Answered(control::Answer::Failed { message, .. }) => {
+                return Err(Error::Internal(format!(
+                    "the job stopped, but its savepoint failed: {}",
+                    crate::one_line(&message)
+                )));
+            }
+            other => tracing::warn!(?other, "no answer to this process's stop request"),
+        }
+    }
     let last_checkpoint = report
         .last_checkpoint
         .map(|id| job.url_of(&format!("chk-{id}")));
@@ -553,8 +712,8 @@ fn timely_engine(args: DemoArgs) -> rockstate::Result<u8> {
             "job_id": args.job_id,
             "engine": "timely",
             "parallelism": report.workers,
-            "processes": args.processes,
-            "process": args.process,
+            "processes": t.processes,
+            "process": t.process,
             "max_parallelism": args.max_parallelism,
             "events_processed": report.events,
             "events_total": args.events,
@@ -562,8 +721,8 @@ fn timely_engine(args: DemoArgs) -> rockstate::Result<u8> {
             "checkpoints_failed": report.checkpoints_failed,
             "last_checkpoint": last_checkpoint,
             "restored_from": report.restored_from,
-            "savepoint": null,
-            "stopped_by": "end",
+            "savepoint": savepoint,
+            "stopped_by": stopped_by,
             "state_digest": report.digest.to_string(),
             "state_entries": report.digest.entries,
             "events_per_second": rate.round(),

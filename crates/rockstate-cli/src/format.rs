@@ -18,7 +18,8 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-/// Milliseconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS.mmm` UTC.
+/// Milliseconds since the Unix epoch as an RFC 3339 UTC timestamp,
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`.
 pub fn utc_millis(ms: u64) -> String {
     let secs = ms / 1000;
     let days = (secs / 86_400) as i64;
@@ -34,7 +35,7 @@ pub fn utc_millis(ms: u64) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60,
@@ -70,9 +71,14 @@ mod tests {
 
     #[test]
     fn times() {
-        assert_eq!(utc_millis(0), "1970-01-01 00:00:00.000");
-        assert_eq!(utc_millis(951_782_400_123), "2000-02-29 00:00:00.123");
-        assert_eq!(utc_millis(1_795_000_000_000), "2026-11-18 11:06:40.000");
+        assert_eq!(utc_millis(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc_millis(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(utc_millis(1_795_000_000_000), "2026-11-18T11:06:40.000Z");
+        let stamp = utc_millis(1_795_000_000_000);
+        assert_eq!(
+            humantime::parse_rfc3339(&stamp).unwrap(),
+            std::time::UNIX_EPOCH + Duration::from_millis(1_795_000_000_000)
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod demo;
 mod format;
 mod progress;
 mod snapshots;
+mod status;
 
 use std::process::ExitCode;
 
@@ -17,7 +18,8 @@ use rockstate::runtime::control::Command as ControlCommand;
 mod exit {
     /// Success.
     pub const OK: u8 = 0;
-    /// Nothing to show (`latest` without a completed checkpoint).
+    /// Not found: no such job, checkpoint, savepoint or file, or nothing to show
+    /// (`latest` without a completed checkpoint).
     pub const NONE: u8 = 1;
     /// Bad input or a failure, explained by one line on stderr.
     pub const ERROR: u8 = 2;
@@ -25,15 +27,31 @@ mod exit {
     pub const BAD_FILES: u8 = 3;
     /// `savepoint trigger` or `stop`: no job answered within `--wait`.
     pub const NO_ANSWER: u8 = 4;
+    /// `status`: the status is stale (its writer is gone or was replaced).
+    pub const STALE: u8 = 5;
+    /// Storage failed in a way that may pass (unreachable, throttled, timed out): retry.
+    pub const TRANSIENT: u8 = 6;
+
+    /// The exit code of a command that failed with `error`.
+    pub fn for_error(error: &rockstate::Error) -> u8 {
+        match error.kind() {
+            rockstate::ErrorKind::NotFound => NONE,
+            rockstate::ErrorKind::Unavailable => TRANSIENT,
+            _ => ERROR,
+        }
+    }
 }
 
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
-  1  nothing found (`latest` without a completed checkpoint)
+  1  not found: no such job, checkpoint, savepoint or file; nothing to show (`latest`
+     without a completed checkpoint, `status` of a job that never ran)
   2  bad input or failure (one line on stderr says why)
   3  `verify` found missing or damaged files (each listed)
   4  `savepoint trigger`, `stop`: no running job answered within --wait
+  5  `status`: the status is stale (no live writer: the job's process is gone or was replaced)
+  6  storage failed in a way that may pass (unreachable, throttled, timed out): try again
   130  `demo` ended by a second SIGTERM/SIGINT without waiting for its savepoint
 
 URLs: a plain path, file:///abs/path, s3://bucket/prefix (configured from AWS_ACCESS_KEY_ID,
@@ -52,7 +70,7 @@ struct Cli {
 enum Command {
     /// Runs the demo job: a keyed event stream counted per key, with incremental
     /// checkpoints; resumable after any crash, at any parallelism.
-    #[command(after_help = demo::HELP, disable_help_flag = true)]
+    #[command(after_help = demo::HELP)]
     Demo(demo::DemoArgs),
     /// Lists a job's checkpoints: completed ones with their sizes, incomplete ones marked.
     #[command(after_help = "Example: rockstate checkpoints ./rockstate-demo/demo --json")]
@@ -86,6 +104,21 @@ enum Command {
     Verify {
         /// A `chk-N` folder, a savepoint folder, or the `_metadata` inside either.
         snapshot_url: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Shows what a running job is doing: its writer, the last completed checkpoint,
+    /// checkpoints in flight, recent failures with their reasons, durations and bytes
+    /// uploaded (exit 5 when the status is stale: no live writer).
+    #[command(
+        after_help = "Example: rockstate status ./rockstate-demo/demo --watch 2s\n\nThe job's coordinator rewrites <job>/_status.json on every change and every 10 s;\na status not refreshed for 30 s, or written by a replaced writer, is stale."
+    )]
+    Status {
+        /// The job directory (`<checkpoint dir>/<job id>`).
+        job_url: String,
+        /// Shows the status again every interval (e.g. `2s`) until interrupted.
+        #[arg(long, value_parser = format::parse_duration, value_name = "INTERVAL")]
+        watch: Option<std::time::Duration>,
         #[command(flatten)]
         output: Output,
     },
@@ -206,6 +239,11 @@ fn run(cli: Cli) -> rockstate::Result<u8> {
         Command::Latest { job_url, output } => {
             runtime()?.block_on(snapshots::latest(&job_url, output.json))
         }
+        Command::Status {
+            job_url,
+            watch,
+            output,
+        } => runtime()?.block_on(status::status(&job_url, output.json, watch)),
         Command::Inspect {
             snapshot_url,
             output,
@@ -352,7 +390,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("rockstate: {}", one_line(&e.report().to_string()));
-            ExitCode::from(exit::ERROR)
+            ExitCode::from(exit::for_error(&e))
         }
     }
 }

@@ -45,7 +45,7 @@ async fn job_dirs_inside(dir: &CheckpointStorage) -> rockstate::Result<Vec<Strin
 
 /// The error for a checkpoint directory given where a job directory is expected, when
 /// `job` holds job directories (`Ok` otherwise).
-async fn refuse_parent(job: &CheckpointStorage) -> rockstate::Result<()> {
+pub async fn refuse_parent(job: &CheckpointStorage) -> rockstate::Result<()> {
     let jobs = job_dirs_inside(job).await?;
     if jobs.is_empty() {
         return Ok(());
@@ -65,7 +65,7 @@ async fn refuse_parent(job: &CheckpointStorage) -> rockstate::Result<()> {
 }
 
 /// Opens an existing job directory (never creates one).
-fn open_job(url: &str) -> rockstate::Result<CheckpointStorage> {
+pub fn open_job(url: &str) -> rockstate::Result<CheckpointStorage> {
     CheckpointStorage::open_existing(url)
 }
 
@@ -130,13 +130,13 @@ pub async fn checkpoints(job_url: &str, json: bool) -> rockstate::Result<u8> {
         return Ok(exit::OK);
     }
     println!(
-        "{:>8}  {:<23}  {:>10}  {:>10}  {:>5}",
-        "id", "completed (UTC)", "size", "uploaded", "files"
+        "{:>8}  {:<24}  {:>10}  {:>10}  {:>5}",
+        "id", "completed", "size", "uploaded", "files"
     );
     for (id, row) in rows {
         match row["status"].as_str() {
             Some("completed") => println!(
-                "{id:>8}  {:<23}  {:>10}  {:>10}  {:>5}",
+                "{id:>8}  {:<24}  {:>10}  {:>10}  {:>5}",
                 format::utc_millis(row["completed_at_ms"].as_u64().unwrap_or(0)),
                 format::bytes(row["total_bytes"].as_u64().unwrap_or(0)),
                 format::bytes(row["uploaded_bytes"].as_u64().unwrap_or(0)),
@@ -293,10 +293,7 @@ pub async fn inspect(url: &str, json: bool) -> rockstate::Result<u8> {
     println!("  id          {}", meta.checkpoint_id);
     println!("  job         {}", meta.job_id);
     println!("  format      {format}");
-    println!(
-        "  completed   {} UTC",
-        format::utc_millis(meta.completed_at_ms)
-    );
+    println!("  completed   {}", format::utc_millis(meta.completed_at_ms));
     println!(
         "  size        {} in {} files ({} uploaded by it)",
         format::bytes(meta.total_size()),

@@ -25,10 +25,20 @@ const KEYS: u64 = 2_000;
 const INTERVAL: u64 = 5_000;
 const SEED: u64 = 7;
 
-/// Asserts the error contract: exit 2, nothing on stdout, exactly one line on stderr
-/// starting with `rockstate: `.
+/// Asserts the error contract: nothing on stdout, exactly one line on stderr starting
+/// with `rockstate: `, and exit 1 when it says something was not found, else 2.
 fn assert_error_line(run: &Run, what: &str) {
-    assert_eq!(run.code(), Some(2), "{what}: exit code\n{}", run.context());
+    let expected = if run.stderr.starts_with("rockstate: not found:") {
+        1
+    } else {
+        2
+    };
+    assert_eq!(
+        run.code(),
+        Some(expected),
+        "{what}: exit code\n{}",
+        run.context()
+    );
     assert!(
         run.stdout.trim().is_empty(),
         "{what}: stdout\n{}",
@@ -949,6 +959,14 @@ fn bad_demo_flags_fail_with_one_line_and_change_nothing() {
             demo_args(fresh, "x", &root, &["--claim"]),
         ),
         (
+            "a timely flag with the harness engine",
+            demo_args(fresh, "x", &root, &["--threads", "2"]),
+        ),
+        (
+            "timely flags with the harness engine",
+            demo_args(fresh, "x", &root, &["--processes", "2", "--process", "1"]),
+        ),
+        (
             "parallelism 0",
             demo_args(fresh, "x", &root, &["--parallelism", "0"]),
         ),
@@ -1308,9 +1326,37 @@ fn storage_errors_on_s3_are_one_line() {
     for args in [
         vec!["latest", "s3://no-such-bucket/job"],
         vec!["checkpoints", "s3://no-such-bucket/job"],
+        vec!["status", "s3://no-such-bucket/job"],
     ] {
-        assert_error_line(&run_env(&args, env), &format!("{args:?}"));
+        let run = run_env(&args, env);
+        assert_error_line(&run, &format!("{args:?}"));
+        // Exit 1 (not found), naming the cause: no retry can help.
+        assert_eq!(run.code(), Some(1), "{}", run.context());
+        assert!(
+            run.stderr.contains("bucket does not exist"),
+            "{}",
+            run.context()
+        );
     }
+    // Nothing listens at the endpoint: the store client's own retries, then exit 6
+    // (transient: try again), without a second round of retries on top.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let unreachable: Vec<(&str, &str)> = env
+        .iter()
+        .map(|(k, v)| {
+            if *k == "AWS_ENDPOINT" {
+                (*k, endpoint.as_str())
+            } else {
+                (*k, *v)
+            }
+        })
+        .collect();
+    let run = run_env(&["latest", "s3://bucket/job"], &unreachable);
+    assert_eq!(run.code(), Some(6), "{}", run.context());
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.context());
+    assert!(run.stderr.contains("retries"), "{}", run.context());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1570,17 +1616,19 @@ fn savepoint_trigger_and_stop_reach_a_running_job() {
     let cp = path_str(&checkpoints);
     let job = checkpoints.join("remote");
     let savepoints = root.join("savepoints");
+    // A live source: the shared 60 000 records at 3 000 a second would take 20 s.
     let mut child = command(
-        &demo_args_with_events(
+        &demo_args(
             cp,
             "remote",
             &root,
-            50_000_000,
             &[
                 "--parallelism",
                 "2",
                 "--savepoint-dir",
                 path_str(&savepoints),
+                "--rate",
+                "3000",
             ],
         ),
         NO_ENV,
@@ -1663,6 +1711,17 @@ fn savepoint_trigger_and_stop_reach_a_running_job() {
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "left in {control:?}: {left:?}");
+    // The live savepoint and the final one restore at another parallelism and end in the
+    // uninterrupted run's state.
+    for (url, p, id) in [(&first, "3", "from-live"), (&last, "1", "from-final")] {
+        let restored = run(&demo_args(
+            cp,
+            id,
+            &root,
+            &["--from", url, "--parallelism", p],
+        ));
+        assert_reference_state(&restored);
+    }
 }
 
 /// A request to a job directory where no job runs.
@@ -1677,6 +1736,17 @@ fn a_request_no_job_answers_is_withdrawn() {
     let cp = path_str(&checkpoints);
     run(&demo_args(cp, "idle", &root, &[])).expect(0);
     let job = checkpoints.join("idle");
+    // The job finished: its status says so, and a request is refused at once.
+    let finished = run(&["savepoint", "trigger", path_str(&job), "--wait", "60s"]);
+    assert_eq!(finished.code(), Some(4), "{}", finished.context());
+    assert!(
+        finished.stderr.contains("is not running"),
+        "{}",
+        finished.context()
+    );
+    // A job that died without a word leaves a status that says it runs: the request is
+    // written, and withdrawn when nobody answers.
+    fs::remove_file(job.join("_status.json")).unwrap();
     let trigger = run(&["savepoint", "trigger", path_str(&job), "--wait", "1s"]);
     assert_eq!(trigger.code(), Some(4), "{}", trigger.context());
     let lines: Vec<&str> = trigger
@@ -1746,6 +1816,142 @@ fn json_outputs_are_versioned_and_a_parent_directory_is_named() {
             parent.stderr.contains("versioned") && parent.stderr.contains("job directories"),
             "{}",
             parent.context()
+        );
+    }
+}
+
+/// Reads `status --json` of `job` until `done` holds for it (at most 120 s).
+fn wait_for_status(job: &Path, what: &str, done: impl Fn(&Run, &Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let status = run(&["status", path_str(job), "--json"]);
+        if status.stdout.trim().starts_with('{') {
+            let doc = status.json();
+            if done(&status, &doc) {
+                return doc;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not reached in time; last status:\n{}",
+            status.context()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// `rockstate status` of a running job, then of the same job after kill -9.
+///
+/// Proves: the status shows the writer, completed checkpoints with their sync and async
+/// parts and bytes, and is fresh while the job runs (exit 0); once the process is gone it
+/// turns stale (exit 5) after three status intervals; a directory where no job ran exits 1.
+#[test]
+fn status_follows_a_running_job_and_turns_stale_after_a_crash() {
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    let job = checkpoints.join("watched");
+    let mut child = command(
+        &demo_args(
+            cp,
+            "watched",
+            &root,
+            &["--rate", "3000", "--status-interval", "300ms"],
+        ),
+        NO_ENV,
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("start the demo");
+    let doc = wait_for_status(&job, "two completed checkpoints", |run, doc| {
+        run.code() == Some(0) && doc["status"]["completed"].as_u64().unwrap_or(0) >= 2
+    });
+    assert_eq!(doc["stale"], false, "{doc}");
+    assert_eq!(doc["status"]["state"], "running", "{doc}");
+    assert!(doc["schema_version"].is_number(), "{doc}");
+    let last = &doc["status"]["recent"][0];
+    assert_eq!(last["outcome"], "completed", "{doc}");
+    assert!(
+        last["sync_ms"].is_number() && last["async_ms"].is_number(),
+        "{doc}"
+    );
+    assert!(last["bytes_uploaded"].as_u64().unwrap() > 0, "{doc}");
+    let text = run(&["status", path_str(&job)]);
+    text.expect(0);
+    assert!(text.stdout.contains(": running"), "{}", text.context());
+    assert!(
+        text.stdout.contains("last completed:"),
+        "{}",
+        text.context()
+    );
+
+    child.kill().expect("kill -9 the demo");
+    child.wait().unwrap();
+    let doc = wait_for_status(&job, "a stale status", |run, doc| {
+        run.code() == Some(5) && doc["stale"] == true
+    });
+    assert!(
+        doc["stale_reason"]
+            .as_str()
+            .unwrap()
+            .contains("not refreshed"),
+        "{doc}"
+    );
+    let text = run(&["status", path_str(&job)]);
+    assert_eq!(text.code(), Some(5), "{}", text.context());
+    assert!(text.stdout.contains("STALE"), "{}", text.context());
+
+    let none = run(&["status", path_str(&root.join("nothing-here"))]);
+    assert_eq!(none.code(), Some(1), "{}", none.context());
+}
+
+/// `-h` and `--help` print help for the tool and every command (no command uses `-h`
+/// for anything else), and the exit codes are documented in the top-level help.
+#[test]
+fn help_is_short_and_long_everywhere() {
+    let commands: &[&[&str]] = &[
+        &[],
+        &["demo"],
+        &["checkpoints"],
+        &["latest"],
+        &["status"],
+        &["inspect"],
+        &["verify"],
+        &["savepoint"],
+        &["savepoint", "trigger"],
+        &["savepoint", "dispose"],
+        &["stop"],
+        &["gc"],
+        &["bench"],
+        &["key-group"],
+    ];
+    for command in commands {
+        for flag in ["-h", "--help"] {
+            let mut args: Vec<&str> = command.to_vec();
+            args.push(flag);
+            let help = run(&args);
+            help.expect(0);
+            assert!(
+                help.stdout.contains("Usage:"),
+                "{args:?}\n{}",
+                help.context()
+            );
+        }
+    }
+    let top = run(&["--help"]);
+    for code in [
+        "0  success",
+        "1  not found",
+        "2  bad input",
+        "4  ",
+        "5  ",
+        "6  storage failed",
+    ] {
+        assert!(
+            top.stdout.contains(code),
+            "exit code {code:?} undocumented\n{}",
+            top.context()
         );
     }
 }

@@ -45,6 +45,7 @@ fn hostfile(dir: &Path, name: &str, processes: usize) -> String {
 }
 
 /// `rockstate demo --engine timely` as process `index` of `processes`.
+#[allow(clippy::too_many_arguments)]
 fn spawn_worker_process(
     checkpoint_dir: &str,
     hosts: &str,
@@ -53,19 +54,20 @@ fn spawn_worker_process(
     index: u32,
     resume: bool,
     env: &[(&str, &str)],
+    extra: &[&str],
 ) -> Child {
     let mut cmd = Command::new(BIN);
     cmd.args([
         "demo",
         "--engine",
         "timely",
-        "-w",
+        "--threads",
         &threads.to_string(),
-        "-n",
+        "--processes",
         &processes.to_string(),
-        "-p",
+        "--process",
         &index.to_string(),
-        "-h",
+        "--hostfile",
         hosts,
         "--checkpoint-dir",
         checkpoint_dir,
@@ -82,6 +84,7 @@ fn spawn_worker_process(
     if resume {
         cmd.arg("--resume");
     }
+    cmd.args(extra);
     cmd.env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -140,8 +143,8 @@ fn reference_digest(dir: &Path) -> String {
 fn kill_one_process_then_resume_on_three(dir: &Path, checkpoint_dir: &str, env: &[(&str, &str)]) {
     let job = format!("{checkpoint_dir}/demo");
     let hosts = hostfile(dir, "hosts-2", 2);
-    let p0 = spawn_worker_process(checkpoint_dir, &hosts, 2, 2, 0, false, env);
-    let p1 = spawn_worker_process(checkpoint_dir, &hosts, 2, 2, 1, false, env);
+    let p0 = spawn_worker_process(checkpoint_dir, &hosts, 2, 2, 0, false, env, &[]);
+    let p1 = spawn_worker_process(checkpoint_dir, &hosts, 2, 2, 1, false, env, &[]);
     // Wait for a completed checkpoint, then kill process 1.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -167,7 +170,7 @@ fn kill_one_process_then_resume_on_three(dir: &Path, checkpoint_dir: &str, env: 
 
     let hosts = hostfile(dir, "hosts-3", 3);
     let children: Vec<Child> = (0..3)
-        .map(|i| spawn_worker_process(checkpoint_dir, &hosts, 1, 3, i, true, env))
+        .map(|i| spawn_worker_process(checkpoint_dir, &hosts, 1, 3, i, true, env, &[]))
         .collect();
     let outputs: Vec<Run> = children
         .into_iter()
@@ -249,6 +252,7 @@ fn workers_reuse_only_files_of_confirmed_checkpoints() {
     let report = demo::run(
         timely::Config::process(3),
         demo::DemoRun {
+            rate: 0,
             source: DemoSource::new(3, 3_000, 240_000).unwrap(),
             checkpoint_interval: 4_000,
             job,
@@ -333,4 +337,132 @@ fn workers_reuse_only_files_of_confirmed_checkpoints() {
         .flat_map(|w| w.completed.clone())
         .collect();
     assert!(seen.contains(&report.last_checkpoint.unwrap()));
+}
+
+/// Waits until the job in `job` has a completed checkpoint.
+fn wait_for_checkpoint(job: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !run_env(&["latest", job], &[]).status.success() {
+        assert!(Instant::now() < deadline, "no checkpoint completed in time");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The digest of a harness run at `parallelism` started from the savepoint `url`.
+fn digest_from(dir: &Path, url: &str, job_id: &str, parallelism: &str) -> String {
+    let out = run_env(
+        &[
+            "demo",
+            "--checkpoint-dir",
+            &dir.join("restored").display().to_string(),
+            "--job-id",
+            job_id,
+            "--from",
+            url,
+            "--parallelism",
+            parallelism,
+            "--events",
+            EVENTS,
+            "--keys",
+            KEYS,
+            "--seed",
+            SEED,
+            "--checkpoint-interval",
+            "0",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", out.context());
+    let report = out.json();
+    assert_eq!(report["restored_from"].as_str(), Some(url), "{report}");
+    report["state_digest"].as_str().unwrap().to_string()
+}
+
+/// A two-process timely job operated from other processes while it runs: a savepoint
+/// triggered through its storage, then `stop --savepoint`; then a second run stopped by
+/// SIGTERM to one of its processes.
+///
+/// Proves: the savepoints are made while the job runs (it goes on), both processes stop
+/// on the request at the same epoch (exit 0, `stopped_by` "request"), the signalled
+/// process prints the final savepoint, and every savepoint restored on the harness at
+/// another parallelism ends in the digest of an uninterrupted run.
+#[test]
+fn a_two_process_job_takes_savepoints_and_stops_on_request_and_on_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let savepoints = dir.path().join("savepoints");
+    let sp = savepoints.display().to_string();
+    // A live source: 600 000 records at 20 000 a second would take 30 s.
+    let extra = ["--rate", "20000", "--savepoint-dir", sp.as_str()];
+    let expected = reference_digest(dir.path());
+
+    let cp = dir.path().join("requests").display().to_string();
+    let job = format!("{cp}/demo");
+    let hosts = hostfile(dir.path(), "hosts-requests", 2);
+    let p0 = spawn_worker_process(&cp, &hosts, 1, 2, 0, false, &[], &extra);
+    let p1 = spawn_worker_process(&cp, &hosts, 1, 2, 1, false, &[], &extra);
+    wait_for_checkpoint(&job);
+    let trigger = run_env(&["savepoint", "trigger", &job, "--wait", "120s"], &[]);
+    trigger.expect(0);
+    let first = trigger.line().to_string();
+    assert!(first.contains("/savepoints/savepoint-demo-"), "{first}");
+    run_env(&["verify", &first], &[]).expect(0);
+    let stop = run_env(
+        &[
+            "stop",
+            &job,
+            "--savepoint",
+            &sp,
+            "--format",
+            "native",
+            "--wait",
+            "120s",
+        ],
+        &[],
+    );
+    stop.expect(0);
+    let last = stop.line().to_string();
+    assert_ne!(first, last);
+    for (i, child) in [p0, p1].into_iter().enumerate() {
+        let out = wait_with_deadline(child, Duration::from_secs(120), false);
+        assert!(out.status.success(), "process {i}: {}", out.context());
+        let report = out.json();
+        assert_eq!(report["stopped_by"], "request", "process {i}: {report}");
+        assert!(
+            report["events_processed"].as_u64().unwrap() < EVENTS.parse::<u64>().unwrap(),
+            "process {i} ran to the end: {report}"
+        );
+    }
+    assert_eq!(
+        digest_from(dir.path(), &first, "from-trigger", "3"),
+        expected
+    );
+    assert_eq!(digest_from(dir.path(), &last, "from-stop", "1"), expected);
+    let control = Path::new(&job).join("_control");
+    let left: Vec<_> = std::fs::read_dir(&control)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {control:?}: {left:?}");
+
+    let cp = dir.path().join("signal").display().to_string();
+    let job = format!("{cp}/demo");
+    let hosts = hostfile(dir.path(), "hosts-signal", 2);
+    let p0 = spawn_worker_process(&cp, &hosts, 1, 2, 0, false, &[], &extra);
+    let p1 = spawn_worker_process(&cp, &hosts, 1, 2, 1, false, &[], &extra);
+    wait_for_checkpoint(&job);
+    unsafe {
+        libc::kill(p1.id() as i32, libc::SIGTERM);
+    }
+    let out1 = wait_with_deadline(p1, Duration::from_secs(120), false);
+    let out0 = wait_with_deadline(p0, Duration::from_secs(120), false);
+    assert!(out0.status.success(), "{}", out0.context());
+    assert!(out1.status.success(), "{}", out1.context());
+    assert_eq!(out0.json()["stopped_by"], "request", "{}", out0.context());
+    let report = out1.json();
+    assert_eq!(report["stopped_by"], "signal", "{report}");
+    let url = report["savepoint"]
+        .as_str()
+        .expect("the signalled process names the savepoint");
+    assert!(url.contains("/savepoints/"), "{url}");
+    assert_eq!(digest_from(dir.path(), url, "from-signal", "2"), expected);
 }

@@ -32,6 +32,7 @@ use serde::Serialize;
 pub use source::{Source, SourcePosition};
 use subtask::{Message, SubtaskContext};
 
+use rockstate::checkpoint::status::RunState;
 use rockstate::checkpoint::{
     CheckpointCoordinator, CheckpointMetadata, CoordinatorOptions, OperatorSpec, SavepointTrigger,
     StartPoint, SubtaskSnapshot,
@@ -156,6 +157,8 @@ pub struct Harness<S: Source> {
     coordinator: Arc<tokio::sync::Mutex<CheckpointCoordinator>>,
     /// `None` only after [`crash`](Self::crash) took it.
     runtime: Option<tokio::runtime::Runtime>,
+    /// Keeps the status document up to date while the job runs.
+    status_task: Option<StatusTask>,
     progress: SharedProgress,
     restored_from: Option<(u64, String)>,
     events: u64,
@@ -379,6 +382,7 @@ where
         if let Some(meta) = own {
             progress.0.lock().latest = Some(meta);
         }
+        let status_task = Some(spawn_status_task(&runtime, coordinator.clone()));
         Ok(Self {
             config,
             source,
@@ -388,6 +392,7 @@ where
             threads,
             coordinator,
             runtime: Some(runtime),
+            status_task,
             progress,
             restored_from,
             events: 0,
@@ -572,9 +577,14 @@ where
     ) -> Result<(Savepoint, Finished)> {
         let savepoint = self.savepoint(dir, format)?;
         let backends = self.stop_threads()?;
+        self.stop_status();
         let coordinator = self.coordinator.clone();
-        self.runtime()
-            .block_on(async move { coordinator.lock().await.shutdown(false).await })?;
+        self.runtime().block_on(async move {
+            let mut coordinator = coordinator.lock().await;
+            coordinator.shutdown(false).await?;
+            publish_final(&mut coordinator, RunState::Stopped).await;
+            Ok::<_, Error>(())
+        })?;
         let last_checkpoint = self.latest_checkpoint();
         Ok((
             savepoint,
@@ -684,9 +694,14 @@ where
         while self.run(u64::MAX)? > 0 {}
         let last = self.checkpoint_now()?;
         let backends = self.stop_threads()?;
+        self.stop_status();
         let coordinator = self.coordinator.clone();
-        self.runtime()
-            .block_on(async move { coordinator.lock().await.shutdown(false).await })?;
+        self.runtime().block_on(async move {
+            let mut coordinator = coordinator.lock().await;
+            coordinator.shutdown(false).await?;
+            publish_final(&mut coordinator, RunState::Stopped).await;
+            Ok::<_, Error>(())
+        })?;
         Ok(Finished {
             backends,
             last_checkpoint: Some(last),
@@ -705,9 +720,14 @@ where
             tracing::debug!(error = %e.report(), "cannot hand over the last records");
         }
         let backends = self.stop_threads()?;
+        self.stop_status();
         let coordinator = self.coordinator.clone();
-        self.runtime()
-            .block_on(async move { coordinator.lock().await.shutdown(false).await })?;
+        self.runtime().block_on(async move {
+            let mut coordinator = coordinator.lock().await;
+            coordinator.shutdown(false).await?;
+            publish_final(&mut coordinator, RunState::Stopped).await;
+            Ok::<_, Error>(())
+        })?;
         Ok(Finished {
             backends,
             last_checkpoint: self.latest_checkpoint(),
@@ -720,6 +740,7 @@ where
     /// Stops the way a crash would: uploads in flight are abandoned, the coordinator is
     /// not shut down, nothing is checkpointed. Local directories are left behind.
     pub fn crash(mut self) {
+        self.stop_status();
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
@@ -822,9 +843,14 @@ where
             savepoint: stop.savepoint.as_ref().map(|s| s.url.clone()),
         };
         self.answer_control(&stop.id, &answer)?;
+        self.stop_status();
         let coordinator = self.coordinator.clone();
-        self.runtime()
-            .block_on(async move { coordinator.lock().await.shutdown(false).await })?;
+        self.runtime().block_on(async move {
+            let mut coordinator = coordinator.lock().await;
+            coordinator.shutdown(false).await?;
+            publish_final(&mut coordinator, RunState::Stopped).await;
+            Ok::<_, Error>(())
+        })?;
         let finished = Finished {
             backends,
             last_checkpoint: self.latest_checkpoint(),
@@ -849,10 +875,71 @@ where
         })
     }
 
+    /// Stops the task that keeps the status document up to date.
+    fn stop_status(&mut self) {
+        if let (Some(task), Some(runtime)) = (self.status_task.take(), &self.runtime) {
+            task.stop(runtime);
+        }
+    }
+
     fn runtime(&self) -> &tokio::runtime::Runtime {
         self.runtime
             .as_ref()
             .expect("the runtime is taken only by crash, which consumes the harness")
+    }
+}
+
+/// How often the status task looks whether the status document is due.
+const STATUS_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keeps the job's status document up to date (see
+/// [`CheckpointCoordinator::publish_status`]) until aborted or fenced.
+fn spawn_status_task(
+    runtime: &tokio::runtime::Runtime,
+    coordinator: Arc<tokio::sync::Mutex<CheckpointCoordinator>>,
+) -> StatusTask {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = runtime.spawn(async move {
+        loop {
+            let published = coordinator
+                .lock()
+                .await
+                .publish_status(RunState::Running)
+                .await;
+            match published {
+                Err(e) if e.kind() == rockstate::ErrorKind::Fenced => break,
+                Err(e) => tracing::warn!(error = %e.report(), "cannot write the job's status"),
+                Ok(_) => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(STATUS_POLL) => {}
+                _ = &mut stopped => break,
+            }
+        }
+    });
+    StatusTask { stop, task }
+}
+
+/// The task keeping the status document up to date, and how to stop it.
+struct StatusTask {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StatusTask {
+    /// Stops the task after its write in progress, if any (so that no write of it lands
+    /// after the final status).
+    fn stop(self, runtime: &tokio::runtime::Runtime) {
+        let _ = self.stop.send(());
+        let _ = runtime.block_on(self.task);
+    }
+}
+
+/// Writes the status document of a coordinator that stopped (best effort: the status
+/// turns stale by itself when this write fails).
+async fn publish_final(coordinator: &mut CheckpointCoordinator, state: RunState) {
+    if let Err(e) = coordinator.publish_status(state).await {
+        tracing::debug!(error = %e.report(), "cannot write the job's final status");
     }
 }
 
@@ -861,6 +948,9 @@ where
 /// when the process exits; the coordinator is not shut down, as after a crash.
 impl<S: Source> Drop for Harness<S> {
     fn drop(&mut self) {
+        if let (Some(task), Some(runtime)) = (self.status_task.take(), &self.runtime) {
+            task.stop(runtime);
+        }
         let senders = std::mem::take(&mut self.senders);
         let threads = std::mem::take(&mut self.threads);
         if let Err(e) = stop_threads(senders, threads) {

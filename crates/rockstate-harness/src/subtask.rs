@@ -140,6 +140,7 @@ fn spawn_upload<K, V>(
         peers: ctx.peers.clone(),
         progress: ctx.progress.clone(),
     };
+    let pause = pending.sync_duration();
     ctx.runtime.spawn(async move {
         let written =
             rockstate::runtime::store_snapshot(pending, &job, &uid, index, savepoint.as_ref())
@@ -150,11 +151,9 @@ fn spawn_upload<K, V>(
                     keyed: Some(handle),
                     ..SubtaskSnapshot::default()
                 };
-                coordinator
-                    .lock()
-                    .await
-                    .acknowledge(id, &uid, index, snapshot)
-                    .await
+                let mut coordinator = coordinator.lock().await;
+                coordinator.note_sync_pause(id, pause);
+                coordinator.acknowledge(id, &uid, index, snapshot).await
             }
             Err(e) => Err(e),
         };

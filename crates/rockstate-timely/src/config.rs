@@ -67,6 +67,7 @@ impl JobConfig {
                 max_concurrent: 1,
                 timeout: Duration::from_secs(60),
                 savepoints_dir: None,
+                ..CoordinatorOptions::default()
             },
             poll_interval: Duration::from_millis(50),
             max_uploads: 2,

@@ -40,6 +40,9 @@ pub struct DemoRun {
     pub checkpoint_interval: u64,
     /// The job's settings (`checkpoints` is set from the interval).
     pub job: JobConfig,
+    /// Records per second over the whole job, as from a live source (0: as fast as
+    /// possible).
+    pub rate: u64,
 }
 
 /// What a demo run did, over all workers of all processes.
@@ -67,6 +70,8 @@ pub struct DemoReport {
     pub elapsed: Duration,
     /// This process's workers' own reports.
     pub local: Vec<WorkerReport>,
+    /// Whether the job ended early on a stop request (`rockstate stop`, a signal).
+    pub stopped: bool,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -79,6 +84,7 @@ struct Contribution {
     snapshots: u64,
     max_sync_us: u64,
     total_sync_us: u64,
+    stopped: bool,
 }
 
 /// Runs the demo on timely with `timely` (threads, processes, addresses). Blocks until
@@ -93,8 +99,9 @@ pub fn run(timely: timely::Config, mut run: DemoRun) -> Result<DemoReport> {
     let started = Instant::now();
     let source = run.source;
     let interval = run.checkpoint_interval;
+    let rate = run.rate;
     let guards = timely::execute(timely, move |worker| {
-        let result = run_worker(worker, &job, source, interval, &failed);
+        let result = run_worker(worker, &job, source, interval, rate, &failed);
         if result.is_err() {
             failed.store(true, Ordering::SeqCst);
         }
@@ -143,6 +150,7 @@ pub fn run(timely: timely::Config, mut run: DemoRun) -> Result<DemoReport> {
         mean_sync: Duration::from_micros(total_sync.checked_div(snapshots).unwrap_or(0)),
         elapsed: started.elapsed(),
         local: local.into_iter().map(|(r, _)| r).collect(),
+        stopped: all.iter().any(|c| c.stopped),
     })
 }
 
@@ -153,6 +161,7 @@ fn run_worker(
     job: &Arc<TimelyJob>,
     source: DemoSource,
     interval: u64,
+    rate: u64,
     failed: &AtomicBool,
 ) -> Result<WorkerOutcome> {
     let w = job.worker(worker)?;
@@ -195,8 +204,16 @@ fn run_worker(
         w.step(worker)
     };
     let mut events = 0u64;
+    let started = Instant::now();
+    // This worker's share of the rate.
+    let rate = rate.div_ceil(u64::from(w.peers()));
+    // Set once the workers agreed to stop after this epoch (a stop was asked).
+    let mut stop_after: Option<u64> = None;
     for k in 0..epochs {
         let epoch = first + k;
+        if stop_after.is_some_and(|last| epoch > last) {
+            break;
+        }
         let end = boundary.saturating_add((k + 1).saturating_mul(block));
         for (partition, offset) in partitions.iter_mut() {
             let stop = end.min(source.partition_len(*partition));
@@ -210,13 +227,20 @@ fn run_worker(
                 events += batch_end - *offset;
                 *offset = batch_end;
                 step(worker)?;
+                throttle(rate, events, started, &mut || step(worker))?;
             }
         }
         w.set_operator_state(SOURCE_UID, epoch, position(&partitions, end))?;
         input.advance_to(epoch + 1);
         // Keep at most two epochs ahead of the keyed operator, and the uploads bounded.
         while !w.can_advance() || probe.less_than(&epoch.saturating_sub(1)) {
+            if stop_after.is_none() && w.stop_requested() {
+                break;
+            }
             step(worker)?;
+        }
+        if stop_after.is_none() && w.stop_requested() {
+            stop_after = Some(w.agree_on_stop(worker, epoch)?);
         }
     }
     drop(input);
@@ -234,6 +258,7 @@ fn run_worker(
         snapshots: report.snapshots,
         max_sync_us: report.max_sync.as_micros() as u64,
         total_sync_us: report.total_sync.as_micros() as u64,
+        stopped: stop_after.is_some(),
     };
     let bytes = serde_json::to_vec(&mine)
         .map_err(|e| Error::Internal(format!("encode the worker's totals: {e}")))?;
@@ -243,6 +268,24 @@ fn run_worker(
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::Internal(format!("decode a worker's totals: {e}")))?;
     Ok((all, (report, w.restored_location())))
+}
+
+/// Holds a source to `rate` records per second (0: no limit), stepping meanwhile.
+fn throttle(
+    rate: u64,
+    sent: u64,
+    started: Instant,
+    step: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
+    if rate == 0 {
+        return Ok(());
+    }
+    let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+    while started.elapsed() < due {
+        step()?;
+        std::thread::sleep((due - started.elapsed().min(due)).min(Duration::from_millis(5)));
+    }
+    Ok(())
 }
 
 /// This worker's partitions with their offsets, and the common epoch boundary.

@@ -24,6 +24,7 @@ use rockstate::{Error, Result};
 use rockstate::runtime::acks::{
     self as protocol, AckRecord, CoordinatorTask, FromCoordinator, ToCoordinator,
 };
+use rockstate::runtime::control;
 
 use crate::exchange::*;
 use crate::job::*;
@@ -71,6 +72,8 @@ pub(crate) struct Building {
     pub(crate) base: u64,
     pub(crate) snapshots: Vec<(String, SubtaskSnapshot)>,
     pub(crate) declined: Option<String>,
+    /// The longest synchronous pause of this worker's snapshots.
+    pub(crate) sync: Duration,
 }
 
 pub(crate) enum WorkerEvent {
@@ -84,6 +87,7 @@ pub(crate) enum WorkerEvent {
         result: Result<()>,
     },
     Polled(Result<Option<u64>>),
+    StopPolled(Result<Option<control::StopNotice>>),
 }
 
 pub(crate) struct CoordinatorLink {
@@ -123,9 +127,18 @@ pub(crate) struct WorkerState {
     /// The directories set aside, which restores may take files from.
     pub(crate) reuse: Vec<PathBuf>,
     pub(crate) final_epoch: Option<u64>,
+    /// A stop announced by the coordinator ([`WorkerJob::stop_requested`]).
+    pub(crate) stop: Option<control::StopNotice>,
+    pub(crate) stop_polling: bool,
+    pub(crate) last_stop_poll: Option<Instant>,
+    /// Whether this worker proposed its last epoch for a stop.
+    pub(crate) proposed: bool,
     pub(crate) error: Option<Error>,
     pub(crate) report: WorkerReport,
 }
+
+/// How often a worker looks for a stop announced by the coordinator.
+const STOP_POLL: Duration = Duration::from_millis(500);
 
 /// Acknowledged checkpoints whose completion a worker still looks for.
 pub(crate) const MAX_AWAITED: usize = 8;
@@ -240,6 +253,51 @@ impl WorkerJob {
         self.state.borrow_mut().final_epoch = Some(epoch);
     }
 
+    /// Whether a stop was asked (`rockstate stop`, or a signal to any process of the job):
+    /// sources should then call [`agree_on_stop`](Self::agree_on_stop) at their next epoch
+    /// boundary and stop after the epoch it returns. Only with checkpoints on.
+    pub fn stop_requested(&self) -> bool {
+        self.state.borrow().stop.is_some()
+    }
+
+    /// Agrees with every other worker on the job's last epoch, once a stop was asked:
+    /// this worker has fully sent every epoch up to `sent`; the answer is the highest such
+    /// epoch of all workers (or the final epoch of a worker whose input already ended).
+    /// Sources send every epoch up to the answer, then end as usual
+    /// ([`finish`](Self::finish)); it becomes the declared final epoch. Steps the worker
+    /// while it waits.
+    ///
+    /// Errors: see [`step`](Self::step); storage errors.
+    pub fn agree_on_stop(&self, worker: &mut Worker, sent: u64) -> Result<u64> {
+        let (run, index, peers) = {
+            let mut s = self.state.borrow_mut();
+            s.proposed = true;
+            (s.plan.run, s.index, s.peers)
+        };
+        let job = self.job.job.clone();
+        self.job
+            .runtime
+            .block_on(control::propose_final(&job, run, index, sent))?;
+        let mut checked: Option<Instant> = None;
+        loop {
+            worker.step_or_park(Some(Duration::from_millis(1)));
+            self.poll(worker)?;
+            if checked.is_some_and(|at| at.elapsed() < self.job.config.poll_interval) {
+                continue;
+            }
+            checked = Some(Instant::now());
+            if let Some(last) = self
+                .job
+                .runtime
+                .block_on(control::agreed_final(&job, run, peers))?
+            {
+                tracing::info!(worker = index, last, "the workers agreed on the last epoch");
+                self.set_final_epoch(last);
+                return Ok(last);
+            }
+        }
+    }
+
     /// Whether sources may start another epoch: false while this worker has
     /// `max_uploads` snapshots uploading (keep stepping until it turns true).
     pub fn can_advance(&self) -> bool {
@@ -278,6 +336,7 @@ impl WorkerJob {
     ///
     /// Errors: see [`step`](Self::step).
     pub fn finish(&self, worker: &mut Worker) -> Result<WorkerReport> {
+        self.propose_end();
         let timeout = self.job.config.coordinator.timeout;
         let mut deadline: Option<Instant> = None;
         loop {
@@ -335,6 +394,27 @@ impl WorkerJob {
         Ok(s.report.clone())
     }
 
+    /// A worker whose input ended proposes its declared final epoch for a stop that other
+    /// workers may be agreeing on, so that they never wait for it.
+    fn propose_end(&self) {
+        let mut s = self.state.borrow_mut();
+        if s.proposed || !self.job.config.checkpoints {
+            return;
+        }
+        let Some(last) = s.final_epoch else {
+            return;
+        };
+        s.proposed = true;
+        let (job, run, index) = (self.job.job.clone(), s.plan.run, s.index);
+        if let Err(e) = self
+            .job
+            .runtime
+            .block_on(control::propose_final(&job, run, index, last))
+        {
+            tracing::warn!(error = %e.report(), "cannot record this worker's last epoch");
+        }
+    }
+
     /// At the first step: every worker learns whether every other one restored its
     /// state. A worker that could not restore makes every worker fail (with its reason)
     /// instead of leaving them waiting for it.
@@ -380,6 +460,18 @@ impl WorkerJob {
         }
         if let Some(e) = s.error.take() {
             return Err(e);
+        }
+        let stop_due = s.last_stop_poll.is_none_or(|at| at.elapsed() >= STOP_POLL);
+        if self.job.config.checkpoints && s.stop.is_none() && !s.stop_polling && stop_due {
+            s.stop_polling = true;
+            s.last_stop_poll = Some(Instant::now());
+            let job = self.job.job.clone();
+            let tx = s.events_tx.clone();
+            let run = s.plan.run;
+            self.job.runtime.spawn(async move {
+                let found = control::stop_notice(&job, run).await;
+                let _ = tx.send(WorkerEvent::StopPolled(found));
+            });
         }
         let due = s.last_poll.elapsed() >= self.job.config.poll_interval;
         if !s.acked.is_empty() && !s.polling && due {
@@ -460,6 +552,8 @@ impl WorkerState {
                 run: self.plan.run,
                 workers: self.peers,
                 poll: job.config.poll_interval,
+                scratch: job.config.local_root.join("savepoint-scratch"),
+                memory_budget: job.config.memory_budget,
             };
             let handle = job.runtime.spawn(task.run(rx, events_tx));
             self.coordinator = Some(CoordinatorLink {
@@ -535,6 +629,7 @@ impl WorkerState {
                     base: u64::MAX,
                     snapshots,
                     declined: None,
+                    sync: Duration::ZERO,
                 },
             );
             if let Some(link) = &self.coordinator {
@@ -552,6 +647,9 @@ impl WorkerState {
         match backend.snapshot(id) {
             Ok(pending) => {
                 let pause = pending.sync_duration();
+                if let Some(building) = self.building.get_mut(&id) {
+                    building.sync = building.sync.max(pause);
+                }
                 self.report.max_sync = self.report.max_sync.max(pause);
                 self.report.total_sync += pause;
                 self.uploads += 1;
@@ -619,6 +717,7 @@ impl WorkerState {
                 building.snapshots
             },
             declined: building.declined,
+            sync_us: u64::try_from(building.sync.as_micros()).unwrap_or(u64::MAX),
         };
         let storage = job.job.clone();
         let tx = self.events_tx.clone();
@@ -656,6 +755,19 @@ impl WorkerState {
                     tracing::warn!(checkpoint_id = id, error = %e.report(), "cannot acknowledge");
                 }
             },
+            WorkerEvent::StopPolled(found) => {
+                self.stop_polling = false;
+                match found {
+                    Ok(Some(notice)) => {
+                        if self.stop.is_none() {
+                            tracing::info!(request = %notice.request, worker = self.index, "stop announced");
+                        }
+                        self.stop = Some(notice);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e.report(), "cannot look for a stop"),
+                }
+            }
             WorkerEvent::Polled(found) => {
                 self.polling = false;
                 match found {
@@ -764,6 +876,10 @@ impl TimelyJob {
             restore_error: None,
             restore_agreed: false,
             final_epoch: None,
+            stop: None,
+            stop_polling: false,
+            last_stop_poll: None,
+            proposed: false,
             error: None,
             report: WorkerReport {
                 index,

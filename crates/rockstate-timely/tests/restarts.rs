@@ -35,6 +35,7 @@ fn timely_resume_falls_back_from_a_damaged_newest_checkpoint() {
         let mut job = JobConfig::new(storage.clone(), "lost", dir.path().join("local"));
         job.start = start;
         demo::DemoRun {
+            rate: 0,
             source,
             checkpoint_interval: 4_000,
             job,
@@ -98,6 +99,7 @@ fn a_timely_worker_that_cannot_restore_stops_every_worker() {
         let mut job = JobConfig::new(storage.clone(), "damaged", dir.path().join("local"));
         job.start = start;
         demo::DemoRun {
+            rate: 0,
             source,
             checkpoint_interval: 4_000,
             job,

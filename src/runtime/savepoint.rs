@@ -1,0 +1,112 @@
+//! Savepoints written from a completed snapshot instead of from running subtasks: for
+//! runtimes whose subtasks cannot take a savepoint at a moment of their choosing (the
+//! timely adapter, whose workers in several processes snapshot every epoch as a
+//! checkpoint), and for turning a retained checkpoint into a self-contained savepoint
+//! offline.
+//!
+//! Every subtask of every operator is restored, one at a time, into a scratch directory
+//! (with every file CRC-checked on the way, as any restore), snapshotted, and written into
+//! the new savepoint folder in the chosen format; operator state is carried over as is.
+//! The savepoint holds exactly the state of the snapshot it was made from, so a job that
+//! resumes from it resumes from that snapshot's position.
+
+use std::path::Path;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{
+    folder_name, CheckpointMetadata, Compression, SavepointFormat, SnapshotKind, METADATA_FILE,
+};
+use crate::restore::{RestoreOptions, RestoreSource};
+use crate::storage::CheckpointStorage;
+use crate::BackendOptions;
+
+/// Writes a savepoint of `source` (a completed checkpoint or another savepoint) into a new
+/// folder of `parent`, named after `job_id`, in `format`; returns the folder and its
+/// metadata. `scratch` is a local directory for the restores (created, and emptied of what
+/// this call put there); `memory_budget` is the memory of each temporary backend.
+///
+/// The savepoint keeps the snapshot's id and its operators' parallelism; it restores at
+/// any parallelism like every savepoint.
+///
+/// Errors: the restore's errors (a missing or damaged file of `source`, named);
+/// storage errors writing the savepoint (its files are then removed, best effort);
+/// local I/O errors. Nothing of `source` is changed.
+pub async fn savepoint_from_snapshot(
+    source: &RestoreSource,
+    parent: &CheckpointStorage,
+    job_id: &str,
+    format: SavepointFormat,
+    scratch: &Path,
+    memory_budget: usize,
+) -> Result<(CheckpointStorage, CheckpointMetadata)> {
+    let folder = parent.child(&folder_name(job_id))?;
+    match write(source, &folder, job_id, format, scratch, memory_budget).await {
+        Ok(meta) => Ok((folder, meta)),
+        Err(e) => {
+            if e.kind() != ErrorKind::InDoubt {
+                let written: Vec<String> = match folder.list("").await {
+                    Ok(objects) => objects.into_iter().map(|o| o.path).collect(),
+                    Err(_) => Vec::new(),
+                };
+                if let Err(cleanup) = folder.delete_many(written).await {
+                    tracing::warn!(folder = %folder.url(), error = %cleanup.report(), "cannot remove the files of a failed savepoint");
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn write(
+    source: &RestoreSource,
+    folder: &CheckpointStorage,
+    job_id: &str,
+    format: SavepointFormat,
+    scratch: &Path,
+    memory_budget: usize,
+) -> Result<CheckpointMetadata> {
+    let original = source.metadata();
+    let started = crate::clock::Clock::now_millis(&crate::clock::SystemClock);
+    let mut meta = original.clone();
+    meta.kind = match format {
+        SavepointFormat::Canonical => SnapshotKind::SavepointCanonical,
+        SavepointFormat::Native => SnapshotKind::SavepointNative,
+    };
+    meta.job_id = job_id.to_string();
+    meta.triggered_at_ms = started;
+    for op in &mut meta.operators {
+        for (index, subtask) in op.subtasks.iter_mut().enumerate() {
+            let Some(keyed) = &subtask.keyed else {
+                continue;
+            };
+            let dir = scratch.join(format!("{}-{index}", super::operator_dir_name(&op.uid)));
+            let mut options =
+                BackendOptions::new(&dir, keyed.key_group_range(), keyed.max_parallelism());
+            options.memory_budget = memory_budget;
+            let backend = crate::RocksStateBackend::builder(options)
+                .restore_operator(source, &op.uid, &RestoreOptions::default())
+                .await?;
+            let subtask_id = u32::try_from(index)
+                .map_err(|_| Error::corrupt(source.location(), "too many subtasks"))?;
+            let written = async {
+                let pending = backend.snapshot(original.checkpoint_id)?;
+                pending
+                    .write_savepoint(folder, &op.uid, subtask_id, format, Compression::default())
+                    .await
+            }
+            .await;
+            let closed = tokio::task::spawn_blocking(move || backend.close())
+                .await
+                .map_err(|e| Error::Internal(format!("close a temporary backend: {e}")))
+                .and_then(|r| r);
+            crate::restore::remove_dir_if_exists(&dir).await?;
+            subtask.keyed = Some(written?);
+            closed?;
+        }
+    }
+    meta.completed_at_ms = crate::clock::Clock::now_millis(&crate::clock::SystemClock);
+    let bytes = meta.encode()?;
+    folder.put_if_absent(METADATA_FILE, bytes.into()).await?;
+    tracing::info!(from = %source.location(), folder = %folder.url(), ?format, "savepoint written from a snapshot");
+    Ok(meta)
+}
