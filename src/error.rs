@@ -466,7 +466,21 @@ fn misconfiguration(text: &str) -> Option<Misconfigured> {
     }
     // No credentials in the environment: the client asked the instance metadata
     // service, which does not exist here.
-    if text.contains("169.254.169.254") || text.contains("metadata.google.internal") {
+    let metadata_service =
+        text.contains("169.254.169.254") || text.contains("metadata.google.internal");
+    // Refused or denied (no such service here), not a passing failure of one that exists.
+    let refused = [
+        "403 Forbidden",
+        "404 Not Found",
+        "401 Unauthorized",
+        "refused",
+        "resolve",
+        "unreachable",
+        "No route",
+    ]
+    .iter()
+    .any(|sign| text.contains(sign));
+    if metadata_service && refused {
         return Some(Misconfigured::Credentials(
             "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where instance credentials exist",
         ));
@@ -491,8 +505,18 @@ fn misconfiguration(text: &str) -> Option<Misconfigured> {
 pub(crate) fn already_retried(error: &Error) -> bool {
     match error {
         Error::Storage { source, .. } => {
+            // "... after N retries, max_retries: M, ...": it gave up only when N reached M
+            // (a client that stops early, say on a non-idempotent request, did not).
             let text = chain_text(source.as_ref());
-            text.contains(" retries, max_retries")
+            let number_after = |marker: &str| -> Option<u64> {
+                let rest = &text[text.find(marker)? + marker.len()..];
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse().ok()
+            };
+            match (number_after("after "), number_after("max_retries: ")) {
+                (Some(done), Some(max)) => text.contains(" retries, max_retries") && done >= max,
+                _ => false,
+            }
         }
         _ => false,
     }
@@ -521,7 +545,7 @@ mod tests {
         let e = Error::storage(
             "get",
             "s3://b/j/x",
-            generic("Error performing PUT http://169.254.169.254/latest/api/token: 403"),
+            generic("Error performing PUT http://169.254.169.254/latest/api/token: 403 Forbidden"),
         );
         assert_eq!(e.kind(), ErrorKind::InvalidArgument);
         assert!(e.to_string().contains("AWS_ACCESS_KEY_ID"), "{e}");
@@ -538,6 +562,18 @@ mod tests {
         );
         assert_eq!(e.kind(), ErrorKind::Unavailable);
         assert!(already_retried(&e));
+        let early = Error::storage(
+            "put",
+            "s3://b/j/x",
+            generic("Error performing PUT http://h/b/x in 30s, after 1 retries, max_retries: 10, retry_timeout: 180s - timed out"),
+        );
+        assert!(!already_retried(&early));
+        let hiccup = Error::storage(
+            "get",
+            "s3://b/j/x",
+            generic("Error performing GET http://169.254.169.254/latest/api/token: 503 Service Unavailable"),
+        );
+        assert_eq!(hiccup.kind(), ErrorKind::Unavailable);
         let e = Error::storage("list", "s3://b/j/", generic("500 Internal Server Error"));
         assert_eq!(e.kind(), ErrorKind::Unavailable);
         assert!(!already_retried(&e));

@@ -290,6 +290,7 @@ pub mod savepoint;
 pub mod snapshot;
 pub mod state;
 pub mod storage;
+pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 

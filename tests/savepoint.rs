@@ -396,3 +396,78 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Savepoints made from a completed checkpoint (what the timely adapter does for a
+/// savepoint asked of a running job), in both formats, and from a damaged checkpoint.
+///
+/// Proves: the savepoint holds the checkpoint's state and restores at another
+/// parallelism; the scratch directory is left empty; a checkpoint with a missing file
+/// gives `NotFound` naming it, and leaves no savepoint folder behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn savepoints_made_from_a_checkpoint_restore_anywhere() {
+    use rockstate::runtime::savepoint_from_snapshot;
+    let mut j = job(2, CoordinatorOptions::default()).await;
+    let (id, _) = j.take(None).await.unwrap();
+    let source = RestoreSource::open_folder(&j.job.child(&format!("chk-{id}")).unwrap())
+        .await
+        .unwrap();
+    let scratch = j.root.join("scratch");
+    for (format, p) in [
+        (SavepointFormat::Canonical, 3),
+        (SavepointFormat::Native, 1),
+    ] {
+        let (folder, meta) =
+            savepoint_from_snapshot(&source, &j.savepoints, "job", format, &scratch, 16 << 20)
+                .await
+                .unwrap();
+        assert!(meta.is_savepoint());
+        assert_eq!(meta.checkpoint_id, id);
+        assert_eq!(read_savepoint(&folder).await.unwrap(), meta);
+        // The operator state (source positions) is carried over unchanged.
+        for (op, original) in meta.operators.iter().zip(&source.metadata().operators) {
+            for (a, b) in op.subtasks.iter().zip(&original.subtasks) {
+                assert_eq!(a.operator_state, b.operator_state);
+            }
+        }
+        let restored = restore(
+            &RestoreSource::open_folder(&folder).await.unwrap(),
+            &j.root,
+            p,
+        )
+        .await
+        .unwrap();
+        check_filled(&restored);
+        assert!(
+            std::fs::read_dir(&scratch).map_or(true, |mut d| d.next().is_none()),
+            "scratch space left behind"
+        );
+    }
+    let folders_before = j.savepoints.list_dirs("").await.unwrap();
+
+    // A shared file of the checkpoint goes missing.
+    let shared = source.metadata().handles().next().unwrap().1.shared[0]
+        .path
+        .clone();
+    std::fs::remove_file(local(&j.job).join(&shared)).unwrap();
+    let e = savepoint_from_snapshot(
+        &source,
+        &j.savepoints,
+        "job",
+        SavepointFormat::Canonical,
+        &scratch,
+        16 << 20,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert!(e.to_string().contains(&shared), "{e}");
+    let folders_after = j.savepoints.list_dirs("").await.unwrap();
+    let left: Vec<_> = folders_after
+        .iter()
+        .filter(|f| !folders_before.contains(f))
+        .collect();
+    for folder in left {
+        let files = j.savepoints.child(folder).unwrap().list("").await.unwrap();
+        assert!(files.is_empty(), "{folder} keeps {files:?}");
+    }
+}

@@ -17,6 +17,7 @@ use crate::format::SavepointFormat;
 use crate::hash;
 use crate::keygroup;
 use crate::storage::CheckpointStorage;
+use crate::telemetry;
 
 /// Settings of a [`CheckpointCoordinator`].
 #[derive(Debug, Clone)]
@@ -193,6 +194,24 @@ fn validate(options: &CoordinatorOptions, operators: &[OperatorSpec]) -> Result<
         }
     }
     Ok(())
+}
+
+/// Records a completed checkpoint or savepoint in the metrics ([`telemetry`]).
+fn record_completion(job_id: &str, meta: &CheckpointMetadata, now_ms: u64) {
+    let job = job_id.to_string();
+    if meta.is_savepoint() {
+        metrics::counter!(telemetry::SAVEPOINTS_COMPLETED, "job" => job).increment(1);
+        return;
+    }
+    let uploaded = meta.uploaded_bytes();
+    let duration = Duration::from_millis(now_ms.saturating_sub(meta.triggered_at_ms));
+    metrics::counter!(telemetry::CHECKPOINTS_COMPLETED, "job" => job.clone()).increment(1);
+    metrics::histogram!(telemetry::CHECKPOINT_DURATION, "job" => job.clone())
+        .record(telemetry::seconds(duration));
+    metrics::counter!(telemetry::CHECKPOINT_UPLOADED, "job" => job.clone()).increment(uploaded);
+    metrics::counter!(telemetry::CHECKPOINT_REUSED, "job" => job.clone())
+        .increment(meta.total_size().saturating_sub(uploaded));
+    metrics::gauge!(telemetry::CHECKPOINT_LAST_UPLOADED, "job" => job).set(uploaded as f64);
 }
 
 /// Rounds of "write, then read back" before a `_metadata` write is declared in doubt.
@@ -691,7 +710,10 @@ impl CheckpointCoordinator {
         let outcome = self.complete(checkpoint_id, pending).await;
         let now = self.clock.now_millis();
         match &outcome {
-            Ok(AckOutcome::Completed(meta)) => self.status.completed(meta, now),
+            Ok(AckOutcome::Completed(meta)) => {
+                self.status.completed(meta, now);
+                record_completion(&self.job_id, meta, now);
+            }
             Ok(_) => {}
             Err(e) => self.status.ended(
                 checkpoint_id,
@@ -701,6 +723,10 @@ impl CheckpointCoordinator {
                 triggered_ms,
                 now,
             ),
+        }
+        if outcome.is_err() {
+            metrics::counter!(telemetry::CHECKPOINTS_FAILED, "job" => self.job_id.clone())
+                .increment(1);
         }
         outcome
     }
@@ -1033,6 +1059,11 @@ impl CheckpointCoordinator {
             return Ok(());
         };
         tracing::info!(checkpoint_id, reason, "checkpoint aborted");
+        let counter = match outcome {
+            status::Outcome::Failed => telemetry::CHECKPOINTS_FAILED,
+            _ => telemetry::CHECKPOINTS_ABORTED,
+        };
+        metrics::counter!(counter, "job" => self.job_id.clone()).increment(1);
         self.status.ended(
             checkpoint_id,
             pending.savepoint.is_some(),

@@ -29,6 +29,9 @@ pub const STATUS_FILE: &str = "_status.json";
 pub const STATUS_SCHEMA_VERSION: u32 = 1;
 /// How often an unchanged status is rewritten by default.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+/// Changes are written at most once a second (stores limit the write rate of one
+/// object, and a change per checkpoint acknowledgement would be many).
+const MIN_CHANGE_INTERVAL_MS: u64 = 1_000;
 /// Finished checkpoints kept in [`JobStatus::recent`].
 pub const RECENT_CHECKPOINTS: usize = 20;
 /// A status document is small: a generous bound on what is read back.
@@ -343,18 +346,16 @@ impl StatusTracker {
         });
     }
 
-    /// Whether a document is due: something changed, the state changed, or a heartbeat
-    /// passed.
+    /// Whether a document is due: the state changed, something changed and the last
+    /// write is a second old, or a heartbeat passed.
     pub(crate) fn due(&self, state: RunState, now_ms: u64) -> bool {
         match self.published {
             None => true,
             Some((at, published)) => {
-                self.dirty
-                    || published != state
-                    || now_ms
-                        >= at.saturating_add(
-                            u64::try_from(self.heartbeat.as_millis()).unwrap_or(u64::MAX),
-                        )
+                let heartbeat = u64::try_from(self.heartbeat.as_millis()).unwrap_or(u64::MAX);
+                published != state
+                    || (self.dirty && now_ms >= at.saturating_add(MIN_CHANGE_INTERVAL_MS))
+                    || now_ms >= at.saturating_add(heartbeat)
             }
         }
     }
@@ -447,6 +448,7 @@ mod tests {
         assert!(tracker.due(RunState::Running, 10_000));
         assert!(tracker.due(RunState::Stopped, 1));
         tracker.changed();
-        assert!(tracker.due(RunState::Running, 1));
+        assert!(!tracker.due(RunState::Running, 999));
+        assert!(tracker.due(RunState::Running, 1_000));
     }
 }

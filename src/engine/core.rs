@@ -37,6 +37,8 @@ pub(crate) struct BackendCore {
     clock: Arc<dyn Clock>,
     max_parallelism: u32,
     key_group_range: KeyGroupRange,
+    /// The options the database was opened with: they hold its statistics object.
+    pub(crate) statistics: Option<rocksdb::Options>,
 }
 
 impl BackendCore {
@@ -62,6 +64,40 @@ impl BackendCore {
             clock,
             max_parallelism,
             key_group_range,
+            statistics: None,
+        }
+    }
+
+    /// The sum of integer property `property` over the default column family and every
+    /// state's (RocksDB reports per-family figures for the default one only).
+    pub(crate) fn property_sum(&self, property: &str) -> Option<u64> {
+        let mut total = self.db.property_int_value(property).ok().flatten()?;
+        let names: Vec<String> = self
+            .states
+            .lock()
+            .values()
+            .map(|e| e.column.cf_name.clone())
+            .collect();
+        for name in names {
+            if let Some(cf) = self.db.cf_handle(&name) {
+                if let Ok(Some(v)) = self.db.property_int_value_cf(&cf, property) {
+                    total = total.saturating_add(v);
+                }
+            }
+        }
+        Some(total)
+    }
+
+    /// RocksDB's block cache hits, misses and stall time (µs) so far.
+    pub(crate) fn tickers(&self) -> (u64, u64, u64) {
+        use rocksdb::statistics::Ticker;
+        match &self.statistics {
+            Some(opts) => (
+                opts.get_ticker_count(Ticker::BlockCacheHit),
+                opts.get_ticker_count(Ticker::BlockCacheMiss),
+                opts.get_ticker_count(Ticker::StallMicros),
+            ),
+            None => (0, 0, 0),
         }
     }
 

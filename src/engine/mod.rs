@@ -33,6 +33,10 @@ fn db_options(options: &BackendOptions, resources: &SharedResources) -> Options 
     opts.set_write_buffer_manager(&resources.write_buffers);
     opts.set_keep_log_file_num(2);
     opts.set_max_log_file_size(4 << 20);
+    // Counters only (block cache hits and misses, stall time): no timers or histograms
+    // on the read and write paths.
+    opts.enable_statistics();
+    opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptHistogramOrTimers);
     opts
 }
 
@@ -127,7 +131,7 @@ pub(crate) fn open_core(
     }
 
     let record = read_or_create_record(&db, options, clock.as_ref(), mode == OpenMode::Rescaled)?;
-    let core = BackendCore::new(
+    let mut core = BackendCore::new(
         db,
         dir.clone(),
         record.backend_uid,
@@ -135,6 +139,7 @@ pub(crate) fn open_core(
         options.max_parallelism,
         options.key_group_range,
     );
+    core.statistics = Some(db_opts);
     load_states(&core, columns)?;
     // From here on a crash must be noticed: the clean-close mark is written again only by
     // a clean close.

@@ -258,6 +258,7 @@ impl BackendBuilder {
             )));
         };
         source.check_max_parallelism(op, self.options.max_parallelism)?;
+        let started = std::time::Instant::now();
         let range = self.options.key_group_range;
         let overlapping: Vec<&KeyedSnapshot> = op
             .subtasks
@@ -288,6 +289,14 @@ impl BackendBuilder {
         } else {
             self.rescale_files(source, &files, options).await
         };
+        if restored.is_ok() {
+            let bytes = overlapping
+                .iter()
+                .fold(0u64, |acc, k| acc.saturating_add(k.total_size()));
+            metrics::counter!(crate::telemetry::RESTORE_BYTES).increment(bytes);
+            metrics::histogram!(crate::telemetry::RESTORE_DURATION)
+                .record(crate::telemetry::seconds(started.elapsed()));
+        }
         restored.map_err(|e| e.for_operator(operator_uid))
     }
 

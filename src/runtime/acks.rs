@@ -154,6 +154,19 @@ struct AwaitedSavepoint {
     after: u64,
     dir: Option<String>,
     format: crate::format::SavepointFormat,
+    /// After this (ms since the Unix epoch) the client no longer waits.
+    expires_ms: u64,
+}
+
+/// The control requests the task carries.
+#[derive(Default)]
+struct ControlState {
+    savepoints: Vec<AwaitedSavepoint>,
+    stops: Vec<AwaitedStop>,
+    /// Whether the stop was announced to the workers.
+    announced: bool,
+    /// Answers to write (kept until written).
+    answers: Vec<(String, control::Answer)>,
 }
 
 impl CoordinatorTask {
@@ -185,10 +198,10 @@ impl CoordinatorTask {
         // completed checkpoint may still be adopted by some worker.
         let mut bases: BTreeMap<u32, u64> = BTreeMap::new();
         coordinator.set_reuse_floor(0);
-        let mut awaited: Vec<AwaitedSavepoint> = Vec::new();
-        let mut stops: Vec<AwaitedStop> = Vec::new();
+        let mut control = ControlState::default();
         let mut last_control: Option<tokio::time::Instant> = None;
-        control::clear_stops(&self.job, Some(self.run)).await;
+        let mut final_state = RunState::Failed;
+        control::clear_other_stops(&self.job, self.run).await;
         loop {
             let shutdown = tokio::select! {
                 message = rx.recv() => match message {
@@ -203,7 +216,12 @@ impl CoordinatorTask {
                         }
                         false
                     }
-                    Some(ToCoordinator::Shutdown) | None => true,
+                    Some(ToCoordinator::Shutdown) => {
+                        final_state = RunState::Stopped;
+                        true
+                    }
+                    // Worker 0 went away without saying goodbye: it failed.
+                    None => true,
                 },
                 () = tokio::time::sleep(self.poll) => false,
             };
@@ -251,24 +269,29 @@ impl CoordinatorTask {
             }
             if last_control.is_none_or(|at| at.elapsed() >= CONTROL_POLL) {
                 last_control = Some(tokio::time::Instant::now());
-                if let Err(e) = self
-                    .take_requests(&mut coordinator, &mut awaited, &mut stops)
-                    .await
-                {
+                let served = match self.take_requests(&mut coordinator, &mut control).await {
+                    Ok(()) => self.send_answers(&mut coordinator, &mut control).await,
+                    Err(e) => Err(e),
+                };
+                match served {
+                    Err(e) if e.kind() == ErrorKind::Fenced => {
+                        let _ = events.send(FromCoordinator::Stopped(e));
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.report(), "cannot serve control requests now")
+                    }
+                    Ok(()) => {}
+                }
+            }
+            if !control.savepoints.is_empty() {
+                self.make_savepoints(&mut coordinator, &mut control, false)
+                    .await;
+                if let Err(e) = self.send_answers(&mut coordinator, &mut control).await {
                     if e.kind() == ErrorKind::Fenced {
                         let _ = events.send(FromCoordinator::Stopped(e));
                         return;
                     }
-                    tracing::warn!(error = %e.report(), "cannot serve control requests now");
-                }
-            }
-            if let Err(e) = self
-                .make_savepoints(&mut coordinator, &mut awaited, false)
-                .await
-            {
-                if e.kind() == ErrorKind::Fenced {
-                    let _ = events.send(FromCoordinator::Stopped(e));
-                    return;
                 }
             }
             match coordinator.publish_status(RunState::Running).await {
@@ -280,21 +303,32 @@ impl CoordinatorTask {
                 Ok(_) => {}
             }
         }
-        // The job ends: savepoints asked for are made from its final checkpoint.
-        if let Err(e) = self
-            .make_savepoints(&mut coordinator, &mut awaited, true)
-            .await
-        {
-            tracing::warn!(error = %e.report(), "cannot answer savepoint requests");
+        // The job ends: savepoints asked for are made from its final checkpoint, and stops
+        // are answered.
+        self.make_savepoints(&mut coordinator, &mut control, true)
+            .await;
+        self.answer_stops(&mut coordinator, &mut control).await;
+        for attempt in 0..3 {
+            match self.send_answers(&mut coordinator, &mut control).await {
+                Err(e) if e.kind() != ErrorKind::Fenced && attempt < 2 => {
+                    tokio::time::sleep(CONTROL_POLL).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e.report(), "control requests left unanswered");
+                    break;
+                }
+                Ok(()) => break,
+            }
         }
-        if let Err(e) = self.answer_stops(&mut coordinator, stops).await {
-            tracing::warn!(error = %e.report(), "cannot answer stop requests");
+        // Without a stop, nobody waits for this run's proposals: they go. After a stop,
+        // a worker may still be reading the agreement: the next run removes them.
+        if !control.announced {
+            control::clear_stops(&self.job, self.run).await;
         }
-        control::clear_stops(&self.job, None).await;
         if let Err(e) = coordinator.shutdown(false).await {
             tracing::warn!(error = %e.report(), "coordinator shutdown");
         }
-        if let Err(e) = coordinator.publish_status(RunState::Stopped).await {
+        if let Err(e) = coordinator.publish_status(final_state).await {
             tracing::debug!(error = %e.report(), "cannot write the job's final status");
         }
         for id in pending.into_keys() {
@@ -302,13 +336,14 @@ impl CoordinatorTask {
         }
     }
 
-    /// Takes the job's new control requests: savepoints wait for the next checkpoint to
-    /// complete; stops are announced to the workers and answered when the job ends.
+    /// Takes the job's new control requests, recording each before anything else can
+    /// fail: savepoints wait for the next checkpoint to complete; a stop is announced to
+    /// the workers (again at every poll until that succeeds) and answered when the job
+    /// ends.
     async fn take_requests(
         &self,
         coordinator: &mut CheckpointCoordinator,
-        awaited: &mut Vec<AwaitedSavepoint>,
-        stops: &mut Vec<AwaitedStop>,
+        control: &mut ControlState,
     ) -> Result<()> {
         for request in control::pending(&self.job).await? {
             if !control::accept(coordinator, &request).await? {
@@ -325,23 +360,20 @@ impl CoordinatorTask {
                         .max()
                         .unwrap_or(0);
                     tracing::info!(request = %request.id, after, "savepoint asked; it is made from the next checkpoint");
-                    awaited.push(AwaitedSavepoint {
+                    control.savepoints.push(AwaitedSavepoint {
                         request: request.id,
                         after,
                         dir,
                         format,
+                        expires_ms: request.expires_ms,
                     });
                 }
                 Command::Stop {
                     savepoint_dir,
                     format,
                 } => {
-                    let notice = control::StopNotice {
-                        request: request.id.clone(),
-                    };
-                    control::announce_stop(coordinator, self.run, &notice).await?;
                     tracing::info!(request = %request.id, "stop asked; the workers agree on the last epoch");
-                    stops.push(AwaitedStop {
+                    control.stops.push(AwaitedStop {
                         request: request.id,
                         savepoint_dir,
                         format,
@@ -349,27 +381,75 @@ impl CoordinatorTask {
                 }
             }
         }
+        self.announce(coordinator, control).await
+    }
+
+    /// Announces the stop asked for, unless done already.
+    async fn announce(
+        &self,
+        coordinator: &mut CheckpointCoordinator,
+        control: &mut ControlState,
+    ) -> Result<()> {
+        let Some(first) = control.stops.first() else {
+            return Ok(());
+        };
+        if control.announced {
+            return Ok(());
+        }
+        let notice = control::StopNotice {
+            request: first.request.clone(),
+        };
+        control::announce_stop(coordinator, self.run, &notice).await?;
+        control.announced = true;
         Ok(())
     }
 
-    /// Makes and answers the awaited savepoints whose checkpoint has completed; at the
-    /// end of the job (`last`), the rest are answered as failed.
+    /// Writes the answers not written yet; those that fail stay for the next try.
+    async fn send_answers(
+        &self,
+        coordinator: &mut CheckpointCoordinator,
+        control: &mut ControlState,
+    ) -> Result<()> {
+        let mut first_error = None;
+        for (id, answer) in std::mem::take(&mut control.answers) {
+            if let Err(e) = control::answer(coordinator, &id, &answer).await {
+                if e.kind() == ErrorKind::Fenced {
+                    return Err(e);
+                }
+                tracing::warn!(request = %id, error = %e.report(), "cannot answer a control request yet");
+                first_error.get_or_insert(e);
+                control.answers.push((id, answer));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Makes the awaited savepoints whose checkpoint has completed and queues their
+    /// answers; at the end of the job (`last`), the rest are answered as failed. A request
+    /// whose client stopped waiting is answered as expired, without a savepoint.
     async fn make_savepoints(
         &self,
         coordinator: &mut CheckpointCoordinator,
-        awaited: &mut Vec<AwaitedSavepoint>,
+        control: &mut ControlState,
         last: bool,
-    ) -> Result<()> {
+    ) {
         let latest = coordinator.latest_completed().map(|m| m.checkpoint_id);
+        let now = crate::clock::Clock::now_millis(&SystemClock);
         let mut index = 0;
-        while index < awaited.len() {
-            let ready = latest.filter(|id| *id > awaited[index].after);
-            if ready.is_none() && !last {
+        while index < control.savepoints.len() {
+            let wanted = &control.savepoints[index];
+            let expired = now > wanted.expires_ms;
+            let ready = latest.filter(|id| *id > wanted.after);
+            if ready.is_none() && !last && !expired {
                 index += 1;
                 continue;
             }
-            let wanted = awaited.remove(index);
+            let wanted = control.savepoints.remove(index);
             let made = match ready {
+                _ if expired => Err(Error::Busy(
+                    "the request expired before a checkpoint completed: its client stopped waiting"
+                        .into(),
+                )),
                 Some(id) => self.savepoint_of(coordinator, id, &wanted).await,
                 None => Err(Error::NotFound(
                     "the job ended before a checkpoint completed after the request".into(),
@@ -382,32 +462,45 @@ impl CoordinatorTask {
                     control::Answer::failed(e)
                 }
             };
-            control::answer(coordinator, &wanted.request, &answer).await?;
+            control.answers.push((wanted.request, answer));
         }
-        Ok(())
     }
 
-    /// Answers the stop requests of a job that ended: with a savepoint of its final
-    /// checkpoint when one was asked for (one savepoint answers every such request).
+    /// Queues the answers of the stop requests of a job that ended: with a savepoint of
+    /// its final checkpoint when one was asked for (one savepoint answers every such
+    /// request).
     async fn answer_stops(
         &self,
         coordinator: &mut CheckpointCoordinator,
-        stops: Vec<AwaitedStop>,
-    ) -> Result<()> {
+        control: &mut ControlState,
+    ) {
+        let stops = std::mem::take(&mut control.stops);
         let wanted = stops.iter().find_map(|s| {
             s.savepoint_dir.as_ref().map(|dir| AwaitedSavepoint {
                 request: s.request.clone(),
                 after: 0,
                 dir: Some(dir.clone()),
                 format: s.format,
+                expires_ms: u64::MAX,
             })
         });
-        let savepoint = match (
-            wanted,
-            coordinator.latest_completed().map(|m| m.checkpoint_id),
-        ) {
+        let latest = coordinator.latest_completed().map(|m| m.checkpoint_id);
+        let savepoint = match (wanted, latest) {
             (None, _) => None,
-            (Some(wanted), Some(id)) => Some(self.savepoint_of(coordinator, id, &wanted).await),
+            (Some(wanted), Some(id)) => {
+                let agreed = control::agreed_final(&self.job, self.run, self.workers)
+                    .await
+                    .ok()
+                    .flatten();
+                if agreed.is_some_and(|last| last > id) {
+                    tracing::warn!(
+                        checkpoint_id = id,
+                        last_epoch = agreed,
+                        "the final checkpoint did not complete: the stop's savepoint holds an earlier one"
+                    );
+                }
+                Some(self.savepoint_of(coordinator, id, &wanted).await)
+            }
             (Some(_), None) => Some(Err(Error::NotFound(
                 "the job stopped without a completed checkpoint to make its savepoint from".into(),
             ))),
@@ -420,9 +513,8 @@ impl CoordinatorTask {
                 },
                 _ => control::Answer::Stopped { savepoint: None },
             };
-            control::answer(coordinator, &stop.request, &answer).await?;
+            control.answers.push((stop.request, answer));
         }
-        Ok(())
     }
 
     /// Writes a savepoint of completed checkpoint `id` for a request.

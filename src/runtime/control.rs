@@ -392,11 +392,16 @@ pub async fn propose_final(
 }
 
 /// The agreed last epoch of run `run`: the highest proposal once all `workers` proposed,
-/// `None` before.
+/// `None` before. The first reader that finds every proposal records the agreement
+/// (`agreed`, create-if-absent), so later readers read one object.
 ///
 /// Errors: `Corrupt` for a damaged proposal; storage errors.
 pub async fn agreed_final(job: &CheckpointStorage, run: u64, workers: u32) -> Result<Option<u64>> {
     let dir = stop_dir(run);
+    let agreed_path = format!("{dir}/agreed");
+    if let Some(bytes) = read_if_exists(job, &agreed_path).await? {
+        return parse_epoch(job, &agreed_path, &bytes).map(Some);
+    }
     let listed = job.list(&dir).await?;
     let mut highest = None;
     let mut seen = std::collections::BTreeSet::new();
@@ -412,34 +417,57 @@ pub async fn agreed_final(job: &CheckpointStorage, run: u64, workers: u32) -> Re
             continue;
         };
         let bytes = job.read_small(&object.path, 32).await?;
-        let epoch: u64 = std::str::from_utf8(&bytes)
-            .ok()
-            .and_then(|t| t.parse().ok())
-            .ok_or_else(|| Error::corrupt(job.url_of(&object.path), "not an epoch number"))?;
+        let epoch = parse_epoch(job, &object.path, &bytes)?;
         seen.insert(worker);
         highest = highest.max(Some(epoch));
     }
-    Ok(highest.filter(|_| seen.len() == workers as usize))
+    let Some(agreed) = highest.filter(|_| seen.len() == workers as usize) else {
+        return Ok(None);
+    };
+    match job
+        .put_if_absent(&agreed_path, Bytes::from(agreed.to_string()))
+        .await
+    {
+        // Another reader recorded it first: the same highest proposal.
+        Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(Some(agreed)),
+    }
 }
 
-/// Removes the stop announcements and proposals of every run but `keep` (best effort).
-pub async fn clear_stops(job: &CheckpointStorage, keep: Option<u64>) {
-    let keep = keep.map(stop_dir);
+fn parse_epoch(job: &CheckpointStorage, path: &str, bytes: &[u8]) -> Result<u64> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .ok_or_else(|| Error::corrupt(job.url_of(path), "not an epoch number"))
+}
+
+/// Removes the stop announcement and proposals of run `run` (best effort).
+pub async fn clear_stops(job: &CheckpointStorage, run: u64) {
+    remove_stop_files(job, |path| path.starts_with(&format!("{}/", stop_dir(run)))).await;
+}
+
+/// Removes the stop announcements and proposals of every run but `run` (best effort):
+/// what earlier runs left.
+pub async fn clear_other_stops(job: &CheckpointStorage, run: u64) {
+    remove_stop_files(job, |path| {
+        !path.starts_with(&format!("{}/", stop_dir(run)))
+    })
+    .await;
+}
+
+async fn remove_stop_files(job: &CheckpointStorage, keep_out: impl Fn(&str) -> bool) {
     let cleared = async {
         let paths: Vec<String> = job
             .list(&format!("{CONTROL_DIR}/stop"))
             .await?
             .into_iter()
             .map(|o| o.path)
-            .filter(|p| {
-                keep.as_ref()
-                    .is_none_or(|k| !p.starts_with(&format!("{k}/")))
-            })
+            .filter(|p| keep_out(p))
             .collect();
         job.delete_many(paths).await
     };
     if let Err(e) = cleared.await {
-        tracing::debug!(error = %e.report(), "cannot remove old stop announcements");
+        tracing::debug!(error = %e.report(), "cannot remove stop announcements");
     }
 }
 
@@ -467,5 +495,47 @@ mod tests {
             text.contains("\"outcome\":\"failed\"") && text.contains("InvalidArgument"),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn workers_agree_on_the_highest_last_epoch_once_all_proposed() {
+        let job = CheckpointStorage::open("memory://stop-agreement").unwrap();
+        let (run, other) = (7, 8);
+        assert_eq!(stop_notice(&job, run).await.unwrap(), None);
+        propose_final(&job, run, 0, 12).await.unwrap();
+        propose_final(&job, run, 2, 15).await.unwrap();
+        assert_eq!(agreed_final(&job, run, 3).await.unwrap(), None);
+        // A second proposal of one worker does not count.
+        propose_final(&job, run, 0, 99).await.unwrap();
+        propose_final(&job, run, 1, 14).await.unwrap();
+        assert_eq!(agreed_final(&job, run, 3).await.unwrap(), Some(15));
+        // Recorded: it stays the answer even if proposals go.
+        for w in 0..3 {
+            job.delete(&format!("{}/worker-{w}", stop_dir(run)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(agreed_final(&job, run, 3).await.unwrap(), Some(15));
+        // Proposals of workers beyond the count are ignored; damage is reported.
+        propose_final(&job, other, 5, 1).await.unwrap();
+        assert_eq!(agreed_final(&job, other, 1).await.unwrap(), None);
+        job.put(
+            &format!("{}/worker-0", stop_dir(other)),
+            Bytes::from_static(b"x"),
+        )
+        .await
+        .unwrap();
+        let e = agreed_final(&job, other, 1).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        // Each run clears its own files, or those of the others.
+        clear_other_stops(&job, run).await;
+        assert!(job.list(&stop_dir(other)).await.unwrap().is_empty());
+        assert!(!job.list(&stop_dir(run)).await.unwrap().is_empty());
+        clear_stops(&job, run).await;
+        assert!(job
+            .list(&format!("{CONTROL_DIR}/stop"))
+            .await
+            .unwrap()
+            .is_empty());
     }
 }

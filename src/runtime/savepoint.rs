@@ -40,7 +40,13 @@ pub async fn savepoint_from_snapshot(
     memory_budget: usize,
 ) -> Result<(CheckpointStorage, CheckpointMetadata)> {
     let folder = parent.child(&folder_name(job_id))?;
-    match write(source, &folder, job_id, format, scratch, memory_budget).await {
+    // Everything local goes into a directory of this call's own, removed at the end.
+    let work = scratch.join(format!("savepoint-{:016x}", rand::random::<u64>()));
+    let written = write(source, &folder, job_id, format, &work, memory_budget).await;
+    if let Err(e) = crate::restore::remove_dir_if_exists(&work).await {
+        tracing::warn!(dir = %work.display(), error = %e.report(), "cannot remove a savepoint's scratch directory");
+    }
+    match written {
         Ok(meta) => Ok((folder, meta)),
         Err(e) => {
             if e.kind() != ErrorKind::InDoubt {

@@ -128,6 +128,11 @@ pub struct DemoArgs {
     /// nothing changed, e.g. `10s`; a status not refreshed for three of these is stale.
     #[arg(long, default_value = "10s", value_parser = format::parse_duration, value_name = "INTERVAL")]
     status_interval: std::time::Duration,
+    /// Serves metrics in the Prometheus text format at http://ADDR/metrics while the job
+    /// runs (checkpoints, sync pauses, bytes, restores, RocksDB's own figures), e.g.
+    /// `127.0.0.1:9184`.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Prints one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -335,7 +340,22 @@ fn report_checkpoints<S: rockstate_harness::Source>(
     *reported = completed.len();
 }
 
+/// Serves the metrics at `addr` (from a thread of the exporter's own).
+fn serve_metrics(addr: Option<std::net::SocketAddr>) -> rockstate::Result<()> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| Error::invalid(format!("cannot serve metrics on {addr}: {e}")))?;
+    rockstate::telemetry::describe();
+    eprintln!("metrics at http://{addr}/metrics");
+    Ok(())
+}
+
 pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
+    serve_metrics(args.metrics_addr)?;
     if args.engine == Engine::Timely {
         return timely_engine(args);
     }
@@ -681,10 +701,16 @@ fn timely_engine(args: DemoArgs) -> rockstate::Result<u8> {
     let request = asked.lock().take();
     if let Some(id) = request {
         stopped_by = "signal";
+        // The job ended on its own before it took the request: nobody will answer.
+        let wait = if report.stopped {
+            Duration::from_secs(60)
+        } else {
+            Duration::from_secs(2)
+        };
         match runtime.block_on(control::wait_for_answer(
             &job,
             &id,
-            Duration::from_secs(60),
+            wait,
             Duration::from_millis(200),
         ))? {
             control::Outcome::Answered(control::Answer::Stopped { savepoint: url }) => {

@@ -18,8 +18,8 @@ use rockstate::runtime::control::Command as ControlCommand;
 mod exit {
     /// Success.
     pub const OK: u8 = 0;
-    /// Not found: no such job, checkpoint, savepoint or file, or nothing to show
-    /// (`latest` without a completed checkpoint).
+    /// Nothing to show: `latest` of a job without a completed checkpoint, `status` of a
+    /// job that never ran.
     pub const NONE: u8 = 1;
     /// Bad input or a failure, explained by one line on stderr.
     pub const ERROR: u8 = 2;
@@ -31,11 +31,13 @@ mod exit {
     pub const STALE: u8 = 5;
     /// Storage failed in a way that may pass (unreachable, throttled, timed out): retry.
     pub const TRANSIENT: u8 = 6;
+    /// Not found: no such directory, bucket, checkpoint, savepoint or file.
+    pub const NOT_FOUND: u8 = 7;
 
     /// The exit code of a command that failed with `error`.
     pub fn for_error(error: &rockstate::Error) -> u8 {
         match error.kind() {
-            rockstate::ErrorKind::NotFound => NONE,
+            rockstate::ErrorKind::NotFound => NOT_FOUND,
             rockstate::ErrorKind::Unavailable => TRANSIENT,
             _ => ERROR,
         }
@@ -45,13 +47,14 @@ mod exit {
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
-  1  not found: no such job, checkpoint, savepoint or file; nothing to show (`latest`
-     without a completed checkpoint, `status` of a job that never ran)
+  1  nothing to show (`latest` without a completed checkpoint, `status` of a job that
+     never ran)
   2  bad input or failure (one line on stderr says why)
   3  `verify` found missing or damaged files (each listed)
   4  `savepoint trigger`, `stop`: no running job answered within --wait
   5  `status`: the status is stale (no live writer: the job's process is gone or was replaced)
   6  storage failed in a way that may pass (unreachable, throttled, timed out): try again
+  7  not found: no such directory, bucket, checkpoint, savepoint or file
   130  `demo` ended by a second SIGTERM/SIGINT without waiting for its savepoint
 
 URLs: a plain path, file:///abs/path, s3://bucket/prefix (configured from AWS_ACCESS_KEY_ID,
@@ -71,7 +74,7 @@ enum Command {
     /// Runs the demo job: a keyed event stream counted per key, with incremental
     /// checkpoints; resumable after any crash, at any parallelism.
     #[command(after_help = demo::HELP)]
-    Demo(demo::DemoArgs),
+    Demo(Box<demo::DemoArgs>),
     /// Lists a job's checkpoints: completed ones with their sizes, incomplete ones marked.
     #[command(after_help = "Example: rockstate checkpoints ./rockstate-demo/demo --json")]
     Checkpoints {
@@ -231,7 +234,7 @@ fn runtime() -> rockstate::Result<tokio::runtime::Runtime> {
 
 fn run(cli: Cli) -> rockstate::Result<u8> {
     match cli.command {
-        Command::Demo(args) => demo::run(args),
+        Command::Demo(args) => demo::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::Checkpoints { job_url, output } => {
             runtime()?.block_on(snapshots::checkpoints(&job_url, output.json))

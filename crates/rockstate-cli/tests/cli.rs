@@ -26,10 +26,10 @@ const INTERVAL: u64 = 5_000;
 const SEED: u64 = 7;
 
 /// Asserts the error contract: nothing on stdout, exactly one line on stderr starting
-/// with `rockstate: `, and exit 1 when it says something was not found, else 2.
+/// with `rockstate: `, and exit 7 when it says something was not found, else 2.
 fn assert_error_line(run: &Run, what: &str) {
     let expected = if run.stderr.starts_with("rockstate: not found:") {
-        1
+        7
     } else {
         2
     };
@@ -1330,8 +1330,8 @@ fn storage_errors_on_s3_are_one_line() {
     ] {
         let run = run_env(&args, env);
         assert_error_line(&run, &format!("{args:?}"));
-        // Exit 1 (not found), naming the cause: no retry can help.
-        assert_eq!(run.code(), Some(1), "{}", run.context());
+        // Exit 7 (not found), naming the cause: no retry can help.
+        assert_eq!(run.code(), Some(7), "{}", run.context());
         assert!(
             run.stderr.contains("bucket does not exist"),
             "{}",
@@ -1844,7 +1844,8 @@ fn wait_for_status(job: &Path, what: &str, done: impl Fn(&Run, &Value) -> bool) 
 ///
 /// Proves: the status shows the writer, completed checkpoints with their sync and async
 /// parts and bytes, and is fresh while the job runs (exit 0); once the process is gone it
-/// turns stale (exit 5) after three status intervals; a directory where no job ran exits 1.
+/// turns stale (exit 5) after three status intervals; a directory where no job ran exits
+/// 1, a missing one 7.
 #[test]
 fn status_follows_a_running_job_and_turns_stale_after_a_crash() {
     let (_dir, root) = temp_root();
@@ -1902,7 +1903,10 @@ fn status_follows_a_running_job_and_turns_stale_after_a_crash() {
     assert_eq!(text.code(), Some(5), "{}", text.context());
     assert!(text.stdout.contains("STALE"), "{}", text.context());
 
-    let none = run(&["status", path_str(&root.join("nothing-here"))]);
+    let missing = run(&["status", path_str(&root.join("nothing-here"))]);
+    assert_eq!(missing.code(), Some(7), "{}", missing.context());
+    fs::create_dir_all(root.join("empty")).unwrap();
+    let none = run(&["status", path_str(&root.join("empty"))]);
     assert_eq!(none.code(), Some(1), "{}", none.context());
 }
 
@@ -1942,11 +1946,12 @@ fn help_is_short_and_long_everywhere() {
     let top = run(&["--help"]);
     for code in [
         "0  success",
-        "1  not found",
+        "1  nothing to show",
         "2  bad input",
         "4  ",
         "5  ",
         "6  storage failed",
+        "7  not found",
     ] {
         assert!(
             top.stdout.contains(code),
@@ -1954,4 +1959,112 @@ fn help_is_short_and_long_everywhere() {
             top.context()
         );
     }
+}
+
+/// One HTTP GET of `path` on `addr`: the response body, or `None` while nothing listens.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// The value of the sample `name{labels}` (labels as printed) in a Prometheus text page.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `rockstate demo --metrics-addr` serves the metrics in the Prometheus text format.
+///
+/// Proves: scraped over HTTP while the job runs, the checkpoint counter moves between
+/// two scrapes, the bytes uploaded, sync pauses and RocksDB's per-subtask figures are
+/// there with their labels and help texts; an address in use is refused with one line.
+#[test]
+fn the_metrics_endpoint_is_scraped_while_the_job_runs() {
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = command(
+        &demo_args(
+            cp,
+            "scraped",
+            &root,
+            &["--rate", "3000", "--metrics-addr", &addr],
+        ),
+        NO_ENV,
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("start the demo");
+    let completed = r#"rockstate_checkpoints_completed_total{job="scraped"}"#;
+    let scrape_until = |what: &str, done: &dyn Fn(&str) -> bool| -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if let Some(page) = http_get(&addr, "/metrics") {
+                if done(&page) {
+                    return page;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: not scraped in time"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    let first = scrape_until("a completed checkpoint", &|p| {
+        sample(p, completed).is_some_and(|n| n >= 1.0)
+    });
+    let before = sample(&first, completed).unwrap();
+    let second = scrape_until("another completed checkpoint", &|p| {
+        sample(p, completed).is_some_and(|n| n > before)
+    });
+    for series in [
+        r#"rockstate_checkpoint_uploaded_bytes_total{job="scraped"}"#,
+        r#"rockstate_checkpoint_last_uploaded_bytes{job="scraped"}"#,
+        r#"rockstate_checkpoint_duration_seconds_count{job="scraped"}"#,
+        "rockstate_snapshot_sync_seconds_count",
+        r#"rockstate_rocksdb_memtable_bytes{operator="counter",subtask="0"}"#,
+        r#"rockstate_rocksdb_estimated_keys{operator="counter",subtask="1"}"#,
+        r#"rockstate_rocksdb_block_cache_hits_total{operator="counter",subtask="0"}"#,
+    ] {
+        assert!(
+            sample(&second, series).is_some_and(|v| v > 0.0),
+            "{series} missing or zero in:\n{second}"
+        );
+    }
+    assert!(
+        second.contains("# HELP rockstate_checkpoints_completed_total checkpoints committed"),
+        "{second}"
+    );
+    // The port is taken now: a second job cannot serve there.
+    let taken = run(&demo_args(cp, "second", &root, &["--metrics-addr", &addr]));
+    assert_error_line(&taken, "metrics address in use");
+    assert!(
+        taken.stderr.contains("cannot serve metrics"),
+        "{}",
+        taken.context()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

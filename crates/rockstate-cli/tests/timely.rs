@@ -438,11 +438,16 @@ fn a_two_process_job_takes_savepoints_and_stops_on_request_and_on_signal() {
         expected
     );
     assert_eq!(digest_from(dir.path(), &last, "from-stop", "1"), expected);
+    // Every request was answered and cleaned up by its client; only the workers'
+    // agreement on the last epoch stays, for the next run to remove.
     let control = Path::new(&job).join("_control");
     let left: Vec<_> = std::fs::read_dir(&control)
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
         .unwrap_or_default();
-    assert!(left.is_empty(), "left in {control:?}: {left:?}");
+    assert!(
+        left.iter().all(|name| name == "stop"),
+        "left in {control:?}: {left:?}"
+    );
 
     let cp = dir.path().join("signal").display().to_string();
     let job = format!("{cp}/demo");

@@ -945,11 +945,17 @@ async fn publish_final(coordinator: &mut CheckpointCoordinator, state: RunState)
 
 /// A harness dropped without `finish`, `cancel` or `crash` (an error ended the run)
 /// stops its subtask threads and waits for them, so that no thread still uses RocksDB
-/// when the process exits; the coordinator is not shut down, as after a crash.
+/// when the process exits; the coordinator is not shut down, as after a crash, and the
+/// status says the job failed.
 impl<S: Source> Drop for Harness<S> {
     fn drop(&mut self) {
+        // Still running: no finish, cancel, stop or crash ended the job; an error did.
         if let (Some(task), Some(runtime)) = (self.status_task.take(), &self.runtime) {
             task.stop(runtime);
+            let coordinator = self.coordinator.clone();
+            runtime.block_on(async move {
+                publish_final(&mut *coordinator.lock().await, RunState::Failed).await
+            });
         }
         let senders = std::mem::take(&mut self.senders);
         let threads = std::mem::take(&mut self.threads);

@@ -77,6 +77,7 @@ where
                 if let Some(done) = last_completed {
                     backend.notify_checkpoint_complete(done);
                 }
+                backend.record_metrics(&ctx.operator_uid, ctx.index);
                 match backend.snapshot(id) {
                     Ok(pending) => {
                         {

@@ -262,22 +262,23 @@ impl WorkerJob {
 
     /// Agrees with every other worker on the job's last epoch, once a stop was asked:
     /// this worker has fully sent every epoch up to `sent`; the answer is the highest such
-    /// epoch of all workers (or the final epoch of a worker whose input already ended).
-    /// Sources send every epoch up to the answer, then end as usual
-    /// ([`finish`](Self::finish)); it becomes the declared final epoch. Steps the worker
-    /// while it waits.
+    /// epoch of all workers (or the final epoch of a worker whose input already ended:
+    /// declare it with [`set_final_epoch`](Self::set_final_epoch)). Sources send every
+    /// epoch up to the answer, then end as usual ([`finish`](Self::finish)); it becomes
+    /// the declared final epoch. Steps the worker while it waits. Storage failures are
+    /// retried until the coordinator's checkpoint timeout.
     ///
-    /// Errors: see [`step`](Self::step); storage errors.
+    /// Errors: see [`step`](Self::step); `Unavailable` when the workers do not agree
+    /// within the checkpoint timeout (a worker died or cannot reach the storage): the job
+    /// then fails, and resumes from its latest checkpoint.
     pub fn agree_on_stop(&self, worker: &mut Worker, sent: u64) -> Result<u64> {
         let (run, index, peers) = {
-            let mut s = self.state.borrow_mut();
-            s.proposed = true;
+            let s = self.state.borrow();
             (s.plan.run, s.index, s.peers)
         };
         let job = self.job.job.clone();
-        self.job
-            .runtime
-            .block_on(control::propose_final(&job, run, index, sent))?;
+        let deadline = Instant::now() + self.job.config.coordinator.timeout;
+        let mut proposed = false;
         let mut checked: Option<Instant> = None;
         loop {
             worker.step_or_park(Some(Duration::from_millis(1)));
@@ -286,14 +287,30 @@ impl WorkerJob {
                 continue;
             }
             checked = Some(Instant::now());
-            if let Some(last) = self
-                .job
-                .runtime
-                .block_on(control::agreed_final(&job, run, peers))?
-            {
-                tracing::info!(worker = index, last, "the workers agreed on the last epoch");
-                self.set_final_epoch(last);
-                return Ok(last);
+            let attempt = self.job.runtime.block_on(async {
+                if !proposed {
+                    control::propose_final(&job, run, index, sent).await?;
+                    proposed = true;
+                    self.state.borrow_mut().proposed = true;
+                }
+                control::agreed_final(&job, run, peers).await
+            });
+            match attempt {
+                Ok(Some(last)) => {
+                    tracing::info!(worker = index, last, "the workers agreed on the last epoch");
+                    self.set_final_epoch(last);
+                    return Ok(last);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(worker = index, error = %e.report(), "cannot agree on the last epoch yet")
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Busy(format!(
+                    "the workers did not agree on the last epoch within {:?} (a worker is gone or cannot reach the storage)",
+                    self.job.config.coordinator.timeout
+                )));
             }
         }
     }
@@ -644,6 +661,7 @@ impl WorkerState {
         }
         self.report.bases.push((id, uid.clone(), base));
         self.report.snapshots += 1;
+        backend.record_metrics(&uid, self.index);
         match backend.snapshot(id) {
             Ok(pending) => {
                 let pause = pending.sync_duration();
