@@ -167,6 +167,18 @@ enum Command {
     /// checkpoints, restore, rescale and savepoint, each against a baseline of the same run.
     #[command(after_help = bench::HELP)]
     Bench(bench::BenchArgs),
+    /// Prints a shell completion script, generated from the command-line definition.
+    #[command(
+        after_help = "Examples:\n  rockstate completions bash > ~/.local/share/bash-completion/completions/rockstate\n  rockstate completions zsh > \"${fpath[1]}/_rockstate\""
+    )]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Prints the manual page (roff), generated from the command-line definition.
+    #[command(after_help = "Example: rockstate man > rockstate.1 && man ./rockstate.1")]
+    Man,
     /// Shows which key group and subtask own a string key.
     #[command(
         after_help = "Example: rockstate key-group user-42 --max-parallelism 128 --parallelism 4"
@@ -290,6 +302,23 @@ fn run(cli: Cli) -> rockstate::Result<u8> {
             grace,
             output,
         } => runtime()?.block_on(snapshots::gc(&job_url, dry_run, grace, output.json)),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "rockstate", &mut std::io::stdout());
+            Ok(exit::OK)
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            let mut page = Vec::new();
+            clap_mangen::Man::new(command)
+                .render(&mut page)
+                .and_then(|()| {
+                    use std::io::Write;
+                    std::io::stdout().write_all(&page)
+                })
+                .map_err(|e| rockstate::Error::io("write the manual page", e))?;
+            Ok(exit::OK)
+        }
         Command::KeyGroup {
             key,
             max_parallelism,

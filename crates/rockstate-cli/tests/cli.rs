@@ -1929,6 +1929,8 @@ fn help_is_short_and_long_everywhere() {
         &["gc"],
         &["bench"],
         &["key-group"],
+        &["completions"],
+        &["man"],
     ];
     for command in commands {
         for flag in ["-h", "--help"] {
@@ -1943,6 +1945,16 @@ fn help_is_short_and_long_everywhere() {
             );
         }
     }
+    // Completions and the manual page come from the same definition.
+    for shell in ["bash", "zsh", "fish"] {
+        let script = run(&["completions", shell]);
+        script.expect(0);
+        assert!(script.stdout.contains("status"), "{shell}\n{}", script.context());
+    }
+    let man = run(&["man"]);
+    man.expect(0);
+    assert!(man.stdout.contains(".TH rockstate 1"), "{}", man.context());
+    assert!(man.stdout.contains("savepoint"), "{}", man.context());
     let top = run(&["--help"]);
     for code in [
         "0  success",
