@@ -263,6 +263,52 @@
 //! checkpoints completed (only those of its own writer epoch). The timely adapter works
 //! this way across processes and machines.
 //!
+//! ## 6. Operating a running job
+//!
+//! Other processes (the `rockstate` command, scripts) reach a running job through its
+//! storage, so a runtime needs no server: poll [`runtime::control::pending`] now and then
+//! (twice a second), [`accept`](runtime::control::accept) a request before acting on it
+//! and [`answer`](runtime::control::answer) it once done. Call
+//! [`CheckpointCoordinator::publish_status`] from the same loop: it keeps
+//! `_status.json` up to date for `rockstate status` (cheap when nothing is due). Call
+//! [`RocksStateBackend::record_metrics`] now and then (at each checkpoint) so that
+//! RocksDB's figures reach the application's metrics exporter ([`telemetry`]).
+//!
+//! ```
+//! use rockstate::checkpoint::status::RunState;
+//! use rockstate::runtime::control::{self, Answer, Command};
+//! use rockstate::{CheckpointCoordinator, CheckpointStorage, CoordinatorOptions, SavepointFormat};
+//! # fn main() -> rockstate::Result<()> {
+//! # let runtime = tokio::runtime::Runtime::new().unwrap();
+//! # runtime.block_on(async {
+//! let job = CheckpointStorage::open("memory://operated")?.child("my-job")?;
+//! let mut coordinator =
+//!     CheckpointCoordinator::start(job.clone(), "my-job", vec![], CoordinatorOptions::default())
+//!         .await?;
+//! // Another process asks for a savepoint (what `rockstate savepoint trigger` does).
+//! let wait = std::time::Duration::from_secs(60);
+//! let savepoint = Command::Savepoint { dir: Some("memory://savepoints".into()), format: SavepointFormat::Canonical };
+//! let id = control::submit(&job, savepoint, wait).await?;
+//!
+//! // The runtime's polling loop.
+//! coordinator.publish_status(RunState::Running).await?;
+//! for request in control::pending(&job).await? {
+//!     if !control::accept(&mut coordinator, &request).await? {
+//!         continue; // withdrawn by its client, or expired
+//!     }
+//!     if let Command::Savepoint { .. } = request.command {
+//!         // Take it as in step 4, then answer with its folder's URL.
+//!         let answer = Answer::Savepoint { url: "memory://savepoints/savepoint-my-job-1".into() };
+//!         control::answer(&mut coordinator, &request.id, &answer).await?;
+//!     }
+//! }
+//! let outcome = control::wait_for_answer(&job, &id, wait, std::time::Duration::from_millis(10)).await?;
+//! assert!(matches!(outcome, control::Outcome::Answered(Answer::Savepoint { .. })));
+//! # Ok::<_, rockstate::Error>(())
+//! # })
+//! # }
+//! ```
+//!
 //! ## Errors
 //!
 //! Every call returns [`Error`]; decide with [`Error::kind`]. `Fenced` means another

@@ -126,7 +126,8 @@ const WITHDRAWN: &[u8] = b"withdrawn";
 /// without bound (the rest wait for the next poll).
 const MAX_PER_POLL: usize = 64;
 /// Withdrawn claims are kept this long, so that a job that listed their request just
-/// before the withdrawal still finds the claim.
+/// before the withdrawal still finds the claim; uncollected answers too, for a slow
+/// client.
 const KEEP_WITHDRAWN_MS: i64 = 3_600_000;
 
 fn encode<T: Serialize>(value: &T) -> Result<Bytes> {
@@ -244,8 +245,9 @@ async fn remove(job: &CheckpointStorage, id: &str) -> Result<()> {
 }
 
 /// The requests of `job` that nobody claimed yet (at most 64, the oldest listed first).
-/// Unreadable requests are skipped (their clients time out); withdrawn claims older than
-/// an hour are removed.
+/// Unreadable requests are skipped (their clients time out); withdrawn claims, and the
+/// files of answered requests whose client never collected the answer, are removed after
+/// an hour.
 ///
 /// Errors: storage errors.
 pub async fn pending(job: &CheckpointStorage) -> Result<Vec<Request>> {
@@ -254,6 +256,21 @@ pub async fn pending(job: &CheckpointStorage) -> Result<Vec<Request>> {
     let now = i64::try_from(SystemClock.now_millis()).unwrap_or(i64::MAX);
     let mut requests = Vec::new();
     for object in &listed {
+        // An answer its client never collected (the client died after the job took the
+        // request): the request's files go after an hour.
+        if let Some(stem) = object.path.strip_suffix(".answer") {
+            if now.saturating_sub(object.last_modified_ms) > KEEP_WITHDRAWN_MS {
+                let files = vec![
+                    format!("{stem}.request"),
+                    format!("{stem}.claim"),
+                    object.path.clone(),
+                ];
+                if let Err(e) = job.delete_many(files).await {
+                    tracing::debug!(path = %object.path, error = %e.report(), "cannot remove an old answer");
+                }
+            }
+            continue;
+        }
         if let Some(stem) = object.path.strip_suffix(".claim") {
             let orphan = !names.contains(format!("{stem}.request").as_str());
             if orphan && now.saturating_sub(object.last_modified_ms) > KEEP_WITHDRAWN_MS {
@@ -537,5 +554,44 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
+    }
+
+    #[tokio::test]
+    async fn answers_nobody_collected_are_removed_after_an_hour() {
+        let tmp = tempfile::tempdir().unwrap();
+        let job = CheckpointStorage::open(tmp.path().to_str().unwrap()).unwrap();
+        let wait = Duration::from_secs(60);
+        let command = || Command::Savepoint {
+            dir: None,
+            format: SavepointFormat::Canonical,
+        };
+        let old = submit(&job, command(), wait).await.unwrap();
+        let fresh = submit(&job, command(), wait).await.unwrap();
+        for id in [&old, &fresh] {
+            assert!(claim(&job, id, ACCEPTED).await.unwrap());
+            let answer = Answer::Savepoint {
+                url: "file:///sp".into(),
+            };
+            job.put_if_absent(&answer_path(id), encode(&answer).unwrap())
+                .await
+                .unwrap();
+        }
+        // The client of `old` died two hours ago.
+        let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7_200);
+        let file = std::fs::File::options()
+            .write(true)
+            .open(tmp.path().join(answer_path(&old)))
+            .unwrap();
+        file.set_modified(two_hours_ago).unwrap();
+        assert!(pending(&job).await.unwrap().is_empty());
+        let left: Vec<String> = job
+            .list(CONTROL_DIR)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.path)
+            .collect();
+        assert!(left.iter().all(|p| p.contains(&fresh)), "{left:?}");
+        assert_eq!(left.len(), 3, "{left:?}");
     }
 }

@@ -1949,7 +1949,11 @@ fn help_is_short_and_long_everywhere() {
     for shell in ["bash", "zsh", "fish"] {
         let script = run(&["completions", shell]);
         script.expect(0);
-        assert!(script.stdout.contains("status"), "{shell}\n{}", script.context());
+        assert!(
+            script.stdout.contains("status"),
+            "{shell}\n{}",
+            script.context()
+        );
     }
     let man = run(&["man"]);
     man.expect(0);

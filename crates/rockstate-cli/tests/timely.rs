@@ -438,6 +438,34 @@ fn a_two_process_job_takes_savepoints_and_stops_on_request_and_on_signal() {
         expected
     );
     assert_eq!(digest_from(dir.path(), &last, "from-stop", "1"), expected);
+    // And on timely again, on one process of three workers.
+    let out = run_env(
+        &[
+            "demo",
+            "--engine",
+            "timely",
+            "--threads",
+            "3",
+            "--checkpoint-dir",
+            &dir.path().join("restored").display().to_string(),
+            "--job-id",
+            "timely-from-stop",
+            "--from",
+            &last,
+            "--events",
+            EVENTS,
+            "--keys",
+            KEYS,
+            "--seed",
+            SEED,
+            "--checkpoint-interval",
+            INTERVAL,
+            "--json",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", out.context());
+    assert_eq!(out.json()["state_digest"].as_str(), Some(expected.as_str()));
     // Every request was answered and cleaned up by its client; only the workers'
     // agreement on the last epoch stays, for the next run to remove.
     let control = Path::new(&job).join("_control");
