@@ -192,6 +192,7 @@ pub(crate) async fn download_all(
         .map(|file| async move {
             let target = dir.join(&file.local_name);
             if reuse.take(file, &target).await? {
+                crate::storage::count_restored(file.size);
                 return Ok(());
             }
             job.download_file(&file.path, &target, &file.info()).await

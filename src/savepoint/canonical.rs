@@ -413,6 +413,7 @@ impl DataFileReader {
             if !have(BLOCK_HEADER_LEN as u64, &window, window_start) {
                 let to = end.min(pos + READ_WINDOW.max(BLOCK_HEADER_LEN as u64));
                 window = self.storage.read_range(&self.path, pos..to).await?;
+                crate::storage::count_restored(window.len() as u64);
                 window_start = pos;
             }
             let at = (pos - window_start) as usize;
@@ -429,6 +430,7 @@ impl DataFileReader {
             if !have(block_len, &window, window_start) {
                 let to = end.min(pos + READ_WINDOW.max(block_len));
                 window = self.storage.read_range(&self.path, pos..to).await?;
+                crate::storage::count_restored(window.len() as u64);
                 window_start = pos;
             }
             let at = (pos - window_start) as usize;

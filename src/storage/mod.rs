@@ -21,8 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-pub use transfer::FileInfo;
+pub(crate) use transfer::count_restored;
 pub(crate) use transfer::{link_or_copy_checked, remove_local};
+pub use transfer::{transfer_totals, FileInfo};
 
 /// Copies a local file to a new name: a hard link when possible (the files are
 /// immutable), else a copy written under a temporary name, synced and renamed.

@@ -19,6 +19,29 @@ pub struct FileInfo {
     pub crc32: u32,
 }
 
+/// Bytes of snapshot files this process restored (downloaded, or taken from local files
+/// after checking them) and stored (uploaded), since it started: for progress displays
+/// ([`transfer_totals`]).
+static RESTORED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static STORED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bytes of snapshot files this process has restored and stored so far, over every
+/// storage: `(restored, stored)`. Counted per file once it is complete and checked; a
+/// progress display compares two readings.
+pub fn transfer_totals() -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (RESTORED.load(Relaxed), STORED.load(Relaxed))
+}
+
+/// Counts `n` restored bytes (see [`transfer_totals`]).
+pub(crate) fn count_restored(n: u64) {
+    RESTORED.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn count_stored(n: u64) {
+    STORED.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Bytes read from a local file per step of a multipart upload.
 const READ_CHUNK: usize = 1 << 20;
 /// Parts of one multipart upload in flight at once.
@@ -35,6 +58,12 @@ impl CheckpointStorage {
     /// cannot be read; storage errors (`Unavailable` for retryable ones). A failed
     /// multipart upload is aborted (its parts are removed).
     pub async fn upload_file(&self, local: &Path, rel: &str) -> Result<FileInfo> {
+        let info = self.upload_file_retrying(local, rel).await?;
+        count_stored(info.size);
+        Ok(info)
+    }
+
+    async fn upload_file_retrying(&self, local: &Path, rel: &str) -> Result<FileInfo> {
         self.retrying("upload", |attempt| async move {
             match self.upload_file_once(local, rel).await {
                 // A failed attempt may have stored the object: it counts if it is ours.
@@ -129,6 +158,12 @@ impl CheckpointStorage {
     /// size or CRC mismatch; `Io` when the local file cannot be written. A failed download
     /// leaves a partial local file that the caller removes with its directory.
     pub async fn download_file(&self, rel: &str, local: &Path, expected: &FileInfo) -> Result<()> {
+        self.download_file_once(rel, local, expected).await?;
+        count_restored(expected.size);
+        Ok(())
+    }
+
+    async fn download_file_once(&self, rel: &str, local: &Path, expected: &FileInfo) -> Result<()> {
         if let Some(source) = self.local_file(rel)? {
             self.refuse_symlinks(rel).await?;
             let (url, local, expected) = (self.url_of(rel), local.to_path_buf(), *expected);

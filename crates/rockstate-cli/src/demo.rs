@@ -420,7 +420,20 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
         },
     };
     let started = Instant::now();
-    let mut harness = Harness::start(config, &storage, source, Counter::factory(), start)?;
+    // A progress line while a large state is restored.
+    let restore_total = match &start {
+        StartFrom::Latest => runtime
+            .block_on(job.latest_completed())?
+            .map_or(0, |m| m.total_size()),
+        StartFrom::Snapshot { source, .. } => source.metadata().total_size(),
+        _ => 0,
+    };
+    let mut harness = crate::progress::while_transferring(
+        "restore",
+        restore_total,
+        crate::progress::Transfer::Restored,
+        || Harness::start(config, &storage, source, Counter::factory(), start),
+    )?;
     let restored_from = harness.restored_location().map(str::to_string);
     let already: u64 = harness.position().offsets().iter().sum();
     eprintln!(
@@ -499,7 +512,13 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
                     FormatArg::Canonical => SavepointFormat::Canonical,
                     FormatArg::Native => SavepointFormat::Native,
                 };
-                let (sp, finished) = harness.stop_with_savepoint(Some(dir), format)?;
+                let estimate = harness.latest_checkpoint().map_or(0, |m| m.total_size());
+                let (sp, finished) = crate::progress::while_transferring(
+                    "savepoint",
+                    estimate,
+                    crate::progress::Transfer::Stored,
+                    || harness.stop_with_savepoint(Some(dir), format),
+                )?;
                 progress.println(&format!("savepoint written to {}", sp.url));
                 savepoint = Some(sp.url);
                 finished

@@ -136,3 +136,50 @@ fn redraws() -> bool {
 pub fn colours() -> bool {
     redraws() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
+
+/// Which of the library's transfer totals a progress line follows.
+#[derive(Debug, Clone, Copy)]
+pub enum Transfer {
+    /// Bytes of snapshot files restored.
+    Restored,
+    /// Bytes of snapshot files stored.
+    Stored,
+}
+
+/// Runs `work` with a byte progress line `label` of about `total` bytes, fed by the
+/// library's transfer totals (every transfer of this process counts, so the line is an
+/// estimate when other transfers run meanwhile). Nothing is drawn when `total` is 0 or
+/// stderr cannot redraw a line.
+pub fn while_transferring<T>(
+    label: &str,
+    total: u64,
+    which: Transfer,
+    work: impl FnOnce() -> T,
+) -> T {
+    if total == 0 || !redraws() {
+        return work();
+    }
+    let read = move || {
+        let (restored, stored) = rockstate::storage::transfer_totals();
+        match which {
+            Transfer::Restored => restored,
+            Transfer::Stored => stored,
+        }
+    };
+    let progress = Progress::bytes(label, total);
+    let start = read();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                progress.set(read().saturating_sub(start).min(total));
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        let result = work();
+        done.store(true, Ordering::Relaxed);
+        result
+    });
+    progress.finish();
+    result
+}
