@@ -370,18 +370,34 @@ fn clap_message(e: &clap::Error) -> String {
         return "a command is required".into();
     }
     let rendered = e.render().to_string();
-    let message: Vec<&str> = rendered
+    let lines: Vec<&str> = rendered
         .lines()
         .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let message: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| !l.starts_with("tip:"))
+        .collect();
+    // clap's tips ("a similar subcommand exists: 'status'") stay, in parentheses.
+    let tips: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("tip:"))
+        .map(str::trim)
         .collect();
     let text = one_line(&message.join(" "));
     let text = text.trim_start_matches("error: ");
-    if text.is_empty() {
-        "invalid arguments".into()
+    let text = if text.is_empty() {
+        "invalid arguments".to_string()
     } else {
         text.to_string()
+    };
+    if tips.is_empty() {
+        text
+    } else {
+        format!("{text} ({})", one_line(&tips.join("; ")))
     }
 }
 

@@ -1959,6 +1959,13 @@ fn help_is_short_and_long_everywhere() {
     man.expect(0);
     assert!(man.stdout.contains(".TH rockstate 1"), "{}", man.context());
     assert!(man.stdout.contains("savepoint"), "{}", man.context());
+    // A misspelt command or flag: one line, with clap's suggestion kept.
+    let typo = run(&["stauts", "./job"]);
+    assert_error_line(&typo, "a misspelt command");
+    assert!(typo.stderr.contains("'status'"), "{}", typo.context());
+    let typo = run(&["status", "./job", "--wacth", "1s"]);
+    assert_error_line(&typo, "a misspelt flag");
+    assert!(typo.stderr.contains("--watch"), "{}", typo.context());
     let top = run(&["--help"]);
     for code in [
         "0  success",
