@@ -850,3 +850,45 @@ fn clock_now(clock: &ManualClock) -> u64 {
     use rockstate::clock::Clock;
     clock.now_millis()
 }
+
+/// A hold keeps a completed checkpoint and its files from retention while something reads
+/// it (a savepoint made from it while the job goes on); releasing it lets retention catch
+/// up. Only retained checkpoints can be held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_checkpoint_outlives_retention_until_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_storage("hold");
+    let mut coordinator = start(&job, 2).await;
+    let tasks = subtasks(dir.path(), 2);
+    let backends: Vec<RocksStateBackend> = tasks.into_iter().map(|t| t.backend).collect();
+    let first =
+        rockstate::testing::fixtures::checkpoint_once(&mut coordinator, &job, UID, &backends).await;
+    coordinator.hold(first.checkpoint_id).unwrap();
+    assert_eq!(
+        coordinator
+            .hold(first.checkpoint_id + 100)
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound
+    );
+    let mut later = Vec::new();
+    for _ in 0..3 {
+        later.push(
+            rockstate::testing::fixtures::checkpoint_once(&mut coordinator, &job, UID, &backends)
+                .await,
+        );
+    }
+    let retained: Vec<u64> = coordinator.retained().map(|m| m.checkpoint_id).collect();
+    assert!(retained.contains(&first.checkpoint_id), "{retained:?}");
+    assert_referenced_files_exist(&job, std::slice::from_ref(&first), "held").await;
+    coordinator.release(first.checkpoint_id).await.unwrap();
+    let retained: Vec<u64> = coordinator.retained().map(|m| m.checkpoint_id).collect();
+    assert_eq!(retained, vec![later[2].checkpoint_id]);
+    assert!(stored_under(&job, &format!("chk-{}", first.checkpoint_id))
+        .await
+        .is_empty());
+    assert_referenced_files_exist(&job, &later[2..], "after release").await;
+    for b in backends {
+        b.close().unwrap();
+    }
+}

@@ -137,6 +137,8 @@ pub struct CheckpointCoordinator {
     abandoned: Vec<CheckpointMetadata>,
     /// What the status document ([`status`]) reports.
     status: StatusTracker,
+    /// Completed checkpoints held against retention ([`hold`](Self::hold)), with counts.
+    holds: BTreeMap<u64, usize>,
 }
 
 impl std::fmt::Debug for CheckpointCoordinator {
@@ -356,6 +358,7 @@ impl CheckpointCoordinator {
             options,
             clock,
             status,
+            holds: BTreeMap::new(),
             next_id,
             pending: BTreeMap::new(),
             retained,
@@ -963,6 +966,40 @@ impl CheckpointCoordinator {
             .unwrap_or(u64::MAX)
             .min(self.reuse_floor)
             .min(self.in_doubt.keys().next().copied().unwrap_or(u64::MAX))
+            .min(self.holds.keys().next().copied().unwrap_or(u64::MAX))
+    }
+
+    /// Keeps the retained checkpoint `checkpoint_id`, and every file it references, from
+    /// retention until [`release`](Self::release): for work that reads it while the job
+    /// goes on (a savepoint made from it). Holds nest.
+    ///
+    /// Errors: `NotFound` when it is not a retained checkpoint.
+    pub fn hold(&mut self, checkpoint_id: u64) -> Result<()> {
+        if !self
+            .retained
+            .iter()
+            .any(|m| m.checkpoint_id == checkpoint_id)
+        {
+            return Err(Error::NotFound(format!(
+                "checkpoint {checkpoint_id} of {} is not retained",
+                self.job.url()
+            )));
+        }
+        *self.holds.entry(checkpoint_id).or_insert(0) += 1;
+        Ok(())
+    }
+
+    /// Ends one [`hold`](Self::hold) of `checkpoint_id`; retention catches up.
+    ///
+    /// Errors: `Fenced`; storage errors of the retention that catches up.
+    pub async fn release(&mut self, checkpoint_id: u64) -> Result<()> {
+        if let Some(count) = self.holds.get_mut(&checkpoint_id) {
+            *count -= 1;
+            if *count == 0 {
+                self.holds.remove(&checkpoint_id);
+            }
+        }
+        self.subsume_and_release().await
     }
 
     /// Subsumes retained checkpoints beyond `num_retained` (keeping any that a pending

@@ -158,6 +158,20 @@ struct AwaitedSavepoint {
     expires_ms: u64,
 }
 
+/// A savepoint being written from checkpoint `checkpoint` (held against retention).
+struct Building {
+    request: String,
+    checkpoint: u64,
+    handle: tokio::task::JoinHandle<Result<String>>,
+}
+
+/// The result of a savepoint's thread.
+fn joined(result: std::result::Result<Result<String>, tokio::task::JoinError>) -> Result<String> {
+    result
+        .map_err(|e| Error::Internal(format!("the savepoint task failed: {e}")))
+        .and_then(|r| r)
+}
+
 /// The control requests the task carries.
 #[derive(Default)]
 struct ControlState {
@@ -167,6 +181,8 @@ struct ControlState {
     announced: bool,
     /// Answers to write (kept until written).
     answers: Vec<(String, control::Answer)>,
+    /// Savepoints being written.
+    building: Vec<Building>,
 }
 
 impl CoordinatorTask {
@@ -202,6 +218,10 @@ impl CoordinatorTask {
         let mut last_control: Option<tokio::time::Instant> = None;
         let mut final_state = RunState::Failed;
         control::clear_other_stops(&self.job, self.run).await;
+        // Savepoints of an earlier run of this process left their scratch files.
+        if let Err(e) = crate::restore::remove_dir_if_exists(&self.scratch).await {
+            tracing::warn!(error = %e.report(), "cannot empty the savepoint scratch directory");
+        }
         loop {
             let shutdown = tokio::select! {
                 message = rx.recv() => match message {
@@ -284,9 +304,16 @@ impl CoordinatorTask {
                     Ok(()) => {}
                 }
             }
-            if !control.savepoints.is_empty() {
+            if !control.savepoints.is_empty() || !control.building.is_empty() {
                 self.make_savepoints(&mut coordinator, &mut control, false)
                     .await;
+                if let Err(e) = self
+                    .finish_builds(&mut coordinator, &mut control, false)
+                    .await
+                {
+                    let _ = events.send(FromCoordinator::Stopped(e));
+                    return;
+                }
                 if let Err(e) = self.send_answers(&mut coordinator, &mut control).await {
                     if e.kind() == ErrorKind::Fenced {
                         let _ = events.send(FromCoordinator::Stopped(e));
@@ -307,6 +334,12 @@ impl CoordinatorTask {
         // are answered.
         self.make_savepoints(&mut coordinator, &mut control, true)
             .await;
+        if let Err(e) = self
+            .finish_builds(&mut coordinator, &mut control, true)
+            .await
+        {
+            tracing::warn!(error = %e.report(), "savepoints asked of the job");
+        }
         self.answer_stops(&mut coordinator, &mut control).await;
         for attempt in 0..3 {
             match self.send_answers(&mut coordinator, &mut control).await {
@@ -445,24 +478,40 @@ impl CoordinatorTask {
                 continue;
             }
             let wanted = control.savepoints.remove(index);
-            let made = match ready {
+            let started = match ready {
                 _ if expired => Err(Error::Busy(
                     "the request expired before a checkpoint completed: its client stopped waiting"
                         .into(),
                 )),
-                Some(id) => self.savepoint_of(coordinator, id, &wanted).await,
+                Some(id) => match coordinator.hold(id) {
+                    Ok(()) => match self.start_savepoint(coordinator, id, &wanted).await {
+                        Ok(handle) => Ok((id, handle)),
+                        Err(e) => {
+                            if let Err(e) = coordinator.release(id).await {
+                                tracing::warn!(checkpoint_id = id, error = %e.report(), "retention after a savepoint");
+                            }
+                            Err(e)
+                        }
+                    },
+                    Err(e) => Err(e),
+                },
                 None => Err(Error::NotFound(
                     "the job ended before a checkpoint completed after the request".into(),
                 )),
             };
-            let answer = match &made {
-                Ok(url) => control::Answer::Savepoint { url: url.clone() },
+            match started {
+                Ok((checkpoint, handle)) => control.building.push(Building {
+                    request: wanted.request,
+                    checkpoint,
+                    handle,
+                }),
                 Err(e) => {
                     tracing::warn!(request = %wanted.request, error = %e.report(), "requested savepoint failed");
-                    control::Answer::failed(e)
+                    control
+                        .answers
+                        .push((wanted.request, control::Answer::failed(&e)));
                 }
-            };
-            control.answers.push((wanted.request, answer));
+            }
         }
     }
 
@@ -517,13 +566,15 @@ impl CoordinatorTask {
         }
     }
 
-    /// Writes a savepoint of completed checkpoint `id` for a request.
-    async fn savepoint_of(
+    /// Starts writing a savepoint of completed checkpoint `id` for a request, on a
+    /// thread of its own (the restores it runs are long, and their futures are not `Send`);
+    /// the caller holds the checkpoint against retention until it is done.
+    async fn start_savepoint(
         &self,
         coordinator: &CheckpointCoordinator,
         id: u64,
         wanted: &AwaitedSavepoint,
-    ) -> Result<String> {
+    ) -> Result<tokio::task::JoinHandle<Result<String>>> {
         let parent =
             match (&wanted.dir, &self.options.savepoints_dir) {
                 (Some(dir), _) | (None, Some(dir)) => CheckpointStorage::open(dir)?,
@@ -535,31 +586,68 @@ impl CoordinatorTask {
             &coordinator.job_storage().child(&format!("chk-{id}"))?,
         )
         .await?;
-        let scratch = self.scratch.clone();
-        crate::restore::remove_dir_if_exists(&scratch).await?;
-        // Driven on a blocking thread: the restore's future is not `Send`, and the
-        // conversion must not hold up this runtime's other tasks.
         let (job_id, format, budget) = (self.job_id.clone(), wanted.format, self.memory_budget);
+        let scratch = self.scratch.clone();
         let runtime = tokio::runtime::Handle::current();
-        let scratch_dir = scratch.clone();
-        let made = tokio::task::spawn_blocking(move || {
-            runtime.block_on(crate::runtime::savepoint_from_snapshot(
-                &source,
-                &parent,
-                &job_id,
-                format,
-                &scratch_dir,
-                budget,
-            ))
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("the savepoint task failed: {e}")))
-        .and_then(|r| r);
-        if let Err(e) = crate::restore::remove_dir_if_exists(&scratch).await {
-            tracing::debug!(error = %e.report(), "cannot remove the savepoint scratch directory");
+        Ok(tokio::task::spawn_blocking(move || {
+            runtime
+                .block_on(crate::runtime::savepoint_from_snapshot(
+                    &source, &parent, &job_id, format, &scratch, budget,
+                ))
+                .map(|(folder, _)| folder.url().to_string())
+        }))
+    }
+
+    /// Writes a savepoint of completed checkpoint `id` for a request and waits for it.
+    async fn savepoint_of(
+        &self,
+        coordinator: &mut CheckpointCoordinator,
+        id: u64,
+        wanted: &AwaitedSavepoint,
+    ) -> Result<String> {
+        coordinator.hold(id)?;
+        let made = match self.start_savepoint(coordinator, id, wanted).await {
+            Ok(handle) => joined(handle.await),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = coordinator.release(id).await {
+            tracing::warn!(checkpoint_id = id, error = %e.report(), "retention after a savepoint");
         }
-        let (folder, _) = made?;
-        Ok(folder.url().to_string())
+        made
+    }
+
+    /// Answers the savepoints whose writing ended (all of them, waiting, when `wait`).
+    async fn finish_builds(
+        &self,
+        coordinator: &mut CheckpointCoordinator,
+        control: &mut ControlState,
+        wait: bool,
+    ) -> Result<()> {
+        let mut index = 0;
+        while index < control.building.len() {
+            if !wait && !control.building[index].handle.is_finished() {
+                index += 1;
+                continue;
+            }
+            let build = control.building.remove(index);
+            let made = joined(build.handle.await);
+            let answer = match &made {
+                Ok(url) => control::Answer::Savepoint { url: url.clone() },
+                Err(e) => {
+                    tracing::warn!(request = %build.request, error = %e.report(), "requested savepoint failed");
+                    control::Answer::failed(e)
+                }
+            };
+            control.answers.push((build.request, answer));
+            match coordinator.release(build.checkpoint).await {
+                Err(e) if e.kind() == ErrorKind::Fenced => return Err(e),
+                Err(e) => {
+                    tracing::warn!(checkpoint_id = build.checkpoint, error = %e.report(), "retention after a savepoint")
+                }
+                Ok(()) => {}
+            }
+        }
+        Ok(())
     }
 
     /// Reads the new acknowledgements of checkpoint `id` and hands them to the coordinator.
