@@ -36,7 +36,11 @@ print(0 if doc.get("stale", True) else status.get("completed", 0))'
 # Waits until the job of process $3 has completed $2 checkpoints of its own, or ended.
 wait_for_checkpoints() {
   local job=$1 want=$2 pid=$3
-  while kill -0 "$pid" 2>/dev/null && [ "$(live_checkpoints "$job")" -lt "$want" ]; do
+  local n
+  while kill -0 "$pid" 2>/dev/null; do
+    n=$(live_checkpoints "$job")
+    [[ "$n" =~ ^[0-9]+$ ]] || n=0
+    [ "$n" -ge "$want" ] && break
     sleep 0.1
   done
 }
@@ -80,9 +84,9 @@ pid=$!
 wait_for_checkpoints "$JOB" 2 "$pid"
 "$rs" status "$JOB" | head -8 || true
 live_savepoint=$("$rs" savepoint trigger "$JOB" --wait 2m || true)
-echo "savepoint of the running job: ${live_savepoint:-none (the job had ended)}"
+echo "savepoint of the running job: ${live_savepoint:-none (see the line above)}"
 final_savepoint=$("$rs" stop "$JOB" --savepoint "$DIR/savepoints" --wait 2m || true)
-echo "final savepoint: ${final_savepoint:-none (the job had ended)}"
+echo "final savepoint: ${final_savepoint:-none (see the line above)}"
 wait "$pid" || true
 cat "$DIR/run2.log"
 

@@ -468,19 +468,14 @@ fn misconfiguration(text: &str) -> Option<Misconfigured> {
     // service, which does not exist here.
     let metadata_service =
         text.contains("169.254.169.254") || text.contains("metadata.google.internal");
-    // Refused or denied (no such service here), not a passing failure of one that exists.
-    let refused = [
-        "403 Forbidden",
-        "404 Not Found",
-        "401 Unauthorized",
-        "refused",
-        "resolve",
-        "unreachable",
-        "No route",
-    ]
-    .iter()
-    .any(|sign| text.contains(sign));
-    if metadata_service && refused {
+    // Any failure but a passing one of a service that exists (a 5xx or 429 answer): no
+    // such service here (refused, unreachable, timed out, not resolved, denied).
+    let passing = ["500 ", "502 ", "503 ", "504 ", "429 "]
+        .iter()
+        .any(|status| {
+            text.contains(&format!("code: {status}")) || text.contains(&format!(": {status}"))
+        });
+    if metadata_service && !passing {
         return Some(Misconfigured::Credentials(
             "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where instance credentials exist",
         ));
@@ -513,10 +508,37 @@ pub(crate) fn already_retried(error: &Error) -> bool {
                 let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
                 digits.parse().ok()
             };
-            match (number_after("after "), number_after("max_retries: ")) {
-                (Some(done), Some(max)) => text.contains(" retries, max_retries") && done >= max,
-                _ => false,
+            if !text.contains(" retries, max_retries") {
+                return false;
             }
+            // Or when its time ran out: "in 181.2s, ..., retry_timeout: 180s".
+            let seconds_after = |marker: &str| -> Option<f64> {
+                let rest = &text[text.rfind(marker)? + marker.len()..];
+                let number: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.')
+                    .collect();
+                let value: f64 = number.parse().ok()?;
+                let unit = &rest[number.len()..];
+                Some(if unit.starts_with("ms") {
+                    value / 1e3
+                } else if unit.starts_with("µs") || unit.starts_with("us") {
+                    value / 1e6
+                } else if unit.starts_with("ns") {
+                    value / 1e9
+                } else {
+                    value
+                })
+            };
+            let out_of_time = match (seconds_after(" in "), seconds_after("retry_timeout: ")) {
+                (Some(elapsed), Some(limit)) => elapsed >= limit,
+                _ => false,
+            };
+            let out_of_retries = match (number_after("after "), number_after("max_retries: ")) {
+                (Some(done), Some(max)) => done >= max,
+                _ => false,
+            };
+            out_of_retries || out_of_time
         }
         _ => false,
     }
@@ -568,6 +590,18 @@ mod tests {
             generic("Error performing PUT http://h/b/x in 30s, after 1 retries, max_retries: 10, retry_timeout: 180s - timed out"),
         );
         assert!(!already_retried(&early));
+        let out_of_time = Error::storage(
+            "put",
+            "s3://b/j/x",
+            generic("Error performing PUT http://h/b/x in 181.5s, after 4 retries, max_retries: 10, retry_timeout: 180s - timed out"),
+        );
+        assert!(already_retried(&out_of_time));
+        let silent = Error::storage(
+            "get",
+            "s3://b/j/x",
+            generic("Error performing PUT http://169.254.169.254/latest/api/token in 1s - operation timed out"),
+        );
+        assert_eq!(silent.kind(), ErrorKind::InvalidArgument);
         let hiccup = Error::storage(
             "get",
             "s3://b/j/x",

@@ -246,14 +246,15 @@ impl RocksStateBackend {
     }
 
     /// Records RocksDB's own figures for this backend in the metrics
-    /// ([`crate::telemetry`]), labelled with `operator` and `subtask`: memtable bytes,
+    /// ([`crate::telemetry`]), labelled with `job`, `operator` and `subtask`: memtable bytes,
     /// block cache usage, pending compaction bytes, live SST bytes, estimated keys, whether
     /// writes are stopped and the delayed write rate (gauges), and block cache hits and
     /// misses and stall time (counters, from RocksDB's statistics). Runtimes call it now
     /// and then (the harness and the timely adapter at every checkpoint); it reads a few
     /// properties and takes no lock on the write path.
-    pub fn record_metrics(&self, operator: &str, subtask: u32) {
+    pub fn record_metrics(&self, job: &str, operator: &str, subtask: u32) {
         let labels = [
+            ("job", job.to_string()),
             ("operator", operator.to_string()),
             ("subtask", subtask.to_string()),
         ];
@@ -267,10 +268,12 @@ impl RocksStateBackend {
                 metrics::gauge!(*name, &labels).set(value as f64);
             }
         }
-        let (hits, misses, stalls) = self.core.tickers();
-        metrics::counter!(crate::telemetry::ROCKSDB_BLOCK_CACHE_HITS, &labels).absolute(hits);
-        metrics::counter!(crate::telemetry::ROCKSDB_BLOCK_CACHE_MISSES, &labels).absolute(misses);
-        metrics::counter!(crate::telemetry::ROCKSDB_STALL_MICROS, &labels).absolute(stalls);
+        // Counted by what changed since the last reading: a backend reopened in the same
+        // process (a restart, a rescale) starts its statistics from zero again.
+        let (hits, misses, stalls) = self.core.ticker_deltas();
+        metrics::counter!(crate::telemetry::ROCKSDB_BLOCK_CACHE_HITS, &labels).increment(hits);
+        metrics::counter!(crate::telemetry::ROCKSDB_BLOCK_CACHE_MISSES, &labels).increment(misses);
+        metrics::counter!(crate::telemetry::ROCKSDB_STALL_MICROS, &labels).increment(stalls);
     }
 
     /// The checkpoint completed: the shared files it uploaded may be referenced by later

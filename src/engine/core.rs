@@ -39,6 +39,8 @@ pub(crate) struct BackendCore {
     key_group_range: KeyGroupRange,
     /// The options the database was opened with: they hold its statistics object.
     pub(crate) statistics: Option<rocksdb::Options>,
+    /// The statistics counters at the last [`ticker_deltas`](Self::ticker_deltas).
+    last_tickers: Mutex<[u64; 3]>,
 }
 
 impl BackendCore {
@@ -65,6 +67,7 @@ impl BackendCore {
             max_parallelism,
             key_group_range,
             statistics: None,
+            last_tickers: Mutex::new([0; 3]),
         }
     }
 
@@ -88,17 +91,25 @@ impl BackendCore {
         Some(total)
     }
 
-    /// RocksDB's block cache hits, misses and stall time (µs) so far.
-    pub(crate) fn tickers(&self) -> (u64, u64, u64) {
+    /// RocksDB's block cache hits, misses and stall time (µs) since the last call.
+    pub(crate) fn ticker_deltas(&self) -> (u64, u64, u64) {
         use rocksdb::statistics::Ticker;
-        match &self.statistics {
-            Some(opts) => (
-                opts.get_ticker_count(Ticker::BlockCacheHit),
-                opts.get_ticker_count(Ticker::BlockCacheMiss),
-                opts.get_ticker_count(Ticker::StallMicros),
-            ),
-            None => (0, 0, 0),
-        }
+        let Some(opts) = &self.statistics else {
+            return (0, 0, 0);
+        };
+        let now = [
+            opts.get_ticker_count(Ticker::BlockCacheHit),
+            opts.get_ticker_count(Ticker::BlockCacheMiss),
+            opts.get_ticker_count(Ticker::StallMicros),
+        ];
+        let mut last = self.last_tickers.lock();
+        let delta: Vec<u64> = now
+            .iter()
+            .zip(last.iter())
+            .map(|(n, l)| n.saturating_sub(*l))
+            .collect();
+        *last = now;
+        (delta[0], delta[1], delta[2])
     }
 
     pub(crate) fn max_parallelism(&self) -> u32 {

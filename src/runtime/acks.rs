@@ -254,8 +254,7 @@ impl CoordinatorTask {
                     .await;
                 match collected {
                     Err(e) if e.kind() == ErrorKind::Fenced => {
-                        let _ = events.send(FromCoordinator::Stopped(e));
-                        return;
+                        return self.fenced(e, &mut control, &events).await;
                     }
                     Err(e) => {
                         tracing::warn!(checkpoint_id = id, error = %e.report(), "cannot read acknowledgements yet")
@@ -270,8 +269,7 @@ impl CoordinatorTask {
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::Fenced => {
-                    let _ = events.send(FromCoordinator::Stopped(e));
-                    return;
+                    return self.fenced(e, &mut control, &events).await;
                 }
                 Err(e) => tracing::warn!(error = %e.report(), "cannot abort expired checkpoints"),
             }
@@ -295,8 +293,7 @@ impl CoordinatorTask {
                 };
                 match served {
                     Err(e) if e.kind() == ErrorKind::Fenced => {
-                        let _ = events.send(FromCoordinator::Stopped(e));
-                        return;
+                        return self.fenced(e, &mut control, &events).await;
                     }
                     Err(e) => {
                         tracing::warn!(error = %e.report(), "cannot serve control requests now")
@@ -311,34 +308,50 @@ impl CoordinatorTask {
                     .finish_builds(&mut coordinator, &mut control, false)
                     .await
                 {
-                    let _ = events.send(FromCoordinator::Stopped(e));
-                    return;
+                    return self.fenced(e, &mut control, &events).await;
                 }
                 if let Err(e) = self.send_answers(&mut coordinator, &mut control).await {
                     if e.kind() == ErrorKind::Fenced {
-                        let _ = events.send(FromCoordinator::Stopped(e));
-                        return;
+                        return self.fenced(e, &mut control, &events).await;
                     }
                 }
             }
             match coordinator.publish_status(RunState::Running).await {
                 Err(e) if e.kind() == ErrorKind::Fenced => {
-                    let _ = events.send(FromCoordinator::Stopped(e));
-                    return;
+                    return self.fenced(e, &mut control, &events).await;
                 }
                 Err(e) => tracing::warn!(error = %e.report(), "cannot write the job's status"),
                 Ok(_) => {}
             }
         }
         // The job ends: savepoints asked for are made from its final checkpoint, and stops
-        // are answered.
-        self.make_savepoints(&mut coordinator, &mut control, true)
-            .await;
-        if let Err(e) = self
-            .finish_builds(&mut coordinator, &mut control, true)
-            .await
-        {
-            tracing::warn!(error = %e.report(), "savepoints asked of the job");
+        // are answered. A job whose worker 0 failed makes none.
+        if final_state == RunState::Failed {
+            let failed =
+                Error::Internal("the job failed before it could carry out the request".into());
+            for wanted in control.savepoints.drain(..) {
+                control
+                    .answers
+                    .push((wanted.request, control::Answer::failed(&failed)));
+            }
+            for stop in control.stops.drain(..) {
+                control
+                    .answers
+                    .push((stop.request, control::Answer::failed(&failed)));
+            }
+        }
+        loop {
+            if let Err(e) = self
+                .finish_builds(&mut coordinator, &mut control, true)
+                .await
+            {
+                tracing::warn!(error = %e.report(), "savepoints asked of the job");
+            }
+            if control.savepoints.is_empty() {
+                break;
+            }
+            self.make_savepoints(&mut coordinator, &mut control, true)
+                .await;
         }
         self.answer_stops(&mut coordinator, &mut control).await;
         for attempt in 0..3 {
@@ -367,6 +380,23 @@ impl CoordinatorTask {
         for id in pending.into_keys() {
             self.remove_acks(id).await;
         }
+    }
+
+    /// Ends the task on an error it cannot go on with (`Fenced`): savepoints being written
+    /// are waited for (their threads must not outlive the runtime; a fenced writer does
+    /// not answer them), then worker 0 is told.
+    async fn fenced(
+        &self,
+        error: Error,
+        control: &mut ControlState,
+        events: &Sender<FromCoordinator>,
+    ) {
+        for build in control.building.drain(..) {
+            if let Err(e) = joined(build.handle.await) {
+                tracing::debug!(request = %build.request, error = %e.report(), "savepoint of a fenced writer");
+            }
+        }
+        let _ = events.send(FromCoordinator::Stopped(error));
     }
 
     /// Takes the job's new control requests, recording each before anything else can
@@ -472,8 +502,11 @@ impl CoordinatorTask {
         while index < control.savepoints.len() {
             let wanted = &control.savepoints[index];
             let expired = now > wanted.expires_ms;
+            // One savepoint is written at a time (each restores the whole state into
+            // local scratch space); the others wait for a later checkpoint.
             let ready = latest.filter(|id| *id > wanted.after);
-            if ready.is_none() && !last && !expired {
+            let busy = !control.building.is_empty();
+            if !expired && (busy || (ready.is_none() && !last)) {
                 index += 1;
                 continue;
             }

@@ -721,8 +721,9 @@ fn timely_engine(args: DemoArgs) -> rockstate::Result<u8> {
     if let Some(id) = request {
         stopped_by = "signal";
         // The job ended on its own before it took the request: nobody will answer.
+        // A savepoint of a large state takes a while.
         let wait = if report.stopped {
-            Duration::from_secs(60)
+            Duration::from_secs(600)
         } else {
             Duration::from_secs(2)
         };

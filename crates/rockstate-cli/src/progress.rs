@@ -169,6 +169,13 @@ pub fn while_transferring<T>(
     let progress = Progress::bytes(label, total);
     let start = read();
     let done = std::sync::atomic::AtomicBool::new(false);
+    // Set however `work` ends (a panic too), so that the drawing thread always stops.
+    struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     let result = std::thread::scope(|scope| {
         scope.spawn(|| {
             while !done.load(Ordering::Relaxed) {
@@ -176,9 +183,8 @@ pub fn while_transferring<T>(
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         });
-        let result = work();
-        done.store(true, Ordering::Relaxed);
-        result
+        let _done = Done(&done);
+        work()
     });
     progress.finish();
     result

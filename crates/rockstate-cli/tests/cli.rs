@@ -2067,9 +2067,9 @@ fn the_metrics_endpoint_is_scraped_while_the_job_runs() {
         r#"rockstate_checkpoint_last_uploaded_bytes{job="scraped"}"#,
         r#"rockstate_checkpoint_duration_seconds_count{job="scraped"}"#,
         "rockstate_snapshot_sync_seconds_count",
-        r#"rockstate_rocksdb_memtable_bytes{operator="counter",subtask="0"}"#,
-        r#"rockstate_rocksdb_estimated_keys{operator="counter",subtask="1"}"#,
-        r#"rockstate_rocksdb_block_cache_hits_total{operator="counter",subtask="0"}"#,
+        r#"rockstate_rocksdb_memtable_bytes{job="scraped",operator="counter",subtask="0"}"#,
+        r#"rockstate_rocksdb_estimated_keys{job="scraped",operator="counter",subtask="1"}"#,
+        r#"rockstate_rocksdb_block_cache_hits_total{job="scraped",operator="counter",subtask="0"}"#,
     ] {
         assert!(
             sample(&second, series).is_some_and(|v| v > 0.0),

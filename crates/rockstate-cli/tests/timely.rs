@@ -402,8 +402,16 @@ fn a_two_process_job_takes_savepoints_and_stops_on_request_and_on_signal() {
     let p0 = spawn_worker_process(&cp, &hosts, 1, 2, 0, false, &[], &extra);
     let p1 = spawn_worker_process(&cp, &hosts, 1, 2, 1, false, &[], &extra);
     wait_for_checkpoint(&job);
-    let trigger = run_env(&["savepoint", "trigger", &job, "--wait", "120s"], &[]);
+    // Two requests at once: both answered, one savepoint each (written one after the other).
+    let (trigger, other) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| run_env(&["savepoint", "trigger", &job, "--wait", "120s"], &[]));
+        let b = scope.spawn(|| run_env(&["savepoint", "trigger", &job, "--wait", "120s"], &[]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
     trigger.expect(0);
+    other.expect(0);
+    assert_ne!(trigger.line(), other.line());
+    run_env(&["verify", other.line()], &[]).expect(0);
     let first = trigger.line().to_string();
     assert!(first.contains("/savepoints/savepoint-demo-"), "{first}");
     run_env(&["verify", &first], &[]).expect(0);

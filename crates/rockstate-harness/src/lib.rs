@@ -355,6 +355,7 @@ where
             let ctx = SubtaskContext {
                 index: i as u32,
                 operator_uid: config.operator_uid.clone(),
+                job_id: config.job_id.clone(),
                 job: job.clone(),
                 coordinator: coordinator.clone(),
                 runtime: runtime.handle().clone(),
@@ -953,9 +954,14 @@ impl<S: Source> Drop for Harness<S> {
         if let (Some(task), Some(runtime)) = (self.status_task.take(), &self.runtime) {
             task.stop(runtime);
             let coordinator = self.coordinator.clone();
-            runtime.block_on(async move {
-                publish_final(&mut *coordinator.lock().await, RunState::Failed).await
-            });
+            // Bounded: a store that does not answer must not hold up the process's exit.
+            let published = runtime.block_on(tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                async move { publish_final(&mut *coordinator.lock().await, RunState::Failed).await },
+            ));
+            if published.is_err() {
+                tracing::debug!("the failed job's status was not written in time");
+            }
         }
         let senders = std::mem::take(&mut self.senders);
         let threads = std::mem::take(&mut self.threads);

@@ -30,6 +30,8 @@ pub(crate) enum Message<K, V> {
 pub(crate) struct SubtaskContext<K, V> {
     pub index: u32,
     pub operator_uid: String,
+    /// The job's id (a label of its metrics).
+    pub job_id: String,
     pub job: CheckpointStorage,
     pub coordinator: Arc<tokio::sync::Mutex<CheckpointCoordinator>>,
     pub runtime: tokio::runtime::Handle,
@@ -77,7 +79,7 @@ where
                 if let Some(done) = last_completed {
                     backend.notify_checkpoint_complete(done);
                 }
-                backend.record_metrics(&ctx.operator_uid, ctx.index);
+                backend.record_metrics(&ctx.job_id, &ctx.operator_uid, ctx.index);
                 match backend.snapshot(id) {
                     Ok(pending) => {
                         {
@@ -135,6 +137,7 @@ fn spawn_upload<K, V>(
     let task_ctx = SubtaskContext {
         index,
         operator_uid: uid.clone(),
+        job_id: ctx.job_id.clone(),
         job: job.clone(),
         coordinator: coordinator.clone(),
         runtime: ctx.runtime.clone(),
@@ -209,6 +212,7 @@ where
     let task_ctx = SubtaskContext {
         index: ctx.index,
         operator_uid: ctx.operator_uid.clone(),
+        job_id: ctx.job_id.clone(),
         job: ctx.job.clone(),
         coordinator: coordinator.clone(),
         runtime: ctx.runtime.clone(),

@@ -661,7 +661,7 @@ impl WorkerState {
         }
         self.report.bases.push((id, uid.clone(), base));
         self.report.snapshots += 1;
-        backend.record_metrics(&uid, self.index);
+        backend.record_metrics(&job.config.job_id, &uid, self.index);
         match backend.snapshot(id) {
             Ok(pending) => {
                 let pause = pending.sync_duration();
