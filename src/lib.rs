@@ -358,7 +358,8 @@ pub use snapshot::{CanonicalHandle, KeyedSnapshot, KeyedStateHandle, PendingSnap
 pub use state::{
     AggregateFunction, AggregatingState, AggregatingStateDescriptor, ListState,
     ListStateDescriptor, MapState, MapStateDescriptor, ReducingState, ReducingStateDescriptor,
-    StateKind, StateMeta, ValueState, ValueStateDescriptor,
+    StateKind, StateMeta, StateTtlConfig, TtlUpdate, TtlVisibility, ValueState,
+    ValueStateDescriptor,
 };
 pub use storage::{CheckpointStorage, StorageOptions};
 

@@ -87,6 +87,47 @@ pub(crate) fn frame_element(
     Ok(())
 }
 
+/// What of a stored entry of a state of `kind` with time to live `ttl_ms` is live at
+/// `now`: `None` when nothing is, the entry as it is when all of it is, or a list without
+/// its expired elements.
+///
+/// Errors: a description of the damage, for a value without a timestamp or a truncated
+/// list element.
+pub(crate) fn live_part(
+    kind: crate::format::StateKind,
+    raw: &[u8],
+    ttl_ms: u64,
+    now: u64,
+) -> std::result::Result<Option<std::borrow::Cow<'_, [u8]>>, String> {
+    if kind != crate::format::StateKind::List {
+        if raw.len() < TS_LEN {
+            return Err(format!("value of {} bytes has no TTL timestamp", raw.len()));
+        }
+        let mut ts = [0u8; TS_LEN];
+        ts.copy_from_slice(&raw[..TS_LEN]);
+        return Ok((!is_expired(u64::from_be_bytes(ts), ttl_ms, now)).then_some(raw.into()));
+    }
+    let mut kept = Vec::new();
+    let mut dropped = false;
+    for element in Elements::new(raw, true) {
+        let element = element?;
+        match element.written {
+            Some(ts) if is_expired(ts, ttl_ms, now) => dropped = true,
+            written => {
+                let len = u32::try_from(element.payload.len()).map_err(|_| "element too long")?;
+                kept.extend_from_slice(&len.to_be_bytes());
+                kept.extend_from_slice(&written.unwrap_or(0).to_be_bytes());
+                kept.extend_from_slice(element.payload);
+            }
+        }
+    }
+    Ok(match (kept.is_empty(), dropped) {
+        (true, _) => None,
+        (false, false) => Some(raw.into()),
+        (false, true) => Some(kept.into()),
+    })
+}
+
 /// Length of `element` in its framed form.
 pub(crate) fn element_len(element: &Element<'_>, ttl: bool) -> usize {
     LEN_LEN + if ttl { TS_LEN } else { 0 } + element.payload.len()
@@ -173,6 +214,39 @@ mod tests {
         assert_eq!(live_value(&framed, Some(10), 110, &what).unwrap(), None);
         assert!(live_value(&framed[..5], Some(10), 0, &what).is_err());
         assert!(!is_expired(u64::MAX, 10, u64::MAX - 1));
+    }
+
+    #[test]
+    fn expired_parts_are_left_out() {
+        use crate::format::StateKind;
+        let value = frame_value(Some(10), 100, b"v");
+        assert_eq!(
+            live_part(StateKind::Value, &value, 10, 109)
+                .unwrap()
+                .as_deref(),
+            Some(&value[..])
+        );
+        assert_eq!(live_part(StateKind::Map, &value, 10, 110).unwrap(), None);
+        assert!(live_part(StateKind::Value, b"abc", 10, 0).is_err());
+        let mut list = Vec::new();
+        frame_element(&mut list, Some(10), 100, b"old").unwrap();
+        frame_element(&mut list, Some(10), 105, b"new").unwrap();
+        assert_eq!(
+            live_part(StateKind::List, &list, 10, 104)
+                .unwrap()
+                .as_deref(),
+            Some(&list[..])
+        );
+        let mut only_new = Vec::new();
+        frame_element(&mut only_new, Some(10), 105, b"new").unwrap();
+        assert_eq!(
+            live_part(StateKind::List, &list, 10, 112)
+                .unwrap()
+                .as_deref(),
+            Some(&only_new[..])
+        );
+        assert_eq!(live_part(StateKind::List, &list, 10, 115).unwrap(), None);
+        assert!(live_part(StateKind::List, &list[..list.len() - 1], 10, 0).is_err());
     }
 
     #[test]

@@ -170,14 +170,32 @@ pub(crate) fn write_file(
     let mut block = Vec::with_capacity(BLOCK_TARGET + 4096);
     let mut total_entries = 0u64;
     let mut raw_bytes = 0u64;
+    let now = core.now_millis();
     for kg in range.iter() {
         let offset = out.written;
         let mut entries = 0u64;
         let lower = codec::key_group_prefix(kg).to_vec();
         let upper = codec::prefix_successor(&lower);
-        for (index, (_, column)) in columns.iter().enumerate() {
+        for (index, (meta, column)) in columns.iter().enumerate() {
             let mut scan = core.scan(column, lower.clone(), upper.clone())?;
             while let Some((key, value)) = scan.current()? {
+                // Expired values (and list elements) stay behind: a savepoint holds what
+                // reads would see.
+                let value: std::borrow::Cow<'_, [u8]> = match meta.ttl_millis {
+                    None => value.into(),
+                    Some(ttl_ms) => {
+                        match crate::engine::ttl::live_part(meta.kind, value, ttl_ms, now)
+                            .map_err(|e| Error::corrupt(format!("state {:?}", meta.name), e))?
+                        {
+                            Some(live) => live,
+                            None => {
+                                scan.advance();
+                                continue;
+                            }
+                        }
+                    }
+                };
+                let value = value.as_ref();
                 // Every key of the scanned range starts with its 2-byte key group.
                 let key = key.get(2..).unwrap_or_default();
                 let key_len = u32::try_from(key.len())

@@ -48,6 +48,8 @@ pub struct StateCore {
     pub(crate) namespace: Option<Arc<[u8]>>,
     /// The namespace type's name, for the error of a handle without a namespace.
     namespace_type: &'static str,
+    /// How reads treat time to live (renewal, visibility of expired values).
+    pub(crate) ttl: super::descriptor::TtlBehaviour,
 }
 
 impl std::fmt::Debug for StateCore {
@@ -72,7 +74,30 @@ impl StateCore {
             column,
             namespace: Some(namespace.into()),
             namespace_type: "()",
+            ttl: Default::default(),
         })
+    }
+
+    /// Sets how reads treat time to live.
+    pub(crate) fn with_ttl_behaviour(mut self, ttl: super::descriptor::TtlBehaviour) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// The time reads compare expiry against: now, or the beginning of time for a handle
+    /// that returns expired values until compaction removes them (nothing is expired
+    /// then: every write time plus a TTL of at least 1 ms lies after it).
+    pub(crate) fn read_now(&self) -> u64 {
+        if self.ttl.return_expired {
+            0
+        } else {
+            self.now()
+        }
+    }
+
+    /// Whether a read renews the time to live of what it finds.
+    pub(crate) fn refreshes_on_read(&self) -> bool {
+        self.ttl.refresh_on_read && self.ttl_ms().is_some()
     }
 
     /// The core of a handle whose namespace type is `N`: unless `N` is `()` (one possible
@@ -153,13 +178,30 @@ impl StateCore {
         }
     }
 
-    /// Reads and decodes the live value under `raw_key`.
+    /// Reads and decodes the live value under `raw_key`; with renewal on read, writes it
+    /// back with a new timestamp.
     pub(crate) fn get_value<V: DeserializeOwned>(&self, raw_key: &[u8]) -> Result<Option<V>> {
-        self.backend
+        let now = self.read_now();
+        let refresh = self.refreshes_on_read();
+        let mut renewed = None;
+        let value = self
+            .backend
             .get_with(&self.column, raw_key, |raw| match raw {
-                Some(raw) => self.decode_live_at(raw, self.now()),
+                Some(raw) => {
+                    let value = self.decode_live_at(raw, now)?;
+                    if refresh && value.is_some() {
+                        let what = || self.what();
+                        let (_, payload) = ttl::split_value(raw, true, &what)?;
+                        renewed = Some(ttl::frame_value(self.ttl_ms(), self.now(), payload));
+                    }
+                    Ok(value)
+                }
                 None => Ok(None),
-            })
+            })?;
+        if let Some(raw_value) = renewed {
+            self.backend.put(&self.column, raw_key, &raw_value)?;
+        }
+        Ok(value)
     }
 
     /// Scans every entry of the state within the backend's key groups.
@@ -234,7 +276,7 @@ impl<'a, K, N> KeyIter<'a, K, N> {
     pub(crate) fn new(core: &'a StateCore, kind: StateKind) -> Result<Self> {
         Ok(Self {
             scan: core.scan_all()?,
-            now: core.now(),
+            now: core.read_now(),
             core,
             kind,
             done: false,

@@ -4,11 +4,79 @@ use std::time::Duration;
 
 use crate::format::StateMeta;
 
+/// When a value's time to live starts again (like Flink's `StateTtlConfig.UpdateType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TtlUpdate {
+    /// When it is written (created or replaced). The default.
+    #[default]
+    OnCreateAndWrite,
+    /// When it is written and when it is read: a value read now and then never expires.
+    /// A read that finds a value writes it back with a new timestamp.
+    OnReadAndWrite,
+}
+
+/// Whether reads see expired values that compaction has not removed yet (like Flink's
+/// `StateTtlConfig.StateVisibility`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TtlVisibility {
+    /// An expired value is never returned. The default.
+    #[default]
+    NeverReturnExpired,
+    /// An expired value is returned until compaction removes it: cheaper, and enough when
+    /// the TTL only bounds the state's size. List elements appended with `add` are merged
+    /// when the list is read, and that merge also removes expired elements.
+    ReturnExpiredIfNotCleanedUp,
+}
+
+/// Time to live of a state: how long a value lives, when its time starts again, and
+/// whether expired values are visible before compaction removes them. Only `ttl` is
+/// recorded with the state; the other two are how this program reads and writes it.
+/// Expired values are removed by compaction and left out of canonical savepoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateTtlConfig {
+    /// How long a value lives.
+    pub ttl: Duration,
+    /// When its time starts again.
+    pub update: TtlUpdate,
+    /// Whether expired values are returned before compaction removes them.
+    pub visibility: TtlVisibility,
+}
+
+impl StateTtlConfig {
+    /// `ttl`, renewed on writes, expired values never returned.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            update: TtlUpdate::default(),
+            visibility: TtlVisibility::default(),
+        }
+    }
+
+    /// Sets when the time to live starts again.
+    pub fn update(mut self, update: TtlUpdate) -> Self {
+        self.update = update;
+        self
+    }
+
+    /// Sets whether expired values are returned before compaction removes them.
+    pub fn visibility(mut self, visibility: TtlVisibility) -> Self {
+        self.visibility = visibility;
+        self
+    }
+}
+
+/// How a handle treats time to live when reading (see [`StateTtlConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct TtlBehaviour {
+    pub refresh_on_read: bool,
+    pub return_expired: bool,
+}
+
 /// Settings common to every descriptor.
 #[derive(Debug, Clone)]
 pub(crate) struct CommonOptions {
     pub name: String,
-    pub ttl: Option<Duration>,
+    pub ttl: Option<StateTtlConfig>,
     pub serializer_version: u32,
 }
 
@@ -25,8 +93,18 @@ impl CommonOptions {
         meta.serializer_version = self.serializer_version;
         meta.ttl_millis = self
             .ttl
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1));
+            .map(|c| u64::try_from(c.ttl.as_millis()).unwrap_or(u64::MAX).max(1));
         meta
+    }
+
+    pub(crate) fn behaviour(&self) -> TtlBehaviour {
+        match &self.ttl {
+            None => TtlBehaviour::default(),
+            Some(c) => TtlBehaviour {
+                refresh_on_read: c.update == TtlUpdate::OnReadAndWrite,
+                return_expired: c.visibility == TtlVisibility::ReturnExpiredIfNotCleanedUp,
+            },
+        }
     }
 }
 
@@ -35,8 +113,16 @@ macro_rules! common_descriptor_methods {
     () => {
         /// Enables time-to-live: a value written more than `ttl` ago is invisible to reads
         /// and dropped by compaction. Each list element and map entry expires on its own.
+        /// Same as [`with_ttl_config`](Self::with_ttl_config) with
+        /// [`StateTtlConfig::new`](crate::StateTtlConfig::new).
         pub fn with_ttl(mut self, ttl: std::time::Duration) -> Self {
-            self.common.ttl = Some(ttl);
+            self.common.ttl = Some($crate::state::StateTtlConfig::new(ttl));
+            self
+        }
+
+        /// Enables time-to-live with the renewal and visibility of `config`.
+        pub fn with_ttl_config(mut self, config: $crate::state::StateTtlConfig) -> Self {
+            self.common.ttl = Some(config);
             self
         }
 

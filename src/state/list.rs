@@ -52,6 +52,7 @@ where
     }
 
     fn bind(self, core: StateCore) -> Self::Handle {
+        let core = core.with_ttl_behaviour(self.common.behaviour());
         let core = core.for_namespace_type::<N>();
         ListState {
             core,
@@ -128,8 +129,11 @@ where
     /// The live elements of the list of `key`, in insertion order; empty when absent.
     pub fn get(&self, key: &K) -> Result<Vec<V>> {
         let raw_key = self.core.prefix(key)?;
-        let (ttl, now) = (self.core.ttl_ms(), self.core.now());
-        self.core
+        let (ttl, now) = (self.core.ttl_ms(), self.core.read_now());
+        let refresh = self.core.refreshes_on_read();
+        let mut renewed: Option<Vec<u8>> = None;
+        let values = self
+            .core
             .backend
             .get_with(&self.core.column, &raw_key, |raw| {
                 let Some(raw) = raw else {
@@ -137,6 +141,7 @@ where
                 };
                 let what = self.core.what();
                 let mut out = Vec::new();
+                let write_time = self.core.now();
                 for element in ttl::Elements::new(raw, ttl.is_some()) {
                     let element = element.map_err(|e| Error::corrupt(&what, e))?;
                     if let (Some(ts), Some(ms)) = (element.written, ttl) {
@@ -144,10 +149,21 @@ where
                             continue;
                         }
                     }
+                    if refresh {
+                        // The elements read, written back with a new timestamp.
+                        let renewed = renewed.get_or_insert_with(Vec::new);
+                        ttl::frame_element(renewed, ttl, write_time, element.payload)?;
+                    }
                     out.push(codec::decode_exact(element.payload, &what)?);
                 }
                 Ok(out)
-            })
+            })?;
+        if let Some(raw_value) = renewed {
+            self.core
+                .backend
+                .put(&self.core.column, &raw_key, &raw_value)?;
+        }
+        Ok(values)
     }
 
     /// Removes the list of `key`.

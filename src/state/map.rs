@@ -52,6 +52,7 @@ where
     }
 
     fn bind(self, core: StateCore) -> Self::Handle {
+        let core = core.with_ttl_behaviour(self.common.behaviour());
         let core = core.for_namespace_type::<N>();
         MapState {
             core,
@@ -100,7 +101,7 @@ where
     /// Whether the map of `key` holds a live value under `user_key`.
     pub fn contains(&self, key: &K, user_key: &UK) -> Result<bool> {
         let raw_key = self.entry_key(key, user_key)?;
-        let now = self.core.now();
+        let now = self.core.read_now();
         self.core
             .backend
             .get_with(&self.core.column, &raw_key, |raw| match raw {
@@ -152,7 +153,7 @@ where
             scan: self.core.scan_prefix(&prefix)?,
             core: &self.core,
             prefix_len: prefix.len(),
-            now: self.core.now(),
+            now: self.core.read_now(),
             done: false,
             _types: PhantomData,
         })
@@ -172,7 +173,7 @@ where
     pub fn is_empty(&self, key: &K) -> Result<bool> {
         let prefix = self.core.prefix(key)?;
         let mut scan = self.core.scan_prefix(&prefix)?;
-        let now = self.core.now();
+        let now = self.core.read_now();
         while let Some((_, raw_value)) = scan.current()? {
             if self.core.entry_is_live(StateKind::Map, raw_value, now)? {
                 return Ok(false);

@@ -53,6 +53,7 @@ where
     }
 
     fn bind(self, core: StateCore) -> Self::Handle {
+        let core = core.with_ttl_behaviour(self.common.behaviour());
         let core = core.for_namespace_type::<N>();
         ValueState {
             core,
