@@ -471,3 +471,68 @@ async fn savepoints_made_from_a_checkpoint_restore_anywhere() {
         assert!(files.is_empty(), "{folder} keeps {files:?}");
     }
 }
+
+/// Reading snapshots offline: a canonical savepoint, a native one and a checkpoint of a
+/// job at parallelism 2 are opened without the job; the keyed state of every key group is
+/// read typed through the job's descriptors and raw, and the operator state per subtask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_are_read_offline_typed_and_raw() {
+    use rockstate::restore::SavepointReader;
+    let mut j = job(2, CoordinatorOptions::default()).await;
+    let dir = j.savepoints.clone();
+    let (_, canonical) = j
+        .take(Some((Some(&dir), SavepointFormat::Canonical)))
+        .await
+        .unwrap();
+    let (_, native) = j
+        .take(Some((Some(&dir), SavepointFormat::Native)))
+        .await
+        .unwrap();
+    let (id, _) = j.take(None).await.unwrap();
+    let checkpoint = j.job.url_of(&format!("chk-{id}"));
+    let scratch = j.root.join("reader");
+    for url in [
+        canonical.unwrap().url().to_string(),
+        native.unwrap().url().to_string(),
+        checkpoint,
+    ] {
+        let reader = SavepointReader::open(&url, &scratch).await.unwrap();
+        assert_eq!(reader.metadata().operators[0].parallelism, 2);
+        let e = reader.keyed_state("nope").await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        assert!(e.to_string().contains("counter"), "{e}");
+        let keyed = reader.keyed_state(UID).await.unwrap();
+        let names: Vec<String> = keyed.states().into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["count", "histogram", "recent"], "{url}");
+        let count = keyed
+            .register(ValueStateDescriptor::<u32, u64>::new("count"))
+            .unwrap();
+        let mut keys = 0;
+        for key in count.all_keys().unwrap() {
+            let (key, ()) = key.unwrap();
+            assert_eq!(count.get(&key).unwrap(), Some(u64::from(key) * 3), "{url}");
+            keys += 1;
+        }
+        assert_eq!(keys, 40, "{url}");
+        // Types other than the recorded ones are refused.
+        assert_eq!(
+            keyed
+                .register(ValueStateDescriptor::<String, u64>::new("count"))
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Incompatible
+        );
+        let mut raw = std::collections::BTreeMap::<String, usize>::new();
+        keyed
+            .for_each_raw(|state, _, _| *raw.entry(state.to_string()).or_default() += 1)
+            .unwrap();
+        assert_eq!(raw["count"], 40, "{url}");
+        assert_eq!(raw["recent"], 40, "{url}");
+        assert_eq!(reader.operator_states(UID).unwrap().len(), 2);
+        keyed.close().unwrap();
+    }
+    assert!(
+        std::fs::read_dir(&scratch).map_or(true, |mut d| d.next().is_none()),
+        "the readers' folders are removed"
+    );
+}

@@ -21,10 +21,12 @@
 //! upload them again: it references them (same job directory, [`RestoreMode::Claim`]) or
 //! copies them inside the store ([`RestoreMode::NoClaim`]).
 
+mod reader;
 mod rescale;
 mod source;
 mod verify;
 
+pub use reader::{KeyedStateReader, SavepointReader};
 pub use source::{RescaleStrategy, RestoreMode, RestoreOptions, RestoreSource};
 pub use verify::{BadFile, VerifyReport};
 

@@ -12,13 +12,13 @@
 
 use std::path::Path;
 
+use crate::backend::BackendOptions;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{
     folder_name, CheckpointMetadata, Compression, SavepointFormat, SnapshotKind, METADATA_FILE,
 };
 use crate::restore::{RestoreOptions, RestoreSource};
 use crate::storage::CheckpointStorage;
-use crate::BackendOptions;
 
 /// Writes a savepoint of `source` (a completed checkpoint or another savepoint) into a new
 /// folder of `parent`, named after `job_id`, in `format`; returns the folder and its

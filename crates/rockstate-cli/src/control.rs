@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use rockstate::checkpoint::status::{read_status, RunState};
 use rockstate::runtime::control::{self, Answer, Command, Outcome};
-use rockstate::{CheckpointStorage, SavepointFormat};
+use rockstate::CheckpointStorage;
 
-use crate::demo::FormatArg;
 use crate::exit;
 
 /// How often the answer is looked for.
@@ -68,26 +67,5 @@ pub async fn request(job_url: &str, command: Command, wait: Duration) -> rocksta
             );
             Ok(exit::NO_ANSWER)
         }
-    }
-}
-
-/// A directory argument as a URL the job can use wherever it runs: a relative path is
-/// made absolute against this process's working directory.
-pub fn directory_url(dir: Option<String>) -> rockstate::Result<Option<String>> {
-    match dir {
-        Some(dir) if !dir.contains("://") => {
-            let absolute = std::path::absolute(&dir)
-                .map_err(|e| rockstate::Error::io(format!("resolve {dir}"), e))?;
-            Ok(Some(format!("file://{}", absolute.display())))
-        }
-        other => Ok(other),
-    }
-}
-
-/// The savepoint format of a `--format` flag.
-pub fn savepoint_format(format: FormatArg) -> SavepointFormat {
-    match format {
-        FormatArg::Canonical => SavepointFormat::Canonical,
-        FormatArg::Native => SavepointFormat::Native,
     }
 }

@@ -9,7 +9,6 @@ use clap::{Args, ValueEnum};
 use rockstate::runtime::control::{self, Command as ControlCommand};
 use rockstate::{
     CheckpointStorage, CoordinatorOptions, Error, RestoreMode, RestoreOptions, RestoreSource,
-    SavepointFormat,
 };
 use rockstate_harness::demo::{Counter, DemoSource, DEMO_UID};
 use rockstate_harness::{Finished, Harness, HarnessConfig, StartFrom};
@@ -54,15 +53,6 @@ elapsed_ms.";
 const CHUNK: u64 = 2_000;
 /// How often the job directory is looked at for control requests.
 const CONTROL_POLL: Duration = Duration::from_millis(500);
-
-/// Savepoint formats on the command line.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum FormatArg {
-    /// Per key group sections, restorable at any parallelism and into any backend layout.
-    Canonical,
-    /// The RocksDB files themselves.
-    Native,
-}
 
 /// Flags of `rockstate demo`.
 #[derive(Debug, Args)]
@@ -114,7 +104,7 @@ pub struct DemoArgs {
     savepoint_dir: Option<String>,
     /// Format of that savepoint.
     #[arg(long, value_enum, default_value = "canonical")]
-    savepoint_format: FormatArg,
+    savepoint_format: crate::args::FormatArg,
     /// Directory for the subtasks' local RocksDB state (default: a temporary directory,
     /// removed at exit). It must be new, empty, or one a previous run used (rockstate
     /// marks it with a .rockstate-scratch file); only then is it emptied at start. A
@@ -508,10 +498,7 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
         progress.println("stop signal received");
         match &savepoint_dir {
             Some(dir) => {
-                let format = match args.savepoint_format {
-                    FormatArg::Canonical => SavepointFormat::Canonical,
-                    FormatArg::Native => SavepointFormat::Native,
-                };
+                let format = crate::args::savepoint_format(args.savepoint_format);
                 let estimate = harness.latest_checkpoint().map_or(0, |m| m.total_size());
                 let (sp, finished) = crate::progress::while_transferring(
                     "savepoint",
@@ -664,7 +651,7 @@ fn timely_engine(args: DemoArgs) -> rockstate::Result<u8> {
     let savepoint_dir = args
         .savepoint_dir
         .clone()
-        .map(|dir| crate::control::directory_url(Some(dir)))
+        .map(|dir| crate::args::directory_url(Some(dir)))
         .transpose()?
         .flatten();
     let asked: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
@@ -674,7 +661,7 @@ fn timely_engine(args: DemoArgs) -> rockstate::Result<u8> {
         args.checkpoint_interval > 0,
         ControlCommand::Stop {
             savepoint_dir: savepoint_dir.clone(),
-            format: crate::control::savepoint_format(args.savepoint_format),
+            format: crate::args::savepoint_format(args.savepoint_format),
         },
         asked.clone(),
     )?;

@@ -1,6 +1,7 @@
 //! The `rockstate` command-line tool: the demo job, inspection and verification of
 //! checkpoints and savepoints, the orphan sweep, and the macro benchmark.
 
+mod args;
 mod bench;
 mod control;
 mod demo;
@@ -141,7 +142,7 @@ enum Command {
         savepoint: Option<String>,
         /// Savepoint format.
         #[arg(long, value_enum, default_value = "canonical")]
-        format: demo::FormatArg,
+        format: args::FormatArg,
         /// How long to wait for the job's answer, e.g. `30s`, `2m`.
         #[arg(long, default_value = "60s", value_parser = format::parse_duration)]
         wait: std::time::Duration,
@@ -212,7 +213,7 @@ enum SavepointCommand {
         dir: Option<String>,
         /// Savepoint format.
         #[arg(long, value_enum, default_value = "canonical")]
-        format: demo::FormatArg,
+        format: args::FormatArg,
         /// How long to wait for the job's answer, e.g. `30s`, `2m`.
         #[arg(long, default_value = "60s", value_parser = format::parse_duration)]
         wait: std::time::Duration,
@@ -275,8 +276,8 @@ fn run(cli: Cli) -> rockstate::Result<u8> {
         }) => runtime()?.block_on(control::request(
             &job_url,
             ControlCommand::Savepoint {
-                dir: control::directory_url(dir)?,
-                format: control::savepoint_format(format),
+                dir: args::directory_url(dir)?,
+                format: args::savepoint_format(format),
             },
             wait,
         )),
@@ -288,8 +289,8 @@ fn run(cli: Cli) -> rockstate::Result<u8> {
         } => runtime()?.block_on(control::request(
             &job_url,
             ControlCommand::Stop {
-                savepoint_dir: control::directory_url(savepoint)?,
-                format: control::savepoint_format(format),
+                savepoint_dir: args::directory_url(savepoint)?,
+                format: args::savepoint_format(format),
             },
             wait,
         )),
