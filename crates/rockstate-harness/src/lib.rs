@@ -955,10 +955,13 @@ impl<S: Source> Drop for Harness<S> {
             task.stop(runtime);
             let coordinator = self.coordinator.clone();
             // Bounded: a store that does not answer must not hold up the process's exit.
-            let published = runtime.block_on(tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                async move { publish_final(&mut *coordinator.lock().await, RunState::Failed).await },
-            ));
+            // The timer is made inside the runtime (it needs its context).
+            let published = runtime.block_on(async move {
+                tokio::time::timeout(std::time::Duration::from_secs(5), async move {
+                    publish_final(&mut *coordinator.lock().await, RunState::Failed).await
+                })
+                .await
+            });
             if published.is_err() {
                 tracing::debug!("the failed job's status was not written in time");
             }

@@ -354,3 +354,70 @@ fn incompatible_state_after_restore_names_operator_state_and_types() {
         assert!(msg.contains(part), "{part} missing from: {msg}");
     }
 }
+
+/// An operator that fails after some records.
+struct Failing {
+    seen: u64,
+}
+
+impl Operator<String, u64> for Failing {
+    fn process(&mut self, _key: &String, _value: u64) -> rockstate::Result<()> {
+        self.seen += 1;
+        if self.seen > 200 {
+            return Err(rockstate::Error::operator(
+                "counter",
+                "the record is poisoned",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The status of a job whose operator failed says so once the harness is dropped, and
+/// of one that finished says stopped; neither turns stale by age.
+#[test]
+fn the_status_says_how_the_job_ended() {
+    use rockstate::checkpoint::status::{read_status, RunState};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for (name, failing) in [("failed", true), ("finished", false)] {
+        let local = tempfile::tempdir().unwrap();
+        let dir = CheckpointStorage::open(&format!("memory://status-{name}")).unwrap();
+        let factory: OperatorFactory<String, u64> = if failing {
+            Arc::new(|_: &RocksStateBackend| {
+                Ok(Box::new(Failing { seen: 0 }) as Box<dyn Operator<String, u64>>)
+            })
+        } else {
+            factory()
+        };
+        let mut h = Harness::start(
+            config(local.path(), 250),
+            &dir,
+            source(),
+            factory,
+            StartFrom::Empty,
+        )
+        .unwrap();
+        // An error of `run` leaves the harness to be dropped; `finish` reports a
+        // subtask's error too.
+        let failed = match h.run(u64::MAX) {
+            Err(_) => {
+                drop(h);
+                true
+            }
+            Ok(_) => h.finish().is_err(),
+        };
+        assert_eq!(failed, failing, "{name}");
+        let expected = if failing {
+            RunState::Failed
+        } else {
+            RunState::Stopped
+        };
+        let job = dir.child("job").unwrap();
+        let view = runtime
+            .block_on(read_status(&job, u64::MAX / 2))
+            .unwrap()
+            .expect("a status");
+        assert_eq!(view.status.state, expected, "{name}");
+        assert_eq!(view.stale, None, "{name}");
+    }
+}
