@@ -536,3 +536,77 @@ async fn snapshots_are_read_offline_typed_and_raw() {
         "the readers' folders are removed"
     );
 }
+
+/// A new uid for an operator and a state the program no longer has are explicit steps of
+/// a restore, never accidents.
+///
+/// Proves: a snapshot restored under another uid fails until the operator is renamed on
+/// the source (unknown or taken names are refused); after the rename every key restores
+/// at another parallelism; a dropped state is gone from the backend and from the next
+/// snapshot, the others stay; dropping an unknown state is `NotFound`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_renames_and_state_drops_are_explicit() {
+    let mut j = job(2, CoordinatorOptions::default()).await;
+    let dir = j.savepoints.clone();
+    let (_, folder) = j
+        .take(Some((Some(&dir), SavepointFormat::Native)))
+        .await
+        .unwrap();
+    let mut source = RestoreSource::open_folder(&folder.unwrap()).await.unwrap();
+    let options = |i: u32| {
+        BackendOptions::for_subtask(
+            j.root
+                .join(format!("renamed-{i}-{:x}", rand::random::<u32>())),
+            i,
+            3,
+            MAX_PAR,
+        )
+        .unwrap()
+    };
+    let e = RocksStateBackend::builder(options(0))
+        .restore_operator(&source, "renamed", &RestoreOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert_eq!(
+        source.rename_operator("nope", "x").unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        source.rename_operator(UID, UID).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    source.rename_operator(UID, "renamed").unwrap();
+    let mut restored = Vec::new();
+    for i in 0..3 {
+        restored.push(
+            RocksStateBackend::builder(options(i))
+                .restore_operator(&source, "renamed", &RestoreOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    check_filled(&restored);
+    for backend in &restored {
+        backend.drop_state("histogram").unwrap();
+        assert_eq!(
+            backend.drop_state("histogram").unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+        let names: Vec<String> = backend.states().into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["count", "recent"]);
+    }
+    let pending = restored[0].snapshot(99).unwrap();
+    let keyed = pending
+        .write_savepoint(
+            &dir.child("after-drop").unwrap(),
+            "renamed",
+            0,
+            SavepointFormat::Canonical,
+            Compression::Lz4,
+        )
+        .await
+        .unwrap();
+    let names: Vec<&str> = keyed.states().iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["count", "recent"]);
+}

@@ -139,6 +139,18 @@ impl RocksStateBackend {
         Ok(spec.bind(core))
     }
 
+    /// Drops state `name` on purpose: its values and its record go, and checkpoints and
+    /// savepoints taken from now on no longer hold it. For a program that no longer has
+    /// the state: call it right after the restore, before any handle of it exists (a
+    /// handle of a dropped state fails on use). A state the program merely stops using is
+    /// kept, never dropped by accident.
+    ///
+    /// Errors: `NotFound` naming the stored states when there is no such state; engine
+    /// errors.
+    pub fn drop_state(&self, name: &str) -> Result<()> {
+        self.core.drop_state(name)
+    }
+
     /// The metadata of every state stored in this backend (registered in this process or
     /// found on disk), ordered by name.
     pub fn states(&self) -> Vec<StateMeta> {

@@ -205,6 +205,14 @@ impl BackendCore {
             .map_err(|e| Error::engine("write backend record", e))
     }
 
+    /// Removes a record of the meta column.
+    pub(crate) fn delete_meta(&self, key: &[u8]) -> Result<()> {
+        let cf = self.cf(crate::engine::META_COLUMN)?;
+        self.db
+            .delete_cf_opt(&cf, key, &self.write_opts)
+            .map_err(|e| Error::engine("delete backend record", e))
+    }
+
     /// Scans `column` from `lower` (inclusive) to `upper` (exclusive; `None` = to the end).
     pub(crate) fn scan(
         &self,

@@ -279,6 +279,27 @@ fn validate_state_name(name: &str) -> Result<()> {
 }
 
 impl BackendCore {
+    /// Removes state `name`: its record and its column family with every value.
+    ///
+    /// Errors: `NotFound` when no such state is stored; engine errors.
+    pub(crate) fn drop_state(&self, name: &str) -> Result<()> {
+        let mut states = self.states.lock();
+        let Some(entry) = states.get(name) else {
+            return Err(Error::NotFound(format!(
+                "state {name:?} in {} (it holds {:?})",
+                self.dir.display(),
+                states.keys().collect::<Vec<_>>()
+            )));
+        };
+        let cf_name = entry.column.cf_name.clone();
+        self.delete_meta(&meta::state_key(name))?;
+        self.db
+            .drop_cf(&cf_name)
+            .map_err(|e| Error::engine(format!("drop column family \"{cf_name}\""), e))?;
+        states.remove(name);
+        Ok(())
+    }
+
     /// Registers a state from its recorded description (creating its column family), or
     /// checks it against the stored one. See [`RocksStateBackend::register`](crate::RocksStateBackend::register).
     pub(crate) fn ensure_state(

@@ -145,6 +145,36 @@ impl RestoreSource {
         &self.location
     }
 
+    /// Renames operator `from` of the snapshot to `to`, for a program whose operator got a
+    /// new uid: its state then restores under the new uid (the snapshot itself is not
+    /// changed). A uid change is never guessed; this is the explicit way.
+    ///
+    /// Errors: `InvalidArgument` when the snapshot has no operator `from` (listing its
+    /// operators) or already has one named `to`.
+    pub fn rename_operator(&mut self, from: &str, to: &str) -> Result<()> {
+        let known: Vec<String> = self
+            .metadata
+            .operators
+            .iter()
+            .map(|o| o.uid.clone())
+            .collect();
+        if known.iter().any(|uid| uid == to) {
+            return Err(Error::invalid(format!(
+                "{} already has an operator {to:?}",
+                self.location
+            )));
+        }
+        let Some(op) = self.metadata.operators.iter_mut().find(|o| o.uid == from) else {
+            return Err(Error::invalid(format!(
+                "no operator {from:?} in {} (it holds {known:?})",
+                self.location
+            )));
+        };
+        op.uid = to.to_string();
+        op.uid_hash = crate::hash::operator_uid_hash(to);
+        Ok(())
+    }
+
     /// Checks that the new job can take this snapshot's state: every operator of the
     /// snapshot with state must exist in `operators` (unless `allow_non_restored_state`),
     /// with the same max parallelism. Operators absent from the snapshot start empty.
