@@ -8,6 +8,7 @@ mod demo;
 mod format;
 mod progress;
 mod snapshots;
+mod state;
 mod status;
 
 use std::process::ExitCode;
@@ -129,6 +130,9 @@ enum Command {
     /// Savepoint operations.
     #[command(subcommand)]
     Savepoint(SavepointCommand),
+    /// Reads the state inside a checkpoint or savepoint, without a job.
+    #[command(subcommand)]
+    State(StateCommand),
     /// Stops a running job (any process of it, on any machine), after a final savepoint
     /// when `--savepoint` is given, through a request in its checkpoint storage.
     #[command(
@@ -228,6 +232,20 @@ enum SavepointCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum StateCommand {
+    /// Lists the operators and states of a checkpoint or savepoint: kinds, key, value and
+    /// namespace types, time to live, entry counts (every entry is read, into a temporary
+    /// local copy) and the bytes of each operator's files.
+    #[command(after_help = "Example: rockstate state ls ./savepoints/savepoint-demo-1a2b3c4d5e6f")]
+    Ls {
+        /// A `chk-N` folder, a savepoint folder, or the `_metadata` inside either.
+        snapshot_url: String,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
 /// Output format flags shared by the listing commands.
 #[derive(Debug, Clone, Copy, Args)]
 struct Output {
@@ -294,6 +312,16 @@ fn run(cli: Cli) -> rockstate::Result<u8> {
             },
             wait,
         )),
+        Command::State(StateCommand::Ls {
+            snapshot_url,
+            output,
+        }) => {
+            let scratch = tempfile::Builder::new()
+                .prefix("rockstate-state-")
+                .tempdir()
+                .map_err(|e| rockstate::Error::io("create a temporary directory", e))?;
+            runtime()?.block_on(state::ls(&snapshot_url, output.json, scratch.path()))
+        }
         Command::Savepoint(SavepointCommand::Dispose { savepoint_url }) => {
             runtime()?.block_on(snapshots::dispose(&savepoint_url))
         }

@@ -1931,6 +1931,8 @@ fn help_is_short_and_long_everywhere() {
         &["key-group"],
         &["completions"],
         &["man"],
+        &["state"],
+        &["state", "ls"],
     ];
     for command in commands {
         for flag in ["-h", "--help"] {
@@ -2090,4 +2092,44 @@ fn the_metrics_endpoint_is_scraped_while_the_job_runs() {
     );
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// `rockstate state ls` reads a snapshot without a job.
+///
+/// Proves: the demo's three states are listed with their kinds and types, and their entry
+/// counts add up to the entries the job itself counted at its last checkpoint; a missing
+/// snapshot exits 7.
+#[test]
+fn state_ls_counts_what_the_job_wrote() {
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let run_doc = run(&demo_args(path_str(&checkpoints), "listed", &root, &[]));
+    run_doc.expect(0);
+    let doc = run_doc.json();
+    let last = doc["last_checkpoint"].as_str().unwrap().to_string();
+    let listed = run(&["state", "ls", &last, "--json"]);
+    listed.expect(0);
+    let ls = listed.json();
+    let counter = ls["operators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|op| op["uid"] == "counter")
+        .expect("the counter operator");
+    let states = counter["states"].as_array().unwrap();
+    let kinds: Vec<(&str, &str)> = states
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [("count", "value"), ("histogram", "map"), ("recent", "list")]
+    );
+    let total: u64 = states.iter().map(|s| s["entries"].as_u64().unwrap()).sum();
+    assert_eq!(total, doc["state_entries"].as_u64().unwrap(), "{ls}");
+    let text = run(&["state", "ls", &last]);
+    text.expect(0);
+    assert!(text.stdout.contains("histogram"), "{}", text.context());
+    let missing = run(&["state", "ls", path_str(&root.join("nothing"))]);
+    assert_eq!(missing.code(), Some(7), "{}", missing.context());
 }
