@@ -707,7 +707,7 @@ pub fn run(args: BenchArgs) -> rockstate::Result<u8> {
         demo_throughput(work.path(), args.demo_events, args.demo_keys)?;
     let upload_max = uploads.iter().copied().max().unwrap_or(0);
     let upload_mean = uploads.iter().sum::<u64>() as f64 / uploads.len().max(1) as f64;
-    let runtime = crate::runtime()?;
+    let runtime = crate::common::runtime()?;
     let mut r = runtime.block_on(measure(&args, work.path(), &say))?;
     r.events_per_s = events_per_s;
     r.raw_loop_events_per_s = raw_loop_events_per_s;
@@ -818,5 +818,5 @@ pub fn run(args: BenchArgs) -> rockstate::Result<u8> {
         );
         println!("  peak RSS                               {peak:.0} MiB");
     }
-    Ok(crate::exit::OK)
+    Ok(crate::common::exit::OK)
 }

@@ -7,7 +7,7 @@ use rockstate::checkpoint::status::{read_status, RunState};
 use rockstate::runtime::control::{self, Answer, Command, Outcome};
 use rockstate::CheckpointStorage;
 
-use crate::exit;
+use crate::common::exit;
 
 /// How often the answer is looked for.
 const POLL: Duration = Duration::from_millis(200);
@@ -50,7 +50,7 @@ pub async fn request(job_url: &str, command: Command, wait: Duration) -> rocksta
         Outcome::Answered(Answer::Failed { kind, message }) => {
             eprintln!(
                 "rockstate: the job could not do it ({kind}): {}",
-                crate::one_line(&message)
+                crate::common::one_line(&message)
             );
             Ok(exit::ERROR)
         }

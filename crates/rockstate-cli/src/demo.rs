@@ -14,9 +14,10 @@ use rockstate_harness::demo::{Counter, DemoSource, DEMO_UID};
 use rockstate_harness::{Finished, Harness, HarnessConfig, StartFrom};
 use serde_json::json;
 
+use crate::common::exit;
+use crate::format;
 use crate::progress::Progress;
 use crate::snapshots::print_json;
-use crate::{exit, format};
 
 pub const HELP: &str = "\
 The job: a deterministic stream of --events records over --keys keys (seeded by --seed,
@@ -254,7 +255,7 @@ fn watch_signals_timely(
             Err(e) => {
                 eprintln!(
                     "rockstate: cannot ask the job to stop: {}",
-                    crate::one_line(&e.report().to_string())
+                    crate::common::one_line(&e.report().to_string())
                 );
                 std::process::exit(130);
             }
@@ -352,7 +353,7 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
     args.refuse_timely_flags()?;
     rockstate::keygroup::validate_parallelism(args.parallelism, args.max_parallelism)?;
     let source = DemoSource::new(args.seed, args.keys, args.events)?;
-    let runtime = crate::runtime()?;
+    let runtime = crate::common::runtime()?;
     let stop = Arc::new(AtomicBool::new(false));
     watch_signals(&runtime, stop.clone())?;
 
@@ -625,7 +626,7 @@ fn timely_engine(args: DemoArgs) -> rockstate::Result<u8> {
     let workers = t.threads * t.processes;
     rockstate::keygroup::validate_parallelism(workers, args.max_parallelism)?;
     let source = DemoSource::new(args.seed, args.keys, args.events)?;
-    let runtime = crate::runtime()?;
+    let runtime = crate::common::runtime()?;
     if let Some(url) = &args.from {
         runtime.block_on(RestoreSource::open(url))?;
     }
@@ -729,7 +730,7 @@ fn timely_engine(args: DemoArgs) -> rockstate::Result<u8> {
             control::Outcome::Answered(control::Answer::Failed { message, .. }) => {
                 return Err(Error::Internal(format!(
                     "the job stopped, but its savepoint failed: {}",
-                    crate::one_line(&message)
+                    crate::common::one_line(&message)
                 )));
             }
             other => tracing::warn!(?other, "no answer to this process's stop request"),

@@ -9,8 +9,9 @@ use rockstate::{
 };
 use serde_json::{json, Value};
 
+use crate::common::exit;
+use crate::format;
 use crate::progress::Progress;
-use crate::{exit, format};
 
 /// The version of every `--json` document's layout: fields may be added within a version;
 /// a field removed or changed in meaning bumps it.
@@ -419,7 +420,7 @@ fn report_bad(json: bool, url: &str, files: usize, bytes: Option<u64>, bad: &[(S
                 json!({
                     "url": url,
                     "kind": format!("{:?}", e.kind()),
-                    "error": crate::one_line(&e.report().to_string()),
+                    "error": crate::common::one_line(&e.report().to_string()),
                 })
             })
             .collect();
@@ -429,7 +430,10 @@ fn report_bad(json: bool, url: &str, files: usize, bytes: Option<u64>, bad: &[(S
         return;
     }
     for (file, e) in bad {
-        println!("BAD {file}: {}", crate::one_line(&e.report().to_string()));
+        println!(
+            "BAD {file}: {}",
+            crate::common::one_line(&e.report().to_string())
+        );
     }
     println!("{url}: {} of {files} files bad", bad.len());
     eprintln!(

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use rockstate::restore::SavepointReader;
 use serde_json::{json, Value};
 
-use crate::exit;
+use crate::common::exit;
 use crate::format::bytes;
 use crate::snapshots::print_json;
 

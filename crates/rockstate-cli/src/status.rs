@@ -7,7 +7,7 @@ use rockstate::checkpoint::status::{read_status, CheckpointRecord, Outcome, RunS
 use rockstate::clock::{Clock, SystemClock};
 use serde_json::json;
 
-use crate::exit;
+use crate::common::exit;
 use crate::format::{bytes, utc_millis};
 use crate::snapshots::{open_job, print_json, refuse_parent};
 
@@ -95,7 +95,7 @@ fn record_line(r: &CheckpointRecord) -> String {
         ));
     }
     if let Some(reason) = &r.reason {
-        line.push_str(&format!(": {}", crate::one_line(reason)));
+        line.push_str(&format!(": {}", crate::common::one_line(reason)));
     }
     line
 }
