@@ -529,6 +529,7 @@ async fn snapshots_are_read_offline_typed_and_raw() {
         assert_eq!(raw["count"], 40, "{url}");
         assert_eq!(raw["recent"], 40, "{url}");
         assert_eq!(reader.operator_states(UID).unwrap().len(), 2);
+        drop(count);
         keyed.close().unwrap();
     }
     assert!(
@@ -587,15 +588,39 @@ async fn operator_renames_and_state_drops_are_explicit() {
         );
     }
     check_filled(&restored);
+    let stale = restored[0]
+        .register(MapStateDescriptor::<u32, u8, u64>::new("histogram"))
+        .unwrap();
     for backend in &restored {
-        backend.drop_state("histogram").unwrap();
-        assert_eq!(
-            backend.drop_state("histogram").unwrap_err().kind(),
-            ErrorKind::NotFound
-        );
+        assert!(backend.drop_state("histogram").unwrap());
+        assert!(!backend.drop_state("histogram").unwrap(), "idempotent");
         let names: Vec<String> = backend.states().into_iter().map(|m| m.name).collect();
         assert_eq!(names, ["count", "recent"]);
     }
+    // A handle of the dropped state is refused, also once the name is registered again.
+    let owned = |subtask: u32| {
+        (0..40u32)
+            .find(|k| rockstate::subtask_for_key(k, 3, MAX_PAR).unwrap() == subtask)
+            .unwrap()
+    };
+    let k = owned(0);
+    let e = stale.get(&k, &0).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert!(e.to_string().contains("dropped"), "{e}");
+    let again = restored[0]
+        .register(MapStateDescriptor::<u32, u8, u64>::new("histogram"))
+        .unwrap();
+    assert_eq!(
+        again.get(&k, &(k as u8 % 4)).unwrap(),
+        None,
+        "a new, empty state"
+    );
+    assert!(
+        stale.get(&k, &0).is_err(),
+        "still refused after the name came back"
+    );
+    drop(again);
+    restored[0].drop_state("histogram").unwrap();
     let pending = restored[0].snapshot(99).unwrap();
     let keyed = pending
         .write_savepoint(

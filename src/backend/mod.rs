@@ -140,14 +140,15 @@ impl RocksStateBackend {
     }
 
     /// Drops state `name` on purpose: its values and its record go, and checkpoints and
-    /// savepoints taken from now on no longer hold it. For a program that no longer has
-    /// the state: call it right after the restore, before any handle of it exists (a
-    /// handle of a dropped state fails on use). A state the program merely stops using is
-    /// kept, never dropped by accident.
+    /// savepoints taken from now on no longer hold it; `Ok(false)` when there is no such
+    /// state (so the call can stay in a program that restarts from its own checkpoints).
+    /// For a program that no longer has the state: call it right after the restore.
+    /// Handles of the dropped state are refused from then on (`InvalidArgument`), also
+    /// after a state of the same name is registered again. A state the program merely
+    /// stops using is kept, never dropped by accident.
     ///
-    /// Errors: `NotFound` naming the stored states when there is no such state; engine
-    /// errors.
-    pub fn drop_state(&self, name: &str) -> Result<()> {
+    /// Errors: engine errors.
+    pub fn drop_state(&self, name: &str) -> Result<bool> {
         self.core.drop_state(name)
     }
 

@@ -26,6 +26,8 @@ pub(crate) struct ColumnSettings {
     pub cf_name: String,
     kind: AtomicU8,
     ttl_ms: AtomicU64,
+    /// Set when the state was dropped: handles holding these settings are refused.
+    dropped: std::sync::atomic::AtomicBool,
 }
 
 const KIND_UNKNOWN: u8 = 0;
@@ -46,7 +48,16 @@ impl ColumnSettings {
             cf_name,
             kind: AtomicU8::new(KIND_UNKNOWN),
             ttl_ms: AtomicU64::new(0),
+            dropped: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    pub(crate) fn mark_dropped(&self) {
+        self.dropped.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_dropped(&self) -> bool {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     pub(crate) fn configure(&self, kind: StateKind, ttl_ms: Option<u64>) {

@@ -128,6 +128,19 @@ impl BackendCore {
         &self.dir
     }
 
+    /// The column family of `column`; refused when its state was dropped (a handle made
+    /// before [`drop_state`](Self::drop_state) never reaches a state of the same name
+    /// registered again).
+    fn column_cf(&self, column: &ColumnSettings) -> Result<Arc<rocksdb::BoundColumnFamily<'_>>> {
+        if column.is_dropped() {
+            return Err(Error::invalid(format!(
+                "{} was dropped; register the state again for a new handle",
+                column.cf_name
+            )));
+        }
+        self.cf(&column.cf_name)
+    }
+
     fn cf(&self, name: &str) -> Result<Arc<rocksdb::BoundColumnFamily<'_>>> {
         self.db
             .cf_handle(name)
@@ -146,7 +159,7 @@ impl BackendCore {
         key: &[u8],
         f: impl FnOnce(Option<&[u8]>) -> Result<R>,
     ) -> Result<R> {
-        let cf = self.cf(&column.cf_name)?;
+        let cf = self.column_cf(column)?;
         let pinned = self
             .db
             .get_pinned_cf_opt(&cf, key, &self.read_opts)
@@ -155,21 +168,21 @@ impl BackendCore {
     }
 
     pub(crate) fn put(&self, column: &ColumnSettings, key: &[u8], value: &[u8]) -> Result<()> {
-        let cf = self.cf(&column.cf_name)?;
+        let cf = self.column_cf(column)?;
         self.db
             .put_cf_opt(&cf, key, value, &self.write_opts)
             .map_err(|e| Self::fail("put", column)(e))
     }
 
     pub(crate) fn merge(&self, column: &ColumnSettings, key: &[u8], operand: &[u8]) -> Result<()> {
-        let cf = self.cf(&column.cf_name)?;
+        let cf = self.column_cf(column)?;
         self.db
             .merge_cf_opt(&cf, key, operand, &self.write_opts)
             .map_err(|e| Self::fail("merge", column)(e))
     }
 
     pub(crate) fn delete(&self, column: &ColumnSettings, key: &[u8]) -> Result<()> {
-        let cf = self.cf(&column.cf_name)?;
+        let cf = self.column_cf(column)?;
         self.db
             .delete_cf_opt(&cf, key, &self.write_opts)
             .map_err(|e| Self::fail("delete", column)(e))
@@ -184,7 +197,7 @@ impl BackendCore {
         if ops.is_empty() {
             return Ok(());
         }
-        let cf = self.cf(&column.cf_name)?;
+        let cf = self.column_cf(column)?;
         let mut batch = WriteBatch::default();
         for (key, value) in ops {
             match value {
@@ -220,7 +233,7 @@ impl BackendCore {
         lower: Vec<u8>,
         upper: Option<Vec<u8>>,
     ) -> Result<RawScan<'_>> {
-        let cf = self.cf(&column.cf_name)?;
+        let cf = self.column_cf(column)?;
         let mut opts = ReadOptions::default();
         opts.set_iterate_lower_bound(lower.clone());
         if let Some(upper) = upper {
@@ -313,7 +326,7 @@ impl BackendCore {
     pub(crate) fn pause_compactions(&self, paused: bool) -> Result<()> {
         let value = if paused { "true" } else { "false" };
         for (_, column) in self.state_columns() {
-            let cf = self.cf(&column.cf_name)?;
+            let cf = self.column_cf(&column)?;
             self.db
                 .set_options_cf(&cf, &[("disable_auto_compactions", value)])
                 .map_err(Self::fail("pause compactions", &column))?;
@@ -331,7 +344,7 @@ impl BackendCore {
         }
         let mut batch = WriteBatch::default();
         for (column, key, value) in entries {
-            let cf = self.cf(&column.cf_name)?;
+            let cf = self.column_cf(column)?;
             batch.put_cf(&cf, key, value);
         }
         self.db
@@ -351,7 +364,7 @@ impl BackendCore {
             if let Some(high) = &high {
                 spans.extend(self.extent(&column, Some(high), None)?);
             }
-            let cf = self.cf(&column.cf_name)?;
+            let cf = self.column_cf(&column)?;
             for (from, to) in spans {
                 self.db
                     .delete_range_cf_opt(&cf, from, to, &self.write_opts)
@@ -372,7 +385,7 @@ impl BackendCore {
         lower: Option<&[u8]>,
         upper: Option<&[u8]>,
     ) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-        let cf = self.cf(&column.cf_name)?;
+        let cf = self.column_cf(column)?;
         let mut opts = ReadOptions::default();
         if let Some(lower) = lower {
             opts.set_iterate_lower_bound(lower.to_vec());
@@ -424,7 +437,7 @@ impl BackendCore {
         let high = crate::codec::prefix_successor(&crate::codec::key_group_prefix(range.end()))
             .unwrap_or_else(|| vec![0xff; 3]);
         for (_, column) in self.state_columns() {
-            let cf = self.cf(&column.cf_name)?;
+            let cf = self.column_cf(&column)?;
             self.db
                 .delete_range_cf_opt(&cf, &low, &high, &self.write_opts)
                 .map_err(Self::fail("delete range", &column))?;
@@ -440,7 +453,7 @@ impl BackendCore {
         if files.is_empty() {
             return Ok(());
         }
-        let cf = self.cf(&column.cf_name)?;
+        let cf = self.column_cf(column)?;
         let mut opts = rocksdb::IngestExternalFileOptions::default();
         opts.set_allow_db_generated_files(true);
         opts.set_link_files(true);

@@ -279,25 +279,23 @@ fn validate_state_name(name: &str) -> Result<()> {
 }
 
 impl BackendCore {
-    /// Removes state `name`: its record and its column family with every value.
+    /// Removes state `name`: its record and its column family with every value; `false`
+    /// when there is no such state.
     ///
-    /// Errors: `NotFound` when no such state is stored; engine errors.
-    pub(crate) fn drop_state(&self, name: &str) -> Result<()> {
+    /// Errors: engine errors.
+    pub(crate) fn drop_state(&self, name: &str) -> Result<bool> {
         let mut states = self.states.lock();
         let Some(entry) = states.get(name) else {
-            return Err(Error::NotFound(format!(
-                "state {name:?} in {} (it holds {:?})",
-                self.dir.display(),
-                states.keys().collect::<Vec<_>>()
-            )));
+            return Ok(false);
         };
         let cf_name = entry.column.cf_name.clone();
+        entry.column.mark_dropped();
         self.delete_meta(&meta::state_key(name))?;
         self.db
             .drop_cf(&cf_name)
             .map_err(|e| Error::engine(format!("drop column family \"{cf_name}\""), e))?;
         states.remove(name);
-        Ok(())
+        Ok(true)
     }
 
     /// Registers a state from its recorded description (creating its column family), or

@@ -28,6 +28,7 @@ use super::{remove_dir_if_exists, RestoreOptions, RestoreSource};
 ///     let (key, ()) = key?;
 ///     println!("{key}: {:?}", count.get(&key)?);
 /// }
+/// drop(count);
 /// keyed.close()?;
 /// # Ok(())
 /// # }
@@ -166,19 +167,22 @@ impl KeyedStateReader {
         self.backend().for_each_entry(f)
     }
 
-    /// Closes the local copy and removes its folder.
+    /// Closes the local copy and removes its folder, whatever the close reports. Drop the
+    /// state handles taken from it first: the database stays open while one exists.
     ///
     /// Errors: engine and local I/O errors.
     pub fn close(mut self) -> Result<()> {
-        if let Some(backend) = self.backend.take() {
-            backend.close()?;
-        }
-        std::fs::remove_dir_all(&self.dir)
+        let closed = match self.backend.take() {
+            Some(backend) => backend.close(),
+            None => Ok(()),
+        };
+        let removed = std::fs::remove_dir_all(&self.dir)
             .or_else(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => Ok(()),
                 _ => Err(e),
             })
-            .map_err(|e| Error::io(format!("remove {}", self.dir.display()), e))
+            .map_err(|e| Error::io(format!("remove {}", self.dir.display()), e));
+        closed.and(removed)
     }
 }
 

@@ -7,8 +7,10 @@
 //! Every subtask of every operator is restored, one at a time, into a scratch directory
 //! (with every file CRC-checked on the way, as any restore), snapshotted, and written into
 //! the new savepoint folder in the chosen format; operator state is carried over as is.
-//! The savepoint holds exactly the state of the snapshot it was made from, so a job that
-//! resumes from it resumes from that snapshot's position.
+//! The savepoint holds the state of the snapshot it was made from, as reads saw it when
+//! that snapshot completed (values whose time to live had passed then are left out, as
+//! in every canonical savepoint), so a job that resumes from it resumes from that
+//! snapshot's position.
 
 use std::path::Path;
 
@@ -89,7 +91,10 @@ async fn write(
             let mut options =
                 BackendOptions::new(&dir, keyed.key_group_range(), keyed.max_parallelism());
             options.memory_budget = memory_budget;
+            // The snapshot's own time: entries are kept or left out (time to live) as reads
+            // at that time would see them, whenever the savepoint is made.
             let backend = crate::RocksStateBackend::builder(options)
+                .clock(crate::clock::ManualClock::new(original.completed_at_ms))
                 .restore_operator(source, &op.uid, &RestoreOptions::default())
                 .await?;
             let subtask_id = u32::try_from(index)

@@ -139,7 +139,7 @@ where
     /// Folds `input` into the accumulator of `key`.
     pub fn add(&self, key: &K, input: F::In) -> Result<()> {
         let raw_key = self.core.prefix(key)?;
-        let acc = match self.core.get_value::<F::Acc>(&raw_key)? {
+        let acc = match self.core.get_value_for_update::<F::Acc>(&raw_key)? {
             Some(acc) => acc,
             None => self.function.create_accumulator(),
         };

@@ -181,8 +181,24 @@ impl StateCore {
     /// Reads and decodes the live value under `raw_key`; with renewal on read, writes it
     /// back with a new timestamp.
     pub(crate) fn get_value<V: DeserializeOwned>(&self, raw_key: &[u8]) -> Result<Option<V>> {
+        self.get_value_renewing(raw_key, self.refreshes_on_read())
+    }
+
+    /// Reads the live value under `raw_key` for a read-modify-write that writes it anyway
+    /// (no renewal: the write renews it).
+    pub(crate) fn get_value_for_update<V: DeserializeOwned>(
+        &self,
+        raw_key: &[u8],
+    ) -> Result<Option<V>> {
+        self.get_value_renewing(raw_key, false)
+    }
+
+    fn get_value_renewing<V: DeserializeOwned>(
+        &self,
+        raw_key: &[u8],
+        refresh: bool,
+    ) -> Result<Option<V>> {
         let now = self.read_now();
-        let refresh = self.refreshes_on_read();
         let mut renewed = None;
         let value = self
             .backend

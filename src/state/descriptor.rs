@@ -10,8 +10,11 @@ pub enum TtlUpdate {
     /// When it is written (created or replaced). The default.
     #[default]
     OnCreateAndWrite,
-    /// When it is written and when it is read: a value read now and then never expires.
-    /// A read that finds a value writes it back with a new timestamp.
+    /// When it is written and when it is read by `get` (value, list, map entry, reducing
+    /// and aggregating state): a value read that way now and then never expires. Such a
+    /// read writes the value back with a new timestamp, so a handle that renews must not
+    /// read a key while another thread writes the same key (state of one key is meant for
+    /// one thread, as in a stream job). Iteration, `contains` and `all_keys` do not renew.
     OnReadAndWrite,
 }
 

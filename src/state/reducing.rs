@@ -125,7 +125,7 @@ where
     /// Combines `value` into the stored value (or stores it when there is none).
     pub fn add(&self, key: &K, value: V) -> Result<()> {
         let raw_key = self.core.prefix(key)?;
-        let next = match self.core.get_value::<V>(&raw_key)? {
+        let next = match self.core.get_value_for_update::<V>(&raw_key)? {
             Some(current) => (self.reduce)(current, value),
             None => value,
         };

@@ -213,6 +213,11 @@ enum StateCommand {
     Ls {
         /// A `chk-N` folder, a savepoint folder, or the `_metadata` inside either.
         snapshot_url: String,
+        /// Local directory for the temporary copy of one operator's state (default: a new
+        /// temporary directory, removed at the end). It needs room for the largest
+        /// operator's state.
+        #[arg(long, value_name = "DIR")]
+        scratch: Option<std::path::PathBuf>,
         #[command(flatten)]
         output: Output,
     },
@@ -277,12 +282,16 @@ fn run(cli: Cli) -> rockstate::Result<u8> {
         )),
         Command::State(StateCommand::Ls {
             snapshot_url,
+            scratch,
             output,
         }) => {
+            let parent = scratch.unwrap_or_else(std::env::temp_dir);
             let scratch = tempfile::Builder::new()
                 .prefix("rockstate-state-")
-                .tempdir()
-                .map_err(|e| rockstate::Error::io("create a temporary directory", e))?;
+                .tempdir_in(&parent)
+                .map_err(|e| {
+                    rockstate::Error::io(format!("create a directory in {}", parent.display()), e)
+                })?;
             runtime()?.block_on(state::ls(&snapshot_url, output.json, scratch.path()))
         }
         Command::Savepoint(SavepointCommand::Dispose { savepoint_url }) => {

@@ -28,7 +28,23 @@ pub async fn ls(url: &str, json: bool, scratch: &std::path::Path) -> rockstate::
         let has_keyed = op.subtasks.iter().any(|s| s.keyed.is_some());
         if has_keyed {
             let keyed = reader.keyed_state(&op.uid).await?;
-            keyed.for_each_raw(|state, _, _| *counts.entry(state.to_string()).or_default() += 1)?;
+            // Entries come state by state: one count per run of a name, no allocation per
+            // entry.
+            let mut current = String::new();
+            let mut n = 0u64;
+            keyed.for_each_raw(|state, _, _| {
+                if state != current {
+                    if n > 0 {
+                        *counts.entry(std::mem::take(&mut current)).or_default() += n;
+                    }
+                    current = state.to_string();
+                    n = 0;
+                }
+                n += 1;
+            })?;
+            if n > 0 {
+                *counts.entry(current).or_default() += n;
+            }
             keyed.close()?;
         }
         let operator_entries: usize = op
@@ -78,8 +94,8 @@ pub async fn ls(url: &str, json: bool, scratch: &std::path::Path) -> rockstate::
     }
     for op in &operators {
         println!(
-            "operator {}: parallelism {}, max parallelism {}, {} of keyed state files, {} operator state entries",
-            op["uid"],
+            "operator {:?}: parallelism {}, max parallelism {}, {} of keyed state files, {} operator state entries",
+            op["uid"].as_str().unwrap_or_default(),
             op["parallelism"],
             op["max_parallelism"],
             bytes(op["bytes"].as_u64().unwrap_or(0)),
