@@ -156,13 +156,17 @@ enum Command {
     /// Prints the manual page (roff), generated from the command-line definition.
     #[command(after_help = "Example: rockstate man > rockstate.1 && man ./rockstate.1")]
     Man,
-    /// Shows which key group and subtask own a string key.
+    /// Shows which key group and subtask own a key.
     #[command(
-        after_help = "Example: rockstate key-group user-42 --max-parallelism 128 --parallelism 4"
+        after_help = "Examples:\n  rockstate key-group user-42 --max-parallelism 128 --parallelism 4\n  rockstate key-group 1234567 --key-type u64 --parallelism 3\n\nThe key type is the Rust type of the state's key (`rockstate inspect` shows it): the\nkey is hashed in that type's serialized form."
     )]
     KeyGroup {
-        /// The key, as a string (hashed in its serialized form).
+        /// The key, written as its type reads it (a number for the integer types).
+        #[arg(allow_negative_numbers = true)]
         key: String,
+        /// The key's type.
+        #[arg(long, value_enum, default_value = "string")]
+        key_type: args::KeyType,
         /// Number of key groups (1..=32768).
         #[arg(long, default_value_t = 128)]
         max_parallelism: u32,
@@ -322,17 +326,19 @@ fn run(cli: Cli) -> rockstate::Result<u8> {
         }
         Command::KeyGroup {
             key,
+            key_type,
             max_parallelism,
             parallelism,
             output,
         } => {
-            let kg = rockstate::key_group_for(&key, max_parallelism)?;
+            let kg = key_type.key_group(&key, max_parallelism)?;
             let subtask = rockstate::subtask_for_key_group(kg, parallelism, max_parallelism)?;
             let range =
                 rockstate::key_group_range_for_subtask(subtask, parallelism, max_parallelism)?;
             if output.json {
                 snapshots::print_json(&serde_json::json!({
                     "key": key,
+                    "key_type": format!("{key_type:?}").to_lowercase(),
                     "key_group": kg,
                     "max_parallelism": max_parallelism,
                     "subtask": subtask,

@@ -2133,3 +2133,42 @@ fn state_ls_counts_what_the_job_wrote() {
     let missing = run(&["state", "ls", path_str(&root.join("nothing"))]);
     assert_eq!(missing.code(), Some(7), "{}", missing.context());
 }
+
+/// `rockstate key-group` hashes keys of the common key types as the library does.
+#[test]
+fn key_group_takes_typed_keys() {
+    let check = |key: &str, key_type: &str, expected: u16| {
+        let run = run(&[
+            "key-group",
+            key,
+            "--key-type",
+            key_type,
+            "--max-parallelism",
+            "128",
+            "--json",
+        ]);
+        run.expect(0);
+        let doc = run.json();
+        assert_eq!(doc["key_group"], expected, "{key} as {key_type}: {doc}");
+        assert_eq!(doc["key_type"], key_type);
+    };
+    check(
+        "user-42",
+        "string",
+        rockstate::key_group_for("user-42", 128).unwrap(),
+    );
+    check(
+        "1234567",
+        "u64",
+        rockstate::key_group_for(&1_234_567u64, 128).unwrap(),
+    );
+    check("-5", "i32", rockstate::key_group_for(&-5i32, 128).unwrap());
+    check("7", "u32", rockstate::key_group_for(&7u32, 128).unwrap());
+    check(
+        "true",
+        "bool",
+        rockstate::key_group_for(&true, 128).unwrap(),
+    );
+    let bad = run(&["key-group", "x", "--key-type", "u64"]);
+    assert_error_line(&bad, "a key that is not a u64");
+}
