@@ -248,6 +248,9 @@ fn workers_reuse_only_files_of_confirmed_checkpoints() {
     job.start = Start::Empty;
     // Keep every completed checkpoint, to inspect them afterwards.
     job.coordinator.num_retained = 10_000;
+    // Every write waits 250 ms: on a loaded machine the final checkpoint can take longer
+    // than the default timeout, and the test is about which files are reused, not speed.
+    job.coordinator.timeout = Duration::from_secs(600);
     job.max_uploads = 4;
     let report = demo::run(
         timely::Config::process(3),
