@@ -499,49 +499,54 @@ fn misconfiguration(text: &str) -> Option<Misconfigured> {
 /// message says so): retrying it again would repeat the whole wait.
 pub(crate) fn already_retried(error: &Error) -> bool {
     match error {
-        Error::Storage { source, .. } => {
-            // "... after N retries, max_retries: M, ...": it gave up only when N reached M
-            // (a client that stops early, say on a non-idempotent request, did not).
-            let text = chain_text(source.as_ref());
-            let number_after = |marker: &str| -> Option<u64> {
-                let rest = &text[text.find(marker)? + marker.len()..];
-                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-                digits.parse().ok()
-            };
-            if !text.contains(" retries, max_retries") {
-                return false;
-            }
-            // Or when its time ran out: "in 181.2s, ..., retry_timeout: 180s".
-            let seconds_after = |marker: &str| -> Option<f64> {
-                let rest = &text[text.rfind(marker)? + marker.len()..];
-                let number: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_digit() || *c == '.')
-                    .collect();
-                let value: f64 = number.parse().ok()?;
-                let unit = &rest[number.len()..];
-                Some(if unit.starts_with("ms") {
-                    value / 1e3
-                } else if unit.starts_with("µs") || unit.starts_with("us") {
-                    value / 1e6
-                } else if unit.starts_with("ns") {
-                    value / 1e9
-                } else {
-                    value
-                })
-            };
-            let out_of_time = match (seconds_after(" in "), seconds_after("retry_timeout: ")) {
-                (Some(elapsed), Some(limit)) => elapsed >= limit,
-                _ => false,
-            };
-            let out_of_retries = match (number_after("after "), number_after("max_retries: ")) {
-                (Some(done), Some(max)) => done >= max,
-                _ => false,
-            };
-            out_of_retries || out_of_time
-        }
+        Error::Storage { source, .. } => retries_exhausted(&chain_text(source.as_ref())),
         _ => false,
     }
+}
+
+/// Reads the store client's own account of its retries, "... in 6.7s, after 10 retries,
+/// max_retries: 10, retry_timeout: 180s ...", anchored on that one phrase (a path or a
+/// message elsewhere in the text may hold the same words): `true` when it used all its
+/// retries or all its time.
+fn retries_exhausted(text: &str) -> bool {
+    const MARK: &str = " retries, max_retries: ";
+    let Some(at) = text.find(MARK) else {
+        return false;
+    };
+    let leading_number = |s: &str| -> Option<f64> {
+        let n: String = s
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        let value: f64 = n.parse().ok()?;
+        let unit = &s[n.len()..];
+        Some(if unit.starts_with("ms") {
+            value / 1e3
+        } else if unit.starts_with("µs") || unit.starts_with("us") {
+            value / 1e6
+        } else if unit.starts_with("ns") {
+            value / 1e9
+        } else {
+            value
+        })
+    };
+    let (before, done) = match text[..at].rsplit_once("after ") {
+        Some((before, done)) => (before, done.parse::<u64>().ok()),
+        None => (&text[..at], None),
+    };
+    let tail = &text[at + MARK.len()..];
+    let max = leading_number(tail).map(|m| m as u64);
+    let out_of_retries = matches!((done, max), (Some(d), Some(m)) if d >= m);
+    let elapsed = before
+        .trim_end()
+        .trim_end_matches(',')
+        .rsplit_once(" in ")
+        .and_then(|(_, e)| leading_number(e));
+    let limit = tail
+        .find("retry_timeout: ")
+        .and_then(|i| leading_number(&tail[i + "retry_timeout: ".len()..]));
+    let out_of_time = matches!((elapsed, limit), (Some(e), Some(l)) if e >= l);
+    out_of_retries || out_of_time
 }
 
 /// Shorthand for `std::result::Result<T, rockstate::Error>`.
@@ -596,6 +601,19 @@ mod tests {
             generic("Error performing PUT http://h/b/x in 181.5s, after 4 retries, max_retries: 10, retry_timeout: 180s - timed out"),
         );
         assert!(already_retried(&out_of_time));
+        // The same words elsewhere in the text (a key, a message) do not count.
+        let look_alike = Error::storage(
+            "put",
+            "s3://b/after 5 in 999s/x",
+            generic("Error performing PUT http://h/b/after 5 in 999s/x in 2.1s, after 10 retries, max_retries: 10, retry_timeout: 180s - connection refused in handshake"),
+        );
+        assert!(already_retried(&look_alike));
+        let early_look_alike = Error::storage(
+            "put",
+            "s3://b/x",
+            generic("Error performing PUT http://h/b/after 10/x in 2.1s, after 3 retries, max_retries: 10, retry_timeout: 180s"),
+        );
+        assert!(!already_retried(&early_look_alike));
         let silent = Error::storage(
             "get",
             "s3://b/j/x",

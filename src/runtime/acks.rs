@@ -698,13 +698,7 @@ impl CoordinatorTask {
             let Some(seen) = pending.get_mut(&id) else {
                 return Ok(());
             };
-            let Some(worker) = object
-                .path
-                .rsplit('/')
-                .next()
-                .and_then(|n| n.strip_prefix("worker-"))
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
+            let Some(worker) = control::worker_of(&object.path) else {
                 continue;
             };
             if seen.contains(&worker) {

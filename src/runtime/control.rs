@@ -353,6 +353,14 @@ pub struct StopNotice {
     pub request: String,
 }
 
+/// The worker whose file `path` is (`.../worker-<n>`), if it is one.
+pub(crate) fn worker_of(path: &str) -> Option<u32> {
+    path.rsplit('/')
+        .next()
+        .and_then(|n| n.strip_prefix("worker-"))
+        .and_then(|n| n.parse().ok())
+}
+
 fn stop_dir(run: u64) -> String {
     format!("{CONTROL_DIR}/stop/{run:016x}")
 }
@@ -423,14 +431,7 @@ pub async fn agreed_final(job: &CheckpointStorage, run: u64, workers: u32) -> Re
     let mut highest = None;
     let mut seen = std::collections::BTreeSet::new();
     for object in listed {
-        let Some(worker) = object
-            .path
-            .rsplit('/')
-            .next()
-            .and_then(|n| n.strip_prefix("worker-"))
-            .and_then(|n| n.parse::<u32>().ok())
-            .filter(|w| *w < workers)
-        else {
+        let Some(worker) = worker_of(&object.path).filter(|w| *w < workers) else {
             continue;
         };
         let bytes = job.read_small(&object.path, 32).await?;

@@ -42,6 +42,11 @@ pub async fn savepoint_from_snapshot(
     memory_budget: usize,
 ) -> Result<(CheckpointStorage, CheckpointMetadata)> {
     let folder = parent.child(&folder_name(job_id))?;
+    // A fresh random name; should it ever exist, nothing is written there (and so nothing
+    // of it is removed on a failure).
+    if !folder.list("").await?.is_empty() {
+        return Err(Error::AlreadyExists(folder.url().to_string()));
+    }
     // Everything local goes into a directory of this call's own, removed at the end.
     let work = scratch.join(format!("savepoint-{:016x}", rand::random::<u64>()));
     let written = write(source, &folder, job_id, format, &work, memory_budget).await;
@@ -54,7 +59,10 @@ pub async fn savepoint_from_snapshot(
             if e.kind() != ErrorKind::InDoubt {
                 let written: Vec<String> = match folder.list("").await {
                     Ok(objects) => objects.into_iter().map(|o| o.path).collect(),
-                    Err(_) => Vec::new(),
+                    Err(list) => {
+                        tracing::warn!(folder = %folder.url(), error = %list.report(), "cannot list the files of a failed savepoint to remove them");
+                        Vec::new()
+                    }
                 };
                 if let Err(cleanup) = folder.delete_many(written).await {
                     tracing::warn!(folder = %folder.url(), error = %cleanup.report(), "cannot remove the files of a failed savepoint");
@@ -99,13 +107,29 @@ async fn write(
                 .await?;
             let subtask_id = u32::try_from(index)
                 .map_err(|_| Error::corrupt(source.location(), "too many subtasks"))?;
-            let written = async {
-                let pending = backend.snapshot(original.checkpoint_id)?;
-                pending
-                    .write_savepoint(folder, &op.uid, subtask_id, format, Compression::default())
-                    .await
-            }
-            .await;
+            // The snapshot's flush and hard links are blocking RocksDB work: off the
+            // async threads.
+            let id = original.checkpoint_id;
+            let (backend, pending) = tokio::task::spawn_blocking(move || {
+                let pending = backend.snapshot(id);
+                (backend, pending)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("snapshot a temporary backend: {e}")))?;
+            let written = match pending {
+                Ok(pending) => {
+                    pending
+                        .write_savepoint(
+                            folder,
+                            &op.uid,
+                            subtask_id,
+                            format,
+                            Compression::default(),
+                        )
+                        .await
+                }
+                Err(e) => Err(e),
+            };
             let closed = tokio::task::spawn_blocking(move || backend.close())
                 .await
                 .map_err(|e| Error::Internal(format!("close a temporary backend: {e}")))

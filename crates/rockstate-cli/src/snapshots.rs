@@ -184,6 +184,20 @@ pub async fn latest(job_url: &str, json: bool) -> rockstate::Result<u8> {
     }
 }
 
+/// The JSON description of one state (`inspect --json`, `state ls --json`).
+pub fn state_json(s: &rockstate::StateMeta) -> Value {
+    json!({
+        "name": s.name,
+        "kind": s.kind.to_string(),
+        "key_type": s.key_type,
+        "namespace_type": s.namespace_type,
+        "user_key_type": s.user_key_type,
+        "value_type": s.value_type,
+        "serializer_version": s.serializer_version,
+        "ttl_ms": s.ttl_millis,
+    })
+}
+
 /// The JSON description of a snapshot (`inspect --json`).
 fn describe(source: &RestoreSource) -> Value {
     let meta = source.metadata();
@@ -192,22 +206,7 @@ fn describe(source: &RestoreSource) -> Value {
         .operators
         .iter()
         .map(|op| {
-            let states: Vec<Value> = op
-                .states
-                .iter()
-                .map(|s| {
-                    json!({
-                        "name": s.name,
-                        "kind": s.kind.to_string(),
-                        "key_type": s.key_type,
-                        "namespace_type": s.namespace_type,
-                        "user_key_type": s.user_key_type,
-                        "value_type": s.value_type,
-                        "serializer_version": s.serializer_version,
-                        "ttl_ms": s.ttl_millis,
-                    })
-                })
-                .collect();
+            let states: Vec<Value> = op.states.iter().map(state_json).collect();
             let subtasks: Vec<Value> = op
                 .subtasks
                 .iter()

@@ -28,24 +28,29 @@ pub async fn ls(url: &str, json: bool, scratch: &std::path::Path) -> rockstate::
         let has_keyed = op.subtasks.iter().any(|s| s.keyed.is_some());
         if has_keyed {
             let keyed = reader.keyed_state(&op.uid).await?;
-            // Entries come state by state: one count per run of a name, no allocation per
-            // entry.
-            let mut current = String::new();
-            let mut n = 0u64;
-            keyed.for_each_raw(|state, _, _| {
-                if state != current {
-                    if n > 0 {
-                        *counts.entry(std::mem::take(&mut current)).or_default() += n;
+            // Reading every entry is blocking RocksDB work: off the async threads.
+            counts = tokio::task::block_in_place(|| -> rockstate::Result<_> {
+                let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+                // Entries come state by state: one count per run of a name, no allocation per
+                // entry.
+                let mut current = String::new();
+                let mut n = 0u64;
+                keyed.for_each_raw(|state, _, _| {
+                    if state != current {
+                        if n > 0 {
+                            *counts.entry(std::mem::take(&mut current)).or_default() += n;
+                        }
+                        current = state.to_string();
+                        n = 0;
                     }
-                    current = state.to_string();
-                    n = 0;
+                    n += 1;
+                })?;
+                if n > 0 {
+                    *counts.entry(current).or_default() += n;
                 }
-                n += 1;
+                keyed.close()?;
+                Ok(counts)
             })?;
-            if n > 0 {
-                *counts.entry(current).or_default() += n;
-            }
-            keyed.close()?;
         }
         let operator_entries: usize = op
             .subtasks
@@ -62,17 +67,9 @@ pub async fn ls(url: &str, json: bool, scratch: &std::path::Path) -> rockstate::
             .states
             .iter()
             .map(|s| {
-                json!({
-                    "name": s.name,
-                    "kind": format!("{:?}", s.kind).to_lowercase(),
-                    "key_type": s.key_type,
-                    "namespace_type": s.namespace_type,
-                    "user_key_type": s.user_key_type,
-                    "value_type": s.value_type,
-                    "serializer_version": s.serializer_version,
-                    "ttl_ms": s.ttl_millis,
-                    "entries": counts.get(&s.name).copied().unwrap_or(0),
-                })
+                let mut state = crate::snapshots::state_json(s);
+                state["entries"] = json!(counts.get(&s.name).copied().unwrap_or(0));
+                state
             })
             .collect();
         operators.push(json!({

@@ -578,14 +578,7 @@ where
     ) -> Result<(Savepoint, Finished)> {
         let savepoint = self.savepoint(dir, format)?;
         let backends = self.stop_threads()?;
-        self.stop_status();
-        let coordinator = self.coordinator.clone();
-        self.runtime().block_on(async move {
-            let mut coordinator = coordinator.lock().await;
-            coordinator.shutdown(false).await?;
-            publish_final(&mut coordinator, RunState::Stopped).await;
-            Ok::<_, Error>(())
-        })?;
+        self.shut_down_coordinator()?;
         let last_checkpoint = self.latest_checkpoint();
         Ok((
             savepoint,
@@ -695,14 +688,7 @@ where
         while self.run(u64::MAX)? > 0 {}
         let last = self.checkpoint_now()?;
         let backends = self.stop_threads()?;
-        self.stop_status();
-        let coordinator = self.coordinator.clone();
-        self.runtime().block_on(async move {
-            let mut coordinator = coordinator.lock().await;
-            coordinator.shutdown(false).await?;
-            publish_final(&mut coordinator, RunState::Stopped).await;
-            Ok::<_, Error>(())
-        })?;
+        self.shut_down_coordinator()?;
         Ok(Finished {
             backends,
             last_checkpoint: Some(last),
@@ -721,14 +707,7 @@ where
             tracing::debug!(error = %e.report(), "cannot hand over the last records");
         }
         let backends = self.stop_threads()?;
-        self.stop_status();
-        let coordinator = self.coordinator.clone();
-        self.runtime().block_on(async move {
-            let mut coordinator = coordinator.lock().await;
-            coordinator.shutdown(false).await?;
-            publish_final(&mut coordinator, RunState::Stopped).await;
-            Ok::<_, Error>(())
-        })?;
+        self.shut_down_coordinator()?;
         Ok(Finished {
             backends,
             last_checkpoint: self.latest_checkpoint(),
@@ -844,14 +823,7 @@ where
             savepoint: stop.savepoint.as_ref().map(|s| s.url.clone()),
         };
         self.answer_control(&stop.id, &answer)?;
-        self.stop_status();
-        let coordinator = self.coordinator.clone();
-        self.runtime().block_on(async move {
-            let mut coordinator = coordinator.lock().await;
-            coordinator.shutdown(false).await?;
-            publish_final(&mut coordinator, RunState::Stopped).await;
-            Ok::<_, Error>(())
-        })?;
+        self.shut_down_coordinator()?;
         let finished = Finished {
             backends,
             last_checkpoint: self.latest_checkpoint(),
@@ -873,6 +845,19 @@ where
         let (id, answer) = (id.to_string(), answer.clone());
         self.runtime().block_on(async move {
             control::answer(&mut *coordinator.lock().await, &id, &answer).await
+        })
+    }
+
+    /// Ends coordination at the end of a run: the status task stops, pending checkpoints
+    /// are aborted (completed ones kept), and the status says the job stopped.
+    fn shut_down_coordinator(&mut self) -> Result<()> {
+        self.stop_status();
+        let coordinator = self.coordinator.clone();
+        self.runtime().block_on(async move {
+            let mut coordinator = coordinator.lock().await;
+            coordinator.shutdown(false).await?;
+            publish_final(&mut coordinator, RunState::Stopped).await;
+            Ok(())
         })
     }
 
