@@ -231,14 +231,71 @@ struct V1Operator<'a> {
     uid_hash: &'a str,
     parallelism: u32,
     max_parallelism: u32,
-    states: &'a [StateMeta],
+    states: Vec<LegacyState<'a>>,
     subtasks: Vec<V1Subtask<'a>>,
 }
 
 #[derive(Serialize)]
 struct V1Subtask<'a> {
-    keyed: Option<&'a KeyedStateHandle>,
+    keyed: Option<LegacyHandle<'a>>,
     operator_state: &'a OperatorState,
+}
+
+/// A state description as written before type structures were recorded.
+#[derive(Serialize)]
+struct LegacyState<'a> {
+    name: &'a str,
+    kind: rockstate::StateKind,
+    key_type: &'a str,
+    namespace_type: &'a str,
+    user_key_type: Option<&'a str>,
+    value_type: &'a str,
+    serializer_version: u32,
+    ttl_millis: Option<u64>,
+}
+
+fn legacy_states(states: &[StateMeta]) -> Vec<LegacyState<'_>> {
+    states
+        .iter()
+        .map(|s| LegacyState {
+            name: &s.name,
+            kind: s.kind,
+            key_type: &s.key_type.rust_name,
+            namespace_type: &s.namespace_type.rust_name,
+            user_key_type: s.user_key_type.as_ref().map(|t| t.rust_name.as_str()),
+            value_type: &s.value_type.rust_name,
+            serializer_version: s.serializer_version,
+            ttl_millis: s.ttl_millis,
+        })
+        .collect()
+}
+
+/// A file handle with its states as written before type structures were recorded.
+#[derive(Serialize)]
+struct LegacyHandle<'a> {
+    backend_uid: &'a str,
+    checkpoint_id: u64,
+    key_group_range: rockstate::KeyGroupRange,
+    max_parallelism: u32,
+    incremental: bool,
+    shared: &'a [rockstate::format::StateFile],
+    private: &'a [rockstate::format::StateFile],
+    states: Vec<LegacyState<'a>>,
+    uploaded_bytes: u64,
+}
+
+fn legacy_handle(h: &KeyedStateHandle) -> LegacyHandle<'_> {
+    LegacyHandle {
+        backend_uid: &h.backend_uid,
+        checkpoint_id: h.checkpoint_id,
+        key_group_range: h.key_group_range,
+        max_parallelism: h.max_parallelism,
+        incremental: h.incremental,
+        shared: &h.shared,
+        private: &h.private,
+        states: legacy_states(&h.states),
+        uploaded_bytes: h.uploaded_bytes,
+    }
 }
 
 /// `meta` (a checkpoint: file handles only) written as format 1.
@@ -257,12 +314,15 @@ fn encode_v1(meta: &CheckpointMetadata) -> Vec<u8> {
                 uid_hash: &op.uid_hash,
                 parallelism: op.parallelism,
                 max_parallelism: op.max_parallelism,
-                states: &op.states,
+                states: legacy_states(&op.states),
                 subtasks: op
                     .subtasks
                     .iter()
                     .map(|s| V1Subtask {
-                        keyed: s.keyed.as_ref().map(|k| k.as_files().expect("file handle")),
+                        keyed: s
+                            .keyed
+                            .as_ref()
+                            .map(|k| legacy_handle(k.as_files().expect("file handle"))),
                         operator_state: &s.operator_state,
                     })
                     .collect(),
@@ -441,8 +501,28 @@ fn normalized(mut meta: CheckpointMetadata) -> CheckpointMetadata {
 fn metadata_seeds(f: &Fixture) -> Vec<Vec<u8>> {
     let checkpoint = normalized(Fixture::decoded(&f.checkpoint));
     let v1 = encode_v1(&checkpoint);
-    // Format 1 still reads, as the same metadata.
-    assert_eq!(Fixture::decoded(&v1), checkpoint, "format 1 compatibility");
+    // Format 1 still reads, as the same metadata less the type structures it could not
+    // record.
+    let mut without_structures = checkpoint.clone();
+    let strip = |states: &mut Vec<StateMeta>| {
+        for s in states {
+            for t in [&mut s.key_type, &mut s.namespace_type, &mut s.value_type]
+                .into_iter()
+                .chain(s.user_key_type.as_mut())
+            {
+                t.schema = None;
+            }
+        }
+    };
+    for op in &mut without_structures.operators {
+        strip(&mut op.states);
+        for sub in &mut op.subtasks {
+            if let Some(rockstate::format::KeyedSnapshot::Files(h)) = sub.keyed.as_mut() {
+                strip(&mut h.states);
+            }
+        }
+    }
+    assert_eq!(Fixture::decoded(&v1), without_structures, "format 1 compatibility");
     let mut seeds = vec![checkpoint.encode().unwrap(), v1];
     for savepoint in [&f.plain, &f.lz4, &f.native] {
         seeds.push(normalized(Fixture::decoded(savepoint)).encode().unwrap());
@@ -703,7 +783,7 @@ impl DataParts {
     /// encoding of the index (the footer describes whatever it returns).
     fn assemble_raw(&self, payload: &[u8], index: impl FnOnce(Vec<u8>) -> Vec<u8>) -> Vec<u8> {
         let mut out = b"RKSTSAVP".to_vec();
-        out.extend_from_slice(&1u32.to_be_bytes());
+        out.extend_from_slice(&rockstate::savepoint::canonical::DATA_VERSION.to_be_bytes());
         out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
         out.extend_from_slice(payload);
         let crc = crc32fast::hash(&out);
@@ -816,6 +896,35 @@ fn hostile_names() -> Vec<String> {
     ]
 }
 
+/// A recorded type with a hostile name or structure: children after parents, dangling
+/// containers, nesting too deep.
+fn hostile_type(rng: &mut Rng) -> rockstate::format::TypeInfo {
+    use rockstate::format::schema::{Node, TypeSchema};
+    let name = rng.pick(&hostile_names()).clone();
+    let mut deep = vec![Node::U8];
+    for i in 0..300u32 {
+        deep.push(Node::Seq(i));
+    }
+    let schema = rng
+        .pick(&[
+            None,
+            Some(vec![Node::Seq(1), Node::U8]),
+            Some(vec![Node::Named(7)]),
+            Some(vec![]),
+            Some(deep),
+        ])
+        .clone()
+        .map(|nodes| TypeSchema {
+            nodes,
+            containers: Vec::new(),
+        });
+    rockstate::format::TypeInfo {
+        rust_name: name.clone(),
+        name,
+        schema,
+    }
+}
+
 /// A structurally valid file with hostile content: changed header fields, index or
 /// entries, with every CRC correct.
 fn semantic_mutation(rng: &mut Rng, real: &DataParts) -> Vec<u8> {
@@ -853,9 +962,9 @@ fn semantic_mutation(rng: &mut Rng, real: &DataParts) -> Vec<u8> {
             let s = &mut p.header.states[k];
             s.user_key_type = match s.user_key_type {
                 Some(_) => None,
-                None => Some("u8".into()),
+                None => Some(rockstate::format::TypeInfo::of::<u8>()),
             };
-            s.value_type = rng.pick(&hostile_names()).clone();
+            s.value_type = hostile_type(rng);
         }
         7 => {
             p.header.max_parallelism =

@@ -6,7 +6,7 @@ use std::sync::Arc;
 pub use crate::engine::{BackendOptions, SharedResources, DEFAULT_MEMORY_BUDGET};
 
 use crate::clock::{Clock, SystemClock};
-use crate::engine::{open_core, BackendCore, ColumnSettings, OpenMode};
+use crate::engine::{open_core, BackendCore, ColumnSettings, OpenMode, ValueMigration};
 use crate::error::{Error, Result};
 use crate::format::StateMeta;
 use crate::keygroup::KeyGroupRange;
@@ -106,7 +106,7 @@ impl RocksStateBackend {
     /// checks it against the stored one. See [`register`](Self::register).
     pub(crate) fn ensure_state(&self, requested: &StateMeta) -> Result<Arc<ColumnSettings>> {
         self.core
-            .ensure_state(requested, &self.resources, self.clock.clone())
+            .ensure_state(requested, &[], &self.resources, self.clock.clone())
     }
 
     /// Starts building a backend from `options`.
@@ -134,7 +134,18 @@ impl RocksStateBackend {
     /// name.
     pub fn register<S: StateSpec>(&self, spec: S) -> Result<S::Handle> {
         let requested = spec.meta();
-        let column = self.ensure_state(&requested)?;
+        let migrations: Vec<ValueMigration<'_>> = spec
+            .migrations()
+            .iter()
+            .map(|m| ValueMigration {
+                from: &m.from,
+                from_version: m.from_version,
+                convert: &*m.convert,
+            })
+            .collect();
+        let column =
+            self.core
+                .ensure_state(&requested, &migrations, &self.resources, self.clock.clone())?;
         let core = StateCore::new(self.core.clone(), &requested.name, column)?;
         Ok(spec.bind(core))
     }
@@ -210,6 +221,35 @@ impl RocksStateBackend {
         Ok(())
     }
 
+    /// Calls `f(RocksDB key, RocksDB value)` for the stored entries of state `name` whose
+    /// key starts with `prefix` (all of them for an empty prefix), in key order, until `f`
+    /// returns `false`. Reads a consistent view.
+    ///
+    /// Errors: `InvalidArgument` for a state that is not stored; engine errors.
+    pub fn scan_raw(
+        &self,
+        name: &str,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
+        let column = self
+            .core
+            .state_columns()
+            .into_iter()
+            .find(|(meta, _)| meta.name == name)
+            .map(|(_, column)| column)
+            .ok_or_else(|| Error::invalid(format!("no state {name:?} is stored")))?;
+        let upper = crate::codec::prefix_successor(prefix);
+        let mut scan = self.core.scan(&column, prefix.to_vec(), upper)?;
+        while let Some((key, value)) = scan.current()? {
+            if !f(key, value) {
+                break;
+            }
+            scan.advance();
+        }
+        Ok(())
+    }
+
     /// Writes all memtables to SST files. Blocks until the flush is done.
     pub fn flush(&self) -> Result<()> {
         self.core.flush()
@@ -233,10 +273,15 @@ impl RocksStateBackend {
         } else {
             Default::default()
         };
-        let states = self.states();
+        // The record of every state and the files are taken under the lock that
+        // registration holds while it migrates or drops a state: a snapshot never holds
+        // values of one type under the record of another.
+        let states_guard = self.core.states.lock();
+        let states: Vec<StateMeta> = states_guard.values().map(|e| e.meta.clone()).collect();
         let staging = StagingDir::new(target.clone());
         crate::crashpoint::hit("sync");
         self.core.checkpoint_into(&target)?;
+        drop(states_guard);
         let files = snapshot::list_staged(&target)?;
         let sync_duration = started.elapsed();
         metrics::histogram!(crate::telemetry::SNAPSHOT_SYNC)

@@ -131,7 +131,10 @@ impl BackendCore {
     /// The column family of `column`; refused when its state was dropped (a handle made
     /// before [`drop_state`](Self::drop_state) never reaches a state of the same name
     /// registered again).
-    fn column_cf(&self, column: &ColumnSettings) -> Result<Arc<rocksdb::BoundColumnFamily<'_>>> {
+    pub(crate) fn column_cf(
+        &self,
+        column: &ColumnSettings,
+    ) -> Result<Arc<rocksdb::BoundColumnFamily<'_>>> {
         if column.is_dropped() {
             return Err(Error::invalid(format!(
                 "{} was dropped; register the state again for a new handle",

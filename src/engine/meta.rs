@@ -13,7 +13,8 @@ pub(crate) const BACKEND_KEY: &[u8] = b"backend";
 pub(crate) const STATE_KEY_PREFIX: &[u8] = b"state/";
 
 const BACKEND_RECORD_VERSION: u32 = 1;
-const STATE_RECORD_VERSION: u32 = 1;
+/// Version 2 records the structure of the state's types.
+const STATE_RECORD_VERSION: u32 = 2;
 
 /// Identity and layout of a backend's local state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,7 +44,8 @@ pub(crate) fn encode_state(meta: &StateMeta) -> Result<Vec<u8>> {
 }
 
 pub(crate) fn decode_state(bytes: &[u8]) -> Result<StateMeta> {
-    let meta: StateMeta = codec::decode_versioned(bytes, STATE_RECORD_VERSION, "state record")?.1;
+    let meta: StateMeta =
+        crate::format::decode_versioned_states(bytes, STATE_RECORD_VERSION, 2, "state record")?.1;
     if meta.ttl_millis == Some(0) {
         return Err(crate::error::Error::corrupt(
             format!("record of state \"{}\"", meta.name),

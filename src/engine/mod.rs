@@ -6,6 +6,7 @@
 mod column;
 mod core;
 mod meta;
+mod migrate;
 mod options;
 pub(crate) mod tracker;
 pub(crate) mod ttl;
@@ -16,12 +17,21 @@ use rocksdb::{ColumnFamilyDescriptor, Options};
 
 pub(crate) use self::core::{live_sst_files, BackendCore, Db, RawScan, StateEntry};
 pub(crate) use column::{ColumnSettings, META_COLUMN, STATE_COLUMN_PREFIX};
+pub(crate) use migrate::Convert;
 pub use options::{BackendOptions, SharedResources, DEFAULT_MEMORY_BUDGET};
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::format::StateMeta;
+use crate::format::{StateMeta, TypeInfo};
 use meta::BackendRecord;
+
+/// A conversion the program declared for values stored as `from` with serializer
+/// version `from_version`.
+pub(crate) struct ValueMigration<'a> {
+    pub from: &'a TypeInfo,
+    pub from_version: u32,
+    pub convert: Convert<'a>,
+}
 
 fn db_options(options: &BackendOptions, resources: &SharedResources) -> Options {
     let mut opts = column::base_options(resources);
@@ -300,9 +310,16 @@ impl BackendCore {
 
     /// Registers a state from its recorded description (creating its column family), or
     /// checks it against the stored one. See [`RocksStateBackend::register`](crate::RocksStateBackend::register).
+    ///
+    /// A stored state that `requested` cannot read as it is, but whose value type and
+    /// serializer version one of `migrations` declares, has every value converted first
+    /// (all or nothing); the record then describes `requested`. A stored record that
+    /// matches but describes its types less completely (written by an older version, or
+    /// under another type name) is replaced by `requested`.
     pub(crate) fn ensure_state(
         &self,
         requested: &StateMeta,
+        migrations: &[ValueMigration<'_>],
         resources: &SharedResources,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<ColumnSettings>> {
@@ -310,8 +327,31 @@ impl BackendCore {
         let mut states = self.states.lock();
         let column = match states.get_mut(&requested.name) {
             Some(entry) => {
-                entry.meta.check_compatible(requested)?;
-                if entry.meta.ttl_millis != requested.ttl_millis {
+                if !entry.meta.is_compatible(requested) {
+                    let stored = &entry.meta;
+                    let migration = migrations
+                        .iter()
+                        .find(|m| {
+                            stored.same_but_value(requested)
+                                && stored.serializer_version == m.from_version
+                                && stored.value_type.was_declared_as(m.from)
+                        })
+                        .ok_or_else(|| stored.incompatible(requested))?;
+                    let converted = self.rewrite_values(
+                        &entry.column,
+                        stored.kind,
+                        stored.ttl_millis.is_some(),
+                        migration.convert,
+                    )?;
+                    tracing::info!(
+                        state = %requested.name,
+                        from = %stored.value_type,
+                        to = %requested.value_type,
+                        values = converted,
+                        "state migrated"
+                    );
+                }
+                if entry.meta != *requested {
                     self.put_meta(
                         &meta::state_key(&requested.name),
                         &meta::encode_state(requested)?,

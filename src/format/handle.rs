@@ -11,7 +11,8 @@ use crate::keygroup::{self, KeyGroupRange};
 use crate::storage::path;
 use crate::storage::FileInfo;
 
-const HANDLE_VERSION: u32 = 1;
+/// Version 2 records the structure of the states' types.
+const HANDLE_VERSION: u32 = 2;
 
 /// One file of a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,7 +96,7 @@ impl KeyedStateHandle {
     /// format version.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
         let (_, handle): (u32, Self) =
-            codec::decode_versioned(bytes, HANDLE_VERSION, "state handle")?;
+            crate::format::decode_versioned_states(bytes, HANDLE_VERSION, 2, "state handle")?;
         handle.validate()?;
         Ok(handle)
     }

@@ -17,7 +17,8 @@ use crate::storage::CheckpointStorage;
 /// The magic bytes at the start of every `_metadata`.
 pub const METADATA_MAGIC: &[u8; 8] = b"RKSTMETA";
 /// The newest `_metadata` format version this build writes and reads.
-pub const METADATA_VERSION: u32 = 3;
+/// Version 4 records the structure of the states' types.
+pub const METADATA_VERSION: u32 = 4;
 /// Largest `_metadata` accepted (64 MiB).
 pub const MAX_METADATA_LEN: u64 = 64 << 20;
 
@@ -194,8 +195,15 @@ impl CheckpointMetadata {
         }
         let payload = &bytes[HEADER_LEN..body_end];
         let meta: CheckpointMetadata = match version {
-            1 => codec::decode_exact::<v1::CheckpointMetadata>(payload, what)?.into(),
-            2 => codec::decode_exact::<v2::CheckpointMetadata>(payload, what)?.into(),
+            1 => crate::format::decode_legacy(|| {
+                codec::decode_exact::<v1::CheckpointMetadata>(payload, what)
+            })?
+            .into(),
+            2 => crate::format::decode_legacy(|| {
+                codec::decode_exact::<v2::CheckpointMetadata>(payload, what)
+            })?
+            .into(),
+            3 => crate::format::decode_legacy(|| codec::decode_exact(payload, what))?,
             _ => codec::decode_exact(payload, what)?,
         };
         for (op, handle) in meta.keyed() {

@@ -20,15 +20,22 @@
 //! with the remote files they are copies of, so the first checkpoint afterwards does not
 //! upload them again: it references them (same job directory, [`RestoreMode::Claim`]) or
 //! copies them inside the store ([`RestoreMode::NoClaim`]).
+//!
+//! Offline access: [`SavepointReader`] reads any snapshot without a job, and
+//! [`SavepointWriter`] writes a canonical savepoint from data (bootstrap), or from what a
+//! reader read, filtered and changed (transform).
 
 mod reader;
 mod rescale;
 mod source;
 mod verify;
+mod writer;
 
 pub use reader::{KeyedStateReader, SavepointReader};
 pub use source::{RescaleStrategy, RestoreMode, RestoreOptions, RestoreSource};
 pub use verify::{BadFile, VerifyReport};
+pub(crate) use writer::remove_written;
+pub use writer::{OperatorWriter, SavepointWriter};
 
 use std::path::{Path, PathBuf};
 

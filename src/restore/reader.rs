@@ -167,6 +167,19 @@ impl KeyedStateReader {
         self.backend().for_each_entry(f)
     }
 
+    /// Calls `f(key, value)` for the raw entries of state `name` whose key starts with
+    /// `prefix`, in key order, until `f` returns `false` (see
+    /// [`RocksStateBackend::scan_raw`]). Memory stays bounded whatever the state's size.
+    ///
+    /// Errors: `InvalidArgument` for a state that is not stored; engine errors.
+    pub fn scan_raw(&self, name: &str, prefix: &[u8], f: impl FnMut(&[u8], &[u8]) -> bool) -> Result<()> {
+        self.backend().scan_raw(name, prefix, f)
+    }
+
+    pub(crate) fn backend_ref(&self) -> &RocksStateBackend {
+        self.backend()
+    }
+
     /// Closes the local copy and removes its folder, whatever the close reports. Drop the
     /// state handles taken from it first: the database stays open while one exists.
     ///

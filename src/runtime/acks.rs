@@ -26,7 +26,8 @@ use crate::runtime::control::{self, Command};
 use crate::storage::CheckpointStorage;
 
 const ACK_MAGIC: &[u8; 8] = b"RKSTACK\0";
-const ACK_VERSION: u32 = 2;
+/// Version 3 records the structure of the states' types.
+const ACK_VERSION: u32 = 3;
 /// Acknowledgements hold handles of a few operators: a generous bound on their size.
 const MAX_ACK_LEN: u64 = 64 << 20;
 
@@ -77,7 +78,8 @@ impl AckRecord {
         if crc32fast::hash(body) != u32::from_be_bytes(*crc) {
             return Err(Error::corrupt(what, "CRC32 mismatch"));
         }
-        let (_, record) = codec::decode_versioned(&body[ACK_MAGIC.len()..], ACK_VERSION, what)?;
+        let (_, record) =
+            crate::format::decode_versioned_states(&body[ACK_MAGIC.len()..], ACK_VERSION, 3, what)?;
         Ok(record)
     }
 }

@@ -56,18 +56,7 @@ pub async fn savepoint_from_snapshot(
     match written {
         Ok(meta) => Ok((folder, meta)),
         Err(e) => {
-            if e.kind() != ErrorKind::InDoubt {
-                let written: Vec<String> = match folder.list("").await {
-                    Ok(objects) => objects.into_iter().map(|o| o.path).collect(),
-                    Err(list) => {
-                        tracing::warn!(folder = %folder.url(), error = %list.report(), "cannot list the files of a failed savepoint to remove them");
-                        Vec::new()
-                    }
-                };
-                if let Err(cleanup) = folder.delete_many(written).await {
-                    tracing::warn!(folder = %folder.url(), error = %cleanup.report(), "cannot remove the files of a failed savepoint");
-                }
-            }
+            crate::restore::remove_written(&folder, &e).await;
             Err(e)
         }
     }

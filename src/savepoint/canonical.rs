@@ -33,7 +33,8 @@ pub const DATA_MAGIC: &[u8; 8] = b"RKSTSAVP";
 /// Last bytes of a canonical savepoint data file.
 pub const END_MAGIC: &[u8; 8] = b"RKSTSEND";
 /// The data file format version this build writes and reads.
-pub const DATA_VERSION: u32 = 1;
+/// Version 2 records the structure of the states' types in the header.
+pub const DATA_VERSION: u32 = 2;
 
 /// Raw bytes of entries after which a block is closed.
 const BLOCK_TARGET: usize = 256 << 10;
@@ -334,7 +335,7 @@ impl DataFileReader {
             return Err(corrupt("bad magic (not a rockstate savepoint file)".into()));
         }
         let version = be_u32(&start[8..12]);
-        if version != DATA_VERSION {
+        if version == 0 || version > DATA_VERSION {
             return Err(Error::UnsupportedVersion {
                 what: what.clone(),
                 found: version,
@@ -351,7 +352,11 @@ impl DataFileReader {
         if crc32fast::hash(&framed[..body]) != be_u32(&framed[body..]) {
             return Err(corrupt("header CRC32 mismatch".into()));
         }
-        let header: FileHeader = codec::decode_exact(&framed[16..body], &what)?;
+        let header: FileHeader = if version < 2 {
+            crate::format::decode_legacy(|| codec::decode_exact(&framed[16..body], &what))?
+        } else {
+            codec::decode_exact(&framed[16..body], &what)?
+        };
         keygroup::validate_max_parallelism(header.max_parallelism)
             .map_err(|e| corrupt(e.to_string()))?;
         if !header.key_group_range.fits(header.max_parallelism) {

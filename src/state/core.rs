@@ -32,6 +32,11 @@ pub trait StateSpec: Sealed {
     /// The metadata recorded for the state.
     fn meta(&self) -> StateMeta;
 
+    /// The migrations of stored values the descriptor declares.
+    fn migrations(&self) -> &[super::descriptor::Migration] {
+        &[]
+    }
+
     /// Builds the handle once the backend has registered the state.
     #[doc(hidden)]
     fn bind(self, core: StateCore) -> Self::Handle;

@@ -1,8 +1,14 @@
 //! Settings shared by every state descriptor.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::format::StateMeta;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::format::{StateMeta, TypeInfo};
 
 /// When a value's time to live starts again (like Flink's `StateTtlConfig.UpdateType`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -75,12 +81,76 @@ pub(crate) struct TtlBehaviour {
     pub return_expired: bool,
 }
 
+/// A conversion of stored values from an earlier type (and serializer version) of a
+/// state to the current one, declared on a descriptor with `with_migration`.
+///
+/// On registration, a stored state whose value type has the structure of the earlier
+/// type (or, for records of versions that did not record structures, its name) and whose
+/// serializer version is the declared one has every value converted before the handle is
+/// returned; then the state is recorded with the current type. The conversion runs once:
+/// checkpoints taken afterwards hold the converted values.
+#[derive(Clone)]
+pub struct Migration {
+    pub(crate) from: TypeInfo,
+    pub(crate) from_version: u32,
+    pub(crate) convert: Arc<ConvertFn>,
+}
+
+/// Converts one stored value's bytes into the current type's bytes.
+pub(crate) type ConvertFn = dyn Fn(&[u8]) -> Result<Vec<u8>> + Send + Sync;
+
+impl Migration {
+    pub(crate) fn new<P, V, E>(
+        from_version: u32,
+        f: impl Fn(P) -> std::result::Result<V, E> + Send + Sync + 'static,
+    ) -> Self
+    where
+        P: DeserializeOwned,
+        V: Serialize,
+        E: std::fmt::Display,
+    {
+        let from = TypeInfo::of::<P>();
+        let what = format!("value stored as {}", from.name);
+        Self {
+            from,
+            from_version,
+            convert: Arc::new(move |bytes| {
+                let old: P = codec::decode_exact(bytes, &what)?;
+                let new = f(old).map_err(|e| {
+                    Error::invalid(format!("migration of a {what} refused it: {e}"))
+                })?;
+                codec::encode_key(&new)
+            }),
+        }
+    }
+
+    /// The earlier type the stored values have.
+    pub fn from_type(&self) -> &TypeInfo {
+        &self.from
+    }
+
+    /// The serializer version of the stored values.
+    pub fn from_version(&self) -> u32 {
+        self.from_version
+    }
+}
+
+impl std::fmt::Debug for Migration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Migration")
+            .field("from", &self.from.name)
+            .field("from_version", &self.from_version)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Settings common to every descriptor.
 #[derive(Debug, Clone)]
 pub(crate) struct CommonOptions {
     pub name: String,
     pub ttl: Option<StateTtlConfig>,
     pub serializer_version: u32,
+    pub migrations: Vec<Migration>,
 }
 
 impl CommonOptions {
@@ -89,6 +159,7 @@ impl CommonOptions {
             name: name.into(),
             ttl: None,
             serializer_version: 1,
+            migrations: Vec::new(),
         }
     }
 
@@ -129,8 +200,10 @@ macro_rules! common_descriptor_methods {
             self
         }
 
-        /// Sets the serializer version recorded with the state (default 1). Registering
-        /// with a different version than the stored one is an `Incompatible` error.
+        /// Sets the serializer version recorded with the state (default 1). Bump it when
+        /// the meaning of stored values changes while their structure does not.
+        /// Registering with a different version than the stored one is an `Incompatible`
+        /// error unless a migration from the stored version is declared.
         pub fn with_serializer_version(mut self, version: u32) -> Self {
             self.common.serializer_version = version;
             self
@@ -139,6 +212,11 @@ macro_rules! common_descriptor_methods {
         /// The state's name.
         pub fn name(&self) -> &str {
             &self.common.name
+        }
+
+        /// The migrations declared so far.
+        pub fn migrations(&self) -> &[$crate::state::Migration] {
+            &self.common.migrations
         }
     };
 }

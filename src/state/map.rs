@@ -31,6 +31,51 @@ impl<K, UK, UV, N> MapStateDescriptor<K, UK, UV, N> {
         }
     }
 
+    /// Declares that values stored as `P` with serializer version `from_version` (an
+    /// earlier version of this program) become `UV` through `convert`. See
+    /// [`Migration`](crate::state::Migration). Keep the earlier type (e.g. in a module
+    /// `v1`) for as long as snapshots written with it may be restored; to migrate across
+    /// several versions, declare one migration per earlier version, each converting
+    /// straight to the current type.
+    pub fn with_migration<P>(
+        mut self,
+        from_version: u32,
+        convert: impl Fn(P) -> UV + Send + Sync + 'static,
+    ) -> Self
+    where
+        P: serde::de::DeserializeOwned,
+        UV: Serialize,
+    {
+        self.common.migrations.push(crate::state::Migration::new::<
+            P,
+            UV,
+            std::convert::Infallible,
+        >(from_version, move |p| Ok(convert(p))));
+        self
+    }
+
+    /// Like [`with_migration`](Self::with_migration), with a conversion that may refuse a
+    /// value: registration then fails with `InvalidArgument` carrying the message, and
+    /// the stored state is left as it was (the conversion is all or nothing).
+    pub fn with_fallible_migration<P, E>(
+        mut self,
+        from_version: u32,
+        convert: impl Fn(P) -> std::result::Result<UV, E> + Send + Sync + 'static,
+    ) -> Self
+    where
+        P: serde::de::DeserializeOwned,
+        UV: Serialize,
+        E: std::fmt::Display,
+    {
+        self.common
+            .migrations
+            .push(crate::state::Migration::new::<P, UV, E>(
+                from_version,
+                convert,
+            ));
+        self
+    }
+
     common_descriptor_methods!();
 }
 
@@ -47,8 +92,12 @@ where
 
     fn meta(&self) -> StateMeta {
         let mut meta = StateMeta::new::<K, N, UV>(&self.common.name, StateKind::Map);
-        meta.user_key_type = Some(std::any::type_name::<UK>().to_string());
+        meta.user_key_type = Some(crate::format::TypeInfo::of::<UK>());
         self.common.apply(meta)
+    }
+
+    fn migrations(&self) -> &[crate::state::Migration] {
+        &self.common.migrations
     }
 
     fn bind(self, core: StateCore) -> Self::Handle {

@@ -22,7 +22,7 @@ pub use crate::format::{StateKind, StateMeta};
 pub use aggregating::{AggregateFunction, AggregatingState, AggregatingStateDescriptor};
 pub(crate) use core::StateCore;
 pub use core::{KeyIter, StateSpec};
-pub use descriptor::{StateTtlConfig, TtlUpdate, TtlVisibility};
+pub use descriptor::{Migration, StateTtlConfig, TtlUpdate, TtlVisibility};
 pub use list::{ListState, ListStateDescriptor};
 pub use map::{MapEntryIter, MapState, MapStateDescriptor};
 pub use reducing::{ReducingState, ReducingStateDescriptor};

@@ -189,10 +189,15 @@ pub fn state_json(s: &rockstate::StateMeta) -> Value {
     json!({
         "name": s.name,
         "kind": s.kind.to_string(),
-        "key_type": s.key_type,
-        "namespace_type": s.namespace_type,
-        "user_key_type": s.user_key_type,
-        "value_type": s.value_type,
+        "key_type": s.key_type.name,
+        "namespace_type": s.namespace_type.name,
+        "user_key_type": s.user_key_type.as_ref().map(|t| &t.name),
+        "value_type": s.value_type.name,
+        "structures": {
+            "key": s.key_type.schema.as_ref().map(|t| t.describe()),
+            "user_key": s.user_key_type.as_ref().and_then(|t| t.schema.as_ref()).map(|t| t.describe()),
+            "value": s.value_type.schema.as_ref().map(|t| t.describe()),
+        },
         "serializer_version": s.serializer_version,
         "ttl_ms": s.ttl_millis,
     })
@@ -308,7 +313,7 @@ pub async fn inspect(url: &str, json: bool) -> rockstate::Result<u8> {
         for s in &op.states {
             let user_key = s
                 .user_key_type
-                .as_deref()
+                .as_ref()
                 .map(|t| format!(", user key {t}"))
                 .unwrap_or_default();
             let ttl = s

@@ -350,7 +350,7 @@ fn incompatible_state_after_restore_names_operator_state_and_types() {
     };
     assert_eq!(err.kind(), rockstate::ErrorKind::Incompatible);
     let msg = err.to_string();
-    for part in ["counter", "count", "u64", "alloc::string::String"] {
+    for part in ["counter", "count", "value=u64", "value=String"] {
         assert!(msg.contains(part), "{part} missing from: {msg}");
     }
 }
