@@ -522,7 +522,11 @@ fn metadata_seeds(f: &Fixture) -> Vec<Vec<u8>> {
             }
         }
     }
-    assert_eq!(Fixture::decoded(&v1), without_structures, "format 1 compatibility");
+    assert_eq!(
+        Fixture::decoded(&v1),
+        without_structures,
+        "format 1 compatibility"
+    );
     let mut seeds = vec![checkpoint.encode().unwrap(), v1];
     for savepoint in [&f.plain, &f.lz4, &f.native] {
         seeds.push(normalized(Fixture::decoded(savepoint)).encode().unwrap());

@@ -172,7 +172,12 @@ impl KeyedStateReader {
     /// [`RocksStateBackend::scan_raw`]). Memory stays bounded whatever the state's size.
     ///
     /// Errors: `InvalidArgument` for a state that is not stored; engine errors.
-    pub fn scan_raw(&self, name: &str, prefix: &[u8], f: impl FnMut(&[u8], &[u8]) -> bool) -> Result<()> {
+    pub fn scan_raw(
+        &self,
+        name: &str,
+        prefix: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
         self.backend().scan_raw(name, prefix, f)
     }
 

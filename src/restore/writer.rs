@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use crate::backend::{BackendOptions, RocksStateBackend};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{
-    folder_name, CheckpointMetadata, Compression, KeyedSnapshot, OperatorSnapshot,
-    OperatorState, SavepointFormat, SnapshotKind, StateMeta, SubtaskSnapshot, METADATA_FILE,
+    folder_name, CheckpointMetadata, Compression, KeyedSnapshot, OperatorSnapshot, OperatorState,
+    SavepointFormat, SnapshotKind, StateMeta, SubtaskSnapshot, METADATA_FILE,
 };
 use crate::keygroup::{self, KeyGroupRange};
 use crate::state::StateSpec;
@@ -66,15 +66,17 @@ pub struct OperatorWriter {
 
 impl SavepointWriter {
     /// A writer of a savepoint with `max_parallelism` key groups; `scratch` is a local
-    /// directory for its backends (one new folder per operator, removed when the writer
-    /// is written or dropped).
+    /// directory for its backends (in a new folder of this writer's, removed when the
+    /// writer is written or dropped).
     ///
     /// Errors: `InvalidArgument` for a max parallelism outside `1..=32768`.
     pub fn new(max_parallelism: u32, scratch: impl Into<PathBuf>) -> Result<Self> {
         keygroup::validate_max_parallelism(max_parallelism)?;
         Ok(Self {
             max_parallelism,
-            scratch: scratch.into(),
+            scratch: scratch
+                .into()
+                .join(format!("writer-{:016x}", rand::random::<u64>())),
             memory_budget: 64 << 20,
             operators: Vec::new(),
         })
@@ -103,9 +105,9 @@ impl SavepointWriter {
             return Ok(&mut self.operators[i]);
         }
         let dir = self.scratch.join(format!(
-            "write-{}-{:016x}",
+            "{}-{}",
             crate::hash::operator_uid_hash(uid),
-            rand::random::<u64>()
+            self.operators.len()
         ));
         let mut options = BackendOptions::new(
             &dir,
@@ -158,7 +160,11 @@ impl SavepointWriter {
     ///
     /// Errors: `AlreadyExists` for a folder that holds files (nothing is written or
     /// removed there); otherwise as [`write`](Self::write).
-    pub async fn write_to(self, folder: &CheckpointStorage, job_id: &str) -> Result<CheckpointMetadata> {
+    pub async fn write_to(
+        self,
+        folder: &CheckpointStorage,
+        job_id: &str,
+    ) -> Result<CheckpointMetadata> {
         if self.operators.is_empty() {
             return Err(Error::invalid("a savepoint needs at least one operator"));
         }
@@ -172,7 +178,11 @@ impl SavepointWriter {
         written
     }
 
-    async fn write_all(mut self, folder: &CheckpointStorage, job_id: &str) -> Result<CheckpointMetadata> {
+    async fn write_all(
+        mut self,
+        folder: &CheckpointStorage,
+        job_id: &str,
+    ) -> Result<CheckpointMetadata> {
         let now = || crate::clock::Clock::now_millis(&crate::clock::SystemClock);
         let started = now();
         let mut operators = Vec::with_capacity(self.operators.len());
@@ -221,6 +231,7 @@ impl SavepointWriter {
                 }],
             });
         }
+        remove_dir_if_exists(&self.scratch).await?;
         let meta = CheckpointMetadata {
             checkpoint_id: 1,
             kind: SnapshotKind::SavepointCanonical,
@@ -235,6 +246,17 @@ impl SavepointWriter {
             .await?;
         tracing::info!(folder = %folder.url(), operators = meta.operators.len(), "savepoint written");
         Ok(meta)
+    }
+}
+
+impl Drop for SavepointWriter {
+    fn drop(&mut self) {
+        self.operators.clear();
+        if let Err(e) = std::fs::remove_dir_all(&self.scratch) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %self.scratch.display(), error = %e, "cannot remove a savepoint writer's directory");
+            }
+        }
     }
 }
 
@@ -349,10 +371,12 @@ impl OperatorWriter {
 
 impl Drop for OperatorWriter {
     fn drop(&mut self) {
-        // An operator dropped unwritten (or removed) takes its folder with it.
-        if let Some(backend) = self.backend.take() {
-            drop(backend);
-        }
+        // An operator dropped unwritten (or removed) takes its folder with it; once its
+        // backend is taken, the savepoint being written removes the folder.
+        let Some(backend) = self.backend.take() else {
+            return;
+        };
+        drop(backend);
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove a savepoint writer's directory");

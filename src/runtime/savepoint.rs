@@ -15,7 +15,7 @@
 use std::path::Path;
 
 use crate::backend::BackendOptions;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::format::{
     folder_name, CheckpointMetadata, Compression, SavepointFormat, SnapshotKind, METADATA_FILE,
 };
