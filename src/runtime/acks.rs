@@ -264,9 +264,11 @@ impl CoordinatorTask {
                     Ok(()) => {}
                 }
             }
+            let mut reported = BTreeSet::new();
             match coordinator.abort_expired().await {
                 Ok(expired) => {
                     for id in expired {
+                        reported.insert(id);
                         let _ = events.send(FromCoordinator::Failed(id, "timed out".into()));
                     }
                 }
@@ -285,6 +287,14 @@ impl CoordinatorTask {
                 .collect();
             for id in gone {
                 pending.remove(&id);
+                // Worker 0 learns of every checkpoint's end, so that it never waits for
+                // one the coordinator dropped (a newer one completed first).
+                if !reported.contains(&id) {
+                    let _ = events.send(FromCoordinator::Failed(
+                        id,
+                        "aborted: a newer checkpoint completed first".into(),
+                    ));
+                }
                 self.remove_acks(id).await;
             }
             if last_control.is_none_or(|at| at.elapsed() >= CONTROL_POLL) {

@@ -145,11 +145,24 @@ where
                         seen = seen.max(*t);
                     }
                     let closed = frontier.is_empty();
-                    let last = {
-                        let declared = state.borrow().final_epoch;
-                        let stashed = stash.keys().next_back().copied().unwrap_or(0);
-                        declared.unwrap_or(0).max(stashed).max(seen)
+                    let stashed = stash.keys().next_back().copied().unwrap_or(0);
+                    let last = match state.borrow().final_epoch {
+                        // The same on every worker: no worker snapshots past it, whatever
+                        // frontier it happened to see (a worker that saw its input's
+                        // frontier pass the final epoch before the input closed would
+                        // otherwise snapshot one epoch more than the others, and wait
+                        // for a checkpoint the others never take).
+                        Some(declared) => declared,
+                        None => stashed.max(seen),
                     };
+                    if stashed > last {
+                        let e = Error::invalid(format!(
+                            "operator {uid:?} got records of epoch {stashed}, after the final epoch {last}"
+                        ));
+                        state.borrow_mut().error.get_or_insert(e);
+                        failed = true;
+                        return;
+                    }
                     if let Some(&early) = stash.keys().next().filter(|t| **t < next) {
                         let e = Error::invalid(format!(
                             "operator {uid:?} got records of epoch {early}, before the first epoch {next} of this run"
@@ -158,7 +171,7 @@ where
                         failed = true;
                         return;
                     }
-                    while (closed && next <= last) || (!closed && !frontier.less_equal(&next)) {
+                    while next <= last && (closed || !frontier.less_equal(&next)) {
                         let mut records = stash.remove(&next).unwrap_or_default();
                         records.sort_unstable();
                         let mut out = Vec::new();

@@ -376,7 +376,7 @@ impl WorkerJob {
             {
                 break;
             }
-            if s.acked.is_empty() && s.index != 0 {
+            if !s.acked.contains(&last) && s.index != 0 {
                 // Its acknowledgement could not be written: nothing to wait for.
                 break;
             }
