@@ -10,6 +10,7 @@
 //! the checkpoint coordinator, restores, savepoints) imports them from here.
 
 pub(crate) mod handle;
+mod json;
 pub(crate) mod metadata;
 pub(crate) mod operator_state;
 mod savepoint;

@@ -7,8 +7,10 @@ use std::path::PathBuf;
 
 use crate::backend::BackendOptions;
 use crate::backend::RocksStateBackend;
+use crate::engine::ttl;
 use crate::error::{Error, Result};
-use crate::format::{CheckpointMetadata, OperatorState, StateMeta};
+use crate::format::schema::{Node, TypeSchema};
+use crate::format::{CheckpointMetadata, OperatorState, StateKind, StateMeta, TypeInfo};
 use crate::keygroup::KeyGroupRange;
 use crate::state::StateSpec;
 
@@ -181,6 +183,63 @@ impl KeyedStateReader {
         self.backend().scan_raw(name, prefix, f)
     }
 
+    /// Calls `f` with each entry of state `name` whose key starts with `prefix` (see
+    /// [`key_prefix`](Self::key_prefix)), decoded into JSON through the type structures
+    /// recorded with the state, until `f` returns `false`:
+    /// `{"key_group", "key", "namespace" (unless `()`), "user_key" (map state), "value"
+    /// (an array of elements for list state), "written_at" (ms, with a time to live; one
+    /// per element for lists)}`. Expired entries not yet compacted are included. No
+    /// program types are needed; memory stays bounded.
+    ///
+    /// Errors: `InvalidArgument` for a state that is not stored or whose types were
+    /// recorded without a structure (by an earlier version, or types that cannot be
+    /// traced: read those through the program's descriptors); `Corrupt` for an entry that
+    /// does not decode; engine errors.
+    pub fn scan_json(
+        &self,
+        name: &str,
+        prefix: &[u8],
+        mut f: impl FnMut(serde_json::Value) -> bool,
+    ) -> Result<()> {
+        let meta = self.state(name)?;
+        let schemas = Schemas::of(&meta)?;
+        let mut failed = None;
+        self.backend().scan_raw(name, prefix, |key, value| {
+            match schemas.entry(&meta, key, value) {
+                Ok(v) => f(v),
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
+        })?;
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// The stored prefix of `key` (given in the JSON form of [`scan_json`](Self::scan_json))
+    /// in state `name`: its key group and encoded key, for
+    /// [`scan_json`](Self::scan_json) to find every namespace and map entry of that key.
+    ///
+    /// Errors: `InvalidArgument` for an unknown state, a key type recorded without a
+    /// structure, or a key that does not fit the type.
+    pub fn key_prefix(&self, name: &str, key: &serde_json::Value) -> Result<Vec<u8>> {
+        let meta = self.state(name)?;
+        let schema = structure(&meta, &meta.key_type, "key")?;
+        let encoded = schema.encode_json(key)?;
+        let kg = crate::keygroup::key_group_for_bytes(&encoded, self.backend().max_parallelism());
+        Ok([kg.to_be_bytes().as_slice(), &encoded].concat())
+    }
+
+    fn state(&self, name: &str) -> Result<StateMeta> {
+        self.states()
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| {
+                let known: Vec<String> = self.states().into_iter().map(|s| s.name).collect();
+                Error::invalid(format!("no state {name:?} (stored: {known:?})"))
+            })
+    }
+
     pub(crate) fn backend_ref(&self) -> &RocksStateBackend {
         self.backend()
     }
@@ -202,6 +261,107 @@ impl KeyedStateReader {
             .map_err(|e| Error::io(format!("remove {}", self.dir.display()), e));
         closed.and(removed)
     }
+}
+
+fn structure<'a>(meta: &StateMeta, t: &'a TypeInfo, part: &str) -> Result<&'a TypeSchema> {
+    t.schema.as_ref().ok_or_else(|| {
+        Error::invalid(format!(
+            "state {:?}: its {part} type {} was recorded without its structure (by an earlier \
+             version, or a type that cannot be traced); read it through the program's \
+             descriptor, or take a new savepoint with this version",
+            meta.name, t.rust_name
+        ))
+    })
+}
+
+/// The recorded structures of a state's parts.
+struct Schemas<'a> {
+    key: &'a TypeSchema,
+    namespace: &'a TypeSchema,
+    user_key: Option<&'a TypeSchema>,
+    value: &'a TypeSchema,
+}
+
+impl<'a> Schemas<'a> {
+    fn of(meta: &'a StateMeta) -> Result<Self> {
+        Ok(Self {
+            key: structure(meta, &meta.key_type, "key")?,
+            namespace: structure(meta, &meta.namespace_type, "namespace")?,
+            user_key: match &meta.user_key_type {
+                Some(t) => Some(structure(meta, t, "user key")?),
+                None => None,
+            },
+            value: structure(meta, &meta.value_type, "value")?,
+        })
+    }
+
+    fn entry(&self, meta: &StateMeta, key: &[u8], value: &[u8]) -> Result<serde_json::Value> {
+        use serde_json::{json, Value};
+        let what = || format!("entry of state {:?}", meta.name);
+        let Some((kg, rest)) = key.split_first_chunk::<2>() else {
+            return Err(Error::corrupt(what(), "key shorter than its key group"));
+        };
+        let (k, used) = self.key.decode_json(rest)?;
+        let rest = &rest[used..];
+        let (ns, used) = self.namespace.decode_json(rest)?;
+        let rest = &rest[used..];
+        let mut out = json!({ "key_group": u16::from_be_bytes(*kg), "key": k });
+        if !matches!(self.namespace.nodes.last(), Some(Node::Unit)) {
+            out["namespace"] = ns;
+        }
+        let rest = match self.user_key {
+            Some(uk) => {
+                let (u, used) = uk.decode_json(rest)?;
+                out["user_key"] = u;
+                &rest[used..]
+            }
+            None => rest,
+        };
+        if !rest.is_empty() {
+            return Err(Error::corrupt(
+                what(),
+                format!("{} bytes after the key", rest.len()),
+            ));
+        }
+        let ttl = meta.ttl_millis.is_some();
+        if meta.kind == StateKind::List {
+            let mut values = Vec::new();
+            let mut written = Vec::new();
+            for element in ttl::Elements::new(value, ttl) {
+                let element = element.map_err(|e| Error::corrupt(what(), e))?;
+                values.push(decode_exact(self.value, element.payload, &what)?);
+                if let Some(ts) = element.written {
+                    written.push(Value::from(ts));
+                }
+            }
+            out["value"] = Value::Array(values);
+            if ttl {
+                out["written_at"] = Value::Array(written);
+            }
+        } else {
+            let (ts, payload) = ttl::split_value(value, ttl, &what)?;
+            out["value"] = decode_exact(self.value, payload, &what)?;
+            if let Some(ts) = ts {
+                out["written_at"] = Value::from(ts);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn decode_exact(
+    schema: &TypeSchema,
+    bytes: &[u8],
+    what: &dyn Fn() -> String,
+) -> Result<serde_json::Value> {
+    let (v, used) = schema.decode_json(bytes)?;
+    if used != bytes.len() {
+        return Err(Error::corrupt(
+            what(),
+            format!("{} bytes after the value", bytes.len() - used),
+        ));
+    }
+    Ok(v)
 }
 
 impl Drop for KeyedStateReader {

@@ -89,3 +89,10 @@ mod erased {
         }
     }
 }
+
+/// Output format of `state dump`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DumpFormat {
+    /// One JSON object per line.
+    Jsonl,
+}

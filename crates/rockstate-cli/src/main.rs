@@ -161,18 +161,30 @@ enum Command {
         after_help = "Examples:\n  rockstate key-group user-42 --max-parallelism 128 --parallelism 4\n  rockstate key-group 1234567 --key-type u64 --parallelism 3\n\nThe key type is the Rust type of the state's key (`rockstate inspect` shows it): the\nkey is hashed in that type's serialized form."
     )]
     KeyGroup {
-        /// The key, written as its type reads it (a number for the integer types).
-        #[arg(allow_negative_numbers = true)]
+        /// The key, written as its type reads it (a number for the integer types; JSON
+        /// with `--like`).
+        #[arg(allow_negative_numbers = true, allow_hyphen_values = true)]
         key: String,
         /// The key's type.
-        #[arg(long, value_enum, default_value = "string")]
+        #[arg(long, value_enum, default_value = "string", conflicts_with = "like")]
         key_type: args::KeyType,
-        /// Number of key groups (1..=32768).
-        #[arg(long, default_value_t = 128)]
-        max_parallelism: u32,
-        /// Number of subtasks (1..=max parallelism).
-        #[arg(long, default_value_t = 1)]
-        parallelism: u32,
+        /// Takes the key type (any type: the key is then JSON), the max parallelism and
+        /// the parallelism from state `--state` of operator `--operator` in this
+        /// checkpoint or savepoint.
+        #[arg(long, value_name = "SNAPSHOT", requires_all = ["operator", "state"])]
+        like: Option<String>,
+        /// The operator, with `--like`.
+        #[arg(long, requires = "like")]
+        operator: Option<String>,
+        /// The state, with `--like`.
+        #[arg(long, requires = "like")]
+        state: Option<String>,
+        /// Number of key groups (1..=32768; default 128, or the snapshot's).
+        #[arg(long)]
+        max_parallelism: Option<u32>,
+        /// Number of subtasks (1..=max parallelism; default 1, or the snapshot's).
+        #[arg(long)]
+        parallelism: Option<u32>,
         #[command(flatten)]
         output: Output,
     },
@@ -224,6 +236,52 @@ enum StateCommand {
         scratch: Option<std::path::PathBuf>,
         #[command(flatten)]
         output: Output,
+    },
+    /// Prints the entries of one key in a state as JSON lines, decoded through the types
+    /// recorded with the state (every namespace and, for map state, every map entry of
+    /// the key). Exit 1 when the key has none.
+    #[command(
+        after_help = "Examples:\n  rockstate state get ./savepoints/savepoint-demo-1a2b --operator counter --state count --key 42\n  rockstate state get SNAPSHOT --operator sessions --state open --key '[\"eu\", 7]'\n\nThe key is JSON (a bare word is taken as a string for a string key): structs are\nobjects, tuples arrays, enums \"Variant\" or {\"Variant\": content}."
+    )]
+    Get {
+        /// A `chk-N` folder, a savepoint folder, or the `_metadata` inside either.
+        snapshot_url: String,
+        /// The operator's uid.
+        #[arg(long)]
+        operator: String,
+        /// The state's name.
+        #[arg(long)]
+        state: String,
+        /// The key, as JSON.
+        #[arg(long, allow_hyphen_values = true)]
+        key: String,
+        /// Local directory for the temporary copy of the operator's state.
+        #[arg(long, value_name = "DIR")]
+        scratch: Option<std::path::PathBuf>,
+    },
+    /// Prints every entry of a state as JSON lines, decoded through the types recorded
+    /// with the state, streaming (memory stays bounded whatever the state's size).
+    #[command(
+        after_help = "Example: rockstate state dump ./savepoints/savepoint-demo-1a2b --operator counter --state histogram | head\n\nEach line: {\"key_group\", \"key\", \"namespace\" (unless ()), \"user_key\" (map state),\n\"value\" (an array for list state), \"written_at\" (ms, with a time to live)}."
+    )]
+    Dump {
+        /// A `chk-N` folder, a savepoint folder, or the `_metadata` inside either.
+        snapshot_url: String,
+        /// The operator's uid.
+        #[arg(long)]
+        operator: String,
+        /// The state's name.
+        #[arg(long)]
+        state: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: args::DumpFormat,
+        /// Stop after this many entries.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Local directory for the temporary copy of the operator's state.
+        #[arg(long, value_name = "DIR")]
+        scratch: Option<std::path::PathBuf>,
     },
 }
 
@@ -289,14 +347,41 @@ fn run(cli: Cli) -> rockstate::Result<u8> {
             scratch,
             output,
         }) => {
-            let parent = scratch.unwrap_or_else(std::env::temp_dir);
-            let scratch = tempfile::Builder::new()
-                .prefix("rockstate-state-")
-                .tempdir_in(&parent)
-                .map_err(|e| {
-                    rockstate::Error::io(format!("create a directory in {}", parent.display()), e)
-                })?;
+            let scratch = scratch_dir(scratch)?;
             runtime()?.block_on(state::ls(&snapshot_url, output.json, scratch.path()))
+        }
+        Command::State(StateCommand::Get {
+            snapshot_url,
+            operator,
+            state,
+            key,
+            scratch,
+        }) => {
+            let scratch = scratch_dir(scratch)?;
+            runtime()?.block_on(state::get(
+                &snapshot_url,
+                &operator,
+                &state,
+                &key,
+                scratch.path(),
+            ))
+        }
+        Command::State(StateCommand::Dump {
+            snapshot_url,
+            operator,
+            state,
+            format: args::DumpFormat::Jsonl,
+            limit,
+            scratch,
+        }) => {
+            let scratch = scratch_dir(scratch)?;
+            runtime()?.block_on(state::dump(
+                &snapshot_url,
+                &operator,
+                &state,
+                limit,
+                scratch.path(),
+            ))
         }
         Command::Savepoint(SavepointCommand::Dispose { savepoint_url }) => {
             runtime()?.block_on(snapshots::dispose(&savepoint_url))
@@ -327,18 +412,49 @@ fn run(cli: Cli) -> rockstate::Result<u8> {
         Command::KeyGroup {
             key,
             key_type,
+            like,
+            operator,
+            state,
             max_parallelism,
             parallelism,
             output,
         } => {
-            let kg = key_type.key_group(&key, max_parallelism)?;
+            let (kg, max_parallelism, parallelism, type_name) = match like {
+                Some(url) => {
+                    let (operator, state) =
+                        (operator.unwrap_or_default(), state.unwrap_or_default());
+                    let found = runtime()?
+                        .block_on(state::key_group_like(&url, &operator, &state, &key))?;
+                    if max_parallelism.is_some_and(|m| m != found.max_parallelism) {
+                        return Err(rockstate::Error::invalid(format!(
+                            "the snapshot's operator has max parallelism {}",
+                            found.max_parallelism
+                        )));
+                    }
+                    (
+                        found.key_group,
+                        found.max_parallelism,
+                        parallelism.unwrap_or(found.parallelism),
+                        found.key_type,
+                    )
+                }
+                None => {
+                    let max_parallelism = max_parallelism.unwrap_or(128);
+                    (
+                        key_type.key_group(&key, max_parallelism)?,
+                        max_parallelism,
+                        parallelism.unwrap_or(1),
+                        format!("{key_type:?}").to_lowercase(),
+                    )
+                }
+            };
             let subtask = rockstate::subtask_for_key_group(kg, parallelism, max_parallelism)?;
             let range =
                 rockstate::key_group_range_for_subtask(subtask, parallelism, max_parallelism)?;
             if output.json {
                 snapshots::print_json(&serde_json::json!({
                     "key": key,
-                    "key_type": format!("{key_type:?}").to_lowercase(),
+                    "key_type": type_name,
                     "key_group": kg,
                     "max_parallelism": max_parallelism,
                     "subtask": subtask,
@@ -443,4 +559,13 @@ fn main() -> ExitCode {
             ExitCode::from(exit::for_error(&e))
         }
     }
+}
+
+/// A new temporary directory inside `parent` (default: the system's), removed on drop.
+fn scratch_dir(parent: Option<std::path::PathBuf>) -> rockstate::Result<tempfile::TempDir> {
+    let parent = parent.unwrap_or_else(std::env::temp_dir);
+    tempfile::Builder::new()
+        .prefix("rockstate-state-")
+        .tempdir_in(&parent)
+        .map_err(|e| rockstate::Error::io(format!("create a directory in {}", parent.display()), e))
 }

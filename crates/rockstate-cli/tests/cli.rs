@@ -2134,6 +2134,185 @@ fn state_ls_counts_what_the_job_wrote() {
     assert_eq!(missing.code(), Some(7), "{}", missing.context());
 }
 
+/// `rockstate state dump` decodes the demo's three states into JSON through the
+/// recorded type structures, with no program types: every entry equals what the job's
+/// own descriptors read from the same checkpoint. `state get` finds one key's entries
+/// (exit 1 for a key that has none), and `key-group --like` hashes a key in the recorded
+/// key type, as the library does.
+#[test]
+fn state_dump_and_get_decode_what_the_job_wrote() {
+    use std::collections::BTreeMap;
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let run_doc = run(&demo_args(path_str(&checkpoints), "dumped", &root, &[]));
+    run_doc.expect(0);
+    let last = run_doc.json()["last_checkpoint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dump = |state: &str| -> Vec<serde_json::Value> {
+        let out = run(&[
+            "state",
+            "dump",
+            &last,
+            "--operator",
+            "counter",
+            "--state",
+            state,
+        ]);
+        out.expect(0);
+        out.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let counts: BTreeMap<String, u64> = dump("count")
+        .iter()
+        .map(|e| {
+            (
+                e["key"].as_str().unwrap().to_string(),
+                e["value"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let recent: BTreeMap<String, Vec<u64>> = dump("recent")
+        .iter()
+        .map(|e| {
+            let values = e["value"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap());
+            (e["key"].as_str().unwrap().to_string(), values.collect())
+        })
+        .collect();
+    let mut histogram: BTreeMap<(String, u8), u64> = BTreeMap::new();
+    for e in dump("histogram") {
+        let bucket = e["user_key"].as_u64().unwrap() as u8;
+        histogram.insert(
+            (e["key"].as_str().unwrap().to_string(), bucket),
+            e["value"].as_u64().unwrap(),
+        );
+    }
+
+    // The same checkpoint read through the job's descriptors.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let scratch = root.join("scratch");
+    let keyed = rt.block_on(async {
+        rockstate::restore::SavepointReader::open(&last, &scratch)
+            .await
+            .unwrap()
+            .keyed_state("counter")
+            .await
+            .unwrap()
+    });
+    let count = keyed
+        .register(rockstate::ValueStateDescriptor::<String, u64>::new("count"))
+        .unwrap();
+    let list = keyed
+        .register(rockstate::ListStateDescriptor::<String, u64>::new("recent"))
+        .unwrap();
+    let map = keyed
+        .register(rockstate::MapStateDescriptor::<String, u8, u64>::new(
+            "histogram",
+        ))
+        .unwrap();
+    let mut keys = 0;
+    let mut entries = 0;
+    for key in count.all_keys().unwrap() {
+        let (key, ()) = key.unwrap();
+        keys += 1;
+        assert_eq!(counts.get(&key).copied(), count.get(&key).unwrap(), "{key}");
+        assert_eq!(
+            recent.get(&key).cloned().unwrap_or_default(),
+            list.get(&key).unwrap()
+        );
+        for entry in map.iter(&key).unwrap() {
+            let (bucket, n) = entry.unwrap();
+            assert_eq!(
+                histogram.get(&(key.clone(), bucket)),
+                Some(&n),
+                "{key}/{bucket}"
+            );
+            entries += 1;
+        }
+    }
+    assert_eq!(keys, counts.len());
+    assert!(keys > 100, "{keys} keys");
+    assert_eq!(entries, histogram.len());
+
+    let (key, n) = counts.iter().next().unwrap();
+    let got = run(&[
+        "state",
+        "get",
+        &last,
+        "--operator",
+        "counter",
+        "--state",
+        "count",
+        "--key",
+        key,
+    ]);
+    got.expect(0);
+    let line: serde_json::Value = serde_json::from_str(got.stdout.trim()).unwrap();
+    assert_eq!(line["value"].as_u64(), Some(*n), "{}", got.context());
+    let kg = run(&[
+        "key-group",
+        key,
+        "--like",
+        &last,
+        "--operator",
+        "counter",
+        "--state",
+        "count",
+        "--json",
+    ]);
+    kg.expect(0);
+    let max = kg.json()["max_parallelism"].as_u64().unwrap() as u32;
+    assert_eq!(
+        kg.json()["key_group"],
+        rockstate::key_group_for(key, max).unwrap()
+    );
+    assert_eq!(line["key_group"], kg.json()["key_group"]);
+    let none = run(&[
+        "state",
+        "get",
+        &last,
+        "--operator",
+        "counter",
+        "--state",
+        "count",
+        "--key",
+        "no-such-key",
+    ]);
+    assert_eq!(none.code(), Some(1), "{}", none.context());
+    let wrong = run(&[
+        "state",
+        "get",
+        &last,
+        "--operator",
+        "counter",
+        "--state",
+        "histogram-x",
+        "--key",
+        "a",
+    ]);
+    assert_eq!(wrong.code(), Some(2), "{}", wrong.context());
+    let limited = run(&[
+        "state",
+        "dump",
+        &last,
+        "--operator",
+        "counter",
+        "--state",
+        "count",
+        "--limit",
+        "3",
+    ]);
+    limited.expect(0);
+    assert_eq!(limited.stdout.lines().count(), 3);
+}
+
 /// `rockstate key-group` hashes keys of the common key types as the library does.
 #[test]
 fn key_group_takes_typed_keys() {
