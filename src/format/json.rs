@@ -588,9 +588,9 @@ mod tests {
             neg: -((i % 128) as i8),
             wide: u128::from(i) << 70,
             wider: -(i128::from(i) << 90),
-            flag: i % 2 == 0,
+            flag: i.is_multiple_of(2),
             name: format!("n{i}é"),
-            maybe: (i % 3 == 0).then_some((i as u32).wrapping_mul(300)),
+            maybe: i.is_multiple_of(3).then_some((i as u32).wrapping_mul(300)),
             kinds: vec![
                 Kind::Plain,
                 Kind::Weighted(i as f64 / 3.0),
