@@ -415,6 +415,11 @@ async fn declared_migrations_convert_every_kind_of_state() {
     }
     // Write times were kept: the values written before the clock moved expire first.
     clock.advance(Duration::from_secs(50));
+    // A handle of the type before the migration is refused: it would write old values.
+    let stale = old
+        .get(&(0..200u32).find(|k| owned(*k, p, 0)).unwrap())
+        .unwrap_err();
+    assert_eq!(stale.kind(), ErrorKind::InvalidArgument, "{stale}");
     let (first, meta) = job.take(&backends, None).await;
     for s in &meta.operators[0].states {
         assert!(s.value_type.schema.is_some(), "{s}");

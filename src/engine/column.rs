@@ -24,10 +24,18 @@ pub(crate) const STATE_COLUMN_PREFIX: &str = "state/";
 #[derive(Debug)]
 pub(crate) struct ColumnSettings {
     pub cf_name: String,
+    /// Kind and TTL, shared with the column family's compaction filter and merge operator
+    /// (also by the [successor](Self::successor) settings a migration installs).
+    flags: Arc<Flags>,
+    /// Set when the state was dropped or migrated: handles holding these settings are
+    /// refused.
+    dropped: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug)]
+struct Flags {
     kind: AtomicU8,
     ttl_ms: AtomicU64,
-    /// Set when the state was dropped: handles holding these settings are refused.
-    dropped: std::sync::atomic::AtomicBool,
 }
 
 const KIND_UNKNOWN: u8 = 0;
@@ -46,8 +54,21 @@ impl ColumnSettings {
     pub(crate) fn new(cf_name: String) -> Self {
         Self {
             cf_name,
-            kind: AtomicU8::new(KIND_UNKNOWN),
-            ttl_ms: AtomicU64::new(0),
+            flags: Arc::new(Flags {
+                kind: AtomicU8::new(KIND_UNKNOWN),
+                ttl_ms: AtomicU64::new(0),
+            }),
+            dropped: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// New settings for the same column family, sharing kind and TTL with these (and so
+    /// with the compaction filter), for the handles registered from now on; the handles
+    /// holding these are refused once they are marked dropped.
+    pub(crate) fn successor(&self) -> Self {
+        Self {
+            cf_name: self.cf_name.clone(),
+            flags: self.flags.clone(),
             dropped: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -61,23 +82,25 @@ impl ColumnSettings {
     }
 
     pub(crate) fn configure(&self, kind: StateKind, ttl_ms: Option<u64>) {
-        self.ttl_ms.store(ttl_ms.unwrap_or(0), Ordering::SeqCst);
-        self.kind.store(kind_code(kind), Ordering::SeqCst);
+        self.flags
+            .ttl_ms
+            .store(ttl_ms.unwrap_or(0), Ordering::SeqCst);
+        self.flags.kind.store(kind_code(kind), Ordering::SeqCst);
     }
 
     pub(crate) fn ttl_ms(&self) -> Option<u64> {
-        match self.ttl_ms.load(Ordering::Relaxed) {
+        match self.flags.ttl_ms.load(Ordering::Relaxed) {
             0 => None,
             ms => Some(ms),
         }
     }
 
     fn is_list(&self) -> bool {
-        self.kind.load(Ordering::SeqCst) == kind_code(StateKind::List)
+        self.flags.kind.load(Ordering::SeqCst) == kind_code(StateKind::List)
     }
 
     fn is_known(&self) -> bool {
-        self.kind.load(Ordering::SeqCst) != KIND_UNKNOWN
+        self.flags.kind.load(Ordering::SeqCst) != KIND_UNKNOWN
     }
 }
 

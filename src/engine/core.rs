@@ -137,7 +137,7 @@ impl BackendCore {
     ) -> Result<Arc<rocksdb::BoundColumnFamily<'_>>> {
         if column.is_dropped() {
             return Err(Error::invalid(format!(
-                "{} was dropped; register the state again for a new handle",
+                "{} was dropped or migrated; register the state again for a new handle",
                 column.cf_name
             )));
         }

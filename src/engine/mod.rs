@@ -327,29 +327,49 @@ impl BackendCore {
         let mut states = self.states.lock();
         let column = match states.get_mut(&requested.name) {
             Some(entry) => {
-                if !entry.meta.is_compatible(requested) {
-                    let stored = &entry.meta;
-                    let migration = migrations
-                        .iter()
-                        .find(|m| {
-                            stored.same_but_value(requested)
-                                && stored.serializer_version == m.from_version
-                                && stored.value_type.was_declared_as(m.from)
-                        })
-                        .ok_or_else(|| stored.incompatible(requested))?;
+                let stored = &entry.meta;
+                let declared = migrations.iter().find(|m| {
+                    stored.same_but_value(requested)
+                        && stored.serializer_version == m.from_version
+                        && stored.value_type.was_declared_as(m.from)
+                });
+                // A record written before structures were recorded names its value type
+                // only: a migration declared for it is the program's word that those
+                // values have the earlier type, even when the name still matches.
+                let migration = match declared {
+                    Some(m) if stored.value_type.schema.is_none() => Some(m),
+                    _ if stored.is_compatible(requested) => None,
+                    Some(m) => Some(m),
+                    None => return Err(stored.incompatible(requested)),
+                };
+                if let Some(migration) = migration {
+                    // Handles of the stored type are refused from now on, also while the
+                    // values are converted: none writes a value of the old type again.
+                    let next = Arc::new(entry.column.successor());
+                    entry.column.mark_dropped();
+                    entry.column = next;
                     let converted = self.rewrite_values(
                         &entry.column,
-                        stored.kind,
-                        stored.ttl_millis.is_some(),
+                        entry.meta.kind,
+                        entry.meta.ttl_millis.is_some(),
                         migration.convert,
                     )?;
                     tracing::info!(
                         state = %requested.name,
-                        from = %stored.value_type,
+                        from = %entry.meta.value_type,
                         to = %requested.value_type,
                         values = converted,
                         "state migrated"
                     );
+                    // The values are converted: from here on the state is of the new
+                    // type, in memory even if its record cannot be written (snapshots
+                    // then fail with the engine's error rather than record the old type).
+                    entry.meta = requested.clone();
+                    entry.column.configure(requested.kind, requested.ttl_millis);
+                    self.put_meta(
+                        &meta::state_key(&requested.name),
+                        &meta::encode_state(requested)?,
+                    )?;
                 }
                 if entry.meta != *requested {
                     self.put_meta(

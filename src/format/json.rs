@@ -126,6 +126,9 @@ impl Reader<'_> {
         if depth > MAX_DEPTH {
             return Err(corrupt(format!("nested deeper than {MAX_DEPTH}")));
         }
+        // Every position costs, also those that read no bytes: a description whose
+        // fields fan out over empty types cannot make a small input expand without end.
+        self.spend()?;
         let d = depth + 1;
         let node = self
             .schema
@@ -153,7 +156,11 @@ impl Reader<'_> {
                 let v = ((z >> 1) as i128) ^ -((z & 1) as i128);
                 int_i(v)
             }
-            Node::F32 => float(f64::from(f32::from_be_bytes(self.fixed()?))),
+            // Through the shortest decimal of the f32, so 0.1f32 reads as 0.1.
+            Node::F32 => {
+                let v = f32::from_be_bytes(self.fixed()?);
+                float(v.to_string().parse().unwrap_or(f64::from(v)))
+            }
             Node::F64 => float(f64::from_be_bytes(self.fixed()?)),
             Node::Char => {
                 let first = self.byte()?;
@@ -351,7 +358,11 @@ impl Writer<'_> {
             .ok_or_else(|| refused("the type description refers to a missing node"))?;
         let want = |what: &str| refused(format!("expected {what}, found {value}"));
         match node {
-            Node::Unit => {}
+            Node::Unit => {
+                if !value.is_null() {
+                    return Err(want("null"));
+                }
+            }
             Node::Bool => out.push(u8::from(value.as_bool().ok_or_else(|| want("a bool"))?)),
             Node::U8 | Node::U16 | Node::U32 | Node::U64 | Node::U128 => {
                 let max = match node {
@@ -664,6 +675,20 @@ mod tests {
             let err = schema.decode_json(&bytes[..cut]).unwrap_err();
             assert_eq!(err.kind(), crate::error::ErrorKind::Corrupt);
         }
+        // A description fanning out over empty types cannot expand a small input.
+        let mut nodes = vec![Node::Unit];
+        for i in 0..60u32 {
+            nodes.push(Node::Tuple(vec![i, i, i, i]));
+        }
+        let fan = TypeSchema {
+            nodes,
+            containers: Vec::new(),
+        };
+        fan.validate().unwrap();
+        assert_eq!(
+            fan.decode_json(&[]).unwrap_err().kind(),
+            crate::error::ErrorKind::Corrupt
+        );
         // A huge claimed length of zero-sized elements ends with an error.
         let units = TypeSchema::trace::<Vec<()>>().unwrap();
         let mut claim = vec![253];

@@ -477,7 +477,9 @@ impl Builder<'_> {
             name: name.to_string(),
             body: ContainerBody::Struct(Body::Unit),
         });
-        let body = match self.traced.containers.get(name)? {
+        let (display, content) = self.traced.containers.get(name)?;
+        self.schema.containers[at as usize].name = display.to_string();
+        let body = match content {
             ContainerFmt::Struct(body) => ContainerBody::Struct(self.body(body, depth)?),
             ContainerFmt::Enum(names, variants) => {
                 let mut out = Vec::with_capacity(variants.len());
@@ -722,6 +724,50 @@ mod tests {
     enum Untagged {
         A(u32),
         B(String),
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct Wrapper<T> {
+        inner: T,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct Pairs {
+        a: Wrapper<u32>,
+        b: Wrapper<String>,
+    }
+
+    /// A type whose `Deserialize` parses its text, like a timestamp type.
+    struct Stamp;
+
+    impl<'de> Deserialize<'de> for Stamp {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            let s = String::deserialize(d)?;
+            if s.len() == 20 && s.ends_with('Z') && s.as_bytes()[10] == b'T' {
+                Ok(Stamp)
+            } else {
+                Err(serde::de::Error::custom("not a timestamp"))
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    struct Event {
+        _at: Stamp,
+        _id: u32,
+    }
+
+    #[test]
+    fn generic_types_and_parsing_types_are_traced() {
+        let pairs = TypeSchema::trace::<Pairs>().unwrap();
+        assert_eq!(
+            pairs.describe(),
+            "Pairs { a: Wrapper, b: Wrapper }",
+            "two containers, each with its own parameter"
+        );
+        assert_eq!(pairs.containers.len(), 3);
+        let event = TypeSchema::trace::<Event>().unwrap();
+        assert_eq!(event.describe(), "Event { _at: String, _id: u32 }");
     }
 
     #[test]

@@ -46,9 +46,9 @@ impl fmt::Display for StateKind {
 /// name, and the structure of its serde format when it can be traced.
 ///
 /// Two recorded types [match](Self::matches) when both structures are known and equal
-/// (container names aside, see [`TypeSchema`]); otherwise, as for records written before
-/// structures were recorded and for types that cannot be traced, when their Rust type
-/// names are equal.
+/// (container names aside, see [`TypeSchema`]); a stored type without structure (written
+/// before structures were recorded, or a type that cannot be traced) matches by Rust type
+/// name; a stored structure never matches a type that cannot be traced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TypeInfo {
     /// A name that does not depend on module paths: the serde name of a struct or enum,
@@ -86,10 +86,13 @@ impl TypeInfo {
     }
 
     /// Whether data written as `self` reads as `other` (see the type's documentation).
+    /// A type recorded with its structure never matches one that cannot be traced: the
+    /// type changed, and nothing shows it is still the same.
     pub fn matches(&self, other: &TypeInfo) -> bool {
         match (&self.schema, &other.schema) {
             (Some(a), Some(b)) => a.same_structure(b),
-            _ => self.rust_name == other.rust_name,
+            (Some(_), None) => false,
+            (None, _) => self.rust_name == other.rust_name,
         }
     }
 
@@ -388,5 +391,20 @@ mod tests {
         assert!(base.check_compatible(&v2).is_err());
         let list = StateMeta::new::<String, (), u64>("count", StateKind::List);
         assert!(base.check_compatible(&list).is_err());
+    }
+
+    #[test]
+    fn a_recorded_structure_never_matches_a_type_without_one() {
+        let traced = TypeInfo::of::<u64>();
+        let untraced = TypeInfo {
+            schema: None,
+            ..traced.clone()
+        };
+        // The same Rust name, but the new type cannot be traced: it changed.
+        assert!(!traced.matches(&untraced));
+        // A record of an earlier version (no structure) matches by Rust name.
+        assert!(untraced.matches(&traced));
+        assert!(!untraced.matches(&TypeInfo::of::<u32>()));
+        assert_eq!(strip_paths("alloc::vec::Vec<my::Order>"), "Vec<Order>");
     }
 }

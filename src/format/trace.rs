@@ -69,7 +69,8 @@ pub(crate) enum ContainerFmt {
 #[derive(Debug, Default)]
 pub(crate) struct Traced {
     pub root: Option<Fmt>,
-    pub containers: BTreeMap<&'static str, ContainerFmt>,
+    /// By Rust type name: the serde name and the content.
+    pub containers: BTreeMap<&'static str, (&'static str, ContainerFmt)>,
 }
 
 /// Deepest nesting of containers a pass follows.
@@ -105,6 +106,10 @@ struct State {
     ending: BTreeMap<&'static str, HashSet<u32>>,
     /// How often each container was entered in this pass.
     entries: BTreeMap<&'static str, usize>,
+    /// The value offered for strings.
+    text: &'static str,
+    /// The value offered for byte strings.
+    bytes: &'static [u8],
     /// Variants of each enum being deserialized on the way (outermost first).
     active: BTreeMap<&'static str, Vec<u32>>,
     pass: usize,
@@ -135,13 +140,15 @@ impl State {
         self.stack.pop();
     }
 
-    fn record(&mut self, name: &'static str, container: ContainerFmt) -> R<()> {
-        match self.traced.containers.get_mut(name) {
+    /// Records container `key` (its Rust type: generic types used with different
+    /// parameters are different containers), shown as `name` (its serde name).
+    fn record(&mut self, key: &'static str, name: &'static str, container: ContainerFmt) -> R<()> {
+        match self.traced.containers.get_mut(key) {
             None => {
-                self.traced.containers.insert(name, container);
+                self.traced.containers.insert(key, (name, container));
                 Ok(())
             }
-            Some(existing) => merge_container(existing, container, name),
+            Some((_, existing)) => merge_container(existing, container, name),
         }
     }
 
@@ -149,7 +156,7 @@ impl State {
     /// known to end, else each in turn.
     fn choose(&self, name: &'static str, count: usize) -> u32 {
         let seen = match self.traced.containers.get(name) {
-            Some(ContainerFmt::Enum(_, v)) => v.clone(),
+            Some((_, ContainerFmt::Enum(_, v))) => v.clone(),
             _ => vec![None; count],
         };
         let active = self.active.get(name).map(Vec::as_slice).unwrap_or_default();
@@ -175,7 +182,7 @@ impl State {
 
     fn complete(&self) -> bool {
         self.traced.root.as_ref().is_some_and(is_known)
-            && self.traced.containers.values().all(|c| match c {
+            && self.traced.containers.values().all(|(_, c)| match c {
                 ContainerFmt::Struct(b) => body_known(b),
                 ContainerFmt::Enum(_, v) => v.iter().all(|b| b.as_ref().is_some_and(body_known)),
             })
@@ -264,9 +271,38 @@ fn merge_container(into: &mut ContainerFmt, other: ContainerFmt, name: &str) -> 
     }
 }
 
+/// The made-up values a pass offers for strings and byte strings. Types whose
+/// `Deserialize` parses them (timestamps, UUIDs, addresses) reject the plain ones: the
+/// later profiles offer values such types accept.
+const PROFILES: [(&str, &[u8]); 3] = [
+    ("a", &[]),
+    ("1970-01-01T00:00:00Z", &[0; 16]),
+    ("00000000-0000-0000-0000-000000000000", &[0; 4]),
+];
+
 /// Traces `T`, or says why it cannot be.
 pub(crate) fn trace<T: DeserializeOwned>() -> std::result::Result<Traced, String> {
-    let mut st = State::default();
+    let mut first_error = None;
+    for (text, bytes) in PROFILES {
+        match trace_with::<T>(text, bytes) {
+            Ok(traced) => return Ok(traced),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.unwrap_or_default())
+}
+
+fn trace_with<T: DeserializeOwned>(
+    text: &'static str,
+    bytes: &'static [u8],
+) -> std::result::Result<Traced, String> {
+    let mut st = State {
+        text,
+        bytes,
+        ..State::default()
+    };
     for pass in 0..MAX_PASSES {
         st.pass = pass;
         st.stack.clear();
@@ -334,10 +370,26 @@ impl<'de> de::Deserializer<'de> for Tracer<'_> {
         deserialize_f32 => F32, visit_f32(0.0);
         deserialize_f64 => F64, visit_f64(0.0);
         deserialize_char => Char, visit_char('a');
-        deserialize_str => Str, visit_str("a");
-        deserialize_string => Str, visit_string("a".to_string());
-        deserialize_bytes => Bytes, visit_bytes(&[]);
-        deserialize_byte_buf => Bytes, visit_byte_buf(Vec::new());
+    }
+
+    fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> R<V::Value> {
+        *self.out = Fmt::Leaf(Leaf::Str);
+        visitor.visit_str(self.st.text)
+    }
+
+    fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> R<V::Value> {
+        *self.out = Fmt::Leaf(Leaf::Str);
+        visitor.visit_string(self.st.text.to_string())
+    }
+
+    fn deserialize_bytes<V: Visitor<'de>>(self, visitor: V) -> R<V::Value> {
+        *self.out = Fmt::Leaf(Leaf::Bytes);
+        visitor.visit_bytes(self.st.bytes)
+    }
+
+    fn deserialize_byte_buf<V: Visitor<'de>>(self, visitor: V) -> R<V::Value> {
+        *self.out = Fmt::Leaf(Leaf::Bytes);
+        visitor.visit_byte_buf(self.st.bytes.to_vec())
     }
 
     fn deserialize_unit<V: Visitor<'de>>(self, visitor: V) -> R<V::Value> {
@@ -366,8 +418,10 @@ impl<'de> de::Deserializer<'de> for Tracer<'_> {
         name: &'static str,
         visitor: V,
     ) -> R<V::Value> {
-        self.st.record(name, ContainerFmt::Struct(BodyFmt::Unit))?;
-        *self.out = Fmt::Named(name);
+        let key = std::any::type_name::<V::Value>();
+        self.st
+            .record(key, name, ContainerFmt::Struct(BodyFmt::Unit))?;
+        *self.out = Fmt::Named(key);
         visitor.visit_unit()
     }
 
@@ -376,7 +430,8 @@ impl<'de> de::Deserializer<'de> for Tracer<'_> {
         name: &'static str,
         visitor: V,
     ) -> R<V::Value> {
-        self.st.enter(name)?;
+        let key = std::any::type_name::<V::Value>();
+        self.st.enter(key)?;
         let mut inner = Fmt::Unknown;
         let value = visitor.visit_newtype_struct(Tracer {
             st: self.st,
@@ -385,8 +440,8 @@ impl<'de> de::Deserializer<'de> for Tracer<'_> {
         self.st.leave();
         let value = value?;
         self.st
-            .record(name, ContainerFmt::Struct(BodyFmt::NewType(inner)))?;
-        *self.out = Fmt::Named(name);
+            .record(key, name, ContainerFmt::Struct(BodyFmt::NewType(inner)))?;
+        *self.out = Fmt::Named(key);
         Ok(value)
     }
 
@@ -415,13 +470,14 @@ impl<'de> de::Deserializer<'de> for Tracer<'_> {
         len: usize,
         visitor: V,
     ) -> R<V::Value> {
-        self.st.enter(name)?;
+        let key = std::any::type_name::<V::Value>();
+        self.st.enter(key)?;
         let result = fixed(self.st, len, visitor);
         self.st.leave();
         let (value, shapes) = result?;
         self.st
-            .record(name, ContainerFmt::Struct(BodyFmt::Tuple(shapes)))?;
-        *self.out = Fmt::Named(name);
+            .record(key, name, ContainerFmt::Struct(BodyFmt::Tuple(shapes)))?;
+        *self.out = Fmt::Named(key);
         Ok(value)
     }
 
@@ -443,13 +499,14 @@ impl<'de> de::Deserializer<'de> for Tracer<'_> {
         fields: &'static [&'static str],
         visitor: V,
     ) -> R<V::Value> {
-        self.st.enter(name)?;
+        let key = std::any::type_name::<V::Value>();
+        self.st.enter(key)?;
         let result = fixed(self.st, fields.len(), visitor);
         self.st.leave();
         let (value, shapes) = result?;
         let body = BodyFmt::Struct(fields.iter().copied().zip(shapes).collect());
-        self.st.record(name, ContainerFmt::Struct(body))?;
-        *self.out = Fmt::Named(name);
+        self.st.record(key, name, ContainerFmt::Struct(body))?;
+        *self.out = Fmt::Named(key);
         Ok(value)
     }
 
@@ -462,29 +519,31 @@ impl<'de> de::Deserializer<'de> for Tracer<'_> {
         if variants.is_empty() {
             return Err(Refused(format!("enum {name} without variants")));
         }
-        let index = self.st.choose(name, variants.len());
-        let before = self.st.entered(name);
-        self.st.enter(name)?;
-        self.st.active.entry(name).or_default().push(index);
+        let key = std::any::type_name::<V::Value>();
+        let index = self.st.choose(key, variants.len());
+        let before = self.st.entered(key);
+        self.st.enter(key)?;
+        self.st.active.entry(key).or_default().push(index);
         let mut body = None;
         let result = visitor.visit_enum(Variant {
             st: self.st,
             index,
             body: &mut body,
         });
-        let recursed = self.st.entered(name) > before + 1;
+        let recursed = self.st.entered(key) > before + 1;
         self.st.leave();
-        if let Some(a) = self.st.active.get_mut(name) {
+        if let Some(a) = self.st.active.get_mut(key) {
             a.pop();
         }
         let value = result?;
         let mut seen = vec![None; variants.len()];
         seen[index as usize] = body;
-        self.st.record(name, ContainerFmt::Enum(variants, seen))?;
+        self.st
+            .record(key, name, ContainerFmt::Enum(variants, seen))?;
         if !recursed {
-            self.st.ending.entry(name).or_default().insert(index);
+            self.st.ending.entry(key).or_default().insert(index);
         }
-        *self.out = Fmt::Named(name);
+        *self.out = Fmt::Named(key);
         Ok(value)
     }
 
