@@ -192,13 +192,32 @@ impl SavepointWriter {
             let operator_state = std::mem::take(&mut op.operator_state);
             let backend = op.backend.take().expect("present until written");
             drop(op);
+            let states = backend.states();
+            if states.is_empty() {
+                // An operator with operator state only (a source): no keyed state.
+                tokio::task::spawn_blocking(move || backend.close())
+                    .await
+                    .map_err(|e| Error::Internal(format!("close a savepoint operator: {e}")))??;
+                remove_dir_if_exists(&dir).await?;
+                operators.push(OperatorSnapshot {
+                    uid_hash: crate::hash::operator_uid_hash(&uid),
+                    uid,
+                    parallelism: 1,
+                    max_parallelism: self.max_parallelism,
+                    states,
+                    subtasks: vec![SubtaskSnapshot {
+                        keyed: None,
+                        operator_state,
+                    }],
+                });
+                continue;
+            }
             let (backend, pending) = tokio::task::spawn_blocking(move || {
                 let pending = backend.snapshot(1);
                 (backend, pending)
             })
             .await
             .map_err(|e| Error::Internal(format!("snapshot a savepoint operator: {e}")))?;
-            let states = backend.states();
             let keyed = match pending {
                 Ok(p) => {
                     p.write_savepoint(

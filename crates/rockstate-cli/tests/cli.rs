@@ -2313,6 +2313,84 @@ fn state_dump_and_get_decode_what_the_job_wrote() {
     assert_eq!(limited.stdout.lines().count(), 3);
 }
 
+/// A checkpoint of a running demo rewritten offline by `SavepointWriter` (every state of
+/// the keyed operator copied raw, the source's offsets carried over, one operator renamed
+/// and back) resumes to the uninterrupted run's state on the harness at parallelism 3 and
+/// on timely with two workers.
+#[test]
+fn a_savepoint_rewritten_offline_resumes_on_both_engines() {
+    use rockstate::restore::{SavepointReader, SavepointWriter};
+    let (_dir, root) = temp_root();
+    let checkpoints = root.join("checkpoints");
+    let cp = path_str(&checkpoints);
+    let first = run(&demo_args_with_events(
+        cp,
+        "partial",
+        &root,
+        EVENTS / 2,
+        &[],
+    ));
+    first.expect(0);
+    let partial = first.json()["last_checkpoint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let savepoints =
+        rockstate::CheckpointStorage::open(path_str(&root.join("savepoints"))).unwrap();
+    let written = rt.block_on(async {
+        let reader = SavepointReader::open(&partial, root.join("read"))
+            .await
+            .unwrap();
+        let max = reader.metadata().operators[0].max_parallelism;
+        let mut writer = SavepointWriter::new(max, root.join("write")).unwrap();
+        let uids: Vec<String> = reader
+            .metadata()
+            .operators
+            .iter()
+            .map(|o| o.uid.clone())
+            .collect();
+        for uid in uids {
+            let op = writer.operator(&uid).unwrap();
+            let has_keyed = reader
+                .metadata()
+                .operator(&uid)
+                .unwrap()
+                .subtasks
+                .iter()
+                .any(|s| s.keyed.is_some());
+            if has_keyed {
+                let keyed = reader.keyed_state(&uid).await.unwrap();
+                let copied = op
+                    .copy_keyed_state(&keyed, |_| true, |_, _, _| true)
+                    .unwrap();
+                assert!(copied > 0);
+                keyed.close().unwrap();
+            }
+            let states = reader.operator_states(&uid).unwrap();
+            *op.operator_state_mut() = rockstate::format::redistribute(&states, 1)
+                .unwrap()
+                .remove(0);
+        }
+        let (folder, _) = writer.write(&savepoints, "rewritten").await.unwrap();
+        folder.url().to_string()
+    });
+    let harness = run(&demo_args(
+        cp,
+        "from-written",
+        &root,
+        &["--from", &written, "--parallelism", "3"],
+    ));
+    assert_reference_state(&harness);
+    let timely = run(&demo_args(
+        cp,
+        "from-written-timely",
+        &root,
+        &["--from", &written, "--engine", "timely", "--threads", "2"],
+    ));
+    assert_reference_state(&timely);
+}
+
 /// `rockstate key-group` hashes keys of the common key types as the library does.
 #[test]
 fn key_group_takes_typed_keys() {
