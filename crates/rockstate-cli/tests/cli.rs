@@ -1272,6 +1272,63 @@ fn crash_resume_and_listings_on_s3() {
     assert_eq!(latest(&job, env), last);
     assert_sound(last, env);
 
+    // State read on S3 without a job: the dump of `count` has as many entries as
+    // `state ls` counts, and `state get` finds one of them.
+    let listed = run_env(&["state", "ls", last, "--json"], env);
+    listed.expect(0);
+    let counted = listed.json()["operators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|op| op["uid"] == "counter")
+        .and_then(|op| {
+            op["states"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["name"] == "count")
+        })
+        .map(|s| s["entries"].as_u64().unwrap())
+        .unwrap();
+    let dumped = run_env(
+        &[
+            "state",
+            "dump",
+            last,
+            "--operator",
+            "counter",
+            "--state",
+            "count",
+        ],
+        env,
+    );
+    dumped.expect(0);
+    assert_eq!(
+        dumped.stdout.lines().count() as u64,
+        counted,
+        "{}",
+        dumped.context()
+    );
+    let first: Value = serde_json::from_str(dumped.stdout.lines().next().unwrap()).unwrap();
+    let key = first["key"].as_str().unwrap();
+    let got = run_env(
+        &[
+            "state",
+            "get",
+            last,
+            "--operator",
+            "counter",
+            "--state",
+            "count",
+            "--key",
+            key,
+        ],
+        env,
+    );
+    got.expect(0);
+    let line: Value = serde_json::from_str(got.stdout.trim()).unwrap();
+    assert_eq!(line, first, "{}", got.context());
+
     // Damage on S3 is found too: one byte of a shared file flipped through the server.
     let victim = snapshot_files(&inspect(last, env))
         .into_iter()
