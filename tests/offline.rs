@@ -53,13 +53,23 @@ async fn a_bootstrap_of_a_million_keys_restores_at_parallelism_three() {
     let parent = CheckpointStorage::open(tmp.path().join("savepoints").to_str().unwrap()).unwrap();
     let mut writer = SavepointWriter::new(MAX_PAR, tmp.path().join("scratch")).unwrap();
     let op = writer.operator("counter").unwrap();
-    let count = op
-        .register(ValueStateDescriptor::<u64, u64>::new("count"))
+    let written = op
+        .write_values(
+            ValueStateDescriptor::<u64, u64>::new("count"),
+            (0..KEYS).map(|key| (key, key * 7)),
+        )
         .unwrap();
-    for key in 0..KEYS {
-        count.put(&key, &(key * 7)).unwrap();
-    }
-    drop(count);
+    assert_eq!(written, KEYS);
+    op.write_lists(
+        ListStateDescriptor::<u64, String>::new("tags"),
+        (0..100u64).map(|key| (key, vec![format!("t{key}"), "x".into()])),
+    )
+    .unwrap();
+    op.write_map_entries(
+        MapStateDescriptor::<u64, u8, u64>::new("histogram"),
+        (0..100u64).map(|key| (key, (key % 3) as u8, key)),
+    )
+    .unwrap();
     op.operator_state_mut().put(
         "offsets",
         Redistribution::Union,
@@ -88,6 +98,20 @@ async fn a_bootstrap_of_a_million_keys_restores_at_parallelism_three() {
             read += 1;
         }
         assert_eq!(b.entries_outside_range().unwrap(), 0);
+        let tags = b
+            .register(ListStateDescriptor::<u64, String>::new("tags"))
+            .unwrap();
+        let histogram = b
+            .register(MapStateDescriptor::<u64, u8, u64>::new("histogram"))
+            .unwrap();
+        for key in 0..100u64 {
+            if b.key_group_range()
+                .contains(rockstate::key_group_for(&key, MAX_PAR).unwrap())
+            {
+                assert_eq!(tags.get(&key).unwrap(), vec![format!("t{key}"), "x".into()]);
+                assert_eq!(histogram.get(&key, &((key % 3) as u8)).unwrap(), Some(key));
+            }
+        }
     }
     assert_eq!(read, KEYS);
     let states = operator_states(&source, "counter", 3);

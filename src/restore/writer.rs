@@ -8,6 +8,9 @@
 
 use std::path::PathBuf;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
 use crate::backend::{BackendOptions, RocksStateBackend};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{
@@ -15,7 +18,7 @@ use crate::format::{
     SavepointFormat, SnapshotKind, StateMeta, SubtaskSnapshot, METADATA_FILE,
 };
 use crate::keygroup::{self, KeyGroupRange};
-use crate::state::StateSpec;
+use crate::state::{ListStateDescriptor, MapStateDescriptor, StateSpec, ValueStateDescriptor};
 use crate::storage::CheckpointStorage;
 
 use super::reader::KeyedStateReader;
@@ -316,6 +319,73 @@ impl OperatorWriter {
     /// Errors: see [`RocksStateBackend::register`].
     pub fn register<S: StateSpec>(&self, spec: S) -> Result<S::Handle> {
         self.backend().register(spec)
+    }
+
+    /// Writes value state `descriptor` from `entries` (key, value); a key given twice keeps
+    /// its last value. Returns the number of entries written.
+    ///
+    /// Errors: see [`register`](Self::register); encoding errors of a key or value.
+    pub fn write_values<K, V>(
+        &self,
+        descriptor: ValueStateDescriptor<K, V>,
+        entries: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<u64>
+    where
+        K: Serialize + DeserializeOwned,
+        V: Serialize + DeserializeOwned,
+    {
+        let state = self.register(descriptor)?;
+        let mut n = 0;
+        for (key, value) in entries {
+            state.put(&key, &value)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Writes list state `descriptor` from `entries` (key, elements), replacing the list
+    /// of a key given twice. Returns the number of lists written.
+    ///
+    /// Errors: as [`write_values`](Self::write_values).
+    pub fn write_lists<K, V>(
+        &self,
+        descriptor: ListStateDescriptor<K, V>,
+        entries: impl IntoIterator<Item = (K, Vec<V>)>,
+    ) -> Result<u64>
+    where
+        K: Serialize + DeserializeOwned,
+        V: Serialize + DeserializeOwned,
+    {
+        let state = self.register(descriptor)?;
+        let mut n = 0;
+        for (key, values) in entries {
+            state.update(&key, &values)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Writes map state `descriptor` from `entries` (key, user key, value). Returns the
+    /// number of map entries written.
+    ///
+    /// Errors: as [`write_values`](Self::write_values).
+    pub fn write_map_entries<K, UK, UV>(
+        &self,
+        descriptor: MapStateDescriptor<K, UK, UV>,
+        entries: impl IntoIterator<Item = (K, UK, UV)>,
+    ) -> Result<u64>
+    where
+        K: Serialize + DeserializeOwned,
+        UK: Serialize + DeserializeOwned,
+        UV: Serialize + DeserializeOwned,
+    {
+        let state = self.register(descriptor)?;
+        let mut n = 0;
+        for (key, user_key, value) in entries {
+            state.put(&key, &user_key, &value)?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// The operator state (source offsets and other lists) the savepoint will hold.
