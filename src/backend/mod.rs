@@ -260,8 +260,16 @@ impl RocksStateBackend {
     /// the flush; returns as soon as the copy exists, after which writes may continue while
     /// [`PendingSnapshot::upload`] runs.
     ///
-    /// Errors: engine and local I/O errors.
+    /// Errors: engine and local I/O errors; `Internal` when a migration converted a
+    /// state's values but could not record its new type (the local state is then never
+    /// snapshotted or reopened: restore instead).
     pub fn snapshot(&self, checkpoint_id: u64) -> Result<PendingSnapshot> {
+        if let Some(why) = self.core.poisoned.lock().as_ref() {
+            return Err(Error::Internal(format!(
+                "no snapshot of {}: {why}",
+                self.core.dir().display()
+            )));
+        }
         let started = std::time::Instant::now();
         let root = self.options.staging_dir();
         std::fs::create_dir_all(&root)

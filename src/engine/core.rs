@@ -41,6 +41,10 @@ pub(crate) struct BackendCore {
     pub(crate) statistics: Option<rocksdb::Options>,
     /// The statistics counters at the last [`ticker_deltas`](Self::ticker_deltas).
     last_tickers: Mutex<[u64; 3]>,
+    /// Why the local state can no longer be trusted (a migration converted the values
+    /// but could not record the new type): snapshots are refused and the directory is
+    /// not marked clean, so the next start restores from a snapshot instead.
+    pub(crate) poisoned: Mutex<Option<String>>,
 }
 
 impl BackendCore {
@@ -68,6 +72,7 @@ impl BackendCore {
             key_group_range,
             statistics: None,
             last_tickers: Mutex::new([0; 3]),
+            poisoned: Mutex::new(None),
         }
     }
 
@@ -497,6 +502,10 @@ impl Drop for BackendCore {
     /// When the flush fails the mark is not written, and reopening the directory is
     /// refused (restore instead).
     fn drop(&mut self) {
+        if let Some(why) = self.poisoned.lock().as_ref() {
+            tracing::error!(dir = %self.dir.display(), reason = %why, "the local state is not marked clean; it will not reopen");
+            return;
+        }
         // Without a write-ahead log, unflushed writes would be lost on reopen.
         match self.flush() {
             Ok(()) => {

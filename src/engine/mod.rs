@@ -362,14 +362,21 @@ impl BackendCore {
                         "state migrated"
                     );
                     // The values are converted: from here on the state is of the new
-                    // type, in memory even if its record cannot be written (snapshots
-                    // then fail with the engine's error rather than record the old type).
+                    // type. Should its record not be written, the local state holds new
+                    // values under the old record: it is poisoned (no snapshot is taken
+                    // of it, and it never reopens).
                     entry.meta = requested.clone();
                     entry.column.configure(requested.kind, requested.ttl_millis);
-                    self.put_meta(
-                        &meta::state_key(&requested.name),
-                        &meta::encode_state(requested)?,
-                    )?;
+                    let recorded = meta::encode_state(requested)
+                        .and_then(|bytes| self.put_meta(&meta::state_key(&requested.name), &bytes));
+                    if let Err(e) = recorded {
+                        *self.poisoned.lock() = Some(format!(
+                            "state {:?} was migrated but its new type could not be recorded: {}",
+                            requested.name,
+                            e.report()
+                        ));
+                        return Err(e);
+                    }
                 }
                 if entry.meta != *requested {
                     self.put_meta(
