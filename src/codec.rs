@@ -23,6 +23,9 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::keygroup;
 
+/// Bytes reserved up front for one encoded key or value.
+pub(crate) const ENCODE_CAPACITY: usize = 64;
+
 /// Largest total of the lengths a decode may claim, guarding against allocation bombs
 /// from damaged bytes.
 const DECODE_LIMIT: usize = 1 << 30;
@@ -72,7 +75,8 @@ fn decode_limited<T: DeserializeOwned>(
 ///
 /// Errors: `InvalidArgument` (`Error::Encode`) when the type's `Serialize` fails.
 pub fn encode_key<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
+    // Room for the usual key or value: no reallocation while it is written.
+    let mut out = Vec::with_capacity(ENCODE_CAPACITY);
     encode_into(&mut out, value)?;
     Ok(out)
 }

@@ -151,9 +151,14 @@ impl StateCore {
     }
 
     /// `key group ‖ key ‖ namespace` for `key`, checking the backend owns its key group.
+    /// `key group ‖ key ‖ namespace`, built in one buffer: the key is encoded after room
+    /// for its key group, which is then filled in from the encoded bytes.
     pub(crate) fn prefix<K: Serialize + ?Sized>(&self, key: &K) -> Result<Vec<u8>> {
-        let key_bytes = codec::encode_key(key)?;
-        let kg = keygroup::key_group_for_bytes(&key_bytes, self.backend.max_parallelism());
+        let namespace = self.namespace()?;
+        let mut out = Vec::with_capacity(codec::ENCODE_CAPACITY + namespace.len());
+        out.extend_from_slice(&[0, 0]);
+        codec::encode_into(&mut out, key)?;
+        let kg = keygroup::key_group_for_bytes(&out[2..], self.backend.max_parallelism());
         let range = self.backend.key_group_range();
         if !range.contains(kg) {
             return Err(Error::KeyGroupOutOfRange {
@@ -162,12 +167,20 @@ impl StateCore {
                 range: range.to_string(),
             });
         }
-        Ok(codec::compose(kg, &key_bytes, self.namespace()?))
+        out[..2].copy_from_slice(&codec::key_group_prefix(kg));
+        out.extend_from_slice(namespace);
+        Ok(out)
     }
 
+    /// A value as stored: its encoding, after its write time when the state has a time to
+    /// live, built in one buffer.
     pub(crate) fn encode_value<V: Serialize + ?Sized>(&self, value: &V) -> Result<Vec<u8>> {
-        let payload = codec::encode_key(value)?;
-        Ok(ttl::frame_value(self.ttl_ms(), self.now(), &payload))
+        let mut out = Vec::with_capacity(codec::ENCODE_CAPACITY);
+        if self.ttl_ms().is_some() {
+            out.extend_from_slice(&self.now().to_be_bytes());
+        }
+        codec::encode_into(&mut out, value)?;
+        Ok(out)
     }
 
     /// Decodes a stored value, or `None` when it has expired at `now`.
