@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::format::{StateKind, StateMeta};
 use crate::state::core::{KeyIter, Sealed, StateCore, StateSpec, Types};
-use crate::state::descriptor::{common_descriptor_methods, CommonOptions};
+use crate::state::descriptor::{common_descriptor_methods, migration_methods, CommonOptions};
 
 /// How an [`AggregatingState`] folds inputs of type `In` into an accumulator and reads a
 /// result of type `Out` from it. Only the accumulator is stored.
@@ -47,50 +47,7 @@ impl<K, F, N> AggregatingStateDescriptor<K, F, N> {
         }
     }
 
-    /// Declares that values stored as `P` with serializer version `from_version` (an
-    /// earlier version of this program) become `F::Acc` through `convert`. See
-    /// [`Migration`](crate::state::Migration). Keep the earlier type (e.g. in a module
-    /// `v1`) for as long as snapshots written with it may be restored; to migrate across
-    /// several versions, declare one migration per earlier version, each converting
-    /// straight to the current type.
-    pub fn with_migration<P>(
-        mut self,
-        from_version: u32,
-        convert: impl Fn(P) -> F::Acc + Send + Sync + 'static,
-    ) -> Self
-    where
-        P: serde::de::DeserializeOwned,
-        F: AggregateFunction,
-    {
-        self.common.migrations.push(crate::state::Migration::new::<
-            P,
-            F::Acc,
-            std::convert::Infallible,
-        >(from_version, move |p| Ok(convert(p))));
-        self
-    }
-
-    /// Like [`with_migration`](Self::with_migration), with a conversion that may refuse a
-    /// value: registration then fails with `InvalidArgument` carrying the message, and
-    /// the stored state is left as it was (the conversion is all or nothing).
-    pub fn with_fallible_migration<P, E>(
-        mut self,
-        from_version: u32,
-        convert: impl Fn(P) -> std::result::Result<F::Acc, E> + Send + Sync + 'static,
-    ) -> Self
-    where
-        P: serde::de::DeserializeOwned,
-        F: AggregateFunction,
-        E: std::fmt::Display,
-    {
-        self.common
-            .migrations
-            .push(crate::state::Migration::new::<P, F::Acc, E>(
-                from_version,
-                convert,
-            ));
-        self
-    }
+    migration_methods!(F::Acc; F: crate::state::AggregateFunction,);
 
     common_descriptor_methods!();
 }

@@ -221,3 +221,54 @@ macro_rules! common_descriptor_methods {
     };
 }
 pub(crate) use common_descriptor_methods;
+
+/// Adds `with_migration` and `with_fallible_migration` to a descriptor whose stored value
+/// type is `$value` (with the `where` bounds that type needs).
+macro_rules! migration_methods {
+    ($value:ty; $($bound:tt)*) => {
+        /// Declares that values stored as `P` with serializer version `from_version` (an
+        /// earlier version of this program) become the current value type through
+        /// `convert`. See [`Migration`](crate::state::Migration). Keep the earlier type
+        /// (e.g. in a module `v1`) for as long as snapshots written with it may be
+        /// restored; to migrate across several versions, declare one migration per
+        /// earlier version, each converting straight to the current type.
+        pub fn with_migration<P>(
+            mut self,
+            from_version: u32,
+            convert: impl Fn(P) -> $value + Send + Sync + 'static,
+        ) -> Self
+        where
+            P: serde::de::DeserializeOwned,
+            $($bound)*
+        {
+            self.common.migrations.push(
+                $crate::state::Migration::new::<P, $value, std::convert::Infallible>(
+                    from_version,
+                    move |p| Ok(convert(p)),
+                ),
+            );
+            self
+        }
+
+        /// Like [`with_migration`](Self::with_migration), with a conversion that may
+        /// refuse a value: registration then fails with `InvalidArgument` carrying the
+        /// message, and the stored state is left as it was (the conversion is all or
+        /// nothing).
+        pub fn with_fallible_migration<P, E>(
+            mut self,
+            from_version: u32,
+            convert: impl Fn(P) -> std::result::Result<$value, E> + Send + Sync + 'static,
+        ) -> Self
+        where
+            P: serde::de::DeserializeOwned,
+            E: std::fmt::Display,
+            $($bound)*
+        {
+            self.common
+                .migrations
+                .push($crate::state::Migration::new::<P, $value, E>(from_version, convert));
+            self
+        }
+    };
+}
+pub(crate) use migration_methods;

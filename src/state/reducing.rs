@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::format::{StateKind, StateMeta};
 use crate::state::core::{KeyIter, Sealed, StateCore, StateSpec, Types};
-use crate::state::descriptor::{common_descriptor_methods, CommonOptions};
+use crate::state::descriptor::{common_descriptor_methods, migration_methods, CommonOptions};
 
 type ReduceFn<V> = Arc<dyn Fn(V, V) -> V + Send + Sync>;
 
@@ -34,51 +34,7 @@ impl<K, V, N> ReducingStateDescriptor<K, V, N> {
         }
     }
 
-    /// Declares that values stored as `P` with serializer version `from_version` (an
-    /// earlier version of this program) become `V` through `convert`. See
-    /// [`Migration`](crate::state::Migration). Keep the earlier type (e.g. in a module
-    /// `v1`) for as long as snapshots written with it may be restored; to migrate across
-    /// several versions, declare one migration per earlier version, each converting
-    /// straight to the current type.
-    pub fn with_migration<P>(
-        mut self,
-        from_version: u32,
-        convert: impl Fn(P) -> V + Send + Sync + 'static,
-    ) -> Self
-    where
-        P: serde::de::DeserializeOwned,
-        V: Serialize,
-    {
-        self.common.migrations.push(
-            crate::state::Migration::new::<P, V, std::convert::Infallible>(
-                from_version,
-                move |p| Ok(convert(p)),
-            ),
-        );
-        self
-    }
-
-    /// Like [`with_migration`](Self::with_migration), with a conversion that may refuse a
-    /// value: registration then fails with `InvalidArgument` carrying the message, and
-    /// the stored state is left as it was (the conversion is all or nothing).
-    pub fn with_fallible_migration<P, E>(
-        mut self,
-        from_version: u32,
-        convert: impl Fn(P) -> std::result::Result<V, E> + Send + Sync + 'static,
-    ) -> Self
-    where
-        P: serde::de::DeserializeOwned,
-        V: Serialize,
-        E: std::fmt::Display,
-    {
-        self.common
-            .migrations
-            .push(crate::state::Migration::new::<P, V, E>(
-                from_version,
-                convert,
-            ));
-        self
-    }
+    migration_methods!(V; V: serde::Serialize,);
 
     common_descriptor_methods!();
 }
