@@ -250,6 +250,7 @@ async fn a_moved_and_renamed_type_keeps_its_state() {
     let (source, _) = job
         .take(std::slice::from_ref(&b), Some(SavepointFormat::Canonical))
         .await;
+    let mut found = 0;
     for restored in restore(&source, tmp.path(), 2).await {
         let positions = restored
             .register(ValueStateDescriptor::<u32, moved::Position>::new("points"))
@@ -262,12 +263,14 @@ async fn a_moved_and_renamed_type_keeps_its_state() {
                 positions.get(&7).unwrap(),
                 Some(moved::Position { x: 3, y: 4 })
             );
+            found += 1;
         }
         let err = restored
             .register(ValueStateDescriptor::<u64, moved::Position>::new("points"))
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Incompatible, "{err}");
     }
+    assert_eq!(found, 1, "exactly one subtask owns the key");
 }
 
 /// Value, list, map and reducing state migrate on registration: every value converted,
@@ -327,6 +330,9 @@ async fn declared_migrations_convert_every_kind_of_state() {
     }
 
     // A conversion that fails part-way changes nothing: the state still reads as before.
+    let before = backends[0]
+        .register(ValueStateDescriptor::<u32, v1::Order>::new("orders").with_ttl(ttl))
+        .unwrap();
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = calls.clone();
     let err = backends[0]
@@ -345,6 +351,10 @@ async fn declared_migrations_convert_every_kind_of_state() {
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     assert!(err.to_string().contains("has no currency"), "{err}");
     assert!(calls.load(std::sync::atomic::Ordering::SeqCst) > 40);
+    // A handle taken before the refused migration still works: nothing changed.
+    let first = (0..200u32).find(|k| owned(*k, p, 0)).unwrap();
+    assert_eq!(before.get(&first).unwrap().unwrap().amount, first);
+    drop(before);
     let old = backends[0]
         .register(ValueStateDescriptor::<u32, v1::Order>::new("orders").with_ttl(ttl))
         .unwrap();

@@ -108,6 +108,54 @@ fn expired_values_are_returned_until_cleaned_up_when_asked() {
     assert_eq!(strict.get(k).unwrap(), None);
 }
 
+/// Renewal on read together with "return expired if not cleaned up": an expired value
+/// (or list element) is returned, but never renewed, so it stays expired for a strict
+/// reader. Before the fix, that read wrote it back with a new timestamp and it lived on.
+#[test]
+fn a_read_never_brings_an_expired_value_back_to_life() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(100_000);
+    let backend = open(dir.path(), &clock);
+    let both = StateTtlConfig::new(TTL)
+        .update(TtlUpdate::OnReadAndWrite)
+        .visibility(TtlVisibility::ReturnExpiredIfNotCleanedUp);
+    let value = backend
+        .register(ValueStateDescriptor::<String, u64>::new("value").with_ttl_config(both))
+        .unwrap();
+    let list = backend
+        .register(ListStateDescriptor::<String, u64>::new("list").with_ttl_config(both))
+        .unwrap();
+    let keys = owned_keys(2);
+    let (k, later) = (&keys[0], &keys[1]);
+    value.put(k, &1).unwrap();
+    list.update(k, &[1]).unwrap();
+    clock.advance(TTL / 2);
+    list.update(later, &[2]).unwrap();
+    clock.advance(TTL * 3 / 4);
+    // `k`'s value and list have expired; `later`'s list has not.
+    assert_eq!(value.get(k).unwrap(), Some(1));
+    assert_eq!(list.get(k).unwrap(), vec![1]);
+    assert_eq!(list.get(later).unwrap(), vec![2]);
+    let strict_value = backend
+        .register(ValueStateDescriptor::<String, u64>::new("value").with_ttl(TTL))
+        .unwrap();
+    let strict_list = backend
+        .register(ListStateDescriptor::<String, u64>::new("list").with_ttl(TTL))
+        .unwrap();
+    assert_eq!(
+        strict_value.get(k).unwrap(),
+        None,
+        "the expired value was renewed"
+    );
+    assert!(
+        strict_list.get(k).unwrap().is_empty(),
+        "the expired list was renewed"
+    );
+    // The live list was renewed by the read: it outlives its first deadline.
+    clock.advance(TTL / 2);
+    assert_eq!(strict_list.get(later).unwrap(), vec![2]);
+}
+
 /// A canonical savepoint holds what reads would see: expired values, map entries and list
 /// elements are left out, live ones restore at another parallelism.
 #[test]

@@ -1241,7 +1241,7 @@ impl CheckpointCoordinator {
 /// `AlreadyExists` when another object holds the name. A write that fails without a
 /// definite answer is read back and, when absent, written again; when no round gives an
 /// answer, `InDoubt` (the object may or may not be stored; it is never deleted).
-async fn commit(
+pub(crate) async fn commit(
     storage: &CheckpointStorage,
     path: &str,
     checkpoint_id: u64,

@@ -14,6 +14,7 @@ pub use crate::format::{
     CheckpointMetadata, OperatorSnapshot, SnapshotKind, SubtaskSnapshot, MAX_METADATA_LEN,
     METADATA_MAGIC, METADATA_VERSION,
 };
+pub(crate) use coordinator::commit;
 pub use coordinator::{
     AckOutcome, CheckpointCoordinator, CoordinatorOptions, OperatorSpec, SavepointTrigger,
     StartPoint,

@@ -77,6 +77,11 @@ impl ColumnSettings {
         self.dropped.store(true, Ordering::SeqCst);
     }
 
+    /// Undoes [`mark_dropped`](Self::mark_dropped) for a migration that changed nothing.
+    pub(crate) fn revive(&self) {
+        self.dropped.store(false, Ordering::SeqCst);
+    }
+
     pub(crate) fn is_dropped(&self) -> bool {
         self.dropped.load(Ordering::Relaxed)
     }

@@ -299,12 +299,15 @@ impl BackendCore {
             return Ok(false);
         };
         let cf_name = entry.column.cf_name.clone();
-        entry.column.mark_dropped();
+        // The record goes first: should that fail, nothing changed. Without its record the
+        // state is gone (a column family without one is dropped when the directory
+        // opens), so from here on it is dropped in memory too, whatever `drop_cf` says.
         self.delete_meta(&meta::state_key(name))?;
+        entry.column.mark_dropped();
+        states.remove(name);
         self.db
             .drop_cf(&cf_name)
             .map_err(|e| Error::engine(format!("drop column family \"{cf_name}\""), e))?;
-        states.remove(name);
         Ok(true)
     }
 
@@ -347,13 +350,22 @@ impl BackendCore {
                     // values are converted: none writes a value of the old type again.
                     let next = Arc::new(entry.column.successor());
                     entry.column.mark_dropped();
-                    entry.column = next;
-                    let converted = self.rewrite_values(
+                    let previous = std::mem::replace(&mut entry.column, next);
+                    let converted = match self.rewrite_values(
                         &entry.column,
                         entry.meta.kind,
                         entry.meta.ttl_millis.is_some(),
                         migration.convert,
-                    )?;
+                    ) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            // Nothing was converted: the handles of the stored type work
+                            // again.
+                            previous.revive();
+                            entry.column = previous;
+                            return Err(e);
+                        }
+                    };
                     tracing::info!(
                         state = %requested.name,
                         from = %entry.meta.value_type,

@@ -107,25 +107,29 @@ pub(crate) fn live_part(
         ts.copy_from_slice(&raw[..TS_LEN]);
         return Ok((!is_expired(u64::from_be_bytes(ts), ttl_ms, now)).then_some(raw.into()));
     }
+    let expired = |e: &Element<'_>| e.written.is_some_and(|ts| is_expired(ts, ttl_ms, now));
+    let mut any_expired = false;
+    for element in Elements::new(raw, true) {
+        any_expired |= expired(&element?);
+    }
+    if !any_expired {
+        // The common case: the list as it is, without a copy.
+        return Ok((!raw.is_empty()).then_some(raw.into()));
+    }
     let mut kept = Vec::new();
-    let mut dropped = false;
     for element in Elements::new(raw, true) {
         let element = element?;
-        match element.written {
-            Some(ts) if is_expired(ts, ttl_ms, now) => dropped = true,
-            written => {
-                let len = u32::try_from(element.payload.len()).map_err(|_| "element too long")?;
-                kept.extend_from_slice(&len.to_be_bytes());
-                kept.extend_from_slice(&written.unwrap_or(0).to_be_bytes());
-                kept.extend_from_slice(element.payload);
-            }
+        if !expired(&element) {
+            frame_element(
+                &mut kept,
+                Some(ttl_ms),
+                element.written.unwrap_or(0),
+                element.payload,
+            )
+            .map_err(|e| e.to_string())?;
         }
     }
-    Ok(match (kept.is_empty(), dropped) {
-        (true, _) => None,
-        (false, false) => Some(raw.into()),
-        (false, true) => Some(kept.into()),
-    })
+    Ok((!kept.is_empty()).then_some(kept.into()))
 }
 
 /// Length of `element` in its framed form.

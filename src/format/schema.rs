@@ -10,12 +10,10 @@
 //! parents) so that decoding a hostile description never recurses, and every walk over it
 //! is bounded by [`MAX_DEPTH`].
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fmt::{self, Write as _};
 
 use crate::error::{Error, Result};
-use crate::format::trace::{self, BodyFmt, ContainerFmt, Fmt, Leaf};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Most nodes a recorded description may have.
@@ -120,27 +118,6 @@ pub struct TypeSchema {
 }
 
 impl TypeSchema {
-    /// Traces `T`'s serde format, or `None` when it cannot be traced: a `Deserialize`
-    /// that rejects the values tracing offers, `deserialize_any` (untagged enums,
-    /// flattened fields), or an enum reached only through a variant other than the first
-    /// of another enum (tracing explores each enum's variants when it meets the enum on
-    /// the way of each pass, and a traced outer enum always takes its first variant).
-    pub fn trace<T: DeserializeOwned>() -> Option<Self> {
-        let traced = trace::trace::<T>().ok()?;
-        let mut builder = Builder {
-            schema: TypeSchema {
-                nodes: Vec::new(),
-                containers: Vec::new(),
-            },
-            index: BTreeMap::new(),
-            traced: &traced,
-        };
-        builder.node(traced.root.as_ref()?, 0)?;
-        let schema = builder.schema;
-        schema.validate().ok()?;
-        Some(schema)
-    }
-
     /// Index of the root node.
     pub fn root(&self) -> u32 {
         self.nodes.len().saturating_sub(1) as u32
@@ -387,111 +364,6 @@ impl TypeSchema {
 impl fmt::Display for TypeSchema {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.describe())
-    }
-}
-
-/// Turns a traced format into the flat description.
-struct Builder<'a> {
-    schema: TypeSchema,
-    index: BTreeMap<&'static str, u32>,
-    traced: &'a trace::Traced,
-}
-
-impl Builder<'_> {
-    fn push(&mut self, node: Node) -> Option<u32> {
-        if self.schema.nodes.len() >= MAX_NODES {
-            return None;
-        }
-        self.schema.nodes.push(node);
-        Some(self.schema.nodes.len() as u32 - 1)
-    }
-
-    fn nodes(&mut self, formats: &[Fmt], depth: usize) -> Option<Vec<u32>> {
-        formats.iter().map(|f| self.node(f, depth)).collect()
-    }
-
-    fn node(&mut self, format: &Fmt, depth: usize) -> Option<u32> {
-        if depth > MAX_DEPTH {
-            return None;
-        }
-        let d = depth + 1;
-        let node = match format {
-            Fmt::Unknown => return None,
-            Fmt::Named(name) => Node::Named(self.container(name, d)?),
-            Fmt::Leaf(leaf) => match leaf {
-                Leaf::Unit => Node::Unit,
-                Leaf::Bool => Node::Bool,
-                Leaf::I8 => Node::I8,
-                Leaf::I16 => Node::I16,
-                Leaf::I32 => Node::I32,
-                Leaf::I64 => Node::I64,
-                Leaf::I128 => Node::I128,
-                Leaf::U8 => Node::U8,
-                Leaf::U16 => Node::U16,
-                Leaf::U32 => Node::U32,
-                Leaf::U64 => Node::U64,
-                Leaf::U128 => Node::U128,
-                Leaf::F32 => Node::F32,
-                Leaf::F64 => Node::F64,
-                Leaf::Char => Node::Char,
-                Leaf::Str => Node::Str,
-                Leaf::Bytes => Node::Bytes,
-            },
-            Fmt::Option(inner) => Node::Option(self.node(inner, d)?),
-            Fmt::Seq(inner) => Node::Seq(self.node(inner, d)?),
-            Fmt::Map(key, value) => Node::Map(self.node(key, d)?, self.node(value, d)?),
-            // Arrays (`[T; N]`) are tuples of one type to serde; long ones are kept short.
-            Fmt::Tuple(items) if items.len() > 4 && items.iter().all(|i| i == &items[0]) => {
-                Node::Array(self.node(&items[0], d)?, items.len() as u64)
-            }
-            Fmt::Tuple(items) => Node::Tuple(self.nodes(items, d)?),
-        };
-        self.push(node)
-    }
-
-    fn body(&mut self, body: &BodyFmt, depth: usize) -> Option<Body> {
-        Some(match body {
-            BodyFmt::Unit => Body::Unit,
-            BodyFmt::NewType(f) => Body::NewType(self.node(f, depth)?),
-            BodyFmt::Tuple(fs) => Body::Tuple(self.nodes(fs, depth)?),
-            BodyFmt::Struct(fields) => {
-                let mut out = Vec::with_capacity(fields.len());
-                for (name, f) in fields {
-                    out.push((name.to_string(), self.node(f, depth)?));
-                }
-                Body::Struct(out)
-            }
-        })
-    }
-
-    fn container(&mut self, name: &'static str, depth: usize) -> Option<u32> {
-        if let Some(i) = self.index.get(name) {
-            return Some(*i);
-        }
-        if self.schema.containers.len() >= MAX_CONTAINERS {
-            return None;
-        }
-        let at = self.schema.containers.len() as u32;
-        self.index.insert(name, at);
-        self.schema.containers.push(Container {
-            name: name.to_string(),
-            body: ContainerBody::Struct(Body::Unit),
-        });
-        let (display, content) = self.traced.containers.get(name)?;
-        self.schema.containers[at as usize].name = display.to_string();
-        let body = match content {
-            ContainerFmt::Struct(body) => ContainerBody::Struct(self.body(body, depth)?),
-            ContainerFmt::Enum(names, variants) => {
-                let mut out = Vec::with_capacity(variants.len());
-                for (index, (name, body)) in names.iter().zip(variants).enumerate() {
-                    let body = self.body(body.as_ref()?, depth)?;
-                    out.push((index as u32, name.to_string(), body));
-                }
-                ContainerBody::Enum(out)
-            }
-        };
-        self.schema.containers[at as usize].body = body;
-        Some(at)
     }
 }
 

@@ -15,37 +15,21 @@ use serde::de::{
     VariantAccess, Visitor,
 };
 
+use crate::format::schema::{
+    Body, Container, ContainerBody, Node, TypeSchema, MAX_CONTAINERS, MAX_DEPTH, MAX_NODES,
+};
+
 /// The shape of one position, as traced.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Fmt {
     Unknown,
-    Leaf(Leaf),
+    /// A primitive: one of the leaf [`Node`]s (no children).
+    Leaf(Node),
     Option(Box<Fmt>),
     Seq(Box<Fmt>),
     Map(Box<Fmt>, Box<Fmt>),
     Tuple(Vec<Fmt>),
     Named(&'static str),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Leaf {
-    Unit,
-    Bool,
-    I8,
-    I16,
-    I32,
-    I64,
-    I128,
-    U8,
-    U16,
-    U32,
-    U64,
-    U128,
-    F32,
-    F64,
-    Char,
-    Str,
-    Bytes,
 }
 
 /// The content of a struct or variant, as traced.
@@ -335,7 +319,7 @@ macro_rules! leaf {
     ($($method:ident => $leaf:ident, $visit:ident($value:expr);)*) => {
         $(
             fn $method<V: Visitor<'de>>(self, visitor: V) -> R<V::Value> {
-                *self.out = Fmt::Leaf(Leaf::$leaf);
+                *self.out = Fmt::Leaf(Node::$leaf);
                 visitor.$visit($value)
             }
         )*
@@ -373,27 +357,27 @@ impl<'de> de::Deserializer<'de> for Tracer<'_> {
     }
 
     fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> R<V::Value> {
-        *self.out = Fmt::Leaf(Leaf::Str);
+        *self.out = Fmt::Leaf(Node::Str);
         visitor.visit_str(self.st.text)
     }
 
     fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> R<V::Value> {
-        *self.out = Fmt::Leaf(Leaf::Str);
+        *self.out = Fmt::Leaf(Node::Str);
         visitor.visit_string(self.st.text.to_string())
     }
 
     fn deserialize_bytes<V: Visitor<'de>>(self, visitor: V) -> R<V::Value> {
-        *self.out = Fmt::Leaf(Leaf::Bytes);
+        *self.out = Fmt::Leaf(Node::Bytes);
         visitor.visit_bytes(self.st.bytes)
     }
 
     fn deserialize_byte_buf<V: Visitor<'de>>(self, visitor: V) -> R<V::Value> {
-        *self.out = Fmt::Leaf(Leaf::Bytes);
+        *self.out = Fmt::Leaf(Node::Bytes);
         visitor.visit_byte_buf(self.st.bytes.to_vec())
     }
 
     fn deserialize_unit<V: Visitor<'de>>(self, visitor: V) -> R<V::Value> {
-        *self.out = Fmt::Leaf(Leaf::Unit);
+        *self.out = Fmt::Leaf(Node::Unit);
         visitor.visit_unit()
     }
 
@@ -681,5 +665,113 @@ impl<'de> VariantAccess<'de> for Variant<'_> {
             fields.iter().copied().zip(shapes).collect(),
         ));
         Ok(value)
+    }
+}
+
+impl TypeSchema {
+    /// Traces `T`'s serde format, or `None` when it cannot be traced: a `Deserialize`
+    /// that rejects every value tracing offers, `deserialize_any` (untagged enums,
+    /// flattened fields), more variants or nesting than tracing explores.
+    pub fn trace<T: DeserializeOwned>() -> Option<Self> {
+        let traced = trace::<T>().ok()?;
+        let mut builder = Builder {
+            schema: TypeSchema {
+                nodes: Vec::new(),
+                containers: Vec::new(),
+            },
+            index: BTreeMap::new(),
+            traced: &traced,
+        };
+        builder.node(traced.root.as_ref()?, 0)?;
+        let schema = builder.schema;
+        schema.validate().ok()?;
+        Some(schema)
+    }
+}
+
+/// Turns a traced format into the flat description.
+struct Builder<'a> {
+    schema: TypeSchema,
+    index: BTreeMap<&'static str, u32>,
+    traced: &'a Traced,
+}
+
+impl Builder<'_> {
+    fn push(&mut self, node: Node) -> Option<u32> {
+        if self.schema.nodes.len() >= MAX_NODES {
+            return None;
+        }
+        self.schema.nodes.push(node);
+        Some(self.schema.nodes.len() as u32 - 1)
+    }
+
+    fn nodes(&mut self, formats: &[Fmt], depth: usize) -> Option<Vec<u32>> {
+        formats.iter().map(|f| self.node(f, depth)).collect()
+    }
+
+    fn node(&mut self, format: &Fmt, depth: usize) -> Option<u32> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        let d = depth + 1;
+        let node = match format {
+            Fmt::Unknown => return None,
+            Fmt::Named(name) => Node::Named(self.container(name, d)?),
+            Fmt::Leaf(leaf) => leaf.clone(),
+            Fmt::Option(inner) => Node::Option(self.node(inner, d)?),
+            Fmt::Seq(inner) => Node::Seq(self.node(inner, d)?),
+            Fmt::Map(key, value) => Node::Map(self.node(key, d)?, self.node(value, d)?),
+            // Arrays (`[T; N]`) are tuples of one type to serde; long ones are kept short.
+            Fmt::Tuple(items) if items.len() > 4 && items.iter().all(|i| i == &items[0]) => {
+                Node::Array(self.node(&items[0], d)?, items.len() as u64)
+            }
+            Fmt::Tuple(items) => Node::Tuple(self.nodes(items, d)?),
+        };
+        self.push(node)
+    }
+
+    fn body(&mut self, body: &BodyFmt, depth: usize) -> Option<Body> {
+        Some(match body {
+            BodyFmt::Unit => Body::Unit,
+            BodyFmt::NewType(f) => Body::NewType(self.node(f, depth)?),
+            BodyFmt::Tuple(fs) => Body::Tuple(self.nodes(fs, depth)?),
+            BodyFmt::Struct(fields) => {
+                let mut out = Vec::with_capacity(fields.len());
+                for (name, f) in fields {
+                    out.push((name.to_string(), self.node(f, depth)?));
+                }
+                Body::Struct(out)
+            }
+        })
+    }
+
+    fn container(&mut self, name: &'static str, depth: usize) -> Option<u32> {
+        if let Some(i) = self.index.get(name) {
+            return Some(*i);
+        }
+        if self.schema.containers.len() >= MAX_CONTAINERS {
+            return None;
+        }
+        let at = self.schema.containers.len() as u32;
+        self.index.insert(name, at);
+        self.schema.containers.push(Container {
+            name: name.to_string(),
+            body: ContainerBody::Struct(Body::Unit),
+        });
+        let (display, content) = self.traced.containers.get(name)?;
+        self.schema.containers[at as usize].name = display.to_string();
+        let body = match content {
+            ContainerFmt::Struct(body) => ContainerBody::Struct(self.body(body, depth)?),
+            ContainerFmt::Enum(names, variants) => {
+                let mut out = Vec::with_capacity(variants.len());
+                for (index, (name, body)) in names.iter().zip(variants).enumerate() {
+                    let body = self.body(body.as_ref()?, depth)?;
+                    out.push((index as u32, name.to_string(), body));
+                }
+                ContainerBody::Enum(out)
+            }
+        };
+        self.schema.containers[at as usize].body = body;
+        Some(at)
     }
 }

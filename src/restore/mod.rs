@@ -101,6 +101,16 @@ pub(crate) async fn remove_dir_if_exists(dir: &Path) -> Result<()> {
     }
 }
 
+/// Removes `dir` from a `Drop` (blocking, best effort): a failure other than "not there"
+/// is logged, naming `what` the directory was.
+pub(crate) fn remove_dir_quietly(dir: &Path, what: &str) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove {what}");
+        }
+    }
+}
+
 /// Files of earlier runs on this machine that a restore may take instead of downloading
 /// them, by file name.
 #[derive(Debug, Default)]

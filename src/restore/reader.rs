@@ -368,11 +368,7 @@ impl Drop for KeyedStateReader {
     fn drop(&mut self) {
         if let Some(backend) = self.backend.take() {
             drop(backend);
-            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove a reader's directory");
-                }
-            }
+            super::remove_dir_quietly(&self.dir, "a reader's directory");
         }
     }
 }

@@ -189,69 +189,21 @@ impl SavepointWriter {
         let now = || crate::clock::Clock::now_millis(&crate::clock::SystemClock);
         let started = now();
         let mut operators = Vec::with_capacity(self.operators.len());
-        for mut op in std::mem::take(&mut self.operators) {
-            let uid = op.uid.clone();
-            let dir = op.dir.clone();
-            let operator_state = std::mem::take(&mut op.operator_state);
-            let backend = op.backend.take().expect("present until written");
-            drop(op);
-            let states = backend.states();
-            if states.is_empty() {
-                // An operator with operator state only (a source): no keyed state.
-                tokio::task::spawn_blocking(move || backend.close())
-                    .await
-                    .map_err(|e| Error::Internal(format!("close a savepoint operator: {e}")))??;
-                remove_dir_if_exists(&dir).await?;
-                operators.push(OperatorSnapshot {
-                    uid_hash: crate::hash::operator_uid_hash(&uid),
-                    uid,
-                    parallelism: 1,
-                    max_parallelism: self.max_parallelism,
-                    states,
-                    subtasks: vec![SubtaskSnapshot {
-                        keyed: None,
-                        operator_state,
-                    }],
-                });
-                continue;
-            }
-            let (backend, pending) = tokio::task::spawn_blocking(move || {
-                let pending = backend.snapshot(1);
-                (backend, pending)
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("snapshot a savepoint operator: {e}")))?;
-            let keyed = match pending {
-                Ok(p) => {
-                    p.write_savepoint(
-                        folder,
-                        &uid,
-                        0,
-                        SavepointFormat::Canonical,
-                        Compression::default(),
-                    )
-                    .await
+        let mut rest: std::collections::VecDeque<OperatorWriter> =
+            std::mem::take(&mut self.operators).into();
+        while let Some(op) = rest.pop_front() {
+            match self.write_operator(op, folder).await {
+                Ok(snapshot) => operators.push(snapshot),
+                Err(e) => {
+                    // The operators not written yet close their databases and remove
+                    // their folders off the async threads.
+                    let dropped = tokio::task::spawn_blocking(move || drop(rest)).await;
+                    if let Err(join) = dropped {
+                        tracing::warn!(error = %join, "cannot close the operators of a failed savepoint");
+                    }
+                    return Err(e);
                 }
-                Err(e) => Err(e),
-            };
-            let closed = tokio::task::spawn_blocking(move || backend.close())
-                .await
-                .map_err(|e| Error::Internal(format!("close a savepoint operator: {e}")))
-                .and_then(|r| r);
-            remove_dir_if_exists(&dir).await?;
-            let keyed: KeyedSnapshot = keyed?;
-            closed?;
-            operators.push(OperatorSnapshot {
-                uid_hash: crate::hash::operator_uid_hash(&uid),
-                uid,
-                parallelism: 1,
-                max_parallelism: self.max_parallelism,
-                states,
-                subtasks: vec![SubtaskSnapshot {
-                    keyed: Some(keyed),
-                    operator_state,
-                }],
-            });
+            }
         }
         remove_dir_if_exists(&self.scratch).await?;
         let meta = CheckpointMetadata {
@@ -263,22 +215,86 @@ impl SavepointWriter {
             operators,
             writer_epoch: 0,
         };
-        folder
-            .put_if_absent(METADATA_FILE, meta.encode()?.into())
-            .await?;
+        // A write that lands and still reports an error is read back, not taken for failed.
+        crate::checkpoint::commit(
+            folder,
+            METADATA_FILE,
+            meta.checkpoint_id,
+            &meta.encode()?,
+            None,
+        )
+        .await?;
         tracing::info!(folder = %folder.url(), operators = meta.operators.len(), "savepoint written");
         Ok(meta)
+    }
+}
+
+impl SavepointWriter {
+    /// Writes one operator's keyed state (none for an operator with operator state only)
+    /// into `folder`, closes its backend and removes its folder.
+    async fn write_operator(
+        &self,
+        mut op: OperatorWriter,
+        folder: &CheckpointStorage,
+    ) -> Result<OperatorSnapshot> {
+        let uid = op.uid.clone();
+        let dir = op.dir.clone();
+        let operator_state = std::mem::take(&mut op.operator_state);
+        let backend = op.backend.take().expect("present until written");
+        drop(op);
+        let states = backend.states();
+        let (backend, pending) = if states.is_empty() {
+            (backend, None)
+        } else {
+            let (backend, pending) = tokio::task::spawn_blocking(move || {
+                let pending = backend.snapshot(1);
+                (backend, pending)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("snapshot a savepoint operator: {e}")))?;
+            (backend, Some(pending))
+        };
+        let keyed = match pending {
+            None => Ok(None),
+            Some(Ok(p)) => p
+                .write_savepoint(
+                    folder,
+                    &uid,
+                    0,
+                    SavepointFormat::Canonical,
+                    Compression::default(),
+                )
+                .await
+                .map(Some),
+            Some(Err(e)) => Err(e),
+        };
+        let closed = tokio::task::spawn_blocking(move || backend.close())
+            .await
+            .map_err(|e| Error::Internal(format!("close a savepoint operator: {e}")))
+            .and_then(|r| r);
+        if let Err(e) = remove_dir_if_exists(&dir).await {
+            tracing::warn!(dir = %dir.display(), error = %e.report(), "cannot remove a savepoint writer's directory");
+        }
+        let keyed: Option<KeyedSnapshot> = keyed?;
+        closed?;
+        Ok(OperatorSnapshot {
+            uid_hash: crate::hash::operator_uid_hash(&uid),
+            uid,
+            parallelism: 1,
+            max_parallelism: self.max_parallelism,
+            states,
+            subtasks: vec![SubtaskSnapshot {
+                keyed,
+                operator_state,
+            }],
+        })
     }
 }
 
 impl Drop for SavepointWriter {
     fn drop(&mut self) {
         self.operators.clear();
-        if let Err(e) = std::fs::remove_dir_all(&self.scratch) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %self.scratch.display(), error = %e, "cannot remove a savepoint writer's directory");
-            }
-        }
+        super::remove_dir_quietly(&self.scratch, "a savepoint writer's directory");
     }
 }
 
@@ -334,13 +350,9 @@ impl OperatorWriter {
         K: Serialize + DeserializeOwned,
         V: Serialize + DeserializeOwned,
     {
-        let state = self.register(descriptor)?;
-        let mut n = 0;
-        for (key, value) in entries {
-            state.put(&key, &value)?;
-            n += 1;
-        }
-        Ok(n)
+        self.write_each(descriptor, entries, |state, (key, value)| {
+            state.put(&key, &value)
+        })
     }
 
     /// Writes list state `descriptor` from `entries` (key, elements), replacing the list
@@ -356,13 +368,9 @@ impl OperatorWriter {
         K: Serialize + DeserializeOwned,
         V: Serialize + DeserializeOwned,
     {
-        let state = self.register(descriptor)?;
-        let mut n = 0;
-        for (key, values) in entries {
-            state.update(&key, &values)?;
-            n += 1;
-        }
-        Ok(n)
+        self.write_each(descriptor, entries, |state, (key, values)| {
+            state.update(&key, &values)
+        })
     }
 
     /// Writes map state `descriptor` from `entries` (key, user key, value). Returns the
@@ -379,10 +387,22 @@ impl OperatorWriter {
         UK: Serialize + DeserializeOwned,
         UV: Serialize + DeserializeOwned,
     {
-        let state = self.register(descriptor)?;
+        self.write_each(descriptor, entries, |state, (key, user_key, value)| {
+            state.put(&key, &user_key, &value)
+        })
+    }
+
+    /// Registers `spec` and writes each of `entries` through its handle with `write`.
+    fn write_each<S: StateSpec, T>(
+        &self,
+        spec: S,
+        entries: impl IntoIterator<Item = T>,
+        mut write: impl FnMut(&S::Handle, T) -> Result<()>,
+    ) -> Result<u64> {
+        let state = self.register(spec)?;
         let mut n = 0;
-        for (key, user_key, value) in entries {
-            state.put(&key, &user_key, &value)?;
+        for entry in entries {
+            write(&state, entry)?;
             n += 1;
         }
         Ok(n)
@@ -466,10 +486,6 @@ impl Drop for OperatorWriter {
             return;
         };
         drop(backend);
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove a savepoint writer's directory");
-            }
-        }
+        super::remove_dir_quietly(&self.dir, "a savepoint writer's directory");
     }
 }

@@ -240,8 +240,24 @@ pub async fn wait_for_answer(
 }
 
 async fn remove(job: &CheckpointStorage, id: &str) -> Result<()> {
-    job.delete_many(vec![request_path(id), claim_path(id), answer_path(id)])
-        .await
+    remove_request_files(
+        job,
+        &request_path(id),
+        vec![claim_path(id), answer_path(id)],
+    )
+    .await
+}
+
+/// Removes a request, and only once it is gone its claim and answer: a request left
+/// without its claim would be taken, and carried out, again. (A claim left without its
+/// request is removed by [`pending`] after an hour.)
+async fn remove_request_files(
+    job: &CheckpointStorage,
+    request: &str,
+    after: Vec<String>,
+) -> Result<()> {
+    job.delete(request).await?;
+    job.delete_many(after).await
 }
 
 /// The requests of `job` that nobody claimed yet (at most 64, the oldest listed first).
@@ -260,12 +276,13 @@ pub async fn pending(job: &CheckpointStorage) -> Result<Vec<Request>> {
         // request): the request's files go after an hour.
         if let Some(stem) = object.path.strip_suffix(".answer") {
             if now.saturating_sub(object.last_modified_ms) > KEEP_WITHDRAWN_MS {
-                let files = vec![
-                    format!("{stem}.request"),
-                    format!("{stem}.claim"),
-                    object.path.clone(),
-                ];
-                if let Err(e) = job.delete_many(files).await {
+                let removed = remove_request_files(
+                    job,
+                    &format!("{stem}.request"),
+                    vec![format!("{stem}.claim"), object.path.clone()],
+                )
+                .await;
+                if let Err(e) = removed {
                     tracing::debug!(path = %object.path, error = %e.report(), "cannot remove an old answer");
                 }
             }

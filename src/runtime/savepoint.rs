@@ -130,7 +130,8 @@ async fn write(
     }
     meta.completed_at_ms = crate::clock::Clock::now_millis(&crate::clock::SystemClock);
     let bytes = meta.encode()?;
-    folder.put_if_absent(METADATA_FILE, bytes.into()).await?;
+    // A write that lands and still reports an error is read back, not taken for failed.
+    crate::checkpoint::commit(folder, METADATA_FILE, meta.checkpoint_id, &bytes, None).await?;
     tracing::info!(from = %source.location(), folder = %folder.url(), ?format, "savepoint written from a snapshot");
     Ok(meta)
 }

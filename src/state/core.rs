@@ -224,9 +224,15 @@ impl StateCore {
                 Some(raw) => {
                     let value = self.decode_live_at(raw, now)?;
                     if refresh && value.is_some() {
+                        // Only a value still live now is renewed: an expired one returned
+                        // until compaction removes it is never brought back to life.
                         let what = || self.what();
-                        let (_, payload) = ttl::split_value(raw, true, &what)?;
-                        renewed = Some(ttl::frame_value(self.ttl_ms(), self.now(), payload));
+                        let write_time = self.now();
+                        if let Some(payload) =
+                            ttl::live_value(raw, self.ttl_ms(), write_time, &what)?
+                        {
+                            renewed = Some(ttl::frame_value(self.ttl_ms(), write_time, payload));
+                        }
                     }
                     Ok(value)
                 }

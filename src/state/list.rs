@@ -156,18 +156,32 @@ where
                         }
                     }
                     if refresh {
-                        // The elements read, written back with a new timestamp.
+                        // The elements read, written back with a new timestamp; an element
+                        // expired now (returned until cleaned up) is not renewed but left
+                        // out, as a read in Flink clears it.
                         let renewed = renewed.get_or_insert_with(Vec::new);
-                        ttl::frame_element(renewed, ttl, write_time, element.payload)?;
+                        let live_now = match (element.written, ttl) {
+                            (Some(ts), Some(ms)) => !ttl::is_expired(ts, ms, write_time),
+                            _ => true,
+                        };
+                        if live_now {
+                            ttl::frame_element(renewed, ttl, write_time, element.payload)?;
+                        }
                     }
                     out.push(codec::decode_exact(element.payload, &what)?);
                 }
                 Ok(out)
             })?;
-        if let Some(raw_value) = renewed {
-            self.core
-                .backend
-                .put(&self.core.column, &raw_key, &raw_value)?;
+        match renewed {
+            Some(raw_value) if raw_value.is_empty() => {
+                self.core.backend.delete(&self.core.column, &raw_key)?;
+            }
+            Some(raw_value) => {
+                self.core
+                    .backend
+                    .put(&self.core.column, &raw_key, &raw_value)?;
+            }
+            None => {}
         }
         Ok(values)
     }
