@@ -332,8 +332,21 @@ impl BackendCore {
     /// while a rescale builds a database, compactions would rewrite files that range
     /// deletions are about to make obsolete, and delay every step.
     pub(crate) fn pause_compactions(&self, paused: bool) -> Result<()> {
+        self.pause_compactions_of(paused, |_| true)
+    }
+
+    /// Like [`pause_compactions`](Self::pause_compactions), for the state columns that
+    /// `which` selects only (every change of options rewrites RocksDB's options file).
+    pub(crate) fn pause_compactions_of(
+        &self,
+        paused: bool,
+        which: impl Fn(&ColumnSettings) -> bool,
+    ) -> Result<()> {
         let value = if paused { "true" } else { "false" };
         for (_, column) in self.state_columns() {
+            if !which(&column) {
+                continue;
+            }
             let cf = self.column_cf(&column)?;
             self.db
                 .set_options_cf(&cf, &[("disable_auto_compactions", value)])

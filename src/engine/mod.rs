@@ -104,7 +104,12 @@ pub(crate) fn open_core(
             });
         }
         let settings = Arc::new(ColumnSettings::new(name.clone()));
-        let opts = column::state_column_options(resources, settings.clone(), clock.clone());
+        let mut opts = column::state_column_options(resources, settings.clone(), clock.clone());
+        if mode == OpenMode::Rescaled {
+            // A rescale ingests and deletes ranges before it lets compactions run (it
+            // resumes them itself): none starts on files about to be cut.
+            opts.set_disable_auto_compactions(true);
+        }
         descriptors.push(ColumnFamilyDescriptor::new(name, opts));
         columns.push(settings);
     }

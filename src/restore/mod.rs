@@ -38,6 +38,7 @@ pub(crate) use writer::remove_written;
 pub use writer::{OperatorWriter, SavepointWriter};
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures::StreamExt;
 
@@ -45,7 +46,7 @@ use crate::backend::{BackendBuilder, RocksStateBackend};
 use crate::engine::OpenMode;
 use crate::error::{Error, Result};
 use crate::format::{KeyedSnapshot, KeyedStateHandle};
-use crate::storage::CheckpointStorage;
+use crate::storage::{CheckedLinks, CheckpointStorage};
 use rescale::blocking;
 
 pub(crate) fn sibling(dir: &Path, suffix: &str) -> PathBuf {
@@ -181,7 +182,9 @@ impl LocalFiles {
         tokio::task::spawn_blocking(move || {
             for candidate in candidates {
                 let url = candidate.display().to_string();
-                match crate::storage::link_or_copy_checked(&candidate, &target, &info, &url, link) {
+                match crate::storage::link_or_copy_checked(
+                    &candidate, &target, &info, &url, link, None,
+                ) {
                     Ok(true) => return Ok(true),
                     Ok(false) => {}
                     Err(e) => {
@@ -205,6 +208,7 @@ pub(crate) async fn download_all(
     job: &CheckpointStorage,
     dir: &Path,
     reuse: &LocalFiles,
+    checked: Option<&Arc<CheckedLinks>>,
 ) -> Result<()> {
     let concurrency = job.options().transfer_concurrency.max(1);
     let mut downloads = futures::stream::iter(handle.files())
@@ -214,7 +218,8 @@ pub(crate) async fn download_all(
                 crate::storage::count_restored(file.size);
                 return Ok(());
             }
-            job.download_file(&file.path, &target, &file.info()).await
+            job.download_file_checked(&file.path, &target, &file.info(), checked)
+                .await
         })
         .buffer_unordered(concurrency);
     let mut first = None;
@@ -379,7 +384,7 @@ impl BackendBuilder {
             .await
             .map_err(|e| Error::io(format!("create {}", incoming.display()), e))?;
         let fetched = match LocalFiles::scan(&self.reuse).await {
-            Ok(reuse) => download_all(handle, job, &incoming, &reuse).await,
+            Ok(reuse) => download_all(handle, job, &incoming, &reuse, None).await,
             Err(e) => Err(e),
         };
         if let Err(e) = fetched {

@@ -154,7 +154,14 @@ impl BackendBuilder {
         let reuse = LocalFiles::scan(&self.reuse).await?;
         let downloaded = async {
             self.start_in_place().await?;
-            download_all(handles[base_index], source.root(), &dir, &reuse).await?;
+            download_all(
+                handles[base_index],
+                source.root(),
+                &dir,
+                &reuse,
+                Some(source.checked_links()),
+            )
+            .await?;
             for (i, handle) in handles.iter().enumerate() {
                 if i == base_index {
                     continue;
@@ -163,7 +170,14 @@ impl BackendBuilder {
                 remove_dir_if_exists(&other).await?;
                 others.push(((*handle).clone(), other.clone()));
                 create_dir(&other).await?;
-                download_all(handle, source.root(), &other, &reuse).await?;
+                download_all(
+                    handle,
+                    source.root(),
+                    &other,
+                    &reuse,
+                    Some(source.checked_links()),
+                )
+                .await?;
             }
             Ok::<_, Error>(())
         }
@@ -186,15 +200,26 @@ impl BackendBuilder {
         let mode = options.mode;
         let built = self
             .build_in_place(move |builder| {
+                // Compactions wait until the range deletions below are written: the
+                // columns of the base open without them, the others are paused as soon
+                // as they exist.
                 let backend = builder.open_as(OpenMode::Rescaled)?;
-                // Compactions wait until the range deletions below are written.
-                backend.core.pause_compactions(true)?;
-                let mut provenance = sst_files_of(&base);
-                for (handle, dir) in &sources {
+                let opened: BTreeSet<String> = backend
+                    .core
+                    .state_columns()
+                    .into_iter()
+                    .map(|(_, c)| c.cf_name.clone())
+                    .collect();
+                for (handle, _) in &sources {
                     for meta in &handle.states {
                         backend.ensure_state(meta)?;
                     }
-                    backend.core.pause_compactions(true)?;
+                }
+                backend
+                    .core
+                    .pause_compactions_of(true, |c| !opened.contains(&c.cf_name))?;
+                let mut provenance = sst_files_of(&base);
+                for (handle, dir) in &sources {
                     let ingested = match strategy {
                         RescaleStrategy::Ingest => ingest(&backend, handle, dir),
                         RescaleStrategy::IterateAndWrite => Err(Error::invalid("iterate")),
@@ -264,7 +289,11 @@ fn sst_files_of(handle: &KeyedStateHandle) -> FileSet {
 /// Ingests the SST files of the downloaded snapshot in `dir` into `backend`, column by
 /// column, and returns which new local files are copies of which stored files.
 fn ingest(backend: &RocksStateBackend, handle: &KeyedStateHandle, dir: &Path) -> Result<FileSet> {
-    let opts = rocksdb::Options::default();
+    // Only the list of files is read: no table is opened ahead and no statistics are
+    // gathered from the files.
+    let mut opts = rocksdb::Options::default();
+    opts.set_max_open_files(20);
+    opts.set_skip_stats_update_on_db_open(true);
     let columns = Db::list_cf(&opts, dir)
         .map_err(|e| Error::engine(format!("list column families of {}", dir.display()), e))?;
     let files = {

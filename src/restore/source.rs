@@ -1,12 +1,13 @@
 //! What to restore from, and how.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use crate::checkpoint::discovery;
 use crate::checkpoint::{CheckpointMetadata, OperatorSnapshot, OperatorSpec};
 use crate::error::{Error, Result};
 use crate::format::METADATA_FILE;
-use crate::storage::CheckpointStorage;
+use crate::storage::{CheckedLinks, CheckpointStorage};
 
 /// Who owns a restored snapshot's files afterwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -62,6 +63,8 @@ pub struct RestoreSource {
     metadata: CheckpointMetadata,
     root: CheckpointStorage,
     location: String,
+    /// Files of this source already linked and checked by one of its restores.
+    checked: Arc<CheckedLinks>,
 }
 
 impl RestoreSource {
@@ -96,6 +99,7 @@ impl RestoreSource {
                 metadata,
                 root: folder.clone(),
                 location: folder.url().to_string(),
+                checked: Arc::default(),
             });
         }
         let (job, name) = folder.parent().ok_or_else(|| {
@@ -117,6 +121,7 @@ impl RestoreSource {
             metadata,
             root: job,
             location: folder.url().to_string(),
+            checked: Arc::default(),
         })
     }
 
@@ -127,7 +132,13 @@ impl RestoreSource {
             metadata,
             root: job.clone(),
             location,
+            checked: Arc::default(),
         }
+    }
+
+    /// What this source's restores have linked and checked already (clones share it).
+    pub(crate) fn checked_links(&self) -> &Arc<CheckedLinks> {
+        &self.checked
     }
 
     /// The snapshot's metadata.

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 pub(crate) use transfer::count_restored;
-pub(crate) use transfer::{link_or_copy_checked, remove_local};
+pub(crate) use transfer::{link_or_copy_checked, remove_local, CheckedLinks};
 pub use transfer::{transfer_totals, FileInfo};
 
 /// Copies a local file to a new name: a hard link when possible (the files are

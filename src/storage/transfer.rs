@@ -158,18 +158,40 @@ impl CheckpointStorage {
     /// size or CRC mismatch; `Io` when the local file cannot be written. A failed download
     /// leaves a partial local file that the caller removes with its directory.
     pub async fn download_file(&self, rel: &str, local: &Path, expected: &FileInfo) -> Result<()> {
-        self.download_file_once(rel, local, expected).await?;
+        self.download_file_once(rel, local, expected, None).await?;
         count_restored(expected.size);
         Ok(())
     }
 
-    async fn download_file_once(&self, rel: &str, local: &Path, expected: &FileInfo) -> Result<()> {
+    /// Like [`download_file`](Self::download_file); a hard link to a file that `checked`
+    /// records as read through and checked already is not read again.
+    pub(crate) async fn download_file_checked(
+        &self,
+        rel: &str,
+        local: &Path,
+        expected: &FileInfo,
+        checked: Option<&std::sync::Arc<CheckedLinks>>,
+    ) -> Result<()> {
+        self.download_file_once(rel, local, expected, checked.cloned())
+            .await?;
+        count_restored(expected.size);
+        Ok(())
+    }
+
+    async fn download_file_once(
+        &self,
+        rel: &str,
+        local: &Path,
+        expected: &FileInfo,
+        checked: Option<std::sync::Arc<CheckedLinks>>,
+    ) -> Result<()> {
         if let Some(source) = self.local_file(rel)? {
             self.refuse_symlinks(rel).await?;
             let (url, local, expected) = (self.url_of(rel), local.to_path_buf(), *expected);
             return tokio::task::spawn_blocking(move || {
                 let link = local.extension().is_some_and(|e| e == "sst");
-                match link_or_copy_checked(&source, &local, &expected, &url, link)? {
+                let checked = checked.as_deref();
+                match link_or_copy_checked(&source, &local, &expected, &url, link, checked)? {
                     true => Ok(()),
                     false => Err(Error::NotFound(format!("{url} (get)"))),
                 }
@@ -236,7 +258,10 @@ impl CheckpointStorage {
 /// when `link` and possible, else a copy. Returns `false` when `source` does not exist.
 ///
 /// The bytes checked are the bytes kept: a link is read through after it is made (the
-/// same inode), a copy is checked while it is written.
+/// same inode), a copy is checked while it is written. A link whose inode `checked`
+/// records as read through already, with the same size, modification time and recorded
+/// CRC32, is not read again (the bytes are the ones checked); every link that is read
+/// through and passes is recorded there.
 ///
 /// Errors: `Corrupt`, naming `url`, when size or CRC32 differ from `expected` (the target
 /// may be left behind for the caller to remove); `AlreadyExists` when `target` exists;
@@ -247,6 +272,7 @@ pub(crate) fn link_or_copy_checked(
     expected: &FileInfo,
     url: &str,
     link: bool,
+    checked: Option<&CheckedLinks>,
 ) -> Result<bool> {
     let read_err = |e| Error::io(format!("read {}", source.display()), e);
     let size = match std::fs::metadata(source) {
@@ -272,6 +298,17 @@ pub(crate) fn link_or_copy_checked(
         Some(Err(_)) => false,
     };
     let mut input = std::fs::File::open(if linked { target } else { source }).map_err(read_err)?;
+    // Taken before reading: a change while the file is read gives it another stamp.
+    let stamp = match (linked, checked) {
+        (true, Some(checked)) => {
+            let stamp = input.metadata().ok().and_then(|m| FileStamp::of(&m));
+            if stamp.is_some_and(|s| checked.contains(s, expected)) {
+                return Ok(true);
+            }
+            stamp
+        }
+        _ => None,
+    };
     let mut output = if linked {
         None
     } else {
@@ -305,7 +342,64 @@ pub(crate) fn link_or_copy_checked(
         }
     }
     check_read(url, expected, total, hasher.finalize())?;
+    if let (Some(stamp), Some(checked)) = (stamp, checked) {
+        checked.insert(stamp, expected);
+    }
     Ok(true)
+}
+
+/// The identity and state of a local file: device, inode, size and modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileStamp {
+    device: u64,
+    inode: u64,
+    size: u64,
+    modified: (i64, i64),
+}
+
+impl FileStamp {
+    #[cfg(unix)]
+    fn of(meta: &std::fs::Metadata) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        Some(Self {
+            device: meta.dev(),
+            inode: meta.ino(),
+            size: meta.size(),
+            modified: (meta.mtime(), meta.mtime_nsec()),
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn of(_: &std::fs::Metadata) -> Option<Self> {
+        None
+    }
+}
+
+/// Local files one restore has read through and checked, by inode. A rescale links a
+/// stored file into each new subtask that shares its key groups; the hard links share
+/// one inode, so its bytes are read and checked once per restore source rather than
+/// once per link. Bounded by the number of files of the snapshot.
+#[derive(Default)]
+pub(crate) struct CheckedLinks {
+    files: parking_lot::Mutex<std::collections::HashMap<FileStamp, FileInfo>>,
+}
+
+impl std::fmt::Debug for CheckedLinks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckedLinks")
+            .field("files", &self.files.lock().len())
+            .finish()
+    }
+}
+
+impl CheckedLinks {
+    fn contains(&self, stamp: FileStamp, expected: &FileInfo) -> bool {
+        self.files.lock().get(&stamp) == Some(expected)
+    }
+
+    fn insert(&self, stamp: FileStamp, expected: &FileInfo) {
+        self.files.lock().insert(stamp, *expected);
+    }
 }
 
 /// Compares what was read with what was recorded.
@@ -426,4 +520,102 @@ pub(crate) fn remove_local(path: &Path) -> Result<()> {
         std::fs::remove_file(path)
     };
     removed.map_err(|e| Error::io(format!("remove {}", path.display()), e))
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    fn info(bytes: &[u8]) -> FileInfo {
+        FileInfo {
+            size: bytes.len() as u64,
+            crc32: crc32fast::hash(bytes),
+        }
+    }
+
+    /// Overwrites `path` in place with `bytes` of the same length and puts its
+    /// modification time back.
+    fn damage_keeping_mtime(path: &Path, bytes: &[u8]) {
+        let modified = std::fs::metadata(path).unwrap().modified().unwrap();
+        std::fs::write(path, bytes).unwrap();
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(modified).unwrap();
+    }
+
+    #[test]
+    fn a_checked_inode_is_read_once_per_record_and_again_when_it_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let stored = dir.path().join("stored.sst");
+        let good = b"the bytes of a stored file".to_vec();
+        std::fs::write(&stored, &good).unwrap();
+        let expected = info(&good);
+        let checked = CheckedLinks::default();
+        let link = |name: &str, checked: Option<&CheckedLinks>| {
+            link_or_copy_checked(
+                &stored,
+                &dir.path().join(name),
+                &expected,
+                "u",
+                true,
+                checked,
+            )
+        };
+        assert!(link("a.sst", Some(&checked)).unwrap());
+
+        // The same inode with unchanged size and time is not read again: damage that
+        // keeps both goes unseen by a second link through the same record...
+        let mut bad = good.clone();
+        bad[0] ^= 1;
+        damage_keeping_mtime(&stored, &bad);
+        assert!(link("b.sst", Some(&checked)).unwrap());
+        // ...but not by a link without the record, nor through a fresh record.
+        assert!(matches!(link("c.sst", None), Err(Error::Corrupt { .. })));
+        let fresh = CheckedLinks::default();
+        assert!(matches!(
+            link("d.sst", Some(&fresh)),
+            Err(Error::Corrupt { .. })
+        ));
+
+        // A write that changes the modification time is read again.
+        let changed = std::time::SystemTime::now() + std::time::Duration::from_secs(3);
+        std::fs::write(&stored, &bad).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&stored)
+            .unwrap()
+            .set_modified(changed)
+            .unwrap();
+        assert!(matches!(
+            link("e.sst", Some(&checked)),
+            Err(Error::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn a_record_never_vouches_for_another_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let stored = dir.path().join("stored.sst");
+        std::fs::write(&stored, b"content").unwrap();
+        let checked = CheckedLinks::default();
+        let right = info(b"content");
+        let target = |n: &str| dir.path().join(n);
+        assert!(
+            link_or_copy_checked(&stored, &target("a.sst"), &right, "u", true, Some(&checked))
+                .unwrap()
+        );
+        let wrong = FileInfo {
+            crc32: right.crc32 ^ 1,
+            ..right
+        };
+        assert!(matches!(
+            link_or_copy_checked(&stored, &target("b.sst"), &wrong, "u", true, Some(&checked)),
+            Err(Error::Corrupt { .. })
+        ));
+        // Copies are always checked while written, whatever the record says.
+        assert!(
+            link_or_copy_checked(&stored, &target("c"), &right, "u", false, Some(&checked))
+                .unwrap()
+        );
+        assert_eq!(std::fs::read(target("c")).unwrap(), b"content");
+    }
 }

@@ -34,7 +34,8 @@ What is measured (local-file storage in --dir, 1 KiB values over 4 subtasks):
                                      memtables the load filled
   sync_phase_ms_max                  the largest of all
   restore_vs_copy                    restore time at the same parallelism / plain copy of
-                                     the same files (every byte CRC-checked)
+                                     the same files (every byte CRC-checked); restores and
+                                     rescales are medians of 3
   local_restore_vs_copy              restore time when the subtasks' earlier directories are
                                      still on this machine (local recovery) / plain copy
   local_vs_streamed_restore          local recovery / a restore that streams every file
@@ -107,6 +108,14 @@ fn value(key: u64, round: u64) -> Vec<u8> {
 /// A deterministic scrambled walk over the point-operation keys.
 fn key_at(i: u64) -> u64 {
     i.wrapping_mul(0x9e37_79b9_7f4a_7c15) % POINT_KEYS
+}
+
+/// Repetitions of each restore and rescale measurement (their median is reported).
+const REPEATS: usize = 3;
+
+/// The median of durations, in seconds.
+fn median_s(v: Vec<Duration>) -> f64 {
+    median(v.iter().map(Duration::as_secs_f64).collect())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -484,11 +493,17 @@ async fn rescale_two_to_three(
     for b in two {
         b.close()?;
     }
-    let at_two = RestoreSource::checkpoint(&job, meta);
-    let restore_s = restore_all(&at_two, dir, "restore-2", 2, ingest, &[]).await?;
-    let rescale_s = restore_all(&at_two, dir, "rescale-2-3", 3, ingest, &[]).await?;
+    let (mut restores, mut rescales) = (Vec::new(), Vec::new());
+    for rep in 0..REPEATS {
+        let at_two = RestoreSource::checkpoint(&job, meta.clone());
+        let label = format!("restore-2-{rep}");
+        restores.push(restore_all(&at_two, dir, &label, 2, ingest, &[]).await?);
+        let at_two = RestoreSource::checkpoint(&job, meta.clone());
+        let label = format!("rescale-2-3-{rep}");
+        rescales.push(restore_all(&at_two, dir, &label, 3, ingest, &[]).await?);
+    }
     coordinator.shutdown(true).await?;
-    Ok((restore_s.as_secs_f64(), rescale_s.as_secs_f64()))
+    Ok((median_s(restores), median_s(rescales)))
 }
 
 /// The local names of a checkpoint's SST files with their sizes.
@@ -630,12 +645,19 @@ async fn measure(args: &BenchArgs, dir: &Path, say: &dyn Fn(&str)) -> rockstate:
     let copy_s = started.elapsed().as_secs_f64();
     let source = RestoreSource::checkpoint(&job, previous.clone());
     let ingest = RescaleStrategy::Ingest;
-    let restore_s = restore_all(&source, dir, "restore", PARALLELISM, ingest, &[])
-        .await?
-        .as_secs_f64();
-    let rescale_s = restore_all(&source, dir, "rescale", PARALLELISM - 1, ingest, &[])
-        .await?
-        .as_secs_f64();
+    // Medians of alternating repetitions, each from a source of its own (a source
+    // remembers which of its files it has checked already).
+    let (mut restores, mut rescales) = (Vec::new(), Vec::new());
+    for rep in 0..REPEATS {
+        let fresh = RestoreSource::checkpoint(&job, previous.clone());
+        let label = format!("restore-{rep}");
+        restores.push(restore_all(&fresh, dir, &label, PARALLELISM, ingest, &[]).await?);
+        let fresh = RestoreSource::checkpoint(&job, previous.clone());
+        let label = format!("rescale-{rep}");
+        rescales.push(restore_all(&fresh, dir, &label, PARALLELISM - 1, ingest, &[]).await?);
+    }
+    let restore_s = median_s(restores);
+    let rescale_s = median_s(rescales);
     // Local recovery: the source backends' directories are still here.
     let earlier: Vec<PathBuf> = (0..PARALLELISM)
         .map(|i| dir.join(format!("src-{i}")))
