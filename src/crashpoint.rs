@@ -6,8 +6,8 @@
 //! nothing. Points:
 //!
 //! - `record`: a harness subtask is about to process a record (state writes);
-//! - `sync`: inside the synchronous phase of a snapshot, after the flush and before the
-//!   hard-linked copy;
+//! - `sync`: inside the synchronous phase of a snapshot, before its memtables are sealed
+//!   (or flushed);
 //! - `upload`: after one file of a snapshot was stored, before the next;
 //! - `metadata`: every subtask acknowledged, before `_metadata` is written;
 //! - `committed`: `_metadata` was written, before subtasks are told;

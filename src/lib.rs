@@ -340,6 +340,8 @@ pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+#[cfg(feature = "testing")]
+pub use backend::CaptureHold;
 pub use backend::{
     BackendBuilder, BackendOptions, RocksStateBackend, SharedResources, DEFAULT_MEMORY_BUDGET,
 };

@@ -255,10 +255,14 @@ impl RocksStateBackend {
         self.core.flush()
     }
 
-    /// The synchronous phase of a snapshot for `checkpoint_id`: flushes the memtables and
-    /// hard-links a consistent copy of the database into the staging directory. Blocks for
-    /// the flush; returns as soon as the copy exists, after which writes may continue while
-    /// [`PendingSnapshot::upload`] runs.
+    /// The synchronous phase of a snapshot for `checkpoint_id`: notes the point the
+    /// snapshot stands for and seals the memtables, whose flush then runs in the
+    /// background. Writes may continue as soon as it returns; the files are hard-linked
+    /// into the staging directory when the flush is done ([`PendingSnapshot::capture`],
+    /// which [`PendingSnapshot::upload`] runs first). Should writes made after this call
+    /// reach the files first (a memtable filled and flushed in the meantime), the capture
+    /// is refused with `Busy` and the next snapshot flushes here instead, blocking for
+    /// the flush.
     ///
     /// Errors: engine and local I/O errors; `Internal` when a migration converted a
     /// state's values but could not record its new type (the local state is then never
@@ -271,6 +275,9 @@ impl RocksStateBackend {
             )));
         }
         let started = std::time::Instant::now();
+        // An earlier snapshot still waiting for its flush would refuse its files if this
+        // one sealed the memtables now.
+        self.core.captures.wait_idle();
         let root = self.options.staging_dir();
         std::fs::create_dir_all(&root)
             .map_err(|e| Error::io(format!("create {}", root.display()), e))?;
@@ -288,9 +295,18 @@ impl RocksStateBackend {
         let states: Vec<StateMeta> = states_guard.values().map(|e| e.meta.clone()).collect();
         let staging = StagingDir::new(target.clone());
         crate::crashpoint::hit("sync");
-        self.core.checkpoint_into(&target)?;
-        drop(states_guard);
-        let files = snapshot::list_staged(&target)?;
+        // Normally the flush runs in the background and the files are taken when it is
+        // done (`PendingSnapshot::capture`); after a refused capture, here.
+        let (files, capture) = if self.core.take_flush_in_sync() {
+            self.core.checkpoint_into(&target)?;
+            drop(states_guard);
+            (snapshot::list_staged(&target)?, None)
+        } else {
+            let cut = self.core.begin_checkpoint()?;
+            drop(states_guard);
+            let capture = snapshot::start_capture(self.core.clone(), cut, target.clone())?;
+            (Vec::new(), Some(capture))
+        };
         let sync_duration = started.elapsed();
         metrics::histogram!(crate::telemetry::SNAPSHOT_SYNC)
             .record(crate::telemetry::seconds(sync_duration));
@@ -306,9 +322,23 @@ impl RocksStateBackend {
             states,
             tracker: self.core.tracker.clone(),
             sync_duration,
+            capture,
+            capture_duration: std::time::Duration::ZERO,
             resources: self.resources.clone(),
             clock: self.clock.clone(),
         })
+    }
+
+    /// Holds the taking of snapshot files (after the flush of their synchronous phase)
+    /// until the returned guard is dropped, so that a test can order writes and flushes
+    /// before it. A [`snapshot`](Self::snapshot) waits for earlier captures: drop the
+    /// guard before taking the next one.
+    #[cfg(feature = "testing")]
+    pub fn hold_snapshot_captures(&self) -> CaptureHold {
+        self.core.captures.hold(true);
+        CaptureHold {
+            core: self.core.clone(),
+        }
     }
 
     /// Records RocksDB's own figures for this backend in the metrics
@@ -376,6 +406,28 @@ impl RocksStateBackend {
     /// backend and every state handle is gone.
     pub fn close(self) -> Result<()> {
         self.core.flush()
+    }
+}
+
+/// Holds snapshot captures while it lives ([`RocksStateBackend::hold_snapshot_captures`]).
+#[cfg(feature = "testing")]
+pub struct CaptureHold {
+    core: Arc<BackendCore>,
+}
+
+#[cfg(feature = "testing")]
+impl Drop for CaptureHold {
+    fn drop(&mut self) {
+        self.core.captures.hold(false);
+    }
+}
+
+impl Drop for RocksStateBackend {
+    /// Waits for the snapshot captures under way (each waits for a flush, then links
+    /// files): they hold the database open, and its directory must be free to reopen once
+    /// the backend is gone.
+    fn drop(&mut self) {
+        self.core.captures.wait_idle();
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -45,6 +46,128 @@ pub(crate) struct BackendCore {
     /// but could not record the new type): snapshots are refused and the directory is
     /// not marked clean, so the next start restores from a snapshot instead.
     pub(crate) poisoned: Mutex<Option<String>>,
+    /// Memtables RocksDB sealed (see [`Cut`]).
+    pub(crate) seals: Arc<SealWatch>,
+    /// Bumped before every change of the column families or ingestion of files (see
+    /// [`Cut`]).
+    layout: AtomicU64,
+    /// The next snapshot flushes in its synchronous phase: a capture failed.
+    flush_in_sync: AtomicBool,
+    /// Captures under way.
+    pub(crate) captures: Arc<Captures>,
+}
+
+/// The captures of one backend under way (threads taking snapshot files), and a switch
+/// that holds them before they take their files (tests order events around them).
+#[derive(Debug, Default)]
+pub(crate) struct Captures {
+    running: Mutex<usize>,
+    done: parking_lot::Condvar,
+    held: Mutex<bool>,
+    released: parking_lot::Condvar,
+}
+
+impl Captures {
+    /// Counts a capture that started.
+    pub(crate) fn started(&self) {
+        *self.running.lock() += 1;
+    }
+
+    /// Counts a capture that ended, however it ended.
+    pub(crate) fn finished(&self) {
+        let mut n = self.running.lock();
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.done.notify_all();
+        }
+    }
+
+    /// Blocks until no capture is under way.
+    pub(crate) fn wait_idle(&self) {
+        let mut n = self.running.lock();
+        while *n > 0 {
+            self.done.wait(&mut n);
+        }
+    }
+
+    /// Holds captures before they take their files (`true`) or lets them go on.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(crate) fn hold(&self, held: bool) {
+        *self.held.lock() = held;
+        if !held {
+            self.released.notify_all();
+        }
+    }
+
+    fn wait_released(&self) {
+        let mut held = self.held.lock();
+        while *held {
+            self.released.wait(&mut held);
+        }
+    }
+}
+
+/// The highest first sequence number of any memtable RocksDB sealed (made immutable, to
+/// be flushed) since the database opened. A memtable is sealed before it can be flushed,
+/// and RocksDB reports it before it joins the flush queue.
+///
+/// It also counts finished flushes, so that a capture waiting for one wakes up at once.
+#[derive(Debug, Default)]
+pub(crate) struct SealWatch {
+    max_first_seqno: AtomicU64,
+    flushes: Mutex<u64>,
+    flushed: parking_lot::Condvar,
+}
+
+impl SealWatch {
+    fn max_first_seqno(&self) -> u64 {
+        self.max_first_seqno.load(Ordering::SeqCst)
+    }
+
+    /// How many flushes finished so far.
+    pub(crate) fn flushes(&self) -> u64 {
+        *self.flushes.lock()
+    }
+
+    /// Waits until more than `seen` flushes finished, or `timeout` passed.
+    pub(crate) fn wait_for_flush(&self, seen: u64, timeout: std::time::Duration) {
+        let mut n = self.flushes.lock();
+        if *n == seen {
+            self.flushed.wait_for(&mut n, timeout);
+        }
+    }
+}
+
+/// Reports sealed memtables to a [`SealWatch`].
+pub(crate) struct SealListener(pub(crate) Arc<SealWatch>);
+
+impl rocksdb::event_listener::EventListener for SealListener {
+    fn on_memtable_sealed(&self, info: &rocksdb::event_listener::MemTableInfo) {
+        self.0
+            .max_first_seqno
+            .fetch_max(info.first_seqno(), Ordering::SeqCst);
+    }
+
+    fn on_flush_completed(&self, _: &rocksdb::event_listener::FlushJobInfo) {
+        *self.0.flushes.lock() += 1;
+        self.0.flushed.notify_all();
+    }
+}
+
+/// The point a snapshot stands for, taken in its synchronous phase without waiting for
+/// the flush it starts: every write up to `seqno` is in the memtables sealed then.
+///
+/// The files are taken later ([`BackendCore::capture_into`]), once that flush is done.
+/// They hold exactly the state at `seqno` unless data written after it reached an SST
+/// file first, which needs a memtable sealed after the cut (first sequence number above
+/// `seqno`), or an ingestion or a change of column families (`layout` moved). Either
+/// is detected, and the capture is then refused rather than taken approximately.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cut {
+    seqno: u64,
+    layout: u64,
+    /// RocksDB's count of background errors at the cut.
+    errors: u64,
 }
 
 impl BackendCore {
@@ -73,7 +196,17 @@ impl BackendCore {
             statistics: None,
             last_tickers: Mutex::new([0; 3]),
             poisoned: Mutex::new(None),
+            seals: Arc::default(),
+            layout: AtomicU64::new(0),
+            flush_in_sync: AtomicBool::new(false),
+            captures: Arc::default(),
         }
+    }
+
+    /// Records that column families or files are about to change outside of writes
+    /// (see [`Cut`]).
+    pub(crate) fn layout_changed(&self) {
+        self.layout.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The sum of integer property `property` over the default column family and every
@@ -474,6 +607,7 @@ impl BackendCore {
         if files.is_empty() {
             return Ok(());
         }
+        self.layout_changed();
         let cf = self.column_cf(column)?;
         let mut opts = rocksdb::IngestExternalFileOptions::default();
         opts.set_allow_db_generated_files(true);
@@ -502,11 +636,111 @@ impl BackendCore {
     /// there is nothing else to capture).
     pub(crate) fn checkpoint_into(&self, target: &Path) -> Result<()> {
         self.flush_with(true)?;
+        self.link_checkpoint(target)
+    }
+
+    /// Hard-links the database's current files into `target` without flushing (without
+    /// a write-ahead log, what the memtables hold is left out).
+    fn link_checkpoint(&self, target: &Path) -> Result<()> {
         let checkpoint = rocksdb::checkpoint::Checkpoint::new(&self.db)
             .map_err(|e| Error::engine("prepare checkpoint", e))?;
         checkpoint
             .create_checkpoint_with_log_size(target, u64::MAX)
             .map_err(|e| Error::engine(format!("checkpoint into {}", target.display()), e))
+    }
+
+    /// Makes the next snapshot flush in its synchronous phase.
+    pub(crate) fn flush_later_in_sync(&self) {
+        self.flush_in_sync.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the next snapshot must flush in its synchronous phase (a capture was
+    /// refused); reading it clears it.
+    pub(crate) fn take_flush_in_sync(&self) -> bool {
+        self.flush_in_sync.swap(false, Ordering::SeqCst)
+    }
+
+    /// The synchronous part of a snapshot that does not wait for its flush: takes the
+    /// [`Cut`] and seals the memtables (every column family, atomically), whose flush
+    /// then runs in the background. Writes must not run concurrently, as for
+    /// [`checkpoint_into`](Self::checkpoint_into).
+    pub(crate) fn begin_checkpoint(&self) -> Result<Cut> {
+        let cut = Cut {
+            seqno: self.db.latest_sequence_number(),
+            layout: self.layout.load(Ordering::SeqCst),
+            errors: self.background_errors()?,
+        };
+        let names: Vec<String> = self.db.cf_names();
+        let handles: Vec<_> = names.iter().filter_map(|n| self.db.cf_handle(n)).collect();
+        let refs: Vec<&_> = handles.iter().collect();
+        let mut opts = FlushOptions::default();
+        opts.set_wait(false);
+        opts.set_allow_write_stall(true);
+        self.db
+            .flush_cfs_opt(&refs, &opts)
+            .map_err(|e| Error::engine(format!("flush of {}", self.dir.display()), e))?;
+        Ok(cut)
+    }
+
+    fn background_errors(&self) -> Result<u64> {
+        Ok(self
+            .db
+            .property_int_value("rocksdb.background-errors")
+            .map_err(|e| Error::engine("read the background error count", e))?
+            .unwrap_or(0))
+    }
+
+    /// Whether sealed memtables are still waiting to be flushed, in any column family.
+    ///
+    /// Errors: `Busy` when RocksDB met a background error since `cut` (the flush may
+    /// never finish); engine errors.
+    pub(crate) fn flush_pending(&self, cut: &Cut) -> Result<bool> {
+        if self.background_errors()? > cut.errors {
+            self.flush_in_sync.store(true, Ordering::SeqCst);
+            return Err(Error::Busy(format!(
+                "RocksDB in {} met a background error while the snapshot's flush was under way",
+                self.dir.display()
+            )));
+        }
+        for name in self.db.cf_names() {
+            let Some(cf) = self.db.cf_handle(&name) else {
+                continue;
+            };
+            let immutable = self
+                .db
+                .property_int_value_cf(&cf, "rocksdb.num-immutable-mem-table")
+                .map_err(|e| Error::engine("read the memtable count", e))?;
+            if immutable.unwrap_or(0) > 0 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Hard-links the files of `cut` into `target` once its flush is done (see
+    /// [`flush_pending`](Self::flush_pending)), and checks that they hold nothing written
+    /// after it.
+    ///
+    /// Errors: `Busy` (retryable) when data written after the cut may have reached the
+    /// files; the next snapshot then flushes in its synchronous phase. Engine and local
+    /// I/O errors.
+    pub(crate) fn capture_into(&self, cut: Cut, target: &Path) -> Result<()> {
+        self.captures.wait_released();
+        self.link_checkpoint(target)?;
+        // Read after the links: a memtable sealed after them is not in them.
+        let sealed = self.seals.max_first_seqno();
+        let layout = self.layout.load(Ordering::SeqCst);
+        if sealed > cut.seqno || layout != cut.layout {
+            self.flush_in_sync.store(true, Ordering::SeqCst);
+            return Err(Error::Busy(format!(
+                "the state of {} moved on before snapshot files could be taken (a memtable \
+                 sealed at sequence {sealed} after the cut at {}, or files ingested); the \
+                 next snapshot flushes before it resumes processing",
+                self.dir.display(),
+                cut.seqno
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, Options};
 
-pub(crate) use self::core::{live_sst_files, BackendCore, Db, RawScan, StateEntry};
+pub(crate) use self::core::{live_sst_files, BackendCore, Cut, Db, RawScan, StateEntry};
 pub(crate) use column::{ColumnSettings, META_COLUMN, STATE_COLUMN_PREFIX};
 pub(crate) use migrate::Convert;
 pub use options::{BackendOptions, SharedResources, DEFAULT_MEMORY_BUDGET};
@@ -76,6 +76,8 @@ pub(crate) fn open_core(
     let dir = &options.local_dir;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     let mut db_opts = db_options(options, resources);
+    let seals = Arc::new(self::core::SealWatch::default());
+    db_opts.add_event_listener(self::core::SealListener(seals.clone()));
     let exists = dir.join("CURRENT").exists();
     let marker = dir.join(CLEAN_MARKER);
     let closed_cleanly = marker.exists();
@@ -155,6 +157,7 @@ pub(crate) fn open_core(
         options.key_group_range,
     );
     core.statistics = Some(db_opts);
+    core.seals = seals;
     load_states(&core, columns)?;
     // From here on a crash must be noticed: the clean-close mark is written again only by
     // a clean close.
@@ -269,6 +272,7 @@ fn load_states(core: &BackendCore, columns: Vec<Arc<ColumnSettings>>) -> Result<
             }
             None => {
                 tracing::warn!(column = %settings.cf_name, "dropping column family without a state record");
+                core.layout_changed();
                 core.db
                     .drop_cf(&settings.cf_name)
                     .map_err(|e| Error::engine("drop unrecorded column family", e))?;
@@ -310,6 +314,7 @@ impl BackendCore {
         self.delete_meta(&meta::state_key(name))?;
         entry.column.mark_dropped();
         states.remove(name);
+        self.layout_changed();
         self.db
             .drop_cf(&cf_name)
             .map_err(|e| Error::engine(format!("drop column family \"{cf_name}\""), e))?;
@@ -410,6 +415,7 @@ impl BackendCore {
                 let settings = Arc::new(ColumnSettings::new(cf_name.clone()));
                 settings.configure(requested.kind, requested.ttl_millis);
                 let opts = column::state_column_options(resources, settings.clone(), clock);
+                self.layout_changed();
                 self.db
                     .create_cf(&cf_name, &opts)
                     .map_err(|e| Error::engine(format!("create column family \"{cf_name}\""), e))?;

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 
 use crate::clock::Clock;
 use crate::engine::tracker::{SnapshotTracker, Uploaded};
-use crate::engine::{new_uid, BackendOptions, OpenMode, SharedResources};
+use crate::engine::{new_uid, BackendCore, BackendOptions, Cut, OpenMode, SharedResources};
 use crate::error::{Error, Result};
 use crate::format::handle::{CanonicalHandle, KeyedSnapshot};
 use crate::format::handle::{KeyedStateHandle, StateFile};
@@ -72,8 +72,74 @@ pub(crate) struct StagedFile {
     pub size: u64,
 }
 
-/// The result of a snapshot's synchronous phase: a consistent, immutable copy (hard links)
-/// of the backend's files. The backend keeps processing while this is uploaded.
+/// The files of a snapshot being taken on a thread of its own ([`start_capture`]).
+pub(crate) struct Capture {
+    result: tokio::sync::oneshot::Receiver<Result<(Vec<StagedFile>, Duration)>>,
+}
+
+impl std::fmt::Debug for Capture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capture").finish_non_exhaustive()
+    }
+}
+
+/// Starts taking the files of `cut` into `target` as soon as the flush the synchronous
+/// phase started is done, on a thread of its own: the capture must not wait for the
+/// upload queue, or later writes would be flushed first. A capture nobody waits for any
+/// more removes what it staged.
+pub(crate) fn start_capture(core: Arc<BackendCore>, cut: Cut, target: PathBuf) -> Result<Capture> {
+    let (tx, result) = tokio::sync::oneshot::channel();
+    let captures = core.captures.clone();
+    captures.started();
+    let counted = captures.clone();
+    let spawned = std::thread::Builder::new()
+        .name("rockstate-capture".into())
+        .spawn(move || {
+            let started = Instant::now();
+            let taken = wait_and_capture(&core, cut, &target).map(|f| (f, started.elapsed()));
+            // The database is let go of before the capture counts as finished: a backend
+            // being dropped waits for that, and its directory is then free to reopen.
+            drop(core);
+            counted.finished();
+            if tx.send(taken).is_err() {
+                if let Err(e) = std::fs::remove_dir_all(&target) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(dir = %target.display(), error = %e, "cannot remove staging directory");
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        captures.finished();
+        return Err(Error::io("start a snapshot capture thread", e));
+    }
+    Ok(Capture { result })
+}
+
+fn wait_and_capture(core: &BackendCore, cut: Cut, target: &Path) -> Result<Vec<StagedFile>> {
+    let started = Instant::now();
+    loop {
+        // Read before the check: a flush finishing in between wakes the wait at once.
+        let seen = core.seals.flushes();
+        if !core.flush_pending(&cut)? {
+            break;
+        }
+        if started.elapsed() > CAPTURE_LIMIT {
+            core.flush_later_in_sync();
+            return Err(Error::Busy(format!(
+                "the flush of {} has not finished after {CAPTURE_LIMIT:?}",
+                core.dir().display()
+            )));
+        }
+        core.seals.wait_for_flush(seen, Duration::from_millis(20));
+    }
+    core.capture_into(cut, target)?;
+    list_staged(target)
+}
+
+/// The result of a snapshot's synchronous phase: the point it stands for, and once
+/// [`capture`](Self::capture) ran, a consistent, immutable copy (hard links) of the
+/// backend's files at that point. The backend keeps processing meanwhile.
 ///
 /// Dropping it without uploading removes the staged files; the checkpoint is then simply
 /// never acknowledged.
@@ -90,6 +156,9 @@ pub struct PendingSnapshot {
     pub(crate) states: Vec<StateMeta>,
     pub(crate) tracker: Arc<Mutex<SnapshotTracker>>,
     pub(crate) sync_duration: Duration,
+    /// Files not taken yet: the backend and the point they must stand for.
+    pub(crate) capture: Option<Capture>,
+    pub(crate) capture_duration: Duration,
     pub(crate) resources: SharedResources,
     pub(crate) clock: Arc<dyn Clock>,
 }
@@ -105,6 +174,9 @@ enum Action {
     Copy(StateFile),
 }
 
+/// How long [`PendingSnapshot::capture`] waits for the flush of its synchronous phase.
+const CAPTURE_LIMIT: Duration = Duration::from_secs(600);
+
 /// The name of a canonical savepoint's data file inside its subtask folder.
 pub(crate) const CANONICAL_FILE: &str = "state.rkss";
 
@@ -114,14 +186,44 @@ impl PendingSnapshot {
         self.checkpoint_id
     }
 
-    /// How long the synchronous phase took (flush and hard links).
+    /// How long the synchronous phase took: the time processing was held up.
     pub fn sync_duration(&self) -> Duration {
         self.sync_duration
     }
 
-    /// Number of staged files and their total size.
+    /// How long taking the files took after the synchronous phase (waiting for the flush
+    /// it started, then hard links); zero before [`capture`](Self::capture) ran or when
+    /// the synchronous phase took the files itself.
+    pub fn capture_duration(&self) -> Duration {
+        self.capture_duration
+    }
+
+    /// Number of staged files and their total size; both zero until the files are taken
+    /// ([`capture`](Self::capture)).
     pub fn staged_size(&self) -> (usize, u64) {
         (self.files.len(), self.files.iter().map(|f| f.size).sum())
+    }
+
+    /// Waits for the snapshot's files: a thread started by the synchronous phase takes
+    /// them once the flush it started is done (hard links into the staging directory,
+    /// checked to hold nothing written after the synchronous phase). Does not block the
+    /// async runtime. Runs once; [`upload`](Self::upload) and
+    /// [`write_savepoint`](Self::write_savepoint) call it when it has not run.
+    ///
+    /// Errors: `Busy` (retryable; the checkpoint fails and the backend's next snapshot
+    /// flushes in its synchronous phase) when data written after the synchronous phase
+    /// may have reached the files first, or when the flush has not finished within 10
+    /// minutes; engine and local I/O errors.
+    pub async fn capture(&mut self) -> Result<()> {
+        let Some(capture) = self.capture.take() else {
+            return Ok(());
+        };
+        let (files, took) = capture.result.await.map_err(|_| {
+            Error::Internal("the snapshot capture thread ended without an answer".into())
+        })??;
+        self.files = files;
+        self.capture_duration = took;
+        Ok(())
     }
 
     /// Uploads the snapshot into `job` (the job's checkpoint directory) for subtask
@@ -139,11 +241,12 @@ impl PendingSnapshot {
     /// Errors: storage and local I/O errors. On failure the files this call uploaded are
     /// deleted (best effort; the orphan sweep catches the rest) and nothing is recorded.
     pub async fn upload(
-        self,
+        mut self,
         job: &CheckpointStorage,
         operator_uid: &str,
         subtask: u32,
     ) -> Result<KeyedStateHandle> {
+        self.capture().await?;
         // A folder of its own per upload: two writers that happen to use the same
         // checkpoint id (a stale process beside a new one) never overwrite each other's
         // private files, which large multipart uploads would do unconditionally.
@@ -168,13 +271,14 @@ impl PendingSnapshot {
     ///
     /// Errors: storage, engine and local I/O errors; files already written are deleted.
     pub async fn write_savepoint(
-        self,
+        mut self,
         folder: &CheckpointStorage,
         operator_uid: &str,
         subtask: u32,
         format: SavepointFormat,
         compression: Compression,
     ) -> Result<KeyedSnapshot> {
+        self.capture().await?;
         let dir = format!("{}/{subtask}", hash::operator_uid_hash(operator_uid));
         match format {
             SavepointFormat::Native => {

@@ -33,6 +33,8 @@ What is measured (local-file storage in --dir, 1 KiB values over 4 subtasks):
   sync_phase_ms_first                the same for the first checkpoint, which flushes the
                                      memtables the load filled
   sync_phase_ms_max                  the largest of all
+  capture_ms_median, _p99            after the synchronous part, until the snapshot's files
+                                     are taken (its flush, in the background, and links)
   restore_vs_copy                    restore time at the same parallelism / plain copy of
                                      the same files (every byte CRC-checked); restores and
                                      rescales are medians of 3
@@ -375,13 +377,18 @@ fn point_ops(dir: &Path, ops: u64) -> rockstate::Result<(f64, f64)> {
 }
 
 /// One checkpoint (or canonical savepoint into `savepoint`) of all subtasks; returns the
-/// completed metadata and the sync-phase durations.
+/// completed metadata and, per subtask, the sync-phase duration and the time until its
+/// files were taken.
 async fn snapshot_all(
     coordinator: &mut CheckpointCoordinator,
     backends: &[RocksStateBackend],
     job: &CheckpointStorage,
     savepoint: Option<&CheckpointStorage>,
-) -> rockstate::Result<(CheckpointMetadata, Vec<Duration>, Option<CheckpointStorage>)> {
+) -> rockstate::Result<(
+    CheckpointMetadata,
+    Vec<(Duration, Duration)>,
+    Option<CheckpointStorage>,
+)> {
     let (id, folder) = match savepoint {
         Some(dir) => {
             let t = coordinator.trigger_savepoint(Some(dir), SavepointFormat::Canonical)?;
@@ -392,8 +399,9 @@ async fn snapshot_all(
     let mut syncs = Vec::new();
     let mut completed = None;
     for (i, backend) in backends.iter().enumerate() {
-        let pending = backend.snapshot(id)?;
-        syncs.push(pending.sync_duration());
+        let mut pending = backend.snapshot(id)?;
+        pending.capture().await?;
+        syncs.push((pending.sync_duration(), pending.capture_duration()));
         let keyed = match &folder {
             Some(f) => {
                 pending
@@ -528,6 +536,7 @@ struct Report {
     full_bytes: f64,
     sync_ms: Vec<f64>,
     sync_first_ms: Vec<f64>,
+    capture_ms: Vec<f64>,
     events_per_s: f64,
     raw_loop_events_per_s: f64,
     restore_s: f64,
@@ -596,8 +605,9 @@ async fn measure(args: &BenchArgs, dir: &Path, say: &dyn Fn(&str)) -> rockstate:
     let (mut previous, mut sync, _) = snapshot_all(&mut coordinator, &backends, &job, None).await?;
     // The first checkpoint flushes the memtables filled by the load; it is reported on
     // its own, the rounds after it are the steady state.
-    let sync_first_ms: Vec<f64> = sync.drain(..).map(|d| d.as_secs_f64() * 1e3).collect();
+    let sync_first_ms: Vec<f64> = sync.drain(..).map(|(d, _)| d.as_secs_f64() * 1e3).collect();
     let mut sync_ms: Vec<f64> = Vec::new();
+    let mut capture_ms: Vec<f64> = Vec::new();
     let (mut uploaded, mut new_sst, mut incremental, mut full) =
         (0u64, 0u64, Vec::new(), Vec::new());
     for round in 1..=args.rounds.max(1) {
@@ -606,7 +616,8 @@ async fn measure(args: &BenchArgs, dir: &Path, say: &dyn Fn(&str)) -> rockstate:
             states[s as usize].put(&key, &value(key, round))?;
         }
         let (meta, syncs, _) = snapshot_all(&mut coordinator, &backends, &job, None).await?;
-        sync_ms.extend(syncs.iter().map(|d| d.as_secs_f64() * 1e3));
+        sync_ms.extend(syncs.iter().map(|(d, _)| d.as_secs_f64() * 1e3));
+        capture_ms.extend(syncs.iter().map(|(_, c)| c.as_secs_f64() * 1e3));
         let before = sst_files(&previous);
         let fresh: u64 = sst_files(&meta)
             .into_iter()
@@ -690,6 +701,7 @@ async fn measure(args: &BenchArgs, dir: &Path, say: &dyn Fn(&str)) -> rockstate:
         full_bytes,
         sync_ms,
         sync_first_ms,
+        capture_ms,
         events_per_s: 0.0,
         raw_loop_events_per_s: 0.0,
         restore_s,
@@ -757,6 +769,8 @@ pub fn run(args: BenchArgs) -> rockstate::Result<u8> {
             "sync_phase_ms_p99": sync_p99,
             "sync_phase_samples": r.sync_ms.len(),
             "sync_phase_ms_first": sync_first,
+            "capture_ms_median": median(r.capture_ms.clone()),
+            "capture_ms_p99": percentile(r.capture_ms.clone(), 0.99),
             "restore_vs_copy": restore_vs_copy,
             "restore_s": r.restore_s,
             "copy_s": r.copy_s,
@@ -803,6 +817,11 @@ pub fn run(args: BenchArgs) -> rockstate::Result<u8> {
         );
         println!(
             "  sync phase, median / p99 / max         {sync_median:.1} / {sync_p99:.1} / {sync_max:.1} ms (first {sync_first:.1} ms)"
+        );
+        println!(
+            "  files taken after it, median / p99     {:.1} / {:.1} ms",
+            median(r.capture_ms.clone()),
+            percentile(r.capture_ms.clone(), 0.99)
         );
         println!(
             "  restore vs plain copy                  {restore_vs_copy:.2} ({:.2} s vs {:.2} s)",

@@ -1,0 +1,196 @@
+//! A snapshot's synchronous phase only seals the memtables; its files are taken once the
+//! flush it started is done. These tests put writes, flushes and registrations between
+//! the two, in a fixed order, and check that a snapshot holds exactly the state of its
+//! synchronous phase or is refused.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::*;
+use rockstate::{
+    BackendOptions, CheckpointStorage, ErrorKind, KeyedStateHandle, ListState, ListStateDescriptor,
+    ManualClock, MapState, MapStateDescriptor, RocksStateBackend, ValueState, ValueStateDescriptor,
+};
+
+struct States {
+    value: ValueState<String, u64>,
+    list: ListState<String, u64>,
+    map: MapState<String, u32, u64>,
+}
+
+type Model = BTreeMap<String, (Option<u64>, Vec<u64>, BTreeMap<u32, u64>)>;
+
+fn register(b: &RocksStateBackend) -> States {
+    States {
+        value: b.register(ValueStateDescriptor::new("value")).unwrap(),
+        list: b.register(ListStateDescriptor::new("list")).unwrap(),
+        map: b.register(MapStateDescriptor::new("map")).unwrap(),
+    }
+}
+
+/// Round `round`: puts, list appends (merges), map puts, and for every third key a
+/// clear of the value and a removal from the map (deletes).
+fn apply(s: &States, model: &mut Model, keys: &[String], round: u64) {
+    for (i, key) in keys.iter().enumerate() {
+        let v = round * 1_000 + i as u64;
+        let entry = model.entry(key.clone()).or_default();
+        if i % 3 == round as usize % 3 {
+            s.value.clear(key).unwrap();
+            entry.0 = None;
+            s.map.remove(key, &(round as u32)).unwrap();
+            entry.2.remove(&(round as u32));
+        } else {
+            s.value.put(key, &v).unwrap();
+            entry.0 = Some(v);
+        }
+        s.list.add(key, &v).unwrap();
+        entry.1.push(v);
+        s.map.put(key, &(round as u32 + 1), &v).unwrap();
+        entry.2.insert(round as u32 + 1, v);
+    }
+}
+
+fn read(s: &States, keys: &[String]) -> Model {
+    keys.iter()
+        .map(|k| {
+            let map = collect(s.map.iter(k).unwrap()).into_iter().collect();
+            let list = s.list.get(k).unwrap();
+            (k.clone(), (s.value.get(k).unwrap(), list, map))
+        })
+        .collect()
+}
+
+fn options(dir: &Path) -> BackendOptions {
+    BackendOptions::for_subtask(dir, 0, PAR, MAX_PAR).unwrap()
+}
+
+async fn restored(handle: &KeyedStateHandle, job: &CheckpointStorage, dir: &Path) -> Model {
+    let handle = KeyedStateHandle::decode(&handle.encode().unwrap()).unwrap();
+    let b = RocksStateBackend::restore(options(dir), &handle, job)
+        .await
+        .unwrap();
+    let model = read(&register(&b), &owned_keys(300));
+    b.close().unwrap();
+    model
+}
+
+#[tokio::test]
+async fn writes_after_the_synchronous_phase_are_not_in_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = CheckpointStorage::open(&dir.path().join("job").to_string_lossy()).unwrap();
+    let b = open(&dir.path().join("db"), &ManualClock::new(0));
+    let s = register(&b);
+    let keys = owned_keys(300);
+    let mut model = Model::new();
+    apply(&s, &mut model, &keys, 0);
+    let first = b.snapshot(1).unwrap().upload(&job, "op", 0).await.unwrap();
+    b.notify_checkpoint_complete(1);
+    apply(&s, &mut model, &keys, 1);
+    let at_cut = model.clone();
+
+    let mut pending = b.snapshot(2).unwrap();
+    assert_eq!(
+        pending.staged_size(),
+        (0, 0),
+        "no file is taken before the flush"
+    );
+    // Everything below lands in the memtable after the cut: overwrites, merges onto
+    // lists, deletes.
+    apply(&s, &mut model, &keys, 2);
+    apply(&s, &mut model, &keys, 3);
+    pending.capture().await.unwrap();
+    assert!(pending.staged_size().0 > 0);
+    let second = pending.upload(&job, "op", 0).await.unwrap();
+    b.notify_checkpoint_complete(2);
+
+    assert_eq!(read(&s, &keys), model, "the live state has every write");
+    assert_eq!(
+        restored(&second, &job, &dir.path().join("r2")).await,
+        at_cut
+    );
+    assert_ne!(at_cut, model);
+
+    // The writes after the cut are in the next snapshot, which reuses the files of the
+    // last one.
+    let third = b.snapshot(3).unwrap().upload(&job, "op", 0).await.unwrap();
+    assert_eq!(restored(&third, &job, &dir.path().join("r3")).await, model);
+    let shared =
+        |h: &KeyedStateHandle| -> Vec<String> { h.shared.iter().map(|f| f.path.clone()).collect() };
+    assert!(shared(&second).iter().any(|p| shared(&third).contains(p)));
+    assert!(shared(&first).iter().any(|p| shared(&second).contains(p)));
+}
+
+#[tokio::test]
+async fn a_flush_after_the_synchronous_phase_refuses_the_capture() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = CheckpointStorage::open(&dir.path().join("job").to_string_lossy()).unwrap();
+    let b = open(&dir.path().join("db"), &ManualClock::new(0));
+    let s = register(&b);
+    let keys = owned_keys(300);
+    let mut model = Model::new();
+    apply(&s, &mut model, &keys, 0);
+
+    let hold = b.hold_snapshot_captures();
+    let pending = b.snapshot(1).unwrap();
+    apply(&s, &mut model, &keys, 1);
+    // Data written after the cut reaches an SST file before the capture.
+    b.flush().unwrap();
+    drop(hold);
+    let err = pending.upload(&job, "op", 0).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("moved on"), "{err}");
+
+    // The next snapshot flushes in its synchronous phase: its files are there at once.
+    apply(&s, &mut model, &keys, 2);
+    let at_two = model.clone();
+    let pending = b.snapshot(2).unwrap();
+    assert!(
+        pending.staged_size().0 > 0,
+        "flushed in the synchronous phase"
+    );
+    apply(&s, &mut model, &keys, 3);
+    let handle = pending.upload(&job, "op", 0).await.unwrap();
+    b.notify_checkpoint_complete(2);
+    assert_eq!(
+        restored(&handle, &job, &dir.path().join("r2")).await,
+        at_two
+    );
+
+    // And the one after goes back to flushing in the background.
+    let pending = b.snapshot(3).unwrap();
+    assert_eq!(pending.staged_size(), (0, 0));
+    let handle = pending.upload(&job, "op", 0).await.unwrap();
+    assert_eq!(restored(&handle, &job, &dir.path().join("r3")).await, model);
+}
+
+#[tokio::test]
+async fn a_state_registered_or_dropped_after_the_synchronous_phase_refuses_the_capture() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = CheckpointStorage::open(&dir.path().join("job").to_string_lossy()).unwrap();
+    let b = open(&dir.path().join("db"), &ManualClock::new(0));
+    let s = register(&b);
+    let keys = owned_keys(50);
+    let mut model = Model::new();
+    apply(&s, &mut model, &keys, 0);
+
+    let hold = b.hold_snapshot_captures();
+    let pending = b.snapshot(1).unwrap();
+    let late: ValueState<String, u64> = b.register(ValueStateDescriptor::new("late")).unwrap();
+    late.put(&keys[0], &7).unwrap();
+    drop(hold);
+    let err = pending.upload(&job, "op", 0).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+
+    // Flushed in the synchronous phase, the next one holds the new state.
+    let handle = b.snapshot(2).unwrap().upload(&job, "op", 0).await.unwrap();
+    assert!(handle.states.iter().any(|m| m.name == "late"));
+
+    let hold = b.hold_snapshot_captures();
+    let pending = b.snapshot(3).unwrap();
+    assert!(b.drop_state("late").unwrap());
+    drop(hold);
+    let err = pending.upload(&job, "op", 0).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+}
