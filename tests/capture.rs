@@ -138,9 +138,16 @@ async fn a_flush_after_the_synchronous_phase_refuses_the_capture() {
     // Data written after the cut reaches an SST file before the capture.
     b.flush().unwrap();
     drop(hold);
-    let err = pending.upload(&job, "op", 0).await.unwrap_err();
+    let mut pending = pending;
+    let err = pending.capture().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
     assert!(err.to_string().contains("moved on"), "{err}");
+    // A refused snapshot stays refused: asking again, or uploading, never stores a
+    // snapshot without its files.
+    let again = pending.capture().await.unwrap_err();
+    assert_eq!(again.to_string(), err.to_string());
+    let err = pending.upload(&job, "op", 0).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
 
     // The next snapshot flushes in its synchronous phase: its files are there at once.
     apply(&s, &mut model, &keys, 2);
@@ -166,7 +173,8 @@ async fn a_flush_after_the_synchronous_phase_refuses_the_capture() {
 }
 
 #[tokio::test]
-async fn a_state_registered_or_dropped_after_the_synchronous_phase_refuses_the_capture() {
+async fn a_state_registered_dropped_or_reconfigured_after_the_synchronous_phase_refuses_the_capture(
+) {
     let dir = tempfile::tempdir().unwrap();
     let job = CheckpointStorage::open(&dir.path().join("job").to_string_lossy()).unwrap();
     let b = open(&dir.path().join("db"), &ManualClock::new(0));
@@ -190,6 +198,23 @@ async fn a_state_registered_or_dropped_after_the_synchronous_phase_refuses_the_c
     let hold = b.hold_snapshot_captures();
     let pending = b.snapshot(3).unwrap();
     assert!(b.drop_state("late").unwrap());
+    drop(hold);
+    let err = pending.upload(&job, "op", 0).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+
+    // New settings of a state (a shorter time-to-live changes what a flush keeps).
+    let hour = std::time::Duration::from_secs(3_600);
+    let ttl: ValueState<String, u64> = b
+        .register(ValueStateDescriptor::new("ttl").with_ttl(hour))
+        .unwrap();
+    ttl.put(&keys[0], &1).unwrap();
+    b.snapshot(4).unwrap().upload(&job, "op", 0).await.unwrap();
+    let hold = b.hold_snapshot_captures();
+    let pending = b.snapshot(5).unwrap();
+    let minute = std::time::Duration::from_secs(60);
+    let _shorter: ValueState<String, u64> = b
+        .register(ValueStateDescriptor::new("ttl").with_ttl(minute))
+        .unwrap();
     drop(hold);
     let err = pending.upload(&job, "op", 0).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");

@@ -275,9 +275,6 @@ impl RocksStateBackend {
             )));
         }
         let started = std::time::Instant::now();
-        // An earlier snapshot still waiting for its flush would refuse its files if this
-        // one sealed the memtables now.
-        self.core.captures.wait_idle();
         let root = self.options.staging_dir();
         std::fs::create_dir_all(&root)
             .map_err(|e| Error::io(format!("create {}", root.display()), e))?;
@@ -292,20 +289,26 @@ impl RocksStateBackend {
         // registration holds while it migrates or drops a state: a snapshot never holds
         // values of one type under the record of another.
         let states_guard = self.core.states.lock();
+        // An earlier snapshot still waiting for its flush would refuse its files if this
+        // one sealed the memtables now. (Captures never take the states lock.)
+        self.core.captures.wait_idle();
         let states: Vec<StateMeta> = states_guard.values().map(|e| e.meta.clone()).collect();
         let staging = StagingDir::new(target.clone());
         crate::crashpoint::hit("sync");
         // Normally the flush runs in the background and the files are taken when it is
         // done (`PendingSnapshot::capture`); after a refused capture, here.
         let (files, capture) = if self.core.take_flush_in_sync() {
-            self.core.checkpoint_into(&target)?;
+            if let Err(e) = self.core.checkpoint_into(&target) {
+                self.core.flush_later_in_sync();
+                return Err(e);
+            }
             drop(states_guard);
-            (snapshot::list_staged(&target)?, None)
+            (snapshot::list_staged(&target)?, snapshot::Capture::Taken)
         } else {
             let cut = self.core.begin_checkpoint()?;
             drop(states_guard);
             let capture = snapshot::start_capture(self.core.clone(), cut, target.clone())?;
-            (Vec::new(), Some(capture))
+            (Vec::new(), capture)
         };
         let sync_duration = started.elapsed();
         metrics::histogram!(crate::telemetry::SNAPSHOT_SYNC)

@@ -117,6 +117,8 @@ pub(crate) struct SealWatch {
     max_first_seqno: AtomicU64,
     flushes: Mutex<u64>,
     flushed: parking_lot::Condvar,
+    /// Background errors RocksDB reported.
+    errors: AtomicU64,
 }
 
 impl SealWatch {
@@ -150,6 +152,17 @@ impl rocksdb::event_listener::EventListener for SealListener {
 
     fn on_flush_completed(&self, _: &rocksdb::event_listener::FlushJobInfo) {
         *self.0.flushes.lock() += 1;
+        self.0.flushed.notify_all();
+    }
+
+    fn on_background_error(
+        &self,
+        _: rocksdb::event_listener::DBBackgroundErrorReason,
+        _: rocksdb::event_listener::MutableStatus,
+    ) {
+        self.0.errors.fetch_add(1, Ordering::SeqCst);
+        // A capture waiting for a flush that will not come stops waiting.
+        let _flushes = self.0.flushes.lock();
         self.0.flushed.notify_all();
     }
 }
@@ -682,12 +695,16 @@ impl BackendCore {
         Ok(cut)
     }
 
+    /// Background errors so far: RocksDB's count plus the reports of the listener (a
+    /// database whose background work stopped before the cut rejects flushes without
+    /// counting them).
     fn background_errors(&self) -> Result<u64> {
-        Ok(self
+        let counted = self
             .db
             .property_int_value("rocksdb.background-errors")
             .map_err(|e| Error::engine("read the background error count", e))?
-            .unwrap_or(0))
+            .unwrap_or(0);
+        Ok(counted.saturating_add(self.seals.errors.load(Ordering::SeqCst)))
     }
 
     /// Whether sealed memtables are still waiting to be flushed, in any column family.
@@ -695,6 +712,8 @@ impl BackendCore {
     /// Errors: `Busy` when RocksDB met a background error since `cut` (the flush may
     /// never finish); engine errors.
     pub(crate) fn flush_pending(&self, cut: &Cut) -> Result<bool> {
+        // Refused already: no need to wait for the flush.
+        self.check_cut(cut)?;
         if self.background_errors()? > cut.errors {
             self.flush_in_sync.store(true, Ordering::SeqCst);
             return Err(Error::Busy(format!(
@@ -727,15 +746,22 @@ impl BackendCore {
     pub(crate) fn capture_into(&self, cut: Cut, target: &Path) -> Result<()> {
         self.captures.wait_released();
         self.link_checkpoint(target)?;
-        // Read after the links: a memtable sealed after them is not in them.
+        // Checked after the links: a memtable sealed after them is not in them.
+        self.check_cut(&cut)
+    }
+
+    /// Refuses `cut` when data written after it may have reached SST files: a memtable
+    /// sealed with a first sequence number above it, or a change of column families,
+    /// settings or files.
+    fn check_cut(&self, cut: &Cut) -> Result<()> {
         let sealed = self.seals.max_first_seqno();
         let layout = self.layout.load(Ordering::SeqCst);
         if sealed > cut.seqno || layout != cut.layout {
             self.flush_in_sync.store(true, Ordering::SeqCst);
             return Err(Error::Busy(format!(
                 "the state of {} moved on before snapshot files could be taken (a memtable \
-                 sealed at sequence {sealed} after the cut at {}, or files ingested); the \
-                 next snapshot flushes before it resumes processing",
+                 sealed at sequence {sealed} after the cut at {}, or states or files \
+                 changed); the next snapshot flushes before it resumes processing",
                 self.dir.display(),
                 cut.seqno
             )));

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, Options};
 
-pub(crate) use self::core::{live_sst_files, BackendCore, Cut, Db, RawScan, StateEntry};
+pub(crate) use self::core::{live_sst_files, BackendCore, Captures, Cut, Db, RawScan, StateEntry};
 pub(crate) use column::{ColumnSettings, META_COLUMN, STATE_COLUMN_PREFIX};
 pub(crate) use migrate::Convert;
 pub use options::{BackendOptions, SharedResources, DEFAULT_MEMORY_BUDGET};
@@ -401,6 +401,9 @@ impl BackendCore {
                     }
                 }
                 if entry.meta != *requested {
+                    // New settings (a time-to-live) change what flushes and compactions
+                    // keep: a snapshot whose files are not taken yet must not see them.
+                    self.layout_changed();
                     self.put_meta(
                         &meta::state_key(&requested.name),
                         &meta::encode_state(requested)?,

@@ -96,8 +96,8 @@ async fn write(
                 .await?;
             let subtask_id = u32::try_from(index)
                 .map_err(|_| Error::corrupt(source.location(), "too many subtasks"))?;
-            // The snapshot's flush and hard links are blocking RocksDB work: off the
-            // async threads.
+            // The snapshot's synchronous phase is blocking RocksDB work (it may also wait
+            // for an earlier capture): off the async threads.
             let id = original.checkpoint_id;
             let (backend, pending) = tokio::task::spawn_blocking(move || {
                 let pending = backend.snapshot(id);

@@ -73,13 +73,31 @@ pub(crate) struct StagedFile {
 }
 
 /// The files of a snapshot being taken on a thread of its own ([`start_capture`]).
-pub(crate) struct Capture {
-    result: tokio::sync::oneshot::Receiver<Result<(Vec<StagedFile>, Duration)>>,
+pub(crate) enum Capture {
+    /// The thread has not answered yet.
+    Running(tokio::sync::oneshot::Receiver<Result<(Vec<StagedFile>, Duration)>>),
+    /// The files are staged (also when the synchronous phase took them itself).
+    Taken,
+    /// The files could not be taken: the snapshot can never be uploaded.
+    Failed(Error),
 }
 
 impl std::fmt::Debug for Capture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Capture").finish_non_exhaustive()
+        match self {
+            Capture::Running(_) => f.write_str("Running"),
+            Capture::Taken => f.write_str("Taken"),
+            Capture::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
+        }
+    }
+}
+
+/// Counts a capture as finished when dropped, even by a panic.
+struct FinishOnDrop(Arc<crate::engine::Captures>);
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        self.0.finished();
     }
 }
 
@@ -91,16 +109,17 @@ pub(crate) fn start_capture(core: Arc<BackendCore>, cut: Cut, target: PathBuf) -
     let (tx, result) = tokio::sync::oneshot::channel();
     let captures = core.captures.clone();
     captures.started();
-    let counted = captures.clone();
+    let counted = FinishOnDrop(captures.clone());
     let spawned = std::thread::Builder::new()
         .name("rockstate-capture".into())
         .spawn(move || {
+            let counted = counted;
             let started = Instant::now();
             let taken = wait_and_capture(&core, cut, &target).map(|f| (f, started.elapsed()));
             // The database is let go of before the capture counts as finished: a backend
             // being dropped waits for that, and its directory is then free to reopen.
             drop(core);
-            counted.finished();
+            drop(counted);
             if tx.send(taken).is_err() {
                 if let Err(e) = std::fs::remove_dir_all(&target) {
                     if e.kind() != std::io::ErrorKind::NotFound {
@@ -113,7 +132,7 @@ pub(crate) fn start_capture(core: Arc<BackendCore>, cut: Cut, target: PathBuf) -
         captures.finished();
         return Err(Error::io("start a snapshot capture thread", e));
     }
-    Ok(Capture { result })
+    Ok(Capture::Running(result))
 }
 
 fn wait_and_capture(core: &BackendCore, cut: Cut, target: &Path) -> Result<Vec<StagedFile>> {
@@ -146,6 +165,9 @@ fn wait_and_capture(core: &BackendCore, cut: Cut, target: &Path) -> Result<Vec<S
 #[derive(Debug)]
 pub struct PendingSnapshot {
     pub(crate) checkpoint_id: u64,
+    /// Before `staging`: fields drop in order, so a capture thread still running learns
+    /// that nobody waits (and removes what it staged) before the directory is removed.
+    pub(crate) capture: Capture,
     pub(crate) staging: StagingDir,
     pub(crate) files: Vec<StagedFile>,
     pub(crate) reusable: Uploaded,
@@ -156,8 +178,6 @@ pub struct PendingSnapshot {
     pub(crate) states: Vec<StateMeta>,
     pub(crate) tracker: Arc<Mutex<SnapshotTracker>>,
     pub(crate) sync_duration: Duration,
-    /// Files not taken yet: the backend and the point they must stand for.
-    pub(crate) capture: Option<Capture>,
     pub(crate) capture_duration: Duration,
     pub(crate) resources: SharedResources,
     pub(crate) clock: Arc<dyn Clock>,
@@ -207,23 +227,39 @@ impl PendingSnapshot {
     /// Waits for the snapshot's files: a thread started by the synchronous phase takes
     /// them once the flush it started is done (hard links into the staging directory,
     /// checked to hold nothing written after the synchronous phase). Does not block the
-    /// async runtime. Runs once; [`upload`](Self::upload) and
-    /// [`write_savepoint`](Self::write_savepoint) call it when it has not run.
+    /// async runtime. [`upload`](Self::upload) and
+    /// [`write_savepoint`](Self::write_savepoint) call it first; once it failed, every
+    /// later call (and so every upload) returns the same error.
     ///
     /// Errors: `Busy` (retryable; the checkpoint fails and the backend's next snapshot
     /// flushes in its synchronous phase) when data written after the synchronous phase
     /// may have reached the files first, or when the flush has not finished within 10
     /// minutes; engine and local I/O errors.
     pub async fn capture(&mut self) -> Result<()> {
-        let Some(capture) = self.capture.take() else {
-            return Ok(());
+        let answer = match &mut self.capture {
+            Capture::Taken => return Ok(()),
+            Capture::Failed(e) => return Err(e.clone()),
+            // Awaited by reference: a caller that stops waiting can wait again later.
+            Capture::Running(result) => result.await,
         };
-        let (files, took) = capture.result.await.map_err(|_| {
-            Error::Internal("the snapshot capture thread ended without an answer".into())
-        })??;
-        self.files = files;
-        self.capture_duration = took;
-        Ok(())
+        match answer {
+            Ok(Ok((files, took))) => {
+                self.files = files;
+                self.capture_duration = took;
+                self.capture = Capture::Taken;
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.capture = Capture::Failed(e.clone());
+                Err(e)
+            }
+            Err(_) => {
+                let e =
+                    Error::Internal("the snapshot capture thread ended without an answer".into());
+                self.capture = Capture::Failed(e.clone());
+                Err(e)
+            }
+        }
     }
 
     /// Uploads the snapshot into `job` (the job's checkpoint directory) for subtask

@@ -14,8 +14,8 @@
 //!   records have arrived), sorted by `(key, value)`: the state after every epoch is a
 //!   function of the records, whatever the worker count or arrival order. Right after
 //!   applying epoch `e`, every worker snapshots its backends for checkpoint `e` (the
-//!   synchronous part: a flush and hard links), and uploads in the background while the
-//!   dataflow goes on.
+//!   synchronous part seals the memtables; their flush and the hard links follow in the
+//!   background), and uploads in the background while the dataflow goes on.
 //! * **Operator state.** Sources record their positions for an epoch with
 //!   [`WorkerJob::set_operator_state`] before advancing past it; each checkpoint carries
 //!   them, and a restart hands every worker its share ([`WorkerJob::operator_state`]).
