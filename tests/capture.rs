@@ -76,15 +76,47 @@ async fn restored(handle: &KeyedStateHandle, job: &CheckpointStorage, dir: &Path
     model
 }
 
+/// A backend in a temporary directory with the three states, round 0 written to `n`
+/// keys, and a job directory beside it.
+struct Setup {
+    dir: tempfile::TempDir,
+    job: CheckpointStorage,
+    b: RocksStateBackend,
+    s: States,
+    keys: Vec<String>,
+    model: Model,
+}
+
+impl Setup {
+    fn new(n: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let job = CheckpointStorage::open(&dir.path().join("job").to_string_lossy()).unwrap();
+        let b = open(&dir.path().join("db"), &ManualClock::new(0));
+        let s = register(&b);
+        let keys = owned_keys(n);
+        let mut model = Model::new();
+        apply(&s, &mut model, &keys, 0);
+        Self {
+            dir,
+            job,
+            b,
+            s,
+            keys,
+            model,
+        }
+    }
+}
+
 #[tokio::test]
 async fn writes_after_the_synchronous_phase_are_not_in_the_snapshot() {
-    let dir = tempfile::tempdir().unwrap();
-    let job = CheckpointStorage::open(&dir.path().join("job").to_string_lossy()).unwrap();
-    let b = open(&dir.path().join("db"), &ManualClock::new(0));
-    let s = register(&b);
-    let keys = owned_keys(300);
-    let mut model = Model::new();
-    apply(&s, &mut model, &keys, 0);
+    let Setup {
+        dir,
+        job,
+        b,
+        s,
+        keys,
+        mut model,
+    } = Setup::new(300);
     let first = b.snapshot(1).unwrap().upload(&job, "op", 0).await.unwrap();
     b.notify_checkpoint_complete(1);
     apply(&s, &mut model, &keys, 1);
@@ -124,13 +156,14 @@ async fn writes_after_the_synchronous_phase_are_not_in_the_snapshot() {
 
 #[tokio::test]
 async fn a_flush_after_the_synchronous_phase_refuses_the_capture() {
-    let dir = tempfile::tempdir().unwrap();
-    let job = CheckpointStorage::open(&dir.path().join("job").to_string_lossy()).unwrap();
-    let b = open(&dir.path().join("db"), &ManualClock::new(0));
-    let s = register(&b);
-    let keys = owned_keys(300);
-    let mut model = Model::new();
-    apply(&s, &mut model, &keys, 0);
+    let Setup {
+        dir,
+        job,
+        b,
+        s,
+        keys,
+        mut model,
+    } = Setup::new(300);
 
     let hold = b.hold_snapshot_captures();
     let pending = b.snapshot(1).unwrap();
@@ -175,13 +208,13 @@ async fn a_flush_after_the_synchronous_phase_refuses_the_capture() {
 #[tokio::test]
 async fn a_state_registered_dropped_or_reconfigured_after_the_synchronous_phase_refuses_the_capture(
 ) {
-    let dir = tempfile::tempdir().unwrap();
-    let job = CheckpointStorage::open(&dir.path().join("job").to_string_lossy()).unwrap();
-    let b = open(&dir.path().join("db"), &ManualClock::new(0));
-    let s = register(&b);
-    let keys = owned_keys(50);
-    let mut model = Model::new();
-    apply(&s, &mut model, &keys, 0);
+    let Setup {
+        dir: _dir,
+        job,
+        b,
+        keys,
+        ..
+    } = Setup::new(50);
 
     let hold = b.hold_snapshot_captures();
     let pending = b.snapshot(1).unwrap();

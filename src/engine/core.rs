@@ -410,11 +410,17 @@ impl BackendCore {
     /// until the new L0 files would not slow writes down (RocksDB's default wait lasts
     /// as long as compactions are behind, which after a burst of writes is seconds).
     fn flush_with(&self, allow_stall: bool) -> Result<()> {
+        self.flush_all(true, allow_stall)
+    }
+
+    /// Flushes every column family atomically; without `wait` it returns once the
+    /// memtables are sealed and the flush is scheduled.
+    fn flush_all(&self, wait: bool, allow_stall: bool) -> Result<()> {
         let names: Vec<String> = self.db.cf_names();
         let handles: Vec<_> = names.iter().filter_map(|n| self.db.cf_handle(n)).collect();
         let refs: Vec<&_> = handles.iter().collect();
         let mut opts = FlushOptions::default();
-        opts.set_wait(true);
+        opts.set_wait(wait);
         opts.set_allow_write_stall(allow_stall);
         self.db
             .flush_cfs_opt(&refs, &opts)
@@ -683,15 +689,7 @@ impl BackendCore {
             layout: self.layout.load(Ordering::SeqCst),
             errors: self.background_errors()?,
         };
-        let names: Vec<String> = self.db.cf_names();
-        let handles: Vec<_> = names.iter().filter_map(|n| self.db.cf_handle(n)).collect();
-        let refs: Vec<&_> = handles.iter().collect();
-        let mut opts = FlushOptions::default();
-        opts.set_wait(false);
-        opts.set_allow_write_stall(true);
-        self.db
-            .flush_cfs_opt(&refs, &opts)
-            .map_err(|e| Error::engine(format!("flush of {}", self.dir.display()), e))?;
+        self.flush_all(false, true)?;
         Ok(cut)
     }
 
