@@ -252,3 +252,57 @@ async fn a_state_registered_dropped_or_reconfigured_after_the_synchronous_phase_
     let err = pending.upload(&job, "op", 0).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
 }
+
+#[tokio::test]
+async fn an_abandoned_capture_leaves_nothing_and_a_dropped_backend_frees_its_directory() {
+    let Setup {
+        dir,
+        job,
+        b,
+        s,
+        keys,
+        mut model,
+    } = Setup::new(300);
+    let staging = BackendOptions::for_subtask(dir.path().join("db"), 0, PAR, MAX_PAR)
+        .unwrap()
+        .staging_dir();
+    let staged = || -> Vec<String> {
+        std::fs::read_dir(&staging)
+            .map(|entries| {
+                entries
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    // Dropped before its files are taken: the capture removes what it links.
+    let hold = b.hold_snapshot_captures();
+    let abandoned = b.snapshot(1).unwrap();
+    drop(abandoned);
+    drop(hold);
+    // The next snapshot waits for the first capture to finish.
+    let mut next = b.snapshot(2).unwrap();
+    assert!(
+        staged().iter().all(|name| !name.starts_with("chk-1-")),
+        "{:?}",
+        staged()
+    );
+    next.capture().await.unwrap();
+    let handle = next.upload(&job, "op", 0).await.unwrap();
+    assert!(staged().is_empty(), "{:?}", staged());
+    assert_eq!(restored(&handle, &job, &dir.path().join("r2")).await, model);
+
+    // A backend dropped right after a snapshot waits for its capture: the directory
+    // reopens at once (the capture held the database open).
+    apply(&s, &mut model, &keys, 1);
+    let pending = b.snapshot(3).unwrap();
+    drop(s);
+    drop(b);
+    // (Staged snapshots do not outlive a reopen: the directory's staging area is
+    // cleared when it opens.)
+    drop(pending);
+    let reopened = open(&dir.path().join("db"), &ManualClock::new(0));
+    let states = register(&reopened);
+    assert_eq!(read(&states, &keys), model);
+}

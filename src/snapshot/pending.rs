@@ -116,10 +116,10 @@ pub(crate) fn start_capture(core: Arc<BackendCore>, cut: Cut, target: PathBuf) -
             let counted = counted;
             let started = Instant::now();
             let taken = wait_and_capture(&core, cut, &target).map(|f| (f, started.elapsed()));
-            // The database is let go of before the capture counts as finished: a backend
-            // being dropped waits for that, and its directory is then free to reopen.
+            // The database is let go of, and what nobody waits for any more is removed,
+            // before the capture counts as finished: a backend being dropped waits for
+            // that, and its directory is then free to reopen.
             drop(core);
-            drop(counted);
             if tx.send(taken).is_err() {
                 if let Err(e) = std::fs::remove_dir_all(&target) {
                     if e.kind() != std::io::ErrorKind::NotFound {
@@ -127,6 +127,7 @@ pub(crate) fn start_capture(core: Arc<BackendCore>, cut: Cut, target: PathBuf) -
                     }
                 }
             }
+            drop(counted);
         });
     if let Err(e) = spawned {
         captures.finished();
