@@ -104,14 +104,26 @@ pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<(T
 
 /// Decodes exactly one `T` from `bytes`; trailing bytes are an error.
 pub fn decode_exact<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
-    let (value, used) = decode_prefix(bytes, what)?;
-    if used != bytes.len() {
-        return Err(Error::corrupt(
-            what,
+    decode_exact_with(bytes, || what.to_string())
+}
+
+/// [`decode_exact`], describing what was decoded only when it fails: the hot read paths
+/// build no description for the bytes that decode.
+pub(crate) fn decode_exact_with<T: DeserializeOwned>(
+    bytes: &[u8],
+    what: impl FnOnce() -> String,
+) -> Result<T> {
+    match decode_limited::<T>(bytes) {
+        Ok((value, used)) if used == bytes.len() => Ok(value),
+        Ok((_, used)) => Err(Error::corrupt(
+            what(),
             format!("{} trailing bytes after value", bytes.len() - used),
-        ));
+        )),
+        Err(e) => Err(Error::corrupt(
+            what(),
+            format!("cannot decode {}: {e}", std::any::type_name::<T>()),
+        )),
     }
-    Ok(value)
 }
 
 /// Encodes a persisted structure as `format version (u32 big-endian) ‖ payload`.

@@ -91,9 +91,10 @@ impl StateCore {
 
     /// The time reads compare expiry against: now, or the beginning of time for a handle
     /// that returns expired values until compaction removes them (nothing is expired
-    /// then: every write time plus a TTL of at least 1 ms lies after it).
+    /// then: every write time plus a TTL of at least 1 ms lies after it). A state without
+    /// a time to live expires nothing either, so the clock is not read for it.
     pub(crate) fn read_now(&self) -> u64 {
-        if self.ttl.return_expired {
+        if self.ttl.return_expired || self.ttl_ms().is_none() {
             0
         } else {
             self.now()
@@ -191,7 +192,7 @@ impl StateCore {
     ) -> Result<Option<V>> {
         let what = || self.what();
         match ttl::live_value(raw, self.ttl_ms(), now, &what)? {
-            Some(payload) => Ok(Some(codec::decode_exact(payload, &what())?)),
+            Some(payload) => Ok(Some(codec::decode_exact_with(payload, what)?)),
             None => Ok(None),
         }
     }

@@ -92,7 +92,9 @@ where
     where
         V: 'v,
     {
-        let (ttl, now) = (self.core.ttl_ms(), self.core.now());
+        let ttl = self.core.ttl_ms();
+        // Elements carry a write time only under a time to live.
+        let now = if ttl.is_some() { self.core.now() } else { 0 };
         let mut out = Vec::new();
         let mut payload = Vec::new();
         for value in values {
@@ -145,11 +147,12 @@ where
                 let Some(raw) = raw else {
                     return Ok(Vec::new());
                 };
-                let what = self.core.what();
+                let what = || self.core.what();
                 let mut out = Vec::new();
-                let write_time = self.core.now();
+                // The clock is read only for a renewal.
+                let write_time = if refresh { self.core.now() } else { 0 };
                 for element in ttl::Elements::new(raw, ttl.is_some()) {
-                    let element = element.map_err(|e| Error::corrupt(&what, e))?;
+                    let element = element.map_err(|e| Error::corrupt(what(), e))?;
                     if let (Some(ts), Some(ms)) = (element.written, ttl) {
                         if ttl::is_expired(ts, ms, now) {
                             continue;
@@ -168,7 +171,7 @@ where
                             ttl::frame_element(renewed, ttl, write_time, element.payload)?;
                         }
                     }
-                    out.push(codec::decode_exact(element.payload, &what)?);
+                    out.push(codec::decode_exact_with(element.payload, what)?);
                 }
                 Ok(out)
             })?;
