@@ -467,6 +467,49 @@ mod tests {
             .compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
     }
 
+    /// A backend closes its directory flushed and marked clean, so it reopens with its
+    /// data; a scratch copy is closed as it is: nothing flushed, no clean mark, and
+    /// reopening it as a backend's own directory is refused.
+    #[test]
+    fn a_scratch_copy_closes_without_flush_or_clean_mark() {
+        let root = tempfile::tempdir().unwrap();
+        let all = KeyGroupRange::all(16).unwrap();
+        let marker = |dir: &std::path::Path| dir.join(crate::engine::CLEAN_MARKER).exists();
+        let ssts = |dir: &std::path::Path| {
+            std::fs::read_dir(dir)
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().path().extension() == Some("sst".as_ref()))
+                .count()
+        };
+        for scratch in [false, true] {
+            let dir = root.path().join(format!("scratch-{scratch}"));
+            let options = BackendOptions::new(&dir, all, 16);
+            let backend = RocksStateBackend::open(options.clone()).unwrap();
+            let value = backend
+                .register(ValueStateDescriptor::<u32, u32>::new("v"))
+                .unwrap();
+            value.put(&1, &2).unwrap();
+            if scratch {
+                backend.core.mark_scratch();
+            }
+            drop(value);
+            let before = ssts(&dir);
+            drop(backend);
+            assert_eq!(marker(&dir), !scratch, "clean mark, scratch {scratch}");
+            assert_eq!(ssts(&dir) > before, !scratch, "flushed, scratch {scratch}");
+            match RocksStateBackend::open(options) {
+                Ok(reopened) => {
+                    assert!(!scratch, "a scratch copy reopened");
+                    let value = reopened
+                        .register(ValueStateDescriptor::<u32, u32>::new("v"))
+                        .unwrap();
+                    assert_eq!(value.get(&1).unwrap(), Some(2));
+                }
+                Err(e) => assert!(scratch, "the backend's own directory refused: {e}"),
+            }
+        }
+    }
+
     /// Range deletions after a rescale cover only keys that are present: none when nothing
     /// lies outside, and never key groups the database does not hold.
     #[test]

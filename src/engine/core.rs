@@ -55,6 +55,10 @@ pub(crate) struct BackendCore {
     flush_in_sync: AtomicBool,
     /// Captures under way.
     pub(crate) captures: Arc<Captures>,
+    /// A scratch copy (an offline reader's, a rescale source, a savepoint being
+    /// rewritten): its directory is removed after use, so closing it neither flushes nor
+    /// syncs nor marks it clean (see [`mark_scratch`](Self::mark_scratch)).
+    scratch: AtomicBool,
 }
 
 /// The captures of one backend under way (threads taking snapshot files), and a switch
@@ -213,6 +217,22 @@ impl BackendCore {
             layout: AtomicU64::new(0),
             flush_in_sync: AtomicBool::new(false),
             captures: Arc::default(),
+            scratch: AtomicBool::new(false),
+        }
+    }
+
+    /// Marks the directory as a scratch copy that is removed after use: when the last
+    /// reference goes, the database is closed as it is, with no flush, no sync of its
+    /// files and no clean mark, so it will never reopen as a backend's own directory.
+    /// (Syncing a downloaded copy only to delete it would write it all to disk.)
+    pub(crate) fn mark_scratch(&self) {
+        self.scratch.store(true, Ordering::SeqCst);
+        // RocksDB itself flushes the memtables on close when there is no write-ahead log.
+        if let Err(e) = self
+            .db
+            .set_db_options(&[("avoid_flush_during_shutdown", "true")])
+        {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "a scratch copy will be flushed on close");
         }
     }
 
@@ -769,10 +789,14 @@ impl BackendCore {
 }
 
 impl Drop for BackendCore {
-    /// Flushes, makes every file durable, then marks the directory as closed cleanly.
+    /// Flushes, makes every file durable, then marks the directory as closed cleanly
+    /// (a [scratch](BackendCore::mark_scratch) copy is closed as it is).
     /// When the flush fails the mark is not written, and reopening the directory is
     /// refused (restore instead).
     fn drop(&mut self) {
+        if self.scratch.load(Ordering::SeqCst) {
+            return;
+        }
         if let Some(why) = self.poisoned.lock().as_ref() {
             tracing::error!(dir = %self.dir.display(), reason = %why, "the local state is not marked clean; it will not reopen");
             return;

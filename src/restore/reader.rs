@@ -117,10 +117,15 @@ impl SavepointReader {
             .restore_operator(&self.source, uid, &RestoreOptions::default())
             .await;
         match restored {
-            Ok(backend) => Ok(KeyedStateReader {
-                backend: Some(backend),
-                dir,
-            }),
+            Ok(backend) => {
+                // The copy is removed when the reader closes: nothing of it is flushed,
+                // synced or marked clean then.
+                backend.core.mark_scratch();
+                Ok(KeyedStateReader {
+                    backend: Some(backend),
+                    dir,
+                })
+            }
             Err(e) => {
                 if let Err(cleanup) = remove_dir_if_exists(&dir).await {
                     tracing::warn!(dir = %dir.display(), error = %cleanup.report(), "cannot remove a reader's directory");
@@ -244,22 +249,19 @@ impl KeyedStateReader {
         self.backend()
     }
 
-    /// Closes the local copy and removes its folder, whatever the close reports. Drop the
-    /// state handles taken from it first: the database stays open while one exists.
+    /// Closes the local copy, as it is (it is not flushed or synced: it is deleted), and
+    /// removes its folder. Drop the state handles taken from it first: the database stays
+    /// open while one exists.
     ///
-    /// Errors: engine and local I/O errors.
+    /// Errors: local I/O errors.
     pub fn close(mut self) -> Result<()> {
-        let closed = match self.backend.take() {
-            Some(backend) => backend.close(),
-            None => Ok(()),
-        };
-        let removed = std::fs::remove_dir_all(&self.dir)
+        drop(self.backend.take());
+        std::fs::remove_dir_all(&self.dir)
             .or_else(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => Ok(()),
                 _ => Err(e),
             })
-            .map_err(|e| Error::io(format!("remove {}", self.dir.display()), e));
-        closed.and(removed)
+            .map_err(|e| Error::io(format!("remove {}", self.dir.display()), e))
     }
 }
 

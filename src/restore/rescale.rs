@@ -387,6 +387,8 @@ fn iterate(
         Arc::new(crate::clock::SystemClock),
         OpenMode::Restored,
     )?;
+    // The copy is removed once read.
+    source.mark_scratch();
     let lower = codec::key_group_prefix(part.start()).to_vec();
     let upper = codec::prefix_successor(&codec::key_group_prefix(part.end()));
     for (meta, column) in source.state_columns() {

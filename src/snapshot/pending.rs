@@ -343,6 +343,8 @@ impl PendingSnapshot {
         let out = data_file.clone();
         let written = tokio::task::spawn_blocking(move || {
             let core = crate::engine::open_core(&options, &resources, clock, OpenMode::Restored)?;
+            // The staged copy is removed once rewritten.
+            core.mark_scratch();
             canonical::write_file(&core, checkpoint_id, compression, &out)
         })
         .await
