@@ -932,11 +932,18 @@ async fn publish_final(coordinator: &mut CheckpointCoordinator, state: RunState)
 /// A harness dropped without `finish`, `cancel` or `crash` (an error ended the run)
 /// stops its subtask threads and waits for them, so that no thread still uses RocksDB
 /// when the process exits; the coordinator is not shut down, as after a crash, and the
-/// status says the job failed.
+/// status says the job failed, once no subtask runs any more (whoever restarts the job
+/// on seeing it must not meet the old threads at work).
 impl<S: Source> Drop for Harness<S> {
     fn drop(&mut self) {
         // Still running: no finish, cancel, stop or crash ended the job; an error did.
-        if let (Some(task), Some(runtime)) = (self.status_task.take(), &self.runtime) {
+        let status_task = self.status_task.take();
+        let senders = std::mem::take(&mut self.senders);
+        let threads = std::mem::take(&mut self.threads);
+        if let Err(e) = stop_threads(senders, threads) {
+            tracing::debug!(error = %e.report(), "subtask error while dropping the harness");
+        }
+        if let (Some(task), Some(runtime)) = (status_task, &self.runtime) {
             task.stop(runtime);
             let coordinator = self.coordinator.clone();
             // Bounded: a store that does not answer must not hold up the process's exit.
@@ -950,11 +957,6 @@ impl<S: Source> Drop for Harness<S> {
             if published.is_err() {
                 tracing::debug!("the failed job's status was not written in time");
             }
-        }
-        let senders = std::mem::take(&mut self.senders);
-        let threads = std::mem::take(&mut self.threads);
-        if let Err(e) = stop_threads(senders, threads) {
-            tracing::debug!(error = %e.report(), "subtask error while dropping the harness");
         }
     }
 }

@@ -373,6 +373,90 @@ impl Operator<String, u64> for Failing {
     }
 }
 
+/// The first subtask's operator fails after 200 records; the other runs on. Each records,
+/// when it is dropped (its subtask stopping), what the job's status said then.
+struct Watched {
+    fails: bool,
+    records: u64,
+    job: CheckpointStorage,
+    seen: Arc<std::sync::Mutex<Vec<Option<rockstate::checkpoint::status::RunState>>>>,
+}
+
+impl Operator<String, u64> for Watched {
+    fn process(&mut self, _key: &String, _value: u64) -> rockstate::Result<()> {
+        self.records += 1;
+        if self.fails && self.records > 200 {
+            return Err(rockstate::Error::operator(
+                "counter",
+                "the record is poisoned",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let status = runtime
+            .block_on(rockstate::checkpoint::status::read_status(
+                &self.job,
+                u64::MAX / 2,
+            ))
+            .unwrap()
+            .map(|view| view.status.state);
+        self.seen.lock().unwrap().push(status);
+    }
+}
+
+/// A failed job's status says so only once none of its subtasks runs any more: whoever
+/// restarts the job on seeing it never meets the old threads still at work.
+#[test]
+fn a_failed_status_is_written_once_every_subtask_stopped() {
+    use rockstate::checkpoint::status::{read_status, RunState};
+    let local = tempfile::tempdir().unwrap();
+    let dir = CheckpointStorage::open("memory://status-after-threads").unwrap();
+    let job = dir.child("job").unwrap();
+    let seen: Arc<std::sync::Mutex<Vec<Option<RunState>>>> = Arc::default();
+    let (watch, watched_job) = (seen.clone(), job.clone());
+    let factory: OperatorFactory<String, u64> = Arc::new(move |backend: &RocksStateBackend| {
+        Ok(Box::new(Watched {
+            fails: backend.key_group_range().start() == 0,
+            records: 0,
+            job: watched_job.clone(),
+            seen: watch.clone(),
+        }) as Box<dyn Operator<String, u64>>)
+    });
+    let mut h = Harness::start(
+        config(local.path(), 250),
+        &dir,
+        source(),
+        factory,
+        StartFrom::Empty,
+    )
+    .unwrap();
+    assert!(
+        h.run(u64::MAX).is_err(),
+        "the operator's error ends the run"
+    );
+    drop(h);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "both operators were dropped: {seen:?}");
+    assert!(
+        !seen.contains(&Some(RunState::Failed)),
+        "a subtask still ran after the status said failed: {seen:?}"
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let view = runtime
+        .block_on(read_status(&job, u64::MAX / 2))
+        .unwrap()
+        .expect("a status");
+    assert_eq!(view.status.state, RunState::Failed);
+}
+
 /// The status of a job whose operator failed says so once the harness is dropped, and
 /// of one that finished says stopped; neither turns stale by age.
 #[test]
