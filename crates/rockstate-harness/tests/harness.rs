@@ -121,17 +121,19 @@ fn source() -> Events {
     }
 }
 
+/// A harness over [`source`] from empty state, a checkpoint every 250 records.
+fn start_empty(
+    local: &Path,
+    dir: &CheckpointStorage,
+    factory: OperatorFactory<String, u64>,
+) -> Harness<Events> {
+    Harness::start(config(local, 250), dir, source(), factory, StartFrom::Empty).unwrap()
+}
+
 fn uninterrupted() -> Digest {
     let local = tempfile::tempdir().unwrap();
     let dir = CheckpointStorage::open("memory://harness-reference").unwrap();
-    let h = Harness::start(
-        config(local.path(), 250),
-        &dir,
-        source(),
-        factory(),
-        StartFrom::Empty,
-    )
-    .unwrap();
+    let h = start_empty(local.path(), &dir, factory());
     let done = h.finish().unwrap();
     assert_eq!(done.events, 3_000);
     digest(&done.backends)
@@ -430,14 +432,7 @@ fn a_failed_status_is_written_once_every_subtask_stopped() {
             seen: watch.clone(),
         }) as Box<dyn Operator<String, u64>>)
     });
-    let mut h = Harness::start(
-        config(local.path(), 250),
-        &dir,
-        source(),
-        factory,
-        StartFrom::Empty,
-    )
-    .unwrap();
+    let mut h = start_empty(local.path(), &dir, factory);
     assert!(
         h.run(u64::MAX).is_err(),
         "the operator's error ends the run"
@@ -473,14 +468,7 @@ fn the_status_says_how_the_job_ended() {
         } else {
             factory()
         };
-        let mut h = Harness::start(
-            config(local.path(), 250),
-            &dir,
-            source(),
-            factory,
-            StartFrom::Empty,
-        )
-        .unwrap();
+        let mut h = start_empty(local.path(), &dir, factory);
         // An error of `run` leaves the harness to be dropped; `finish` reports a
         // subtask's error too.
         let failed = match h.run(u64::MAX) {
