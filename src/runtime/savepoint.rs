@@ -94,6 +94,8 @@ async fn write(
                 .clock(crate::clock::ManualClock::new(original.completed_at_ms))
                 .restore_operator(source, &op.uid, &RestoreOptions::default())
                 .await?;
+            // Removed once its savepoint is written: closed without flush or sync.
+            backend.core.mark_scratch();
             let subtask_id = u32::try_from(index)
                 .map_err(|_| Error::corrupt(source.location(), "too many subtasks"))?;
             // The snapshot's synchronous phase is blocking RocksDB work (it may also wait
@@ -119,13 +121,12 @@ async fn write(
                 }
                 Err(e) => Err(e),
             };
-            let closed = tokio::task::spawn_blocking(move || backend.close())
+            // Dropping it waits for its snapshot's capture: blocking work.
+            tokio::task::spawn_blocking(move || drop(backend))
                 .await
-                .map_err(|e| Error::Internal(format!("close a temporary backend: {e}")))
-                .and_then(|r| r);
+                .map_err(|e| Error::Internal(format!("close a temporary backend: {e}")))?;
             crate::restore::remove_dir_if_exists(&dir).await?;
             subtask.keyed = Some(written?);
-            closed?;
         }
     }
     meta.completed_at_ms = crate::clock::Clock::now_millis(&crate::clock::SystemClock);
