@@ -117,6 +117,13 @@ pub(crate) fn remove_dir_quietly(dir: &Path, what: &str) {
 #[derive(Debug, Default)]
 pub(crate) struct LocalFiles {
     by_name: std::collections::HashMap<String, Vec<(PathBuf, u64)>>,
+    /// The directory the last file taken came from. A snapshot's files usually all lie in
+    /// one earlier directory, while other directories hold files of the same name and
+    /// often the same size (other subtasks' databases number their files alike): trying
+    /// it first spares reading those whole only to find their checksum differs.
+    matched_dir: parking_lot::Mutex<Option<PathBuf>>,
+    /// The directories scanned, in order.
+    dirs: Vec<PathBuf>,
 }
 
 impl LocalFiles {
@@ -124,7 +131,10 @@ impl LocalFiles {
     pub(crate) async fn scan(dirs: &[PathBuf]) -> Result<Self> {
         let dirs = dirs.to_vec();
         tokio::task::spawn_blocking(move || {
-            let mut files = Self::default();
+            let mut files = Self {
+                dirs: dirs.clone(),
+                ..Self::default()
+            };
             for dir in &dirs {
                 let entries = match std::fs::read_dir(dir) {
                     Ok(entries) => entries,
@@ -154,23 +164,61 @@ impl LocalFiles {
         .map_err(|e| Error::Internal(format!("scan task failed: {e}")))?
     }
 
-    /// Local files that may be `name` with `size` bytes (their content is not checked yet).
-    fn candidates(&self, name: &str, size: u64) -> impl Iterator<Item = &Path> {
-        self.by_name
+    /// Prefers the directory holding most of a snapshot's `files` by name and size (its
+    /// manifest and options files are named uniquely per database), before any is read.
+    fn prefer_dir_of<'f>(&self, files: impl IntoIterator<Item = &'f crate::format::StateFile>) {
+        let mut counts: std::collections::HashMap<&Path, usize> = Default::default();
+        for file in files {
+            if let Some(found) = self.by_name.get(&file.local_name) {
+                for (path, size) in found {
+                    if *size == file.size {
+                        if let Some(dir) = path.parent() {
+                            *counts.entry(dir).or_default() += 1;
+                        }
+                    }
+                }
+            }
+        }
+        // Ties go to the directory listed first.
+        let best = counts
+            .into_iter()
+            .max_by_key(|(dir, n)| (*n, std::cmp::Reverse(self.rank(dir))))
+            .map(|(dir, _)| dir.to_path_buf());
+        if best.is_some() {
+            *self.matched_dir.lock() = best;
+        }
+    }
+
+    /// The position of `dir` in the scan (for ties).
+    fn rank(&self, dir: &Path) -> usize {
+        self.dirs
+            .iter()
+            .position(|d| d == dir)
+            .unwrap_or(usize::MAX)
+    }
+
+    /// Local files that may be `name` with `size` bytes (their content is not checked
+    /// yet), those in the directory of the last file taken first.
+    fn candidates(&self, name: &str, size: u64) -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = self
+            .by_name
             .get(name)
             .into_iter()
             .flatten()
-            .filter(move |(_, s)| *s == size)
-            .map(|(p, _)| p.as_path())
+            .filter(|(_, s)| *s == size)
+            .map(|(p, _)| p.clone())
+            .collect();
+        if let Some(dir) = self.matched_dir.lock().as_deref() {
+            // Stable: the scan's order otherwise.
+            found.sort_by_key(|p| p.parent() != Some(dir));
+        }
+        found
     }
 
     /// Puts a local copy of `file` at `target` if one of the candidates matches its size
     /// and CRC32; returns whether it did. A candidate that does not match is skipped.
     async fn take(&self, file: &crate::format::StateFile, target: &Path) -> Result<bool> {
-        let candidates: Vec<PathBuf> = self
-            .candidates(&file.local_name, file.size)
-            .map(Path::to_path_buf)
-            .collect();
+        let candidates = self.candidates(&file.local_name, file.size);
         if candidates.is_empty() {
             return Ok(false);
         }
@@ -179,13 +227,13 @@ impl LocalFiles {
             file.info(),
             file.local_name.ends_with(".sst"),
         );
-        tokio::task::spawn_blocking(move || {
+        let taken = tokio::task::spawn_blocking(move || {
             for candidate in candidates {
                 let url = candidate.display().to_string();
                 match crate::storage::link_or_copy_checked(
                     &candidate, &target, &info, &url, link, None,
                 ) {
-                    Ok(true) => return Ok(true),
+                    Ok(true) => return Ok(Some(candidate)),
                     Ok(false) => {}
                     Err(e) => {
                         tracing::debug!(file = %url, error = %e.report(), "local file not reused");
@@ -193,10 +241,17 @@ impl LocalFiles {
                     }
                 }
             }
-            Ok(false)
+            Ok(None)
         })
         .await
-        .map_err(|e| Error::Internal(format!("reuse task failed: {e}")))?
+        .map_err(|e| Error::Internal(format!("reuse task failed: {e}")))??;
+        match taken {
+            Some(path) => {
+                *self.matched_dir.lock() = path.parent().map(Path::to_path_buf);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 }
 
@@ -211,6 +266,7 @@ pub(crate) async fn download_all(
     checked: Option<&Arc<CheckedLinks>>,
 ) -> Result<()> {
     let concurrency = job.options().transfer_concurrency.max(1);
+    reuse.prefer_dir_of(handle.files());
     let mut downloads = futures::stream::iter(handle.files())
         .map(|file| async move {
             let target = dir.join(&file.local_name);
@@ -460,5 +516,112 @@ impl RocksStateBackend {
         job: &CheckpointStorage,
     ) -> Result<Self> {
         Self::builder(options).restore(handle, job).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::StateFile;
+
+    fn stored(name: &str, content: &[u8]) -> StateFile {
+        StateFile {
+            local_name: name.into(),
+            path: format!("shared/{name}"),
+            size: content.len() as u64,
+            crc32: crc32fast::hash(content),
+            uploaded_by: 1,
+        }
+    }
+
+    /// Two earlier directories hold files of the same names and sizes; only the second
+    /// holds this snapshot's. Every file is still taken from the right one, and once one
+    /// was, the others are looked for in that directory first.
+    #[tokio::test]
+    async fn the_directory_that_matched_is_tried_first() {
+        let root = tempfile::tempdir().unwrap();
+        let (other, own, target) = (
+            root.path().join("a-other"),
+            root.path().join("b-own"),
+            root.path().join("target"),
+        );
+        for dir in [&other, &own, &target] {
+            std::fs::create_dir(dir).unwrap();
+        }
+        for name in ["1.sst", "2.sst"] {
+            std::fs::write(other.join(name), b"another subtask's").unwrap();
+            std::fs::write(own.join(name), b"this subtask's ..").unwrap();
+        }
+        let files = LocalFiles::scan(&[other.clone(), own.clone()])
+            .await
+            .unwrap();
+        let first = stored("1.sst", b"this subtask's ..");
+        assert_eq!(
+            files.candidates("1.sst", first.size)[0].parent(),
+            Some(other.as_path())
+        );
+        assert!(files.take(&first, &target.join("1.sst")).await.unwrap());
+        assert_eq!(
+            std::fs::read(target.join("1.sst")).unwrap(),
+            b"this subtask's ..",
+            "the matching file is the one taken"
+        );
+        let second = stored("2.sst", b"this subtask's ..");
+        assert_eq!(
+            files.candidates("2.sst", second.size)[0].parent(),
+            Some(own.as_path()),
+            "the directory that matched comes first"
+        );
+        assert!(files.take(&second, &target.join("2.sst")).await.unwrap());
+        // A file that only the other directory holds is still found there.
+        std::fs::write(other.join("3.sst"), b"only here").unwrap();
+        let files_again = LocalFiles::scan(&[other.clone(), own.clone()])
+            .await
+            .unwrap();
+        *files_again.matched_dir.lock() = Some(own.clone());
+        let third = stored("3.sst", b"only here");
+        assert!(files_again
+            .take(&third, &target.join("3.sst"))
+            .await
+            .unwrap());
+        assert_eq!(*files_again.matched_dir.lock(), Some(other.clone()));
+    }
+
+    /// Before anything is read, the directory holding most of a snapshot's files by name
+    /// and size is preferred: its manifest is named like no other database's.
+    #[tokio::test]
+    async fn the_directory_holding_most_of_a_snapshot_is_preferred() {
+        let root = tempfile::tempdir().unwrap();
+        let (other, own) = (root.path().join("a-other"), root.path().join("b-own"));
+        for dir in [&other, &own] {
+            std::fs::create_dir(dir).unwrap();
+            std::fs::write(dir.join("1.sst"), b"same size").unwrap();
+        }
+        std::fs::write(other.join("MANIFEST-000005"), b"m5").unwrap();
+        std::fs::write(own.join("MANIFEST-000007"), b"m7").unwrap();
+        let files = LocalFiles::scan(&[other.clone(), own.clone()])
+            .await
+            .unwrap();
+        let snapshot = [
+            stored("1.sst", b"same size"),
+            stored("MANIFEST-000007", b"m7"),
+        ];
+        files.prefer_dir_of(&snapshot);
+        assert_eq!(
+            files.candidates("1.sst", 9)[0].parent(),
+            Some(own.as_path())
+        );
+        // A tie goes to the directory scanned first.
+        files.prefer_dir_of(&snapshot[..1]);
+        assert_eq!(
+            files.candidates("1.sst", 9)[0].parent(),
+            Some(other.as_path())
+        );
+        // Nothing in common: the preference stays.
+        files.prefer_dir_of(&[stored("9.sst", b"x")]);
+        assert_eq!(
+            files.candidates("1.sst", 9)[0].parent(),
+            Some(other.as_path())
+        );
     }
 }
