@@ -94,9 +94,17 @@ pub fn encode_into<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> Resul
 ///
 /// Errors: `Corrupt`, naming `what`, when the bytes do not hold a `T`.
 pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<(T, usize)> {
+    decode_prefix_with(bytes, || what.to_string())
+}
+
+/// [`decode_prefix`], describing what was decoded only when it fails.
+fn decode_prefix_with<T: DeserializeOwned>(
+    bytes: &[u8],
+    what: impl FnOnce() -> String,
+) -> Result<(T, usize)> {
     decode_limited(bytes).map_err(|e| {
         Error::corrupt(
-            what,
+            what(),
             format!("cannot decode {}: {e}", std::any::type_name::<T>()),
         )
     })
@@ -111,19 +119,16 @@ pub fn decode_exact<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> 
 /// build no description for the bytes that decode.
 pub(crate) fn decode_exact_with<T: DeserializeOwned>(
     bytes: &[u8],
-    what: impl FnOnce() -> String,
+    what: impl Fn() -> String,
 ) -> Result<T> {
-    match decode_limited::<T>(bytes) {
-        Ok((value, used)) if used == bytes.len() => Ok(value),
-        Ok((_, used)) => Err(Error::corrupt(
+    let (value, used) = decode_prefix_with(bytes, &what)?;
+    if used != bytes.len() {
+        return Err(Error::corrupt(
             what(),
             format!("{} trailing bytes after value", bytes.len() - used),
-        )),
-        Err(e) => Err(Error::corrupt(
-            what(),
-            format!("cannot decode {}: {e}", std::any::type_name::<T>()),
-        )),
+        ));
     }
+    Ok(value)
 }
 
 /// Encodes a persisted structure as `format version (u32 big-endian) ‖ payload`.
@@ -290,6 +295,30 @@ mod tests {
         let n: u64 = decode_exact(&buf[used..], "t").unwrap();
         assert_eq!(n, 42);
         assert!(decode_exact::<String>(&buf, "t").is_err());
+    }
+
+    /// The description is built only for bytes that fail, and both failures (bytes that
+    /// do not decode, trailing bytes) name it, as `decode_exact` does.
+    #[test]
+    fn a_lazy_description_is_built_only_on_failure() {
+        let calls = std::cell::Cell::new(0);
+        let what = || {
+            calls.set(calls.get() + 1);
+            "state \"x\"".to_string()
+        };
+        let good = encode_key(&7u64).unwrap();
+        assert_eq!(decode_exact_with::<u64>(&good, what).unwrap(), 7);
+        assert_eq!(calls.get(), 0);
+        let mut trailing = good.clone();
+        trailing.push(0);
+        for bad in [&trailing[..], &[0xfb, 0xff][..]] {
+            let lazy = decode_exact_with::<u64>(bad, what).unwrap_err().to_string();
+            let eager = decode_exact::<u64>(bad, "state \"x\"")
+                .unwrap_err()
+                .to_string();
+            assert_eq!(lazy, eager);
+        }
+        assert_eq!(calls.get(), 2);
     }
 
     #[test]
