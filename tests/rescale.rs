@@ -7,6 +7,7 @@ use std::path::Path;
 
 use rockstate::checkpoint::{AckOutcome, CheckpointCoordinator, CoordinatorOptions, OperatorSpec};
 use rockstate::savepoint::Compression;
+use rockstate::testing::checks::columns_with_compactions_off;
 use rockstate::testing::SeededRng;
 use rockstate::{
     AggregateFunction, AggregatingStateDescriptor, BackendOptions, CheckpointMetadata,
@@ -390,6 +391,35 @@ async fn first_checkpoint_after_rescale_uploads_only_new_files() {
         }
     }
     assert!(referenced > 0, "nothing was reused");
+}
+
+/// A rescaled backend is handed over as soon as its data is in place; the flush of its
+/// range deletions and the resumption of its compactions follow in the background. A
+/// backend dropped at once still waits for that: its directory reopens, and RocksDB's
+/// options file shows every column's compactions running again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compactions_resume_in_the_background_after_a_rescale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (source, model, _) = prepare(tmp.path(), 2, None).await;
+    let restored = restore_all(&source, tmp.path(), 3, &RestoreOptions::default())
+        .await
+        .unwrap();
+    check(&restored, &model, "2->3");
+    let dirs: Vec<_> = restored
+        .iter()
+        .map(|b| b.local_dir().to_path_buf())
+        .collect();
+    drop(restored);
+    for (i, dir) in dirs.iter().enumerate() {
+        assert_eq!(
+            columns_with_compactions_off(dir),
+            Vec::<String>::new(),
+            "subtask {i}"
+        );
+        let options = BackendOptions::for_subtask(dir, i as u32, 3, MAX_PAR).unwrap();
+        let reopened = RocksStateBackend::open(options).unwrap();
+        assert_eq!(reopened.entries_outside_range().unwrap(), 0, "subtask {i}");
+    }
 }
 
 /// NoClaim from a savepoint folder: the first checkpoint copies the restored files into

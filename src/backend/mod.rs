@@ -292,6 +292,8 @@ impl RocksStateBackend {
         // An earlier snapshot still waiting for its flush would refuse its files if this
         // one sealed the memtables now. (Captures never take the states lock.)
         self.core.captures.wait_idle();
+        // Compactions a rescale paused and could not resume in the background.
+        self.core.resume_compactions()?;
         let states: Vec<StateMeta> = states_guard.values().map(|e| e.meta.clone()).collect();
         let staging = StagingDir::new(target.clone());
         crate::crashpoint::hit("sync");
@@ -465,6 +467,25 @@ mod tests {
             .core
             .db
             .compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
+    }
+
+    /// Compactions a rescale paused and could not resume in the background are resumed by
+    /// the next snapshot, before it takes anything.
+    #[cfg(feature = "testing")]
+    #[test]
+    fn a_snapshot_resumes_compactions_still_paused() {
+        use crate::testing::checks::columns_with_compactions_off;
+        let root = tempfile::tempdir().unwrap();
+        let options = BackendOptions::new(root.path(), KeyGroupRange::all(16).unwrap(), 16);
+        let backend = RocksStateBackend::open(options).unwrap();
+        let value = backend
+            .register(ValueStateDescriptor::<u32, u32>::new("v"))
+            .unwrap();
+        value.put(&1, &2).unwrap();
+        backend.core.pause_compactions_of(|_| true).unwrap();
+        assert_eq!(columns_with_compactions_off(root.path()), ["state/v"]);
+        drop(backend.snapshot(1).unwrap());
+        assert!(columns_with_compactions_off(root.path()).is_empty());
     }
 
     /// A backend closes its directory flushed and marked clean, so it reopens with its

@@ -55,6 +55,9 @@ pub(crate) struct BackendCore {
     flush_in_sync: AtomicBool,
     /// Captures under way.
     pub(crate) captures: Arc<Captures>,
+    /// The column families whose compactions a rescale paused and that are not running
+    /// again yet (see [`resume_compactions`](Self::resume_compactions)).
+    paused_columns: Mutex<Vec<String>>,
     /// A scratch copy (an offline reader's, a rescale source, a savepoint being
     /// rewritten): its directory is removed after use, so closing it neither flushes nor
     /// syncs nor marks it clean (see [`mark_scratch`](Self::mark_scratch)).
@@ -72,13 +75,14 @@ pub(crate) struct Captures {
 }
 
 impl Captures {
-    /// Counts a capture that started.
-    pub(crate) fn started(&self) {
+    /// Counts a capture that started, until the returned guard is dropped (however the
+    /// capture ends, a panic included).
+    pub(crate) fn start(self: &Arc<Self>) -> CaptureCount {
         *self.running.lock() += 1;
+        CaptureCount(self.clone())
     }
 
-    /// Counts a capture that ended, however it ended.
-    pub(crate) fn finished(&self) {
+    fn finished(&self) {
         let mut n = self.running.lock();
         *n = n.saturating_sub(1);
         if *n == 0 {
@@ -108,6 +112,15 @@ impl Captures {
         while *held {
             self.released.wait(&mut held);
         }
+    }
+}
+
+/// Counts one capture under way while it lives ([`Captures::start`]).
+pub(crate) struct CaptureCount(Arc<Captures>);
+
+impl Drop for CaptureCount {
+    fn drop(&mut self) {
+        self.0.finished();
     }
 }
 
@@ -217,6 +230,7 @@ impl BackendCore {
             layout: AtomicU64::new(0),
             flush_in_sync: AtomicBool::new(false),
             captures: Arc::default(),
+            paused_columns: Mutex::new(Vec::new()),
             scratch: AtomicBool::new(false),
         }
     }
@@ -500,29 +514,76 @@ impl BackendCore {
             .collect()
     }
 
-    /// Turns automatic compactions of every state column off (`paused`) or on again:
-    /// while a rescale builds a database, compactions would rewrite files that range
-    /// deletions are about to make obsolete, and delay every step.
-    pub(crate) fn pause_compactions(&self, paused: bool) -> Result<()> {
-        self.pause_compactions_of(paused, |_| true)
-    }
-
-    /// Like [`pause_compactions`](Self::pause_compactions), for the state columns that
-    /// `which` selects only (every change of options rewrites RocksDB's options file).
+    /// Turns automatic compactions of the state columns that `which` selects off until
+    /// [`resume_compactions`](Self::resume_compactions): while a rescale builds a
+    /// database, compactions would rewrite files that range deletions are about to make
+    /// obsolete, and delay every step. (Every change of options rewrites RocksDB's
+    /// options file.)
     pub(crate) fn pause_compactions_of(
         &self,
-        paused: bool,
         which: impl Fn(&ColumnSettings) -> bool,
     ) -> Result<()> {
-        let value = if paused { "true" } else { "false" };
         for (_, column) in self.state_columns() {
             if !which(&column) {
                 continue;
             }
             let cf = self.column_cf(&column)?;
             self.db
-                .set_options_cf(&cf, &[("disable_auto_compactions", value)])
+                .set_options_cf(&cf, &[("disable_auto_compactions", "true")])
                 .map_err(Self::fail("pause compactions", &column))?;
+            self.note_compactions_paused([column.cf_name.clone()]);
+        }
+        Ok(())
+    }
+
+    /// Lets the compactions a rescale paused run again, on a thread of its own, so the
+    /// rescaled backend is usable at once: first a flush, so the first compactions see
+    /// the range deletions and drop what they cover instead of rewriting it, then the
+    /// change of options (each rewrites and syncs RocksDB's options file).
+    ///
+    /// It counts as a capture: a snapshot, a close and a drop wait for it, and the
+    /// database is let go of before it counts as finished. Should it fail, the next
+    /// snapshot resumes the compactions (or fails, saying why).
+    pub(crate) fn resume_compactions_in_background(self: &Arc<Self>) {
+        let counted = self.captures.start();
+        let core = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("rockstate-resume".into())
+            .spawn(move || {
+                let counted = counted;
+                if let Err(e) = core.flush() {
+                    tracing::warn!(dir = %core.dir.display(), error = %e.report(), "cannot flush the range deletions of a rescale");
+                }
+                if let Err(e) = core.resume_compactions() {
+                    tracing::warn!(dir = %core.dir.display(), error = %e.report(), "cannot resume compactions after a rescale; the next snapshot tries again");
+                }
+                drop(core);
+                drop(counted);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot start resuming compactions; the next snapshot resumes them");
+        }
+    }
+
+    /// Records that the compactions of `columns` are paused until
+    /// [`resume_compactions`](Self::resume_compactions) (a rescale opens its base so).
+    pub(crate) fn note_compactions_paused(&self, columns: impl IntoIterator<Item = String>) {
+        self.paused_columns.lock().extend(columns);
+    }
+
+    /// Resumes the compactions a rescale paused, if any are still paused. It takes no
+    /// lock but its own (a snapshot calls it holding the states lock, and waits for the
+    /// background resumption, which must not wait for that lock).
+    pub(crate) fn resume_compactions(&self) -> Result<()> {
+        let mut paused = self.paused_columns.lock();
+        while let Some(name) = paused.last() {
+            // A column dropped meanwhile has nothing to resume.
+            if let Some(cf) = self.db.cf_handle(name) {
+                self.db
+                    .set_options_cf(&cf, &[("disable_auto_compactions", "false")])
+                    .map_err(|e| Error::engine(format!("resume compactions of {name}"), e))?;
+            }
+            paused.pop();
         }
         Ok(())
     }

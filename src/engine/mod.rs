@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, Options};
 
-pub(crate) use self::core::{live_sst_files, BackendCore, Captures, Cut, Db, RawScan, StateEntry};
+pub(crate) use self::core::{live_sst_files, BackendCore, Cut, Db, RawScan, StateEntry};
 pub(crate) use column::{ColumnSettings, META_COLUMN, STATE_COLUMN_PREFIX};
 pub(crate) use migrate::Convert;
 pub use options::{BackendOptions, SharedResources, DEFAULT_MEMORY_BUDGET};
@@ -158,6 +158,9 @@ pub(crate) fn open_core(
     );
     core.statistics = Some(db_opts);
     core.seals = seals;
+    if mode == OpenMode::Rescaled {
+        core.note_compactions_paused(columns.iter().map(|c| c.cf_name.clone()));
+    }
     load_states(&core, columns)?;
     // From here on a crash must be noticed: the clean-close mark is written again only by
     // a clean close.

@@ -200,9 +200,9 @@ impl BackendBuilder {
         let mode = options.mode;
         let built = self
             .build_in_place(move |builder| {
-                // Compactions wait until the range deletions below are written: the
-                // columns of the base open without them, the others are paused as soon
-                // as they exist.
+                // Compactions wait until the range deletions below are written and
+                // flushed: the columns of the base open without them, the others are
+                // paused as soon as they exist.
                 let backend = builder.open_as(OpenMode::Rescaled)?;
                 let opened: BTreeSet<String> = backend
                     .core
@@ -217,7 +217,7 @@ impl BackendBuilder {
                 }
                 backend
                     .core
-                    .pause_compactions_of(true, |c| !opened.contains(&c.cf_name))?;
+                    .pause_compactions_of(|c| !opened.contains(&c.cf_name))?;
                 let mut provenance = sst_files_of(&base);
                 for (handle, dir) in &sources {
                     let ingested = match strategy {
@@ -237,7 +237,6 @@ impl BackendBuilder {
                     }
                 }
                 backend.core.delete_outside(range)?;
-                backend.flush()?;
                 let live: BTreeSet<String> = backend
                     .core
                     .live_files()?
@@ -245,7 +244,9 @@ impl BackendBuilder {
                     .map(|f| f.name)
                     .collect();
                 provenance.retain(|name, _| live.contains(name));
-                backend.core.pause_compactions(false)?;
+                // The data is in place: the backend is usable now. The flush of the
+                // range deletions and the compactions come after, in the background.
+                backend.core.resume_compactions_in_background();
                 Ok((backend, provenance))
             })
             .await;

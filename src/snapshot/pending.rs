@@ -92,24 +92,13 @@ impl std::fmt::Debug for Capture {
     }
 }
 
-/// Counts a capture as finished when dropped, even by a panic.
-struct FinishOnDrop(Arc<crate::engine::Captures>);
-
-impl Drop for FinishOnDrop {
-    fn drop(&mut self) {
-        self.0.finished();
-    }
-}
-
 /// Starts taking the files of `cut` into `target` as soon as the flush the synchronous
 /// phase started is done, on a thread of its own: the capture must not wait for the
 /// upload queue, or later writes would be flushed first. A capture nobody waits for any
 /// more removes what it staged.
 pub(crate) fn start_capture(core: Arc<BackendCore>, cut: Cut, target: PathBuf) -> Result<Capture> {
     let (tx, result) = tokio::sync::oneshot::channel();
-    let captures = core.captures.clone();
-    captures.started();
-    let counted = FinishOnDrop(captures.clone());
+    let counted = core.captures.start();
     let spawned = std::thread::Builder::new()
         .name("rockstate-capture".into())
         .spawn(move || {
@@ -130,7 +119,7 @@ pub(crate) fn start_capture(core: Arc<BackendCore>, cut: Cut, target: PathBuf) -
             drop(counted);
         });
     if let Err(e) = spawned {
-        captures.finished();
+        // The thread's closure, and the count it held, are dropped.
         return Err(Error::io("start a snapshot capture thread", e));
     }
     Ok(Capture::Running(result))

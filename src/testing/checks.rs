@@ -1,6 +1,7 @@
 //! Assertions about what a job directory holds.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use crate::format::CheckpointMetadata;
 use crate::storage::CheckpointStorage;
@@ -47,4 +48,35 @@ pub async fn assert_whole_on_storage(
         "{when}: checkpoint {id} references {} missing or changed file(s): {missing:?}",
         missing.len()
     );
+}
+
+/// The column families whose automatic compactions are off in the latest options file
+/// RocksDB wrote in `dir` (a backend's local directory: RocksDB rewrites the file at every
+/// open and change of options). Panics when there is none or it cannot be read.
+pub fn columns_with_compactions_off(dir: &Path) -> Vec<String> {
+    let latest = std::fs::read_dir(dir)
+        .expect("list the backend's directory")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|name| {
+            let number: u64 = name.strip_prefix("OPTIONS-")?.parse().ok()?;
+            Some((number, name))
+        })
+        .max()
+        .expect("an options file");
+    let text = std::fs::read_to_string(dir.join(&latest.1)).expect("read the options file");
+    let mut section = String::new();
+    let mut off = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line
+            .strip_prefix("[CFOptions \"")
+            .and_then(|rest| rest.strip_suffix("\"]"))
+        {
+            section = name.to_string();
+        } else if line.starts_with('[') {
+            section.clear();
+        } else if line == "disable_auto_compactions=true" && !section.is_empty() {
+            off.push(section.clone());
+        }
+    }
+    off
 }
