@@ -422,6 +422,45 @@ async fn compactions_resume_in_the_background_after_a_rescale() {
     }
 }
 
+/// A rescale whose other source cannot be fetched (a stored file changed) fails with the
+/// typed error while its base is already opening, and leaves nothing behind: neither the
+/// backend's directory nor the downloaded sources.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescale_whose_other_source_is_corrupt_fails_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (source, _, _) = prepare(tmp.path(), 2, None).await;
+    // New subtask 1 of 3 (key groups 43..=85) is built on old subtask 1 (64..=127) and
+    // ingests old subtask 0 (0..=63): one of old subtask 0's files is changed in place.
+    let (_, other) = source
+        .metadata()
+        .handles()
+        .find(|(_, h)| h.key_group_range.start() == 0)
+        .unwrap();
+    let file = other
+        .files()
+        .filter(|f| f.local_name.ends_with(".sst"))
+        .max_by_key(|f| f.size)
+        .unwrap();
+    let stored = tmp.path().join("store").join("job").join(&file.path);
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::remove_file(&stored).unwrap();
+    std::fs::write(&stored, &bytes).unwrap();
+    let root = tmp.path().join("new");
+    let dir = root.join("subtask-1");
+    let opts = BackendOptions::for_subtask(&dir, 1, 3, MAX_PAR).unwrap();
+    let err = RocksStateBackend::builder(opts)
+        .restore_operator(&source, UID, &RestoreOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 /// NoClaim from a savepoint folder: the first checkpoint copies the restored files into
 /// the job's own `shared/` inside the store (hard links for local files), never
 /// referencing the savepoint.

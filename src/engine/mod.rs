@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, Options};
 
-pub(crate) use self::core::{live_sst_files, BackendCore, Cut, Db, RawScan, StateEntry};
+pub(crate) use self::core::{live_sst_files, BackendCore, Cut, Db, RawScan, SstFile, StateEntry};
 pub(crate) use column::{ColumnSettings, META_COLUMN, STATE_COLUMN_PREFIX};
 pub(crate) use migrate::Convert;
 pub use options::{BackendOptions, SharedResources, DEFAULT_MEMORY_BUDGET};

@@ -150,9 +150,8 @@ impl BackendBuilder {
             handle.validate()?;
         }
         let dir = self.options.local_dir.clone();
-        let mut others = Vec::new();
         let reuse = LocalFiles::scan(&self.reuse).await?;
-        let downloaded = async {
+        let base_fetched = async {
             self.start_in_place().await?;
             download_all(
                 handles[base_index],
@@ -161,96 +160,123 @@ impl BackendBuilder {
                 &reuse,
                 Some(source.checked_links()),
             )
-            .await?;
-            for (i, handle) in handles.iter().enumerate() {
-                if i == base_index {
-                    continue;
-                }
-                let other = sibling(&dir, &format!(".rescale-{i}"));
-                remove_dir_if_exists(&other).await?;
-                others.push(((*handle).clone(), other.clone()));
-                create_dir(&other).await?;
-                download_all(
-                    handle,
-                    source.root(),
-                    &other,
-                    &reuse,
-                    Some(source.checked_links()),
-                )
-                .await?;
-            }
-            Ok::<_, Error>(())
+            .await
         }
         .await;
-        let cleanup_others = |others: Vec<(KeyedStateHandle, PathBuf)>| async move {
-            for (_, other) in others {
-                if let Err(e) = remove_dir_if_exists(&other).await {
-                    tracing::warn!(dir = %other.display(), error = %e.report(), "cannot remove a rescale source");
-                }
-            }
-        };
-        if let Err(e) = downloaded {
-            cleanup_others(others).await;
+        if let Err(e) = base_fetched {
             remove_dir_if_exists(&dir).await?;
             return Err(e);
         }
-        let base = handles[base_index].clone();
+        let others: Vec<(KeyedStateHandle, PathBuf)> = handles
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != base_index)
+            .map(|(i, h)| ((*h).clone(), sibling(&dir, &format!(".rescale-{i}"))))
+            .collect();
         let strategy = options.strategy;
+        // The other sources are fetched, and the files to ingest listed, while the base
+        // opens; the build waits for them only when it needs them.
+        let (ready, fetched) = tokio::sync::oneshot::channel::<Option<Vec<Result<Listed>>>>();
+        let fetch_others = async {
+            let listed = async {
+                let mut lists = Vec::new();
+                for (handle, other) in &others {
+                    remove_dir_if_exists(other).await?;
+                    create_dir(other).await?;
+                    download_all(
+                        handle,
+                        source.root(),
+                        other,
+                        &reuse,
+                        Some(source.checked_links()),
+                    )
+                    .await?;
+                    lists.push(match strategy {
+                        RescaleStrategy::Ingest => {
+                            let at = other.clone();
+                            blocking(move || Ok(list_source_files(&at))).await?
+                        }
+                        RescaleStrategy::IterateAndWrite => Err(Error::invalid("iterate")),
+                    });
+                }
+                Ok::<_, Error>(lists)
+            }
+            .await;
+            // The build learns only whether the sources are there; the error is
+            // returned below.
+            match listed {
+                Ok(lists) => {
+                    let _ = ready.send(Some(lists));
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = ready.send(None);
+                    Err(e)
+                }
+            }
+        };
+        let base = handles[base_index].clone();
         let sources = others.clone();
         let mode = options.mode;
-        let built = self
-            .build_in_place(move |builder| {
-                // Compactions wait until the range deletions below are written and
-                // flushed: the columns of the base open without them, the others are
-                // paused as soon as they exist.
-                let backend = builder.open_as(OpenMode::Rescaled)?;
-                let opened: BTreeSet<String> = backend
-                    .core
-                    .state_columns()
-                    .into_iter()
-                    .map(|(_, c)| c.cf_name.clone())
-                    .collect();
-                for (handle, _) in &sources {
-                    for meta in &handle.states {
-                        backend.ensure_state(meta)?;
-                    }
+        let build = self.build_in_place(move |builder| {
+            // Compactions wait until the range deletions below are written and flushed:
+            // the columns of the base open without them, the others are paused as soon
+            // as they exist.
+            let backend = builder.open_as(OpenMode::Rescaled)?;
+            let opened: BTreeSet<String> = backend
+                .core
+                .state_columns()
+                .into_iter()
+                .map(|(_, c)| c.cf_name.clone())
+                .collect();
+            for (handle, _) in &sources {
+                for meta in &handle.states {
+                    backend.ensure_state(meta)?;
                 }
-                backend
-                    .core
-                    .pause_compactions_of(|c| !opened.contains(&c.cf_name))?;
-                let mut provenance = sst_files_of(&base);
-                for (handle, dir) in &sources {
-                    let ingested = match strategy {
-                        RescaleStrategy::Ingest => ingest(&backend, handle, dir),
-                        RescaleStrategy::IterateAndWrite => Err(Error::invalid("iterate")),
-                    };
-                    match ingested {
-                        Ok(files) => provenance.extend(files),
-                        Err(e) => {
-                            if strategy == RescaleStrategy::Ingest {
-                                tracing::info!(error = %e.report(), "ingestion refused; iterating instead");
-                                // Whatever was ingested of this source is removed first.
-                                backend.core.delete_inside(handle.key_group_range)?;
-                            }
-                            iterate(&backend, handle, dir, range)?;
+            }
+            backend
+                .core
+                .pause_compactions_of(|c| !opened.contains(&c.cf_name))?;
+            let Ok(Some(lists)) = fetched.blocking_recv() else {
+                return Err(Error::Internal(
+                    "the other sources of a rescale were not fetched".into(),
+                ));
+            };
+            let mut provenance = sst_files_of(&base);
+            for ((handle, dir), listed) in sources.iter().zip(lists) {
+                match listed.and_then(|files| ingest(&backend, handle, dir, files)) {
+                    Ok(files) => provenance.extend(files),
+                    Err(e) => {
+                        if strategy == RescaleStrategy::Ingest {
+                            tracing::info!(error = %e.report(), "ingestion refused; iterating instead");
+                            // Whatever was ingested of this source is removed first.
+                            backend.core.delete_inside(handle.key_group_range)?;
                         }
+                        iterate(&backend, handle, dir, range)?;
                     }
                 }
-                backend.core.delete_outside(range)?;
-                let live: BTreeSet<String> = backend
-                    .core
-                    .live_files()?
-                    .into_iter()
-                    .map(|f| f.name)
-                    .collect();
-                provenance.retain(|name, _| live.contains(name));
-                // The data is in place: the backend is usable now. The flush of the
-                // range deletions and the compactions come after, in the background.
-                backend.core.resume_compactions_in_background();
-                Ok((backend, provenance))
-            })
-            .await;
-        cleanup_others(others).await;
+            }
+            backend.core.delete_outside(range)?;
+            let live: BTreeSet<String> = backend
+                .core
+                .live_files()?
+                .into_iter()
+                .map(|f| f.name)
+                .collect();
+            provenance.retain(|name, _| live.contains(name));
+            // The data is in place: the backend is usable now. The flush of the range
+            // deletions and the compactions come after, in the background.
+            backend.core.resume_compactions_in_background();
+            Ok((backend, provenance))
+        });
+        let (built, fetched_others) = tokio::join!(build, fetch_others);
+        for (_, other) in others {
+            if let Err(e) = remove_dir_if_exists(&other).await {
+                tracing::warn!(dir = %other.display(), error = %e.report(), "cannot remove a rescale source");
+            }
+        }
+        // A failed fetch made the build fail too: its own error says more.
+        fetched_others?;
         let (backend, provenance) = built?;
         seed(
             &backend,
@@ -287,9 +313,11 @@ fn sst_files_of(handle: &KeyedStateHandle) -> FileSet {
         .collect()
 }
 
-/// Ingests the SST files of the downloaded snapshot in `dir` into `backend`, column by
-/// column, and returns which new local files are copies of which stored files.
-fn ingest(backend: &RocksStateBackend, handle: &KeyedStateHandle, dir: &Path) -> Result<FileSet> {
+/// The live SST files of a downloaded snapshot.
+type Listed = Vec<crate::engine::SstFile>;
+
+/// Lists the live SST files of the downloaded snapshot in `dir`, opening it read-only.
+fn list_source_files(dir: &Path) -> Result<Listed> {
     // Only the list of files is read: no table is opened ahead and no statistics are
     // gathered from the files.
     let mut opts = rocksdb::Options::default();
@@ -297,11 +325,20 @@ fn ingest(backend: &RocksStateBackend, handle: &KeyedStateHandle, dir: &Path) ->
     opts.set_skip_stats_update_on_db_open(true);
     let columns = Db::list_cf(&opts, dir)
         .map_err(|e| Error::engine(format!("list column families of {}", dir.display()), e))?;
-    let files = {
-        let db = Db::open_cf_for_read_only(&opts, dir, &columns, false)
-            .map_err(|e| Error::engine(format!("open {}", dir.display()), e))?;
-        live_sst_files(&db)?
-    };
+    let db = Db::open_cf_for_read_only(&opts, dir, &columns, false)
+        .map_err(|e| Error::engine(format!("open {}", dir.display()), e))?;
+    live_sst_files(&db)
+}
+
+/// Ingests `files`, the SST files of the downloaded snapshot in `dir` (see
+/// [`list_source_files`]), into `backend`, column by column, and returns which new local
+/// files are copies of which stored files.
+fn ingest(
+    backend: &RocksStateBackend,
+    handle: &KeyedStateHandle,
+    dir: &Path,
+    files: Listed,
+) -> Result<FileSet> {
     let stored = sst_files_of(handle);
     let mut by_column: BTreeMap<String, Vec<_>> = BTreeMap::new();
     for file in files {
