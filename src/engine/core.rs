@@ -550,7 +550,10 @@ impl BackendCore {
         let spawned = std::thread::Builder::new()
             .name("rockstate-resume".into())
             .spawn(move || {
+                // Declared after the count, so dropped before it even by a panic: the
+                // database is let go of before the capture counts as finished.
                 let counted = counted;
+                let core = core;
                 if let Err(e) = core.flush() {
                     tracing::warn!(dir = %core.dir.display(), error = %e.report(), "cannot flush the range deletions of a rescale");
                 }
@@ -571,21 +574,30 @@ impl BackendCore {
         self.paused_columns.lock().extend(columns);
     }
 
-    /// Resumes the compactions a rescale paused, if any are still paused. It takes no
-    /// lock but its own (a snapshot calls it holding the states lock, and waits for the
-    /// background resumption, which must not wait for that lock).
+    /// Resumes the compactions a rescale paused, if any are still paused: every column
+    /// is tried, those that fail stay listed for the next call, and the first error is
+    /// returned. It takes no lock but its own (a snapshot calls it holding the states
+    /// lock, and waits for the background resumption, which must not wait for that lock).
     pub(crate) fn resume_compactions(&self) -> Result<()> {
         let mut paused = self.paused_columns.lock();
-        while let Some(name) = paused.last() {
+        let mut first = None;
+        paused.retain(|name| {
             // A column dropped meanwhile has nothing to resume.
-            if let Some(cf) = self.db.cf_handle(name) {
-                self.db
-                    .set_options_cf(&cf, &[("disable_auto_compactions", "false")])
-                    .map_err(|e| Error::engine(format!("resume compactions of {name}"), e))?;
+            let Some(cf) = self.db.cf_handle(name) else {
+                return false;
+            };
+            match self
+                .db
+                .set_options_cf(&cf, &[("disable_auto_compactions", "false")])
+            {
+                Ok(()) => false,
+                Err(e) => {
+                    first.get_or_insert(Error::engine(format!("resume compactions of {name}"), e));
+                    true
+                }
             }
-            paused.pop();
-        }
-        Ok(())
+        });
+        first.map_or(Ok(()), Err)
     }
 
     /// Writes raw entries (full RocksDB keys) in one batch.

@@ -181,6 +181,10 @@ impl BackendBuilder {
             let listed = async {
                 let mut lists = Vec::new();
                 for (handle, other) in &others {
+                    if ready.is_closed() {
+                        // The build failed already: its error is the one returned.
+                        break;
+                    }
                     remove_dir_if_exists(other).await?;
                     create_dir(other).await?;
                     download_all(
@@ -223,51 +227,20 @@ impl BackendBuilder {
             // the columns of the base open without them, the others are paused as soon
             // as they exist.
             let backend = builder.open_as(OpenMode::Rescaled)?;
-            let opened: BTreeSet<String> = backend
-                .core
-                .state_columns()
-                .into_iter()
-                .map(|(_, c)| c.cf_name.clone())
-                .collect();
-            for (handle, _) in &sources {
-                for meta in &handle.states {
-                    backend.ensure_state(meta)?;
-                }
-            }
-            backend
-                .core
-                .pause_compactions_of(|c| !opened.contains(&c.cf_name))?;
-            let Ok(Some(lists)) = fetched.blocking_recv() else {
-                return Err(Error::Internal(
-                    "the other sources of a rescale were not fetched".into(),
-                ));
+            let job = Reshape {
+                base: &base,
+                sources: &sources,
+                strategy,
+                range,
             };
-            let mut provenance = sst_files_of(&base);
-            for ((handle, dir), listed) in sources.iter().zip(lists) {
-                match listed.and_then(|files| ingest(&backend, handle, dir, files)) {
-                    Ok(files) => provenance.extend(files),
-                    Err(e) => {
-                        if strategy == RescaleStrategy::Ingest {
-                            tracing::info!(error = %e.report(), "ingestion refused; iterating instead");
-                            // Whatever was ingested of this source is removed first.
-                            backend.core.delete_inside(handle.key_group_range)?;
-                        }
-                        iterate(&backend, handle, dir, range)?;
-                    }
+            match job.run(&backend, fetched) {
+                Ok(provenance) => Ok((backend, provenance)),
+                Err(e) => {
+                    // The directory is removed: closing it needs no flush nor sync.
+                    backend.core.mark_scratch();
+                    Err(e)
                 }
             }
-            backend.core.delete_outside(range)?;
-            let live: BTreeSet<String> = backend
-                .core
-                .live_files()?
-                .into_iter()
-                .map(|f| f.name)
-                .collect();
-            provenance.retain(|name, _| live.contains(name));
-            // The data is in place: the backend is usable now. The flush of the range
-            // deletions and the compactions come after, in the background.
-            backend.core.resume_compactions_in_background();
-            Ok((backend, provenance))
         });
         let (built, fetched_others) = tokio::join!(build, fetch_others);
         for (_, other) in others {
@@ -275,9 +248,17 @@ impl BackendBuilder {
                 tracing::warn!(dir = %other.display(), error = %e.report(), "cannot remove a rescale source");
             }
         }
-        // A failed fetch made the build fail too: its own error says more.
-        fetched_others?;
-        let (backend, provenance) = built?;
+        let (backend, provenance) = match (built, fetched_others) {
+            (Ok(built), Ok(())) => built,
+            (Err(e), Ok(())) => return Err(e),
+            // A failed fetch fails the build too: the fetch's error says why.
+            (built, Err(e)) => {
+                if let Err(also) = built {
+                    tracing::debug!(error = %also.report(), "the rescale's build failed too");
+                }
+                return Err(e);
+            }
+        };
         seed(
             &backend,
             source.metadata().checkpoint_id,
@@ -287,6 +268,76 @@ impl BackendBuilder {
         );
         Ok(backend)
     }
+}
+
+/// What a rescale does to its opened base database once the other sources are fetched.
+struct Reshape<'a> {
+    base: &'a KeyedStateHandle,
+    sources: &'a [(KeyedStateHandle, PathBuf)],
+    strategy: RescaleStrategy,
+    range: KeyGroupRange,
+}
+
+impl Reshape<'_> {
+    /// Brings the other sources' key groups into `backend` (waiting for `fetched`, their
+    /// file lists), deletes what lies outside the new range, and returns which local
+    /// files are copies of which stored files.
+    fn run(
+        &self,
+        backend: &RocksStateBackend,
+        fetched: tokio::sync::oneshot::Receiver<Option<Vec<Result<Listed>>>>,
+    ) -> Result<FileSet> {
+        let opened: BTreeSet<String> = backend
+            .core
+            .state_columns()
+            .into_iter()
+            .map(|(_, c)| c.cf_name.clone())
+            .collect();
+        for (handle, _) in self.sources {
+            for meta in &handle.states {
+                backend.ensure_state(meta)?;
+            }
+        }
+        backend
+            .core
+            .pause_compactions_of(|c| !opened.contains(&c.cf_name))?;
+        let Ok(Some(lists)) = fetched.blocking_recv() else {
+            return Err(Error::Internal(
+                "the other sources of a rescale were not fetched".into(),
+            ));
+        };
+        let mut provenance = sst_files_of(self.base);
+        for ((handle, dir), listed) in self.sources.iter().zip(lists) {
+            match listed.and_then(|files| ingest(backend, handle, dir, files)) {
+                Ok(files) => provenance.extend(files),
+                Err(e) => {
+                    if self.strategy == RescaleStrategy::Ingest {
+                        tracing::info!(error = %e.report(), "ingestion refused; iterating instead");
+                        // Whatever was ingested of this source is removed first.
+                        backend.core.delete_inside(handle.key_group_range)?;
+                    }
+                    iterate(backend, handle, dir, self.range)?;
+                }
+            }
+        }
+        backend.core.delete_outside(self.range)?;
+        let live = live_file_names(backend)?;
+        provenance.retain(|name, _| live.contains(name));
+        // The data is in place: the backend is usable now. The flush of the range
+        // deletions and the compactions come after, in the background.
+        backend.core.resume_compactions_in_background();
+        Ok(provenance)
+    }
+}
+
+/// The names of the live SST files of `backend`.
+fn live_file_names(backend: &RocksStateBackend) -> Result<BTreeSet<String>> {
+    Ok(backend
+        .core
+        .live_files()?
+        .into_iter()
+        .map(|f| f.name)
+        .collect())
 }
 
 async fn create_dir(dir: &Path) -> Result<()> {
@@ -353,12 +404,7 @@ fn ingest(
                 .push(file);
         }
     }
-    let before: BTreeSet<String> = backend
-        .core
-        .live_files()?
-        .into_iter()
-        .map(|f| f.name)
-        .collect();
+    let before = live_file_names(backend)?;
     let columns = backend.core.state_columns();
     let mut identities = BTreeMap::new();
     for (column_name, mut files) in by_column {

@@ -102,7 +102,9 @@ pub(crate) fn start_capture(core: Arc<BackendCore>, cut: Cut, target: PathBuf) -
     let spawned = std::thread::Builder::new()
         .name("rockstate-capture".into())
         .spawn(move || {
+            // Declared after the count, so dropped before it even by a panic.
             let counted = counted;
+            let core = core;
             let started = Instant::now();
             let taken = wait_and_capture(&core, cut, &target).map(|f| (f, started.elapsed()));
             // The database is let go of, and what nobody waits for any more is removed,
