@@ -422,6 +422,62 @@ async fn compactions_resume_in_the_background_after_a_rescale() {
     check(&reopened, &model, "2->3, reopened");
 }
 
+/// While the work a rescale leaves to the background is held, the backend is already in
+/// use: its compactions are still off, and it reads and writes as the model says. Once
+/// released, a checkpoint of the three (each snapshot waits for that work) restores at 2
+/// with everything written, and compactions run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescaled_backend_is_in_use_before_its_compactions_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (source, mut model, _) = prepare(tmp.path(), 2, None).await;
+    let mut restored = Vec::new();
+    for i in 0..3 {
+        let dir = tmp.path().join(format!("held-{i}"));
+        let opts = BackendOptions::for_subtask(dir, i, 3, MAX_PAR).unwrap();
+        restored.push(
+            RocksStateBackend::builder(opts)
+                .hold_captures_from_open()
+                .restore_operator(&source, UID, &RestoreOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    for (i, b) in restored.iter().enumerate() {
+        assert!(
+            !columns_with_compactions_off(b.local_dir()).is_empty(),
+            "subtask {i} resumed its compactions while held"
+        );
+    }
+    check(&restored, &model, "2->3, held");
+    write_round(&restored, &mut model, 3);
+    check(&restored, &model, "2->3, written while held");
+    drop(
+        restored
+            .iter()
+            .map(|b| b.hold_snapshot_captures())
+            .collect::<Vec<_>>(),
+    );
+    let store = CheckpointStorage::open(tmp.path().join("store").to_str().unwrap()).unwrap();
+    let job = store.child("job-3").unwrap();
+    let mut coordinator =
+        CheckpointCoordinator::start(job.clone(), "job-3", spec(3), CoordinatorOptions::default())
+            .await
+            .unwrap();
+    let (at_three, _) = snapshot(&mut coordinator, &restored, &job, &job, None).await;
+    for (i, b) in restored.iter().enumerate() {
+        assert_eq!(
+            columns_with_compactions_off(b.local_dir()),
+            Vec::<String>::new(),
+            "subtask {i}"
+        );
+    }
+    drop(restored);
+    let back = restore_all(&at_three, tmp.path(), 2, &RestoreOptions::default())
+        .await
+        .unwrap();
+    check(&back, &model, "2->3->2");
+}
+
 /// A rescale whose other source cannot be fetched (a stored file changed) fails with the
 /// typed error while its base is already opening, and leaves nothing behind: neither the
 /// backend's directory nor the downloaded sources.

@@ -47,9 +47,23 @@ pub struct BackendBuilder {
     /// Directories of an earlier run whose files a restore may take instead of
     /// downloading them.
     pub(crate) reuse: Vec<std::path::PathBuf>,
+    /// Captures start held (see [`hold_captures_from_open`](Self::hold_captures_from_open)).
+    #[cfg(feature = "testing")]
+    pub(crate) hold_captures: bool,
 }
 
 impl BackendBuilder {
+    /// Holds captures from the moment the database opens, as
+    /// [`RocksStateBackend::hold_snapshot_captures`] does once it is open: the work a
+    /// rescale leaves to the background (the flush of its range deletions, then the
+    /// resumption of its compactions) waits too, so that a test can act in between.
+    /// Release it by dropping a guard from `hold_snapshot_captures`.
+    #[cfg(feature = "testing")]
+    pub fn hold_captures_from_open(mut self) -> Self {
+        self.hold_captures = true;
+        self
+    }
+
     /// Lets a restore take files from `dirs` instead of downloading them: directories of
     /// an earlier run on this machine, such as the backend directories a crashed process
     /// left behind (local recovery). A file is taken when its name, size and CRC32 match
@@ -92,6 +106,10 @@ impl BackendBuilder {
             None => SharedResources::new(self.options.memory_budget)?,
         };
         let core = open_core(&self.options, &resources, self.clock.clone(), mode)?;
+        #[cfg(feature = "testing")]
+        if self.hold_captures {
+            core.captures.hold(true);
+        }
         Ok(RocksStateBackend {
             core: Arc::new(core),
             options: self.options,
@@ -116,6 +134,8 @@ impl RocksStateBackend {
             resources: None,
             clock: Arc::new(SystemClock),
             reuse: Vec::new(),
+            #[cfg(feature = "testing")]
+            hold_captures: false,
         }
     }
 

@@ -543,7 +543,8 @@ impl BackendCore {
     ///
     /// It counts as a capture: a snapshot, a close and a drop wait for it, and the
     /// database is let go of before it counts as finished. Should it fail, the next
-    /// snapshot resumes the compactions (or fails, saying why).
+    /// snapshot resumes the compactions (or fails, saying why). Like a capture, it waits
+    /// while captures are held (tests act in between).
     pub(crate) fn resume_compactions_in_background(self: &Arc<Self>) {
         let counted = self.captures.start();
         let core = self.clone();
@@ -554,6 +555,7 @@ impl BackendCore {
                 // database is let go of before the capture counts as finished.
                 let counted = counted;
                 let core = core;
+                core.captures.wait_released();
                 if let Err(e) = core.flush() {
                     tracing::warn!(dir = %core.dir.display(), error = %e.report(), "cannot flush the range deletions of a rescale");
                 }
