@@ -478,6 +478,35 @@ async fn a_rescaled_backend_is_in_use_before_its_compactions_resume() {
     check(&back, &model, "2->3->2");
 }
 
+/// A rescale never holds a blocking thread while it waits for work that needs one: with a
+/// single blocking thread in the runtime, a rescale that ingests another source (its
+/// base opens while the other source is fetched) still completes.
+#[test]
+fn a_rescale_completes_with_one_blocking_thread() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let outcome = runtime.block_on(async {
+        let (source, model, _) = prepare(tmp.path(), 2, None).await;
+        let options = RestoreOptions::default();
+        let rescale = restore_all(&source, tmp.path(), 3, &options);
+        let restored = tokio::time::timeout(std::time::Duration::from_secs(120), rescale)
+            .await
+            .map_err(|_| "the rescale did not complete")?
+            .unwrap();
+        check(&restored, &model, "2->3 with one blocking thread");
+        drop(restored);
+        Ok::<_, &str>(())
+    });
+    // A rescale stuck on the blocking thread is let go of rather than waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    outcome.unwrap();
+}
+
 /// A rescale whose other source cannot be fetched (a stored file changed) fails with the
 /// typed error while its base is already opening, and leaves nothing behind: neither the
 /// backend's directory nor the downloaded sources.

@@ -617,11 +617,12 @@ mod tests {
             files.candidates("1.sst", 9)[0].parent(),
             Some(other.as_path())
         );
-        // Nothing in common: the preference stays.
+        // Nothing in common: the preference stays (here the directory scanned second).
+        files.prefer_dir_of(&snapshot);
         files.prefer_dir_of(&[stored("9.sst", b"x")]);
         assert_eq!(
             files.candidates("1.sst", 9)[0].parent(),
-            Some(other.as_path())
+            Some(own.as_path())
         );
     }
 }

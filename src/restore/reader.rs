@@ -113,19 +113,26 @@ impl SavepointReader {
             op.max_parallelism,
         );
         options.incremental = false;
-        let restored = RocksStateBackend::builder(options)
+        let restored = match RocksStateBackend::builder(options)
             .restore_operator(&self.source, uid, &RestoreOptions::default())
-            .await;
-        match restored {
+            .await
+        {
+            // The copy is removed when the reader closes: nothing of it is flushed, synced
+            // or marked clean then. (Marking it changes RocksDB's options: file work.)
             Ok(backend) => {
-                // The copy is removed when the reader closes: nothing of it is flushed,
-                // synced or marked clean then.
-                backend.core.mark_scratch();
-                Ok(KeyedStateReader {
-                    backend: Some(backend),
-                    dir,
+                super::rescale::blocking(move || {
+                    backend.core.mark_scratch();
+                    Ok(backend)
                 })
+                .await
             }
+            Err(e) => Err(e),
+        };
+        match restored {
+            Ok(backend) => Ok(KeyedStateReader {
+                backend: Some(backend),
+                dir,
+            }),
             Err(e) => {
                 if let Err(cleanup) = remove_dir_if_exists(&dir).await {
                     tracing::warn!(dir = %dir.display(), error = %cleanup.report(), "cannot remove a reader's directory");

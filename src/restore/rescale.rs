@@ -175,159 +175,169 @@ impl BackendBuilder {
             .collect();
         let strategy = options.strategy;
         // The other sources are fetched, and the files to ingest listed, while the base
-        // opens; the build waits for them only when it needs them.
-        let (ready, fetched) = tokio::sync::oneshot::channel::<Option<Vec<Result<Listed>>>>();
+        // opens (each side on its own blocking task: neither waits for the other).
         let fetch_others = async {
-            let listed = async {
-                let mut lists = Vec::new();
-                for (handle, other) in &others {
-                    if ready.is_closed() {
-                        // The build failed already: its error is the one returned.
-                        break;
+            let mut lists = Vec::new();
+            for (handle, other) in &others {
+                remove_dir_if_exists(other).await?;
+                create_dir(other).await?;
+                download_all(
+                    handle,
+                    source.root(),
+                    other,
+                    &reuse,
+                    Some(source.checked_links()),
+                )
+                .await?;
+                lists.push(match strategy {
+                    RescaleStrategy::Ingest => {
+                        let at = other.clone();
+                        blocking(move || Ok(list_source_files(&at))).await?
                     }
-                    remove_dir_if_exists(other).await?;
-                    create_dir(other).await?;
-                    download_all(
-                        handle,
-                        source.root(),
-                        other,
-                        &reuse,
-                        Some(source.checked_links()),
-                    )
-                    .await?;
-                    lists.push(match strategy {
-                        RescaleStrategy::Ingest => {
-                            let at = other.clone();
-                            blocking(move || Ok(list_source_files(&at))).await?
-                        }
-                        RescaleStrategy::IterateAndWrite => Err(Error::invalid("iterate")),
-                    });
-                }
-                Ok::<_, Error>(lists)
+                    RescaleStrategy::IterateAndWrite => Err(Error::invalid("iterate")),
+                });
             }
-            .await;
-            // The build learns only whether the sources are there; the error is
-            // returned below.
-            match listed {
-                Ok(lists) => {
-                    let _ = ready.send(Some(lists));
-                    Ok(())
-                }
-                Err(e) => {
-                    let _ = ready.send(None);
-                    Err(e)
-                }
-            }
+            Ok::<_, Error>(lists)
         };
-        let base = handles[base_index].clone();
         let sources = others.clone();
-        let mode = options.mode;
-        let build = self.build_in_place(move |builder| {
-            // Compactions wait until the range deletions below are written and flushed:
-            // the columns of the base open without them, the others are paused as soon
-            // as they exist.
-            let backend = builder.open_as(OpenMode::Rescaled)?;
-            let job = Reshape {
-                base: &base,
-                sources: &sources,
-                strategy,
-                range,
-            };
-            match job.run(&backend, fetched) {
-                Ok(provenance) => Ok((backend, provenance)),
+        let open = blocking(move || {
+            // Compactions wait until the range deletions are written and flushed: the
+            // columns of the base open without them, the others are paused as soon as
+            // they exist.
+            let backend = self.open_as(OpenMode::Rescaled)?;
+            match add_columns(&backend, &sources) {
+                Ok(()) => Ok(backend),
                 Err(e) => {
-                    // The directory is removed: closing it needs no flush nor sync.
+                    // The directory is removed: closed with no flush nor sync.
                     backend.core.mark_scratch();
                     Err(e)
                 }
             }
         });
-        let (built, fetched_others) = tokio::join!(build, fetch_others);
+        let (opened, fetched) = tokio::join!(open, fetch_others);
+        let base = handles[base_index].clone();
+        let sources = others.clone();
+        let marker = dir.join(RESTORING_MARKER);
+        let built = match (opened, fetched) {
+            (Ok(backend), Ok(lists)) => {
+                blocking(move || {
+                    let reshaped = reshape(&backend, &base, &sources, lists, strategy, range)
+                        .and_then(|provenance| {
+                            std::fs::remove_file(&marker).map_err(|e| {
+                                Error::io(format!("remove {}", marker.display()), e)
+                            })?;
+                            Ok(provenance)
+                        });
+                    match reshaped {
+                        Ok(provenance) => Ok((backend, provenance)),
+                        Err(e) => {
+                            backend.core.mark_scratch();
+                            Err(e)
+                        }
+                    }
+                })
+                .await
+            }
+            (Ok(backend), Err(e)) => {
+                // Closed off the async threads (a close may wait for background work).
+                let closed = blocking(move || {
+                    backend.core.mark_scratch();
+                    drop(backend);
+                    Ok(())
+                })
+                .await;
+                if let Err(also) = closed {
+                    tracing::warn!(error = %also.report(), "cannot close a failed rescale");
+                }
+                Err(e)
+            }
+            (Err(e), fetched) => {
+                if let Err(also) = fetched {
+                    tracing::warn!(error = %also.report(), "the rescale's other sources were not fetched either");
+                }
+                Err(e)
+            }
+        };
         for (_, other) in others {
             if let Err(e) = remove_dir_if_exists(&other).await {
                 tracing::warn!(dir = %other.display(), error = %e.report(), "cannot remove a rescale source");
             }
         }
-        let (backend, provenance) = match (built, fetched_others) {
-            (Ok(built), Ok(())) => built,
-            (Err(e), Ok(())) => return Err(e),
-            // A failed fetch fails the build too: the fetch's error says why.
-            (built, Err(e)) => {
-                if let Err(also) = built {
-                    tracing::debug!(error = %also.report(), "the rescale's build failed too");
-                }
-                return Err(e);
+        if built.is_err() {
+            if let Err(cleanup) = remove_dir_if_exists(&dir).await {
+                tracing::warn!(dir = %dir.display(), error = %cleanup.report(), "cannot remove a failed restore");
             }
-        };
+        }
+        let (backend, provenance) = built?;
         seed(
             &backend,
             source.metadata().checkpoint_id,
             source.root(),
             provenance,
-            mode,
+            options.mode,
         );
         Ok(backend)
     }
 }
 
-/// What a rescale does to its opened base database once the other sources are fetched.
-struct Reshape<'a> {
-    base: &'a KeyedStateHandle,
-    sources: &'a [(KeyedStateHandle, PathBuf)],
-    strategy: RescaleStrategy,
-    range: KeyGroupRange,
+/// Registers in a rescale's opened base the states of the other sources, with their
+/// compactions paused like the base's own.
+fn add_columns(backend: &RocksStateBackend, sources: &[(KeyedStateHandle, PathBuf)]) -> Result<()> {
+    let opened: BTreeSet<String> = backend
+        .core
+        .state_columns()
+        .into_iter()
+        .map(|(_, c)| c.cf_name.clone())
+        .collect();
+    for (handle, _) in sources {
+        for meta in &handle.states {
+            backend.ensure_state(meta)?;
+        }
+    }
+    backend
+        .core
+        .pause_compactions_of(|c| !opened.contains(&c.cf_name))
 }
 
-impl Reshape<'_> {
-    /// Brings the other sources' key groups into `backend` (waiting for `fetched`, their
-    /// file lists), deletes what lies outside the new range, and returns which local
-    /// files are copies of which stored files.
-    fn run(
-        &self,
-        backend: &RocksStateBackend,
-        fetched: tokio::sync::oneshot::Receiver<Option<Vec<Result<Listed>>>>,
-    ) -> Result<FileSet> {
-        let opened: BTreeSet<String> = backend
-            .core
-            .state_columns()
-            .into_iter()
-            .map(|(_, c)| c.cf_name.clone())
-            .collect();
-        for (handle, _) in self.sources {
-            for meta in &handle.states {
-                backend.ensure_state(meta)?;
-            }
-        }
-        backend
-            .core
-            .pause_compactions_of(|c| !opened.contains(&c.cf_name))?;
-        let Ok(Some(lists)) = fetched.blocking_recv() else {
-            return Err(Error::Internal(
-                "the other sources of a rescale were not fetched".into(),
-            ));
-        };
-        let mut provenance = sst_files_of(self.base);
-        for ((handle, dir), listed) in self.sources.iter().zip(lists) {
-            match listed.and_then(|files| ingest(backend, handle, dir, files)) {
-                Ok(files) => provenance.extend(files),
-                Err(e) => {
-                    if self.strategy == RescaleStrategy::Ingest {
-                        tracing::info!(error = %e.report(), "ingestion refused; iterating instead");
-                        // Whatever was ingested of this source is removed first.
-                        backend.core.delete_inside(handle.key_group_range)?;
-                    }
-                    iterate(backend, handle, dir, self.range)?;
-                }
-            }
-        }
-        backend.core.delete_outside(self.range)?;
-        let live = live_file_names(backend)?;
-        provenance.retain(|name, _| live.contains(name));
-        // The data is in place: the backend is usable now. The flush of the range
-        // deletions and the compactions come after, in the background.
-        backend.core.resume_compactions_in_background();
-        Ok(provenance)
+/// Brings the other sources' key groups into a rescale's base `backend` (`lists`: their
+/// files, one entry per source), deletes what lies outside the new `range`, and returns
+/// which local files are copies of which stored files.
+fn reshape(
+    backend: &RocksStateBackend,
+    base: &KeyedStateHandle,
+    sources: &[(KeyedStateHandle, PathBuf)],
+    lists: Vec<Result<Listed>>,
+    strategy: RescaleStrategy,
+    range: KeyGroupRange,
+) -> Result<FileSet> {
+    if lists.len() != sources.len() {
+        return Err(Error::Internal(format!(
+            "{} file lists for {} rescale sources",
+            lists.len(),
+            sources.len()
+        )));
     }
+    let mut provenance = sst_files_of(base);
+    for ((handle, dir), listed) in sources.iter().zip(lists) {
+        match listed.and_then(|files| ingest(backend, handle, dir, files)) {
+            Ok(files) => provenance.extend(files),
+            Err(e) => {
+                if strategy == RescaleStrategy::Ingest {
+                    tracing::info!(error = %e.report(), "ingestion refused; iterating instead");
+                    // Whatever was ingested of this source is removed first.
+                    backend.core.delete_inside(handle.key_group_range)?;
+                }
+                iterate(backend, handle, dir, range)?;
+            }
+        }
+    }
+    backend.core.delete_outside(range)?;
+    let live = live_file_names(backend)?;
+    provenance.retain(|name, _| live.contains(name));
+    // The data is in place: the backend is usable now. The flush of the range deletions
+    // and the compactions come after, in the background.
+    backend.core.resume_compactions_in_background();
+    Ok(provenance)
 }
 
 /// The names of the live SST files of `backend`.

@@ -95,7 +95,13 @@ async fn write(
                 .restore_operator(source, &op.uid, &RestoreOptions::default())
                 .await?;
             // Removed once its savepoint is written: closed without flush or sync.
-            backend.core.mark_scratch();
+            // (Marking it changes RocksDB's options: file work, off the async threads.)
+            let backend = tokio::task::spawn_blocking(move || {
+                backend.core.mark_scratch();
+                backend
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("mark a temporary backend: {e}")))?;
             let subtask_id = u32::try_from(index)
                 .map_err(|_| Error::corrupt(source.location(), "too many subtasks"))?;
             // The snapshot's synchronous phase is blocking RocksDB work (it may also wait
