@@ -164,7 +164,9 @@ impl BackendBuilder {
         }
         .await;
         if let Err(e) = base_fetched {
-            remove_dir_if_exists(&dir).await?;
+            if let Err(cleanup) = remove_dir_if_exists(&dir).await {
+                tracing::warn!(dir = %dir.display(), error = %cleanup.report(), "cannot remove a failed restore");
+            }
             return Err(e);
         }
         let others: Vec<(KeyedStateHandle, PathBuf)> = handles
