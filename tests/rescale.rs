@@ -540,6 +540,13 @@ async fn a_rescale_whose_other_source_is_corrupt_fails_and_leaves_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    // The base had opened: it was closed as a scratch copy (no flush, sync or clean
+    // mark), then removed.
+    assert_eq!(
+        rockstate::testing::checks::scratch_closes_under(&root),
+        vec![dir.clone()],
+        "the failed build is closed as a scratch copy"
+    );
     let left: Vec<_> = std::fs::read_dir(&root)
         .map(|d| d.map(|e| e.unwrap().file_name()).collect())
         .unwrap_or_default();

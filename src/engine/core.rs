@@ -870,6 +870,8 @@ impl Drop for BackendCore {
     /// refused (restore instead).
     fn drop(&mut self) {
         if self.scratch.load(Ordering::SeqCst) {
+            #[cfg(feature = "testing")]
+            crate::testing::checks::record_scratch_close(&self.dir);
             return;
         }
         if let Some(why) = self.poisoned.lock().as_ref() {

@@ -1,7 +1,7 @@
 //! Assertions about what a job directory holds.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::format::CheckpointMetadata;
 use crate::storage::CheckpointStorage;
@@ -79,4 +79,24 @@ pub fn columns_with_compactions_off(dir: &Path) -> Vec<String> {
         }
     }
     off
+}
+
+/// Directories whose database this process closed as a scratch copy (no flush, no sync,
+/// no clean mark), in order.
+static SCRATCH_CLOSES: parking_lot::Mutex<Vec<PathBuf>> = parking_lot::Mutex::new(Vec::new());
+
+pub(crate) fn record_scratch_close(dir: &Path) {
+    SCRATCH_CLOSES.lock().push(dir.to_path_buf());
+}
+
+/// The directories under `root` whose database this process closed as a scratch copy:
+/// with no flush, no sync of its files and no clean mark, so that none of them could
+/// ever reopen as a backend's own directory.
+pub fn scratch_closes_under(root: &Path) -> Vec<PathBuf> {
+    SCRATCH_CLOSES
+        .lock()
+        .iter()
+        .filter(|dir| dir.starts_with(root))
+        .cloned()
+        .collect()
 }

@@ -446,13 +446,19 @@ async fn restore_all(
     reuse: &[PathBuf],
 ) -> rockstate::Result<Duration> {
     let (elapsed, backends) = restore_open(source, dir, label, p, strategy, reuse).await?;
-    for b in backends {
-        let local = b.local_dir().to_path_buf();
-        b.close()?;
-        // Compactions of the restored copies write new files: the scratch space of a
-        // large state would otherwise grow with every repetition.
-        std::fs::remove_dir_all(&local).map_err(io("remove a restored directory"))?;
-    }
+    // Closed off the async threads: a close waits for background work and syncs files.
+    tokio::task::spawn_blocking(move || {
+        for b in backends {
+            let local = b.local_dir().to_path_buf();
+            b.close()?;
+            // Compactions of the restored copies write new files: the scratch space of a
+            // large state would otherwise grow with every repetition.
+            std::fs::remove_dir_all(&local).map_err(io("remove a restored directory"))?;
+        }
+        Ok::<_, Error>(())
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("closing restored backends panicked: {e}")))??;
     Ok(elapsed)
 }
 

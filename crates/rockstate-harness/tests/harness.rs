@@ -406,13 +406,22 @@ impl Drop for Watched {
             .enable_all()
             .build()
             .unwrap();
-        let status = runtime
-            .block_on(rockstate::checkpoint::status::read_status(
-                &self.job,
-                u64::MAX / 2,
-            ))
-            .unwrap()
-            .map(|view| view.status.state);
+        // The status task publishes `running` soon after the start: the subtask waits
+        // for a status to exist (it may be still running itself), then reports it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let status = loop {
+            let status = runtime
+                .block_on(rockstate::checkpoint::status::read_status(
+                    &self.job,
+                    u64::MAX / 2,
+                ))
+                .unwrap()
+                .map(|view| view.status.state);
+            if status.is_some() || std::time::Instant::now() > deadline {
+                break status;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
         self.seen.lock().unwrap().push((self.fails, status));
     }
 }
