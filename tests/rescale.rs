@@ -478,6 +478,57 @@ async fn a_rescaled_backend_is_in_use_before_its_compactions_resume() {
     check(&back, &model, "2->3->2");
 }
 
+/// Compactions a rescale could not resume in the background stay paused, and are not
+/// lost track of: the next snapshot tries again before it takes anything and, while
+/// RocksDB refuses, fails saying which column, with the data untouched and the backend
+/// still usable. Once they can be resumed, the next snapshot does so and completes, and
+/// its checkpoint restores with everything written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compactions_a_rescale_could_not_resume_are_resumed_by_the_next_snapshot() {
+    use rockstate::testing::checks::refuse_compaction_resumes;
+    let tmp = tempfile::tempdir().unwrap();
+    let (source, mut model, _) = prepare(tmp.path(), 2, None).await;
+    refuse_compaction_resumes(true);
+    let restored = restore_all(&source, tmp.path(), 3, &RestoreOptions::default())
+        .await
+        .unwrap();
+    for (i, b) in restored.iter().enumerate() {
+        // The snapshot waits for the background work, which was refused too.
+        let e = tokio::task::block_in_place(|| b.snapshot(1)).unwrap_err();
+        assert!(
+            e.to_string().contains("resume compactions of"),
+            "subtask {i}: {e}"
+        );
+        assert!(
+            !columns_with_compactions_off(b.local_dir()).is_empty(),
+            "subtask {i}: compactions on although refused"
+        );
+    }
+    check(&restored, &model, "2->3, compactions refused");
+    write_round(&restored, &mut model, 5);
+    check(&restored, &model, "2->3, written with compactions refused");
+    refuse_compaction_resumes(false);
+    let store = CheckpointStorage::open(tmp.path().join("store").to_str().unwrap()).unwrap();
+    let job = store.child("job-3").unwrap();
+    let mut coordinator =
+        CheckpointCoordinator::start(job.clone(), "job-3", spec(3), CoordinatorOptions::default())
+            .await
+            .unwrap();
+    let (at_three, _) = snapshot(&mut coordinator, &restored, &job, &job, None).await;
+    for (i, b) in restored.iter().enumerate() {
+        assert_eq!(
+            columns_with_compactions_off(b.local_dir()),
+            Vec::<String>::new(),
+            "subtask {i}"
+        );
+    }
+    drop(restored);
+    let back = restore_all(&at_three, tmp.path(), 2, &RestoreOptions::default())
+        .await
+        .unwrap();
+    check(&back, &model, "2->3->2 after a refused resumption");
+}
+
 /// A rescale never holds a blocking thread while it waits for work that needs one: with a
 /// single blocking thread in the runtime, a rescale that ingests another source (its
 /// base opens while the other source is fetched) still completes.

@@ -588,13 +588,19 @@ impl BackendCore {
             let Some(cf) = self.db.cf_handle(name) else {
                 return false;
             };
+            let context = || format!("resume compactions of {name}");
+            #[cfg(feature = "testing")]
+            if crate::testing::checks::compaction_resumes_refused() {
+                first.get_or_insert(Error::Internal(format!("{}: refused", context())));
+                return true;
+            }
             match self
                 .db
                 .set_options_cf(&cf, &[("disable_auto_compactions", "false")])
             {
                 Ok(()) => false,
                 Err(e) => {
-                    first.get_or_insert(Error::engine(format!("resume compactions of {name}"), e));
+                    first.get_or_insert(Error::engine(context(), e));
                     true
                 }
             }

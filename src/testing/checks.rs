@@ -100,3 +100,18 @@ pub fn scratch_closes_under(root: &Path) -> Vec<PathBuf> {
         .cloned()
         .collect()
 }
+
+/// While set, every attempt to resume a column's compactions is refused, as a RocksDB
+/// that cannot rewrite its options file would refuse it.
+static REFUSE_COMPACTION_RESUMES: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every later attempt of this process to resume compactions paused by a rescale
+/// fail (`true`), or succeed again (`false`).
+pub fn refuse_compaction_resumes(refuse: bool) {
+    REFUSE_COMPACTION_RESUMES.store(refuse, std::sync::atomic::Ordering::SeqCst);
+}
+
+pub(crate) fn compaction_resumes_refused() -> bool {
+    REFUSE_COMPACTION_RESUMES.load(std::sync::atomic::Ordering::SeqCst)
+}
