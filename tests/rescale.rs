@@ -488,26 +488,38 @@ async fn compactions_a_rescale_could_not_resume_are_resumed_by_the_next_snapshot
     use rockstate::testing::checks::refuse_compaction_resumes;
     let tmp = tempfile::tempdir().unwrap();
     let (source, mut model, _) = prepare(tmp.path(), 2, None).await;
-    refuse_compaction_resumes(true);
+    refuse_compaction_resumes(tmp.path(), true);
     let restored = restore_all(&source, tmp.path(), 3, &RestoreOptions::default())
         .await
         .unwrap();
     for (i, b) in restored.iter().enumerate() {
         // The snapshot waits for the background work, which was refused too.
         let e = tokio::task::block_in_place(|| b.snapshot(1)).unwrap_err();
+        let paused = columns_with_compactions_off(b.local_dir());
         assert!(
-            e.to_string().contains("resume compactions of"),
-            "subtask {i}: {e}"
+            !paused.is_empty(),
+            "subtask {i}: compactions on although refused"
         );
         assert!(
-            !columns_with_compactions_off(b.local_dir()).is_empty(),
-            "subtask {i}: compactions on although refused"
+            paused.iter().any(|c| e
+                .to_string()
+                .contains(&format!("resume compactions of {c}"))),
+            "subtask {i}: the error names no paused column ({paused:?}): {e}"
+        );
+        // It failed before taking anything: nothing staged beside the directory.
+        let mut name = b.local_dir().file_name().unwrap().to_os_string();
+        name.push(".snapshots");
+        let staged = b.local_dir().with_file_name(name);
+        assert!(
+            std::fs::read_dir(&staged).map_or(true, |mut d| d.next().is_none()),
+            "subtask {i}: a snapshot was staged in {}",
+            staged.display()
         );
     }
     check(&restored, &model, "2->3, compactions refused");
     write_round(&restored, &mut model, 5);
     check(&restored, &model, "2->3, written with compactions refused");
-    refuse_compaction_resumes(false);
+    refuse_compaction_resumes(tmp.path(), false);
     let store = CheckpointStorage::open(tmp.path().join("store").to_str().unwrap()).unwrap();
     let job = store.child("job-3").unwrap();
     let mut coordinator =
@@ -527,6 +539,34 @@ async fn compactions_a_rescale_could_not_resume_are_resumed_by_the_next_snapshot
         .await
         .unwrap();
     check(&back, &model, "2->3->2 after a refused resumption");
+}
+
+/// A rescale by iterate-and-write opens each other source as a copy to read: every such
+/// copy is marked scratch when it closes (no flush, sync or clean mark) and is removed;
+/// the new backends' own directories are not closed that way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iterate_and_write_sources_are_closed_as_scratch() {
+    use rockstate::testing::checks::{scratch_closes_under, watch_scratch_closes};
+    let tmp = tempfile::tempdir().unwrap();
+    let (source, model, _) = prepare(tmp.path(), 2, None).await;
+    let root = tmp.path().join("iterated");
+    std::fs::create_dir_all(&root).unwrap();
+    watch_scratch_closes(&root);
+    let options = RestoreOptions {
+        strategy: RescaleStrategy::IterateAndWrite,
+        ..RestoreOptions::default()
+    };
+    let restored = restore_all(&source, &root, 3, &options).await.unwrap();
+    check(&restored, &model, "2->3 by iterate and write");
+    // Only new subtask 1 (43..=85) reads another source: old subtask 0, beside its base.
+    let closed = scratch_closes_under(&root);
+    assert_eq!(closed.len(), 1, "{closed:?}");
+    let name = closed[0].file_name().unwrap().to_string_lossy().to_string();
+    assert!(name.contains(".rescale-"), "{name}");
+    assert!(!closed[0].exists(), "{name} left behind");
+    for b in &restored {
+        assert!(!closed.contains(&b.local_dir().to_path_buf()));
+    }
 }
 
 /// A rescale never holds a blocking thread while it waits for work that needs one: with a
@@ -584,6 +624,7 @@ async fn a_rescale_whose_other_source_is_corrupt_fails_and_leaves_nothing() {
     std::fs::remove_file(&stored).unwrap();
     std::fs::write(&stored, &bytes).unwrap();
     let root = tmp.path().join("new");
+    rockstate::testing::checks::watch_scratch_closes(&root);
     let dir = root.join("subtask-1");
     let opts = BackendOptions::for_subtask(&dir, 1, 3, MAX_PAR).unwrap();
     let err = RocksStateBackend::builder(opts)

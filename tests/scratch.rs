@@ -9,7 +9,7 @@ use std::path::Path;
 use rockstate::restore::{SavepointReader, SavepointWriter};
 use rockstate::runtime::savepoint_from_snapshot;
 use rockstate::savepoint::Compression;
-use rockstate::testing::checks::scratch_closes_under;
+use rockstate::testing::checks::{scratch_closes_under, watch_scratch_closes};
 use rockstate::{
     BackendOptions, CheckpointStorage, KeyGroupRange, RestoreSource, RocksStateBackend,
     SavepointFormat, ValueStateDescriptor,
@@ -54,6 +54,7 @@ async fn an_offline_readers_copy_is_closed_as_scratch() {
     let tmp = tempfile::tempdir().unwrap();
     let source = savepoint(tmp.path()).await;
     let scratch = tmp.path().join("reader");
+    watch_scratch_closes(&scratch);
     let reader = SavepointReader::from_source(source, &scratch);
     for close in [true, false] {
         let state = reader.keyed_state(UID).await.unwrap();
@@ -83,6 +84,7 @@ async fn a_savepoint_of_a_snapshot_closes_its_copies_as_scratch() {
     let subtasks = source.metadata().operator(UID).unwrap().subtasks.len();
     assert!(subtasks > 0);
     let scratch = tmp.path().join("scratch");
+    watch_scratch_closes(&scratch);
     let parent = storage(&tmp.path().join("made"));
     let mut expected = 0;
     for format in [SavepointFormat::Native, SavepointFormat::Canonical] {
@@ -118,6 +120,7 @@ async fn a_savepoint_of_a_snapshot_closes_its_copies_as_scratch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_staged_canonical_savepoint_is_closed_as_scratch() {
     let tmp = tempfile::tempdir().unwrap();
+    watch_scratch_closes(tmp.path());
     let local = tmp.path().join("local");
     let options = BackendOptions::new(&local, KeyGroupRange::all(MAX_PAR).unwrap(), MAX_PAR);
     let backend = RocksStateBackend::open(options.clone()).unwrap();

@@ -588,19 +588,24 @@ impl BackendCore {
             let Some(cf) = self.db.cf_handle(name) else {
                 return false;
             };
-            let context = || format!("resume compactions of {name}");
+            let context = format!("resume compactions of {name}");
             #[cfg(feature = "testing")]
-            if crate::testing::checks::compaction_resumes_refused() {
-                first.get_or_insert(Error::Internal(format!("{}: refused", context())));
-                return true;
-            }
-            match self
+            let resumed = if crate::testing::checks::compaction_resumes_refused(&self.dir) {
+                Err(Error::Internal(format!("{context}: refused")))
+            } else {
+                self.db
+                    .set_options_cf(&cf, &[("disable_auto_compactions", "false")])
+                    .map_err(|e| Error::engine(context, e))
+            };
+            #[cfg(not(feature = "testing"))]
+            let resumed = self
                 .db
                 .set_options_cf(&cf, &[("disable_auto_compactions", "false")])
-            {
+                .map_err(|e| Error::engine(context, e));
+            match resumed {
                 Ok(()) => false,
                 Err(e) => {
-                    first.get_or_insert(Error::engine(context(), e));
+                    first.get_or_insert(e);
                     true
                 }
             }
@@ -877,7 +882,7 @@ impl Drop for BackendCore {
     fn drop(&mut self) {
         if self.scratch.load(Ordering::SeqCst) {
             #[cfg(feature = "testing")]
-            crate::testing::checks::record_scratch_close(&self.dir);
+            crate::testing::checks::scratch_closed(&self.dir);
             return;
         }
         if let Some(why) = self.poisoned.lock().as_ref() {

@@ -1,4 +1,5 @@
-//! Assertions about what a job directory holds.
+//! Assertions about what a job directory holds, and hooks that observe or refuse steps of
+//! the engine in the directories a test names.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -81,37 +82,58 @@ pub fn columns_with_compactions_off(dir: &Path) -> Vec<String> {
     off
 }
 
-/// Directories whose database this process closed as a scratch copy (no flush, no sync,
-/// no clean mark), in order.
-static SCRATCH_CLOSES: parking_lot::Mutex<Vec<PathBuf>> = parking_lot::Mutex::new(Vec::new());
+/// Per root a test watches, the directories under it whose database was closed as a
+/// scratch copy (no flush, no sync, no clean mark), in order.
+static SCRATCH_CLOSES: parking_lot::Mutex<Vec<(PathBuf, Vec<PathBuf>)>> =
+    parking_lot::Mutex::new(Vec::new());
 
-pub(crate) fn record_scratch_close(dir: &Path) {
-    SCRATCH_CLOSES.lock().push(dir.to_path_buf());
+pub(crate) fn scratch_closed(dir: &Path) {
+    for (root, closed) in SCRATCH_CLOSES.lock().iter_mut() {
+        if dir.starts_with(root) {
+            closed.push(dir.to_path_buf());
+        }
+    }
 }
 
-/// The directories under `root` whose database this process closed as a scratch copy:
-/// with no flush, no sync of its files and no clean mark, so that none of them could
-/// ever reopen as a backend's own directory.
+/// From now on, records which databases under `root` are closed as scratch copies (see
+/// [`scratch_closes_under`]). Nothing is recorded outside the roots being watched.
+pub fn watch_scratch_closes(root: &Path) {
+    let mut watched = SCRATCH_CLOSES.lock();
+    if !watched.iter().any(|(r, _)| r == root) {
+        watched.push((root.to_path_buf(), Vec::new()));
+    }
+}
+
+/// The directories under `root` (watched with [`watch_scratch_closes`]) whose database
+/// was marked as a scratch copy when it closed, so that it was closed with no flush, no
+/// sync of its files and no clean mark.
 pub fn scratch_closes_under(root: &Path) -> Vec<PathBuf> {
     SCRATCH_CLOSES
         .lock()
         .iter()
-        .filter(|dir| dir.starts_with(root))
-        .cloned()
+        .filter(|(r, _)| r == root)
+        .flat_map(|(_, closed)| closed.iter().cloned())
         .collect()
 }
 
-/// While set, every attempt to resume a column's compactions is refused, as a RocksDB
-/// that cannot rewrite its options file would refuse it.
-static REFUSE_COMPACTION_RESUMES: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+/// Directories under which every attempt to resume a column's compactions is refused,
+/// as a RocksDB that cannot rewrite its options file would refuse it.
+static REFUSED_COMPACTION_RESUMES: parking_lot::Mutex<Vec<PathBuf>> =
+    parking_lot::Mutex::new(Vec::new());
 
-/// Makes every later attempt of this process to resume compactions paused by a rescale
-/// fail (`true`), or succeed again (`false`).
-pub fn refuse_compaction_resumes(refuse: bool) {
-    REFUSE_COMPACTION_RESUMES.store(refuse, std::sync::atomic::Ordering::SeqCst);
+/// Makes every later attempt to resume compactions paused by a rescale, in a backend
+/// whose directory lies under `root`, fail (`true`) or succeed again (`false`).
+pub fn refuse_compaction_resumes(root: &Path, refuse: bool) {
+    let mut refused = REFUSED_COMPACTION_RESUMES.lock();
+    refused.retain(|r| r != root);
+    if refuse {
+        refused.push(root.to_path_buf());
+    }
 }
 
-pub(crate) fn compaction_resumes_refused() -> bool {
-    REFUSE_COMPACTION_RESUMES.load(std::sync::atomic::Ordering::SeqCst)
+pub(crate) fn compaction_resumes_refused(dir: &Path) -> bool {
+    REFUSED_COMPACTION_RESUMES
+        .lock()
+        .iter()
+        .any(|root| dir.starts_with(root))
 }

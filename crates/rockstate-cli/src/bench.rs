@@ -458,7 +458,7 @@ async fn restore_all(
         Ok::<_, Error>(())
     })
     .await
-    .map_err(|e| Error::Internal(format!("closing restored backends panicked: {e}")))??;
+    .map_err(|e| Error::Internal(format!("closing restored backends failed: {e}")))??;
     Ok(elapsed)
 }
 
