@@ -422,6 +422,35 @@ async fn compactions_resume_in_the_background_after_a_rescale() {
     check(&reopened, &model, "2->3, reopened");
 }
 
+/// Takes a checkpoint of the three rescaled `restored` backends through a coordinator,
+/// checks that every column's compactions then run, and restores it at 2 against `model`.
+async fn checkpoint_at_three_restores_at_two(
+    tmp: &Path,
+    restored: Vec<RocksStateBackend>,
+    model: &Model,
+    what: &str,
+) {
+    let store = CheckpointStorage::open(tmp.join("store").to_str().unwrap()).unwrap();
+    let job = store.child("job-3").unwrap();
+    let mut coordinator =
+        CheckpointCoordinator::start(job.clone(), "job-3", spec(3), CoordinatorOptions::default())
+            .await
+            .unwrap();
+    let (at_three, _) = snapshot(&mut coordinator, &restored, &job, &job, None).await;
+    for (i, b) in restored.iter().enumerate() {
+        assert_eq!(
+            columns_with_compactions_off(b.local_dir()),
+            Vec::<String>::new(),
+            "{what}: subtask {i}"
+        );
+    }
+    drop(restored);
+    let back = restore_all(&at_three, tmp, 2, &RestoreOptions::default())
+        .await
+        .unwrap();
+    check(&back, model, what);
+}
+
 /// While the work a rescale leaves to the background is held, the backend is already in
 /// use: its compactions are still off, and it reads and writes as the model says. Once
 /// released, a checkpoint of the three (each snapshot waits for that work) restores at 2
@@ -457,25 +486,7 @@ async fn a_rescaled_backend_is_in_use_before_its_compactions_resume() {
             .map(|b| b.hold_snapshot_captures())
             .collect::<Vec<_>>(),
     );
-    let store = CheckpointStorage::open(tmp.path().join("store").to_str().unwrap()).unwrap();
-    let job = store.child("job-3").unwrap();
-    let mut coordinator =
-        CheckpointCoordinator::start(job.clone(), "job-3", spec(3), CoordinatorOptions::default())
-            .await
-            .unwrap();
-    let (at_three, _) = snapshot(&mut coordinator, &restored, &job, &job, None).await;
-    for (i, b) in restored.iter().enumerate() {
-        assert_eq!(
-            columns_with_compactions_off(b.local_dir()),
-            Vec::<String>::new(),
-            "subtask {i}"
-        );
-    }
-    drop(restored);
-    let back = restore_all(&at_three, tmp.path(), 2, &RestoreOptions::default())
-        .await
-        .unwrap();
-    check(&back, &model, "2->3->2");
+    checkpoint_at_three_restores_at_two(tmp.path(), restored, &model, "2->3->2").await;
 }
 
 /// Compactions a rescale could not resume in the background stay paused, and are not
@@ -520,25 +531,13 @@ async fn compactions_a_rescale_could_not_resume_are_resumed_by_the_next_snapshot
     write_round(&restored, &mut model, 5);
     check(&restored, &model, "2->3, written with compactions refused");
     refuse_compaction_resumes(tmp.path(), false);
-    let store = CheckpointStorage::open(tmp.path().join("store").to_str().unwrap()).unwrap();
-    let job = store.child("job-3").unwrap();
-    let mut coordinator =
-        CheckpointCoordinator::start(job.clone(), "job-3", spec(3), CoordinatorOptions::default())
-            .await
-            .unwrap();
-    let (at_three, _) = snapshot(&mut coordinator, &restored, &job, &job, None).await;
-    for (i, b) in restored.iter().enumerate() {
-        assert_eq!(
-            columns_with_compactions_off(b.local_dir()),
-            Vec::<String>::new(),
-            "subtask {i}"
-        );
-    }
-    drop(restored);
-    let back = restore_all(&at_three, tmp.path(), 2, &RestoreOptions::default())
-        .await
-        .unwrap();
-    check(&back, &model, "2->3->2 after a refused resumption");
+    checkpoint_at_three_restores_at_two(
+        tmp.path(),
+        restored,
+        &model,
+        "2->3->2 after a refused resumption",
+    )
+    .await;
 }
 
 /// A rescale by iterate-and-write opens each other source as a copy to read: every such
