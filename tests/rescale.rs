@@ -644,6 +644,71 @@ async fn a_rescale_whose_other_source_is_corrupt_fails_and_leaves_nothing() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// A checkpoint whose subtasks hold one state name with two different value types (as a
+/// job whose subtasks ran different versions of its code would leave): a rescale that
+/// merges the two fails with `Incompatible` naming the state, its base (already open) is
+/// closed as a scratch copy, and nothing is left of the new directory or the sources.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescale_of_sources_with_incompatible_states_fails_and_leaves_nothing() {
+    use rockstate::testing::checks::{scratch_closes_under, watch_scratch_closes};
+    let tmp = tempfile::tempdir().unwrap();
+    let store = CheckpointStorage::open(tmp.path().join("store").to_str().unwrap()).unwrap();
+    let job = store.child("job").unwrap();
+    let mut coordinator =
+        CheckpointCoordinator::start(job.clone(), "job", spec(2), CoordinatorOptions::default())
+            .await
+            .unwrap();
+    let backends = open_subtasks(tmp.path(), 2);
+    let mut model = Model::default();
+    write_round(&backends, &mut model, 1);
+    let numbers = backends[0]
+        .register(ValueStateDescriptor::<u64, u64>::new("odd"))
+        .unwrap();
+    let words = backends[1]
+        .register(ValueStateDescriptor::<u64, String>::new("odd"))
+        .unwrap();
+    // Key groups 0..=63 and 64..=127: some key of each.
+    let key_in = |range: std::ops::RangeInclusive<u16>| {
+        (0u64..)
+            .find(|k| range.contains(&(rockstate::key_group_for(k, MAX_PAR).unwrap())))
+            .unwrap()
+    };
+    numbers.put(&key_in(0..=63), &7).unwrap();
+    words.put(&key_in(64..=127), &"seven".to_string()).unwrap();
+    let (source, _) = snapshot(&mut coordinator, &backends, &job, &job, None).await;
+    drop((numbers, words));
+    drop(backends);
+    let root = tmp.path().join("new");
+    watch_scratch_closes(&root);
+    // New subtask 1 of 3 (43..=85) opens old subtask 1 and adds old subtask 0's states.
+    let dir = root.join("subtask-1");
+    let opts = BackendOptions::for_subtask(&dir, 1, 3, MAX_PAR).unwrap();
+    let err = RocksStateBackend::builder(opts)
+        .restore_operator(&source, UID, &RestoreOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Incompatible, "{err}");
+    assert!(err.to_string().contains("odd"), "{err}");
+    assert_eq!(
+        scratch_closes_under(&root),
+        vec![dir.clone()],
+        "the opened base is closed as a scratch copy"
+    );
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // Subtasks that take one old subtask alone restore as usual.
+    for i in [0, 2] {
+        let opts =
+            BackendOptions::for_subtask(root.join(format!("subtask-{i}")), i, 3, MAX_PAR).unwrap();
+        RocksStateBackend::builder(opts)
+            .restore_operator(&source, UID, &RestoreOptions::default())
+            .await
+            .unwrap();
+    }
+}
+
 /// NoClaim from a savepoint folder: the first checkpoint copies the restored files into
 /// the job's own `shared/` inside the store (hard links for local files), never
 /// referencing the savepoint.
