@@ -622,26 +622,34 @@ async fn a_rescale_whose_other_source_is_corrupt_fails_and_leaves_nothing() {
     bytes[last] ^= 0xff;
     std::fs::remove_file(&stored).unwrap();
     std::fs::write(&stored, &bytes).unwrap();
-    let root = tmp.path().join("new");
-    rockstate::testing::checks::watch_scratch_closes(&root);
+    let err = failed_middle_rescale(tmp.path(), &source).await;
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+}
+
+/// Restores new subtask 1 of 3 from a 2-subtask `source` (its base is old subtask 1, and
+/// it takes old subtask 0's key groups 43..=63), expecting it to fail once its base is
+/// open: checks that the base was closed as a scratch copy (no flush, sync or clean
+/// mark) and that nothing is left of it or of the other source, and returns the error.
+async fn failed_middle_rescale(tmp: &Path, source: &RestoreSource) -> rockstate::Error {
+    use rockstate::testing::checks::{scratch_closes_under, watch_scratch_closes};
+    let root = tmp.join("new");
+    watch_scratch_closes(&root);
     let dir = root.join("subtask-1");
     let opts = BackendOptions::for_subtask(&dir, 1, 3, MAX_PAR).unwrap();
     let err = RocksStateBackend::builder(opts)
-        .restore_operator(&source, UID, &RestoreOptions::default())
+        .restore_operator(source, UID, &RestoreOptions::default())
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
-    // The base had opened: it was closed as a scratch copy (no flush, sync or clean
-    // mark), then removed.
     assert_eq!(
-        rockstate::testing::checks::scratch_closes_under(&root),
+        scratch_closes_under(&root),
         vec![dir.clone()],
-        "the failed build is closed as a scratch copy"
+        "the failed build is closed as a scratch copy ({err})"
     );
     let left: Vec<_> = std::fs::read_dir(&root)
         .map(|d| d.map(|e| e.unwrap().file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "left behind: {left:?}");
+    err
 }
 
 /// A checkpoint whose subtasks hold one state name with two different value types (as a
@@ -650,7 +658,6 @@ async fn a_rescale_whose_other_source_is_corrupt_fails_and_leaves_nothing() {
 /// closed as a scratch copy, and nothing is left of the new directory or the sources.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rescale_of_sources_with_incompatible_states_fails_and_leaves_nothing() {
-    use rockstate::testing::checks::{scratch_closes_under, watch_scratch_closes};
     let tmp = tempfile::tempdir().unwrap();
     let store = CheckpointStorage::open(tmp.path().join("store").to_str().unwrap()).unwrap();
     let job = store.child("job").unwrap();
@@ -678,26 +685,11 @@ async fn a_rescale_of_sources_with_incompatible_states_fails_and_leaves_nothing(
     let (source, _) = snapshot(&mut coordinator, &backends, &job, &job, None).await;
     drop((numbers, words));
     drop(backends);
-    let root = tmp.path().join("new");
-    watch_scratch_closes(&root);
     // New subtask 1 of 3 (43..=85) opens old subtask 1 and adds old subtask 0's states.
-    let dir = root.join("subtask-1");
-    let opts = BackendOptions::for_subtask(&dir, 1, 3, MAX_PAR).unwrap();
-    let err = RocksStateBackend::builder(opts)
-        .restore_operator(&source, UID, &RestoreOptions::default())
-        .await
-        .unwrap_err();
+    let err = failed_middle_rescale(tmp.path(), &source).await;
     assert_eq!(err.kind(), ErrorKind::Incompatible, "{err}");
     assert!(err.to_string().contains("odd"), "{err}");
-    assert_eq!(
-        scratch_closes_under(&root),
-        vec![dir.clone()],
-        "the opened base is closed as a scratch copy"
-    );
-    let left: Vec<_> = std::fs::read_dir(&root)
-        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    let root = tmp.path().join("new");
     // Subtasks that take one old subtask alone restore as usual.
     for i in [0, 2] {
         let opts =

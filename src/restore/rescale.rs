@@ -231,7 +231,13 @@ impl BackendBuilder {
                             Ok(provenance)
                         });
                     match reshaped {
-                        Ok(provenance) => Ok((backend, provenance)),
+                        Ok(provenance) => {
+                            // The data is in place: the backend is usable now. The flush of
+                            // the range deletions and the compactions come after, in the
+                            // background (never for a build that failed).
+                            backend.core.resume_compactions_in_background();
+                            Ok((backend, provenance))
+                        }
                         Err(e) => {
                             backend.core.mark_scratch();
                             Err(e)
@@ -336,9 +342,6 @@ fn reshape(
     backend.core.delete_outside(range)?;
     let live = live_file_names(backend)?;
     provenance.retain(|name, _| live.contains(name));
-    // The data is in place: the backend is usable now. The flush of the range deletions
-    // and the compactions come after, in the background.
-    backend.core.resume_compactions_in_background();
     Ok(provenance)
 }
 

@@ -87,3 +87,13 @@ pub async fn checkpoint_once(
     }
     completed.unwrap_or_else(|| panic!("checkpoint {id} did not complete"))
 }
+
+/// Runs `f` to completion on a current-thread runtime of its own (for synchronous tests
+/// that call an async API now and then).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("build a test runtime")
+        .block_on(f)
+}

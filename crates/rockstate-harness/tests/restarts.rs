@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use rockstate::testing::fixtures::block_on;
 use rockstate::{
     CheckpointMetadata, CheckpointStorage, CoordinatorOptions, RestoreOptions, RestoreSource,
     SavepointFormat,
@@ -35,14 +36,6 @@ fn harness_config(job_id: &str, local: &Path, num_retained: usize) -> HarnessCon
 
 fn demo_source() -> DemoSource {
     DemoSource::new(11, 20_000, 200_000).unwrap()
-}
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
 }
 
 /// Fraction of a checkpoint's size that it uploaded (or copied) itself.

@@ -5,6 +5,7 @@
 use std::rc::Rc;
 
 use rockstate::restore::RestoreOptions;
+use rockstate::testing::fixtures::block_on;
 use rockstate::{
     BackendOptions, CheckpointStorage, RestoreSource, RocksStateBackend, ValueState,
     ValueStateDescriptor,
@@ -23,14 +24,6 @@ struct Op {
     count: ValueState<u64, u64>,
     hold: Option<rockstate::CaptureHold>,
     added: Option<ValueState<u64, u64>>,
-}
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
 }
 
 /// One worker counts records per key over `EPOCHS` epochs, a checkpoint after each. Once

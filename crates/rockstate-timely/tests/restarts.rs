@@ -4,17 +4,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use rockstate::testing::fixtures::block_on;
 use rockstate::CheckpointStorage;
 use rockstate_harness::demo::{DemoSource, DEMO_UID};
 use rockstate_timely::{demo, JobConfig, Start};
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
 
 // ---------------------------------------------------------------------------------------
 // 8. Timely: resume falls back to an older checkpoint
