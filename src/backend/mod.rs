@@ -600,6 +600,68 @@ mod tests {
         }
     }
 
+    /// Files of levels 1 and below that lie wholly outside the kept range are dropped
+    /// whole; what lies outside in other files (here a level-0 file) goes by range
+    /// deletion; what lies inside stays.
+    #[test]
+    fn files_wholly_outside_a_range_are_dropped_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = BackendOptions::new(dir.path(), KeyGroupRange::all(16).unwrap(), 16);
+        let backend = RocksStateBackend::open(options).unwrap();
+        let value = backend
+            .register(ValueStateDescriptor::<u32, u32>::new("v"))
+            .unwrap();
+        let kg = |k: u32| crate::codec::key_group_for(&k, 16).unwrap();
+        let keys_in = |groups: std::ops::RangeInclusive<u16>| -> Vec<u32> {
+            (0..2000).filter(|k| groups.contains(&kg(*k))).collect()
+        };
+        let (low, kept, high) = (keys_in(0..=3), keys_in(6..=9), keys_in(12..=13));
+        for k in &low {
+            value.put(k, k).unwrap();
+        }
+        backend.flush().unwrap();
+        // The low key groups' file moves below level 0; the others stay at level 0.
+        compact(&backend, "v");
+        for k in kept.iter().chain(&high) {
+            value.put(k, k).unwrap();
+        }
+        backend.flush().unwrap();
+        let files = |backend: &RocksStateBackend| {
+            let mut levels: Vec<i32> = backend
+                .core
+                .live_files()
+                .unwrap()
+                .into_iter()
+                .filter(|f| f.identity.column == "state/v")
+                .map(|f| f.level)
+                .collect();
+            levels.sort();
+            levels
+        };
+        let before = files(&backend);
+        assert_eq!(before.len(), 2, "{before:?}");
+        assert!(before[1] > 0, "{before:?}");
+        let dropped = backend
+            .core
+            .delete_outside(KeyGroupRange::new(6, 9).unwrap())
+            .unwrap();
+        assert_eq!(dropped, 1);
+        assert_eq!(files(&backend), vec![0]);
+        assert_eq!(
+            backend
+                .core
+                .count_outside(KeyGroupRange::new(6, 9).unwrap())
+                .unwrap(),
+            0
+        );
+        for k in &kept {
+            assert_eq!(value.get(k).unwrap(), Some(*k));
+        }
+        for k in low.iter().chain(&high) {
+            assert_eq!(value.get(k).unwrap(), None, "key {k}");
+        }
+    }
+
     #[test]
     fn compaction_drops_expired_entries_only() {
         let dir = tempfile::tempdir().unwrap();

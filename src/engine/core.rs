@@ -631,8 +631,13 @@ impl BackendCore {
             .map_err(|e| Error::engine("write restored entries", e))
     }
 
-    /// Deletes every entry of every state whose key group is outside `range`.
-    pub(crate) fn delete_outside(&self, range: KeyGroupRange) -> Result<()> {
+    /// Deletes every entry of every state whose key group is outside `range`: the files
+    /// of levels 1 and below that hold nothing else are dropped whole (no compaction
+    /// rewrites them later), then range deletions cover the rest. Returns how many files
+    /// were dropped whole. Only for a database no reader or snapshot uses yet (a
+    /// rescale's base before it is handed out).
+    pub(crate) fn delete_outside(&self, range: KeyGroupRange) -> Result<usize> {
+        let before = self.live_files()?.len();
         let low = crate::codec::key_group_prefix(range.start()).to_vec();
         let high = crate::codec::prefix_successor(&crate::codec::key_group_prefix(range.end()));
         for (_, column) in self.state_columns() {
@@ -645,12 +650,20 @@ impl BackendCore {
             }
             let cf = self.column_cf(&column)?;
             for (from, to) in spans {
+                // Files whose keys all lie in [first, last] of the span go whole. Keys
+                // they hid (older versions below, under their deletions) lie in the same
+                // bounds, so the range deletion that follows, [first, last + 0), covers
+                // them too; RocksDB includes a file ending at the end given, hence `last`.
+                let last = &to[..to.len().saturating_sub(1)];
+                self.db
+                    .delete_file_in_range_cf(&cf, from.as_slice(), last)
+                    .map_err(Self::fail("delete files in range", &column))?;
                 self.db
                     .delete_range_cf_opt(&cf, from, to, &self.write_opts)
                     .map_err(Self::fail("delete range", &column))?;
             }
         }
-        Ok(())
+        Ok(before.saturating_sub(self.live_files()?.len()))
     }
 
     /// The span `[first, last]` of the keys present in `column` between `lower`

@@ -11,10 +11,13 @@ mod options;
 pub(crate) mod tracker;
 pub(crate) mod ttl;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, Options};
 
+#[cfg(test)]
+pub(crate) use self::core::FileIdentity;
 pub(crate) use self::core::{live_sst_files, BackendCore, Cut, Db, RawScan, SstFile, StateEntry};
 pub(crate) use column::{ColumnSettings, META_COLUMN, STATE_COLUMN_PREFIX};
 pub(crate) use migrate::Convert;
@@ -50,6 +53,29 @@ fn db_options(options: &BackendOptions, resources: &SharedResources) -> Options 
     opts
 }
 
+/// How many threads open the table files of a database in `dir` when it opens, per
+/// column family: one for every [`FILES_PER_OPENING_THREAD`] SST files, at least one and
+/// at most 16 (RocksDB's default). RocksDB starts that many threads for each column
+/// family whatever its number of files; for the few files of most subtasks, starting
+/// them cost more than the files' opening (a third of the time of an open).
+pub(crate) fn file_opening_threads(dir: &Path) -> i32 {
+    let files = std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".sst"))
+            .count()
+    });
+    opening_threads_for(files)
+}
+
+/// SST files opened per thread when a database opens (see [`file_opening_threads`]).
+pub(crate) const FILES_PER_OPENING_THREAD: usize = 32;
+
+fn opening_threads_for(files: usize) -> i32 {
+    // At most 16: the quotient fits an i32.
+    (files / FILES_PER_OPENING_THREAD).clamp(1, 16) as i32
+}
+
 /// How a local directory is being opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OpenMode {
@@ -76,6 +102,7 @@ pub(crate) fn open_core(
     let dir = &options.local_dir;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     let mut db_opts = db_options(options, resources);
+    db_opts.set_max_file_opening_threads(file_opening_threads(dir));
     let seals = Arc::new(self::core::SealWatch::default());
     db_opts.add_event_listener(self::core::SealListener(seals.clone()));
     let exists = dir.join("CURRENT").exists();
@@ -440,5 +467,22 @@ impl BackendCore {
             }
         };
         Ok(column)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_files_open_on_one_thread_per_32_files_up_to_16() {
+        assert_eq!(opening_threads_for(0), 1);
+        assert_eq!(opening_threads_for(FILES_PER_OPENING_THREAD - 1), 1);
+        assert_eq!(opening_threads_for(2 * FILES_PER_OPENING_THREAD), 2);
+        assert_eq!(opening_threads_for(10_000), 16);
+        assert_eq!(
+            file_opening_threads(Path::new("/nonexistent/rockstate-test")),
+            1
+        );
     }
 }

@@ -151,6 +151,7 @@ impl BackendBuilder {
         }
         let dir = self.options.local_dir.clone();
         let reuse = LocalFiles::scan(&self.reuse).await?;
+        let started = std::time::Instant::now();
         let base_fetched = async {
             self.start_in_place().await?;
             download_all(
@@ -176,6 +177,7 @@ impl BackendBuilder {
             .map(|(i, h)| ((*h).clone(), sibling(&dir, &format!(".rescale-{i}"))))
             .collect();
         let strategy = options.strategy;
+        let base_fetched_at = started.elapsed();
         // The other sources are fetched, and the files to ingest listed, while the base
         // opens (each side on its own blocking task: neither waits for the other).
         let fetch_others = async {
@@ -199,7 +201,7 @@ impl BackendBuilder {
                     RescaleStrategy::IterateAndWrite => Err(Error::invalid("iterate")),
                 });
             }
-            Ok::<_, Error>(lists)
+            Ok::<_, Error>((lists, started.elapsed()))
         };
         let sources = others.clone();
         let open = blocking(move || {
@@ -208,7 +210,7 @@ impl BackendBuilder {
             // they exist.
             let backend = self.open_as(OpenMode::Rescaled)?;
             match add_columns(&backend, &sources) {
-                Ok(()) => Ok(backend),
+                Ok(()) => Ok((backend, started.elapsed())),
                 Err(e) => {
                     // The directory is removed: closed with no flush nor sync.
                     backend.core.mark_scratch();
@@ -221,7 +223,7 @@ impl BackendBuilder {
         let sources = others.clone();
         let marker = dir.join(RESTORING_MARKER);
         let built = match (opened, fetched) {
-            (Ok(backend), Ok(lists)) => {
+            (Ok((backend, opened_at)), Ok((lists, others_at))) => {
                 blocking(move || {
                     let reshaped = reshape(&backend, &base, &sources, lists, strategy, range)
                         .and_then(|provenance| {
@@ -232,6 +234,13 @@ impl BackendBuilder {
                         });
                     match reshaped {
                         Ok(provenance) => {
+                            tracing::debug!(
+                                base_fetched_ms = base_fetched_at.as_secs_f64() * 1e3,
+                                opened_ms = opened_at.as_secs_f64() * 1e3,
+                                others_fetched_ms = others_at.as_secs_f64() * 1e3,
+                                reshaped_ms = started.elapsed().as_secs_f64() * 1e3,
+                                "rescale built"
+                            );
                             // The data is in place: the backend is usable now. The flush of
                             // the range deletions and the compactions come after, in the
                             // background (never for a build that failed).
@@ -246,7 +255,7 @@ impl BackendBuilder {
                 })
                 .await
             }
-            (Ok(backend), Err(e)) => {
+            (Ok((backend, _)), Err(e)) => {
                 // Closed off the async threads (a close may wait for background work).
                 let closed = blocking(move || {
                     backend.core.mark_scratch();
@@ -327,7 +336,7 @@ fn reshape(
     }
     let mut provenance = sst_files_of(base);
     for ((handle, dir), listed) in sources.iter().zip(lists) {
-        match listed.and_then(|files| ingest(backend, handle, dir, files)) {
+        match listed.and_then(|files| ingest(backend, handle, dir, files, range)) {
             Ok(files) => provenance.extend(files),
             Err(e) => {
                 if strategy == RescaleStrategy::Ingest {
@@ -339,7 +348,8 @@ fn reshape(
             }
         }
     }
-    backend.core.delete_outside(range)?;
+    let dropped = backend.core.delete_outside(range)?;
+    tracing::debug!(files = dropped, "files outside the new range dropped whole");
     let live = live_file_names(backend)?;
     provenance.retain(|name, _| live.contains(name));
     Ok(provenance)
@@ -389,6 +399,7 @@ fn list_source_files(dir: &Path) -> Result<Listed> {
     let mut opts = rocksdb::Options::default();
     opts.set_max_open_files(20);
     opts.set_skip_stats_update_on_db_open(true);
+    opts.set_max_file_opening_threads(crate::engine::file_opening_threads(dir));
     let columns = Db::list_cf(&opts, dir)
         .map_err(|e| Error::engine(format!("list column families of {}", dir.display()), e))?;
     let db = Db::open_cf_for_read_only(&opts, dir, &columns, false)
@@ -396,29 +407,56 @@ fn list_source_files(dir: &Path) -> Result<Listed> {
     live_sst_files(&db)
 }
 
-/// Ingests `files`, the SST files of the downloaded snapshot in `dir` (see
-/// [`list_source_files`]), into `backend`, column by column, and returns which new local
-/// files are copies of which stored files.
+/// Whether an SST file may hold keys of the key groups `range`: `false` only when its
+/// first and last keys show it lies wholly below or above.
+fn may_overlap(file: &crate::engine::SstFile, range: KeyGroupRange) -> bool {
+    let group = |key: &Option<Vec<u8>>| {
+        key.as_deref()
+            .and_then(|k| crate::codec::read_key_group(k).ok())
+    };
+    let below = group(&file.identity.end_key).is_some_and(|g| g < range.start());
+    let above = group(&file.identity.start_key).is_some_and(|g| g > range.end());
+    !(below || above)
+}
+
+/// Ingests those of `files`, the SST files of the downloaded snapshot in `dir` (see
+/// [`list_source_files`]), that may hold keys of the new `range` into `backend`, column
+/// by column, and returns which new local files are copies of which stored files. A
+/// file wholly outside `range` holds nothing the backend keeps (its range deletions
+/// too lie within its bounds): it is left out rather than ingested and deleted again.
 fn ingest(
     backend: &RocksStateBackend,
     handle: &KeyedStateHandle,
     dir: &Path,
     files: Listed,
+    range: KeyGroupRange,
 ) -> Result<FileSet> {
     let stored = sst_files_of(handle);
     let mut by_column: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    let listed = files.len();
+    let mut skipped = 0usize;
     for file in files {
         if file
             .identity
             .column
             .starts_with(crate::engine::STATE_COLUMN_PREFIX)
         {
+            if !may_overlap(&file, range) {
+                skipped += 1;
+                continue;
+            }
             by_column
                 .entry(file.identity.column.clone())
                 .or_default()
                 .push(file);
         }
     }
+    tracing::debug!(
+        checkpoint = handle.checkpoint_id,
+        listed,
+        skipped,
+        "files of a rescale source wholly outside the new range left out"
+    );
     let before = live_file_names(backend)?;
     let columns = backend.core.state_columns();
     let mut identities = BTreeMap::new();
@@ -508,4 +546,49 @@ fn iterate(
         backend.core.put_raw(&batch)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{FileIdentity, SstFile};
+
+    fn file(start: Option<&[u8]>, end: Option<&[u8]>) -> SstFile {
+        SstFile {
+            name: "000007.sst".into(),
+            level: 1,
+            identity: FileIdentity {
+                column: "state/v".into(),
+                size: 100,
+                start_key: start.map(<[u8]>::to_vec),
+                end_key: end.map(<[u8]>::to_vec),
+                smallest_seqno: 1,
+                largest_seqno: 2,
+            },
+        }
+    }
+
+    #[test]
+    fn only_files_wholly_below_or_above_a_range_are_left_out() {
+        let range = KeyGroupRange::new(43, 85).unwrap();
+        let key = |group: u16, rest: &[u8]| {
+            let mut k = crate::codec::key_group_prefix(group).to_vec();
+            k.extend_from_slice(rest);
+            k
+        };
+        let below = file(Some(&key(0, b"a")), Some(&key(42, b"\xff\xff")));
+        let above = file(Some(&key(86, b"")), Some(&key(127, b"z")));
+        let first = file(Some(&key(10, b"a")), Some(&key(43, b"")));
+        let last = file(Some(&key(85, b"z")), Some(&key(100, b"a")));
+        let across = file(Some(&key(0, b"a")), Some(&key(127, b"z")));
+        assert!(!may_overlap(&below, range));
+        assert!(!may_overlap(&above, range));
+        assert!(may_overlap(&first, range));
+        assert!(may_overlap(&last, range));
+        assert!(may_overlap(&across, range));
+        // Bounds that say nothing keep the file.
+        assert!(may_overlap(&file(None, None), range));
+        assert!(may_overlap(&file(Some(b"\x00"), Some(b"\x00")), range));
+        assert!(may_overlap(&file(Some(&key(0, b"")), None), range));
+    }
 }
