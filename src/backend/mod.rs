@@ -662,6 +662,87 @@ mod tests {
         }
     }
 
+    /// A file dropped whole may hold deletions of older values in a deeper file that is
+    /// kept: those values lie in the dropped file's bounds, inside the span the range
+    /// deletion covers, and do not come back.
+    #[test]
+    fn values_under_a_dropped_files_deletions_do_not_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = BackendOptions::new(dir.path(), KeyGroupRange::all(16).unwrap(), 16);
+        let backend = RocksStateBackend::open(options).unwrap();
+        let value = backend
+            .register(ValueStateDescriptor::<u32, u32>::new("v"))
+            .unwrap();
+        let raw = |k: u32| crate::codec::state_key(&k, &(), 16).unwrap();
+        let kg = |k: u32| crate::codec::key_group_for(&k, 16).unwrap();
+        // Three keys of key group 2 in raw order (a < x < z), one of key group 7 (kept).
+        let mut low: Vec<u32> = (0..2000).filter(|k| kg(*k) == 2).collect();
+        low.sort_by_key(|k| raw(*k));
+        let (a, x, z) = (low[0], low[low.len() / 2], low[low.len() - 1]);
+        let m = (0..2000).find(|k| kg(*k) == 7).unwrap();
+        for k in (0..2000).filter(|k| kg(*k) == 2 || kg(*k) == 7) {
+            value.put(&k, &k).unwrap();
+        }
+        backend.flush().unwrap();
+        // One file at the bottom holds them all: it reaches into the kept range.
+        compact(&backend, "v");
+        // A file of its own, one level up, deletes x (a small level target makes the
+        // level above the bottom one in use, so the ingestion places the file there).
+        // Compactions stay off, as in a rescale: none merges the two files.
+        let sst = dir.path().join("delete-x.sst");
+        let cf = backend.core.db.cf_handle("state/v").unwrap();
+        backend
+            .core
+            .db
+            .set_options_cf(
+                &cf,
+                &[
+                    ("disable_auto_compactions", "true"),
+                    ("max_bytes_for_level_base", "1024"),
+                ],
+            )
+            .unwrap();
+        let opts = rocksdb::Options::default();
+        let mut writer = rocksdb::SstFileWriter::create(&opts);
+        writer.open(&sst).unwrap();
+        writer.delete(raw(x)).unwrap();
+        writer.finish().unwrap();
+        backend
+            .core
+            .db
+            .ingest_external_file_cf(&cf, vec![&sst])
+            .unwrap();
+        drop(cf);
+        assert_eq!(value.get(&x).unwrap(), None);
+        let levels = |backend: &RocksStateBackend| {
+            let mut levels: Vec<i32> = backend
+                .core
+                .live_files()
+                .unwrap()
+                .into_iter()
+                .filter(|f| f.identity.column == "state/v")
+                .map(|f| f.level)
+                .collect();
+            levels.sort();
+            levels
+        };
+        let before = levels(&backend);
+        assert_eq!(before.len(), 2, "{before:?}");
+        assert!(before[0] > 0 && before[0] < before[1], "{before:?}");
+        let range = KeyGroupRange::new(6, 9).unwrap();
+        assert_eq!(backend.core.delete_outside(range).unwrap(), 1);
+        assert_eq!(
+            levels(&backend),
+            vec![before[1]],
+            "the deletion's file went"
+        );
+        for k in [a, x, z] {
+            assert_eq!(value.get(&k).unwrap(), None, "key {k}");
+        }
+        assert_eq!(backend.core.count_outside(range).unwrap(), 0);
+        assert_eq!(value.get(&m).unwrap(), Some(m));
+    }
+
     #[test]
     fn compaction_drops_expired_entries_only() {
         let dir = tempfile::tempdir().unwrap();
