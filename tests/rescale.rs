@@ -393,6 +393,102 @@ async fn first_checkpoint_after_rescale_uploads_only_new_files() {
     assert!(referenced > 0, "nothing was reused");
 }
 
+/// The live SST files of the state columns of the database in `dir` (opened read-only
+/// beside its backend), each as the key groups of its first and last key.
+fn state_file_bounds(dir: &Path) -> Vec<(String, i32, u16, u16)> {
+    let opts = rocksdb::Options::default();
+    let columns = rocksdb::DB::list_cf(&opts, dir).unwrap();
+    let db = rocksdb::DB::open_cf_for_read_only(&opts, dir, &columns, false).unwrap();
+    let group = |key: &Option<Vec<u8>>| {
+        let key = key.as_deref().expect("a file with bounds");
+        u16::from_be_bytes([key[0], key[1]])
+    };
+    db.live_files()
+        .unwrap()
+        .into_iter()
+        .filter(|f| f.column_family_name.starts_with("state/"))
+        .map(|f| (f.name, f.level, group(&f.start_key), group(&f.end_key)))
+        .collect()
+}
+
+/// A rescale of a checkpoint taken after an earlier rescale (4->2, whose subtasks hold
+/// each old subtask's files apart) ingests no file of another source that lies wholly
+/// outside the new range, and keeps no such file of its base below level 0, before any
+/// compaction runs. The data is the model's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescale_ingests_no_file_wholly_outside_its_range() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (source, model, _) = prepare(tmp.path(), 4, None).await;
+    let two = restore_all(
+        &source,
+        &tmp.path().join("at-two"),
+        2,
+        &RestoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    let store = CheckpointStorage::open(tmp.path().join("store").to_str().unwrap()).unwrap();
+    let job = store.child("job-2").unwrap();
+    let mut coordinator =
+        CheckpointCoordinator::start(job.clone(), "job-2", spec(2), CoordinatorOptions::default())
+            .await
+            .unwrap();
+    let (at_two, _) = snapshot(&mut coordinator, &two, &job, &job, None).await;
+    drop(two);
+    let mut restored = Vec::new();
+    for i in 0..3 {
+        let dir = tmp.path().join(format!("held-{i}"));
+        let opts = BackendOptions::for_subtask(dir, i, 3, MAX_PAR).unwrap();
+        restored.push(
+            RocksStateBackend::builder(opts)
+                .hold_captures_from_open()
+                .restore_operator(&at_two, UID, &RestoreOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    // Findings are collected while the background work is held, and asserted once it is
+    // let go (a failing assertion must not leave a drop waiting for it).
+    let mut files = 0;
+    let mut problems = Vec::new();
+    for (i, b) in restored.iter().enumerate() {
+        if columns_with_compactions_off(b.local_dir()).is_empty() {
+            problems.push(format!("subtask {i} resumed its compactions while held"));
+        }
+        let range = b.key_group_range();
+        for (name, level, first, last) in state_file_bounds(b.local_dir()) {
+            files += 1;
+            let below = last < range.start();
+            let above = first > range.end();
+            // The middle subtask's base is old subtask 1 (it shares more key groups with
+            // it): a file below its range could only come from the other source.
+            if i == 1 && below {
+                problems.push(format!(
+                    "subtask 1 ({range}) ingested {name} of key groups [{first}, {last}]"
+                ));
+            }
+            // Below level 0, a file wholly outside is dropped (RocksDB drops no level-0
+            // file whole; the range deletion covers those).
+            if (below || above) && level > 0 {
+                problems.push(format!(
+                    "subtask {i} ({range}) keeps {name} (level {level}) of key groups \
+                     [{first}, {last}]"
+                ));
+            }
+        }
+    }
+    drop(
+        restored
+            .iter()
+            .map(|b| b.hold_snapshot_captures())
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(problems, Vec::<String>::new());
+    assert!(files > 0);
+    check(&restored, &model, "4->2->3");
+    checkpoint_at_three_restores_at_two(tmp.path(), restored, &model, "4->2->3->2").await;
+}
+
 /// A rescaled backend is handed over as soon as its data is in place; the flush of its
 /// range deletions and the resumption of its compactions follow in the background. A
 /// backend dropped at once still waits for that: its directory reopens with the right
