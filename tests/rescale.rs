@@ -447,8 +447,12 @@ async fn a_rescale_ingests_no_file_wholly_outside_its_range() {
                 .unwrap(),
         );
     }
-    // Findings are collected while the background work is held, and asserted once it is
-    // let go (a failing assertion must not leave a drop waiting for it).
+    // Declared after the backends, so dropped first even by a failing assertion: the
+    // held background work is let go before a drop waits for it.
+    let release: Vec<_> = restored
+        .iter()
+        .map(|b| b.hold_snapshot_captures())
+        .collect();
     let mut files = 0;
     let mut problems = Vec::new();
     for (i, b) in restored.iter().enumerate() {
@@ -477,12 +481,7 @@ async fn a_rescale_ingests_no_file_wholly_outside_its_range() {
             }
         }
     }
-    drop(
-        restored
-            .iter()
-            .map(|b| b.hold_snapshot_captures())
-            .collect::<Vec<_>>(),
-    );
+    drop(release);
     assert_eq!(problems, Vec::<String>::new());
     assert!(files > 0);
     check(&restored, &model, "4->2->3");
@@ -567,6 +566,12 @@ async fn a_rescaled_backend_is_in_use_before_its_compactions_resume() {
                 .unwrap(),
         );
     }
+    // Declared after the backends, so dropped first even by a failing assertion: the
+    // held background work is let go before a drop waits for it.
+    let release: Vec<_> = restored
+        .iter()
+        .map(|b| b.hold_snapshot_captures())
+        .collect();
     for (i, b) in restored.iter().enumerate() {
         assert!(
             !columns_with_compactions_off(b.local_dir()).is_empty(),
@@ -576,12 +581,7 @@ async fn a_rescaled_backend_is_in_use_before_its_compactions_resume() {
     check(&restored, &model, "2->3, held");
     write_round(&restored, &mut model, 3);
     check(&restored, &model, "2->3, written while held");
-    drop(
-        restored
-            .iter()
-            .map(|b| b.hold_snapshot_captures())
-            .collect::<Vec<_>>(),
-    );
+    drop(release);
     checkpoint_at_three_restores_at_two(tmp.path(), restored, &model, "2->3->2").await;
 }
 
