@@ -10,7 +10,7 @@ use rockstate::savepoint::Compression;
 use rockstate::testing::checks::columns_with_compactions_off;
 use rockstate::testing::SeededRng;
 use rockstate::{
-    AggregateFunction, AggregatingStateDescriptor, BackendOptions, CheckpointMetadata,
+    AggregateFunction, AggregatingStateDescriptor, BackendOptions, CaptureHold, CheckpointMetadata,
     CheckpointStorage, ErrorKind, ListStateDescriptor, MapStateDescriptor, ReducingStateDescriptor,
     RescaleStrategy, RestoreMode, RestoreOptions, RestoreSource, RocksStateBackend,
     SavepointFormat, SubtaskSnapshot, ValueStateDescriptor,
@@ -435,24 +435,7 @@ async fn a_rescale_ingests_no_file_wholly_outside_its_range() {
             .unwrap();
     let (at_two, _) = snapshot(&mut coordinator, &two, &job, &job, None).await;
     drop(two);
-    let mut restored = Vec::new();
-    for i in 0..3 {
-        let dir = tmp.path().join(format!("held-{i}"));
-        let opts = BackendOptions::for_subtask(dir, i, 3, MAX_PAR).unwrap();
-        restored.push(
-            RocksStateBackend::builder(opts)
-                .hold_captures_from_open()
-                .restore_operator(&at_two, UID, &RestoreOptions::default())
-                .await
-                .unwrap(),
-        );
-    }
-    // Declared after the backends, so dropped first even by a failing assertion: the
-    // held background work is let go before a drop waits for it.
-    let release: Vec<_> = restored
-        .iter()
-        .map(|b| b.hold_snapshot_captures())
-        .collect();
+    let (restored, release) = restore_held_at_three(tmp.path(), &at_two).await;
     let mut files = 0;
     let mut problems = Vec::new();
     for (i, b) in restored.iter().enumerate() {
@@ -486,6 +469,33 @@ async fn a_rescale_ingests_no_file_wholly_outside_its_range() {
     assert!(files > 0);
     check(&restored, &model, "4->2->3");
     checkpoint_at_three_restores_at_two(tmp.path(), restored, &model, "4->2->3->2").await;
+}
+
+/// Restores `source` at 3 with the work each rescale leaves to the background held, and
+/// returns the backends with the guards that let it go. Bind the guards after the
+/// backends, so that they drop first even when an assertion fails (a backend's drop waits
+/// for that work).
+async fn restore_held_at_three(
+    root: &Path,
+    source: &RestoreSource,
+) -> (Vec<RocksStateBackend>, Vec<CaptureHold>) {
+    let mut restored = Vec::new();
+    for i in 0..3 {
+        let dir = root.join(format!("held-{i}"));
+        let opts = BackendOptions::for_subtask(dir, i, 3, MAX_PAR).unwrap();
+        restored.push(
+            RocksStateBackend::builder(opts)
+                .hold_captures_from_open()
+                .restore_operator(source, UID, &RestoreOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let release = restored
+        .iter()
+        .map(|b| b.hold_snapshot_captures())
+        .collect();
+    (restored, release)
 }
 
 /// A rescaled backend is handed over as soon as its data is in place; the flush of its
@@ -554,24 +564,7 @@ async fn checkpoint_at_three_restores_at_two(
 async fn a_rescaled_backend_is_in_use_before_its_compactions_resume() {
     let tmp = tempfile::tempdir().unwrap();
     let (source, mut model, _) = prepare(tmp.path(), 2, None).await;
-    let mut restored = Vec::new();
-    for i in 0..3 {
-        let dir = tmp.path().join(format!("held-{i}"));
-        let opts = BackendOptions::for_subtask(dir, i, 3, MAX_PAR).unwrap();
-        restored.push(
-            RocksStateBackend::builder(opts)
-                .hold_captures_from_open()
-                .restore_operator(&source, UID, &RestoreOptions::default())
-                .await
-                .unwrap(),
-        );
-    }
-    // Declared after the backends, so dropped first even by a failing assertion: the
-    // held background work is let go before a drop waits for it.
-    let release: Vec<_> = restored
-        .iter()
-        .map(|b| b.hold_snapshot_captures())
-        .collect();
+    let (restored, release) = restore_held_at_three(tmp.path(), &source).await;
     for (i, b) in restored.iter().enumerate() {
         assert!(
             !columns_with_compactions_off(b.local_dir()).is_empty(),

@@ -600,6 +600,21 @@ mod tests {
         }
     }
 
+    /// The levels of the live SST files of `state`, in order.
+    fn file_levels(backend: &RocksStateBackend, state: &str) -> Vec<i32> {
+        let column = format!("state/{state}");
+        let mut levels: Vec<i32> = backend
+            .core
+            .live_files()
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.identity.column == column)
+            .map(|f| f.level)
+            .collect();
+        levels.sort();
+        levels
+    }
+
     /// Files of levels 1 and below that lie wholly outside the kept range are dropped
     /// whole; what lies outside in other files (here a level-0 file) goes by range
     /// deletion; what lies inside stays.
@@ -626,19 +641,7 @@ mod tests {
             value.put(k, k).unwrap();
         }
         backend.flush().unwrap();
-        let files = |backend: &RocksStateBackend| {
-            let mut levels: Vec<i32> = backend
-                .core
-                .live_files()
-                .unwrap()
-                .into_iter()
-                .filter(|f| f.identity.column == "state/v")
-                .map(|f| f.level)
-                .collect();
-            levels.sort();
-            levels
-        };
-        let before = files(&backend);
+        let before = file_levels(&backend, "v");
         assert_eq!(before.len(), 2, "{before:?}");
         assert!(before[1] > 0, "{before:?}");
         let dropped = backend
@@ -646,7 +649,7 @@ mod tests {
             .delete_outside(KeyGroupRange::new(6, 9).unwrap())
             .unwrap();
         assert_eq!(dropped, 1);
-        assert_eq!(files(&backend), vec![0]);
+        assert_eq!(file_levels(&backend, "v"), vec![0]);
         assert_eq!(
             backend
                 .core
@@ -714,25 +717,13 @@ mod tests {
             .unwrap();
         drop(cf);
         assert_eq!(value.get(&x).unwrap(), None);
-        let levels = |backend: &RocksStateBackend| {
-            let mut levels: Vec<i32> = backend
-                .core
-                .live_files()
-                .unwrap()
-                .into_iter()
-                .filter(|f| f.identity.column == "state/v")
-                .map(|f| f.level)
-                .collect();
-            levels.sort();
-            levels
-        };
-        let before = levels(&backend);
+        let before = file_levels(&backend, "v");
         assert_eq!(before.len(), 2, "{before:?}");
         assert!(before[0] > 0 && before[0] < before[1], "{before:?}");
         let range = KeyGroupRange::new(6, 9).unwrap();
         assert_eq!(backend.core.delete_outside(range).unwrap(), 1);
         assert_eq!(
-            levels(&backend),
+            file_levels(&backend, "v"),
             vec![before[1]],
             "the deletion's file went"
         );
