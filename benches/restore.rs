@@ -1,4 +1,5 @@
-//! Restoring one subtask (64 MiB of 1 KiB values) beside a plain copy of the same files.
+//! Restoring one subtask (64 MiB of 1 KiB values) beside a plain copy of the same files,
+//! and opening a backend beside RocksDB's own open of the same database.
 //!
 //! - `plain_copy`: `std::fs::copy` of every file of the checkpoint, the baseline;
 //! - `local_files`: a restore from a local-file store (SST files hard-linked, every byte
@@ -8,6 +9,13 @@
 //! - `local_recovery`: the streamed store, but the subtask's earlier directory is still on
 //!   this machine, so matching files are checked and taken from it.
 //!
+//! And opening a backend of three states whose database holds a few files (`open`):
+//! - `rockstate`: [`RocksStateBackend::open`] of the closed backend's directory;
+//! - `rocksdb_defaults`: a copy of the same database opened by RocksDB with its default
+//!   options (one column family descriptor per family listed), the baseline. Its default
+//!   starts 16 threads per column family to open table files; the backend starts one per
+//!   32 files.
+//!
 //! Run: `cargo bench --bench restore`.
 
 use std::path::{Path, PathBuf};
@@ -16,8 +24,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use rockstate::{
-    BackendOptions, CheckpointStorage, KeyedStateHandle, RocksStateBackend, ValueState,
-    ValueStateDescriptor,
+    BackendOptions, CheckpointStorage, KeyedStateHandle, ListStateDescriptor, MapStateDescriptor,
+    RocksStateBackend, ValueState, ValueStateDescriptor,
 };
 
 const MAX_PAR: u32 = 128;
@@ -129,6 +137,79 @@ fn restore(c: &mut Criterion) {
     group.finish();
 }
 
+/// Only the opens are timed: each backend is closed (so that it reopens) outside them.
+fn open(c: &mut Criterion) {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("backend");
+    let backend = RocksStateBackend::open(options(&dir)).unwrap();
+    let value = backend
+        .register(ValueStateDescriptor::<u64, u64>::new("count"))
+        .unwrap();
+    let list = backend
+        .register(ListStateDescriptor::<u64, u64>::new("recent"))
+        .unwrap();
+    let map = backend
+        .register(MapStateDescriptor::<u64, u8, u64>::new("histogram"))
+        .unwrap();
+    // A few flushes: a few files per state, as a subtask's database holds between
+    // compactions.
+    for round in 0..3u64 {
+        for key in 0..20_000u64 {
+            value.put(&key, &round).unwrap();
+            list.add(&key, &round).unwrap();
+            map.put(&key, &((key % 10) as u8), &round).unwrap();
+        }
+        backend.flush().unwrap();
+    }
+    drop((value, list, map));
+    backend.close().unwrap();
+    let raw_dir = work.path().join("raw");
+    std::fs::create_dir_all(&raw_dir).unwrap();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), raw_dir.join(entry.file_name())).unwrap();
+        }
+    }
+    let mut group = c.benchmark_group("open");
+    group.bench_function("rockstate", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                let started = std::time::Instant::now();
+                let backend = RocksStateBackend::open(options(&dir)).unwrap();
+                timed += started.elapsed();
+                backend.close().unwrap();
+            }
+            timed
+        })
+    });
+    group.bench_function("rocksdb_defaults", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                let started = std::time::Instant::now();
+                let opts = rocksdb::Options::default();
+                let names = rocksdb::DB::list_cf(&opts, &raw_dir).unwrap();
+                let db = rocksdb::DB::open_cf(&opts, &raw_dir, names).unwrap();
+                timed += started.elapsed();
+                drop(db);
+            }
+            timed
+        })
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = open_benches;
+    config = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    targets = open
+}
+
 criterion_group! {
     name = restore_benches;
     config = Criterion::default()
@@ -137,4 +218,4 @@ criterion_group! {
         .measurement_time(Duration::from_secs(5));
     targets = restore
 }
-criterion_main!(restore_benches);
+criterion_main!(restore_benches, open_benches);

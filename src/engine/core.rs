@@ -631,13 +631,24 @@ impl BackendCore {
             .map_err(|e| Error::engine("write restored entries", e))
     }
 
-    /// Deletes every entry of every state whose key group is outside `range`: the files
-    /// of levels 1 and below that hold nothing else are dropped whole (no compaction
-    /// rewrites them later), then range deletions cover the rest. Returns how many files
-    /// were dropped whole. Only for a database no reader or snapshot uses yet (a
-    /// rescale's base before it is handed out).
+    /// Deletes every entry of every state whose key group is outside `range`. Below and
+    /// above the range, the span `[first, last]` of the keys present is what goes: the
+    /// files of levels 1 and below that lie within it are dropped whole (no compaction
+    /// rewrites them later), then a range deletion `[first, last + 0)` covers the rest.
+    /// Returns how many files of the states were dropped whole. Only for a database no
+    /// reader uses yet (a rescale's base before it is handed out): between the two steps
+    /// a reader could see values the dropped files had hidden.
     pub(crate) fn delete_outside(&self, range: KeyGroupRange) -> Result<usize> {
-        let before = self.live_files()?.len();
+        let state_files = |core: &Self| -> Result<usize> {
+            Ok(core
+                .live_files()?
+                .iter()
+                .filter(|f| f.identity.column.starts_with(super::STATE_COLUMN_PREFIX))
+                .count())
+        };
+        let before = state_files(self)?;
+        // Files go: a capture in flight must not take this layout for the one it saw.
+        self.layout_changed();
         let low = crate::codec::key_group_prefix(range.start()).to_vec();
         let high = crate::codec::prefix_successor(&crate::codec::key_group_prefix(range.end()));
         for (_, column) in self.state_columns() {
@@ -649,28 +660,28 @@ impl BackendCore {
                 spans.extend(self.extent(&column, Some(high), None)?);
             }
             let cf = self.column_cf(&column)?;
-            for (from, to) in spans {
-                // Files whose keys all lie in [first, last] of the span go whole. Keys
-                // they hid (older versions below, under their deletions) lie in the same
-                // bounds, so the range deletion that follows, [first, last + 0), covers
-                // them too; RocksDB includes a file ending at the end given, hence `last`.
-                let last = &to[..to.len().saturating_sub(1)];
+            for (first, last) in spans {
+                // RocksDB drops the files whose keys (their deletions' too) all lie in
+                // [first, last]. Values they hid lie in the same bounds, so the range
+                // deletion that follows, with a newer sequence number, covers them.
                 self.db
-                    .delete_file_in_range_cf(&cf, from.as_slice(), last)
+                    .delete_file_in_range_cf(&cf, &first, &last)
                     .map_err(Self::fail("delete files in range", &column))?;
+                // Bounded by the data present: no tombstone over key groups this database
+                // never held, so a later rescale can still ingest other subtasks' files
+                // beside it.
+                let mut end = last;
+                end.push(0);
                 self.db
-                    .delete_range_cf_opt(&cf, from, to, &self.write_opts)
+                    .delete_range_cf_opt(&cf, first, end, &self.write_opts)
                     .map_err(Self::fail("delete range", &column))?;
             }
         }
-        Ok(before.saturating_sub(self.live_files()?.len()))
+        Ok(before.saturating_sub(state_files(self)?))
     }
 
-    /// The span `[first, last]` of the keys present in `column` between `lower`
-    /// (inclusive) and `upper` (exclusive), as a range-deletion span `[first, last + 0)`;
-    /// `None` when there are none. Range deletions bounded by the data present leave no
-    /// tombstone over key groups this database never held, so a later rescale can still
-    /// ingest other subtasks' files beside it.
+    /// The first and the last key present in `column` between `lower` (inclusive) and
+    /// `upper` (exclusive); `None` when there are none.
     fn extent(
         &self,
         column: &ColumnSettings,
@@ -697,9 +708,7 @@ impl BackendCore {
         let Some(last) = iter.key() else {
             return Ok(None);
         };
-        let mut end = last.to_vec();
-        end.push(0);
-        Ok(Some((first, end)))
+        Ok(Some((first, last.to_vec())))
     }
 
     /// Counts the visible entries of every state outside `range`.
