@@ -667,9 +667,15 @@ mod tests {
 
     /// A file dropped whole may hold deletions of older values in a deeper file that is
     /// kept: those values lie in the dropped file's bounds, inside the span the range
-    /// deletion covers, and do not come back.
+    /// deletion covers, and do not come back. Both kinds of deletion: of one key, and of
+    /// a range of keys.
     #[test]
     fn values_under_a_dropped_files_deletions_do_not_come_back() {
+        values_under_a_dropped_file_stay_deleted(false);
+        values_under_a_dropped_file_stay_deleted(true);
+    }
+
+    fn values_under_a_dropped_file_stay_deleted(range_deletion: bool) {
         let dir = tempfile::tempdir().unwrap();
         let options = BackendOptions::new(dir.path(), KeyGroupRange::all(16).unwrap(), 16);
         let backend = RocksStateBackend::open(options).unwrap();
@@ -678,10 +684,15 @@ mod tests {
             .unwrap();
         let raw = |k: u32| crate::codec::state_key(&k, &(), 16).unwrap();
         let kg = |k: u32| crate::codec::key_group_for(&k, 16).unwrap();
-        // Three keys of key group 2 in raw order (a < x < z), one of key group 7 (kept).
+        // Keys of key group 2 in raw order, and one of key group 7 (kept).
         let mut low: Vec<u32> = (0..2000).filter(|k| kg(*k) == 2).collect();
         low.sort_by_key(|k| raw(*k));
-        let (a, x, z) = (low[0], low[low.len() / 2], low[low.len() - 1]);
+        let (x, y) = (low[low.len() / 3], low[2 * low.len() / 3]);
+        let hidden: Vec<u32> = if range_deletion {
+            low[low.len() / 3..2 * low.len() / 3].to_vec()
+        } else {
+            vec![x]
+        };
         let m = (0..2000).find(|k| kg(*k) == 7).unwrap();
         for k in (0..2000).filter(|k| kg(*k) == 2 || kg(*k) == 7) {
             value.put(&k, &k).unwrap();
@@ -689,10 +700,10 @@ mod tests {
         backend.flush().unwrap();
         // One file at the bottom holds them all: it reaches into the kept range.
         compact(&backend, "v");
-        // A file of its own, one level up, deletes x (a small level target makes the
-        // level above the bottom one in use, so the ingestion places the file there).
-        // Compactions stay off, as in a rescale: none merges the two files.
-        let sst = dir.path().join("delete-x.sst");
+        // A file of its own, one level up, deletes x, or [x, y) (a small level target
+        // makes the level above the bottom one in use, so the ingestion places the file
+        // there). Compactions stay off, as in a rescale: none merges the two files.
+        let sst = dir.path().join("deletion.sst");
         let cf = backend.core.db.cf_handle("state/v").unwrap();
         backend
             .core
@@ -708,7 +719,11 @@ mod tests {
         let opts = rocksdb::Options::default();
         let mut writer = rocksdb::SstFileWriter::create(&opts);
         writer.open(&sst).unwrap();
-        writer.delete(raw(x)).unwrap();
+        if range_deletion {
+            writer.delete_range(raw(x), raw(y)).unwrap();
+        } else {
+            writer.delete(raw(x)).unwrap();
+        }
         writer.finish().unwrap();
         backend
             .core
@@ -716,7 +731,10 @@ mod tests {
             .ingest_external_file_cf(&cf, vec![&sst])
             .unwrap();
         drop(cf);
-        assert_eq!(value.get(&x).unwrap(), None);
+        for k in &hidden {
+            assert_eq!(value.get(k).unwrap(), None, "key {k}");
+        }
+        assert_eq!(value.get(&y).unwrap(), Some(y));
         let before = file_levels(&backend, "v");
         assert_eq!(before.len(), 2, "{before:?}");
         assert!(before[0] > 0 && before[0] < before[1], "{before:?}");
@@ -727,8 +745,8 @@ mod tests {
             vec![before[1]],
             "the deletion's file went"
         );
-        for k in [a, x, z] {
-            assert_eq!(value.get(&k).unwrap(), None, "key {k}");
+        for k in &low {
+            assert_eq!(value.get(k).unwrap(), None, "key {k}");
         }
         assert_eq!(backend.core.count_outside(range).unwrap(), 0);
         assert_eq!(value.get(&m).unwrap(), Some(m));
