@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use rockstate::checkpoint::{AckOutcome, CheckpointCoordinator, CoordinatorOptions, OperatorSpec};
 use rockstate::savepoint::Compression;
@@ -13,7 +15,7 @@ use rockstate::{
     AggregateFunction, AggregatingStateDescriptor, BackendOptions, CaptureHold, CheckpointMetadata,
     CheckpointStorage, ErrorKind, ListStateDescriptor, MapStateDescriptor, ReducingStateDescriptor,
     RescaleStrategy, RestoreMode, RestoreOptions, RestoreSource, RocksStateBackend,
-    SavepointFormat, SubtaskSnapshot, ValueStateDescriptor,
+    SavepointFormat, StorageOptions, SubtaskSnapshot, ValueStateDescriptor,
 };
 
 const MAX_PAR: u32 = 128;
@@ -734,20 +736,18 @@ async fn failed_middle_rescale(tmp: &Path, source: &RestoreSource) -> rockstate:
     err
 }
 
-/// A checkpoint whose subtasks hold one state name with two different value types (as a
-/// job whose subtasks ran different versions of its code would leave): a rescale that
-/// merges the two fails with `Incompatible` naming the state, its base (already open) is
-/// closed as a scratch copy, and nothing is left of the new directory or the sources.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rescale_of_sources_with_incompatible_states_fails_and_leaves_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let store = CheckpointStorage::open(tmp.path().join("store").to_str().unwrap()).unwrap();
+/// A checkpoint at parallelism 2 (in `store`'s child `job`) whose subtasks hold the state
+/// `odd` with two value types, each with a key.
+async fn incompatible_checkpoint(
+    tmp: &Path,
+    store: &CheckpointStorage,
+) -> (RestoreSource, CheckpointMetadata) {
     let job = store.child("job").unwrap();
     let mut coordinator =
         CheckpointCoordinator::start(job.clone(), "job", spec(2), CoordinatorOptions::default())
             .await
             .unwrap();
-    let backends = open_subtasks(tmp.path(), 2);
+    let backends = open_subtasks(tmp, 2);
     let mut model = Model::default();
     write_round(&backends, &mut model, 1);
     let numbers = backends[0]
@@ -764,9 +764,139 @@ async fn a_rescale_of_sources_with_incompatible_states_fails_and_leaves_nothing(
     };
     numbers.put(&key_in(0..=63), &7).unwrap();
     words.put(&key_in(64..=127), &"seven".to_string()).unwrap();
-    let (source, _) = snapshot(&mut coordinator, &backends, &job, &job, None).await;
+    let snapshot = snapshot(&mut coordinator, &backends, &job, &job, None).await;
     drop((numbers, words));
     drop(backends);
+    snapshot
+}
+
+/// A rescale whose base fails to open (here: its states and the other source's disagree)
+/// starts no further transfer of the other source, fetched beside it: the one in flight
+/// finishes, and the rest are never requested.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescale_whose_base_fails_stops_fetching_the_other_source() {
+    use rockstate::testing::checks::{scratch_closes_under, watch_scratch_closes};
+    use rockstate::testing::{GatedStore, Match, Op};
+    let tmp = tempfile::tempdir().unwrap();
+    let top = CheckpointStorage::open("memory://base-fails").unwrap();
+    let (_, meta) = incompatible_checkpoint(tmp.path(), &top).await;
+    // Old subtask 0 is the other source of new subtask 1 of 3 (its base is old subtask 1).
+    let other: std::collections::BTreeSet<String> = meta
+        .handles()
+        .map(|(_, h)| h)
+        .find(|h| h.key_group_range.start() == 0)
+        .unwrap()
+        .files()
+        .map(|f| format!("job/{}", f.path))
+        .collect();
+    assert!(other.len() >= 3, "{other:?}");
+    let gated = Arc::new(GatedStore::new(top.store().clone()));
+    // One transfer at a time, so that the gate holds the other source's first.
+    let job = CheckpointStorage::from_store(gated.clone(), "gated://base-fails")
+        .with_options(StorageOptions {
+            transfer_concurrency: 1,
+            ..StorageOptions::default()
+        })
+        .child("job")
+        .unwrap();
+    let source = RestoreSource::checkpoint(&job, meta);
+    let wanted = other.clone();
+    let gate = gated.gate(Match::op(Op::Get).path_matches(move |p| wanted.contains(p)));
+    let root = tmp.path().join("new");
+    watch_scratch_closes(&root);
+    let dir = root.join("subtask-1");
+    let opts = BackendOptions::for_subtask(&dir, 1, 3, MAX_PAR).unwrap();
+    let rescale = tokio::spawn(async move {
+        RocksStateBackend::builder(opts)
+            .restore_operator(&source, UID, &RestoreOptions::default())
+            .await
+    });
+    gate.wait_arrived().await;
+    // The base fails while the other source's first transfer is held: its backend is
+    // closed as a scratch copy.
+    while scratch_closes_under(&root).is_empty() {
+        assert!(
+            !rescale.is_finished(),
+            "the rescale ended with a transfer held"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gate.release();
+    let err = rescale.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Incompatible, "{err}");
+    let requested: std::collections::BTreeSet<String> = gated
+        .requests()
+        .into_iter()
+        .filter(|r| r.op == Op::Get && other.contains(&r.path))
+        .map(|r| r.path)
+        .collect();
+    assert!(
+        requested.len() < other.len(),
+        "all {} files of the other source were fetched",
+        other.len()
+    );
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Restores can run on tasks of their own (a runtime restores its subtasks side by side):
+/// their futures are `Send`, for a restore at the same parallelism from a handle, and for
+/// one by operator that rescales.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restores_run_on_spawned_tasks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (source, model, job) = prepare(tmp.path(), 2, None).await;
+    let handles: Vec<_> = source
+        .metadata()
+        .handles()
+        .map(|(_, h)| h.clone())
+        .collect();
+    let mut tasks = Vec::new();
+    for (i, handle) in handles.into_iter().enumerate() {
+        let dir = tmp.path().join(format!("same-{i}"));
+        let opts = BackendOptions::for_subtask(dir, i as u32, 2, MAX_PAR).unwrap();
+        let job = job.clone();
+        tasks.push(tokio::spawn(async move {
+            RocksStateBackend::builder(opts)
+                .restore(&handle, &job)
+                .await
+        }));
+    }
+    let mut same = Vec::new();
+    for task in tasks {
+        same.push(task.await.unwrap().unwrap());
+    }
+    check(&same, &model, "2->2 on spawned tasks");
+    let source = Arc::new(source);
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let dir = tmp.path().join(format!("rescaled-{i}"));
+        let opts = BackendOptions::for_subtask(dir, i, 3, MAX_PAR).unwrap();
+        let source = source.clone();
+        tasks.push(tokio::spawn(async move {
+            RocksStateBackend::builder(opts)
+                .restore_operator(&source, UID, &RestoreOptions::default())
+                .await
+        }));
+    }
+    let mut rescaled = Vec::new();
+    for task in tasks {
+        rescaled.push(task.await.unwrap().unwrap());
+    }
+    check(&rescaled, &model, "2->3 on spawned tasks");
+}
+
+/// A checkpoint whose subtasks hold one state name with two different value types (as a
+/// job whose subtasks ran different versions of its code would leave): a rescale that
+/// merges the two fails with `Incompatible` naming the state, its base (already open) is
+/// closed as a scratch copy, and nothing is left of the new directory or the sources.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescale_of_sources_with_incompatible_states_fails_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = CheckpointStorage::open(tmp.path().join("store").to_str().unwrap()).unwrap();
+    let (source, _) = incompatible_checkpoint(tmp.path(), &store).await;
     // New subtask 1 of 3 (43..=85) opens old subtask 1 and adds old subtask 0's states.
     let err = failed_middle_rescale(tmp.path(), &source).await;
     assert_eq!(err.kind(), ErrorKind::Incompatible, "{err}");

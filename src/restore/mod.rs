@@ -38,6 +38,7 @@ pub(crate) use writer::remove_written;
 pub use writer::{OperatorWriter, SavepointWriter};
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -189,6 +190,16 @@ impl LocalFiles {
         }
     }
 
+    /// The same files with a preference of their own, for a download that runs beside
+    /// another (each keeps to the directory its own files come from).
+    pub(crate) fn fork(&self) -> Self {
+        Self {
+            by_name: self.by_name.clone(),
+            matched_dir: parking_lot::Mutex::new(None),
+            dirs: self.dirs.clone(),
+        }
+    }
+
     /// The position of `dir` in the scan (for ties).
     fn rank(&self, dir: &Path) -> usize {
         self.dirs
@@ -256,26 +267,29 @@ impl LocalFiles {
 }
 
 /// Fetches every file of `handle` into `dir`, at most `concurrency` at once: from `reuse`
-/// when a local file matches, else from `job`. Every transfer finishes (or fails) before
-/// this returns, so the directory can be removed.
+/// when a local file matches, else from `job`. Once `cancel` is set, no further transfer
+/// starts and the fetch fails. Every transfer finishes (or fails) before this returns, so
+/// the directory can be removed.
 pub(crate) async fn download_all(
     handle: &KeyedStateHandle,
     job: &CheckpointStorage,
     dir: &Path,
     reuse: &LocalFiles,
     checked: Option<&Arc<CheckedLinks>>,
+    cancel: Option<&AtomicBool>,
 ) -> Result<()> {
     let concurrency = job.options().transfer_concurrency.max(1);
     reuse.prefer_dir_of(handle.files());
-    let mut downloads = futures::stream::iter(handle.files())
-        .map(|file| async move {
-            let target = dir.join(&file.local_name);
-            if reuse.take(file, &target).await? {
-                crate::storage::count_restored(file.size);
-                return Ok(());
-            }
-            job.download_file_checked(&file.path, &target, &file.info(), checked)
-                .await
+    // By position, not by reference: a stream mapping references through a closure makes
+    // the future of a restore impossible to spawn (the compiler cannot prove it `Send`
+    // for every lifetime), which a runtime restoring subtasks side by side needs.
+    let files: Vec<&crate::format::StateFile> = handle.files().collect();
+    let mut downloads = futures::stream::iter(0..files.len())
+        .map(|i| {
+            // Checked when the transfer is about to start (the stream takes the next
+            // file only then): transfers already started finish, no other starts.
+            let cancelled = cancel.is_some_and(|c| c.load(Ordering::SeqCst));
+            download_one(files[i], job, dir, reuse, checked, cancelled)
         })
         .buffer_unordered(concurrency);
     let mut first = None;
@@ -285,6 +299,30 @@ pub(crate) async fn download_all(
         }
     }
     first.map_or(Ok(()), Err)
+}
+
+/// One file of [`download_all`].
+async fn download_one(
+    file: &crate::format::StateFile,
+    job: &CheckpointStorage,
+    dir: &Path,
+    reuse: &LocalFiles,
+    checked: Option<&Arc<CheckedLinks>>,
+    cancelled: bool,
+) -> Result<()> {
+    if cancelled {
+        return Err(Error::Internal(format!(
+            "the fetch of {} was cancelled",
+            file.local_name
+        )));
+    }
+    let target = dir.join(&file.local_name);
+    if reuse.take(file, &target).await? {
+        crate::storage::count_restored(file.size);
+        return Ok(());
+    }
+    job.download_file_checked(&file.path, &target, &file.info(), checked)
+        .await
 }
 
 /// Replaces `dir` with the fully written and checked `incoming`.
@@ -307,7 +345,8 @@ impl BackendBuilder {
     /// builder's empty local directory, for the builder's key-group range, whatever the
     /// parallelism the snapshot was taken at. An operator absent from the snapshot is
     /// refused unless [`RestoreOptions::allow_new_operator`] (then it starts empty); check
-    /// the whole job with [`RestoreSource::check_operators`] first.
+    /// the whole job with [`RestoreSource::check_operators`] first. The future is `Send`:
+    /// a runtime may restore each subtask on a task of its own.
     ///
     /// Errors: `InvalidArgument` listing the snapshot's operators when it has no `operator_uid`
     /// (and `allow_new_operator` is off); `Incompatible` when the max parallelism differs
@@ -440,7 +479,7 @@ impl BackendBuilder {
             .await
             .map_err(|e| Error::io(format!("create {}", incoming.display()), e))?;
         let fetched = match LocalFiles::scan(&self.reuse).await {
-            Ok(reuse) => download_all(handle, job, &incoming, &reuse, None).await,
+            Ok(reuse) => download_all(handle, job, &incoming, &reuse, None, None).await,
             Err(e) => Err(e),
         };
         if let Err(e) = fetched {

@@ -151,25 +151,8 @@ impl BackendBuilder {
         }
         let dir = self.options.local_dir.clone();
         let reuse = LocalFiles::scan(&self.reuse).await?;
+        let reuse_others = reuse.fork();
         let started = std::time::Instant::now();
-        let base_fetched = async {
-            self.start_in_place().await?;
-            download_all(
-                handles[base_index],
-                source.root(),
-                &dir,
-                &reuse,
-                Some(source.checked_links()),
-            )
-            .await
-        }
-        .await;
-        if let Err(e) = base_fetched {
-            if let Err(cleanup) = remove_dir_if_exists(&dir).await {
-                tracing::warn!(dir = %dir.display(), error = %cleanup.report(), "cannot remove a failed restore");
-            }
-            return Err(e);
-        }
         let others: Vec<(KeyedStateHandle, PathBuf)> = handles
             .iter()
             .enumerate()
@@ -177,9 +160,48 @@ impl BackendBuilder {
             .map(|(i, h)| ((*h).clone(), sibling(&dir, &format!(".rescale-{i}"))))
             .collect();
         let strategy = options.strategy;
-        let base_fetched_at = started.elapsed();
-        // The other sources are fetched, and the files to ingest listed, while the base
-        // opens (each side on its own blocking task: neither waits for the other).
+        // Set when the base fails: the other sources' fetch then starts no more transfers.
+        let base_failed = std::sync::atomic::AtomicBool::new(false);
+        // The base is fetched and opened while the other sources are fetched and their
+        // files listed (each side's blocking work on a task of its own: neither waits for
+        // the other).
+        let sources = others.clone();
+        let base_handle = handles[base_index];
+        let build_base = async {
+            let built = async {
+                self.start_in_place().await?;
+                download_all(
+                    base_handle,
+                    source.root(),
+                    &dir,
+                    &reuse,
+                    Some(source.checked_links()),
+                    None,
+                )
+                .await?;
+                let base_fetched_at = started.elapsed();
+                blocking(move || {
+                    // Compactions wait until the range deletions are written and flushed:
+                    // the columns of the base open without them, the others are paused as
+                    // soon as they exist.
+                    let backend = self.open_as(OpenMode::Rescaled)?;
+                    match add_columns(&backend, &sources) {
+                        Ok(()) => Ok((backend, base_fetched_at, started.elapsed())),
+                        Err(e) => {
+                            // The directory is removed: closed with no flush nor sync.
+                            backend.core.mark_scratch();
+                            Err(e)
+                        }
+                    }
+                })
+                .await
+            }
+            .await;
+            if built.is_err() {
+                base_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            built
+        };
         let fetch_others = async {
             let mut lists = Vec::new();
             for (handle, other) in &others {
@@ -189,8 +211,9 @@ impl BackendBuilder {
                     handle,
                     source.root(),
                     other,
-                    &reuse,
+                    &reuse_others,
                     Some(source.checked_links()),
+                    Some(&base_failed),
                 )
                 .await?;
                 lists.push(match strategy {
@@ -203,27 +226,12 @@ impl BackendBuilder {
             }
             Ok::<_, Error>((lists, started.elapsed()))
         };
-        let sources = others.clone();
-        let open = blocking(move || {
-            // Compactions wait until the range deletions are written and flushed: the
-            // columns of the base open without them, the others are paused as soon as
-            // they exist.
-            let backend = self.open_as(OpenMode::Rescaled)?;
-            match add_columns(&backend, &sources) {
-                Ok(()) => Ok((backend, started.elapsed())),
-                Err(e) => {
-                    // The directory is removed: closed with no flush nor sync.
-                    backend.core.mark_scratch();
-                    Err(e)
-                }
-            }
-        });
-        let (opened, fetched) = tokio::join!(open, fetch_others);
+        let (opened, fetched) = tokio::join!(build_base, fetch_others);
         let base = handles[base_index].clone();
         let sources = others.clone();
         let marker = dir.join(RESTORING_MARKER);
         let built = match (opened, fetched) {
-            (Ok((backend, opened_at)), Ok((lists, others_at))) => {
+            (Ok((backend, base_fetched_at, opened_at)), Ok((lists, others_at))) => {
                 blocking(move || {
                     let reshaped = reshape(&backend, &base, &sources, lists, strategy, range)
                         .and_then(|provenance| {
@@ -255,7 +263,7 @@ impl BackendBuilder {
                 })
                 .await
             }
-            (Ok((backend, _)), Err(e)) => {
+            (Ok((backend, _, _)), Err(e)) => {
                 // Closed off the async threads (a close may wait for background work).
                 let closed = blocking(move || {
                     backend.core.mark_scratch();
