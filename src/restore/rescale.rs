@@ -162,9 +162,11 @@ impl BackendBuilder {
         let strategy = options.strategy;
         // Set when the base fails: the other sources' fetch then starts no more transfers.
         let base_failed = std::sync::atomic::AtomicBool::new(false);
-        // The base is fetched and opened while the other sources are fetched and their
+        // Once the base is fetched, it opens while the other sources are fetched and their
         // files listed (each side's blocking work on a task of its own: neither waits for
-        // the other).
+        // the other). The fetches do not overlap: on local files both are bound by the
+        // same cores' checksums, and the open would wait for both.
+        let (base_fetched_tx, base_fetched_rx) = tokio::sync::oneshot::channel::<()>();
         let sources = others.clone();
         let base_handle = handles[base_index];
         let build_base = async {
@@ -179,6 +181,8 @@ impl BackendBuilder {
                     None,
                 )
                 .await?;
+                // The other side only waits for this: it is gone only if it failed.
+                let _ = base_fetched_tx.send(());
                 let base_fetched_at = started.elapsed();
                 blocking(move || {
                     // Compactions wait until the range deletions are written and flushed:
@@ -203,6 +207,11 @@ impl BackendBuilder {
             built
         };
         let fetch_others = async {
+            // Dropped unsent: the base failed before it was fetched, and its error is the
+            // one reported.
+            base_fetched_rx
+                .await
+                .map_err(|_| Error::Internal("the rescale's base was not fetched".into()))?;
             let mut lists = Vec::new();
             for (handle, other) in &others {
                 remove_dir_if_exists(other).await?;
