@@ -190,16 +190,6 @@ impl LocalFiles {
         }
     }
 
-    /// The same files with a preference of their own, for a download that runs beside
-    /// another (each keeps to the directory its own files come from).
-    pub(crate) fn fork(&self) -> Self {
-        Self {
-            by_name: self.by_name.clone(),
-            matched_dir: parking_lot::Mutex::new(None),
-            dirs: self.dirs.clone(),
-        }
-    }
-
     /// The position of `dir` in the scan (for ties).
     fn rank(&self, dir: &Path) -> usize {
         self.dirs

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::backend::{BackendBuilder, RocksStateBackend};
@@ -151,7 +152,6 @@ impl BackendBuilder {
         }
         let dir = self.options.local_dir.clone();
         let reuse = LocalFiles::scan(&self.reuse).await?;
-        let reuse_others = reuse.fork();
         let started = std::time::Instant::now();
         let others: Vec<(KeyedStateHandle, PathBuf)> = handles
             .iter()
@@ -161,7 +161,8 @@ impl BackendBuilder {
             .collect();
         let strategy = options.strategy;
         // Set when the base fails: the other sources' fetch then starts no more transfers.
-        let base_failed = std::sync::atomic::AtomicBool::new(false);
+        let base_failed = Arc::new(AtomicBool::new(false));
+        let failed = base_failed.clone();
         // Once the base is fetched, it opens while the other sources are fetched and their
         // files listed (each side's blocking work on a task of its own: neither waits for
         // the other). The fetches do not overlap: on local files both are bound by the
@@ -188,10 +189,14 @@ impl BackendBuilder {
                     // Compactions wait until the range deletions are written and flushed:
                     // the columns of the base open without them, the others are paused as
                     // soon as they exist.
-                    let backend = self.open_as(OpenMode::Rescaled)?;
+                    let backend = self.open_as(OpenMode::Rescaled).inspect_err(|_| {
+                        failed.store(true, Ordering::SeqCst);
+                    })?;
                     match add_columns(&backend, &sources) {
                         Ok(()) => Ok((backend, base_fetched_at, started.elapsed())),
                         Err(e) => {
+                            // The other side stops before this close, not after it.
+                            failed.store(true, Ordering::SeqCst);
                             // The directory is removed: closed with no flush nor sync.
                             backend.core.mark_scratch();
                             Err(e)
@@ -202,16 +207,16 @@ impl BackendBuilder {
             }
             .await;
             if built.is_err() {
-                base_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                base_failed.store(true, Ordering::SeqCst);
             }
             built
         };
         let fetch_others = async {
-            // Dropped unsent: the base failed before it was fetched, and its error is the
-            // one reported.
-            base_fetched_rx
-                .await
-                .map_err(|_| Error::Internal("the rescale's base was not fetched".into()))?;
+            // Dropped unsent: the base failed before it was fetched, its error is the one
+            // reported, and nothing else is fetched.
+            if base_fetched_rx.await.is_err() {
+                return Ok((Vec::new(), started.elapsed()));
+            }
             let mut lists = Vec::new();
             for (handle, other) in &others {
                 remove_dir_if_exists(other).await?;
@@ -220,9 +225,9 @@ impl BackendBuilder {
                     handle,
                     source.root(),
                     other,
-                    &reuse_others,
+                    &reuse,
                     Some(source.checked_links()),
-                    Some(&base_failed),
+                    Some(&*base_failed),
                 )
                 .await?;
                 lists.push(match strategy {
@@ -286,8 +291,9 @@ impl BackendBuilder {
                 Err(e)
             }
             (Err(e), fetched) => {
+                // Mostly the fetch stopped because of it: worth a debug line only.
                 if let Err(also) = fetched {
-                    tracing::warn!(error = %also.report(), "the rescale's other sources were not fetched either");
+                    tracing::debug!(error = %also.report(), "the rescale's other sources were not fetched either");
                 }
                 Err(e)
             }
