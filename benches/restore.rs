@@ -174,31 +174,39 @@ fn open(c: &mut Criterion) {
     let mut group = c.benchmark_group("open");
     group.bench_function("rockstate", |b| {
         b.iter_custom(|iters| {
-            let mut timed = Duration::ZERO;
-            for _ in 0..iters {
-                let started = std::time::Instant::now();
-                let backend = RocksStateBackend::open(options(&dir)).unwrap();
-                timed += started.elapsed();
-                backend.close().unwrap();
-            }
-            timed
+            timed_opens(
+                iters,
+                || RocksStateBackend::open(options(&dir)).unwrap(),
+                |backend| backend.close().unwrap(),
+            )
         })
     });
     group.bench_function("rocksdb_defaults", |b| {
         b.iter_custom(|iters| {
-            let mut timed = Duration::ZERO;
-            for _ in 0..iters {
-                let started = std::time::Instant::now();
-                let opts = rocksdb::Options::default();
-                let names = rocksdb::DB::list_cf(&opts, &raw_dir).unwrap();
-                let db = rocksdb::DB::open_cf(&opts, &raw_dir, names).unwrap();
-                timed += started.elapsed();
-                drop(db);
-            }
-            timed
+            timed_opens(
+                iters,
+                || {
+                    let opts = rocksdb::Options::default();
+                    let names = rocksdb::DB::list_cf(&opts, &raw_dir).unwrap();
+                    rocksdb::DB::open_cf(&opts, &raw_dir, names).unwrap()
+                },
+                drop,
+            )
         })
     });
     group.finish();
+}
+
+/// Time spent in `open` over `iters` opens, each closed by `close` outside the timing.
+fn timed_opens<T>(iters: u64, mut open: impl FnMut() -> T, mut close: impl FnMut(T)) -> Duration {
+    let mut timed = Duration::ZERO;
+    for _ in 0..iters {
+        let started = std::time::Instant::now();
+        let opened = open();
+        timed += started.elapsed();
+        close(opened);
+    }
+    timed
 }
 
 criterion_group! {

@@ -462,7 +462,7 @@ mod tests {
 
     use super::*;
     use crate::clock::ManualClock;
-    use crate::state::{ListStateDescriptor, MapStateDescriptor, ValueStateDescriptor};
+    use crate::state::{ListStateDescriptor, MapStateDescriptor, ValueState, ValueStateDescriptor};
 
     fn raw_entries(backend: &RocksStateBackend, state: &str) -> usize {
         let cf = backend
@@ -496,11 +496,7 @@ mod tests {
     fn a_snapshot_resumes_compactions_still_paused() {
         use crate::testing::checks::columns_with_compactions_off;
         let root = tempfile::tempdir().unwrap();
-        let options = BackendOptions::new(root.path(), KeyGroupRange::all(16).unwrap(), 16);
-        let backend = RocksStateBackend::open(options).unwrap();
-        let value = backend
-            .register(ValueStateDescriptor::<u32, u32>::new("v"))
-            .unwrap();
+        let (backend, value) = value_backend(root.path());
         value.put(&1, &2).unwrap();
         backend.core.pause_compactions_of(|_| true).unwrap();
         assert_eq!(columns_with_compactions_off(root.path()), ["state/v"]);
@@ -615,17 +611,23 @@ mod tests {
         levels
     }
 
+    /// A backend over 16 key groups in `dir`, with the value state `v`.
+    fn value_backend(dir: &std::path::Path) -> (RocksStateBackend, ValueState<u32, u32>) {
+        let options = BackendOptions::new(dir, KeyGroupRange::all(16).unwrap(), 16);
+        let backend = RocksStateBackend::open(options).unwrap();
+        let value = backend
+            .register(ValueStateDescriptor::<u32, u32>::new("v"))
+            .unwrap();
+        (backend, value)
+    }
+
     /// Files of levels 1 and below that lie wholly outside the kept range are dropped
     /// whole; what lies outside in other files (here a level-0 file) goes by range
     /// deletion; what lies inside stays.
     #[test]
     fn files_wholly_outside_a_range_are_dropped_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let options = BackendOptions::new(dir.path(), KeyGroupRange::all(16).unwrap(), 16);
-        let backend = RocksStateBackend::open(options).unwrap();
-        let value = backend
-            .register(ValueStateDescriptor::<u32, u32>::new("v"))
-            .unwrap();
+        let (backend, value) = value_backend(dir.path());
         let kg = |k: u32| crate::codec::key_group_for(&k, 16).unwrap();
         let keys_in = |groups: std::ops::RangeInclusive<u16>| -> Vec<u32> {
             (0..2000).filter(|k| groups.contains(&kg(*k))).collect()
@@ -677,11 +679,7 @@ mod tests {
 
     fn values_under_a_dropped_file_stay_deleted(range_deletion: bool) {
         let dir = tempfile::tempdir().unwrap();
-        let options = BackendOptions::new(dir.path(), KeyGroupRange::all(16).unwrap(), 16);
-        let backend = RocksStateBackend::open(options).unwrap();
-        let value = backend
-            .register(ValueStateDescriptor::<u32, u32>::new("v"))
-            .unwrap();
+        let (backend, value) = value_backend(dir.path());
         let raw = |k: u32| crate::codec::state_key(&k, &(), 16).unwrap();
         let kg = |k: u32| crate::codec::key_group_for(&k, 16).unwrap();
         // Keys of key group 2 in raw order, and one of key group 7 (kept).

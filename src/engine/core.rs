@@ -590,18 +590,16 @@ impl BackendCore {
             };
             let context = format!("resume compactions of {name}");
             #[cfg(feature = "testing")]
-            let resumed = if crate::testing::checks::compaction_resumes_refused(&self.dir) {
+            let refused = crate::testing::checks::compaction_resumes_refused(&self.dir);
+            #[cfg(not(feature = "testing"))]
+            let refused = false;
+            let resumed = if refused {
                 Err(Error::Internal(format!("{context}: refused")))
             } else {
                 self.db
                     .set_options_cf(&cf, &[("disable_auto_compactions", "false")])
                     .map_err(|e| Error::engine(context, e))
             };
-            #[cfg(not(feature = "testing"))]
-            let resumed = self
-                .db
-                .set_options_cf(&cf, &[("disable_auto_compactions", "false")])
-                .map_err(|e| Error::engine(context, e));
             match resumed {
                 Ok(()) => false,
                 Err(e) => {
