@@ -88,10 +88,20 @@ fn owner(key: u64, parallelism: u32) -> u32 {
 /// Writes random operations for every key into its owner and the model; `round` changes
 /// what is written, so that later rounds overwrite and delete earlier data.
 fn write_round(backends: &[RocksStateBackend], model: &mut Model, seed: u64) {
+    write_round_where(backends, model, seed, |_| true)
+}
+
+/// [`write_round`] for the keys `keep` accepts only.
+fn write_round_where(
+    backends: &[RocksStateBackend],
+    model: &mut Model,
+    seed: u64,
+    keep: impl Fn(u64) -> bool,
+) {
     let p = backends.len() as u32;
     let handles: Vec<States> = backends.iter().map(states).collect();
     let mut rng = SeededRng::new(seed);
-    for key in 0..KEYS {
+    for key in (0..KEYS).filter(|&k| keep(k)) {
         let s = &handles[owner(key, p) as usize];
         let ns = rng.below(3) as u32;
         match rng.below(10) {
@@ -1051,4 +1061,199 @@ async fn operator_mapping_and_max_parallelism_are_checked() {
         .await
         .unwrap();
     assert!(fresh.states().is_empty());
+}
+
+/// The first key group of subtask 1 of 3.
+const SPLIT: u16 = 43;
+
+/// A checkpoint taken at 2 in local-file storage under `root`, each of whose subtasks
+/// holds, per state, one file of the key groups below [`SPLIT`] and one of those from
+/// it on (two flushes, too few files for a compaction): old subtask 0 (key groups 0-63)
+/// is the other source of new subtask 1 of 3 (43-85), which needs only its second
+/// file. Returns the model, the store and the checkpoint.
+async fn checkpoint_at_two_in_halves(
+    root: &Path,
+) -> (Model, CheckpointStorage, CheckpointMetadata) {
+    let store = CheckpointStorage::open(root.join("store").to_str().unwrap()).unwrap();
+    let job = store.child("job-2").unwrap();
+    let mut coordinator =
+        CheckpointCoordinator::start(job.clone(), "job-2", spec(2), CoordinatorOptions::default())
+            .await
+            .unwrap();
+    let backends = open_subtasks(root, 2);
+    let group = |key: u64| rockstate::subtask_for_key(&key, MAX_PAR, MAX_PAR).unwrap() as u16;
+    let mut model = Model::default();
+    write_round_where(&backends, &mut model, 1, |k| group(k) < SPLIT);
+    write_round_where(&backends, &mut model, 2, |k| group(k) >= SPLIT);
+    let (_, meta) = snapshot(&mut coordinator, &backends, &job, &job, None).await;
+    drop(backends);
+    (model, store, meta)
+}
+
+/// The handle of old subtask 0 in `meta`.
+fn old_subtask_zero(meta: &CheckpointMetadata) -> rockstate::KeyedStateHandle {
+    meta.handles()
+        .map(|(_, h)| h)
+        .find(|h| h.key_group_range.start() == 0)
+        .unwrap()
+        .clone()
+}
+
+/// `meta` read through a store that logs every request.
+fn logged(
+    store: &CheckpointStorage,
+    meta: &CheckpointMetadata,
+) -> (Arc<rockstate::testing::GatedStore>, RestoreSource) {
+    let gated = Arc::new(rockstate::testing::GatedStore::new(store.store().clone()));
+    let job = CheckpointStorage::from_store(gated.clone(), "gated://store")
+        .child("job-2")
+        .unwrap();
+    (gated, RestoreSource::checkpoint(&job, meta.clone()))
+}
+
+/// The paths `gated` was asked to read of those in `of`.
+fn read_of(
+    gated: &rockstate::testing::GatedStore,
+    of: &std::collections::BTreeSet<String>,
+) -> std::collections::BTreeSet<String> {
+    gated
+        .requests()
+        .into_iter()
+        .filter(|r| r.op == rockstate::testing::Op::Get && of.contains(&r.path))
+        .map(|r| r.path)
+        .collect()
+}
+
+/// Restores subtask `i` of 3 from `source` into `root`.
+async fn restore_subtask(root: &Path, source: &RestoreSource, i: u32) -> RocksStateBackend {
+    let opts = BackendOptions::for_subtask(root.join(format!("sub-{i}")), i, 3, MAX_PAR).unwrap();
+    RocksStateBackend::builder(opts)
+        .restore_operator(source, UID, &RestoreOptions::default())
+        .await
+        .unwrap()
+}
+
+/// Restores every subtask of 3 from `source` into `root`.
+async fn restore_three(root: &Path, source: &RestoreSource) -> Vec<RocksStateBackend> {
+    let mut restored = Vec::new();
+    for i in 0..3 {
+        restored.push(restore_subtask(root, source, i).await);
+    }
+    restored
+}
+
+/// A rescale fetches, of a source whose key groups it takes in part, only the SST files
+/// that may hold keys of its new range, as the list of files the snapshot carries
+/// describes them: not the others, nor the source's MANIFEST (it is never opened). The
+/// data is the model's, and a checkpoint of the rescaled subtasks restores at 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescale_fetches_of_another_source_only_the_files_it_ingests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, store, meta) = checkpoint_at_two_in_halves(tmp.path()).await;
+    let other = old_subtask_zero(&meta);
+    let list = other
+        .private
+        .iter()
+        .find(|f| f.local_name == "SST-LIST")
+        .unwrap_or_else(|| panic!("no list among {:?}", other.private));
+    // The key groups of its SST files, from a copy of its stored files.
+    let copy = tmp.path().join("copy-of-0");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in other.files() {
+        let stored = tmp.path().join("store/job-2").join(&f.path);
+        std::fs::copy(stored, copy.join(&f.local_name)).unwrap();
+    }
+    let path_of: BTreeMap<String, String> = other
+        .files()
+        .map(|f| (f.local_name.clone(), format!("job-2/{}", f.path)))
+        .collect();
+    let bounds = state_file_bounds(&copy);
+    let mut expected: std::collections::BTreeSet<String> = bounds
+        .iter()
+        .filter(|(_, _, first, _)| *first >= SPLIT)
+        .map(|(name, ..)| path_of[name.trim_start_matches('/')].clone())
+        .collect();
+    // One file per state on each side of the split.
+    assert_eq!(expected.len() * 2, bounds.len(), "{bounds:?}");
+    expected.insert(format!("job-2/{}", list.path));
+    let (gated, source) = logged(&store, &meta);
+    let all = path_of.values().cloned().collect();
+    let alone = restore_subtask(&tmp.path().join("alone"), &source, 1).await;
+    assert_eq!(read_of(&gated, &all), expected);
+    drop(alone);
+    let restored = restore_three(&tmp.path().join("at-three"), &source).await;
+    check(&restored, &model, "2->3, fetched in part");
+    checkpoint_at_three_restores_at_two(tmp.path(), restored, &model, "2->3->2").await;
+}
+
+/// A snapshot without a list of its files (taken before snapshots carried one) still
+/// rescales by ingestion: every file of the other source is fetched, and its files are
+/// listed from its MANIFEST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_without_a_list_of_its_files_rescales() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, store, mut meta) = checkpoint_at_two_in_halves(tmp.path()).await;
+    for operator in &mut meta.operators {
+        for subtask in &mut operator.subtasks {
+            if let Some(rockstate::KeyedSnapshot::Files(h)) = &mut subtask.keyed {
+                let before = h.private.len();
+                h.private.retain(|f| f.local_name != "SST-LIST");
+                assert_eq!(h.private.len() + 1, before);
+            }
+        }
+    }
+    let other: std::collections::BTreeSet<String> = old_subtask_zero(&meta)
+        .files()
+        .map(|f| format!("job-2/{}", f.path))
+        .collect();
+    let (gated, source) = logged(&store, &meta);
+    let alone = restore_subtask(&tmp.path().join("alone"), &source, 1).await;
+    assert_eq!(read_of(&gated, &other), other);
+    drop(alone);
+    let restored = restore_three(&tmp.path().join("at-three"), &source).await;
+    check(&restored, &model, "2->3 without lists");
+}
+
+/// A source fetched in part whose ingestion is refused is iterated instead: the rest of
+/// its files is fetched first, and the data is the model's. The runtime has one
+/// blocking thread, which the fetch must not wait for.
+#[test]
+fn a_source_fetched_in_part_whose_ingestion_is_refused_is_fetched_whole_and_iterated() {
+    use rockstate::testing::checks::refuse_ingestions;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let refused = tmp.path().join("at-three").join("sub-1");
+    let outcome = runtime.block_on(async {
+        let (model, store, meta) = checkpoint_at_two_in_halves(tmp.path()).await;
+        let other: std::collections::BTreeSet<String> = old_subtask_zero(&meta)
+            .files()
+            .map(|f| format!("job-2/{}", f.path))
+            .collect();
+        let (gated, source) = logged(&store, &meta);
+        refuse_ingestions(&refused, true);
+        let root = tmp.path().join("at-three");
+        let one =
+            tokio::time::timeout(Duration::from_secs(120), restore_subtask(&root, &source, 1))
+                .await
+                .map_err(|_| "the rescale did not complete")?;
+        refuse_ingestions(&refused, false);
+        // Subtask 1 read all of the other source: its list, and then every other file.
+        assert_eq!(read_of(&gated, &other), other);
+        let restored = vec![
+            restore_subtask(&root, &source, 0).await,
+            one,
+            restore_subtask(&root, &source, 2).await,
+        ];
+        check(&restored, &model, "2->3, ingestion refused");
+        drop(restored);
+        Ok::<_, &str>(())
+    });
+    refuse_ingestions(&refused, false);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    outcome.unwrap();
 }

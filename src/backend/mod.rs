@@ -325,7 +325,10 @@ impl RocksStateBackend {
                 return Err(e);
             }
             drop(states_guard);
-            (snapshot::list_staged(&target)?, snapshot::Capture::Taken)
+            (
+                snapshot::list_captured(&self.core, &target)?,
+                snapshot::Capture::Taken,
+            )
         } else {
             let cut = self.core.begin_checkpoint()?;
             drop(states_guard);

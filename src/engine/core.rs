@@ -754,6 +754,13 @@ impl BackendCore {
         }
         self.layout_changed();
         let cf = self.column_cf(column)?;
+        #[cfg(feature = "testing")]
+        if crate::testing::checks::ingestion_refused(&self.dir) {
+            return Err(Error::Internal(format!(
+                "ingest files into {}: refused",
+                column.cf_name
+            )));
+        }
         let mut opts = rocksdb::IngestExternalFileOptions::default();
         opts.set_allow_db_generated_files(true);
         opts.set_link_files(true);

@@ -8,6 +8,7 @@ mod core;
 mod meta;
 mod migrate;
 mod options;
+pub(crate) mod sst_list;
 pub(crate) mod tracker;
 pub(crate) mod ttl;
 
@@ -16,7 +17,6 @@ use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, Options};
 
-#[cfg(test)]
 pub(crate) use self::core::FileIdentity;
 pub(crate) use self::core::{live_sst_files, BackendCore, Cut, Db, RawScan, SstFile, StateEntry};
 pub(crate) use column::{ColumnSettings, META_COLUMN, STATE_COLUMN_PREFIX};

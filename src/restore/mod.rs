@@ -256,8 +256,9 @@ impl LocalFiles {
     }
 }
 
-/// Fetches every file of `handle` into `dir`, at most `concurrency` at once: from `reuse`
-/// when a local file matches, else from `job`. Once `cancel` is set, no further transfer
+/// Fetches every file of `handle` that its database is opened with (not the list of its
+/// SST files, see [`crate::engine::sst_list`]) into `dir`, at most `concurrency` at
+/// once: from `reuse` when a local file matches, else from `job`. Once `cancel` is set, no further transfer
 /// starts and the fetch fails. Every transfer finishes (or fails) before this returns, so
 /// the directory can be removed.
 pub(crate) async fn download_all(
@@ -268,12 +269,27 @@ pub(crate) async fn download_all(
     checked: Option<&Arc<CheckedLinks>>,
     cancel: Option<&AtomicBool>,
 ) -> Result<()> {
+    let files = handle
+        .files()
+        .filter(|f| f.local_name != crate::engine::sst_list::SST_LIST_NAME)
+        .collect();
+    download_files(files, job, dir, reuse, checked, cancel).await
+}
+
+/// [`download_all`] for some of a snapshot's `files`.
+pub(crate) async fn download_files(
+    files: Vec<&crate::format::StateFile>,
+    job: &CheckpointStorage,
+    dir: &Path,
+    reuse: &LocalFiles,
+    checked: Option<&Arc<CheckedLinks>>,
+    cancel: Option<&AtomicBool>,
+) -> Result<()> {
     let concurrency = job.options().transfer_concurrency.max(1);
-    reuse.prefer_dir_of(handle.files());
+    reuse.prefer_dir_of(files.iter().copied());
     // By position, not by reference: a stream mapping references through a closure makes
     // the future of a restore impossible to spawn (the compiler cannot prove it `Send`
     // for every lifetime), which a runtime restoring subtasks side by side needs.
-    let files: Vec<&crate::format::StateFile> = handle.files().collect();
     let mut downloads = futures::stream::iter(0..files.len())
         .map(|i| {
             // Checked when the transfer is about to start (the stream takes the next

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::backend::{BackendBuilder, RocksStateBackend};
 use crate::codec;
+use crate::engine::sst_list::{self, SST_LIST_NAME};
 use crate::engine::tracker::FileSet;
 use crate::engine::{live_sst_files, BackendCore, BackendOptions, ColumnSettings, Db, OpenMode};
 use crate::error::{Error, Result};
@@ -15,8 +16,8 @@ use crate::format::StateMeta;
 use crate::format::{KeyedSnapshot, KeyedStateHandle, StateFile};
 use crate::keygroup::KeyGroupRange;
 use crate::restore::{
-    download_all, remove_dir_if_exists, seed, sibling, LocalFiles, RescaleStrategy, RestoreOptions,
-    RestoreSource, RESTORING_MARKER,
+    download_all, download_files, remove_dir_if_exists, seed, sibling, LocalFiles, RescaleStrategy,
+    RestoreOptions, RestoreSource, RESTORING_MARKER,
 };
 use crate::savepoint::canonical::DataFileReader;
 
@@ -218,24 +219,62 @@ impl BackendBuilder {
                 return Ok((Vec::new(), started.elapsed()));
             }
             let mut lists = Vec::new();
+            let checked = Some(source.checked_links());
             for (handle, other) in &others {
                 remove_dir_if_exists(other).await?;
                 create_dir(other).await?;
+                let listed = match strategy {
+                    RescaleStrategy::Ingest => {
+                        read_sst_list(handle, source.root(), other, &reuse, checked, &base_failed)
+                            .await?
+                    }
+                    RescaleStrategy::IterateAndWrite => None,
+                };
+                if let Some(files) = listed {
+                    // Only the files that may hold keys of the new range: the source is
+                    // never opened, so neither its other files nor its MANIFEST are needed.
+                    let wanted: BTreeSet<&str> = files
+                        .iter()
+                        .filter(|f| is_wanted(f, range))
+                        .map(|f| f.name.as_str())
+                        .collect();
+                    let fetch = handle
+                        .files()
+                        .filter(|f| wanted.contains(f.local_name.as_str()))
+                        .collect();
+                    download_files(
+                        fetch,
+                        source.root(),
+                        other,
+                        &reuse,
+                        checked,
+                        Some(&*base_failed),
+                    )
+                    .await?;
+                    lists.push(Fetched {
+                        listed: Ok(files),
+                        whole: false,
+                    });
+                    continue;
+                }
                 download_all(
                     handle,
                     source.root(),
                     other,
                     &reuse,
-                    Some(source.checked_links()),
+                    checked,
                     Some(&*base_failed),
                 )
                 .await?;
-                lists.push(match strategy {
-                    RescaleStrategy::Ingest => {
-                        let at = other.clone();
-                        blocking(move || Ok(list_source_files(&at))).await?
-                    }
-                    RescaleStrategy::IterateAndWrite => Err(Error::invalid("iterate")),
+                lists.push(Fetched {
+                    listed: match strategy {
+                        RescaleStrategy::Ingest => {
+                            let at = other.clone();
+                            blocking(move || Ok(list_source_files(&at))).await?
+                        }
+                        RescaleStrategy::IterateAndWrite => Err(Error::invalid("iterate")),
+                    },
+                    whole: true,
                 });
             }
             Ok::<_, Error>((lists, started.elapsed()))
@@ -246,35 +285,79 @@ impl BackendBuilder {
         let marker = dir.join(RESTORING_MARKER);
         let built = match (opened, fetched) {
             (Ok((backend, base_fetched_at, opened_at)), Ok((lists, others_at))) => {
-                blocking(move || {
-                    let reshaped = reshape(&backend, &base, &sources, lists, strategy, range)
-                        .and_then(|provenance| {
-                            std::fs::remove_file(&marker).map_err(|e| {
-                                Error::io(format!("remove {}", marker.display()), e)
-                            })?;
-                            Ok(provenance)
-                        });
-                    match reshaped {
-                        Ok(provenance) => {
-                            tracing::debug!(
-                                base_fetched_ms = base_fetched_at.as_secs_f64() * 1e3,
-                                opened_ms = opened_at.as_secs_f64() * 1e3,
-                                others_fetched_ms = others_at.as_secs_f64() * 1e3,
-                                reshaped_ms = started.elapsed().as_secs_f64() * 1e3,
-                                "rescale built"
-                            );
-                            // The data is in place: the backend is usable now. The flush of
-                            // the range deletions and the compactions come after, in the
-                            // background (never for a build that failed).
-                            backend.core.resume_compactions_in_background();
-                            Ok((backend, provenance))
+                async {
+                    let (base, sources) = (base.clone(), sources.clone());
+                    let (backend, ingested) = blocking(move || {
+                        let ingested =
+                            ingest_sources(&backend, &base, &sources, lists, strategy, range);
+                        Ok((backend, ingested))
+                    })
+                    .await?;
+                    // Sources fetched in part whose ingestion was refused are iterated: the
+                    // rest of their files is fetched first, here (not from the blocking
+                    // thread, which a fetch may need).
+                    let rest = match ingested {
+                        Ok((provenance, to_iterate)) => {
+                            let mut fetched = Ok(());
+                            for &i in &to_iterate {
+                                let (handle, at) = &others[i];
+                                let missing = handle
+                                    .files()
+                                    .filter(|f| !at.join(&f.local_name).exists())
+                                    .collect();
+                                let checked = Some(source.checked_links());
+                                fetched = download_files(
+                                    missing,
+                                    source.root(),
+                                    at,
+                                    &reuse,
+                                    checked,
+                                    None,
+                                )
+                                .await;
+                                if fetched.is_err() {
+                                    break;
+                                }
+                            }
+                            fetched.map(|()| (provenance, to_iterate))
                         }
-                        Err(e) => {
-                            backend.core.mark_scratch();
-                            Err(e)
+                        Err(e) => Err(e),
+                    };
+                    let sources = others.clone();
+                    blocking(move || {
+                        let reshaped = rest
+                            .and_then(|(provenance, to_iterate)| {
+                                finish(&backend, &sources, &to_iterate, range, provenance)
+                            })
+                            .and_then(|provenance| {
+                                std::fs::remove_file(&marker).map_err(|e| {
+                                    Error::io(format!("remove {}", marker.display()), e)
+                                })?;
+                                Ok(provenance)
+                            });
+                        match reshaped {
+                            Ok(provenance) => {
+                                tracing::debug!(
+                                    base_fetched_ms = base_fetched_at.as_secs_f64() * 1e3,
+                                    opened_ms = opened_at.as_secs_f64() * 1e3,
+                                    others_fetched_ms = others_at.as_secs_f64() * 1e3,
+                                    reshaped_ms = started.elapsed().as_secs_f64() * 1e3,
+                                    "rescale built"
+                                );
+                                // The data is in place: the backend is usable now. The flush of
+                                // the range deletions and the compactions come after, in the
+                                // background (never for a build that failed).
+                                backend.core.resume_compactions_in_background();
+                                Ok((backend, provenance))
+                            }
+                            Err(e) => {
+                                backend.core.mark_scratch();
+                                Err(e)
+                            }
                         }
-                    }
-                })
+                    })
+                    .await
+                }
                 .await
             }
             (Ok((backend, _, _)), Err(e)) => {
@@ -339,17 +422,27 @@ fn add_columns(backend: &RocksStateBackend, sources: &[(KeyedStateHandle, PathBu
         .pause_compactions_of(|c| !opened.contains(&c.cf_name))
 }
 
-/// Brings the other sources' key groups into a rescale's base `backend` (`lists`: their
-/// files, one entry per source), deletes what lies outside the new `range`, and returns
-/// which local files are copies of which stored files.
-fn reshape(
+/// What was fetched of one of a rescale's other sources.
+struct Fetched {
+    /// Its SST files, or why they could not be listed (the source is then iterated).
+    listed: Result<Listed>,
+    /// Whether every file of the source was fetched; else only those to ingest.
+    whole: bool,
+}
+
+/// Brings the other sources' key groups into a rescale's base `backend` (`lists`: what
+/// was fetched of them, one entry per source), by ingestion or else by iteration, and
+/// returns which local files are copies of which stored files, with the sources still
+/// to iterate: those fetched in part whose ingestion was refused (their other files are
+/// needed first). [`finish`] completes the build.
+fn ingest_sources(
     backend: &RocksStateBackend,
     base: &KeyedStateHandle,
     sources: &[(KeyedStateHandle, PathBuf)],
-    lists: Vec<Result<Listed>>,
+    lists: Vec<Fetched>,
     strategy: RescaleStrategy,
     range: KeyGroupRange,
-) -> Result<FileSet> {
+) -> Result<(FileSet, Vec<usize>)> {
     if lists.len() != sources.len() {
         return Err(Error::Internal(format!(
             "{} file lists for {} rescale sources",
@@ -358,7 +451,9 @@ fn reshape(
         )));
     }
     let mut provenance = sst_files_of(base);
-    for ((handle, dir), listed) in sources.iter().zip(lists) {
+    let mut to_iterate = Vec::new();
+    for (i, ((handle, dir), fetched)) in sources.iter().zip(lists).enumerate() {
+        let listed = fetched.listed;
         match listed.and_then(|files| ingest(backend, handle, dir, files, range)) {
             Ok(files) => provenance.extend(files),
             Err(e) => {
@@ -367,9 +462,32 @@ fn reshape(
                     // Whatever was ingested of this source is removed first.
                     backend.core.delete_inside(handle.key_group_range)?;
                 }
-                iterate(backend, handle, dir, range)?;
+                if fetched.whole {
+                    iterate(backend, handle, dir, range)?;
+                } else {
+                    to_iterate.push(i);
+                }
             }
         }
+    }
+    Ok((provenance, to_iterate))
+}
+
+/// Completes a rescale's build after [`ingest_sources`]: iterates the sources
+/// `to_iterate` (now fetched whole), deletes what lies outside the new `range`, and
+/// keeps of `provenance` the files still live.
+fn finish(
+    backend: &RocksStateBackend,
+    sources: &[(KeyedStateHandle, PathBuf)],
+    to_iterate: &[usize],
+    range: KeyGroupRange,
+    mut provenance: FileSet,
+) -> Result<FileSet> {
+    for &i in to_iterate {
+        let (handle, dir) = sources
+            .get(i)
+            .ok_or_else(|| Error::Internal(format!("no rescale source {i}")))?;
+        iterate(backend, handle, dir, range)?;
     }
     let dropped = backend.core.delete_outside(range)?;
     tracing::debug!(files = dropped, "files outside the new range dropped whole");
@@ -430,6 +548,54 @@ fn list_source_files(dir: &Path) -> Result<Listed> {
     live_sst_files(&db)
 }
 
+/// Reads the list of the SST files of `handle` (see [`crate::engine::sst_list`]),
+/// fetched into `dir` like its other files; `None` for a snapshot without one, or whose
+/// list is unusable (logged): its files are then all fetched and listed from its
+/// MANIFEST. A list that fails its checksum fails the fetch, like any other file.
+async fn read_sst_list(
+    handle: &KeyedStateHandle,
+    job: &crate::storage::CheckpointStorage,
+    dir: &Path,
+    reuse: &LocalFiles,
+    checked: Option<&Arc<crate::storage::CheckedLinks>>,
+    cancel: &AtomicBool,
+) -> Result<Option<Listed>> {
+    let Some(list) = handle
+        .private
+        .iter()
+        .find(|f| f.local_name == SST_LIST_NAME)
+    else {
+        return Ok(None);
+    };
+    download_files(vec![list], job, dir, reuse, checked, Some(cancel)).await?;
+    let path = dir.join(SST_LIST_NAME);
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+    let expected = handle
+        .files()
+        .filter(|f| f.local_name.ends_with(".sst"))
+        .map(|f| (f.local_name.clone(), f.size))
+        .collect();
+    let what = job.url_of(&list.path);
+    match sst_list::read(&bytes, &expected, &what) {
+        Ok(files) => Ok(Some(files)),
+        Err(e) => {
+            tracing::warn!(error = %e.report(), "a snapshot's list of files is unusable; fetching all of its files instead");
+            Ok(None)
+        }
+    }
+}
+
+/// Whether a rescale ingests `file` of another source into a backend of the key groups
+/// `range`: a file of a state that may hold keys of `range`.
+fn is_wanted(file: &crate::engine::SstFile, range: KeyGroupRange) -> bool {
+    file.identity
+        .column
+        .starts_with(crate::engine::STATE_COLUMN_PREFIX)
+        && may_overlap(file, range)
+}
+
 /// Whether an SST file may hold keys of the key groups `range`: `false` only when its
 /// first and last keys show it lies wholly below or above.
 fn may_overlap(file: &crate::engine::SstFile, range: KeyGroupRange) -> bool {
@@ -459,19 +625,17 @@ fn ingest(
     let listed = files.len();
     let mut skipped = 0usize;
     for file in files {
-        if file
-            .identity
-            .column
-            .starts_with(crate::engine::STATE_COLUMN_PREFIX)
-        {
-            if !may_overlap(&file, range) {
-                skipped += 1;
-                continue;
-            }
+        if is_wanted(&file, range) {
             by_column
                 .entry(file.identity.column.clone())
                 .or_default()
                 .push(file);
+        } else if file
+            .identity
+            .column
+            .starts_with(crate::engine::STATE_COLUMN_PREFIX)
+        {
+            skipped += 1;
         }
     }
     tracing::debug!(

@@ -11,4 +11,4 @@ mod pending;
 
 pub use crate::format::{CanonicalHandle, KeyedSnapshot, KeyedStateHandle, StateFile};
 pub use pending::PendingSnapshot;
-pub(crate) use pending::{list_staged, start_capture, Capture, StagingDir};
+pub(crate) use pending::{list_captured, start_capture, Capture, StagingDir};

@@ -145,7 +145,36 @@ fn wait_and_capture(core: &BackendCore, cut: Cut, target: &Path) -> Result<Vec<S
         core.seals.wait_for_flush(seen, Duration::from_millis(20));
     }
     core.capture_into(cut, target)?;
-    list_staged(target)
+    list_captured(core, target)
+}
+
+/// Lists the files `core` just hard-linked into `target`, and adds to them the list of
+/// their SST files as RocksDB describes them ([`crate::engine::sst_list`]).
+pub(crate) fn list_captured(core: &BackendCore, target: &Path) -> Result<Vec<StagedFile>> {
+    let mut files = list_staged(target)?;
+    // Described by RocksDB after the links: a file compacted away in between leaves the
+    // snapshot without a list (a rescale then reads its MANIFEST), never with a wrong one.
+    let staged: Vec<(String, u64)> = files.iter().map(|f| (f.name.clone(), f.size)).collect();
+    let listed = core
+        .live_files()
+        .and_then(|live| crate::engine::sst_list::write(target, &staged, &live));
+    match listed {
+        Ok(Some(size)) => {
+            files.push(StagedFile {
+                name: crate::engine::sst_list::SST_LIST_NAME.to_string(),
+                size,
+            });
+            files.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        Ok(None) => {
+            tracing::debug!(dir = %target.display(), "the files changed while they were listed; the snapshot has no list of them");
+        }
+        // The list only spares a rescale work: the snapshot goes on without it.
+        Err(e) => {
+            tracing::warn!(dir = %target.display(), error = %e.report(), "cannot list a snapshot's files; it has no list of them");
+        }
+    }
+    Ok(files)
 }
 
 /// The result of a snapshot's synchronous phase: the point it stands for, and once
@@ -556,7 +585,7 @@ impl PendingSnapshot {
 }
 
 /// Lists the files of a staged checkpoint.
-pub(crate) fn list_staged(dir: &Path) -> Result<Vec<StagedFile>> {
+fn list_staged(dir: &Path) -> Result<Vec<StagedFile>> {
     let err = |e| Error::io(format!("list {}", dir.display()), e);
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(err)? {

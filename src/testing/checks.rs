@@ -131,6 +131,25 @@ pub fn refuse_compaction_resumes(root: &Path, refuse: bool) {
     }
 }
 
+static REFUSED_INGESTIONS: parking_lot::Mutex<Vec<PathBuf>> = parking_lot::Mutex::new(Vec::new());
+
+/// Makes every later ingestion of files into a backend whose directory lies under `root`
+/// fail (`true`) or succeed again (`false`), as RocksDB refusing them would.
+pub fn refuse_ingestions(root: &Path, refuse: bool) {
+    let mut refused = REFUSED_INGESTIONS.lock();
+    refused.retain(|r| r != root);
+    if refuse {
+        refused.push(root.to_path_buf());
+    }
+}
+
+pub(crate) fn ingestion_refused(dir: &Path) -> bool {
+    REFUSED_INGESTIONS
+        .lock()
+        .iter()
+        .any(|root| dir.starts_with(root))
+}
+
 pub(crate) fn compaction_resumes_refused(dir: &Path) -> bool {
     REFUSED_COMPACTION_RESUMES
         .lock()

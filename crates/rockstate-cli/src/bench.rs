@@ -44,6 +44,8 @@ What is measured (local-file storage in --dir, 1 KiB values over 4 subtasks):
                                      through the object-store API, as from a remote store
   rescale_vs_restore                 4->3 rescale time / same-parallelism restore time
   rescale_2_to_3_vs_restore          the same for 2->3 (of a checkpoint taken at 2)
+  streamed_rescale_2_to_3_vs_restore the same, both streaming every file they fetch
+                                     through the object-store API (one run each)
   savepoint_mib_per_s                canonical savepoint rate, MiB of state per second
   events_per_s                       the demo job (count, last 8 values, histogram per key)
                                      through the harness at parallelism 1, with checkpoints
@@ -491,11 +493,19 @@ async fn restore_open(
 
 /// Checkpoints the state at parallelism 2 (restored from `source`) into its own job
 /// directory, then times a restore at 2 and a rescale 2->3 of that checkpoint.
+/// Restore and rescale times of a checkpoint taken at 2 after a rescale 4->2.
+struct TwoToThree {
+    restore_s: f64,
+    rescale_s: f64,
+    streamed_restore_s: f64,
+    streamed_rescale_s: f64,
+}
+
 async fn rescale_two_to_three(
     source: &RestoreSource,
     store: &CheckpointStorage,
     dir: &Path,
-) -> rockstate::Result<(f64, f64)> {
+) -> rockstate::Result<TwoToThree> {
     let ingest = RescaleStrategy::Ingest;
     let (_, two) = restore_open(source, dir, "two", 2, ingest, &[]).await?;
     let job = store.child("job-2")?;
@@ -520,8 +530,22 @@ async fn rescale_two_to_three(
         let label = format!("rescale-2-3-{rep}");
         rescales.push(restore_all(&at_two, dir, &label, 3, ingest, &[]).await?);
     }
+    // Every fetched byte streamed through the object-store API, as from a remote store.
+    let streamed_store =
+        object_store::local::LocalFileSystem::new_with_prefix(dir.join("store").join("job-2"))
+            .map_err(|e| Error::Internal(format!("open the streamed store: {e}")))?;
+    let streamed = CheckpointStorage::from_store(std::sync::Arc::new(streamed_store), "streamed");
+    let at_two = RestoreSource::checkpoint(&streamed, meta.clone());
+    let streamed_restore_s = restore_all(&at_two, dir, "streamed-2", 2, ingest, &[]).await?;
+    let at_two = RestoreSource::checkpoint(&streamed, meta.clone());
+    let streamed_rescale_s = restore_all(&at_two, dir, "streamed-2-3", 3, ingest, &[]).await?;
     coordinator.shutdown(true).await?;
-    Ok((median_s(restores), median_s(rescales)))
+    Ok(TwoToThree {
+        restore_s: median_s(restores),
+        rescale_s: median_s(rescales),
+        streamed_restore_s: streamed_restore_s.as_secs_f64(),
+        streamed_rescale_s: streamed_rescale_s.as_secs_f64(),
+    })
 }
 
 /// The local names of a checkpoint's SST files with their sizes.
@@ -556,6 +580,8 @@ struct Report {
     rescale_s: f64,
     restore_2_s: f64,
     rescale_2_3_s: f64,
+    streamed_restore_2_s: f64,
+    streamed_rescale_2_3_s: f64,
     savepoint_mib_per_s: f64,
 }
 
@@ -696,7 +722,7 @@ async fn measure(args: &BenchArgs, dir: &Path, say: &dyn Fn(&str)) -> rockstate:
         restore_all(&streamed_source, dir, "streamed", PARALLELISM, ingest, &[])
             .await?
             .as_secs_f64();
-    let (restore_2_s, rescale_2_3_s) = rescale_two_to_three(&source, &store, dir).await?;
+    let two_to_three = rescale_two_to_three(&source, &store, dir).await?;
     coordinator.shutdown(true).await?;
 
     let incremental_median_bytes = median(incremental);
@@ -719,8 +745,10 @@ async fn measure(args: &BenchArgs, dir: &Path, say: &dyn Fn(&str)) -> rockstate:
         local_restore_s,
         streamed_restore_s,
         rescale_s,
-        restore_2_s,
-        rescale_2_3_s,
+        restore_2_s: two_to_three.restore_s,
+        rescale_2_3_s: two_to_three.rescale_s,
+        streamed_restore_2_s: two_to_three.streamed_restore_s,
+        streamed_rescale_2_3_s: two_to_three.streamed_rescale_s,
         savepoint_mib_per_s: mib(state_bytes) / savepoint_s.max(1e-9),
     })
 }
@@ -793,6 +821,10 @@ pub fn run(args: BenchArgs) -> rockstate::Result<u8> {
             "rescale_2_to_3_vs_restore": r.rescale_2_3_s / r.restore_2_s.max(1e-9),
             "rescale_2_to_3_s": r.rescale_2_3_s,
             "restore_2_s": r.restore_2_s,
+            "streamed_rescale_2_to_3_vs_restore":
+                r.streamed_rescale_2_3_s / r.streamed_restore_2_s.max(1e-9),
+            "streamed_rescale_2_to_3_s": r.streamed_rescale_2_3_s,
+            "streamed_restore_2_s": r.streamed_restore_2_s,
             "savepoint_mib_per_s": r.savepoint_mib_per_s,
             "events_per_s": r.events_per_s,
             "raw_loop_events_per_s": r.raw_loop_events_per_s,
@@ -850,6 +882,12 @@ pub fn run(args: BenchArgs) -> rockstate::Result<u8> {
             r.rescale_2_3_s / r.restore_2_s.max(1e-9),
             r.rescale_2_3_s,
             r.restore_2_s
+        );
+        println!(
+            "  the same, streamed                     {:.2} ({:.2} s vs {:.2} s)",
+            r.streamed_rescale_2_3_s / r.streamed_restore_2_s.max(1e-9),
+            r.streamed_rescale_2_3_s,
+            r.streamed_restore_2_s
         );
         println!(
             "  canonical savepoint                    {:.0} MiB/s",
