@@ -15,7 +15,7 @@ use rockstate::{CheckpointStorage, CoordinatorOptions, RestoreSource, StateDiges
 use rockstate_harness::demo::{state_digest, Counter, DemoSource, DEMO_UID};
 use rockstate_harness::{Harness, HarnessConfig, StartFrom};
 
-const EVENTS: u64 = 60_000;
+const EVENTS: u64 = 150_000;
 
 fn source() -> DemoSource {
     DemoSource::new(5, 1_500, EVENTS).unwrap()
