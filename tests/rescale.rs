@@ -662,17 +662,22 @@ async fn iterate_and_write_sources_are_closed_as_scratch() {
     }
 }
 
+/// A runtime of two workers and a single blocking thread.
+fn one_blocking_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A rescale never holds a blocking thread while it waits for work that needs one: with a
 /// single blocking thread in the runtime, a rescale that ingests another source (its
 /// base opens while the other source is fetched) still completes.
 #[test]
 fn a_rescale_completes_with_one_blocking_thread() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = one_blocking_thread();
     let tmp = tempfile::tempdir().unwrap();
     let outcome = runtime.block_on(async {
         let (source, model, _) = prepare(tmp.path(), 2, None).await;
@@ -1220,12 +1225,7 @@ async fn a_snapshot_without_a_list_of_its_files_rescales() {
 #[test]
 fn a_source_fetched_in_part_whose_ingestion_is_refused_is_fetched_whole_and_iterated() {
     use rockstate::testing::checks::refuse_ingestions;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = one_blocking_thread();
     let tmp = tempfile::tempdir().unwrap();
     let refused = tmp.path().join("at-three").join("sub-1");
     let outcome = runtime.block_on(async {

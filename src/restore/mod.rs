@@ -269,11 +269,16 @@ pub(crate) async fn download_all(
     checked: Option<&Arc<CheckedLinks>>,
     cancel: Option<&AtomicBool>,
 ) -> Result<()> {
-    let files = handle
+    download_files(database_files(handle), job, dir, reuse, checked, cancel).await
+}
+
+/// The files of `handle` that its database is opened with: all but the list of its SST
+/// files.
+pub(crate) fn database_files(handle: &KeyedStateHandle) -> Vec<&crate::format::StateFile> {
+    handle
         .files()
         .filter(|f| f.local_name != crate::engine::sst_list::SST_LIST_NAME)
-        .collect();
-    download_files(files, job, dir, reuse, checked, cancel).await
+        .collect()
 }
 
 /// [`download_all`] for some of a snapshot's `files`.

@@ -16,8 +16,8 @@ use crate::format::StateMeta;
 use crate::format::{KeyedSnapshot, KeyedStateHandle, StateFile};
 use crate::keygroup::KeyGroupRange;
 use crate::restore::{
-    download_all, download_files, remove_dir_if_exists, seed, sibling, LocalFiles, RescaleStrategy,
-    RestoreOptions, RestoreSource, RESTORING_MARKER,
+    database_files, download_all, download_files, remove_dir_if_exists, seed, sibling, LocalFiles,
+    RescaleStrategy, RestoreOptions, RestoreSource, RESTORING_MARKER,
 };
 use crate::savepoint::canonical::DataFileReader;
 
@@ -230,51 +230,41 @@ impl BackendBuilder {
                     }
                     RescaleStrategy::IterateAndWrite => None,
                 };
-                if let Some(files) = listed {
-                    // Only the files that may hold keys of the new range: the source is
-                    // never opened, so neither its other files nor its MANIFEST are needed.
-                    let wanted: BTreeSet<&str> = files
-                        .iter()
-                        .filter(|f| is_wanted(f, range))
-                        .map(|f| f.name.as_str())
-                        .collect();
-                    let fetch = handle
-                        .files()
-                        .filter(|f| wanted.contains(f.local_name.as_str()))
-                        .collect();
-                    download_files(
-                        fetch,
-                        source.root(),
-                        other,
-                        &reuse,
-                        checked,
-                        Some(&*base_failed),
-                    )
-                    .await?;
-                    lists.push(Fetched {
+                // With a list, only the files that may hold keys of the new range: the
+                // source is never opened, so neither its other files nor its MANIFEST are
+                // needed. Without one, every file its database opens with.
+                let fetch = match &listed {
+                    Some(files) => {
+                        let wanted: BTreeSet<&str> = files
+                            .iter()
+                            .filter(|f| is_wanted(f, range))
+                            .map(|f| f.name.as_str())
+                            .collect();
+                        handle
+                            .files()
+                            .filter(|f| wanted.contains(f.local_name.as_str()))
+                            .collect()
+                    }
+                    None => database_files(handle),
+                };
+                let cancel = Some(&*base_failed);
+                download_files(fetch, source.root(), other, &reuse, checked, cancel).await?;
+                lists.push(match (listed, strategy) {
+                    (Some(files), _) => Fetched {
                         listed: Ok(files),
                         whole: false,
-                    });
-                    continue;
-                }
-                download_all(
-                    handle,
-                    source.root(),
-                    other,
-                    &reuse,
-                    checked,
-                    Some(&*base_failed),
-                )
-                .await?;
-                lists.push(Fetched {
-                    listed: match strategy {
-                        RescaleStrategy::Ingest => {
-                            let at = other.clone();
-                            blocking(move || Ok(list_source_files(&at))).await?
-                        }
-                        RescaleStrategy::IterateAndWrite => Err(Error::invalid("iterate")),
                     },
-                    whole: true,
+                    (None, RescaleStrategy::Ingest) => {
+                        let at = other.clone();
+                        Fetched {
+                            listed: blocking(move || Ok(list_source_files(&at))).await?,
+                            whole: true,
+                        }
+                    }
+                    (None, RescaleStrategy::IterateAndWrite) => Fetched {
+                        listed: Err(Error::invalid("iterate")),
+                        whole: true,
+                    },
                 });
             }
             Ok::<_, Error>((lists, started.elapsed()))

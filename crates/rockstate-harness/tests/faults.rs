@@ -15,10 +15,15 @@ use rockstate::{CheckpointStorage, CoordinatorOptions, RestoreSource, StateDiges
 use rockstate_harness::demo::{state_digest, Counter, DemoSource, DEMO_UID};
 use rockstate_harness::{Harness, HarnessConfig, StartFrom};
 
-const EVENTS: u64 = 150_000;
+/// Events of a run with failing requests: enough checkpoints (one every 1 500 events)
+/// that some complete although each fails on any write that lands only in part.
+const EVENTS: u64 = 400_000;
 
-fn source() -> DemoSource {
-    DemoSource::new(5, 1_500, EVENTS).unwrap()
+/// Events of the run with hung requests (paced).
+const HUNG_EVENTS: u64 = 60_000;
+
+fn source(events: u64) -> DemoSource {
+    DemoSource::new(5, 1_500, events).unwrap()
 }
 
 fn config(local: &std::path::Path, parallelism: u32) -> HarnessConfig {
@@ -38,13 +43,13 @@ fn config(local: &std::path::Path, parallelism: u32) -> HarnessConfig {
     }
 }
 
-fn reference() -> StateDigest {
+fn reference(events: u64) -> StateDigest {
     let local = tempfile::tempdir().unwrap();
     let storage = CheckpointStorage::open("memory://faults-reference").unwrap();
     let h = Harness::start(
         config(local.path(), 2),
         &storage,
-        source(),
+        source(events),
         Counter::factory(),
         StartFrom::Empty,
     )
@@ -60,7 +65,7 @@ fn now_ms() -> u64 {
 }
 
 fn faulty_run(seed: u64) {
-    let expected = reference();
+    let expected = reference(EVENTS);
     let dir = tempfile::tempdir().unwrap();
     let store_dir = dir.path().join("store");
     std::fs::create_dir_all(&store_dir).unwrap();
@@ -87,7 +92,7 @@ fn faulty_run(seed: u64) {
     let mut h = Harness::start(
         config(&dir.path().join("local"), 3),
         &storage,
-        source(),
+        source(EVENTS),
         Counter::factory(),
         StartFrom::Empty,
     )
@@ -181,7 +186,7 @@ fn ten_percent_failing_requests_seed_2() {
 /// ends in the reference state with every completed checkpoint sound.
 #[test]
 fn hung_requests_time_checkpoints_out_without_stopping_the_job() {
-    let expected = reference();
+    let expected = reference(HUNG_EVENTS);
     let dir = tempfile::tempdir().unwrap();
     let store_dir = dir.path().join("store");
     std::fs::create_dir_all(&store_dir).unwrap();
@@ -203,7 +208,7 @@ fn hung_requests_time_checkpoints_out_without_stopping_the_job() {
     let mut h = Harness::start(
         config,
         &storage,
-        source(),
+        source(HUNG_EVENTS),
         Counter::factory(),
         StartFrom::Empty,
     )
