@@ -1219,6 +1219,41 @@ async fn a_snapshot_without_a_list_of_its_files_rescales() {
     check(&restored, &model, "2->3 without lists");
 }
 
+/// A list of files whose recorded size is beyond any real list (the handle is data from
+/// storage, and a rescale holds the list in memory) is not fetched: every file of the
+/// other source is, and the data is the model's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_recorded_larger_than_any_list_is_not_fetched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, store, mut meta) = checkpoint_at_two_in_halves(tmp.path()).await;
+    for operator in &mut meta.operators {
+        for subtask in &mut operator.subtasks {
+            if let Some(rockstate::KeyedSnapshot::Files(h)) = &mut subtask.keyed {
+                let list = h.private.iter_mut().find(|f| f.local_name == "SST-LIST");
+                list.unwrap().size = 1 << 40;
+            }
+        }
+    }
+    let other = old_subtask_zero(&meta);
+    let files: std::collections::BTreeSet<String> = other
+        .files()
+        .filter(|f| f.local_name != "SST-LIST")
+        .map(|f| format!("job-2/{}", f.path))
+        .collect();
+    let list = other
+        .files()
+        .find(|f| f.local_name == "SST-LIST")
+        .map(|f| format!("job-2/{}", f.path))
+        .unwrap();
+    let (gated, source) = logged(&store, &meta);
+    let alone = restore_subtask(&tmp.path().join("alone"), &source, 1).await;
+    let all = files.iter().cloned().chain([list]).collect();
+    assert_eq!(read_of(&gated, &all), files);
+    drop(alone);
+    let restored = restore_three(&tmp.path().join("at-three"), &source).await;
+    check(&restored, &model, "2->3, list too large");
+}
+
 /// A source fetched in part whose ingestion is refused is iterated instead: the rest of
 /// its files is fetched first, and the data is the model's. The runtime has one
 /// blocking thread, which the fetch must not wait for.

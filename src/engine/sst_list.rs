@@ -24,6 +24,10 @@ pub(crate) const SST_LIST_NAME: &str = "SST-LIST";
 
 const SST_LIST_VERSION: u32 = 1;
 
+/// The largest list written or read (a list takes some 100 bytes per file plus its
+/// keys): a reader holds it in memory whole.
+pub(crate) const MAX_LIST_BYTES: u64 = 16 << 20;
+
 /// Levels RocksDB may report (it has at most 7 by default; more would be a misreading).
 const MAX_LEVEL: i32 = 100;
 
@@ -70,6 +74,9 @@ pub(crate) fn write(dir: &Path, staged: &[(String, u64)], live: &[SstFile]) -> R
         });
     }
     let bytes = codec::encode_versioned(SST_LIST_VERSION, &Wire { files })?;
+    if bytes.len() as u64 > MAX_LIST_BYTES {
+        return Ok(None);
+    }
     let target = dir.join(SST_LIST_NAME);
     if let Err(e) = std::fs::write(&target, &bytes) {
         // Nothing half written is left to be uploaded.

@@ -235,14 +235,10 @@ impl BackendBuilder {
                 // needed. Without one, every file its database opens with.
                 let fetch = match &listed {
                     Some(files) => {
-                        let wanted: BTreeSet<&str> = files
-                            .iter()
-                            .filter(|f| is_wanted(f, range))
-                            .map(|f| f.name.as_str())
-                            .collect();
+                        let wanted = wanted_names(files, range);
                         handle
                             .files()
-                            .filter(|f| wanted.contains(f.local_name.as_str()))
+                            .filter(|f| wanted.contains(&f.local_name))
                             .collect()
                     }
                     None => database_files(handle),
@@ -251,19 +247,19 @@ impl BackendBuilder {
                 download_files(fetch, source.root(), other, &reuse, checked, cancel).await?;
                 lists.push(match (listed, strategy) {
                     (Some(files), _) => Fetched {
+                        fetched: Some(wanted_names(&files, range)),
                         listed: Ok(files),
-                        whole: false,
                     },
                     (None, RescaleStrategy::Ingest) => {
                         let at = other.clone();
                         Fetched {
                             listed: blocking(move || Ok(list_source_files(&at))).await?,
-                            whole: true,
+                            fetched: None,
                         }
                     }
                     (None, RescaleStrategy::IterateAndWrite) => Fetched {
                         listed: Err(Error::invalid("iterate")),
-                        whole: true,
+                        fetched: None,
                     },
                 });
             }
@@ -289,11 +285,11 @@ impl BackendBuilder {
                     let rest = match ingested {
                         Ok((provenance, to_iterate)) => {
                             let mut fetched = Ok(());
-                            for &i in &to_iterate {
-                                let (handle, at) = &others[i];
-                                let missing = handle
-                                    .files()
-                                    .filter(|f| !at.join(&f.local_name).exists())
+                            for (i, had) in &to_iterate {
+                                let (handle, at) = &others[*i];
+                                let missing = database_files(handle)
+                                    .into_iter()
+                                    .filter(|f| !had.contains(&f.local_name))
                                     .collect();
                                 let checked = Some(source.checked_links());
                                 fetched = download_files(
@@ -412,12 +408,17 @@ fn add_columns(backend: &RocksStateBackend, sources: &[(KeyedStateHandle, PathBu
         .pause_compactions_of(|c| !opened.contains(&c.cf_name))
 }
 
+/// Sources fetched in part whose ingestion was refused: their index among a rescale's
+/// other sources, with the names of the files fetched of them.
+type ToIterate = Vec<(usize, BTreeSet<String>)>;
+
 /// What was fetched of one of a rescale's other sources.
 struct Fetched {
     /// Its SST files, or why they could not be listed (the source is then iterated).
     listed: Result<Listed>,
-    /// Whether every file of the source was fetched; else only those to ingest.
-    whole: bool,
+    /// The names of the files fetched (the list, and those to ingest), or `None` when
+    /// every file of the source was.
+    fetched: Option<BTreeSet<String>>,
 }
 
 /// Brings the other sources' key groups into a rescale's base `backend` (`lists`: what
@@ -432,7 +433,7 @@ fn ingest_sources(
     lists: Vec<Fetched>,
     strategy: RescaleStrategy,
     range: KeyGroupRange,
-) -> Result<(FileSet, Vec<usize>)> {
+) -> Result<(FileSet, ToIterate)> {
     if lists.len() != sources.len() {
         return Err(Error::Internal(format!(
             "{} file lists for {} rescale sources",
@@ -441,7 +442,7 @@ fn ingest_sources(
         )));
     }
     let mut provenance = sst_files_of(base);
-    let mut to_iterate = Vec::new();
+    let mut to_iterate: ToIterate = Vec::new();
     for (i, ((handle, dir), fetched)) in sources.iter().zip(lists).enumerate() {
         let listed = fetched.listed;
         match listed.and_then(|files| ingest(backend, handle, dir, files, range)) {
@@ -452,10 +453,9 @@ fn ingest_sources(
                     // Whatever was ingested of this source is removed first.
                     backend.core.delete_inside(handle.key_group_range)?;
                 }
-                if fetched.whole {
-                    iterate(backend, handle, dir, range)?;
-                } else {
-                    to_iterate.push(i);
+                match fetched.fetched {
+                    None => iterate(backend, handle, dir, range)?,
+                    Some(had) => to_iterate.push((i, had)),
                 }
             }
         }
@@ -469,11 +469,11 @@ fn ingest_sources(
 fn finish(
     backend: &RocksStateBackend,
     sources: &[(KeyedStateHandle, PathBuf)],
-    to_iterate: &[usize],
+    to_iterate: &ToIterate,
     range: KeyGroupRange,
     mut provenance: FileSet,
 ) -> Result<FileSet> {
-    for &i in to_iterate {
+    for &(i, _) in to_iterate {
         let (handle, dir) = sources
             .get(i)
             .ok_or_else(|| Error::Internal(format!("no rescale source {i}")))?;
@@ -557,6 +557,16 @@ async fn read_sst_list(
     else {
         return Ok(None);
     };
+    // Read whole into memory: a size beyond any real list (its handle is data from
+    // storage) is not fetched at all.
+    if list.size > sst_list::MAX_LIST_BYTES {
+        tracing::warn!(
+            file = %job.url_of(&list.path),
+            size = list.size,
+            "a snapshot's list of files is larger than any list; fetching all of its files instead"
+        );
+        return Ok(None);
+    }
     download_files(vec![list], job, dir, reuse, checked, Some(cancel)).await?;
     let path = dir.join(SST_LIST_NAME);
     let bytes = tokio::fs::read(&path)
@@ -575,6 +585,15 @@ async fn read_sst_list(
             Ok(None)
         }
     }
+}
+
+/// The names of the files of `files` that a rescale into the key groups `range` ingests.
+fn wanted_names(files: &[crate::engine::SstFile], range: KeyGroupRange) -> BTreeSet<String> {
+    files
+        .iter()
+        .filter(|f| is_wanted(f, range))
+        .map(|f| f.name.clone())
+        .collect()
 }
 
 /// Whether a rescale ingests `file` of another source into a backend of the key groups
