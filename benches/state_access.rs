@@ -1,7 +1,7 @@
 //! State access through rockstate beside the same operation on raw RocksDB.
 //!
 //! Both sides use the same RocksDB settings (128 MiB LRU block cache, 10-bit bloom
-//! filters, LZ4, WAL off) and the same key layout (`key group ‖ key ‖ namespace
+//! filters, LZ4, WAL off, memtable insert hints per key group) and the same key layout (`key group ‖ key ‖ namespace
 //! [‖ user key]`, serde-encoded). The raw side encodes keys and values itself, as a user of
 //! plain RocksDB would; the difference is rockstate's own overhead.
 //!
@@ -38,7 +38,11 @@ struct Raw {
     wo: WriteOptions,
 }
 
-fn raw_db(dir: &std::path::Path) -> Raw {
+/// Memtable inserts with one hint per key group (the first two bytes), as the backend
+/// sets them.
+const INSERT_HINT: &str = "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2";
+
+fn raw_db(dir: &std::path::Path, insert_hints: bool) -> Raw {
     let cache = rocksdb::Cache::new_lru_cache(128 << 20);
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(&cache);
@@ -46,7 +50,13 @@ fn raw_db(dir: &std::path::Path) -> Raw {
     table.set_cache_index_and_filter_blocks(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     table.set_format_version(6);
-    let mut cf = Options::default();
+    let mut cf = if insert_hints {
+        Options::default()
+            .get_options_from_string(INSERT_HINT)
+            .unwrap()
+    } else {
+        Options::default()
+    };
     cf.set_block_based_table_factory(&table);
     cf.set_write_buffer_size(16 << 20);
     cf.set_compression_type(DBCompressionType::Lz4);
@@ -102,7 +112,7 @@ fn benches(c: &mut Criterion) {
     let map = backend
         .register(MapStateDescriptor::<u64, u32, u64>::new("map"))
         .unwrap();
-    let raw = raw_db(raw_dir.path());
+    let raw = raw_db(raw_dir.path(), true);
     let (rv, rl, rm) = (
         raw.db.cf_handle("value").unwrap(),
         raw.db.cf_handle("list").unwrap(),
@@ -274,12 +284,45 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
+/// Puts in batches of 2 048 keys sorted by key group and key, as a subtask applies its
+/// records, into memtables with and without insert hints per key group.
+fn memtable_inserts(c: &mut Criterion) {
+    const BATCH: u64 = 2048;
+    let mut g = c.benchmark_group("memtable_insert");
+    for hints in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = raw_db(dir.path(), hints);
+        let cf = raw.db.cf_handle("value").unwrap();
+        let mut round = 0u64;
+        let name = if hints {
+            "hint_per_key_group"
+        } else {
+            "no_hint"
+        };
+        g.bench_function(BenchmarkId::new("sorted_batch_2048", name), |b| {
+            b.iter(|| {
+                round += 1;
+                let mut keys: Vec<Vec<u8>> = (0..BATCH)
+                    .map(|j| codec::state_key(&key_at(round * BATCH + j), &(), MAX_PAR).unwrap())
+                    .collect();
+                keys.sort();
+                for key in keys {
+                    raw.db
+                        .put_cf_opt(&cf, key, codec::encode_key(&round).unwrap(), &raw.wo)
+                        .unwrap();
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = state_access;
     config = Criterion::default()
         .sample_size(30)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
-    targets = benches
+    targets = benches, memtable_inserts
 }
 criterion_main!(state_access);

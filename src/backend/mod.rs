@@ -507,6 +507,48 @@ mod tests {
         assert!(columns_with_compactions_off(root.path()).is_empty());
     }
 
+    /// The memtables of a state column insert with one hint per key group, and so do
+    /// those of a state registered after the database was opened.
+    #[test]
+    fn state_columns_insert_with_a_hint_per_key_group() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("db");
+        let backend = RocksStateBackend::open(BackendOptions::new(
+            &dir,
+            KeyGroupRange::all(16).unwrap(),
+            16,
+        ))
+        .unwrap();
+        let value = backend
+            .register(ValueStateDescriptor::<u32, u32>::new("v"))
+            .unwrap();
+        value.put(&1, &2).unwrap();
+        // RocksDB writes the options in effect to a new OPTIONS file on every change.
+        let latest = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("OPTIONS-")
+            })
+            .max()
+            .unwrap();
+        let text = std::fs::read_to_string(latest).unwrap();
+        let section = text
+            .split("[CFOptions \"")
+            .find(|s| s.starts_with("state/v\""))
+            .expect("the state column's options");
+        assert!(
+            section
+                .lines()
+                .any(|l| l.trim()
+                    == "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2"),
+            "{section}"
+        );
+    }
+
     /// A backend closes its directory flushed and marked clean, so it reopens with its
     /// data; a scratch copy is closed as it is: nothing flushed, no clean mark, and
     /// reopening it as a backend's own directory is refused.

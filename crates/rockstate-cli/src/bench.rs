@@ -169,7 +169,10 @@ fn raw_options(cache: &rocksdb::Cache, write_buffer: usize) -> Options {
     table.set_pin_top_level_index_and_filter(true);
     table.set_cache_index_and_filter_blocks_with_high_priority(true);
     table.set_format_version(6);
-    let mut cf = Options::default();
+    // Memtable inserts with one hint per key group (the first two key bytes).
+    let mut cf = Options::default()
+        .get_options_from_string("memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2")
+        .unwrap_or_default();
     cf.set_block_based_table_factory(&table);
     cf.set_write_buffer_size(write_buffer);
     cf.set_memtable_prefix_bloom_ratio(0.02);
