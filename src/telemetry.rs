@@ -14,7 +14,7 @@
 //! | `rockstate_checkpoint_last_uploaded_bytes` | gauge | `job` | bytes uploaded by the last completed checkpoint |
 //! | `rockstate_snapshot_sync_seconds` | histogram | | synchronous part of each subtask snapshot |
 //! | `rockstate_restore_duration_seconds` | histogram | | restore of one backend |
-//! | `rockstate_restore_bytes_total` | counter | | bytes of snapshot files restored |
+//! | `rockstate_restore_bytes_total` | counter | | bytes of snapshot files restores fetched (or took from the local directory, checked), as they arrive |
 //! | `rockstate_rocksdb_*` | gauges, counters | `operator`, `subtask` | RocksDB's own figures, see [`RocksStateBackend::record_metrics`](crate::RocksStateBackend::record_metrics) |
 //!
 //! Call [`describe`] once after installing the recorder to give every metric its help
@@ -125,7 +125,7 @@ pub fn describe() {
     describe_counter!(
         RESTORE_BYTES,
         Unit::Bytes,
-        "bytes of snapshot files restored"
+        "bytes of snapshot files restores fetched (or took from the local directory, checked)"
     );
     for (_, name, help) in ROCKSDB_GAUGES {
         describe_gauge!(name, help);

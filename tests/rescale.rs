@@ -1191,6 +1191,121 @@ async fn a_rescale_fetches_of_another_source_only_the_files_it_ingests() {
     checkpoint_at_three_restores_at_two(tmp.path(), restored, &model, "2->3->2").await;
 }
 
+/// `rockstate_restore_bytes_total` of one restore (the counter, recorded on this thread).
+#[derive(Default)]
+struct RestoreBytes(Arc<std::sync::atomic::AtomicU64>);
+
+impl metrics::CounterFn for RestoreBytes {
+    fn increment(&self, value: u64) {
+        self.0
+            .fetch_add(value, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn absolute(&self, value: u64) {
+        self.0
+            .fetch_max(value, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl metrics::Recorder for RestoreBytes {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        if key.name() == "rockstate_restore_bytes_total" {
+            metrics::Counter::from_arc(Arc::new(RestoreBytes(self.0.clone())))
+        } else {
+            metrics::Counter::noop()
+        }
+    }
+
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+/// `rockstate_restore_bytes_total` counts the bytes a restore fetched: of a source it
+/// fetches in part, the files it read, not the whole snapshot.
+#[test]
+fn the_restore_byte_counter_counts_the_bytes_fetched() {
+    let tmp = tempfile::tempdir().unwrap();
+    // One thread, so that every count of the restore reaches the recorder of this thread.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (model, store, meta) = rt.block_on(checkpoint_at_two_in_halves(tmp.path()));
+    let size_of: BTreeMap<String, u64> = meta
+        .operators
+        .iter()
+        .flat_map(|o| &o.subtasks)
+        .filter_map(|s| match &s.keyed {
+            Some(rockstate::KeyedSnapshot::Files(h)) => Some(h),
+            _ => None,
+        })
+        .flat_map(|h| h.files())
+        .map(|f| (format!("job-2/{}", f.path), f.size))
+        .collect();
+    let all = size_of.keys().cloned().collect();
+    let (gated, source) = logged(&store, &meta);
+    let recorder = RestoreBytes::default();
+    let restored = metrics::with_local_recorder(&recorder, || {
+        rt.block_on(restore_subtask(&tmp.path().join("alone"), &source, 1))
+    });
+    let fetched: u64 = read_of(&gated, &all).iter().map(|p| size_of[p]).sum();
+    let whole: u64 = size_of.values().sum();
+    assert!(fetched < whole, "fetched {fetched} of {whole}");
+    assert_eq!(
+        recorder.0.load(std::sync::atomic::Ordering::Relaxed),
+        fetched
+    );
+    let restore_at_three = |i| {
+        let opts = BackendOptions::for_subtask(
+            tmp.path().join(format!("at-three/sub-{i}")),
+            i,
+            3,
+            MAX_PAR,
+        )
+        .unwrap();
+        rt.block_on(RocksStateBackend::builder(opts).restore_operator(
+            &source,
+            UID,
+            &RestoreOptions::default(),
+        ))
+        .unwrap()
+    };
+    drop(restored);
+    let restored: Vec<_> = (0..3).map(restore_at_three).collect();
+    check(&restored, &model, "2->3 on one thread");
+}
+
 /// A snapshot without a list of its files (taken before snapshots carried one) still
 /// rescales by ingestion: every file of the other source is fetched, and its files are
 /// listed from its MANIFEST.

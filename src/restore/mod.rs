@@ -420,11 +420,8 @@ impl BackendBuilder {
         } else {
             self.rescale_files(source, &files, options).await
         };
+        // The bytes it fetched were counted as they arrived (`count_restored`).
         if restored.is_ok() {
-            let bytes = overlapping
-                .iter()
-                .fold(0u64, |acc, k| acc.saturating_add(k.total_size()));
-            metrics::counter!(crate::telemetry::RESTORE_BYTES).increment(bytes);
             metrics::histogram!(crate::telemetry::RESTORE_DURATION)
                 .record(crate::telemetry::seconds(started.elapsed()));
         }

@@ -33,9 +33,12 @@ pub fn transfer_totals() -> (u64, u64) {
     (RESTORED.load(Relaxed), STORED.load(Relaxed))
 }
 
-/// Counts `n` restored bytes (see [`transfer_totals`]).
+/// Counts `n` restored bytes (see [`transfer_totals`]), in the process's total and in
+/// `rockstate_restore_bytes_total`: bytes a restore fetched, or took from its local
+/// directory after checking them, as they arrive.
 pub(crate) fn count_restored(n: u64) {
     RESTORED.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    metrics::counter!(crate::telemetry::RESTORE_BYTES).increment(n);
 }
 
 fn count_stored(n: u64) {
