@@ -507,46 +507,62 @@ mod tests {
         assert!(columns_with_compactions_off(root.path()).is_empty());
     }
 
-    /// The memtables of a state column insert with one hint per key group, and so do
-    /// those of a state registered after the database was opened.
+    /// The memtables of a state column insert with one hint per key group, whether the
+    /// state is registered after the database opened or is opened with it, for backends
+    /// of up to 1 024 key groups; larger ranges, and the backend's own column, go without
+    /// (the hints are kept outside the memory budget).
     #[test]
     fn state_columns_insert_with_a_hint_per_key_group() {
+        const HINT: &str = "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2";
+        let hinted = |dir: &std::path::Path, column: &str| {
+            // RocksDB writes the options in effect to a new OPTIONS file on every change.
+            let latest = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with("OPTIONS-")
+                })
+                .max()
+                .unwrap();
+            let text = std::fs::read_to_string(latest).unwrap();
+            let section = text
+                .split("[CFOptions \"")
+                .find(|s| s.starts_with(&format!("{column}\"")))
+                .unwrap_or_else(|| panic!("no options of {column}"))
+                .to_string();
+            section.lines().any(|l| l.trim() == HINT)
+        };
         let root = tempfile::tempdir().unwrap();
-        let dir = root.path().join("db");
-        let backend = RocksStateBackend::open(BackendOptions::new(
-            &dir,
-            KeyGroupRange::all(16).unwrap(),
-            16,
-        ))
-        .unwrap();
-        let value = backend
-            .register(ValueStateDescriptor::<u32, u32>::new("v"))
-            .unwrap();
-        value.put(&1, &2).unwrap();
-        // RocksDB writes the options in effect to a new OPTIONS file on every change.
-        let latest = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| {
-                p.file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .starts_with("OPTIONS-")
-            })
-            .max()
-            .unwrap();
-        let text = std::fs::read_to_string(latest).unwrap();
-        let section = text
-            .split("[CFOptions \"")
-            .find(|s| s.starts_with("state/v\""))
-            .expect("the state column's options");
-        assert!(
-            section
-                .lines()
-                .any(|l| l.trim()
-                    == "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2"),
-            "{section}"
-        );
+        for (max_parallelism, range, hints) in [
+            (16, KeyGroupRange::all(16).unwrap(), true),
+            (4096, KeyGroupRange::new(1024, 2047).unwrap(), true),
+            (4096, KeyGroupRange::new(1024, 2048).unwrap(), false),
+        ] {
+            let dir = root
+                .path()
+                .join(format!("{max_parallelism}-{}", range.len()));
+            let options = BackendOptions::new(&dir, range, max_parallelism);
+            for reopened in [false, true] {
+                let backend = RocksStateBackend::open(options.clone()).unwrap();
+                let value = backend
+                    .register(ValueStateDescriptor::<u32, u32>::new("v"))
+                    .unwrap();
+                let key = (0u32..)
+                    .find(|k| {
+                        let bytes = crate::codec::encode_key(k).unwrap();
+                        let kg = crate::keygroup::key_group_for_bytes(&bytes, max_parallelism);
+                        (range.start()..=range.end()).contains(&kg)
+                    })
+                    .unwrap();
+                value.put(&key, &2).unwrap();
+                let what = format!("{} key groups, reopened {reopened}", range.len());
+                assert_eq!(hinted(&dir, "state/v"), hints, "{what}");
+                assert!(!hinted(&dir, crate::engine::META_COLUMN), "{what}");
+            }
+        }
     }
 
     /// A backend closes its directory flushed and marked clean, so it reopens with its

@@ -226,19 +226,29 @@ impl CompactionFilter for TtlFilter {
     }
 }
 
-/// Memtable inserts keep one hint per key group: the skip list position of the last
-/// key written in it. Keys start with their key group (two bytes), a subtask applies
-/// records in batches sorted by key group and key, and a read-modify-write writes the key
-/// it just read, so an insert starts its search next to the previous insert of its key
-/// group instead of from the top of the skip list. Only where a memtable places a key
-/// changes, never what it holds; keys shorter than the prefix are inserted without one.
+/// Memtable inserts of a state column keep one hint per key group: the skip list
+/// position of the last key written in it. Keys start with their key group (two bytes), a
+/// subtask applies records in batches sorted by key group and key, and a read-modify-write
+/// writes the key it just read, so an insert starts its search next to the previous
+/// insert of its key group instead of from the top of the skip list. Only where a memtable
+/// places a key changes, never what it holds.
 pub(crate) const MEMTABLE_INSERT_HINT: &str =
     "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2";
 
-/// Default options with [`MEMTABLE_INSERT_HINT`] set (only RocksDB's option strings
-/// reach that setting). Should RocksDB refuse it, the memtables insert without hints.
-fn memtable_options() -> Options {
+/// The most key groups a backend may hold for its memtables to keep insert hints. Each
+/// memtable keeps its hints in a map outside its arena and the memory budget, about 64
+/// bytes per key group written to it: up to 64 KiB per memtable here, where the largest
+/// max parallelism (32 768 key groups in one subtask) would take 2 MiB.
+pub(crate) const MAX_HINTED_KEY_GROUPS: u32 = 1024;
+
+/// Default options, with [`MEMTABLE_INSERT_HINT`] set when `hints` (only RocksDB's option
+/// strings reach that setting). Should RocksDB refuse it, the memtables insert without
+/// hints.
+fn memtable_options(hints: bool) -> Options {
     const _: () = assert!(crate::codec::KEY_GROUP_PREFIX_LEN == 2);
+    if !hints {
+        return Options::default();
+    }
     match Options::default().get_options_from_string(MEMTABLE_INSERT_HINT) {
         Ok(opts) => opts,
         Err(e) => {
@@ -248,9 +258,12 @@ fn memtable_options() -> Options {
     }
 }
 
-/// Options shared by every column family: block cache, bloom filters, compression, and
-/// memtable insert hints per key group.
+/// Options shared by every column family: block cache, bloom filters, compression.
 pub(crate) fn base_options(resources: &SharedResources) -> Options {
+    with_base(Options::default(), resources)
+}
+
+fn with_base(mut opts: Options, resources: &SharedResources) -> Options {
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(&resources.cache);
     table.set_bloom_filter(10.0, false);
@@ -266,7 +279,6 @@ pub(crate) fn base_options(resources: &SharedResources) -> Options {
     table.set_pin_top_level_index_and_filter(true);
     table.set_cache_index_and_filter_blocks_with_high_priority(true);
     table.set_format_version(6);
-    let mut opts = memtable_options();
     opts.set_block_based_table_factory(&table);
     opts.set_write_buffer_size(resources.write_buffer_size());
     // Point reads of keys that are not in a memtable skip it: without a memtable bloom
@@ -280,13 +292,17 @@ pub(crate) fn base_options(resources: &SharedResources) -> Options {
     opts
 }
 
-/// Options of a state column family.
+/// Options of a state column family of a backend holding `key_groups` key groups: the
+/// base options, the list merge operator, the time-to-live compaction filter, and insert
+/// hints per key group for at most [`MAX_HINTED_KEY_GROUPS`].
 pub(crate) fn state_column_options(
     resources: &SharedResources,
     settings: Arc<ColumnSettings>,
     clock: Arc<dyn Clock>,
+    key_groups: u32,
 ) -> Options {
-    let mut opts = base_options(resources);
+    let hints = key_groups <= MAX_HINTED_KEY_GROUPS;
+    let mut opts = with_base(memtable_options(hints), resources);
     opts.set_merge_operator_associative(
         "rockstate.list_append",
         list_merge(settings.clone(), clock.clone()),

@@ -133,7 +133,12 @@ pub(crate) fn open_core(
             });
         }
         let settings = Arc::new(ColumnSettings::new(name.clone()));
-        let mut opts = column::state_column_options(resources, settings.clone(), clock.clone());
+        let mut opts = column::state_column_options(
+            resources,
+            settings.clone(),
+            clock.clone(),
+            options.key_group_range.len(),
+        );
         if mode == OpenMode::Rescaled {
             // A rescale ingests and deletes ranges before it lets compactions run (it
             // resumes them itself): none starts on files about to be cut.
@@ -447,7 +452,12 @@ impl BackendCore {
                 let cf_name = format!("{STATE_COLUMN_PREFIX}{}", requested.name);
                 let settings = Arc::new(ColumnSettings::new(cf_name.clone()));
                 settings.configure(requested.kind, requested.ttl_millis);
-                let opts = column::state_column_options(resources, settings.clone(), clock);
+                let opts = column::state_column_options(
+                    resources,
+                    settings.clone(),
+                    clock,
+                    self.key_group_range().len(),
+                );
                 self.layout_changed();
                 self.db
                     .create_cf(&cf_name, &opts)
