@@ -281,16 +281,8 @@ async fn prepare(
     format: Option<SavepointFormat>,
 ) -> (RestoreSource, Model, CheckpointStorage) {
     let store = CheckpointStorage::open(tmp.join("store").to_str().unwrap()).unwrap();
-    let job = store.child("job").unwrap();
     let savepoints = store.child("savepoints").unwrap();
-    let mut coordinator = CheckpointCoordinator::start(
-        job.clone(),
-        "job",
-        spec(from),
-        CoordinatorOptions::default(),
-    )
-    .await
-    .unwrap();
+    let (job, mut coordinator) = coordinated(&store, "job", from).await;
     let backends = open_subtasks(tmp, from);
     let mut model = Model::default();
     write_round(&backends, &mut model, 1);
@@ -441,11 +433,7 @@ async fn a_rescale_ingests_no_file_wholly_outside_its_range() {
     .await
     .unwrap();
     let store = CheckpointStorage::open(tmp.path().join("store").to_str().unwrap()).unwrap();
-    let job = store.child("job-2").unwrap();
-    let mut coordinator =
-        CheckpointCoordinator::start(job.clone(), "job-2", spec(2), CoordinatorOptions::default())
-            .await
-            .unwrap();
+    let (job, mut coordinator) = coordinated(&store, "job-2", 2).await;
     let (at_two, _) = snapshot(&mut coordinator, &two, &job, &job, None).await;
     drop(two);
     let (restored, release) = restore_held_at_three(tmp.path(), &at_two).await;
@@ -541,11 +529,7 @@ async fn checkpoint_at_three_restores_at_two(
     what: &str,
 ) {
     let store = CheckpointStorage::open(tmp.join("store").to_str().unwrap()).unwrap();
-    let job = store.child("job-3").unwrap();
-    let mut coordinator =
-        CheckpointCoordinator::start(job.clone(), "job-3", spec(3), CoordinatorOptions::default())
-            .await
-            .unwrap();
+    let (job, mut coordinator) = coordinated(&store, "job-3", 3).await;
     let (at_three, _) = snapshot(&mut coordinator, &restored, &job, &job, None).await;
     for (i, b) in restored.iter().enumerate() {
         assert_eq!(
@@ -757,11 +741,7 @@ async fn incompatible_checkpoint(
     tmp: &Path,
     store: &CheckpointStorage,
 ) -> (RestoreSource, CheckpointMetadata) {
-    let job = store.child("job").unwrap();
-    let mut coordinator =
-        CheckpointCoordinator::start(job.clone(), "job", spec(2), CoordinatorOptions::default())
-            .await
-            .unwrap();
+    let (job, mut coordinator) = coordinated(store, "job", 2).await;
     let backends = open_subtasks(tmp, 2);
     let mut model = Model::default();
     write_round(&backends, &mut model, 1);
@@ -1080,11 +1060,7 @@ async fn checkpoint_at_two_in_halves(
     root: &Path,
 ) -> (Model, CheckpointStorage, CheckpointMetadata) {
     let store = CheckpointStorage::open(root.join("store").to_str().unwrap()).unwrap();
-    let job = store.child("job-2").unwrap();
-    let mut coordinator =
-        CheckpointCoordinator::start(job.clone(), "job-2", spec(2), CoordinatorOptions::default())
-            .await
-            .unwrap();
+    let (job, mut coordinator) = coordinated(&store, "job-2", 2).await;
     let backends = open_subtasks(root, 2);
     let group = |key: u64| rockstate::subtask_for_key(&key, MAX_PAR, MAX_PAR).unwrap() as u16;
     let mut model = Model::default();
@@ -1127,6 +1103,24 @@ fn read_of(
         .filter(|r| r.op == rockstate::testing::Op::Get && of.contains(&r.path))
         .map(|r| r.path)
         .collect()
+}
+
+/// The job `name` in `store`, with a coordinator for `parallelism` subtasks.
+async fn coordinated(
+    store: &CheckpointStorage,
+    name: &str,
+    parallelism: u32,
+) -> (CheckpointStorage, CheckpointCoordinator) {
+    let job = store.child(name).unwrap();
+    let coordinator = CheckpointCoordinator::start(
+        job.clone(),
+        name,
+        spec(parallelism),
+        CoordinatorOptions::default(),
+    )
+    .await
+    .unwrap();
+    (job, coordinator)
 }
 
 /// Restores subtask `i` of 3 from `source` into `root`.
