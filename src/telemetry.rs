@@ -14,7 +14,7 @@
 //! | `rockstate_checkpoint_last_uploaded_bytes` | gauge | `job` | bytes uploaded by the last completed checkpoint |
 //! | `rockstate_snapshot_sync_seconds` | histogram | | synchronous part of each subtask snapshot |
 //! | `rockstate_restore_duration_seconds` | histogram | | restore of one backend |
-//! | `rockstate_restore_bytes_total` | counter | | bytes of snapshot files restores fetched (or took from the local directory, checked), as they arrive |
+//! | `rockstate_restore_bytes_total` | counter | | bytes of snapshot files restores fetched and checked, per file (or took from the local directory after a check; a failed restore's completed files included) |
 //! | `rockstate_rocksdb_*` | gauges, counters | `operator`, `subtask` | RocksDB's own figures, see [`RocksStateBackend::record_metrics`](crate::RocksStateBackend::record_metrics) |
 //!
 //! Call [`describe`] once after installing the recorder to give every metric its help
@@ -125,7 +125,7 @@ pub fn describe() {
     describe_counter!(
         RESTORE_BYTES,
         Unit::Bytes,
-        "bytes of snapshot files restores fetched (or took from the local directory, checked)"
+        "bytes of snapshot files restores fetched and checked, or took from the local directory after a check"
     );
     for (_, name, help) in ROCKSDB_GAUGES {
         describe_gauge!(name, help);

@@ -508,9 +508,10 @@ mod tests {
     }
 
     /// The memtables of a state column insert with one hint per key group, whether the
-    /// state is registered after the database opened or is opened with it, for backends
-    /// of up to 1 024 key groups; larger ranges, and the backend's own column, go without
-    /// (the hints are kept outside the memory budget).
+    /// state is registered after the database opened or is opened with it, while the hints
+    /// take at most 1/32 of a write buffer (at 300 bytes per key group: 873 key groups at
+    /// a 64 MiB budget's 8 MiB write buffers, 109 at 8 MiB's 1 MiB); larger ranges, and
+    /// the backend's own column, go without.
     #[test]
     fn state_columns_insert_with_a_hint_per_key_group() {
         const HINT: &str = "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2";
@@ -536,15 +537,28 @@ mod tests {
             section.lines().any(|l| l.trim() == HINT)
         };
         let root = tempfile::tempdir().unwrap();
-        for (max_parallelism, range, hints) in [
-            (16, KeyGroupRange::all(16).unwrap(), true),
-            (4096, KeyGroupRange::new(1024, 2047).unwrap(), true),
-            (4096, KeyGroupRange::new(1024, 2048).unwrap(), false),
+        for (budget_mib, max_parallelism, range, hints) in [
+            (64, 16, KeyGroupRange::all(16).unwrap(), true),
+            (
+                64,
+                4096,
+                KeyGroupRange::new(1024, 1024 + 872).unwrap(),
+                true,
+            ),
+            (
+                64,
+                4096,
+                KeyGroupRange::new(1024, 1024 + 873).unwrap(),
+                false,
+            ),
+            (8, 128, KeyGroupRange::new(0, 108).unwrap(), true),
+            (8, 128, KeyGroupRange::all(128).unwrap(), false),
         ] {
             let dir = root
                 .path()
-                .join(format!("{max_parallelism}-{}", range.len()));
-            let options = BackendOptions::new(&dir, range, max_parallelism);
+                .join(format!("{budget_mib}-{max_parallelism}-{}", range.len()));
+            let mut options = BackendOptions::new(&dir, range, max_parallelism);
+            options.memory_budget = budget_mib << 20;
             for reopened in [false, true] {
                 let backend = RocksStateBackend::open(options.clone()).unwrap();
                 let value = backend
@@ -558,7 +572,10 @@ mod tests {
                     })
                     .unwrap();
                 value.put(&key, &2).unwrap();
-                let what = format!("{} key groups, reopened {reopened}", range.len());
+                let what = format!(
+                    "{} key groups, {budget_mib} MiB, reopened {reopened}",
+                    range.len()
+                );
                 assert_eq!(hinted(&dir, "state/v"), hints, "{what}");
                 assert!(!hinted(&dir, crate::engine::META_COLUMN), "{what}");
             }

@@ -227,19 +227,26 @@ impl CompactionFilter for TtlFilter {
 }
 
 /// Memtable inserts of a state column keep one hint per key group: the skip list
-/// position of the last key written in it. Keys start with their key group (two bytes), a
-/// subtask applies records in batches sorted by key group and key, and a read-modify-write
-/// writes the key it just read, so an insert starts its search next to the previous
-/// insert of its key group instead of from the top of the skip list. Only where a memtable
-/// places a key changes, never what it holds.
+/// position of the last key written in it. Keys start with their key group (two bytes);
+/// a runtime that applies records in key order (the harness sorts each batch by key group
+/// and key) and a read-modify-write, which writes the key it just read, insert next to the
+/// previous insert of the key group, and the search starts there instead of at the top of
+/// the skip list. The memtables hold the same entries either way; only the search and
+/// the memory below differ.
 pub(crate) const MEMTABLE_INSERT_HINT: &str =
     "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2";
 
-/// The most key groups a backend may hold for its memtables to keep insert hints. Each
-/// memtable keeps its hints in a map outside its arena and the memory budget, about 64
-/// bytes per key group written to it: up to 64 KiB per memtable here, where the largest
-/// max parallelism (32 768 key groups in one subtask) would take 2 MiB.
-pub(crate) const MAX_HINTED_KEY_GROUPS: u32 = 1024;
+/// Memory of one insert hint, per key group written to a memtable: the saved position
+/// (232 bytes, in the memtable's arena, so counted in its size) and the entry of the map
+/// that finds it (outside the arena), rounded up.
+const HINT_BYTES: usize = 300;
+
+/// The most key groups a backend may hold for its memtables to keep insert hints: as
+/// many as take at most 1/32 of a write buffer (873 at 8 MiB, 1 747 at 16 MiB, none
+/// worth keeping below about 128 KiB).
+pub(crate) fn hinted_key_groups(write_buffer_size: usize) -> u32 {
+    u32::try_from(write_buffer_size / 32 / HINT_BYTES).unwrap_or(u32::MAX)
+}
 
 /// Default options, with [`MEMTABLE_INSERT_HINT`] set when `hints` (only RocksDB's option
 /// strings reach that setting). Should RocksDB refuse it, the memtables insert without
@@ -294,14 +301,14 @@ fn with_base(mut opts: Options, resources: &SharedResources) -> Options {
 
 /// Options of a state column family of a backend holding `key_groups` key groups: the
 /// base options, the list merge operator, the time-to-live compaction filter, and insert
-/// hints per key group for at most [`MAX_HINTED_KEY_GROUPS`].
+/// hints per key group for at most [`hinted_key_groups`].
 pub(crate) fn state_column_options(
     resources: &SharedResources,
     settings: Arc<ColumnSettings>,
     clock: Arc<dyn Clock>,
     key_groups: u32,
 ) -> Options {
-    let hints = key_groups <= MAX_HINTED_KEY_GROUPS;
+    let hints = key_groups <= hinted_key_groups(resources.write_buffer_size());
     let mut opts = with_base(memtable_options(hints), resources);
     opts.set_merge_operator_associative(
         "rockstate.list_append",
@@ -321,6 +328,13 @@ mod tests {
             list,
             now,
         }
+    }
+
+    #[test]
+    fn insert_hints_take_at_most_a_32nd_of_a_write_buffer() {
+        assert_eq!(hinted_key_groups(8 << 20), 873);
+        assert_eq!(hinted_key_groups(16 << 20), 1_747);
+        assert_eq!(hinted_key_groups(1 << 20), 109);
     }
 
     #[test]

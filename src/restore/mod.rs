@@ -420,7 +420,7 @@ impl BackendBuilder {
         } else {
             self.rescale_files(source, &files, options).await
         };
-        // The bytes it fetched were counted as they arrived (`count_restored`).
+        // The bytes it fetched were counted per file, once checked (`count_restored`).
         if restored.is_ok() {
             metrics::histogram!(crate::telemetry::RESTORE_DURATION)
                 .record(crate::telemetry::seconds(started.elapsed()));

@@ -34,8 +34,8 @@ pub fn transfer_totals() -> (u64, u64) {
 }
 
 /// Counts `n` restored bytes (see [`transfer_totals`]), in the process's total and in
-/// `rockstate_restore_bytes_total`: bytes a restore fetched, or took from its local
-/// directory after checking them, as they arrive.
+/// `rockstate_restore_bytes_total`: a file's size once it is fetched and checked, or taken
+/// from the local directory after a check (files a failed restore completed count too).
 pub(crate) fn count_restored(n: u64) {
     RESTORED.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     metrics::counter!(crate::telemetry::RESTORE_BYTES).increment(n);
