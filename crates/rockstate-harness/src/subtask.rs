@@ -1,7 +1,7 @@
 //! One subtask of the harness: a thread that processes its records and snapshots at
 //! barriers, with uploads and acknowledgements running on the async runtime.
 
-use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::sync::Arc;
 
 use crate::{Operator, SharedProgress};
@@ -37,6 +37,8 @@ pub(crate) struct SubtaskContext<K, V> {
     pub runtime: tokio::runtime::Handle,
     pub peers: Vec<SyncSender<Message<K, V>>>,
     pub progress: SharedProgress,
+    /// Where the keys of processed records go back to the driver, to be freed there.
+    pub spent: Sender<Vec<K>>,
 }
 
 impl<K, V> SubtaskContext<K, V> {
@@ -63,12 +65,18 @@ where
     for message in rx {
         match message {
             Message::Records(records) => {
+                let mut keys = Vec::with_capacity(records.len());
                 for (key, value) in records {
                     rockstate::runtime::crash_point("record");
                     if let Err(e) = operator.process(&key, value) {
                         ctx.fail(&e);
                         return Err(e);
                     }
+                    keys.push(key);
+                }
+                // Freed by the driver, which allocated them; here if it is gone.
+                if let Err(returned) = ctx.spent.send(keys) {
+                    drop(returned);
                 }
             }
             Message::Barrier {
@@ -143,6 +151,7 @@ fn spawn_upload<K, V>(
         runtime: ctx.runtime.clone(),
         peers: ctx.peers.clone(),
         progress: ctx.progress.clone(),
+        spent: ctx.spent.clone(),
     };
     let pause = pending.sync_duration();
     ctx.runtime.spawn(async move {
@@ -218,6 +227,7 @@ where
         runtime: ctx.runtime.clone(),
         peers: ctx.peers.clone(),
         progress: ctx.progress.clone(),
+        spent: ctx.spent.clone(),
     };
     ctx.runtime.spawn(async move {
         if let Err(e) = coordinator.lock().await.decline(id, &reason).await {
