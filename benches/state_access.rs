@@ -1,7 +1,7 @@
 //! State access through rockstate beside the same operation on raw RocksDB.
 //!
 //! Both sides use the same RocksDB settings (128 MiB LRU block cache, 10-bit bloom
-//! filters, LZ4, WAL off, memtable insert hints per key group) and the same key layout (`key group ‖ key ‖ namespace
+//! filters, LZ4, WAL off) and the same key layout (`key group ‖ key ‖ namespace
 //! [‖ user key]`, serde-encoded). The raw side encodes keys and values itself, as a user of
 //! plain RocksDB would; the difference is rockstate's own overhead.
 //!
@@ -38,8 +38,8 @@ struct Raw {
     wo: WriteOptions,
 }
 
-/// Memtable inserts with one hint per key group (the first two bytes), as the backend
-/// sets them.
+/// Memtable inserts with one hint per key group (the first two bytes), as a backend that
+/// writes in key order sets them.
 const INSERT_HINT: &str = "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2";
 
 fn raw_db(dir: &std::path::Path, insert_hints: bool) -> Raw {
@@ -112,7 +112,7 @@ fn benches(c: &mut Criterion) {
     let map = backend
         .register(MapStateDescriptor::<u64, u32, u64>::new("map"))
         .unwrap();
-    let raw = raw_db(raw_dir.path(), true);
+    let raw = raw_db(raw_dir.path(), false);
     let (rv, rl, rm) = (
         raw.db.cf_handle("value").unwrap(),
         raw.db.cf_handle("list").unwrap(),
@@ -284,43 +284,53 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
-/// Puts in batches of 2 048 keys sorted by key group and key, as the harness applies its
-/// records, into memtables without and with insert hints per key group. Only the puts are
-/// timed: keys are built and sorted before each batch. Memtable flushes (16 MiB) fall
-/// within the measurement on both sides alike.
+/// Puts in batches of 2 048 keys, sorted by key group and key as the harness applies its
+/// records, or in stream order, into memtables without and with insert hints per key
+/// group (`BackendOptions::writes_in_key_order`). Only the puts are timed: keys are built
+/// (and sorted) before each batch. Memtable flushes (16 MiB) fall within the measurement
+/// on every side alike.
 fn memtable_inserts(c: &mut Criterion) {
     const BATCH: u64 = 2048;
     let mut g = c.benchmark_group("memtable_insert");
-    for hints in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
-        let raw = raw_db(dir.path(), hints);
-        let cf = raw.db.cf_handle("value").unwrap();
-        let mut round = 0u64;
-        let name = if hints {
-            "hint_per_key_group"
-        } else {
-            "no_hint"
-        };
-        g.bench_function(BenchmarkId::new("sorted_batch_2048", name), |b| {
-            b.iter_batched(
-                || {
-                    round += 1;
-                    let mut keys: Vec<Vec<u8>> = (0..BATCH)
-                        .map(|j| {
-                            codec::state_key(&key_at(round * BATCH + j), &(), MAX_PAR).unwrap()
-                        })
-                        .collect();
-                    keys.sort();
-                    (keys, codec::encode_key(&round).unwrap())
-                },
-                |(keys, value)| {
-                    for key in keys {
-                        raw.db.put_cf_opt(&cf, key, &value, &raw.wo).unwrap();
-                    }
-                },
-                BatchSize::SmallInput,
-            )
-        });
+    for sorted in [true, false] {
+        for hints in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let raw = raw_db(dir.path(), hints);
+            let cf = raw.db.cf_handle("value").unwrap();
+            let mut round = 0u64;
+            let order = if sorted {
+                "sorted_batch_2048"
+            } else {
+                "stream_order_2048"
+            };
+            let name = if hints {
+                "hint_per_key_group"
+            } else {
+                "no_hint"
+            };
+            g.bench_function(BenchmarkId::new(order, name), |b| {
+                b.iter_batched(
+                    || {
+                        round += 1;
+                        let mut keys: Vec<Vec<u8>> = (0..BATCH)
+                            .map(|j| {
+                                codec::state_key(&key_at(round * BATCH + j), &(), MAX_PAR).unwrap()
+                            })
+                            .collect();
+                        if sorted {
+                            keys.sort();
+                        }
+                        (keys, codec::encode_key(&round).unwrap())
+                    },
+                    |(keys, value)| {
+                        for key in keys {
+                            raw.db.put_cf_opt(&cf, key, &value, &raw.wo).unwrap();
+                        }
+                    },
+                    BatchSize::SmallInput,
+                )
+            });
+        }
     }
     g.finish();
 }

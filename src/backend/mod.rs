@@ -507,10 +507,11 @@ mod tests {
         assert!(columns_with_compactions_off(root.path()).is_empty());
     }
 
-    /// The memtables of a state column insert with one hint per key group, whether the
-    /// state is registered after the database opened or is opened with it, while the hints
-    /// take at most 1/32 of a write buffer (at 300 bytes per key group: 873 key groups at
-    /// a 64 MiB budget's 8 MiB write buffers, 109 at 8 MiB's 1 MiB); larger ranges, and
+    /// The memtables of a state column of a backend that writes in key order insert with
+    /// one hint per key group, whether the state is registered after the database opened
+    /// or is opened with it, while the hints take at most 1/32 of a write buffer (at 300
+    /// bytes per key group: 873 key groups at a 64 MiB budget's 8 MiB write buffers, 109 at
+    /// 8 MiB's 1 MiB); larger ranges, backends that write in any order (the default), and
     /// the backend's own column, go without.
     #[test]
     fn state_columns_insert_with_a_hint_per_key_group() {
@@ -537,28 +538,22 @@ mod tests {
             section.lines().any(|l| l.trim() == HINT)
         };
         let root = tempfile::tempdir().unwrap();
-        for (budget_mib, max_parallelism, range, hints) in [
-            (64, 16, KeyGroupRange::all(16).unwrap(), true),
-            (
-                64,
-                4096,
-                KeyGroupRange::new(1024, 1024 + 872).unwrap(),
-                true,
-            ),
-            (
-                64,
-                4096,
-                KeyGroupRange::new(1024, 1024 + 873).unwrap(),
-                false,
-            ),
-            (8, 128, KeyGroupRange::new(0, 108).unwrap(), true),
-            (8, 128, KeyGroupRange::all(128).unwrap(), false),
+        let tail = |n: u16| KeyGroupRange::new(1024, 1024 + n).unwrap();
+        for (in_order, budget_mib, max_parallelism, range, hints) in [
+            (true, 64, 16, KeyGroupRange::all(16).unwrap(), true),
+            (false, 64, 16, KeyGroupRange::all(16).unwrap(), false),
+            (true, 64, 4096, tail(872), true),
+            (true, 64, 4096, tail(873), false),
+            (true, 8, 128, KeyGroupRange::new(0, 108).unwrap(), true),
+            (true, 8, 128, KeyGroupRange::all(128).unwrap(), false),
         ] {
-            let dir = root
-                .path()
-                .join(format!("{budget_mib}-{max_parallelism}-{}", range.len()));
+            let dir = root.path().join(format!(
+                "{in_order}-{budget_mib}-{max_parallelism}-{}",
+                range.len()
+            ));
             let mut options = BackendOptions::new(&dir, range, max_parallelism);
             options.memory_budget = budget_mib << 20;
+            options.writes_in_key_order = in_order;
             for reopened in [false, true] {
                 let backend = RocksStateBackend::open(options.clone()).unwrap();
                 let value = backend
@@ -573,7 +568,7 @@ mod tests {
                     .unwrap();
                 value.put(&key, &2).unwrap();
                 let what = format!(
-                    "{} key groups, {budget_mib} MiB, reopened {reopened}",
+                    "in order {in_order}, {} key groups, {budget_mib} MiB, reopened {reopened}",
                     range.len()
                 );
                 assert_eq!(hinted(&dir, "state/v"), hints, "{what}");

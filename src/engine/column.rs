@@ -299,16 +299,18 @@ fn with_base(mut opts: Options, resources: &SharedResources) -> Options {
     opts
 }
 
-/// Options of a state column family of a backend holding `key_groups` key groups: the
-/// base options, the list merge operator, the time-to-live compaction filter, and insert
-/// hints per key group for at most [`hinted_key_groups`].
+/// Options of a state column family: the base options, the list merge operator, the
+/// time-to-live compaction filter, and, for a backend that writes in key order
+/// (`hinted`), insert hints per key group when it holds at most [`hinted_key_groups`]
+/// (`key_groups`).
 pub(crate) fn state_column_options(
     resources: &SharedResources,
     settings: Arc<ColumnSettings>,
     clock: Arc<dyn Clock>,
+    hinted: bool,
     key_groups: u32,
 ) -> Options {
-    let hints = key_groups <= hinted_key_groups(resources.write_buffer_size());
+    let hints = hinted && key_groups <= hinted_key_groups(resources.write_buffer_size());
     let mut opts = with_base(memtable_options(hints), resources);
     opts.set_merge_operator_associative(
         "rockstate.list_append",

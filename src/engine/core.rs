@@ -38,6 +38,9 @@ pub(crate) struct BackendCore {
     clock: Arc<dyn Clock>,
     max_parallelism: u32,
     key_group_range: KeyGroupRange,
+    /// The backend's records arrive in key order within each key group: its state
+    /// columns keep memtable insert hints ([`BackendOptions::writes_in_key_order`](crate::BackendOptions::writes_in_key_order)).
+    pub(crate) writes_in_key_order: bool,
     /// The options the database was opened with: they hold its statistics object.
     pub(crate) statistics: Option<rocksdb::Options>,
     /// The statistics counters at the last [`ticker_deltas`](Self::ticker_deltas).
@@ -223,6 +226,7 @@ impl BackendCore {
             clock,
             max_parallelism,
             key_group_range,
+            writes_in_key_order: false,
             statistics: None,
             last_tickers: Mutex::new([0; 3]),
             poisoned: Mutex::new(None),

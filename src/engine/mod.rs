@@ -137,6 +137,7 @@ pub(crate) fn open_core(
             resources,
             settings.clone(),
             clock.clone(),
+            options.writes_in_key_order,
             options.key_group_range.len(),
         );
         if mode == OpenMode::Rescaled {
@@ -190,6 +191,7 @@ pub(crate) fn open_core(
     );
     core.statistics = Some(db_opts);
     core.seals = seals;
+    core.writes_in_key_order = options.writes_in_key_order;
     if mode == OpenMode::Rescaled {
         core.note_compactions_paused(columns.iter().map(|c| c.cf_name.clone()));
     }
@@ -456,6 +458,7 @@ impl BackendCore {
                     resources,
                     settings.clone(),
                     clock,
+                    self.writes_in_key_order,
                     self.key_group_range().len(),
                 );
                 self.layout_changed();

@@ -26,6 +26,15 @@ pub struct BackendOptions {
     /// Incremental snapshots (default): upload only SST files that the last confirmed
     /// checkpoint did not already store. `false` uploads every file on every snapshot.
     pub incremental: bool,
+    /// Set by a runtime that applies records in key order within each key group (batches
+    /// sorted by key group and key, as the harness and the timely adapter hand them over):
+    /// memtable inserts then start their search where the last insert of the same key
+    /// group landed (the demo job: 1.01-1.04x the events/s through the harness, about 1.1x
+    /// through timely). Off by default: the gain was measured only where records arrive
+    /// sorted, and the remembered positions take memtable space (about 300 bytes per key
+    /// group written to a memtable; kept only while that is at most 1/32 of a write
+    /// buffer). Only the search changes, never what is stored.
+    pub writes_in_key_order: bool,
 }
 
 impl BackendOptions {
@@ -43,6 +52,7 @@ impl BackendOptions {
             memory_budget: DEFAULT_MEMORY_BUDGET,
             background_jobs: 2,
             incremental: true,
+            writes_in_key_order: false,
         }
     }
 

@@ -252,12 +252,14 @@ where
             let mut restores = Vec::new();
             let mut backends = Vec::new();
             for i in 0..p {
-                let options = BackendOptions::for_subtask(
+                let mut options = BackendOptions::for_subtask(
                     config.local_root.join(format!("subtask-{i}")),
                     i,
                     p,
                     config.max_parallelism,
                 )?;
+                // Each batch is applied sorted by key group and key.
+                options.writes_in_key_order = true;
                 let builder = RocksStateBackend::builder(options)
                     .shared_resources(resources.clone())
                     .reuse_local_files(reuse.iter().cloned());

@@ -67,12 +67,14 @@ where
         let (index, peers, first_epoch, op) = {
             let mut s = job.state.borrow_mut();
             s.register(uid)?;
-            let options = BackendOptions::for_subtask(
+            let mut options = BackendOptions::for_subtask(
                 s.local.join(rockstate::runtime::operator_dir_name(uid)),
                 s.index,
                 s.peers,
                 max_parallelism,
             )?;
+            // Each epoch's records are applied sorted by key.
+            options.writes_in_key_order = true;
             let builder = RocksStateBackend::builder(options.clone())
                 .shared_resources(job.job.resources.clone())
                 .reuse_local_files(s.reuse.iter().cloned());
