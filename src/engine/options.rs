@@ -26,10 +26,10 @@ pub struct BackendOptions {
     /// Incremental snapshots (default): upload only SST files that the last confirmed
     /// checkpoint did not already store. `false` uploads every file on every snapshot.
     pub incremental: bool,
-    /// Set by a runtime that applies records in key order within each key group (batches
-    /// sorted by key group and key, as the harness and the timely adapter hand them over):
-    /// memtable inserts then start their search where the last insert of the same key
-    /// group landed (the demo job: 1.01-1.04x the events/s through the harness, about 1.1x
+    /// Set by a runtime that applies records in key order within each key group, or close
+    /// to it (the harness sorts each batch by key group and encoded key, the timely
+    /// adapter each epoch's records by key): memtable inserts then start their search
+    /// where the last insert of the same key group landed (the demo job: 1.01-1.04x the events/s through the harness, about 1.1x
     /// through timely). Off by default: the gain was measured only where records arrive
     /// sorted, and the remembered positions take memtable space (about 300 bytes per key
     /// group written to a memtable; kept only while that is at most 1/32 of a write

@@ -156,7 +156,8 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// A raw column family's options, as the backend sets them for its states.
+/// A raw column family's options, as the backend sets them for its states (without the
+/// insert hints of a backend that writes in key order).
 fn raw_options(cache: &rocksdb::Cache, write_buffer: usize) -> Options {
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(cache);
@@ -169,8 +170,8 @@ fn raw_options(cache: &rocksdb::Cache, write_buffer: usize) -> Options {
     table.set_pin_top_level_index_and_filter(true);
     table.set_cache_index_and_filter_blocks_with_high_priority(true);
     table.set_format_version(6);
-    // No memtable insert hints: the loop writes in stream order, where they cost time
-    // (the harness, which sorts its batches, keeps them).
+    // No memtable insert hints: they are for writers in key order (the harness sorts its
+    // batches), and this loop writes in stream order, as a plain program would.
     let mut cf = Options::default();
     cf.set_block_based_table_factory(&table);
     cf.set_write_buffer_size(write_buffer);

@@ -65,18 +65,24 @@ where
     for message in rx {
         match message {
             Message::Records(records) => {
-                let mut keys = Vec::with_capacity(records.len());
+                // Keys that own memory go back to the driver, which allocated them.
+                let return_keys = std::mem::needs_drop::<K>();
+                let mut keys = Vec::with_capacity(if return_keys { records.len() } else { 0 });
                 for (key, value) in records {
                     rockstate::runtime::crash_point("record");
                     if let Err(e) = operator.process(&key, value) {
                         ctx.fail(&e);
                         return Err(e);
                     }
-                    keys.push(key);
+                    if return_keys {
+                        keys.push(key);
+                    }
                 }
-                // Freed by the driver, which allocated them; here if it is gone.
-                if let Err(returned) = ctx.spent.send(keys) {
-                    drop(returned);
+                // Freed by the driver; here if it is gone.
+                if return_keys {
+                    if let Err(returned) = ctx.spent.send(keys) {
+                        drop(returned);
+                    }
                 }
             }
             Message::Barrier {
