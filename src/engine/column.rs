@@ -226,12 +226,11 @@ impl CompactionFilter for TtlFilter {
     }
 }
 
-/// Memtable inserts of a state column keep one hint per key group: the skip list
-/// position of the last key written in it. Keys start with their key group (two bytes);
-/// a runtime that applies records in key order (the harness sorts each batch by key group
-/// and key) and a read-modify-write, which writes the key it just read, insert next to the
-/// previous insert of the key group, and the search starts there instead of at the top of
-/// the skip list. The memtables hold the same entries either way; only the search and
+/// Memtable inserts of a state column of a backend that writes in key order keep one
+/// hint per key group: the skip list position of the last key written in it. Keys start
+/// with their key group (two bytes); a runtime that applies records in key order (the
+/// harness sorts each batch by key group and key) inserts next to the previous insert of
+/// the key group, and the search starts there instead of at the top of the skip list. The memtables hold the same entries either way; only the search and
 /// the memory below differ.
 pub(crate) const MEMTABLE_INSERT_HINT: &str =
     "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2";
@@ -242,8 +241,8 @@ pub(crate) const MEMTABLE_INSERT_HINT: &str =
 const HINT_BYTES: usize = 300;
 
 /// The most key groups a backend may hold for its memtables to keep insert hints: as
-/// many as take at most 1/32 of a write buffer (873 at 8 MiB, 1 747 at 16 MiB, none
-/// worth keeping below about 128 KiB).
+/// many as take at most 1/32 of a write buffer (873 at 8 MiB, 1 747 at 16 MiB, 109 at
+/// the smallest, 1 MiB).
 pub(crate) fn hinted_key_groups(write_buffer_size: usize) -> u32 {
     u32::try_from(write_buffer_size / 32 / HINT_BYTES).unwrap_or(u32::MAX)
 }
