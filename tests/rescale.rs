@@ -1300,6 +1300,20 @@ fn the_restore_byte_counter_counts_the_bytes_fetched() {
     check(&restored, &model, "2->3 on one thread");
 }
 
+/// Calls `f` with every file snapshot's handle in `meta`.
+fn each_file_handle(
+    meta: &mut CheckpointMetadata,
+    mut f: impl FnMut(&mut rockstate::KeyedStateHandle),
+) {
+    for operator in &mut meta.operators {
+        for subtask in &mut operator.subtasks {
+            if let Some(rockstate::KeyedSnapshot::Files(h)) = &mut subtask.keyed {
+                f(h);
+            }
+        }
+    }
+}
+
 /// A snapshot without a list of its files (taken before snapshots carried one) still
 /// rescales by ingestion: every file of the other source is fetched, and its files are
 /// listed from its MANIFEST.
@@ -1307,15 +1321,11 @@ fn the_restore_byte_counter_counts_the_bytes_fetched() {
 async fn a_snapshot_without_a_list_of_its_files_rescales() {
     let tmp = tempfile::tempdir().unwrap();
     let (model, store, mut meta) = checkpoint_at_two_in_halves(tmp.path()).await;
-    for operator in &mut meta.operators {
-        for subtask in &mut operator.subtasks {
-            if let Some(rockstate::KeyedSnapshot::Files(h)) = &mut subtask.keyed {
-                let before = h.private.len();
-                h.private.retain(|f| f.local_name != "SST-LIST");
-                assert_eq!(h.private.len() + 1, before);
-            }
-        }
-    }
+    each_file_handle(&mut meta, |h| {
+        let before = h.private.len();
+        h.private.retain(|f| f.local_name != "SST-LIST");
+        assert_eq!(h.private.len() + 1, before);
+    });
     let other: std::collections::BTreeSet<String> = old_subtask_zero(&meta)
         .files()
         .map(|f| format!("job-2/{}", f.path))
@@ -1335,14 +1345,10 @@ async fn a_snapshot_without_a_list_of_its_files_rescales() {
 async fn a_list_recorded_larger_than_any_list_is_not_fetched() {
     let tmp = tempfile::tempdir().unwrap();
     let (model, store, mut meta) = checkpoint_at_two_in_halves(tmp.path()).await;
-    for operator in &mut meta.operators {
-        for subtask in &mut operator.subtasks {
-            if let Some(rockstate::KeyedSnapshot::Files(h)) = &mut subtask.keyed {
-                let list = h.private.iter_mut().find(|f| f.local_name == "SST-LIST");
-                list.unwrap().size = 1 << 40;
-            }
-        }
-    }
+    each_file_handle(&mut meta, |h| {
+        let list = h.private.iter_mut().find(|f| f.local_name == "SST-LIST");
+        list.unwrap().size = 1 << 40;
+    });
     let other = old_subtask_zero(&meta);
     let files: std::collections::BTreeSet<String> = other
         .files()

@@ -52,9 +52,24 @@ pub async fn assert_whole_on_storage(
 }
 
 /// The column families whose automatic compactions are off in the latest options file
-/// RocksDB wrote in `dir` (a backend's local directory: RocksDB rewrites the file at every
-/// open and change of options). Panics when there is none or it cannot be read.
+/// RocksDB wrote in `dir` (see [`columns_with_option`]).
 pub fn columns_with_compactions_off(dir: &Path) -> Vec<String> {
+    columns_with_option(dir, "disable_auto_compactions=true")
+}
+
+/// The column families whose memtables insert with a hint per key group in the latest
+/// options file RocksDB wrote in `dir` (see [`columns_with_option`]).
+pub fn columns_with_insert_hints(dir: &Path) -> Vec<String> {
+    columns_with_option(
+        dir,
+        "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2",
+    )
+}
+
+/// The column families with the option line `line` (`name=value`) in the latest options
+/// file RocksDB wrote in `dir` (a backend's local directory: RocksDB rewrites the file at
+/// every open and change of options). Panics when there is none or it cannot be read.
+pub fn columns_with_option(dir: &Path, line: &str) -> Vec<String> {
     let latest = std::fs::read_dir(dir)
         .expect("list the backend's directory")
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -66,20 +81,20 @@ pub fn columns_with_compactions_off(dir: &Path) -> Vec<String> {
         .expect("an options file");
     let text = std::fs::read_to_string(dir.join(&latest.1)).expect("read the options file");
     let mut section = String::new();
-    let mut off = Vec::new();
-    for line in text.lines().map(str::trim) {
-        if let Some(name) = line
+    let mut with = Vec::new();
+    for text_line in text.lines().map(str::trim) {
+        if let Some(name) = text_line
             .strip_prefix("[CFOptions \"")
             .and_then(|rest| rest.strip_suffix("\"]"))
         {
             section = name.to_string();
-        } else if line.starts_with('[') {
+        } else if text_line.starts_with('[') {
             section.clear();
-        } else if line == "disable_auto_compactions=true" && !section.is_empty() {
-            off.push(section.clone());
+        } else if text_line == line && !section.is_empty() {
+            with.push(section.clone());
         }
     }
-    off
+    with
 }
 
 /// Per root a test watches, the directories under it whose database was closed as a

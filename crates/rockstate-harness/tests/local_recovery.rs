@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use object_store::memory::InMemory;
+use rockstate::testing::checks::columns_with_insert_hints;
 use rockstate::testing::{GatedStore, Op};
 use rockstate::{
     BackendOptions, CheckpointStorage, CoordinatorOptions, KeyedStateHandle, RocksStateBackend,
@@ -266,29 +267,6 @@ fn read_sums(backend: &RocksStateBackend) -> BTreeMap<u64, u64> {
         .collect()
 }
 
-/// Whether the latest options RocksDB wrote in `dir` give `column` memtable insert hints.
-fn inserts_with_hints(dir: &Path, column: &str) -> bool {
-    let latest = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("OPTIONS-")
-        })
-        .max()
-        .unwrap();
-    let text = std::fs::read_to_string(latest).unwrap();
-    text.split("[CFOptions \"")
-        .find(|s| s.starts_with(&format!("{column}\"")))
-        .is_some_and(|s| {
-            s.lines().any(|l| {
-                l.trim() == "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2"
-            })
-        })
-}
-
 #[test]
 fn a_restart_after_a_crash_downloads_no_file_still_on_this_machine() {
     let reference = {
@@ -334,7 +312,11 @@ fn a_restart_after_a_crash_downloads_no_file_still_on_this_machine() {
     // The restored backends keep the insert hints of a backend that writes in key order.
     for i in 0..2 {
         let dir = local.path().join(format!("subtask-{i}"));
-        assert!(inserts_with_hints(&dir, "state/sum"), "subtask {i}");
+        assert_eq!(
+            columns_with_insert_hints(&dir),
+            ["state/sum"],
+            "subtask {i}"
+        );
     }
     let done = h.finish().unwrap();
     assert_eq!(sums(&done.backends), reference);
