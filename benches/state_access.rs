@@ -1,6 +1,6 @@
 //! State access through rockstate beside the same operation on raw RocksDB.
 //!
-//! Both sides use the same RocksDB settings (128 MiB LRU block cache, 10-bit bloom
+//! Both sides use the same RocksDB settings (128 MiB hyper clock block cache, 10-bit bloom
 //! filters, LZ4, WAL off) and the same key layout (`key group ‖ key ‖ namespace
 //! [‖ user key]`, serde-encoded). The raw side encodes keys and values itself, as a user of
 //! plain RocksDB would; the difference is rockstate's own overhead.
@@ -43,7 +43,7 @@ struct Raw {
 const INSERT_HINT: &str = "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2";
 
 fn raw_db(dir: &std::path::Path, insert_hints: bool) -> Raw {
-    let cache = rocksdb::Cache::new_lru_cache(128 << 20);
+    let cache = rocksdb::Cache::new_hyper_clock_cache(128 << 20, 0);
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(&cache);
     table.set_bloom_filter(10.0, false);

@@ -182,11 +182,11 @@ fn raw_options(cache: &rocksdb::Cache, write_buffer: usize) -> Options {
     cf
 }
 
-/// Raw RocksDB with the backend's settings for one value column (128 MiB LRU cache, 10-bit
+/// Raw RocksDB with the backend's settings for one value column (128 MiB hyper clock cache, 10-bit
 /// partitioned bloom filters and index, memtable bloom filters, LZ4 then ZSTD at the
 /// bottom, no write-ahead log).
 fn raw_db(dir: &Path) -> rockstate::Result<DB> {
-    let cache = rocksdb::Cache::new_lru_cache(128 << 20);
+    let cache = rocksdb::Cache::new_hyper_clock_cache(128 << 20, 0);
     let cf = raw_options(&cache, 16 << 20);
     let mut db_opts = cf.clone();
     db_opts.create_if_missing(true);
@@ -227,7 +227,7 @@ fn demo_throughput(dir: &Path, events: u64, keys: u64) -> rockstate::Result<(f64
     // from 83 000 to 104 000 events/s between builds with the same loop code), its
     // database closed before the harness starts.
     let raw_rate = {
-        let cache = rocksdb::Cache::new_lru_cache(DEMO_MEMORY);
+        let cache = rocksdb::Cache::new_hyper_clock_cache(DEMO_MEMORY, 0);
         let cf = raw_options(&cache, DEMO_MEMORY / 8);
         let mut db_opts = cf.clone();
         db_opts.create_if_missing(true);
