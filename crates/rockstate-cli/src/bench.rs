@@ -164,10 +164,6 @@ fn raw_options(cache: &rocksdb::Cache, write_buffer: usize) -> Options {
     table.set_bloom_filter(10.0, false);
     table.set_cache_index_and_filter_blocks(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
-    table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
-    table.set_partition_filters(true);
-    table.set_metadata_block_size(4096);
-    table.set_pin_top_level_index_and_filter(true);
     table.set_cache_index_and_filter_blocks_with_high_priority(true);
     table.set_format_version(6);
     // No memtable insert hints: they are for writers in key order (the harness sorts its
@@ -183,7 +179,7 @@ fn raw_options(cache: &rocksdb::Cache, write_buffer: usize) -> Options {
 }
 
 /// Raw RocksDB with the backend's settings for one value column (128 MiB hyper clock cache, 10-bit
-/// partitioned bloom filters and index, memtable bloom filters, LZ4 then ZSTD at the
+/// bloom filters, memtable bloom filters, LZ4 then ZSTD at the
 /// bottom, no write-ahead log).
 fn raw_db(dir: &Path) -> rockstate::Result<DB> {
     let cache = rocksdb::Cache::new_hyper_clock_cache(128 << 20, 0);
