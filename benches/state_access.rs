@@ -335,12 +335,77 @@ fn memtable_inserts(c: &mut Criterion) {
     g.finish();
 }
 
+/// Point reads of existing keys that miss the memtables, under the block cache and
+/// filter settings weighed for the backend: an LRU or a hyper clock block cache, and
+/// partitioned (a pinned top level over 4 KiB partitions) or whole-file filter and index
+/// blocks. The keys were written in five rounds, each flushed, so a read probes the
+/// filters of several files before it finds its key; every block fits in the cache.
+fn point_reads(c: &mut Criterion) {
+    const ROUND_KEYS: u64 = 40_000;
+    let mut g = c.benchmark_group("point_read");
+    for cache_kind in ["lru", "hyper_clock"] {
+        for partitioned in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let cache = match cache_kind {
+                "lru" => rocksdb::Cache::new_lru_cache(128 << 20),
+                _ => rocksdb::Cache::new_hyper_clock_cache(128 << 20, 0),
+            };
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            table.set_bloom_filter(10.0, false);
+            table.set_cache_index_and_filter_blocks(true);
+            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            table.set_cache_index_and_filter_blocks_with_high_priority(true);
+            table.set_format_version(6);
+            if partitioned {
+                table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+                table.set_partition_filters(true);
+                table.set_metadata_block_size(4096);
+                table.set_pin_top_level_index_and_filter(true);
+            }
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            opts.set_block_based_table_factory(&table);
+            opts.set_compression_type(DBCompressionType::Lz4);
+            opts.set_disable_auto_compactions(true);
+            let db = DB::open(&opts, dir.path()).unwrap();
+            let mut wo = WriteOptions::default();
+            wo.disable_wal(true);
+            for round in 0..5u64 {
+                for j in 0..ROUND_KEYS {
+                    let key =
+                        codec::state_key(&key_at(round * ROUND_KEYS + j), &(), MAX_PAR).unwrap();
+                    db.put_opt(key, codec::encode_key(&round).unwrap(), &wo)
+                        .unwrap();
+                }
+                db.flush().unwrap();
+            }
+            let keys: Vec<Vec<u8>> = (0..KEYS)
+                .map(|i| codec::state_key(&key_at(i * 7), &(), MAX_PAR).unwrap())
+                .collect();
+            let mut i = 0usize;
+            let filters = if partitioned {
+                "partitioned"
+            } else {
+                "whole_file"
+            };
+            g.bench_function(BenchmarkId::new(cache_kind, filters), |b| {
+                b.iter(|| {
+                    i = (i + 1) % keys.len();
+                    black_box(db.get_pinned(&keys[i]).unwrap())
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = state_access;
     config = Criterion::default()
         .sample_size(30)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
-    targets = benches, memtable_inserts
+    targets = benches, memtable_inserts, point_reads
 }
 criterion_main!(state_access);
