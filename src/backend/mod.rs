@@ -558,6 +558,30 @@ mod tests {
         }
     }
 
+    /// The backend's own column and its state columns write table files with one bloom
+    /// filter block and one index block each, not partitions: a partitioned filter or
+    /// index costs a point read two more cache lookups per file it probes.
+    #[cfg(feature = "testing")]
+    #[test]
+    fn table_files_have_one_filter_and_one_index_block() {
+        use crate::testing::checks::tables_with_option;
+        let dir = tempfile::tempdir().unwrap();
+        let options = BackendOptions::new(dir.path(), KeyGroupRange::all(16).unwrap(), 16);
+        let backend = RocksStateBackend::open(options).unwrap();
+        let value = backend
+            .register(ValueStateDescriptor::<u32, u32>::new("v"))
+            .unwrap();
+        value.put(&1, &2).unwrap();
+        let filtered = tables_with_option(dir.path(), "filter_policy=bloomfilter");
+        assert!(filtered.iter().any(|c| c == "state/v"), "{filtered:?}");
+        assert!(filtered.len() >= 2, "{filtered:?}");
+        for line in ["index_type=kBinarySearch", "partition_filters=false"] {
+            let with = tables_with_option(dir.path(), line);
+            let without: Vec<_> = filtered.iter().filter(|c| !with.contains(c)).collect();
+            assert!(without.is_empty(), "{line} missing in {without:?}");
+        }
+    }
+
     /// A backend closes its directory flushed and marked clean, so it reopens with its
     /// data; a scratch copy is closed as it is: nothing flushed, no clean mark, and
     /// reopening it as a backend's own directory is refused.

@@ -141,11 +141,11 @@ impl SharedResources {
             )));
         }
         // A hyper clock cache (sized automatically, entry charge 0): its lookups take no
-        // shard lock. Every point read that misses the memtables looks up a filter
-        // partition, an index partition and a data block; with the LRU cache those
-        // lookups and their mutexes were about 6% of the demo job's time, and the job ran
-        // 7-9% faster with this cache at parallelism 1 and 2 (`rockstate demo`, 2 000 000
-        // events, alternating runs). Write buffers are charged to it as to the LRU cache.
+        // shard lock. Every point read that misses the memtables looks up cached blocks
+        // of each table file it probes; with the LRU cache those lookups and their
+        // mutexes were about 6% of the demo job's time, and the job ran 7-9% faster with
+        // this cache at parallelism 1 and 2 (`rockstate demo`, 2 000 000 events,
+        // alternating runs). Write buffers are charged to it as to the LRU cache.
         let cache = rocksdb::Cache::new_hyper_clock_cache(budget, 0);
         let write_buffers = rocksdb::WriteBufferManager::new_write_buffer_manager_with_cache(
             budget / 2,

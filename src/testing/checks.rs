@@ -70,6 +70,19 @@ pub fn columns_with_insert_hints(dir: &Path) -> Vec<String> {
 /// file RocksDB wrote in `dir` (a backend's local directory: RocksDB rewrites the file at
 /// every open and change of options). Panics when there is none or it cannot be read.
 pub fn columns_with_option(dir: &Path, line: &str) -> Vec<String> {
+    sections_with_option(dir, "CFOptions", line)
+}
+
+/// The column families whose block-based table options have the line `line`
+/// (`name=value`) in the latest options file RocksDB wrote in `dir` (see
+/// [`columns_with_option`]).
+pub fn tables_with_option(dir: &Path, line: &str) -> Vec<String> {
+    sections_with_option(dir, "TableOptions/BlockBasedTable", line)
+}
+
+/// The names of the `[KIND "name"]` sections with the line `line` in the latest options
+/// file in `dir`.
+fn sections_with_option(dir: &Path, kind: &str, line: &str) -> Vec<String> {
     let latest = std::fs::read_dir(dir)
         .expect("list the backend's directory")
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -84,7 +97,9 @@ pub fn columns_with_option(dir: &Path, line: &str) -> Vec<String> {
     let mut with = Vec::new();
     for text_line in text.lines().map(str::trim) {
         if let Some(name) = text_line
-            .strip_prefix("[CFOptions \"")
+            .strip_prefix('[')
+            .and_then(|rest| rest.strip_prefix(kind))
+            .and_then(|rest| rest.strip_prefix(" \""))
             .and_then(|rest| rest.strip_suffix("\"]"))
         {
             section = name.to_string();
