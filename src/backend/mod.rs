@@ -580,6 +580,12 @@ mod tests {
             let without: Vec<_> = filtered.iter().filter(|c| !with.contains(c)).collect();
             assert!(without.is_empty(), "{line} missing in {without:?}");
         }
+        // Level-0 files are compacted 8 at a time.
+        let trigger = crate::testing::checks::columns_with_option(
+            dir.path(),
+            "level0_file_num_compaction_trigger=8",
+        );
+        assert!(trigger.iter().any(|c| c == "state/v"), "{trigger:?}");
     }
 
     /// A backend closes its directory flushed and marked clean, so it reopens with its
