@@ -560,7 +560,8 @@ mod tests {
 
     /// The backend's own column and its state columns write table files with one bloom
     /// filter block and one index block each, not partitions: a partitioned filter or
-    /// index costs a point read two more cache lookups per file it probes.
+    /// index costs a point read two more cache lookups per file it probes. Level-0 files
+    /// are compacted 8 at a time.
     #[cfg(feature = "testing")]
     #[test]
     fn table_files_have_one_filter_and_one_index_block() {
