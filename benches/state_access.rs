@@ -59,6 +59,7 @@ fn raw_db(dir: &std::path::Path, insert_hints: bool) -> Raw {
     };
     cf.set_block_based_table_factory(&table);
     cf.set_write_buffer_size(16 << 20);
+    cf.set_level_zero_file_num_compaction_trigger(8);
     cf.set_compression_type(DBCompressionType::Lz4);
     cf.set_bottommost_compression_type(DBCompressionType::Zstd);
     cf.set_merge_operator_associative("concat", concat);

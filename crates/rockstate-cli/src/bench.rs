@@ -171,6 +171,7 @@ fn raw_options(cache: &rocksdb::Cache, write_buffer: usize) -> Options {
     let mut cf = Options::default();
     cf.set_block_based_table_factory(&table);
     cf.set_write_buffer_size(write_buffer);
+    cf.set_level_zero_file_num_compaction_trigger(8);
     cf.set_memtable_prefix_bloom_ratio(0.02);
     cf.set_memtable_whole_key_filtering(true);
     cf.set_compression_type(DBCompressionType::Lz4);
