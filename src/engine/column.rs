@@ -275,8 +275,8 @@ fn with_base(mut opts: Options, resources: &SharedResources) -> Options {
     table.set_bloom_filter(10.0, false);
     table.set_cache_index_and_filter_blocks(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
-    // One filter and one index block per file (not partitioned), cached with priority
-    // over data blocks. A partitioned filter or index costs every point read two more
+    // One filter and one index block per file (not partitioned), cached as high-priority
+    // entries. A partitioned filter or index costs every point read two more
     // lookups per file it probes (its top level, then the partition in the cache): the
     // demo job ran 1.15x faster without partitions at 100 000 keys, and 1.06x, 1.15x
     // and 1.16x with state larger than the memory budget (1 000 000, 3 000 000 and
@@ -290,7 +290,7 @@ fn with_base(mut opts: Options, resources: &SharedResources) -> Options {
     // level below, so twice as many checkpoints share the cost of one rewrite. With one
     // filter block per file the extra level-0 probes of a point read cost little: the
     // demo job uploaded 9-17% fewer bytes per checkpoint on average at 100 000 keys and
-    // 26% fewer with state larger than memory (1 000 000 keys), at 0.98-1.05x the
+    // 26% fewer with state larger than memory (1 000 000 keys), at 0.98-1.07x the
     // events/s (medians of three runs; 1.02x with the larger state).
     opts.set_level_zero_file_num_compaction_trigger(8);
     // Point reads of keys that are not in a memtable skip it: without a memtable bloom
