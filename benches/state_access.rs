@@ -42,15 +42,29 @@ struct Raw {
 /// writes in key order sets them.
 const INSERT_HINT: &str = "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2";
 
-fn raw_db(dir: &std::path::Path, insert_hints: bool) -> Raw {
-    let cache = rocksdb::Cache::new_hyper_clock_cache(128 << 20, 0);
+/// Table options as the backend sets them (bloom filters, cached metadata with high
+/// priority, level-0 metadata pinned), in `cache`; with `partitioned`, filter and index
+/// blocks split into 4 KiB partitions under a pinned top level, as the backend once had.
+fn table_options(cache: &rocksdb::Cache, partitioned: bool) -> BlockBasedOptions {
     let mut table = BlockBasedOptions::default();
-    table.set_block_cache(&cache);
+    table.set_block_cache(cache);
     table.set_bloom_filter(10.0, false);
     table.set_cache_index_and_filter_blocks(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     table.set_cache_index_and_filter_blocks_with_high_priority(true);
     table.set_format_version(6);
+    if partitioned {
+        table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+        table.set_partition_filters(true);
+        table.set_metadata_block_size(4096);
+        table.set_pin_top_level_index_and_filter(true);
+    }
+    table
+}
+
+fn raw_db(dir: &std::path::Path, insert_hints: bool) -> Raw {
+    let cache = rocksdb::Cache::new_hyper_clock_cache(128 << 20, 0);
+    let table = table_options(&cache, false);
     let mut cf = if insert_hints {
         Options::default()
             .get_options_from_string(INSERT_HINT)
@@ -355,19 +369,7 @@ fn point_reads(c: &mut Criterion) {
                 "lru" => rocksdb::Cache::new_lru_cache(128 << 20),
                 _ => rocksdb::Cache::new_hyper_clock_cache(128 << 20, 0),
             };
-            let mut table = BlockBasedOptions::default();
-            table.set_block_cache(&cache);
-            table.set_bloom_filter(10.0, false);
-            table.set_cache_index_and_filter_blocks(true);
-            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
-            table.set_cache_index_and_filter_blocks_with_high_priority(true);
-            table.set_format_version(6);
-            if partitioned {
-                table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
-                table.set_partition_filters(true);
-                table.set_metadata_block_size(4096);
-                table.set_pin_top_level_index_and_filter(true);
-            }
+            let table = table_options(&cache, partitioned);
             let mut opts = Options::default();
             opts.create_if_missing(true);
             opts.set_block_based_table_factory(&table);

@@ -180,6 +180,32 @@ fn backends_share_memory_resources() {
     assert!(resources.cache_usage() <= 2 * resources.budget());
 }
 
+/// Memtables are charged to the shared block cache before anything is flushed or read:
+/// half a write buffer of puts shows in the cache's usage.
+#[test]
+fn unflushed_memtables_are_charged_to_the_block_cache() {
+    let resources = SharedResources::new(16 << 20).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let options = BackendOptions::new(dir.path(), rockstate::KeyGroupRange::all(128).unwrap(), 128);
+    let backend = RocksStateBackend::builder(options)
+        .shared_resources(resources.clone())
+        .open()
+        .unwrap();
+    let state = backend
+        .register(ValueStateDescriptor::<u32, Vec<u8>>::new("v"))
+        .unwrap();
+    let before = resources.cache_usage();
+    // 512 KiB, a quarter of the 2 MiB write buffer: no flush.
+    for key in 0..512u32 {
+        state.put(&key, &vec![7u8; 1024]).unwrap();
+    }
+    let charged = resources.cache_usage() - before.min(resources.cache_usage());
+    assert!(charged >= 512 << 10, "{charged} bytes charged");
+    assert!(std::fs::read_dir(dir.path())
+        .unwrap()
+        .all(|e| e.unwrap().path().extension() != Some("sst".as_ref())));
+}
+
 #[test]
 fn a_dir_left_by_a_crash_is_not_reopened() {
     let dir = tempfile::tempdir().unwrap();
