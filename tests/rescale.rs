@@ -1185,6 +1185,51 @@ async fn a_rescale_fetches_of_another_source_only_the_files_it_ingests() {
     checkpoint_at_three_restores_at_two(tmp.path(), restored, &model, "2->3->2").await;
 }
 
+/// From a store other than local files, a rescale fetches of no source more than the
+/// SST files that may hold keys of its new range, also of the source sharing the most
+/// key groups with it (which a rescale by ingestion no longer opens as stored, so
+/// neither its files outside the range nor its MANIFEST are needed). New subtask 0 of 3
+/// needs, of old subtask 0 (its only source), the files below [`SPLIT`] and the list.
+/// The data is the model's, and a checkpoint of the rescaled subtasks restores at 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescale_fetches_of_its_largest_source_only_the_files_it_ingests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, store, meta) = checkpoint_at_two_in_halves(tmp.path()).await;
+    let source_zero = old_subtask_zero(&meta);
+    let list = source_zero
+        .private
+        .iter()
+        .find(|f| f.local_name == "SST-LIST")
+        .unwrap_or_else(|| panic!("no list among {:?}", source_zero.private));
+    let copy = tmp.path().join("copy-of-0");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in source_zero.files() {
+        let stored = tmp.path().join("store/job-2").join(&f.path);
+        std::fs::copy(stored, copy.join(&f.local_name)).unwrap();
+    }
+    let path_of: BTreeMap<String, String> = source_zero
+        .files()
+        .map(|f| (f.local_name.clone(), format!("job-2/{}", f.path)))
+        .collect();
+    let bounds = state_file_bounds(&copy);
+    let mut expected: std::collections::BTreeSet<String> = bounds
+        .iter()
+        .filter(|(_, _, _, last)| *last < SPLIT)
+        .map(|(name, ..)| path_of[name.trim_start_matches('/')].clone())
+        .collect();
+    // One file per state on each side of the split.
+    assert_eq!(expected.len() * 2, bounds.len(), "{bounds:?}");
+    expected.insert(format!("job-2/{}", list.path));
+    let (gated, source) = logged(&store, &meta);
+    let all = path_of.values().cloned().collect();
+    let alone = restore_subtask(&tmp.path().join("alone"), &source, 0).await;
+    assert_eq!(read_of(&gated, &all), expected);
+    drop(alone);
+    let restored = restore_three(&tmp.path().join("at-three"), &source).await;
+    check(&restored, &model, "2->3, every source fetched in part");
+    checkpoint_at_three_restores_at_two(tmp.path(), restored, &model, "2->3->2").await;
+}
+
 /// `rockstate_restore_bytes_total` of one restore (the counter, recorded on this thread).
 #[derive(Default)]
 struct RestoreBytes(Arc<std::sync::atomic::AtomicU64>);

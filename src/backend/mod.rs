@@ -6,7 +6,7 @@ use std::sync::Arc;
 pub use crate::engine::{BackendOptions, SharedResources, DEFAULT_MEMORY_BUDGET};
 
 use crate::clock::{Clock, SystemClock};
-use crate::engine::{open_core, BackendCore, ColumnSettings, OpenMode, ValueMigration};
+use crate::engine::{open_core_with, BackendCore, ColumnSettings, OpenMode, ValueMigration};
 use crate::error::{Error, Result};
 use crate::format::StateMeta;
 use crate::keygroup::KeyGroupRange;
@@ -100,12 +100,22 @@ impl BackendBuilder {
     }
 
     pub(crate) fn open_as(self, mode: OpenMode) -> Result<RocksStateBackend> {
+        self.open_with(mode, &[])
+    }
+
+    /// Like [`open_as`](Self::open_as), with the states a new database starts with (see
+    /// [`OpenMode::NewForIngestion`]).
+    pub(crate) fn open_with(
+        self,
+        mode: OpenMode,
+        states: &[StateMeta],
+    ) -> Result<RocksStateBackend> {
         self.options.validate()?;
         let resources = match self.resources {
             Some(r) => r,
             None => SharedResources::new(self.options.memory_budget)?,
         };
-        let core = open_core(&self.options, &resources, self.clock.clone(), mode)?;
+        let core = open_core_with(&self.options, &resources, self.clock.clone(), mode, states)?;
         #[cfg(feature = "testing")]
         if self.hold_captures {
             core.captures.hold(true);

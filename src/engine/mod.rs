@@ -86,6 +86,11 @@ pub(crate) enum OpenMode {
     /// Downloaded files of another subtask, being reshaped into this backend's key-group
     /// range: the backend record is rewritten for the new range under a new uid.
     Rescaled,
+    /// A new database for a rescale by ingestion, created with the column families of
+    /// the states given to [`open_core_with`] at once (one write of RocksDB's manifest
+    /// and options file for all of them, where creating each after the open rewrites
+    /// and syncs both), their compactions paused like a rescaled base's.
+    NewForIngestion,
 }
 
 /// Written after the final flush when a backend closes; removed when it opens. Without
@@ -99,6 +104,19 @@ pub(crate) fn open_core(
     clock: Arc<dyn Clock>,
     mode: OpenMode,
 ) -> Result<BackendCore> {
+    open_core_with(options, resources, clock, mode, &[])
+}
+
+/// Like [`open_core`]; with [`OpenMode::NewForIngestion`], `states` are the states the
+/// new database starts with (the first record of each name; the others are checked
+/// against it by registering them after the open). Other modes ignore `states`.
+pub(crate) fn open_core_with(
+    options: &BackendOptions,
+    resources: &SharedResources,
+    clock: Arc<dyn Clock>,
+    mode: OpenMode,
+    states: &[StateMeta],
+) -> Result<BackendCore> {
     let dir = &options.local_dir;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     let mut db_opts = db_options(options, resources);
@@ -108,8 +126,19 @@ pub(crate) fn open_core(
     let exists = dir.join("CURRENT").exists();
     let marker = dir.join(CLEAN_MARKER);
     let closed_cleanly = marker.exists();
-    if mode != OpenMode::Local {
-        db_opts.create_if_missing(false);
+    match mode {
+        OpenMode::Local => {}
+        OpenMode::NewForIngestion => {
+            if exists {
+                return Err(Error::Internal(format!(
+                    "{} already holds a database",
+                    dir.display()
+                )));
+            }
+            db_opts.create_if_missing(true);
+            db_opts.create_missing_column_families(true);
+        }
+        OpenMode::Restored | OpenMode::Rescaled => db_opts.create_if_missing(false),
     }
     let existing: Vec<String> = if exists {
         rocksdb::DB::list_cf(&db_opts, dir)
@@ -147,6 +176,30 @@ pub(crate) fn open_core(
         }
         descriptors.push(ColumnFamilyDescriptor::new(name, opts));
         columns.push(settings);
+    }
+    let mut initial: Vec<&StateMeta> = Vec::new();
+    if mode == OpenMode::NewForIngestion {
+        for meta in states {
+            validate_state_name(&meta.name)?;
+            if initial.iter().any(|m| m.name == meta.name) {
+                continue;
+            }
+            initial.push(meta);
+            let settings = Arc::new(ColumnSettings::new(format!(
+                "{STATE_COLUMN_PREFIX}{}",
+                meta.name
+            )));
+            let mut opts = column::state_column_options(
+                resources,
+                settings.clone(),
+                clock.clone(),
+                options.writes_in_key_order,
+                options.key_group_range.len(),
+            );
+            opts.set_disable_auto_compactions(true);
+            descriptors.push(ColumnFamilyDescriptor::new(&settings.cf_name, opts));
+            columns.push(settings);
+        }
     }
     if exists && !existing.iter().any(|n| n == META_COLUMN) {
         return Err(Error::IncompatibleLayout {
@@ -192,8 +245,13 @@ pub(crate) fn open_core(
     core.statistics = Some(db_opts);
     core.seals = seals;
     core.writes_in_key_order = options.writes_in_key_order;
-    if mode == OpenMode::Rescaled {
+    if matches!(mode, OpenMode::Rescaled | OpenMode::NewForIngestion) {
         core.note_compactions_paused(columns.iter().map(|c| c.cf_name.clone()));
+    }
+    // The records of the column families created with the database (without a
+    // write-ahead log, they become durable with the first flush, like any record).
+    for meta in initial {
+        core.put_meta(&meta::state_key(&meta.name), &meta::encode_state(meta)?)?;
     }
     load_states(&core, columns)?;
     // From here on a crash must be noticed: the clean-close mark is written again only by

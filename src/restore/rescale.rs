@@ -145,9 +145,23 @@ impl BackendBuilder {
         let range = self.options.key_group_range;
         let overlap =
             |h: &KeyedStateHandle| h.key_group_range.intersect(&range).map_or(0, |r| r.len());
-        let base_index = (0..handles.len())
-            .max_by_key(|&i| (overlap(handles[i]), std::cmp::Reverse(i)))
-            .ok_or_else(|| Error::Internal("rescale without handles".into()))?;
+        if handles.is_empty() {
+            return Err(Error::Internal("rescale without handles".into()));
+        }
+        let strategy = options.strategy;
+        // The base is the source that shares the most key groups with the new range,
+        // opened as stored: RocksDB opens no database with files missing, so it is
+        // fetched whole. From a store other than local files a rescale by ingestion has
+        // no base: the database starts empty and every source is ingested, so of none
+        // is more fetched than the files that may hold keys of the new range (fewer bytes
+        // transferred). From local files, where a fetch is a hard link and a checksum
+        // read, opening the base was measured faster than ingesting it.
+        let no_base = strategy == RescaleStrategy::Ingest && source.root().local_dir().is_none();
+        let base_index = if no_base {
+            None
+        } else {
+            (0..handles.len()).max_by_key(|&i| (overlap(handles[i]), std::cmp::Reverse(i)))
+        };
         for handle in handles {
             handle.validate()?;
         }
@@ -157,10 +171,9 @@ impl BackendBuilder {
         let others: Vec<(KeyedStateHandle, PathBuf)> = handles
             .iter()
             .enumerate()
-            .filter(|&(i, _)| i != base_index)
+            .filter(|&(i, _)| Some(i) != base_index)
             .map(|(i, h)| ((*h).clone(), sibling(&dir, &format!(".rescale-{i}"))))
             .collect();
-        let strategy = options.strategy;
         // Set when the base fails: the other sources' fetch then starts no more transfers.
         let base_failed = Arc::new(AtomicBool::new(false));
         let failed = base_failed.clone();
@@ -170,27 +183,41 @@ impl BackendBuilder {
         // same cores' checksums, and the open would wait for both.
         let (base_fetched_tx, base_fetched_rx) = tokio::sync::oneshot::channel::<()>();
         let sources = others.clone();
-        let base_handle = handles[base_index];
+        let base_handle = base_index.map(|i| handles[i]);
         let build_base = async {
             let built = async {
                 self.start_in_place().await?;
-                download_all(
-                    base_handle,
-                    source.root(),
-                    &dir,
-                    &reuse,
-                    Some(source.checked_links()),
-                    None,
-                )
-                .await?;
+                if let Some(base) = base_handle {
+                    download_all(
+                        base,
+                        source.root(),
+                        &dir,
+                        &reuse,
+                        Some(source.checked_links()),
+                        None,
+                    )
+                    .await?;
+                }
                 // The other side only waits for this: it is gone only if it failed.
                 let _ = base_fetched_tx.send(());
                 let base_fetched_at = started.elapsed();
+                // Without a base, a new database (with the record of the new range under
+                // a new uid) created with the column families of every source's states.
+                let (mode, initial) = match base_handle {
+                    Some(_) => (OpenMode::Rescaled, Vec::new()),
+                    None => (
+                        OpenMode::NewForIngestion,
+                        sources
+                            .iter()
+                            .flat_map(|(h, _)| h.states.iter().cloned())
+                            .collect(),
+                    ),
+                };
                 blocking(move || {
                     // Compactions wait until the range deletions are written and flushed:
                     // the columns of the base open without them, the others are paused as
                     // soon as they exist.
-                    let backend = self.open_as(OpenMode::Rescaled).inspect_err(|_| {
+                    let backend = self.open_with(mode, &initial).inspect_err(|_| {
                         failed.store(true, Ordering::SeqCst);
                     })?;
                     match add_columns(&backend, &sources) {
@@ -266,7 +293,7 @@ impl BackendBuilder {
             Ok::<_, Error>((lists, started.elapsed()))
         };
         let (opened, fetched) = tokio::join!(build_base, fetch_others);
-        let base = handles[base_index].clone();
+        let base = base_handle.cloned();
         let sources = others.clone();
         let marker = dir.join(RESTORING_MARKER);
         let built = match (opened, fetched) {
@@ -274,8 +301,14 @@ impl BackendBuilder {
                 async {
                     let (base, sources) = (base.clone(), sources.clone());
                     let (backend, ingested) = blocking(move || {
-                        let ingested =
-                            ingest_sources(&backend, &base, &sources, lists, strategy, range);
+                        let ingested = ingest_sources(
+                            &backend,
+                            base.as_ref(),
+                            &sources,
+                            lists,
+                            strategy,
+                            range,
+                        );
                         Ok((backend, ingested))
                     })
                     .await?;
@@ -389,8 +422,8 @@ impl BackendBuilder {
     }
 }
 
-/// Registers in a rescale's opened base the states of the other sources, with their
-/// compactions paused like the base's own.
+/// Registers in a rescale's opened base (or new database) the states of the other
+/// sources, with their compactions paused like the base's own.
 fn add_columns(backend: &RocksStateBackend, sources: &[(KeyedStateHandle, PathBuf)]) -> Result<()> {
     let opened: BTreeSet<String> = backend
         .core
@@ -421,14 +454,15 @@ struct Fetched {
     fetched: Option<BTreeSet<String>>,
 }
 
-/// Brings the other sources' key groups into a rescale's base `backend` (`lists`: what
-/// was fetched of them, one entry per source), by ingestion or else by iteration, and
+/// Brings the key groups of the sources other than the `base` (all of them when there is
+/// none) into a rescale's `backend` (`lists`: what was fetched of them, one entry per
+/// source), by ingestion or else by iteration, and
 /// returns which local files are copies of which stored files, with the sources still
 /// to iterate: those fetched in part whose ingestion was refused (their other files are
 /// needed first). [`finish`] completes the build.
 fn ingest_sources(
     backend: &RocksStateBackend,
-    base: &KeyedStateHandle,
+    base: Option<&KeyedStateHandle>,
     sources: &[(KeyedStateHandle, PathBuf)],
     lists: Vec<Fetched>,
     strategy: RescaleStrategy,
@@ -441,7 +475,7 @@ fn ingest_sources(
             sources.len()
         )));
     }
-    let mut provenance = sst_files_of(base);
+    let mut provenance = base.map(sst_files_of).unwrap_or_default();
     let mut to_iterate: ToIterate = Vec::new();
     for (i, ((handle, dir), fetched)) in sources.iter().zip(lists).enumerate() {
         let listed = fetched.listed;
