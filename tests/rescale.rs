@@ -767,7 +767,8 @@ async fn incompatible_checkpoint(
 
 /// A rescale whose base fails to open (here: its states and the other source's disagree)
 /// starts no further transfer of the other source, fetched while the base opens: the one
-/// in flight finishes, and the rest are never requested.
+/// in flight finishes, and the rest are never requested. (Iterate-and-write opens a base
+/// from any store; by ingestion from this store there is none, see the next test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rescale_whose_base_fails_stops_fetching_the_other_source() {
     use rockstate::testing::checks::{scratch_closes_under, watch_scratch_closes};
@@ -803,7 +804,14 @@ async fn a_rescale_whose_base_fails_stops_fetching_the_other_source() {
     let opts = BackendOptions::for_subtask(&dir, 1, 3, MAX_PAR).unwrap();
     let mut rescale = tokio::spawn(async move {
         RocksStateBackend::builder(opts)
-            .restore_operator(&source, UID, &RestoreOptions::default())
+            .restore_operator(
+                &source,
+                UID,
+                &RestoreOptions {
+                    strategy: RescaleStrategy::IterateAndWrite,
+                    ..RestoreOptions::default()
+                },
+            )
             .await
     });
     let limit = Duration::from_secs(60);
@@ -851,6 +859,40 @@ async fn a_rescale_whose_base_fails_stops_fetching_the_other_source() {
         requested.len(),
         other.len()
     );
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// By ingestion from a store other than local files a rescale opens no base: the new
+/// database is created with every source's states, so sources whose states disagree fail
+/// it before any of their files is fetched, and nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescale_without_a_base_checks_the_sources_states_before_fetching() {
+    use rockstate::testing::{GatedStore, Op};
+    let tmp = tempfile::tempdir().unwrap();
+    let top = CheckpointStorage::open("memory://no-base").unwrap();
+    let (_, meta) = incompatible_checkpoint(tmp.path(), &top).await;
+    let gated = Arc::new(GatedStore::new(top.store().clone()));
+    let job = CheckpointStorage::from_store(gated.clone(), "gated://no-base")
+        .child("job")
+        .unwrap();
+    let source = RestoreSource::checkpoint(&job, meta);
+    let root = tmp.path().join("new");
+    let opts = BackendOptions::for_subtask(root.join("subtask-1"), 1, 3, MAX_PAR).unwrap();
+    let err = RocksStateBackend::builder(opts)
+        .restore_operator(&source, UID, &RestoreOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Incompatible, "{err}");
+    let fetched: Vec<String> = gated
+        .requests()
+        .into_iter()
+        .filter(|r| r.op == Op::Get && !r.path.ends_with("_metadata"))
+        .map(|r| r.path)
+        .collect();
+    assert!(fetched.is_empty(), "fetched: {fetched:?}");
     let left: Vec<_> = std::fs::read_dir(&root)
         .map(|d| d.map(|e| e.unwrap().file_name()).collect())
         .unwrap_or_default();

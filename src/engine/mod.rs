@@ -87,9 +87,9 @@ pub(crate) enum OpenMode {
     /// range: the backend record is rewritten for the new range under a new uid.
     Rescaled,
     /// A new database for a rescale by ingestion, created with the column families of
-    /// the states given to [`open_core_with`] at once (one write of RocksDB's manifest
-    /// and options file for all of them, where creating each after the open rewrites
-    /// and syncs both), their compactions paused like a rescaled base's.
+    /// the states given to [`open_core_with`] at once (one write of RocksDB's options
+    /// file for all of them, where creating each after the open rewrites and syncs it
+    /// each time), their compactions paused like a rescaled base's.
     NewForIngestion,
 }
 

@@ -155,8 +155,11 @@ impl BackendBuilder {
         // no base: the database starts empty and every source is ingested, so of none
         // is more fetched than the files that may hold keys of the new range (fewer bytes
         // transferred). From local files, where a fetch is a hard link and a checksum
-        // read, opening the base was measured faster than ingesting it.
-        let no_base = strategy == RescaleStrategy::Ingest && source.root().local_dir().is_none();
+        // read, opening the base was measured faster than ingesting it; so it is with
+        // local directories to take files from (local recovery), which keep the base too.
+        let no_base = strategy == RescaleStrategy::Ingest
+            && source.root().local_dir().is_none()
+            && self.reuse.is_empty();
         let base_index = if no_base {
             None
         } else {
@@ -164,6 +167,23 @@ impl BackendBuilder {
         };
         for handle in handles {
             handle.validate()?;
+        }
+        if no_base {
+            // The new database is created with the first record of each state, and the
+            // others are registered against it: sources that disagree fail here, before
+            // any of their files is fetched.
+            let mut first: BTreeMap<&str, &StateMeta> = BTreeMap::new();
+            for meta in handles.iter().flat_map(|h| h.states.iter()) {
+                match first.get(meta.name.as_str()) {
+                    Some(stored) if !stored.is_compatible(meta) => {
+                        return Err(stored.incompatible(meta));
+                    }
+                    Some(_) => {}
+                    None => {
+                        first.insert(&meta.name, meta);
+                    }
+                }
+            }
         }
         let dir = self.options.local_dir.clone();
         let reuse = LocalFiles::scan(&self.reuse).await?;
