@@ -281,8 +281,18 @@ async fn prepare(
     format: Option<SavepointFormat>,
 ) -> (RestoreSource, Model, CheckpointStorage) {
     let store = CheckpointStorage::open(tmp.join("store").to_str().unwrap()).unwrap();
+    prepare_in(&store, tmp, from, format).await
+}
+
+/// Like [`prepare`], with the snapshots in `store`.
+async fn prepare_in(
+    store: &CheckpointStorage,
+    tmp: &Path,
+    from: u32,
+    format: Option<SavepointFormat>,
+) -> (RestoreSource, Model, CheckpointStorage) {
     let savepoints = store.child("savepoints").unwrap();
-    let (job, mut coordinator) = coordinated(&store, "job", from).await;
+    let (job, mut coordinator) = coordinated(store, "job", from).await;
     let backends = open_subtasks(tmp, from);
     let mut model = Model::default();
     write_round(&backends, &mut model, 1);
@@ -358,11 +368,30 @@ async fn same_parallelism_restores_from_every_kind() {
 async fn first_checkpoint_after_rescale_uploads_only_new_files() {
     let tmp = tempfile::tempdir().unwrap();
     let (source, model, job) = prepare(tmp.path(), 4, None).await;
+    first_checkpoint_uploads_only_new_files(tmp.path(), source, model, job).await;
+}
+
+/// The same from a store other than local files, where a rescale opens no base: every
+/// file it ingests is recognised as a copy of a stored one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_checkpoint_after_a_rescale_without_a_base_uploads_only_new_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = CheckpointStorage::open("memory://claim-without-a-base").unwrap();
+    let (source, model, job) = prepare_in(&store, tmp.path(), 4, None).await;
+    first_checkpoint_uploads_only_new_files(tmp.path(), source, model, job).await;
+}
+
+async fn first_checkpoint_uploads_only_new_files(
+    tmp: &Path,
+    source: RestoreSource,
+    model: Model,
+    job: CheckpointStorage,
+) {
     let options = RestoreOptions {
         mode: RestoreMode::Claim,
         ..Default::default()
     };
-    let restored = restore_all(&source, tmp.path(), 3, &options).await.unwrap();
+    let restored = restore_all(&source, tmp, 3, &options).await.unwrap();
     check(&restored, &model, "claim 4->3");
     let id = source.metadata().checkpoint_id + 1;
     let restored_files: std::collections::BTreeSet<(u64, u32)> = source
@@ -462,6 +491,45 @@ async fn a_rescale_ingests_no_file_wholly_outside_its_range() {
     assert!(files > 0);
     check(&restored, &model, "4->2->3");
     checkpoint_at_three_restores_at_two(tmp.path(), restored, &model, "4->2->3->2").await;
+}
+
+/// The same from a store other than local files, where a rescale opens no base: no
+/// subtask holds a file wholly outside its range, of any source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescale_without_a_base_ingests_no_file_wholly_outside_its_range() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = CheckpointStorage::open("memory://no-base-bounds").unwrap();
+    let (source, model, _) = prepare_in(&store, tmp.path(), 4, None).await;
+    let two = restore_all(
+        &source,
+        &tmp.path().join("at-two"),
+        2,
+        &RestoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    let (job, mut coordinator) = coordinated(&store, "job-2", 2).await;
+    let (at_two, _) = snapshot(&mut coordinator, &two, &job, &job, None).await;
+    drop(two);
+    let (restored, release) = restore_held_at_three(tmp.path(), &at_two).await;
+    let mut files = 0;
+    let mut problems = Vec::new();
+    for b in &restored {
+        let range = b.key_group_range();
+        for (name, level, first, last) in state_file_bounds(b.local_dir()) {
+            files += 1;
+            if last < range.start() || first > range.end() {
+                problems.push(format!(
+                    "{range} ingested {name} (level {level}) of key groups [{first}, {last}]"
+                ));
+            }
+        }
+    }
+    drop(release);
+    assert_eq!(problems, Vec::<String>::new());
+    assert!(files > 0);
+    check(&restored, &model, "4->2->3 without a base");
+    checkpoint_at_three_restores_at_two(tmp.path(), restored, &model, "4->2->3->2, no base").await;
 }
 
 /// Restores `source` at 3 with the work each rescale leaves to the background held, and
