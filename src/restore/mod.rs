@@ -290,6 +290,35 @@ pub(crate) async fn download_files(
     checked: Option<&Arc<CheckedLinks>>,
     cancel: Option<&AtomicBool>,
 ) -> Result<()> {
+    fetch_files(files, job, dir, reuse, checked, cancel, false).await
+}
+
+/// [`download_files`] for files RocksDB is to ingest: RocksDB syncs every file it
+/// ingests, so each file transferred is synced as soon as it is written, beside the
+/// transfers still running, rather than all of them one after the other in the
+/// ingestion. (Files linked from local-file storage or taken from a local directory
+/// are not written here.)
+pub(crate) async fn download_for_ingestion(
+    files: Vec<&crate::format::StateFile>,
+    job: &CheckpointStorage,
+    dir: &Path,
+    reuse: &LocalFiles,
+    checked: Option<&Arc<CheckedLinks>>,
+    cancel: Option<&AtomicBool>,
+) -> Result<()> {
+    let sync = job.local_dir().is_none();
+    fetch_files(files, job, dir, reuse, checked, cancel, sync).await
+}
+
+async fn fetch_files(
+    files: Vec<&crate::format::StateFile>,
+    job: &CheckpointStorage,
+    dir: &Path,
+    reuse: &LocalFiles,
+    checked: Option<&Arc<CheckedLinks>>,
+    cancel: Option<&AtomicBool>,
+    sync: bool,
+) -> Result<()> {
     let concurrency = job.options().transfer_concurrency.max(1);
     reuse.prefer_dir_of(files.iter().copied());
     // By position, not by reference: a stream mapping references through a closure makes
@@ -300,7 +329,7 @@ pub(crate) async fn download_files(
             // Checked when the transfer is about to start (the stream takes the next
             // file only then): transfers already started finish, no other starts.
             let cancelled = cancel.is_some_and(|c| c.load(Ordering::SeqCst));
-            download_one(files[i], job, dir, reuse, checked, cancelled)
+            download_one(files[i], job, dir, reuse, checked, cancelled, sync)
         })
         .buffer_unordered(concurrency);
     let mut first = None;
@@ -320,6 +349,7 @@ async fn download_one(
     reuse: &LocalFiles,
     checked: Option<&Arc<CheckedLinks>>,
     cancelled: bool,
+    sync: bool,
 ) -> Result<()> {
     if cancelled {
         return Err(Error::Internal(format!(
@@ -333,7 +363,17 @@ async fn download_one(
         return Ok(());
     }
     job.download_file_checked(&file.path, &target, &file.info(), checked)
+        .await?;
+    if sync {
+        tokio::task::spawn_blocking(move || {
+            std::fs::File::open(&target)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| Error::io(format!("sync {}", target.display()), e))
+        })
         .await
+        .map_err(|e| Error::Internal(format!("sync task failed: {e}")))??;
+    }
+    Ok(())
 }
 
 /// Replaces `dir` with the fully written and checked `incoming`.

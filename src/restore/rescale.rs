@@ -16,8 +16,8 @@ use crate::format::StateMeta;
 use crate::format::{KeyedSnapshot, KeyedStateHandle, StateFile};
 use crate::keygroup::KeyGroupRange;
 use crate::restore::{
-    database_files, download_all, download_files, remove_dir_if_exists, seed, sibling, LocalFiles,
-    RescaleStrategy, RestoreOptions, RestoreSource, RESTORING_MARKER,
+    database_files, download_all, download_files, download_for_ingestion, remove_dir_if_exists,
+    seed, sibling, LocalFiles, RescaleStrategy, RestoreOptions, RestoreSource, RESTORING_MARKER,
 };
 use crate::savepoint::canonical::DataFileReader;
 
@@ -291,7 +291,15 @@ impl BackendBuilder {
                     None => database_files(handle),
                 };
                 let cancel = Some(&*base_failed);
-                download_files(fetch, source.root(), other, &reuse, checked, cancel).await?;
+                let root = source.root();
+                match strategy {
+                    RescaleStrategy::Ingest => {
+                        download_for_ingestion(fetch, root, other, &reuse, checked, cancel).await?
+                    }
+                    RescaleStrategy::IterateAndWrite => {
+                        download_files(fetch, root, other, &reuse, checked, cancel).await?
+                    }
+                }
                 lists.push(match (listed, strategy) {
                     (Some(files), _) => Fetched {
                         fetched: Some(wanted_names(&files, range)),
