@@ -933,9 +933,11 @@ async fn a_rescale_whose_base_fails_stops_fetching_the_other_source() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-/// By ingestion from a store other than local files a rescale opens no base: the new
+/// By ingestion from a store other than local files a rescale whose largest source's
+/// list shows that a quarter of it lies outside the new range opens no base: the new
 /// database is created with every source's states, so sources whose states disagree fail
-/// it before any of their files is fetched, and nothing is left behind.
+/// it before any of their SST files is fetched (only that list is), and nothing is left
+/// behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rescale_without_a_base_checks_the_sources_states_before_fetching() {
     use rockstate::testing::{GatedStore, Op};
@@ -960,7 +962,10 @@ async fn a_rescale_without_a_base_checks_the_sources_states_before_fetching() {
         .filter(|r| r.op == Op::Get && !r.path.ends_with("_metadata"))
         .map(|r| r.path)
         .collect();
-    assert!(fetched.is_empty(), "fetched: {fetched:?}");
+    assert!(
+        fetched.iter().all(|p| p.ends_with("/SST-LIST")) && fetched.len() <= 1,
+        "fetched: {fetched:?}"
+    );
     let left: Vec<_> = std::fs::read_dir(&root)
         .map(|d| d.map(|e| e.unwrap().file_name()).collect())
         .unwrap_or_default();
@@ -1338,6 +1343,33 @@ async fn a_rescale_fetches_of_its_largest_source_only_the_files_it_ingests() {
     let restored = restore_three(&tmp.path().join("at-three"), &source).await;
     check(&restored, &model, "2->3, every source fetched in part");
     checkpoint_at_three_restores_at_two(tmp.path(), restored, &model, "2->3->2").await;
+}
+
+/// From a store other than local files, a rescale whose largest source would leave
+/// little out (here nothing: new subtask 2 of 3 needs every file of old subtask 1) opens
+/// it as a base, fetched whole with its MANIFEST, rather than ingest and sync all of it.
+/// The data is the model's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescale_opens_as_its_base_a_source_it_needs_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, store, meta) = checkpoint_at_two_in_halves(tmp.path()).await;
+    let one = meta
+        .handles()
+        .map(|(_, h)| h)
+        .find(|h| h.key_group_range.start() > 0)
+        .unwrap()
+        .clone();
+    let all: std::collections::BTreeSet<String> =
+        one.files().map(|f| format!("job-2/{}", f.path)).collect();
+    let (gated, source) = logged(&store, &meta);
+    let alone = restore_subtask(&tmp.path().join("alone"), &source, 2).await;
+    let read = read_of(&gated, &all);
+    // Every file, the list included (read to decide).
+    assert_eq!(read, all);
+    assert!(read.iter().any(|p| p.contains("/MANIFEST-")), "{read:?}");
+    drop(alone);
+    let restored = restore_three(&tmp.path().join("at-three"), &source).await;
+    check(&restored, &model, "2->3, a base where nothing is left out");
 }
 
 /// `rockstate_restore_bytes_total` of one restore (the counter, recorded on this thread).

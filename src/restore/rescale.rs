@@ -145,49 +145,71 @@ impl BackendBuilder {
         let range = self.options.key_group_range;
         let overlap =
             |h: &KeyedStateHandle| h.key_group_range.intersect(&range).map_or(0, |r| r.len());
-        if handles.is_empty() {
-            return Err(Error::Internal("rescale without handles".into()));
-        }
         let strategy = options.strategy;
-        // The base is the source that shares the most key groups with the new range,
-        // opened as stored: RocksDB opens no database with files missing, so it is
-        // fetched whole. From a store other than local files a rescale by ingestion has
-        // no base: the database starts empty and every source is ingested, so of none
-        // is more fetched than the files that may hold keys of the new range (fewer bytes
-        // transferred). From local files, where a fetch is a hard link and a checksum
-        // read, opening the base was measured faster than ingesting it; so it is with
-        // local directories to take files from (local recovery), which keep the base too.
-        let no_base = strategy == RescaleStrategy::Ingest
-            && source.root().local_dir().is_none()
-            && self.reuse.is_empty();
-        let base_index = if no_base {
-            None
-        } else {
-            (0..handles.len()).max_by_key(|&i| (overlap(handles[i]), std::cmp::Reverse(i)))
-        };
         for handle in handles {
             handle.validate()?;
         }
-        if no_base {
-            // The new database is created with the first record of each state, and the
-            // others are registered against it: sources that disagree fail here, before
-            // any of their files is fetched.
-            let mut first: BTreeMap<&str, &StateMeta> = BTreeMap::new();
-            for meta in handles.iter().flat_map(|h| h.states.iter()) {
-                match first.get(meta.name.as_str()) {
-                    Some(stored) if !stored.is_compatible(meta) => {
-                        return Err(stored.incompatible(meta));
-                    }
-                    Some(_) => {}
-                    None => {
-                        first.insert(&meta.name, meta);
-                    }
-                }
-            }
-        }
+        // The base is the source that shares the most key groups with the new range,
+        // opened as stored: RocksDB opens no database with files missing, so it is
+        // fetched whole, but none of it is synced. Without a base the database starts
+        // empty and every source is ingested, so of none is more fetched than the files
+        // that may hold keys of the new range, but each file ingested is synced (RocksDB
+        // syncs what it ingests). From local files, where a fetch is a hard link and a
+        // checksum read, opening the base was measured faster than ingesting it; so it is
+        // with local directories to take files from (local recovery). From any other
+        // store the largest source's list of files decides: without a base when that
+        // leaves at least a quarter of its bytes unfetched.
+        let largest = (0..handles.len())
+            .max_by_key(|&i| (overlap(handles[i]), std::cmp::Reverse(i)))
+            .ok_or_else(|| Error::Internal("rescale without handles".into()))?;
         let dir = self.options.local_dir.clone();
         let reuse = LocalFiles::scan(&self.reuse).await?;
         let started = std::time::Instant::now();
+        let mut base_index = Some(largest);
+        let mut prelisted: Option<(PathBuf, Listed)> = None;
+        if strategy == RescaleStrategy::Ingest
+            && source.root().local_dir().is_none()
+            && self.reuse.is_empty()
+        {
+            // Sources whose states disagree fail before any of their SST files is
+            // fetched: the checks of registering them, in the same order (the base's
+            // first, should it be opened, then the others').
+            let order = std::iter::once(largest)
+                .chain((0..handles.len()).filter(|&i| i != largest))
+                .flat_map(|i| handles[i].states.iter());
+            let mut recorded: BTreeMap<&str, &StateMeta> = BTreeMap::new();
+            for meta in order {
+                if let Some(stored) = recorded.get(meta.name.as_str()) {
+                    if !stored.is_compatible(meta) {
+                        return Err(stored.incompatible(meta));
+                    }
+                }
+                // A compatible record replaces the stored one, as a registration does.
+                recorded.insert(&meta.name, meta);
+            }
+            let at = sibling(&dir, &format!(".rescale-{largest}"));
+            remove_dir_if_exists(&at).await?;
+            create_dir(&at).await?;
+            let never = AtomicBool::new(false);
+            let checked = Some(source.checked_links());
+            let listed = read_sst_list(
+                handles[largest],
+                source.root(),
+                &at,
+                &reuse,
+                checked,
+                &never,
+            )
+            .await;
+            // The list is read into memory; a base's files are fetched into `dir`.
+            remove_dir_if_exists(&at).await?;
+            if let Some(files) = listed? {
+                if leaves_out_a_quarter(&files, range) {
+                    base_index = None;
+                    prelisted = Some((at, files));
+                }
+            }
+        }
         let others: Vec<(KeyedStateHandle, PathBuf)> = handles
             .iter()
             .enumerate()
@@ -270,12 +292,15 @@ impl BackendBuilder {
             for (handle, other) in &others {
                 remove_dir_if_exists(other).await?;
                 create_dir(other).await?;
-                let listed = match strategy {
-                    RescaleStrategy::Ingest => {
+                let listed = match (strategy, &prelisted) {
+                    (RescaleStrategy::Ingest, Some((at, files))) if at == other => {
+                        Some(files.clone())
+                    }
+                    (RescaleStrategy::Ingest, _) => {
                         read_sst_list(handle, source.root(), other, &reuse, checked, &base_failed)
                             .await?
                     }
-                    RescaleStrategy::IterateAndWrite => None,
+                    (RescaleStrategy::IterateAndWrite, _) => None,
                 };
                 // With a list, only the files that may hold keys of the new range: the
                 // source is never opened, so neither its other files nor its MANIFEST are
@@ -649,6 +674,26 @@ async fn read_sst_list(
     }
 }
 
+/// Whether a rescale into the key groups `range` would leave at least a quarter of the
+/// bytes of the state files in `files` unfetched (see [`is_wanted`]).
+fn leaves_out_a_quarter(files: &[crate::engine::SstFile], range: KeyGroupRange) -> bool {
+    let (mut total, mut left_out) = (0u64, 0u64);
+    for f in files {
+        if !f
+            .identity
+            .column
+            .starts_with(crate::engine::STATE_COLUMN_PREFIX)
+        {
+            continue;
+        }
+        total = total.saturating_add(u64::try_from(f.identity.size).unwrap_or(u64::MAX));
+        if !may_overlap(f, range) {
+            left_out = left_out.saturating_add(u64::try_from(f.identity.size).unwrap_or(u64::MAX));
+        }
+    }
+    total > 0 && left_out.saturating_mul(4) >= total
+}
+
 /// The names of the files of `files` that a rescale into the key groups `range` ingests.
 fn wanted_names(files: &[crate::engine::SstFile], range: KeyGroupRange) -> BTreeSet<String> {
     files
@@ -824,6 +869,34 @@ mod tests {
                 largest_seqno: 2,
             },
         }
+    }
+
+    #[test]
+    fn a_base_is_left_out_when_a_quarter_of_its_state_bytes_would_not_be_fetched() {
+        let range = KeyGroupRange::new(43, 85).unwrap();
+        let key = |group: u16| crate::codec::key_group_prefix(group).to_vec();
+        let sized = |first: u16, last: u16, size: usize, column: &str| {
+            let mut f = file(Some(&key(first)), Some(&key(last)));
+            f.identity.size = size;
+            f.identity.column = column.into();
+            f
+        };
+        let inside = sized(43, 85, 300, "state/v");
+        let outside = sized(86, 127, 100, "state/v");
+        assert!(leaves_out_a_quarter(
+            &[inside.clone(), outside.clone()],
+            range
+        ));
+        let small = sized(86, 127, 99, "state/v");
+        assert!(!leaves_out_a_quarter(&[inside.clone(), small], range));
+        // Only state columns count: a large file of another column changes nothing.
+        let meta = sized(0, 0, 10_000, "rockstate-meta");
+        assert!(leaves_out_a_quarter(
+            &[inside.clone(), outside, meta],
+            range
+        ));
+        assert!(!leaves_out_a_quarter(&[inside], range));
+        assert!(!leaves_out_a_quarter(&[], range));
     }
 
     #[test]
