@@ -371,14 +371,27 @@ async fn first_checkpoint_after_rescale_uploads_only_new_files() {
     first_checkpoint_uploads_only_new_files(tmp.path(), source, model, job).await;
 }
 
-/// The same from a store other than local files, where a rescale opens no base: every
-/// file it ingests is recognised as a copy of a stored one.
+/// The same from a store other than local files, of a checkpoint taken at 2 after a
+/// rescale 4->2, where new subtask 1 of 3 opens no base (its largest source's files of
+/// old subtask 3 lie wholly outside its range): every file it ingests is recognised as a
+/// copy of a stored one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_checkpoint_after_a_rescale_without_a_base_uploads_only_new_files() {
     let tmp = tempfile::tempdir().unwrap();
     let store = CheckpointStorage::open("memory://claim-without-a-base").unwrap();
-    let (source, model, job) = prepare_in(&store, tmp.path(), 4, None).await;
-    first_checkpoint_uploads_only_new_files(tmp.path(), source, model, job).await;
+    let (source, model, _) = prepare_in(&store, tmp.path(), 4, None).await;
+    let two = restore_all(
+        &source,
+        &tmp.path().join("at-two"),
+        2,
+        &RestoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    let (job, mut coordinator) = coordinated(&store, "job-2", 2).await;
+    let (at_two, _) = snapshot(&mut coordinator, &two, &job, &job, None).await;
+    drop(two);
+    first_checkpoint_uploads_only_new_files(tmp.path(), at_two, model, job).await;
 }
 
 async fn first_checkpoint_uploads_only_new_files(
@@ -493,8 +506,10 @@ async fn a_rescale_ingests_no_file_wholly_outside_its_range() {
     checkpoint_at_three_restores_at_two(tmp.path(), restored, &model, "4->2->3->2").await;
 }
 
-/// The same from a store other than local files, where a rescale opens no base: no
-/// subtask holds a file wholly outside its range, of any source.
+/// The same from a store other than local files, where new subtask 1 opens no base (its
+/// largest source's files of old subtask 3 lie wholly outside its range) and the others
+/// open one of which nothing lies outside: no subtask holds a file wholly outside its
+/// range, of any source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rescale_without_a_base_ingests_no_file_wholly_outside_its_range() {
     let tmp = tempfile::tempdir().unwrap();
@@ -933,11 +948,9 @@ async fn a_rescale_whose_base_fails_stops_fetching_the_other_source() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-/// By ingestion from a store other than local files a rescale whose largest source's
-/// list shows that a quarter of it lies outside the new range opens no base: the new
-/// database is created with every source's states, so sources whose states disagree fail
-/// it before any of their SST files is fetched (only that list is), and nothing is left
-/// behind.
+/// By ingestion from a store other than local files, sources whose states disagree fail
+/// a rescale before any of their SST files is fetched (at most the largest source's list
+/// is, which decides whether it is opened as a base), and nothing is left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rescale_without_a_base_checks_the_sources_states_before_fetching() {
     use rockstate::testing::{GatedStore, Op};
