@@ -201,8 +201,11 @@ impl BackendBuilder {
                 &never,
             )
             .await;
-            // The list is read into memory; a base's files are fetched into `dir`.
-            remove_dir_if_exists(&at).await?;
+            // The list is read into memory; a base's files are fetched into `dir`. (Should
+            // the removal fail, the directory is emptied again before any reuse.)
+            if let Err(e) = remove_dir_if_exists(&at).await {
+                tracing::warn!(dir = %at.display(), error = %e.report(), "cannot remove a rescale source");
+            }
             if let Some(files) = listed? {
                 if leaves_out_a_quarter(&files, range) {
                     base_index = None;
@@ -210,11 +213,13 @@ impl BackendBuilder {
                 }
             }
         }
-        let others: Vec<(KeyedStateHandle, PathBuf)> = handles
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| Some(i) != base_index)
-            .map(|(i, h)| ((*h).clone(), sibling(&dir, &format!(".rescale-{i}"))))
+        // The largest source first, then the others: without a base, the new database is
+        // created with its records and the others registered against them, in the order
+        // of the check above.
+        let others: Vec<(KeyedStateHandle, PathBuf)> = std::iter::once(largest)
+            .chain((0..handles.len()).filter(|&i| i != largest))
+            .filter(|&i| Some(i) != base_index)
+            .map(|i| (handles[i].clone(), sibling(&dir, &format!(".rescale-{i}"))))
             .collect();
         // Set when the base fails: the other sources' fetch then starts no more transfers.
         let base_failed = Arc::new(AtomicBool::new(false));
