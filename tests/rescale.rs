@@ -371,6 +371,22 @@ async fn first_checkpoint_after_rescale_uploads_only_new_files() {
     first_checkpoint_uploads_only_new_files(tmp.path(), source, model, job).await;
 }
 
+/// A checkpoint at 2 in `store`'s child `job-2`, of subtasks restored 4->2 from the
+/// snapshots of [`prepare_in`]: the source, the model and that job.
+async fn at_two_after_four(
+    store: &CheckpointStorage,
+    tmp: &Path,
+) -> (RestoreSource, Model, CheckpointStorage) {
+    let (source, model, _) = prepare_in(store, tmp, 4, None).await;
+    let two = restore_all(&source, &tmp.join("at-two"), 2, &RestoreOptions::default())
+        .await
+        .unwrap();
+    let (job, mut coordinator) = coordinated(store, "job-2", 2).await;
+    let (at_two, _) = snapshot(&mut coordinator, &two, &job, &job, None).await;
+    drop(two);
+    (at_two, model, job)
+}
+
 /// The same from a store other than local files, of a checkpoint taken at 2 after a
 /// rescale 4->2, where new subtask 1 of 3 opens no base (its largest source's files of
 /// old subtask 3 lie wholly outside its range): every file it ingests is recognised as a
@@ -379,18 +395,7 @@ async fn first_checkpoint_after_rescale_uploads_only_new_files() {
 async fn first_checkpoint_after_a_rescale_without_a_base_uploads_only_new_files() {
     let tmp = tempfile::tempdir().unwrap();
     let store = CheckpointStorage::open("memory://claim-without-a-base").unwrap();
-    let (source, model, _) = prepare_in(&store, tmp.path(), 4, None).await;
-    let two = restore_all(
-        &source,
-        &tmp.path().join("at-two"),
-        2,
-        &RestoreOptions::default(),
-    )
-    .await
-    .unwrap();
-    let (job, mut coordinator) = coordinated(&store, "job-2", 2).await;
-    let (at_two, _) = snapshot(&mut coordinator, &two, &job, &job, None).await;
-    drop(two);
+    let (at_two, model, job) = at_two_after_four(&store, tmp.path()).await;
     first_checkpoint_uploads_only_new_files(tmp.path(), at_two, model, job).await;
 }
 
@@ -514,18 +519,7 @@ async fn a_rescale_ingests_no_file_wholly_outside_its_range() {
 async fn a_rescale_without_a_base_ingests_no_file_wholly_outside_its_range() {
     let tmp = tempfile::tempdir().unwrap();
     let store = CheckpointStorage::open("memory://no-base-bounds").unwrap();
-    let (source, model, _) = prepare_in(&store, tmp.path(), 4, None).await;
-    let two = restore_all(
-        &source,
-        &tmp.path().join("at-two"),
-        2,
-        &RestoreOptions::default(),
-    )
-    .await
-    .unwrap();
-    let (job, mut coordinator) = coordinated(&store, "job-2", 2).await;
-    let (at_two, _) = snapshot(&mut coordinator, &two, &job, &job, None).await;
-    drop(two);
+    let (at_two, model, _) = at_two_after_four(&store, tmp.path()).await;
     let (restored, release) = restore_held_at_three(tmp.path(), &at_two).await;
     let mut files = 0;
     let mut problems = Vec::new();
@@ -1267,48 +1261,56 @@ async fn restore_three(root: &Path, source: &RestoreSource) -> Vec<RocksStateBac
     restored
 }
 
-/// A rescale fetches, of a source whose key groups it takes in part, only the SST files
-/// that may hold keys of its new range, as the list of files the snapshot carries
-/// describes them: not the others, nor the source's MANIFEST (it is never opened). The
-/// data is the model's, and a checkpoint of the rescaled subtasks restores at 2.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rescale_fetches_of_another_source_only_the_files_it_ingests() {
+/// Restores new subtask `subtask` of 3 from the checkpoint of
+/// [`checkpoint_at_two_in_halves`] through a logging store and checks that of old
+/// subtask 0 it read its list and exactly the SST files whose first and last key groups
+/// `fetched` accepts (one file per state on each side of [`SPLIT`]); then that all three
+/// subtasks hold the model's data, and that a checkpoint of them restores at 2.
+async fn fetches_of_old_subtask_zero(subtask: u32, fetched: impl Fn(u16, u16) -> bool) {
     let tmp = tempfile::tempdir().unwrap();
     let (model, store, meta) = checkpoint_at_two_in_halves(tmp.path()).await;
-    let other = old_subtask_zero(&meta);
-    let list = other
+    let source = old_subtask_zero(&meta);
+    let list = source
         .private
         .iter()
         .find(|f| f.local_name == "SST-LIST")
-        .unwrap_or_else(|| panic!("no list among {:?}", other.private));
+        .unwrap_or_else(|| panic!("no list among {:?}", source.private));
     // The key groups of its SST files, from a copy of its stored files.
     let copy = tmp.path().join("copy-of-0");
     std::fs::create_dir_all(&copy).unwrap();
-    for f in other.files() {
+    for f in source.files() {
         let stored = tmp.path().join("store/job-2").join(&f.path);
         std::fs::copy(stored, copy.join(&f.local_name)).unwrap();
     }
-    let path_of: BTreeMap<String, String> = other
+    let path_of: BTreeMap<String, String> = source
         .files()
         .map(|f| (f.local_name.clone(), format!("job-2/{}", f.path)))
         .collect();
     let bounds = state_file_bounds(&copy);
     let mut expected: std::collections::BTreeSet<String> = bounds
         .iter()
-        .filter(|(_, _, first, _)| *first >= SPLIT)
+        .filter(|(_, _, first, last)| fetched(*first, *last))
         .map(|(name, ..)| path_of[name.trim_start_matches('/')].clone())
         .collect();
-    // One file per state on each side of the split.
     assert_eq!(expected.len() * 2, bounds.len(), "{bounds:?}");
     expected.insert(format!("job-2/{}", list.path));
-    let (gated, source) = logged(&store, &meta);
+    let (gated, restore_from) = logged(&store, &meta);
     let all = path_of.values().cloned().collect();
-    let alone = restore_subtask(&tmp.path().join("alone"), &source, 1).await;
+    let alone = restore_subtask(&tmp.path().join("alone"), &restore_from, subtask).await;
     assert_eq!(read_of(&gated, &all), expected);
     drop(alone);
-    let restored = restore_three(&tmp.path().join("at-three"), &source).await;
+    let restored = restore_three(&tmp.path().join("at-three"), &restore_from).await;
     check(&restored, &model, "2->3, fetched in part");
     checkpoint_at_three_restores_at_two(tmp.path(), restored, &model, "2->3->2").await;
+}
+
+/// A rescale fetches, of a source whose key groups it takes in part, only the SST files
+/// that may hold keys of its new range, as the list of files the snapshot carries
+/// describes them: not the others, nor the source's MANIFEST (it is never opened). New
+/// subtask 1 of 3 needs, of old subtask 0, the files from [`SPLIT`] on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescale_fetches_of_another_source_only_the_files_it_ingests() {
+    fetches_of_old_subtask_zero(1, |first, _| first >= SPLIT).await;
 }
 
 /// From a store other than local files, a rescale fetches of no source more than the
@@ -1316,45 +1318,10 @@ async fn a_rescale_fetches_of_another_source_only_the_files_it_ingests() {
 /// key groups with it when a quarter of that source lies outside the range (it is then
 /// not opened as stored, so neither its files outside the range nor its MANIFEST are
 /// needed). New subtask 0 of 3 needs, of old subtask 0 (its only source, a third of
-/// which lies above its range), the files below [`SPLIT`] and the list.
-/// The data is the model's, and a checkpoint of the rescaled subtasks restores at 2.
+/// which lies above its range), the files below [`SPLIT`].
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rescale_fetches_of_its_largest_source_only_the_files_it_ingests() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (model, store, meta) = checkpoint_at_two_in_halves(tmp.path()).await;
-    let source_zero = old_subtask_zero(&meta);
-    let list = source_zero
-        .private
-        .iter()
-        .find(|f| f.local_name == "SST-LIST")
-        .unwrap_or_else(|| panic!("no list among {:?}", source_zero.private));
-    let copy = tmp.path().join("copy-of-0");
-    std::fs::create_dir_all(&copy).unwrap();
-    for f in source_zero.files() {
-        let stored = tmp.path().join("store/job-2").join(&f.path);
-        std::fs::copy(stored, copy.join(&f.local_name)).unwrap();
-    }
-    let path_of: BTreeMap<String, String> = source_zero
-        .files()
-        .map(|f| (f.local_name.clone(), format!("job-2/{}", f.path)))
-        .collect();
-    let bounds = state_file_bounds(&copy);
-    let mut expected: std::collections::BTreeSet<String> = bounds
-        .iter()
-        .filter(|(_, _, _, last)| *last < SPLIT)
-        .map(|(name, ..)| path_of[name.trim_start_matches('/')].clone())
-        .collect();
-    // One file per state on each side of the split.
-    assert_eq!(expected.len() * 2, bounds.len(), "{bounds:?}");
-    expected.insert(format!("job-2/{}", list.path));
-    let (gated, source) = logged(&store, &meta);
-    let all = path_of.values().cloned().collect();
-    let alone = restore_subtask(&tmp.path().join("alone"), &source, 0).await;
-    assert_eq!(read_of(&gated, &all), expected);
-    drop(alone);
-    let restored = restore_three(&tmp.path().join("at-three"), &source).await;
-    check(&restored, &model, "2->3, every source fetched in part");
-    checkpoint_at_three_restores_at_two(tmp.path(), restored, &model, "2->3->2").await;
+    fetches_of_old_subtask_zero(0, |_, last| last < SPLIT).await;
 }
 
 /// From a store other than local files, a rescale whose largest source would leave

@@ -146,6 +146,24 @@ pub(crate) fn open_core_with(
     } else {
         Vec::new()
     };
+    // The descriptor of state column family `name`, with compactions off when `paused`.
+    let state_descriptor = |name: String, paused: bool| {
+        let settings = Arc::new(ColumnSettings::new(name));
+        let mut opts = column::state_column_options(
+            resources,
+            settings.clone(),
+            clock.clone(),
+            options.writes_in_key_order,
+            options.key_group_range.len(),
+        );
+        if paused {
+            opts.set_disable_auto_compactions(true);
+        }
+        (
+            ColumnFamilyDescriptor::new(settings.cf_name.clone(), opts),
+            settings,
+        )
+    };
     let mut columns = Vec::new();
     let mut descriptors = vec![ColumnFamilyDescriptor::new(
         META_COLUMN,
@@ -161,20 +179,11 @@ pub(crate) fn open_core_with(
                 detail: format!("unexpected column family \"{name}\""),
             });
         }
-        let settings = Arc::new(ColumnSettings::new(name.clone()));
-        let mut opts = column::state_column_options(
-            resources,
-            settings.clone(),
-            clock.clone(),
-            options.writes_in_key_order,
-            options.key_group_range.len(),
-        );
-        if mode == OpenMode::Rescaled {
-            // A rescale ingests and deletes ranges before it lets compactions run (it
-            // resumes them itself): none starts on files about to be cut.
-            opts.set_disable_auto_compactions(true);
-        }
-        descriptors.push(ColumnFamilyDescriptor::new(name, opts));
+        // A rescale ingests and deletes ranges before it lets compactions run (it resumes
+        // them itself): none starts on files about to be cut.
+        let paused = mode == OpenMode::Rescaled;
+        let (descriptor, settings) = state_descriptor(name.clone(), paused);
+        descriptors.push(descriptor);
         columns.push(settings);
     }
     let mut initial: Vec<&StateMeta> = Vec::new();
@@ -185,19 +194,9 @@ pub(crate) fn open_core_with(
                 continue;
             }
             initial.push(meta);
-            let settings = Arc::new(ColumnSettings::new(format!(
-                "{STATE_COLUMN_PREFIX}{}",
-                meta.name
-            )));
-            let mut opts = column::state_column_options(
-                resources,
-                settings.clone(),
-                clock.clone(),
-                options.writes_in_key_order,
-                options.key_group_range.len(),
-            );
-            opts.set_disable_auto_compactions(true);
-            descriptors.push(ColumnFamilyDescriptor::new(&settings.cf_name, opts));
+            let (descriptor, settings) =
+                state_descriptor(format!("{STATE_COLUMN_PREFIX}{}", meta.name), true);
+            descriptors.push(descriptor);
             columns.push(settings);
         }
     }
