@@ -387,6 +387,26 @@ async fn at_two_after_four(
     (at_two, model, job)
 }
 
+/// New subtask 1 of 3, restored alone from the checkpoint of [`at_two_after_four`] in
+/// `store`, opens no base: it reads no source's MANIFEST (a base is opened as stored,
+/// with its MANIFEST; an ingested source is not opened at all).
+async fn subtask_one_of_three_opens_no_base(
+    store: &CheckpointStorage,
+    at_two: &RestoreSource,
+    tmp: &Path,
+) {
+    let (gated, source) = logged(store, at_two.metadata());
+    let alone = restore_subtask(&tmp.join("alone"), &source, 1).await;
+    drop(alone);
+    let manifests: Vec<String> = gated
+        .requests()
+        .into_iter()
+        .filter(|r| r.op == rockstate::testing::Op::Get && r.path.contains("/MANIFEST-"))
+        .map(|r| r.path)
+        .collect();
+    assert!(manifests.is_empty(), "a base was opened: {manifests:?}");
+}
+
 /// The same from a store other than local files, of a checkpoint taken at 2 after a
 /// rescale 4->2, where new subtask 1 of 3 opens no base (its largest source's files of
 /// old subtask 3 lie wholly outside its range): every file it ingests is recognised as a
@@ -396,6 +416,7 @@ async fn first_checkpoint_after_a_rescale_without_a_base_uploads_only_new_files(
     let tmp = tempfile::tempdir().unwrap();
     let store = CheckpointStorage::open("memory://claim-without-a-base").unwrap();
     let (at_two, model, job) = at_two_after_four(&store, tmp.path()).await;
+    subtask_one_of_three_opens_no_base(&store, &at_two, tmp.path()).await;
     first_checkpoint_uploads_only_new_files(tmp.path(), at_two, model, job).await;
 }
 
@@ -520,6 +541,7 @@ async fn a_rescale_without_a_base_ingests_no_file_wholly_outside_its_range() {
     let tmp = tempfile::tempdir().unwrap();
     let store = CheckpointStorage::open("memory://no-base-bounds").unwrap();
     let (at_two, model, _) = at_two_after_four(&store, tmp.path()).await;
+    subtask_one_of_three_opens_no_base(&store, &at_two, tmp.path()).await;
     let (restored, release) = restore_held_at_three(tmp.path(), &at_two).await;
     let mut files = 0;
     let mut problems = Vec::new();
