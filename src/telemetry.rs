@@ -74,7 +74,8 @@ pub(crate) const ROCKSDB_GAUGES: [(&str, &str, &str); 7] = [
     ),
 ];
 
-/// RocksDB statistics tickers reported as counters: (metric, help).
+/// RocksDB statistics tickers reported as counters, by backends opened with
+/// [`BackendOptions::statistics`](crate::BackendOptions::statistics).
 pub(crate) const ROCKSDB_BLOCK_CACHE_HITS: &str = "rockstate_rocksdb_block_cache_hits_total";
 pub(crate) const ROCKSDB_BLOCK_CACHE_MISSES: &str = "rockstate_rocksdb_block_cache_misses_total";
 pub(crate) const ROCKSDB_STALL_MICROS: &str = "rockstate_rocksdb_stall_micros_total";

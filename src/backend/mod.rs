@@ -383,7 +383,8 @@ impl RocksStateBackend {
     /// ([`crate::telemetry`]), labelled with `job`, `operator` and `subtask`: memtable bytes,
     /// block cache usage, pending compaction bytes, live SST bytes, estimated keys, whether
     /// writes are stopped and the delayed write rate (gauges), and block cache hits and
-    /// misses and stall time (counters, from RocksDB's statistics). Runtimes call it now
+    /// misses and stall time (counters, from RocksDB's statistics, only when the backend
+    /// was opened with [`BackendOptions::statistics`](crate::BackendOptions::statistics)). Runtimes call it now
     /// and then (the harness and the timely adapter at every checkpoint); it reads a few
     /// properties and takes no lock on the write path.
     pub fn record_metrics(&self, job: &str, operator: &str, subtask: u32) {
@@ -404,7 +405,9 @@ impl RocksStateBackend {
         }
         // Counted by what changed since the last reading: a backend reopened in the same
         // process (a restart, a rescale) starts its statistics from zero again.
-        let (hits, misses, stalls) = self.core.ticker_deltas();
+        let Some((hits, misses, stalls)) = self.core.ticker_deltas() else {
+            return;
+        };
         metrics::counter!(crate::telemetry::ROCKSDB_BLOCK_CACHE_HITS, &labels).increment(hits);
         metrics::counter!(crate::telemetry::ROCKSDB_BLOCK_CACHE_MISSES, &labels).increment(misses);
         metrics::counter!(crate::telemetry::ROCKSDB_STALL_MICROS, &labels).increment(stalls);
@@ -500,6 +503,35 @@ mod tests {
             .core
             .db
             .compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
+    }
+
+    /// RocksDB's statistics are kept only when asked for: without them there are no
+    /// counters for `record_metrics` to report; with them a read of a flushed value
+    /// counts its block cache lookups.
+    #[test]
+    fn statistics_are_kept_only_when_asked_for() {
+        let root = tempfile::tempdir().unwrap();
+        for statistics in [false, true] {
+            let range = KeyGroupRange::all(16).unwrap();
+            let mut options =
+                BackendOptions::new(root.path().join(statistics.to_string()), range, 16);
+            options.statistics = statistics;
+            let backend = RocksStateBackend::open(options).unwrap();
+            let value = backend
+                .register(ValueStateDescriptor::<u32, u32>::new("v"))
+                .unwrap();
+            value.put(&1, &2).unwrap();
+            compact(&backend, "v");
+            assert_eq!(raw_entries(&backend, "v"), 1);
+            assert_eq!(value.get(&1).unwrap(), Some(2));
+            match backend.core.ticker_deltas() {
+                None => assert!(!statistics, "statistics asked for but not kept"),
+                Some((hits, misses, _)) => {
+                    assert!(statistics, "statistics kept though not asked for");
+                    assert!(hits + misses > 0, "no block cache lookup counted");
+                }
+            }
+        }
     }
 
     /// Compactions a rescale paused and could not resume in the background are resumed by

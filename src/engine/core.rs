@@ -280,12 +280,11 @@ impl BackendCore {
         Some(total)
     }
 
-    /// RocksDB's block cache hits, misses and stall time (µs) since the last call.
-    pub(crate) fn ticker_deltas(&self) -> (u64, u64, u64) {
+    /// RocksDB's block cache hits, misses and stall time (µs) since the last call, or
+    /// `None` when the backend keeps no statistics.
+    pub(crate) fn ticker_deltas(&self) -> Option<(u64, u64, u64)> {
         use rocksdb::statistics::Ticker;
-        let Some(opts) = &self.statistics else {
-            return (0, 0, 0);
-        };
+        let opts = self.statistics.as_ref()?;
         let now = [
             opts.get_ticker_count(Ticker::BlockCacheHit),
             opts.get_ticker_count(Ticker::BlockCacheMiss),
@@ -298,7 +297,7 @@ impl BackendCore {
             .map(|(n, l)| n.saturating_sub(*l))
             .collect();
         *last = now;
-        (delta[0], delta[1], delta[2])
+        Some((delta[0], delta[1], delta[2]))
     }
 
     pub(crate) fn max_parallelism(&self) -> u32 {

@@ -46,10 +46,12 @@ fn db_options(options: &BackendOptions, resources: &SharedResources) -> Options 
     opts.set_write_buffer_manager(&resources.write_buffers);
     opts.set_keep_log_file_num(2);
     opts.set_max_log_file_size(4 << 20);
-    // Counters only (block cache hits and misses, stall time): no timers or histograms
-    // on the read and write paths.
-    opts.enable_statistics();
-    opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptHistogramOrTimers);
+    if options.statistics {
+        // Counters only (block cache hits and misses, stall time): no timers or
+        // histograms on the read and write paths.
+        opts.enable_statistics();
+        opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptHistogramOrTimers);
+    }
     opts
 }
 
@@ -241,7 +243,7 @@ pub(crate) fn open_core_with(
         options.max_parallelism,
         options.key_group_range,
     );
-    core.statistics = Some(db_opts);
+    core.statistics = options.statistics.then_some(db_opts);
     core.seals = seals;
     core.writes_in_key_order = options.writes_in_key_order;
     if matches!(mode, OpenMode::Rescaled | OpenMode::NewForIngestion) {

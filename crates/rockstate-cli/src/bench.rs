@@ -217,6 +217,7 @@ fn demo_throughput(dir: &Path, events: u64, keys: u64) -> rockstate::Result<(f64
         local_root: dir.join("demo-local"),
         checkpoint_interval: (events / 50).max(1),
         memory_budget: DEMO_MEMORY,
+        rocksdb_statistics: false,
         coordinator: CoordinatorOptions::default(),
     };
     // The same records in the same order, applied directly: first, in a process that

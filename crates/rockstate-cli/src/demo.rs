@@ -402,6 +402,7 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
         local_root,
         checkpoint_interval: args.checkpoint_interval,
         memory_budget: 64 << 20,
+        rocksdb_statistics: args.metrics_addr.is_some(),
         coordinator: CoordinatorOptions {
             num_retained: args.retained as usize,
             // Also where `rockstate savepoint trigger JOB` (no directory) puts savepoints.
@@ -680,6 +681,7 @@ fn timely_engine(args: DemoArgs) -> rockstate::Result<u8> {
     let mut job_config = JobConfig::new(storage, &args.job_id, local_root);
     job_config.max_parallelism = args.max_parallelism;
     job_config.memory_budget = 64 << 20;
+    job_config.rocksdb_statistics = args.metrics_addr.is_some();
     job_config.start = start;
     job_config.coordinator.num_retained = args.retained as usize;
     job_config.coordinator.status_heartbeat = args.status_interval;

@@ -32,6 +32,7 @@ fn demo(c: &mut Criterion) {
                         local_root: dir.path().join("local"),
                         checkpoint_interval: EVENTS / 10,
                         memory_budget: 64 << 20,
+                        rocksdb_statistics: false,
                         coordinator: CoordinatorOptions::default(),
                     };
                     let source = DemoSource::new(7, KEYS, EVENTS).unwrap();

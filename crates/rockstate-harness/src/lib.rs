@@ -98,6 +98,10 @@ pub struct HarnessConfig {
     pub checkpoint_interval: u64,
     /// Memory shared by all subtasks.
     pub memory_budget: usize,
+    /// Whether the subtasks' RocksDB instances keep statistics counters (block cache
+    /// hits and misses, stall time, in the metrics); see
+    /// [`BackendOptions::statistics`](rockstate::BackendOptions::statistics).
+    pub rocksdb_statistics: bool,
     /// Coordinator settings.
     pub coordinator: CoordinatorOptions,
 }
@@ -261,6 +265,7 @@ where
                 )?;
                 // Each batch is applied sorted by key group and key.
                 options.writes_in_key_order = true;
+                options.statistics = config.rocksdb_statistics;
                 let builder = RocksStateBackend::builder(options)
                     .shared_resources(resources.clone())
                     .reuse_local_files(reuse.iter().cloned());

@@ -35,6 +35,7 @@ fn config(local: &std::path::Path, parallelism: u32) -> HarnessConfig {
         local_root: local.to_path_buf(),
         checkpoint_interval: 1_500,
         memory_budget: 32 << 20,
+        rocksdb_statistics: false,
         coordinator: CoordinatorOptions {
             num_retained: 2,
             timeout: Duration::from_secs(20),

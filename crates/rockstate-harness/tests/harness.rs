@@ -107,6 +107,7 @@ fn config(local: &Path, interval: u64) -> HarnessConfig {
         local_root: local.to_path_buf(),
         checkpoint_interval: interval,
         memory_budget: 32 << 20,
+        rocksdb_statistics: false,
         coordinator: CoordinatorOptions {
             num_retained: 2,
             ..Default::default()

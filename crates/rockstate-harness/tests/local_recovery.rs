@@ -248,6 +248,7 @@ fn config(local: &Path) -> HarnessConfig {
         local_root: local.to_path_buf(),
         checkpoint_interval: 0,
         memory_budget: 32 << 20,
+        rocksdb_statistics: false,
         coordinator: CoordinatorOptions::default(),
     }
 }

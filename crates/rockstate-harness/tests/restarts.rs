@@ -27,6 +27,7 @@ fn harness_config(job_id: &str, local: &Path, num_retained: usize) -> HarnessCon
         local_root: local.to_path_buf(),
         checkpoint_interval: 0,
         memory_budget: 32 << 20,
+        rocksdb_statistics: false,
         coordinator: CoordinatorOptions {
             num_retained,
             ..CoordinatorOptions::default()

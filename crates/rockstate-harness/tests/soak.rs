@@ -34,6 +34,7 @@ fn soak_eight_subtasks_checkpointing_every_second() {
         local_root: dir.path().join("local"),
         checkpoint_interval: 0,
         memory_budget: 256 << 20,
+        rocksdb_statistics: false,
         coordinator: CoordinatorOptions {
             num_retained: 3,
             ..CoordinatorOptions::default()

@@ -38,6 +38,10 @@ pub struct JobConfig {
     pub local_root: PathBuf,
     /// Memory shared by the RocksDB instances of this process.
     pub memory_budget: usize,
+    /// Whether the RocksDB instances keep statistics counters (block cache hits and
+    /// misses, stall time, in the metrics; off by default); see
+    /// [`BackendOptions::statistics`](rockstate::BackendOptions::statistics).
+    pub rocksdb_statistics: bool,
     /// Where the job starts.
     pub start: Start,
     /// Whether epochs are checkpointed; without, state is only local.
@@ -60,6 +64,7 @@ impl JobConfig {
             max_parallelism: 128,
             local_root,
             memory_budget: 256 << 20,
+            rocksdb_statistics: false,
             start: Start::Latest,
             checkpoints: true,
             coordinator: CoordinatorOptions {

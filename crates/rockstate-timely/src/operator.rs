@@ -75,6 +75,7 @@ where
             )?;
             // Each epoch's records are applied sorted by key.
             options.writes_in_key_order = true;
+            options.statistics = job.job.config.rocksdb_statistics;
             let builder = RocksStateBackend::builder(options.clone())
                 .shared_resources(job.job.resources.clone())
                 .reuse_local_files(s.reuse.iter().cloned());
