@@ -7,7 +7,7 @@ set -euo pipefail
 need_apt=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 
-# libclang for the RocksDB bindings (bindgen), a C++ toolchain and make for RocksDB itself,
+# libclang for the RocksDB bindings (bindgen), a C and C++ toolchain and make for RocksDB and jemalloc,
 # cmake and perl for the TLS crate used by the S3/GCS/Azure clients.
 for pkg in libclang-dev clang g++ make cmake perl pkg-config; do
   have_pkg "$pkg" || need_apt+=("$pkg")
