@@ -15,7 +15,7 @@
 //! | `rockstate_snapshot_sync_seconds` | histogram | | synchronous part of each subtask snapshot |
 //! | `rockstate_restore_duration_seconds` | histogram | | restore of one backend |
 //! | `rockstate_restore_bytes_total` | counter | | bytes of snapshot files restores fetched and checked, per file (or took from the local directory after a check; a failed restore's completed files included) |
-//! | `rockstate_rocksdb_*` | gauges, counters | `operator`, `subtask` | RocksDB's own figures, see [`RocksStateBackend::record_metrics`](crate::RocksStateBackend::record_metrics) |
+//! | `rockstate_rocksdb_*` | gauges, counters | `operator`, `subtask` | RocksDB's own figures, see [`RocksStateBackend::record_metrics`](crate::RocksStateBackend::record_metrics); the counters only from backends opened with [`BackendOptions::statistics`](crate::BackendOptions::statistics) |
 //!
 //! Call [`describe`] once after installing the recorder to give every metric its help
 //! text and unit.

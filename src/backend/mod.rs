@@ -384,9 +384,9 @@ impl RocksStateBackend {
     /// block cache usage, pending compaction bytes, live SST bytes, estimated keys, whether
     /// writes are stopped and the delayed write rate (gauges), and block cache hits and
     /// misses and stall time (counters, from RocksDB's statistics, only when the backend
-    /// was opened with [`BackendOptions::statistics`](crate::BackendOptions::statistics)). Runtimes call it now
-    /// and then (the harness and the timely adapter at every checkpoint); it reads a few
-    /// properties and takes no lock on the write path.
+    /// was opened with [`BackendOptions::statistics`](crate::BackendOptions::statistics)).
+    /// Runtimes call it now and then (the harness and the timely adapter at every
+    /// checkpoint); it reads a few properties and takes no lock on the write path.
     pub fn record_metrics(&self, job: &str, operator: &str, subtask: u32) {
         let labels = [
             ("job", job.to_string()),
@@ -505,9 +505,10 @@ mod tests {
             .compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
     }
 
-    /// RocksDB's statistics are kept only when asked for: without them there are no
-    /// counters for `record_metrics` to report; with them a read of a flushed value
-    /// counts its block cache lookups.
+    /// RocksDB's statistics are kept only when asked for: without them RocksDB has no
+    /// statistics object (it counts nothing) and there are no counters for
+    /// `record_metrics` to report; with them a read of a flushed value counts its block
+    /// cache lookups.
     #[test]
     fn statistics_are_kept_only_when_asked_for() {
         let root = tempfile::tempdir().unwrap();
@@ -523,13 +524,21 @@ mod tests {
             value.put(&1, &2).unwrap();
             compact(&backend, "v");
             assert_eq!(raw_entries(&backend, "v"), 1);
+            let kept = backend
+                .core
+                .db
+                .property_value(rocksdb::properties::OPTIONS_STATISTICS)
+                .unwrap();
+            assert_eq!(kept.is_some(), statistics, "RocksDB's statistics: {kept:?}");
+            let before = backend.core.ticker_deltas();
             assert_eq!(value.get(&1).unwrap(), Some(2));
-            match backend.core.ticker_deltas() {
-                None => assert!(!statistics, "statistics asked for but not kept"),
-                Some((hits, misses, _)) => {
+            match (before, backend.core.ticker_deltas()) {
+                (None, None) => assert!(!statistics, "statistics asked for but not kept"),
+                (Some(_), Some((hits, misses, _))) => {
                     assert!(statistics, "statistics kept though not asked for");
-                    assert!(hits + misses > 0, "no block cache lookup counted");
+                    assert!(hits + misses > 0, "the read counted no block cache lookup");
                 }
+                other => panic!("statistics came and went: {other:?}"),
             }
         }
     }

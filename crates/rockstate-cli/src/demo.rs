@@ -121,7 +121,8 @@ pub struct DemoArgs {
     status_interval: std::time::Duration,
     /// Serves metrics in the Prometheus text format at http://ADDR/metrics while the job
     /// runs (checkpoints, sync pauses, bytes, restores, RocksDB's own figures), e.g.
-    /// `127.0.0.1:9184`.
+    /// `127.0.0.1:9184`. RocksDB then also keeps its statistics counters (block cache
+    /// hits and misses, stall time), which cost about 4% of the job's events/s.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
     /// Prints one JSON object as the last line of stdout.

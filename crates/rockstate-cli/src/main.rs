@@ -14,9 +14,10 @@ mod status;
 
 use std::process::ExitCode;
 
-/// Every allocation of the process, RocksDB's included, goes to jemalloc: the demo job
-/// ran 1.04-1.06x faster than with the system allocator, and RocksDB's block cache and
-/// memtables fragment its heap less over a long run.
+/// Every allocation of the process, RocksDB's included, goes to jemalloc, as RocksDB
+/// recommends: the demo job ran 1.05x faster at parallelism 1 than with the system
+/// allocator (medians of three runs in turn), restores in `rockstate bench` about 15%
+/// slower (see README).
 #[cfg(all(target_os = "linux", not(target_env = "musl")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

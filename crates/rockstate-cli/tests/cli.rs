@@ -2069,6 +2069,21 @@ fn sample(page: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The binary allocates through jemalloc, which serves the process's `malloc` too
+/// (RocksDB's allocations): asked through its environment variable, it prints its
+/// statistics banner at exit. A build that fell back to the system allocator prints none.
+#[cfg(all(target_os = "linux", not(target_env = "musl")))]
+#[test]
+fn the_binary_allocates_through_jemalloc() {
+    let run = run_env(&["--version"], &[("MALLOC_CONF", "stats_print:true")]);
+    run.expect(0);
+    assert!(
+        run.stderr.contains("jemalloc statistics"),
+        "no jemalloc statistics at exit:\n{}",
+        run.context()
+    );
+}
+
 /// `rockstate demo --metrics-addr` serves the metrics in the Prometheus text format.
 ///
 /// Proves: scraped over HTTP while the job runs, the checkpoint counter moves between
