@@ -179,6 +179,17 @@ fn raw_options(cache: &rocksdb::Cache, write_buffer: usize) -> Options {
     cf
 }
 
+/// Write buffers of up to half of `budget`, charged to `cache`, as a backend's
+/// `SharedResources` set them up: the baselines account for their memtables as the
+/// backend does.
+fn charged_write_buffers(cache: &rocksdb::Cache, budget: usize) -> rocksdb::WriteBufferManager {
+    rocksdb::WriteBufferManager::new_write_buffer_manager_with_cache(
+        budget / 2,
+        false,
+        cache.clone(),
+    )
+}
+
 /// Raw RocksDB with the backend's settings for one value column (128 MiB hyper clock cache, 10-bit
 /// bloom filters, memtable bloom filters, LZ4 then ZSTD at the
 /// bottom, no write-ahead log).
@@ -189,6 +200,7 @@ fn raw_db(dir: &Path) -> rockstate::Result<DB> {
     db_opts.create_if_missing(true);
     db_opts.create_missing_column_families(true);
     db_opts.set_atomic_flush(true);
+    db_opts.set_write_buffer_manager(&charged_write_buffers(&cache, 128 << 20));
     DB::open_cf_descriptors(&db_opts, dir, [ColumnFamilyDescriptor::new("value", cf)])
         .map_err(|e| Error::Internal(format!("open the raw RocksDB baseline: {e}")))
 }
@@ -231,6 +243,7 @@ fn demo_throughput(dir: &Path, events: u64, keys: u64) -> rockstate::Result<(f64
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.set_atomic_flush(true);
+        db_opts.set_write_buffer_manager(&charged_write_buffers(&cache, DEMO_MEMORY));
         let raw_err = |e: rocksdb::Error| Error::Internal(format!("raw RocksDB: {e}"));
         let names = ["count", "recent", "histogram"];
         let db = DB::open_cf_descriptors(
