@@ -420,6 +420,50 @@ async fn first_checkpoint_after_a_rescale_without_a_base_uploads_only_new_files(
     first_checkpoint_uploads_only_new_files(tmp.path(), at_two, model, job).await;
 }
 
+/// A rescale whose largest source's list of files cannot be read opens that source as
+/// its base (which needs no list) instead of failing: new subtask 1 of 3 of the
+/// checkpoint of [`at_two_after_four`], which otherwise ingests its largest source,
+/// reads its MANIFEST; every new subtask holds the model's data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescale_opens_its_largest_source_as_stored_when_its_list_cannot_be_read() {
+    use rockstate::testing::{Match, Op};
+    let tmp = tempfile::tempdir().unwrap();
+    let store = CheckpointStorage::open("memory://unreadable-list").unwrap();
+    let (at_two, model, _) = at_two_after_four(&store, tmp.path()).await;
+    // The largest source of new subtask 1 of 3 (key groups 43..=85) is old subtask 1.
+    let largest = at_two
+        .metadata()
+        .handles()
+        .map(|(_, h)| h)
+        .find(|h| h.key_group_range.start() == 64)
+        .unwrap();
+    let list = largest
+        .private
+        .iter()
+        .find(|f| f.local_name == "SST-LIST")
+        .unwrap();
+    let (gated, source) = logged(&store, at_two.metadata());
+    gated.fail(
+        Match::op(Op::Get).path_is(format!("job-2/{}", list.path)),
+        u64::MAX,
+    );
+    let alone = restore_subtask(&tmp.path().join("alone"), &source, 1).await;
+    drop(alone);
+    let manifests: Vec<String> = gated
+        .requests()
+        .into_iter()
+        .filter(|r| r.op == Op::Get && r.path.contains("/MANIFEST-"))
+        .map(|r| r.path)
+        .collect();
+    assert!(!manifests.is_empty(), "no base was opened");
+    let restored = restore_three(&tmp.path().join("at-three"), &source).await;
+    check(
+        &restored,
+        &model,
+        "2->3, the largest source's list unreadable",
+    );
+}
+
 async fn first_checkpoint_uploads_only_new_files(
     tmp: &Path,
     source: RestoreSource,
@@ -545,7 +589,11 @@ async fn a_rescale_without_a_base_ingests_no_file_wholly_outside_its_range() {
     let (restored, release) = restore_held_at_three(tmp.path(), &at_two).await;
     let mut files = 0;
     let mut problems = Vec::new();
-    for b in &restored {
+    for (i, b) in restored.iter().enumerate() {
+        // Held, no compaction could have removed a file ingested wrongly.
+        if columns_with_compactions_off(b.local_dir()).is_empty() {
+            problems.push(format!("subtask {i} resumed its compactions while held"));
+        }
         let range = b.key_group_range();
         for (name, level, first, last) in state_file_bounds(b.local_dir()) {
             files += 1;

@@ -37,8 +37,8 @@ pub struct BackendOptions {
     pub writes_in_key_order: bool,
     /// Keeps RocksDB's statistics counters, which
     /// [`record_metrics`](crate::RocksStateBackend::record_metrics) reports as block cache
-    /// hits and misses and stall time. Off by default: RocksDB counts about ten events
-    /// on every read and write whether or not anyone reads them, which cost the demo job
+    /// hits and misses and stall time. Off by default: RocksDB updates its counters on
+    /// every read and write whether or not anyone reads them, which cost the demo job
     /// about 4% of its events/s. The gauges (memtable and cache sizes, pending
     /// compaction, stopped writes) are read from properties and reported either way.
     pub statistics: bool,

@@ -165,6 +165,11 @@ impl BackendBuilder {
         let dir = self.options.local_dir.clone();
         let reuse = LocalFiles::scan(&self.reuse).await?;
         let started = std::time::Instant::now();
+        // The largest source first, then the others: without a base, the new database is
+        // created with its records and the others registered against them, in this order.
+        let order: Vec<usize> = std::iter::once(largest)
+            .chain((0..handles.len()).filter(|&i| i != largest))
+            .collect();
         let mut base_index = Some(largest);
         let mut prelisted: Option<(PathBuf, Listed)> = None;
         if strategy == RescaleStrategy::Ingest
@@ -174,11 +179,8 @@ impl BackendBuilder {
             // Sources whose states disagree fail before any of their SST files is
             // fetched: the checks of registering them, in the same order (the base's
             // first, should it be opened, then the others').
-            let order = std::iter::once(largest)
-                .chain((0..handles.len()).filter(|&i| i != largest))
-                .flat_map(|i| handles[i].states.iter());
             let mut recorded: BTreeMap<&str, &StateMeta> = BTreeMap::new();
-            for meta in order {
+            for meta in order.iter().flat_map(|&i| handles[i].states.iter()) {
                 if let Some(stored) = recorded.get(meta.name.as_str()) {
                     if !stored.is_compatible(meta) {
                         return Err(stored.incompatible(meta));
@@ -206,18 +208,23 @@ impl BackendBuilder {
             if let Err(e) = remove_dir_if_exists(&at).await {
                 tracing::warn!(dir = %at.display(), error = %e.report(), "cannot remove a rescale source");
             }
-            if let Some(files) = listed? {
-                if leaves_out_a_quarter(&files, range) {
+            // A list that cannot be read leaves the base as it is: opened as stored, it
+            // needs no list.
+            match listed {
+                Ok(Some(files)) if leaves_out_a_quarter(&files, range) => {
                     base_index = None;
                     prelisted = Some((at, files));
                 }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    source = largest,
+                    error = %e.report(),
+                    "cannot read the list of the largest source: it is opened as the base"
+                ),
             }
         }
-        // The largest source first, then the others: without a base, the new database is
-        // created with its records and the others registered against them, in the order
-        // of the check above.
-        let others: Vec<(KeyedStateHandle, PathBuf)> = std::iter::once(largest)
-            .chain((0..handles.len()).filter(|&i| i != largest))
+        let others: Vec<(KeyedStateHandle, PathBuf)> = order
+            .into_iter()
             .filter(|&i| Some(i) != base_index)
             .map(|i| (handles[i].clone(), sibling(&dir, &format!(".rescale-{i}"))))
             .collect();

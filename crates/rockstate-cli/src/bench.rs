@@ -45,7 +45,9 @@ What is measured (local-file storage in --dir, 1 KiB values over 4 subtasks):
   rescale_vs_restore                 4->3 rescale time / same-parallelism restore time
   rescale_2_to_3_vs_restore          the same for 2->3 (of a checkpoint taken at 2)
   streamed_rescale_2_to_3_vs_restore the same, both streaming every file they fetch
-                                     through the object-store API (medians of 3)
+                                     through the object-store API (medians of 3); as from
+                                     a remote store, the rescale then decides per subtask
+                                     whether it opens a base, and syncs what it ingests
   savepoint_mib_per_s                canonical savepoint rate, MiB of state per second
   events_per_s                       the demo job (count, last 8 values, histogram per key)
                                      through the harness at parallelism 1, with checkpoints
@@ -509,6 +511,27 @@ async fn restore_open(
     Ok((started.elapsed(), backends))
 }
 
+/// The checkpoint `meta` of `job` restored at parallelism 2 and at 3, [`REPEATS`] times
+/// in turn: the times of the restores and of the rescales.
+async fn two_and_three(
+    job: &CheckpointStorage,
+    meta: &CheckpointMetadata,
+    dir: &Path,
+    label: &str,
+    strategy: RescaleStrategy,
+) -> rockstate::Result<(Vec<Duration>, Vec<Duration>)> {
+    let (mut restores, mut rescales) = (Vec::new(), Vec::new());
+    for rep in 0..REPEATS {
+        let at_two = RestoreSource::checkpoint(job, meta.clone());
+        let name = format!("{label}-2-{rep}");
+        restores.push(restore_all(&at_two, dir, &name, 2, strategy, &[]).await?);
+        let at_two = RestoreSource::checkpoint(job, meta.clone());
+        let name = format!("{label}-2-3-{rep}");
+        rescales.push(restore_all(&at_two, dir, &name, 3, strategy, &[]).await?);
+    }
+    Ok((restores, rescales))
+}
+
 /// Checkpoints the state at parallelism 2 (restored from `source`) into its own job
 /// directory, then times a restore at 2 and a rescale 2->3 of that checkpoint.
 /// Restore and rescale times of a checkpoint taken at 2 after a rescale 4->2.
@@ -539,15 +562,7 @@ async fn rescale_two_to_three(
     for b in two {
         b.close()?;
     }
-    let (mut restores, mut rescales) = (Vec::new(), Vec::new());
-    for rep in 0..REPEATS {
-        let at_two = RestoreSource::checkpoint(&job, meta.clone());
-        let label = format!("restore-2-{rep}");
-        restores.push(restore_all(&at_two, dir, &label, 2, ingest, &[]).await?);
-        let at_two = RestoreSource::checkpoint(&job, meta.clone());
-        let label = format!("rescale-2-3-{rep}");
-        rescales.push(restore_all(&at_two, dir, &label, 3, ingest, &[]).await?);
-    }
+    let (restores, rescales) = two_and_three(&job, &meta, dir, "at-two", ingest).await?;
     // Every fetched byte streamed through the object-store API, as from a remote store.
     let streamed_store =
         object_store::local::LocalFileSystem::new_with_prefix(dir.join("store").join("job-2"))
@@ -555,15 +570,8 @@ async fn rescale_two_to_three(
     let streamed = CheckpointStorage::from_store(std::sync::Arc::new(streamed_store), "streamed");
     // Medians of runs in turn, like the others: one streamed run spreads widely (the disk
     // is still writing back what the earlier phases wrote).
-    let (mut streamed_restores, mut streamed_rescales) = (Vec::new(), Vec::new());
-    for rep in 0..REPEATS {
-        let at_two = RestoreSource::checkpoint(&streamed, meta.clone());
-        let label = format!("streamed-2-{rep}");
-        streamed_restores.push(restore_all(&at_two, dir, &label, 2, ingest, &[]).await?);
-        let at_two = RestoreSource::checkpoint(&streamed, meta.clone());
-        let label = format!("streamed-2-3-{rep}");
-        streamed_rescales.push(restore_all(&at_two, dir, &label, 3, ingest, &[]).await?);
-    }
+    let (streamed_restores, streamed_rescales) =
+        two_and_three(&streamed, &meta, dir, "streamed", ingest).await?;
     coordinator.shutdown(true).await?;
     Ok(TwoToThree {
         restore_s: median_s(restores),

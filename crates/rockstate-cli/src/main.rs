@@ -18,10 +18,9 @@ use clap::{Args, Parser, Subcommand};
 use common::{exit, one_line, runtime};
 use rockstate::runtime::control::Command as ControlCommand;
 
-/// Every allocation of the process, RocksDB's included, goes to jemalloc, as RocksDB
-/// recommends: the demo job ran 1.05x faster at parallelism 1 than with the system
-/// allocator (medians of three runs in turn), restores in `rockstate bench` about 15%
-/// slower (see README).
+/// Every allocation of the process, RocksDB's included, goes to jemalloc: the demo job
+/// ran 1.05x faster at parallelism 1 than with the system allocator (medians of three
+/// runs in turn), restores in `rockstate bench` about 15% slower (see README).
 #[cfg(all(target_os = "linux", not(target_env = "musl")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
