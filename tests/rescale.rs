@@ -1643,3 +1643,132 @@ fn a_source_fetched_in_part_whose_ingestion_is_refused_is_fetched_whole_and_iter
     runtime.shutdown_timeout(Duration::from_secs(1));
     outcome.unwrap();
 }
+
+/// How often `gated` was asked to read each stored SST file.
+fn sst_reads(gated: &rockstate::testing::GatedStore) -> BTreeMap<String, usize> {
+    let mut reads = BTreeMap::new();
+    for r in gated.requests() {
+        if r.op == rockstate::testing::Op::Get && r.path.ends_with(".sst") {
+            *reads.entry(r.path).or_insert(0) += 1;
+        }
+    }
+    reads
+}
+
+/// The new subtasks of a rescale that one process restores from one source, from a store
+/// other than local files, fetch each stored SST file once: a file several of them need
+/// (here the 2->3 of a checkpoint taken at 2 after 4->2, where the new outer subtasks
+/// open their source as stored and the middle one ingests parts of both) is fetched by
+/// the first that needs it and linked by the others, whether they restore one after the
+/// other or side by side. (Compactions stay held, so that no restored database has
+/// removed a file before another needs it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_subtasks_restored_from_one_source_fetch_each_stored_file_once() {
+    use rockstate::testing::checks::refuse_compaction_resumes;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = CheckpointStorage::open("memory://fetched-once").unwrap();
+    let (at_two, model, _) = at_two_after_four(&store, tmp.path()).await;
+    let held = tmp.path().join("held");
+    refuse_compaction_resumes(&held, true);
+
+    let (gated, source) = logged(&store, at_two.metadata());
+    let restored = restore_three(&held.join("in-turn"), &source).await;
+    check(&restored, &model, "2->3 in turn, files shared");
+    drop(restored);
+    let reads = sst_reads(&gated);
+    assert!(reads.len() >= 4, "{reads:?}");
+    let again: Vec<_> = reads.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        again.is_empty(),
+        "fetched more than once in turn: {again:?}"
+    );
+
+    let (gated, source) = logged(&store, at_two.metadata());
+    let source = Arc::new(source);
+    let root = held.join("side-by-side");
+    let tasks: Vec<_> = (0..3)
+        .map(|i| {
+            let (source, root) = (source.clone(), root.clone());
+            tokio::spawn(async move { restore_subtask(&root, &source, i).await })
+        })
+        .collect();
+    let mut restored = Vec::new();
+    for task in tasks {
+        restored.push(task.await.unwrap());
+    }
+    check(&restored, &model, "2->3 side by side, files shared");
+    drop(restored);
+    let again: Vec<_> = sst_reads(&gated)
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .collect();
+    assert!(
+        again.is_empty(),
+        "fetched more than once side by side: {again:?}"
+    );
+    refuse_compaction_resumes(&held, false);
+}
+
+/// A file an earlier restore of the source fetched is fetched again when its copy is
+/// gone (the earlier restore's directory removed) or no longer the file checked (another
+/// file now under its name): the later restores succeed with the model's data, and no
+/// copy is taken on trust.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_copy_that_is_gone_or_replaced_is_fetched_again() {
+    use rockstate::testing::checks::refuse_compaction_resumes;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = CheckpointStorage::open("memory://copy-gone").unwrap();
+    let (at_two, model, _) = at_two_after_four(&store, tmp.path()).await;
+    let held = tmp.path().join("held");
+    refuse_compaction_resumes(&held, true);
+    let (gated, source) = logged(&store, at_two.metadata());
+    // New subtask 0 opens old subtask 0 as stored: every file of it lies in its directory
+    // under its stored name.
+    let first = restore_subtask(&held.join("first"), &source, 0).await;
+    let dir = first.local_dir().to_path_buf();
+    first.close().unwrap();
+    let old_zero = at_two
+        .metadata()
+        .handles()
+        .map(|(_, h)| h)
+        .find(|h| h.key_group_range.start() == 0)
+        .unwrap()
+        .clone();
+    // Its copies of stored files (not the file its range deletions were flushed to).
+    let ssts: Vec<(std::path::PathBuf, String)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter_map(|p| {
+            let name = p.file_name()?.to_str()?.to_string();
+            let stored = old_zero
+                .files()
+                .find(|f| f.local_name == name && name.ends_with(".sst"))?;
+            Some((p, format!("job-2/{}", stored.path)))
+        })
+        .collect();
+    assert!(ssts.len() >= 2, "{ssts:?}");
+    // One copy replaced by another file of the same size, the others removed.
+    let ((replaced, _), removed) = ssts.split_first().unwrap();
+    let size = std::fs::metadata(replaced).unwrap().len() as usize;
+    std::fs::remove_file(replaced).unwrap();
+    std::fs::write(replaced, vec![7u8; size]).unwrap();
+    for (path, _) in removed {
+        std::fs::remove_file(path).unwrap();
+    }
+    let before = sst_reads(&gated);
+    let restored = vec![
+        restore_subtask(&held.join("again"), &source, 0).await,
+        restore_subtask(&held.join("again"), &source, 1).await,
+        restore_subtask(&held.join("again"), &source, 2).await,
+    ];
+    check(&restored, &model, "2->3 after the copies went");
+    let after = sst_reads(&gated);
+    for (_, stored) in &ssts {
+        assert_eq!(before.get(stored), Some(&1), "{stored}: {before:?}");
+        assert!(
+            after.get(stored).copied().unwrap_or(0) > 1,
+            "{stored} was not fetched again: {after:?}"
+        );
+    }
+    refuse_compaction_resumes(&held, false);
+}

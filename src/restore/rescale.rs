@@ -465,6 +465,23 @@ impl BackendBuilder {
                 Err(e)
             }
         };
+        if built.is_ok() && source.root().local_dir().is_none() {
+            // The files ingested from the sources' directories stay in the new one, where
+            // the source's other restores (the other new subtasks) link them from.
+            let links = source.checked_links().clone();
+            let from: Vec<PathBuf> = others.iter().map(|(_, at)| at.clone()).collect();
+            let to = dir.clone();
+            let relocated = blocking(move || {
+                for at in &from {
+                    links.relocate(at, &to);
+                }
+                Ok(())
+            })
+            .await;
+            if let Err(e) = relocated {
+                tracing::warn!(error = %e.report(), "cannot note where a rescale's ingested files are");
+            }
+        }
         for (_, other) in others {
             if let Err(e) = remove_dir_if_exists(&other).await {
                 tracing::warn!(dir = %other.display(), error = %e.report(), "cannot remove a rescale source");

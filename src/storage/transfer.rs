@@ -168,6 +168,13 @@ impl CheckpointStorage {
 
     /// Like [`download_file`](Self::download_file); a hard link to a file that `checked`
     /// records as read through and checked already is not read again.
+    ///
+    /// From a store other than local files, an SST file is fetched once per `checked`
+    /// (one restore source): a later download of the same stored file, by another
+    /// restore of the source, hard-links the copy fetched first, if that copy is still
+    /// the file that was checked (same inode, size and modification time); otherwise it
+    /// is fetched again. Downloads of one stored file wait for each other, so restores
+    /// running side by side fetch it once too.
     pub(crate) async fn download_file_checked(
         &self,
         rel: &str,
@@ -175,8 +182,36 @@ impl CheckpointStorage {
         expected: &FileInfo,
         checked: Option<&std::sync::Arc<CheckedLinks>>,
     ) -> Result<()> {
-        self.download_file_once(rel, local, expected, checked.cloned())
-            .await?;
+        let shared = checked.filter(|_| {
+            self.local_dir().is_none() && local.extension().is_some_and(|e| e == "sst")
+        });
+        let Some(checked) = shared else {
+            self.download_file_once(rel, local, expected, checked.cloned())
+                .await?;
+            count_restored(expected.size);
+            return Ok(());
+        };
+        let slot = checked.fetch_slot(&self.url_of(rel));
+        let mut placed = slot.lock().await;
+        if let Some(at) = placed.clone() {
+            let (links, target, info) = (checked.clone(), local.to_path_buf(), *expected);
+            let linked =
+                tokio::task::spawn_blocking(move || links.link_fetched(&at, &target, &info))
+                    .await
+                    .map_err(|e| Error::Internal(format!("link task failed: {e}")))??;
+            if linked {
+                count_restored(expected.size);
+                return Ok(());
+            }
+        }
+        self.download_file_once(rel, local, expected, None).await?;
+        let meta = tokio::fs::metadata(local)
+            .await
+            .map_err(|e| Error::io(format!("inspect {}", local.display()), e))?;
+        if let Some(stamp) = FileStamp::of(&meta) {
+            checked.insert(stamp, expected);
+            *placed = Some(local.to_path_buf());
+        }
         count_restored(expected.size);
         Ok(())
     }
@@ -378,19 +413,28 @@ impl FileStamp {
     }
 }
 
-/// Local files one restore has read through and checked, by inode. A rescale links a
-/// stored file into each new subtask that shares its key groups; the hard links share
-/// one inode, so its bytes are read and checked once per restore source rather than
-/// once per link. Bounded by the number of files of the snapshot.
+/// Where a restore source's restores put a stored file they fetched (see
+/// [`CheckpointStorage::download_file_checked`]); its lock is held while the file is
+/// fetched or linked.
+type FetchSlot = std::sync::Arc<tokio::sync::Mutex<Option<std::path::PathBuf>>>;
+
+/// Local files one restore source's restores have read through and checked, by inode.
+/// A rescale links a stored file into each new subtask that shares its key groups; the
+/// hard links share one inode, so its bytes are read and checked once per restore source
+/// rather than once per link. From other stores, where each stored SST file was fetched
+/// to, by its URL, so that the source's other restores link that copy instead of
+/// fetching the file again. Both bounded by the number of files of the snapshot.
 #[derive(Default)]
 pub(crate) struct CheckedLinks {
     files: parking_lot::Mutex<std::collections::HashMap<FileStamp, FileInfo>>,
+    fetched: parking_lot::Mutex<std::collections::HashMap<String, FetchSlot>>,
 }
 
 impl std::fmt::Debug for CheckedLinks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CheckedLinks")
             .field("files", &self.files.lock().len())
+            .field("fetched", &self.fetched.lock().len())
             .finish()
     }
 }
@@ -403,6 +447,80 @@ impl CheckedLinks {
     fn insert(&self, stamp: FileStamp, expected: &FileInfo) {
         self.files.lock().insert(stamp, *expected);
     }
+
+    fn fetch_slot(&self, url: &str) -> FetchSlot {
+        self.fetched
+            .lock()
+            .entry(url.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Hard-links the copy `at` of a fetched file to `target` if `at` is still the file
+    /// fetched and checked (its inode, size and modification time recorded with
+    /// `expected`). `false` when it is gone, is another file now, or cannot be linked
+    /// (another file system): the caller fetches the file instead.
+    ///
+    /// Errors: `AlreadyExists` when `target` exists; `Io` when a link made in vain cannot
+    /// be removed.
+    fn link_fetched(&self, at: &Path, target: &Path, expected: &FileInfo) -> Result<bool> {
+        match std::fs::hard_link(at, target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::AlreadyExists(format!("file {}", target.display())))
+            }
+            Err(_) => return Ok(false),
+        }
+        // The link's own inode: whatever `at` names by now, `target` is this file.
+        let same = std::fs::metadata(target)
+            .ok()
+            .and_then(|m| FileStamp::of(&m))
+            .is_some_and(|stamp| self.contains(stamp, expected));
+        if !same {
+            std::fs::remove_file(target)
+                .map_err(|e| Error::io(format!("remove {}", target.display()), e))?;
+        }
+        Ok(same)
+    }
+
+    /// Files fetched into the directory `from` that `to` holds as well (hard links, as
+    /// an ingestion leaves them, under other names) are linked from `to` from now on;
+    /// called before `from` is removed. Files `to` does not hold are forgotten, as are
+    /// those of a fetch or link under way.
+    pub(crate) fn relocate(&self, from: &Path, to: &Path) {
+        let slots: Vec<FetchSlot> = self.fetched.lock().values().cloned().collect();
+        let mut held: Option<std::collections::HashMap<(u64, u64), std::path::PathBuf>> = None;
+        for slot in slots {
+            let Ok(mut placed) = slot.try_lock() else {
+                continue;
+            };
+            let Some(at) = placed.as_ref().filter(|at| at.starts_with(from)) else {
+                continue;
+            };
+            let id = std::fs::metadata(at)
+                .ok()
+                .and_then(|m| FileStamp::of(&m))
+                .map(|s| (s.device, s.inode));
+            let held = held.get_or_insert_with(|| inodes_in(to));
+            *placed = id.and_then(|id| held.get(&id).cloned());
+        }
+    }
+}
+
+/// The SST files directly in `dir`, by device and inode (empty when it cannot be read).
+fn inodes_in(dir: &Path) -> std::collections::HashMap<(u64, u64), std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Default::default();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sst"))
+        .filter_map(|p| {
+            let stamp = FileStamp::of(&std::fs::metadata(&p).ok()?)?;
+            Some(((stamp.device, stamp.inode), p))
+        })
+        .collect()
 }
 
 /// Compares what was read with what was recorded.
