@@ -15,6 +15,7 @@
 //! | `rockstate_snapshot_sync_seconds` | histogram | | synchronous part of each subtask snapshot |
 //! | `rockstate_restore_duration_seconds` | histogram | | restore of one backend |
 //! | `rockstate_restore_bytes_total` | counter | | bytes of snapshot files restores fetched and checked, per file (or took from the local directory after a check; a failed restore's completed files included) |
+//! | `rockstate_restore_fetched_bytes_total` | counter | | of those, the bytes read from checkpoint storage: not taken from the local directory nor linked from a copy another restore of the same source fetched |
 //! | `rockstate_rocksdb_*` | gauges, counters | `operator`, `subtask` | RocksDB's own figures, see [`RocksStateBackend::record_metrics`](crate::RocksStateBackend::record_metrics); the counters only from backends opened with [`BackendOptions::statistics`](crate::BackendOptions::statistics) |
 //!
 //! Call [`describe`] once after installing the recorder to give every metric its help
@@ -33,6 +34,7 @@ pub(crate) const CHECKPOINT_LAST_UPLOADED: &str = "rockstate_checkpoint_last_upl
 pub(crate) const SNAPSHOT_SYNC: &str = "rockstate_snapshot_sync_seconds";
 pub(crate) const RESTORE_DURATION: &str = "rockstate_restore_duration_seconds";
 pub(crate) const RESTORE_BYTES: &str = "rockstate_restore_bytes_total";
+pub(crate) const RESTORE_FETCHED: &str = "rockstate_restore_fetched_bytes_total";
 
 /// RocksDB integer properties reported as gauges: (property, metric, help). The first four
 /// are per column family and summed over the backend's; the others are database-wide.
@@ -127,6 +129,11 @@ pub fn describe() {
         RESTORE_BYTES,
         Unit::Bytes,
         "bytes of snapshot files restores fetched and checked, or took from the local directory after a check"
+    );
+    describe_counter!(
+        RESTORE_FETCHED,
+        Unit::Bytes,
+        "bytes of snapshot files restores read from checkpoint storage"
     );
     for (_, name, help) in ROCKSDB_GAUGES {
         describe_gauge!(name, help);

@@ -1672,7 +1672,11 @@ async fn new_subtasks_restored_from_one_source_fetch_each_stored_file_once() {
     refuse_compaction_resumes(&held, true);
 
     let (gated, source) = logged(&store, at_two.metadata());
+    let (restored_before, _) = rockstate::storage::transfer_totals();
+    let fetched_before = rockstate::storage::fetched_total();
     let restored = restore_three(&held.join("in-turn"), &source).await;
+    let restored_bytes = rockstate::storage::transfer_totals().0 - restored_before;
+    let fetched_bytes = rockstate::storage::fetched_total() - fetched_before;
     check(&restored, &model, "2->3 in turn, files shared");
     drop(restored);
     let reads = sst_reads(&gated);
@@ -1681,6 +1685,26 @@ async fn new_subtasks_restored_from_one_source_fetch_each_stored_file_once() {
     assert!(
         again.is_empty(),
         "fetched more than once in turn: {again:?}"
+    );
+    // The bytes counted as read from storage are those of the files requested; the
+    // links count as restored only. (The counters are the process's: `make test` runs
+    // every test in a process of its own.)
+    let sizes: BTreeMap<String, u64> = at_two
+        .metadata()
+        .handles()
+        .flat_map(|(_, h)| h.files())
+        .map(|f| (format!("job-2/{}", f.path), f.size))
+        .collect();
+    let requested: u64 = gated
+        .requests()
+        .iter()
+        .filter(|r| r.op == rockstate::testing::Op::Get)
+        .filter_map(|r| sizes.get(&r.path))
+        .sum();
+    assert_eq!(fetched_bytes, requested);
+    assert!(
+        restored_bytes > fetched_bytes,
+        "{restored_bytes} {fetched_bytes}"
     );
 
     let (gated, source) = logged(&store, at_two.metadata());

@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 pub(crate) use transfer::count_restored;
+pub use transfer::{fetched_total, transfer_totals, FileInfo};
 pub(crate) use transfer::{link_or_copy_checked, remove_local, CheckedLinks};
-pub use transfer::{transfer_totals, FileInfo};
 
 /// Copies a local file to a new name: a hard link when possible (the files are
 /// immutable), else a copy written under a temporary name, synced and renamed.

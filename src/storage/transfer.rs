@@ -41,6 +41,23 @@ pub(crate) fn count_restored(n: u64) {
     metrics::counter!(crate::telemetry::RESTORE_BYTES).increment(n);
 }
 
+/// Bytes of snapshot files restores of this process read from checkpoint storage.
+static FETCHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bytes of snapshot files the restores of this process have read from checkpoint
+/// storage so far (downloaded, or linked or copied from local-file storage), over every
+/// storage: the part of the restored bytes of [`transfer_totals`] that was neither taken
+/// from a local directory nor linked from a copy another restore of the same source
+/// fetched. Counted per file once it is complete and checked.
+pub fn fetched_total() -> u64 {
+    FETCHED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn count_fetched(n: u64) {
+    FETCHED.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    metrics::counter!(crate::telemetry::RESTORE_FETCHED).increment(n);
+}
+
 fn count_stored(n: u64) {
     STORED.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
 }
@@ -230,7 +247,10 @@ impl CheckpointStorage {
                 let link = local.extension().is_some_and(|e| e == "sst");
                 let checked = checked.as_deref();
                 match link_or_copy_checked(&source, &local, &expected, &url, link, checked)? {
-                    true => Ok(()),
+                    true => {
+                        count_fetched(expected.size);
+                        Ok(())
+                    }
                     false => Err(Error::NotFound(format!("{url} (get)"))),
                 }
             })
@@ -260,7 +280,9 @@ impl CheckpointStorage {
         }
         file.write_all(&gathered).await.map_err(local_err)?;
         file.flush().await.map_err(local_err)?;
-        read.finish()
+        read.finish()?;
+        count_fetched(expected.size);
+        Ok(())
     }
 
     /// The local path of `rel` in a local-file storage (`None` for other stores).

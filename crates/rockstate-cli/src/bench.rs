@@ -47,7 +47,11 @@ What is measured (local-file storage in --dir, 1 KiB values over 4 subtasks):
   streamed_rescale_2_to_3_vs_restore the same, both streaming every file they fetch
                                      through the object-store API (medians of 3); as from
                                      a remote store, the rescale then decides per subtask
-                                     whether it opens a base, and syncs what it ingests
+                                     whether it opens a base, and syncs what it ingests;
+                                     the new subtasks, restored one after the other, fetch
+                                     a stored file once and link it where another needs it
+  streamed_rescale_2_to_3_fetched_vs_restore
+                                     bytes that 2->3 read from storage / bytes the 2->2 read
   savepoint_mib_per_s                canonical savepoint rate, MiB of state per second
   events_per_s                       the demo job (count, last 8 values, histogram per key)
                                      through the harness at parallelism 1, with checkpoints
@@ -511,23 +515,52 @@ async fn restore_open(
     Ok((started.elapsed(), backends))
 }
 
+/// Times of restores, and the bytes each read from checkpoint storage.
+#[derive(Default)]
+struct Runs {
+    times: Vec<Duration>,
+    fetched: Vec<u64>,
+}
+
+impl Runs {
+    /// Runs `restore`, recording its time and the bytes it read from storage.
+    async fn push(
+        &mut self,
+        restore: impl std::future::Future<Output = rockstate::Result<Duration>>,
+    ) -> rockstate::Result<()> {
+        let before = rockstate::storage::fetched_total();
+        self.times.push(restore.await?);
+        self.fetched
+            .push(rockstate::storage::fetched_total().saturating_sub(before));
+        Ok(())
+    }
+
+    fn median_fetched(&self) -> f64 {
+        median(self.fetched.iter().map(|&b| b as f64).collect())
+    }
+}
+
 /// The checkpoint `meta` of `job` restored at parallelism 2 and at 3, [`REPEATS`] times
-/// in turn: the times of the restores and of the rescales.
+/// in turn: the restores and the rescales.
 async fn two_and_three(
     job: &CheckpointStorage,
     meta: &CheckpointMetadata,
     dir: &Path,
     label: &str,
     strategy: RescaleStrategy,
-) -> rockstate::Result<(Vec<Duration>, Vec<Duration>)> {
-    let (mut restores, mut rescales) = (Vec::new(), Vec::new());
+) -> rockstate::Result<(Runs, Runs)> {
+    let (mut restores, mut rescales) = (Runs::default(), Runs::default());
     for rep in 0..REPEATS {
         let at_two = RestoreSource::checkpoint(job, meta.clone());
         let name = format!("{label}-2-{rep}");
-        restores.push(restore_all(&at_two, dir, &name, 2, strategy, &[]).await?);
+        restores
+            .push(restore_all(&at_two, dir, &name, 2, strategy, &[]))
+            .await?;
         let at_two = RestoreSource::checkpoint(job, meta.clone());
         let name = format!("{label}-2-3-{rep}");
-        rescales.push(restore_all(&at_two, dir, &name, 3, strategy, &[]).await?);
+        rescales
+            .push(restore_all(&at_two, dir, &name, 3, strategy, &[]))
+            .await?;
     }
     Ok((restores, rescales))
 }
@@ -540,6 +573,8 @@ struct TwoToThree {
     rescale_s: f64,
     streamed_restore_s: f64,
     streamed_rescale_s: f64,
+    /// Bytes the streamed 2->3 read from storage per byte the streamed 2->2 read.
+    streamed_fetched_ratio: f64,
 }
 
 async fn rescale_two_to_three(
@@ -574,10 +609,12 @@ async fn rescale_two_to_three(
         two_and_three(&streamed, &meta, dir, "streamed", ingest).await?;
     coordinator.shutdown(true).await?;
     Ok(TwoToThree {
-        restore_s: median_s(restores),
-        rescale_s: median_s(rescales),
-        streamed_restore_s: median_s(streamed_restores),
-        streamed_rescale_s: median_s(streamed_rescales),
+        restore_s: median_s(restores.times),
+        rescale_s: median_s(rescales.times),
+        streamed_fetched_ratio: streamed_rescales.median_fetched()
+            / streamed_restores.median_fetched().max(1.0),
+        streamed_restore_s: median_s(streamed_restores.times),
+        streamed_rescale_s: median_s(streamed_rescales.times),
     })
 }
 
@@ -615,6 +652,7 @@ struct Report {
     rescale_2_3_s: f64,
     streamed_restore_2_s: f64,
     streamed_rescale_2_3_s: f64,
+    streamed_fetched_2_3_ratio: f64,
     savepoint_mib_per_s: f64,
 }
 
@@ -782,6 +820,7 @@ async fn measure(args: &BenchArgs, dir: &Path, say: &dyn Fn(&str)) -> rockstate:
         rescale_2_3_s: two_to_three.rescale_s,
         streamed_restore_2_s: two_to_three.streamed_restore_s,
         streamed_rescale_2_3_s: two_to_three.streamed_rescale_s,
+        streamed_fetched_2_3_ratio: two_to_three.streamed_fetched_ratio,
         savepoint_mib_per_s: mib(state_bytes) / savepoint_s.max(1e-9),
     })
 }
@@ -858,6 +897,7 @@ pub fn run(args: BenchArgs) -> rockstate::Result<u8> {
                 r.streamed_rescale_2_3_s / r.streamed_restore_2_s.max(1e-9),
             "streamed_rescale_2_to_3_s": r.streamed_rescale_2_3_s,
             "streamed_restore_2_s": r.streamed_restore_2_s,
+            "streamed_rescale_2_to_3_fetched_vs_restore": r.streamed_fetched_2_3_ratio,
             "savepoint_mib_per_s": r.savepoint_mib_per_s,
             "events_per_s": r.events_per_s,
             "raw_loop_events_per_s": r.raw_loop_events_per_s,
@@ -921,6 +961,10 @@ pub fn run(args: BenchArgs) -> rockstate::Result<u8> {
             r.streamed_rescale_2_3_s / r.streamed_restore_2_s.max(1e-9),
             r.streamed_rescale_2_3_s,
             r.streamed_restore_2_s
+        );
+        println!(
+            "  bytes read from storage, 2->3 vs 2->2  {:.2}",
+            r.streamed_fetched_2_3_ratio
         );
         println!(
             "  canonical savepoint                    {:.0} MiB/s",
