@@ -14,8 +14,8 @@
 //! | `rockstate_checkpoint_last_uploaded_bytes` | gauge | `job` | bytes uploaded by the last completed checkpoint |
 //! | `rockstate_snapshot_sync_seconds` | histogram | | synchronous part of each subtask snapshot |
 //! | `rockstate_restore_duration_seconds` | histogram | | restore of one backend |
-//! | `rockstate_restore_bytes_total` | counter | | bytes of snapshot files restores fetched and checked, per file (or took from the local directory after a check; a failed restore's completed files included) |
-//! | `rockstate_restore_fetched_bytes_total` | counter | | of those, the bytes read from checkpoint storage: not taken from the local directory nor linked from a copy another restore of the same source fetched |
+//! | `rockstate_restore_bytes_total` | counter | | bytes of snapshot files restores fetched and checked, per file (or took from the local directory after a check, or linked from a checked copy another restore of the same source fetched; a failed restore's completed files included) |
+//! | `rockstate_restore_fetched_bytes_total` | counter | | of those, the bytes taken from checkpoint storage (downloaded, or linked or copied from local-file storage): not taken from the local directory nor linked from a copy another restore of the same source fetched |
 //! | `rockstate_rocksdb_*` | gauges, counters | `operator`, `subtask` | RocksDB's own figures, see [`RocksStateBackend::record_metrics`](crate::RocksStateBackend::record_metrics); the counters only from backends opened with [`BackendOptions::statistics`](crate::BackendOptions::statistics) |
 //!
 //! Call [`describe`] once after installing the recorder to give every metric its help
@@ -128,12 +128,12 @@ pub fn describe() {
     describe_counter!(
         RESTORE_BYTES,
         Unit::Bytes,
-        "bytes of snapshot files restores fetched and checked, or took from the local directory after a check"
+        "bytes of snapshot files restores fetched and checked, or took from the local directory or another restore's copy after a check"
     );
     describe_counter!(
         RESTORE_FETCHED,
         Unit::Bytes,
-        "bytes of snapshot files restores read from checkpoint storage"
+        "bytes of snapshot files restores took from checkpoint storage"
     );
     for (_, name, help) in ROCKSDB_GAUGES {
         describe_gauge!(name, help);

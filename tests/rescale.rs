@@ -1796,3 +1796,60 @@ async fn a_shared_copy_that_is_gone_or_replaced_is_fetched_again() {
     }
     refuse_compaction_resumes(&held, false);
 }
+
+/// The largest source's list decides whether a rescale opens a base, not another
+/// source's. In a checkpoint taken at 2 after 4->2 whose subtask 1 was then compacted
+/// into files spanning its whole range, new subtask 1 of 3 (key groups 43..=85) needs
+/// every file of its largest source, old subtask 1, and opens it as stored (it reads its
+/// MANIFEST), although the list of old subtask 0, still in halves, would leave out a
+/// quarter of that source's bytes (`subtask_one_of_three_opens_no_base` without the
+/// compaction). Every new subtask holds the model's data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_sources_list_decides_whether_a_rescale_opens_a_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = CheckpointStorage::open("memory://largest-decides").unwrap();
+    let (source, model, _) = prepare_in(&store, tmp.path(), 4, None).await;
+    let two = restore_all(
+        &source,
+        &tmp.path().join("at-two"),
+        2,
+        &RestoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    rockstate::testing::checks::compact_states(&two[1]);
+    let (job, mut coordinator) = coordinated(&store, "job-2", 2).await;
+    let (at_two, _) = snapshot(&mut coordinator, &two, &job, &job, None).await;
+    drop(two);
+    let manifest_of = |start: u16| {
+        let handle = at_two
+            .metadata()
+            .handles()
+            .map(|(_, h)| h)
+            .find(|h| h.key_group_range.start() == start)
+            .unwrap();
+        let manifest = handle
+            .files()
+            .find(|f| f.local_name.starts_with("MANIFEST-"))
+            .unwrap();
+        format!("job-2/{}", manifest.path)
+    };
+    let (gated, source) = logged(&store, at_two.metadata());
+    let alone_root = tmp.path().join("alone");
+    rockstate::testing::checks::watch_scratch_closes(&alone_root);
+    let alone = restore_subtask(&alone_root, &source, 1).await;
+    drop(alone);
+    // Opened as stored, not read into a new database after a refused ingestion (which
+    // reads the source's MANIFEST too, from a copy closed as scratch).
+    let scratch = rockstate::testing::checks::scratch_closes_under(&alone_root);
+    assert!(scratch.is_empty(), "sources iterated: {scratch:?}");
+    let read: Vec<String> = gated
+        .requests()
+        .into_iter()
+        .filter(|r| r.op == rockstate::testing::Op::Get && r.path.contains("/MANIFEST-"))
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(read, vec![manifest_of(64)], "old subtask 1 is the base");
+    let restored = restore_three(&tmp.path().join("at-three"), &source).await;
+    check(&restored, &model, "2->3, old subtask 1 compacted");
+}

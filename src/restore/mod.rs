@@ -325,12 +325,7 @@ async fn fetch_files(
     // the future of a restore impossible to spawn (the compiler cannot prove it `Send`
     // for every lifetime), which a runtime restoring subtasks side by side needs.
     let mut downloads = futures::stream::iter(0..files.len())
-        .map(|i| {
-            // Checked when the transfer is about to start (the stream takes the next
-            // file only then): transfers already started finish, no other starts.
-            let cancelled = cancel.is_some_and(|c| c.load(Ordering::SeqCst));
-            download_one(files[i], job, dir, reuse, checked, cancelled, sync)
-        })
+        .map(|i| download_one(files[i], job, dir, reuse, checked, cancel, sync))
         .buffer_unordered(concurrency);
     let mut first = None;
     while let Some(result) = downloads.next().await {
@@ -348,10 +343,13 @@ async fn download_one(
     dir: &Path,
     reuse: &LocalFiles,
     checked: Option<&Arc<CheckedLinks>>,
-    cancelled: bool,
+    cancel: Option<&AtomicBool>,
     sync: bool,
 ) -> Result<()> {
-    if cancelled {
+    // Checked when the transfer is about to start (the stream takes the next file only
+    // then, and polls it at once): transfers already started finish, no other starts.
+    // (A download waiting for another restore's fetch of the same file checks again.)
+    if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
         return Err(Error::Internal(format!(
             "the fetch of {} was cancelled",
             file.local_name
@@ -362,7 +360,7 @@ async fn download_one(
         crate::storage::count_restored(file.size);
         return Ok(());
     }
-    job.download_file_checked(&file.path, &target, &file.info(), checked)
+    job.download_file_checked(&file.path, &target, &file.info(), checked, cancel)
         .await?;
     if sync {
         tokio::task::spawn_blocking(move || {

@@ -63,7 +63,8 @@ pub struct RestoreSource {
     metadata: CheckpointMetadata,
     root: CheckpointStorage,
     location: String,
-    /// Files of this source already linked and checked by one of its restores.
+    /// Files of this source already linked and checked by one of its restores, and where
+    /// its restores put the files they fetched (shared by the source's other restores).
     checked: Arc<CheckedLinks>,
 }
 

@@ -19,9 +19,9 @@ pub struct FileInfo {
     pub crc32: u32,
 }
 
-/// Bytes of snapshot files this process restored (downloaded, or taken from local files
-/// after checking them) and stored (uploaded), since it started: for progress displays
-/// ([`transfer_totals`]).
+/// Bytes of snapshot files this process restored (downloaded, taken from local files
+/// after checking them, or linked from a copy another restore fetched) and stored
+/// (uploaded), since it started: for progress displays ([`transfer_totals`]).
 static RESTORED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static STORED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -34,8 +34,9 @@ pub fn transfer_totals() -> (u64, u64) {
 }
 
 /// Counts `n` restored bytes (see [`transfer_totals`]), in the process's total and in
-/// `rockstate_restore_bytes_total`: a file's size once it is fetched and checked, or taken
-/// from the local directory after a check (files a failed restore completed count too).
+/// `rockstate_restore_bytes_total`: a file's size once it is fetched and checked, taken
+/// from the local directory after a check, or linked from a checked copy another restore
+/// fetched (files a failed restore completed count too).
 pub(crate) fn count_restored(n: u64) {
     RESTORED.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     metrics::counter!(crate::telemetry::RESTORE_BYTES).increment(n);
@@ -44,11 +45,12 @@ pub(crate) fn count_restored(n: u64) {
 /// Bytes of snapshot files restores of this process read from checkpoint storage.
 static FETCHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Bytes of snapshot files the restores of this process have read from checkpoint
+/// Bytes of snapshot files the restores of this process have taken from checkpoint
 /// storage so far (downloaded, or linked or copied from local-file storage), over every
 /// storage: the part of the restored bytes of [`transfer_totals`] that was neither taken
 /// from a local directory nor linked from a copy another restore of the same source
-/// fetched. Counted per file once it is complete and checked.
+/// fetched. Counted per file once it is complete and checked (a transfer that fails
+/// counts nothing).
 pub fn fetched_total() -> u64 {
     FETCHED.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -187,39 +189,67 @@ impl CheckpointStorage {
     /// records as read through and checked already is not read again.
     ///
     /// From a store other than local files, an SST file is fetched once per `checked`
-    /// (one restore source): a later download of the same stored file, by another
-    /// restore of the source, hard-links the copy fetched first, if that copy is still
-    /// the file that was checked (same inode, size and modification time); otherwise it
-    /// is fetched again. Downloads of one stored file wait for each other, so restores
-    /// running side by side fetch it once too.
+    /// (one restore source) and file system while a copy of it lasts: a later download
+    /// of the same stored file, by another restore of the source, hard-links a copy
+    /// fetched or linked before, if that copy is still the file that was checked (same
+    /// inode, size and modification time); otherwise it is fetched again. Downloads of
+    /// one stored file onto one file system take turns, so restores running side by side
+    /// fetch it once too; one waiting for its turn gives up as soon as `cancel` is set.
     pub(crate) async fn download_file_checked(
         &self,
         rel: &str,
         local: &Path,
         expected: &FileInfo,
         checked: Option<&std::sync::Arc<CheckedLinks>>,
+        cancel: Option<&std::sync::atomic::AtomicBool>,
     ) -> Result<()> {
-        let shared = checked.filter(|_| {
-            self.local_dir().is_none() && local.extension().is_some_and(|e| e == "sst")
-        });
-        let Some(checked) = shared else {
+        let shared = match checked {
+            Some(checked)
+                if self.local_dir().is_none() && local.extension().is_some_and(|e| e == "sst") =>
+            {
+                device_of_parent(local)
+                    .await
+                    .map(|device| (checked, device))
+            }
+            _ => None,
+        };
+        let Some((checked, device)) = shared else {
             self.download_file_once(rel, local, expected, checked.cloned())
                 .await?;
             count_restored(expected.size);
             return Ok(());
         };
-        let slot = checked.fetch_slot(&self.url_of(rel));
-        let mut placed = slot.lock().await;
-        if let Some(at) = placed.clone() {
-            let (links, target, info) = (checked.clone(), local.to_path_buf(), *expected);
-            let linked =
-                tokio::task::spawn_blocking(move || links.link_fetched(&at, &target, &info))
-                    .await
-                    .map_err(|e| Error::Internal(format!("link task failed: {e}")))??;
-            if linked {
-                count_restored(expected.size);
-                return Ok(());
+        let url = self.url_of(rel);
+        let fetched = checked.fetched(&url, device);
+        let cancelled = || cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst));
+        let turn = fetched.turn.lock();
+        tokio::pin!(turn);
+        let _turn = loop {
+            tokio::select! {
+                turn = &mut turn => break turn,
+                () = tokio::time::sleep(CANCEL_POLL), if cancel.is_some() => {
+                    if cancelled() {
+                        return Err(Error::Internal(format!("the fetch of {url} was cancelled")));
+                    }
+                }
             }
+        };
+        if cancelled() {
+            return Err(Error::Internal(format!("the fetch of {url} was cancelled")));
+        }
+        let (links, target, info, copies) = (
+            checked.clone(),
+            local.to_path_buf(),
+            *expected,
+            fetched.clone(),
+        );
+        let linked =
+            tokio::task::spawn_blocking(move || links.link_a_copy(&copies, &target, &info))
+                .await
+                .map_err(|e| Error::Internal(format!("link task failed: {e}")))??;
+        if linked {
+            count_restored(expected.size);
+            return Ok(());
         }
         self.download_file_once(rel, local, expected, None).await?;
         let meta = tokio::fs::metadata(local)
@@ -227,7 +257,7 @@ impl CheckpointStorage {
             .map_err(|e| Error::io(format!("inspect {}", local.display()), e))?;
         if let Some(stamp) = FileStamp::of(&meta) {
             checked.insert(stamp, expected);
-            *placed = Some(local.to_path_buf());
+            fetched.note(local.to_path_buf());
         }
         count_restored(expected.size);
         Ok(())
@@ -435,21 +465,44 @@ impl FileStamp {
     }
 }
 
-/// Where a restore source's restores put a stored file they fetched (see
-/// [`CheckpointStorage::download_file_checked`]); its lock is held while the file is
-/// fetched or linked.
-type FetchSlot = std::sync::Arc<tokio::sync::Mutex<Option<std::path::PathBuf>>>;
+/// How often a download waiting for its turn at a stored file checks whether its
+/// restore was cancelled.
+const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Copies of one stored file kept track of per file system, the newest first.
+const COPIES_KEPT: usize = 4;
+
+/// The copies a restore source's restores made of one stored file on one file system
+/// (see [`CheckpointStorage::download_file_checked`]).
+#[derive(Default)]
+struct Fetched {
+    /// Held while the file is fetched or linked.
+    turn: tokio::sync::Mutex<()>,
+    /// Where copies were put, the newest first (at most [`COPIES_KEPT`]); each is
+    /// checked again before it is linked. Never locked across an await.
+    copies: parking_lot::Mutex<Vec<std::path::PathBuf>>,
+}
+
+impl Fetched {
+    fn note(&self, copy: std::path::PathBuf) {
+        let mut copies = self.copies.lock();
+        copies.retain(|c| c != &copy);
+        copies.insert(0, copy);
+        copies.truncate(COPIES_KEPT);
+    }
+}
 
 /// Local files one restore source's restores have read through and checked, by inode.
 /// A rescale links a stored file into each new subtask that shares its key groups; the
 /// hard links share one inode, so its bytes are read and checked once per restore source
-/// rather than once per link. From other stores, where each stored SST file was fetched
-/// to, by its URL, so that the source's other restores link that copy instead of
-/// fetching the file again. Both bounded by the number of files of the snapshot.
+/// rather than once per link. From other stores, where the source's restores put the
+/// stored SST files they fetched, by URL and file system, so that its other restores
+/// link such a copy instead of fetching the file again. Bounded by the number of files
+/// of the snapshot fetched (a file fetched again adds one record).
 #[derive(Default)]
 pub(crate) struct CheckedLinks {
     files: parking_lot::Mutex<std::collections::HashMap<FileStamp, FileInfo>>,
-    fetched: parking_lot::Mutex<std::collections::HashMap<String, FetchSlot>>,
+    fetched: parking_lot::Mutex<std::collections::HashMap<(String, u64), std::sync::Arc<Fetched>>>,
 }
 
 impl std::fmt::Debug for CheckedLinks {
@@ -470,22 +523,43 @@ impl CheckedLinks {
         self.files.lock().insert(stamp, *expected);
     }
 
-    fn fetch_slot(&self, url: &str) -> FetchSlot {
+    fn fetched(&self, url: &str, device: u64) -> std::sync::Arc<Fetched> {
         self.fetched
             .lock()
-            .entry(url.to_string())
+            .entry((url.to_string(), device))
             .or_default()
             .clone()
     }
 
-    /// Hard-links the copy `at` of a fetched file to `target` if `at` is still the file
+    /// Hard-links to `target` the newest copy in `fetched` that is still the file
     /// fetched and checked (its inode, size and modification time recorded with
-    /// `expected`). `false` when it is gone, is another file now, or cannot be linked
-    /// (another file system): the caller fetches the file instead.
+    /// `expected`), and notes `target` as a copy too; copies that are gone or are other
+    /// files now are forgotten. `false` when none is left (or none can be linked): the
+    /// caller fetches the file. Copies a concurrent [`relocate`](Self::relocate) moved
+    /// while they were tried are tried once more where they are now.
     ///
     /// Errors: `AlreadyExists` when `target` exists; `Io` when a link made in vain cannot
     /// be removed.
-    fn link_fetched(&self, at: &Path, target: &Path, expected: &FileInfo) -> Result<bool> {
+    fn link_a_copy(&self, fetched: &Fetched, target: &Path, expected: &FileInfo) -> Result<bool> {
+        let mut tried = std::collections::HashSet::new();
+        for _ in 0..2 {
+            let copies: Vec<_> = fetched.copies.lock().clone();
+            for at in copies {
+                if !tried.insert(at.clone()) {
+                    continue;
+                }
+                if self.link_copy(&at, target, expected)? {
+                    fetched.note(target.to_path_buf());
+                    return Ok(true);
+                }
+                fetched.copies.lock().retain(|c| c != &at);
+            }
+        }
+        Ok(false)
+    }
+
+    /// [`link_a_copy`](Self::link_a_copy) for the one copy `at`.
+    fn link_copy(&self, at: &Path, target: &Path, expected: &FileInfo) -> Result<bool> {
         match std::fs::hard_link(at, target) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -505,27 +579,47 @@ impl CheckedLinks {
         Ok(same)
     }
 
-    /// Files fetched into the directory `from` that `to` holds as well (hard links, as
-    /// an ingestion leaves them, under other names) are linked from `to` from now on;
-    /// called before `from` is removed. Files `to` does not hold are forgotten, as are
-    /// those of a fetch or link under way.
+    /// Copies in the directory `from` that `to` holds as well (hard links, as an
+    /// ingestion leaves them, under other names) are linked from `to` from now on; the
+    /// others in `from` are forgotten. Called before `from` is removed.
     pub(crate) fn relocate(&self, from: &Path, to: &Path) {
-        let slots: Vec<FetchSlot> = self.fetched.lock().values().cloned().collect();
+        let all: Vec<std::sync::Arc<Fetched>> = self.fetched.lock().values().cloned().collect();
         let mut held: Option<std::collections::HashMap<(u64, u64), std::path::PathBuf>> = None;
-        for slot in slots {
-            let Ok(mut placed) = slot.try_lock() else {
+        for fetched in all {
+            let mut copies = fetched.copies.lock();
+            if !copies.iter().any(|c| c.starts_with(from)) {
                 continue;
-            };
-            let Some(at) = placed.as_ref().filter(|at| at.starts_with(from)) else {
-                continue;
-            };
-            let id = std::fs::metadata(at)
-                .ok()
-                .and_then(|m| FileStamp::of(&m))
-                .map(|s| (s.device, s.inode));
+            }
             let held = held.get_or_insert_with(|| inodes_in(to));
-            *placed = id.and_then(|id| held.get(&id).cloned());
+            let moved: Vec<std::path::PathBuf> = copies
+                .iter()
+                .filter_map(|c| {
+                    if !c.starts_with(from) {
+                        return Some(c.clone());
+                    }
+                    let stamp = FileStamp::of(&std::fs::metadata(c).ok()?)?;
+                    held.get(&(stamp.device, stamp.inode)).cloned()
+                })
+                .collect();
+            *copies = moved;
+            copies.dedup();
         }
+    }
+}
+
+/// The device of the directory `path` lies in (`None` where there is no such notion, or
+/// it cannot be read).
+async fn device_of_parent(path: &Path) -> Option<u64> {
+    let meta = tokio::fs::metadata(path.parent()?).await.ok()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some(meta.dev())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        None
     }
 }
 
@@ -760,5 +854,141 @@ mod tests {
                 .unwrap()
         );
         assert_eq!(std::fs::read(target("c")).unwrap(), b"content");
+    }
+
+    /// Records `path` as a fetched and checked copy of `bytes` in `checked`.
+    fn fetched_copy(checked: &CheckedLinks, fetched: &Fetched, path: &Path, bytes: &[u8]) {
+        std::fs::write(path, bytes).unwrap();
+        let stamp = FileStamp::of(&std::fs::metadata(path).unwrap()).unwrap();
+        checked.insert(stamp, &info(bytes));
+        fetched.note(path.to_path_buf());
+    }
+
+    #[test]
+    fn a_fetched_copy_is_linked_only_while_it_is_the_file_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |n: &str| dir.path().join(n);
+        let bytes = b"the bytes of a fetched file".to_vec();
+        let checked = CheckedLinks::default();
+        let fetched = Fetched::default();
+        fetched_copy(&checked, &fetched, &path("first.sst"), &bytes);
+        // Linked, and the link noted as a copy too, the newest first.
+        assert!(checked
+            .link_a_copy(&fetched, &path("second.sst"), &info(&bytes))
+            .unwrap());
+        assert_eq!(std::fs::read(path("second.sst")).unwrap(), bytes);
+        assert_eq!(
+            *fetched.copies.lock(),
+            vec![path("second.sst"), path("first.sst")]
+        );
+        // An existing target is refused.
+        assert!(matches!(
+            checked.link_a_copy(&fetched, &path("first.sst"), &info(&bytes)),
+            Err(Error::AlreadyExists(_))
+        ));
+        // The newest copy overwritten in place (same inode, a new modification time),
+        // the other one removed: neither is linked, the target is left absent and both
+        // are forgotten.
+        let later = std::fs::metadata(path("second.sst"))
+            .unwrap()
+            .modified()
+            .unwrap()
+            + std::time::Duration::from_secs(5);
+        let mut damaged = bytes.clone();
+        damaged[0] ^= 1;
+        std::fs::write(path("second.sst"), &damaged).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(path("second.sst"))
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        std::fs::remove_file(path("first.sst")).unwrap();
+        assert!(!checked
+            .link_a_copy(&fetched, &path("third.sst"), &info(&bytes))
+            .unwrap());
+        assert!(!path("third.sst").exists());
+        assert!(fetched.copies.lock().is_empty());
+    }
+
+    #[test]
+    fn copies_in_a_removed_directory_are_found_where_it_linked_them() {
+        let root = tempfile::tempdir().unwrap();
+        let (staging, db) = (root.path().join("staging"), root.path().join("db"));
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::create_dir_all(&db).unwrap();
+        let checked = CheckedLinks::default();
+        let (kept, dropped) = (checked.fetched("s://a", 1), checked.fetched("s://b", 1));
+        fetched_copy(&checked, &kept, &staging.join("a.sst"), b"a");
+        fetched_copy(&checked, &dropped, &staging.join("b.sst"), b"b");
+        // Only `a` was ingested: linked into the database under another name.
+        std::fs::hard_link(staging.join("a.sst"), db.join("000042.sst")).unwrap();
+        checked.relocate(&staging, &db);
+        std::fs::remove_dir_all(&staging).unwrap();
+        assert_eq!(*kept.copies.lock(), vec![db.join("000042.sst")]);
+        assert!(dropped.copies.lock().is_empty());
+        assert!(checked
+            .link_a_copy(&kept, &root.path().join("c.sst"), &info(b"a"))
+            .unwrap());
+    }
+
+    /// Downloads of one stored file by restores of one source take turns: a second one
+    /// waits for the first one's fetch and links its copy (one GET in all), and one whose
+    /// restore is cancelled while it waits gives up without waiting for the fetch.
+    #[cfg(feature = "testing")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn downloads_of_one_file_take_turns_and_a_cancelled_one_stops_waiting() {
+        use crate::testing::{GatedStore, Match, Op};
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let memory = Arc::new(object_store::memory::InMemory::new());
+        let bytes = b"the bytes of a stored SST file".to_vec();
+        memory
+            .put(&"f.sst".into(), PutPayload::from(bytes.clone()))
+            .await
+            .unwrap();
+        let gated = Arc::new(GatedStore::new(memory));
+        let storage = CheckpointStorage::from_store(gated.clone(), "gated://turns");
+        let checked = Arc::new(CheckedLinks::default());
+        let expected = info(&bytes);
+        let gate = gated.gate(Match::op(Op::Get).path_is("f.sst"));
+        let download = |name: &str, cancel: Option<Arc<AtomicBool>>| {
+            let (storage, checked) = (storage.clone(), checked.clone());
+            let target = dir.path().join(name);
+            tokio::spawn(async move {
+                storage
+                    .download_file_checked(
+                        "f.sst",
+                        &target,
+                        &expected,
+                        Some(&checked),
+                        cancel.as_deref(),
+                    )
+                    .await
+            })
+        };
+        let first = download("first.sst", None);
+        assert_eq!(gate.wait_arrived().await, "f.sst");
+        // The first fetch is held: a cancelled download waiting for its turn stops.
+        let cancelled = download("cancelled.sst", Some(Arc::new(AtomicBool::new(true))));
+        let stopped = tokio::time::timeout(std::time::Duration::from_secs(30), cancelled)
+            .await
+            .expect("a cancelled download waited for another's fetch")
+            .unwrap();
+        assert!(stopped.unwrap_err().to_string().contains("cancelled"));
+        // A second download waits for the held fetch, then links its copy.
+        let second = download("second.sst", Some(Arc::new(AtomicBool::new(false))));
+        assert_eq!(gate.release().as_deref(), Some("f.sst"));
+        first.await.unwrap().unwrap();
+        second.await.unwrap().unwrap();
+        assert_eq!(std::fs::read(dir.path().join("second.sst")).unwrap(), bytes);
+        let gets = gated
+            .requests()
+            .into_iter()
+            .filter(|r| r.op == Op::Get)
+            .count();
+        assert_eq!(gets, 1);
+        assert!(!dir.path().join("cancelled.sst").exists());
     }
 }

@@ -186,3 +186,17 @@ pub(crate) fn compaction_resumes_refused(dir: &Path) -> bool {
         .iter()
         .any(|root| dir.starts_with(root))
 }
+
+/// Compacts every state column of `backend` into one sorted run at its bottom level, as
+/// RocksDB's own compactions eventually do: its SST files then span the key groups of
+/// everything it holds. Panics when a column cannot be found.
+pub fn compact_states(backend: &crate::RocksStateBackend) {
+    let core = &backend.core;
+    for (_, column) in core.state_columns() {
+        let cf = core.column_cf(&column).expect("a state column");
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        core.db
+            .compact_range_cf_opt(&cf, None::<&[u8]>, None::<&[u8]>, &opts);
+    }
+}

@@ -48,8 +48,8 @@ What is measured (local-file storage in --dir, 1 KiB values over 4 subtasks):
                                      through the object-store API (medians of 3); as from
                                      a remote store, the rescale then decides per subtask
                                      whether it opens a base, and syncs what it ingests;
-                                     the new subtasks, restored one after the other, fetch
-                                     a stored file once and link it where another needs it
+                                     the new subtasks, restored one after the other, link
+                                     a stored file one of them fetched while its copy lasts
   streamed_rescale_2_to_3_fetched_vs_restore
                                      bytes that 2->3 read from storage / bytes the 2->2 read
   savepoint_mib_per_s                canonical savepoint rate, MiB of state per second
