@@ -1853,3 +1853,53 @@ async fn the_largest_sources_list_decides_whether_a_rescale_opens_a_base() {
     let restored = restore_three(&tmp.path().join("at-three"), &source).await;
     check(&restored, &model, "2->3, old subtask 1 compacted");
 }
+
+/// The same on S3: a checkpoint taken at 2 after 4->2, restored at 3 side by side as a
+/// runtime does (compactions held, as above), fetches each stored SST file once and
+/// holds the model's data; a checkpoint of the new subtasks restores at 2 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescale_from_s3_fetches_each_stored_file_once() {
+    let server = rockstate::testing::s3::S3Server::start("rockstate-rescale");
+    let store = server.storage("checkpoints");
+    let tmp = tempfile::tempdir().unwrap();
+    let (at_two, model, _) = at_two_after_four(&store, tmp.path()).await;
+    // Every request logged (the store is the bucket's: the storage's prefix is added).
+    let gated = Arc::new(rockstate::testing::GatedStore::new(store.store().clone()));
+    let job = CheckpointStorage::from_store(gated.clone(), "gated://bucket")
+        .child("checkpoints")
+        .and_then(|c| c.child("job-2"))
+        .unwrap();
+    let source = Arc::new(RestoreSource::checkpoint(&job, at_two.metadata().clone()));
+    let root = tmp.path().join("at-three");
+    // Held, so that no restored database compacts a file away before another needs it.
+    rockstate::testing::checks::refuse_compaction_resumes(&root, true);
+    let tasks: Vec<_> = (0..3)
+        .map(|i| {
+            let (source, root) = (source.clone(), root.clone());
+            tokio::spawn(async move { restore_subtask(&root, &source, i).await })
+        })
+        .collect();
+    let mut restored = Vec::new();
+    for task in tasks {
+        restored.push(task.await.unwrap());
+    }
+    check(&restored, &model, "2->3 from S3, side by side");
+    let again: Vec<_> = sst_reads(&gated)
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .collect();
+    assert!(again.is_empty(), "fetched more than once: {again:?}");
+    rockstate::testing::checks::refuse_compaction_resumes(&root, false);
+    let (job, mut coordinator) = coordinated(&store, "job-3", 3).await;
+    let (at_three, _) = snapshot(&mut coordinator, &restored, &job, &job, None).await;
+    drop(restored);
+    let back = restore_all(
+        &at_three,
+        &tmp.path().join("back"),
+        2,
+        &RestoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    check(&back, &model, "3->2 from S3");
+}
