@@ -368,7 +368,7 @@ async fn same_parallelism_restores_from_every_kind() {
 async fn first_checkpoint_after_rescale_uploads_only_new_files() {
     let tmp = tempfile::tempdir().unwrap();
     let (source, model, job) = prepare(tmp.path(), 4, None).await;
-    first_checkpoint_uploads_only_new_files(tmp.path(), source, model, job).await;
+    first_checkpoint_uploads_only_new_files(tmp.path(), source, model, job, None).await;
 }
 
 /// A checkpoint at 2 in `store`'s child `job-2`, of subtasks restored 4->2 from the
@@ -417,7 +417,13 @@ async fn first_checkpoint_after_a_rescale_without_a_base_uploads_only_new_files(
     let store = CheckpointStorage::open("memory://claim-without-a-base").unwrap();
     let (at_two, model, job) = at_two_after_four(&store, tmp.path()).await;
     subtask_one_of_three_opens_no_base(&store, &at_two, tmp.path()).await;
-    first_checkpoint_uploads_only_new_files(tmp.path(), at_two, model, job).await;
+    // New subtask 1 itself references what it ingested: had it fallen back to reading
+    // and writing its sources, it would reference nothing. (Its compactions are held
+    // until its snapshot, so that none rewrites those files first.)
+    let held = tmp.path().join("new-3-1");
+    let referenced =
+        first_checkpoint_uploads_only_new_files(tmp.path(), at_two, model, job, Some(&held)).await;
+    assert!(referenced[1] > 0, "{referenced:?}");
 }
 
 /// A rescale whose largest source's list of files cannot be read opens that source as
@@ -464,18 +470,29 @@ async fn a_rescale_opens_its_largest_source_as_stored_when_its_list_cannot_be_re
     );
 }
 
+/// Restores `source` at 3 (Claim) and checks that the first checkpoint uploads no copy of
+/// a restored file and references some; returns how many files each subtask referenced.
+/// Compactions of the backends under `held` stay paused until the snapshots.
 async fn first_checkpoint_uploads_only_new_files(
     tmp: &Path,
     source: RestoreSource,
     model: Model,
     job: CheckpointStorage,
-) {
+    held: Option<&Path>,
+) -> Vec<u64> {
     let options = RestoreOptions {
         mode: RestoreMode::Claim,
         ..Default::default()
     };
+    if let Some(held) = held {
+        rockstate::testing::checks::refuse_compaction_resumes(held, true);
+    }
     let restored = restore_all(&source, tmp, 3, &options).await.unwrap();
     check(&restored, &model, "claim, rescaled to 3");
+    if let Some(held) = held {
+        // The snapshot resumes them (before taking its files).
+        rockstate::testing::checks::refuse_compaction_resumes(held, false);
+    }
     let id = source.metadata().checkpoint_id + 1;
     let restored_files: std::collections::BTreeSet<(u64, u32)> = source
         .metadata()
@@ -483,7 +500,7 @@ async fn first_checkpoint_uploads_only_new_files(
         .flat_map(|(_, h)| h.files())
         .map(|f| (f.size, f.crc32))
         .collect();
-    let mut referenced = 0u64;
+    let mut referenced = vec![0u64; restored.len()];
     for (i, backend) in restored.iter().enumerate() {
         let handle = backend
             .snapshot(id)
@@ -494,7 +511,7 @@ async fn first_checkpoint_uploads_only_new_files(
         handle.validate().unwrap();
         for f in &handle.shared {
             if f.uploaded_by < id {
-                referenced += 1;
+                referenced[i] += 1;
             } else {
                 // New content only (the clipping flush, compactions), never a copy of a
                 // restored file.
@@ -506,7 +523,8 @@ async fn first_checkpoint_uploads_only_new_files(
             }
         }
     }
-    assert!(referenced > 0, "nothing was reused");
+    assert!(referenced.iter().sum::<u64>() > 0, "nothing was reused");
+    referenced
 }
 
 /// The live SST files of the state columns of the database in `dir` (opened read-only
