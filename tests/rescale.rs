@@ -432,10 +432,25 @@ async fn first_checkpoint_after_a_rescale_without_a_base_uploads_only_new_files(
 /// reads its MANIFEST; every new subtask holds the model's data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rescale_opens_its_largest_source_as_stored_when_its_list_cannot_be_read() {
+    largest_list_unusable(false).await;
+}
+
+/// The same when the list's bytes are damaged (same size, another CRC32): the list,
+/// read into memory to decide, is refused like any damaged file, and the source is
+/// opened as stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescale_opens_its_largest_source_as_stored_when_its_list_is_damaged() {
+    largest_list_unusable(true).await;
+}
+
+/// New subtask 1 of 3 of the checkpoint of [`at_two_after_four`], whose largest source's
+/// list cannot be read (every GET fails) or is `damaged`, opens that source as its base
+/// (reads its MANIFEST); every new subtask holds the model's data.
+async fn largest_list_unusable(damaged: bool) {
     use rockstate::testing::{Match, Op};
     let tmp = tempfile::tempdir().unwrap();
     let store = CheckpointStorage::open("memory://unreadable-list").unwrap();
-    let (at_two, model, _) = at_two_after_four(&store, tmp.path()).await;
+    let (at_two, model, job) = at_two_after_four(&store, tmp.path()).await;
     // The largest source of new subtask 1 of 3 (key groups 43..=85) is old subtask 1.
     let largest = at_two
         .metadata()
@@ -449,10 +464,21 @@ async fn a_rescale_opens_its_largest_source_as_stored_when_its_list_cannot_be_re
         .find(|f| f.local_name == "SST-LIST")
         .unwrap();
     let (gated, source) = logged(&store, at_two.metadata());
-    gated.fail(
-        Match::op(Op::Get).path_is(format!("job-2/{}", list.path)),
-        u64::MAX,
-    );
+    if damaged {
+        let mut bytes = job
+            .read_small(&list.path, list.size)
+            .await
+            .unwrap()
+            .to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x5a;
+        job.put(&list.path, bytes.into()).await.unwrap();
+    } else {
+        gated.fail(
+            Match::op(Op::Get).path_is(format!("job-2/{}", list.path)),
+            u64::MAX,
+        );
+    }
     let alone = restore_subtask(&tmp.path().join("alone"), &source, 1).await;
     drop(alone);
     let manifests: Vec<String> = gated
@@ -466,7 +492,7 @@ async fn a_rescale_opens_its_largest_source_as_stored_when_its_list_cannot_be_re
     check(
         &restored,
         &model,
-        "2->3, the largest source's list unreadable",
+        "2->3, the largest source's list unusable",
     );
 }
 

@@ -189,25 +189,12 @@ impl BackendBuilder {
                 // A compatible record replaces the stored one, as a registration does.
                 recorded.insert(&meta.name, meta);
             }
-            let at = sibling(&dir, &format!(".rescale-{largest}"));
-            remove_dir_if_exists(&at).await?;
-            create_dir(&at).await?;
+            // Read into memory: the base's files, should it be opened, are fetched into
+            // `dir`, and a source ingested is fetched into its own directory.
             let never = AtomicBool::new(false);
-            let checked = Some(source.checked_links());
-            let listed = read_sst_list(
-                handles[largest],
-                source.root(),
-                &at,
-                &reuse,
-                checked,
-                &never,
-            )
-            .await;
-            // The list is read into memory; a base's files are fetched into `dir`. (Should
-            // the removal fail, the directory is emptied again before any reuse.)
-            if let Err(e) = remove_dir_if_exists(&at).await {
-                tracing::warn!(dir = %at.display(), error = %e.report(), "cannot remove a rescale source");
-            }
+            let listed =
+                read_sst_list(handles[largest], source.root(), None, &reuse, None, &never).await;
+            let at = sibling(&dir, &format!(".rescale-{largest}"));
             // A list that cannot be read leaves the base as it is: opened as stored, it
             // needs no list.
             match listed {
@@ -309,8 +296,15 @@ impl BackendBuilder {
                         Some(files.clone())
                     }
                     (RescaleStrategy::Ingest, _) => {
-                        read_sst_list(handle, source.root(), other, &reuse, checked, &base_failed)
-                            .await?
+                        read_sst_list(
+                            handle,
+                            source.root(),
+                            Some(other),
+                            &reuse,
+                            checked,
+                            &base_failed,
+                        )
+                        .await?
                     }
                     (RescaleStrategy::IterateAndWrite, _) => None,
                 };
@@ -655,13 +649,15 @@ fn list_source_files(dir: &Path) -> Result<Listed> {
 }
 
 /// Reads the list of the SST files of `handle` (see [`crate::engine::sst_list`]),
-/// fetched into `dir` like its other files; `None` for a snapshot without one, or whose
-/// list is unusable (logged): its files are then all fetched and listed from its
-/// MANIFEST. A list that fails its checksum fails the fetch, like any other file.
+/// fetched into `dir` like its other files, or, without `dir`, straight into memory
+/// (checked against its recorded size and CRC32 all the same); `None` for a snapshot
+/// without one, or whose list is unusable (logged): its files are then all fetched and
+/// listed from its MANIFEST. A list that fails its checksum fails the fetch, like any
+/// other file.
 async fn read_sst_list(
     handle: &KeyedStateHandle,
     job: &crate::storage::CheckpointStorage,
-    dir: &Path,
+    dir: Option<&Path>,
     reuse: &LocalFiles,
     checked: Option<&Arc<crate::storage::CheckedLinks>>,
     cancel: &AtomicBool,
@@ -683,17 +679,37 @@ async fn read_sst_list(
         );
         return Ok(None);
     }
-    download_files(vec![list], job, dir, reuse, checked, Some(cancel)).await?;
-    let path = dir.join(SST_LIST_NAME);
-    let bytes = tokio::fs::read(&path)
-        .await
-        .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+    let what = job.url_of(&list.path);
+    let bytes = match dir {
+        Some(dir) => {
+            download_files(vec![list], job, dir, reuse, checked, Some(cancel)).await?;
+            let path = dir.join(SST_LIST_NAME);
+            tokio::fs::read(&path)
+                .await
+                .map_err(|e| Error::io(format!("read {}", path.display()), e))?
+        }
+        None => {
+            let bytes = job.read_small(&list.path, list.size).await?;
+            let (size, crc32) = (bytes.len() as u64, crc32fast::hash(&bytes));
+            if size != list.size || crc32 != list.crc32 {
+                return Err(Error::corrupt(
+                    format!("file {what}"),
+                    format!(
+                        "{size} bytes with CRC32 {crc32:08x} read, {} bytes with {:08x} recorded",
+                        list.size, list.crc32
+                    ),
+                ));
+            }
+            crate::storage::count_restored(size);
+            crate::storage::count_fetched(size);
+            bytes.to_vec()
+        }
+    };
     let expected = handle
         .files()
         .filter(|f| f.local_name.ends_with(".sst"))
         .map(|f| (f.local_name.clone(), f.size))
         .collect();
-    let what = job.url_of(&list.path);
     match sst_list::read(&bytes, &expected, &what) {
         Ok(files) => Ok(Some(files)),
         Err(e) => {

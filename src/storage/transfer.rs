@@ -55,7 +55,9 @@ pub fn fetched_total() -> u64 {
     FETCHED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-fn count_fetched(n: u64) {
+/// Counts `n` bytes taken from checkpoint storage (see [`fetched_total`]), in the
+/// process's total and in `rockstate_restore_fetched_bytes_total`.
+pub(crate) fn count_fetched(n: u64) {
     FETCHED.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     metrics::counter!(crate::telemetry::RESTORE_FETCHED).increment(n);
 }
