@@ -436,8 +436,8 @@ async fn a_rescale_opens_its_largest_source_as_stored_when_its_list_cannot_be_re
 }
 
 /// The same when the list's bytes are damaged (same size, another CRC32): the list,
-/// read into memory to decide, is refused like any damaged file, and the source is
-/// opened as stored.
+/// read into memory to decide, is refused (by its CRC32, or else as a list that does
+/// not match its snapshot's files), and the source is opened as stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rescale_opens_its_largest_source_as_stored_when_its_list_is_damaged() {
     largest_list_unusable(true).await;
@@ -1853,6 +1853,9 @@ async fn the_largest_sources_list_decides_whether_a_rescale_opens_a_base() {
     let tmp = tempfile::tempdir().unwrap();
     let store = CheckpointStorage::open("memory://largest-decides").unwrap();
     let (source, model, _) = prepare_in(&store, tmp.path(), 4, None).await;
+    // Old subtask 0 stays in halves: its compactions are held until its snapshot.
+    let zero = tmp.path().join("at-two").join("new-2-0");
+    rockstate::testing::checks::refuse_compaction_resumes(&zero, true);
     let two = restore_all(
         &source,
         &tmp.path().join("at-two"),
@@ -1862,6 +1865,12 @@ async fn the_largest_sources_list_decides_whether_a_rescale_opens_a_base() {
     .await
     .unwrap();
     rockstate::testing::checks::compact_states(&two[1]);
+    let below: Vec<_> = state_file_bounds(&zero)
+        .into_iter()
+        .filter(|(_, _, _, last)| *last < 43)
+        .collect();
+    assert!(!below.is_empty(), "no file of old subtask 0 lies below 43");
+    rockstate::testing::checks::refuse_compaction_resumes(&zero, false);
     let (job, mut coordinator) = coordinated(&store, "job-2", 2).await;
     let (at_two, _) = snapshot(&mut coordinator, &two, &job, &job, None).await;
     drop(two);

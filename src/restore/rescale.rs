@@ -525,8 +525,8 @@ type ToIterate = Vec<(usize, BTreeSet<String>)>;
 struct Fetched {
     /// Its SST files, or why they could not be listed (the source is then iterated).
     listed: Result<Listed>,
-    /// The names of the files fetched (the list, and those to ingest), or `None` when
-    /// every file of the source was.
+    /// The names of the SST files fetched (those to ingest), or `None` when every file
+    /// of the source was.
     fetched: Option<BTreeSet<String>>,
 }
 
@@ -650,10 +650,11 @@ fn list_source_files(dir: &Path) -> Result<Listed> {
 
 /// Reads the list of the SST files of `handle` (see [`crate::engine::sst_list`]),
 /// fetched into `dir` like its other files, or, without `dir`, straight into memory
-/// (checked against its recorded size and CRC32 all the same); `None` for a snapshot
-/// without one, or whose list is unusable (logged): its files are then all fetched and
-/// listed from its MANIFEST. A list that fails its checksum fails the fetch, like any
-/// other file.
+/// (checked against its recorded size and CRC32 all the same; `reuse` and `checked` are
+/// then not used); `None` for a snapshot without one, or whose list is unusable
+/// (logged): its files are then all fetched and listed from its MANIFEST. A list that
+/// cannot be read or fails its checksum is an error, like any other file (the caller
+/// deciding on a base then opens the source as stored).
 async fn read_sst_list(
     handle: &KeyedStateHandle,
     job: &crate::storage::CheckpointStorage,

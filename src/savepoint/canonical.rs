@@ -437,6 +437,7 @@ impl DataFileReader {
                 let to = end.min(pos + READ_WINDOW.max(BLOCK_HEADER_LEN as u64));
                 window = self.storage.read_range(&self.path, pos..to).await?;
                 crate::storage::count_restored(window.len() as u64);
+                crate::storage::count_fetched(window.len() as u64);
                 window_start = pos;
             }
             let at = (pos - window_start) as usize;
@@ -454,6 +455,7 @@ impl DataFileReader {
                 let to = end.min(pos + READ_WINDOW.max(block_len));
                 window = self.storage.read_range(&self.path, pos..to).await?;
                 crate::storage::count_restored(window.len() as u64);
+                crate::storage::count_fetched(window.len() as u64);
                 window_start = pos;
             }
             let at = (pos - window_start) as usize;

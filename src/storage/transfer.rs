@@ -194,9 +194,12 @@ impl CheckpointStorage {
     /// (one restore source) and file system while a copy of it lasts: a later download
     /// of the same stored file, by another restore of the source, hard-links a copy
     /// fetched or linked before, if that copy is still the file that was checked (same
-    /// inode, size and modification time); otherwise it is fetched again. Downloads of
-    /// one stored file onto one file system take turns, so restores running side by side
-    /// fetch it once too; one waiting for its turn gives up as soon as `cancel` is set.
+    /// inode, size and modification time); otherwise it is fetched again. (Copies go
+    /// when their database drops them: a compaction, a rescale's base dropping files
+    /// outside its range, a failed restore removing its directory.) Downloads of one
+    /// stored file onto one file system take turns, so restores running side by side
+    /// fetch it once too; one waiting for its turn gives up within [`CANCEL_POLL`] of
+    /// `cancel` being set.
     pub(crate) async fn download_file_checked(
         &self,
         rel: &str,
@@ -225,13 +228,21 @@ impl CheckpointStorage {
         let fetched = checked.fetched(&url, device);
         let cancelled = || cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst));
         let turn = fetched.turn.lock();
-        tokio::pin!(turn);
-        let _turn = loop {
-            tokio::select! {
-                turn = &mut turn => break turn,
-                () = tokio::time::sleep(CANCEL_POLL), if cancel.is_some() => {
-                    if cancelled() {
-                        return Err(Error::Internal(format!("the fetch of {url} was cancelled")));
+        let _turn = match cancel {
+            // No timer where nothing can cancel (the runtime may have none).
+            None => turn.await,
+            Some(_) => {
+                tokio::pin!(turn);
+                loop {
+                    tokio::select! {
+                        turn = &mut turn => break turn,
+                        () = tokio::time::sleep(CANCEL_POLL) => {
+                            if cancelled() {
+                                return Err(Error::Internal(format!(
+                                    "the fetch of {url} was cancelled"
+                                )));
+                            }
+                        }
                     }
                 }
             }
@@ -550,63 +561,105 @@ impl CheckedLinks {
                 if !tried.insert(at.clone()) {
                     continue;
                 }
-                if self.link_copy(&at, target, expected)? {
-                    fetched.note(target.to_path_buf());
-                    return Ok(true);
+                match self.link_copy(&at, target, expected)? {
+                    Linked::Yes => {
+                        fetched.note(target.to_path_buf());
+                        return Ok(true);
+                    }
+                    Linked::CopyGone => fetched.copies.lock().retain(|c| c != &at),
+                    // The copy may serve another target (a link across file systems,
+                    // a directory that refuses links): kept.
+                    Linked::NotHere => {}
                 }
-                fetched.copies.lock().retain(|c| c != &at);
             }
         }
         Ok(false)
     }
 
     /// [`link_a_copy`](Self::link_a_copy) for the one copy `at`.
-    fn link_copy(&self, at: &Path, target: &Path, expected: &FileInfo) -> Result<bool> {
+    fn link_copy(&self, at: &Path, target: &Path, expected: &FileInfo) -> Result<Linked> {
         match std::fs::hard_link(at, target) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(Error::AlreadyExists(format!("file {}", target.display())))
             }
-            Err(_) => return Ok(false),
+            Err(_) => {
+                return Ok(match std::fs::symlink_metadata(at) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Linked::CopyGone,
+                    _ => Linked::NotHere,
+                })
+            }
         }
         // The link's own inode: whatever `at` names by now, `target` is this file.
-        let same = std::fs::metadata(target)
+        let same = std::fs::symlink_metadata(target)
             .ok()
             .and_then(|m| FileStamp::of(&m))
             .is_some_and(|stamp| self.contains(stamp, expected));
-        if !same {
-            std::fs::remove_file(target)
-                .map_err(|e| Error::io(format!("remove {}", target.display()), e))?;
+        if same {
+            return Ok(Linked::Yes);
         }
-        Ok(same)
+        std::fs::remove_file(target)
+            .map_err(|e| Error::io(format!("remove {}", target.display()), e))?;
+        // `at` names another file now (or one changed since it was checked).
+        Ok(Linked::CopyGone)
     }
 
     /// Copies in the directory `from` that `to` holds as well (hard links, as an
     /// ingestion leaves them, under other names) are linked from `to` from now on; the
-    /// others in `from` are forgotten. Called before `from` is removed.
+    /// others in `from` are forgotten. Called before `from` is removed; blocking (the
+    /// files are looked at outside the locks that downloads take).
     pub(crate) fn relocate(&self, from: &Path, to: &Path) {
         let all: Vec<std::sync::Arc<Fetched>> = self.fetched.lock().values().cloned().collect();
         let mut held: Option<std::collections::HashMap<(u64, u64), std::path::PathBuf>> = None;
         for fetched in all {
-            let mut copies = fetched.copies.lock();
-            if !copies.iter().any(|c| c.starts_with(from)) {
+            let inside: Vec<std::path::PathBuf> = fetched
+                .copies
+                .lock()
+                .iter()
+                .filter(|c| c.starts_with(from))
+                .cloned()
+                .collect();
+            if inside.is_empty() {
                 continue;
             }
             let held = held.get_or_insert_with(|| inodes_in(to));
-            let moved: Vec<std::path::PathBuf> = copies
-                .iter()
-                .filter_map(|c| {
-                    if !c.starts_with(from) {
-                        return Some(c.clone());
-                    }
-                    let stamp = FileStamp::of(&std::fs::metadata(c).ok()?)?;
-                    held.get(&(stamp.device, stamp.inode)).cloned()
+            let moved: Vec<(std::path::PathBuf, Option<std::path::PathBuf>)> = inside
+                .into_iter()
+                .map(|c| {
+                    let now = std::fs::symlink_metadata(&c)
+                        .ok()
+                        .and_then(|m| FileStamp::of(&m))
+                        .and_then(|s| held.get(&(s.device, s.inode)).cloned());
+                    (c, now)
                 })
                 .collect();
-            *copies = moved;
-            copies.dedup();
+            let mut copies = fetched.copies.lock();
+            let mut kept: Vec<std::path::PathBuf> = Vec::with_capacity(copies.len());
+            for copy in copies.drain(..) {
+                let copy = match moved.iter().find(|(c, _)| c == &copy) {
+                    Some((_, now)) => match now {
+                        Some(now) => now.clone(),
+                        None => continue,
+                    },
+                    None => copy,
+                };
+                if !kept.contains(&copy) {
+                    kept.push(copy);
+                }
+            }
+            *copies = kept;
         }
     }
+}
+
+/// What became of an attempt to link a copy of a fetched file.
+enum Linked {
+    /// The target is the checked file.
+    Yes,
+    /// The copy is gone, or is another file now: forget it.
+    CopyGone,
+    /// It could not be linked to this target (another file system, say).
+    NotHere,
 }
 
 /// The device of the directory `path` lies in (`None` where there is no such notion, or
@@ -635,7 +688,7 @@ fn inodes_in(dir: &Path) -> std::collections::HashMap<(u64, u64), std::path::Pat
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "sst"))
         .filter_map(|p| {
-            let stamp = FileStamp::of(&std::fs::metadata(&p).ok()?)?;
+            let stamp = FileStamp::of(&std::fs::symlink_metadata(&p).ok()?)?;
             Some(((stamp.device, stamp.inode), p))
         })
         .collect()
@@ -888,6 +941,12 @@ mod tests {
             checked.link_a_copy(&fetched, &path("first.sst"), &info(&bytes)),
             Err(Error::AlreadyExists(_))
         ));
+        // A target that cannot be linked (here: its directory is missing) is not
+        // linked, and the copies are kept for other targets.
+        assert!(!checked
+            .link_a_copy(&fetched, &path("missing/x.sst"), &info(&bytes))
+            .unwrap());
+        assert_eq!(fetched.copies.lock().len(), 2);
         // The newest copy overwritten in place (same inode, a new modification time),
         // the other one removed: neither is linked, the target is left absent and both
         // are forgotten.
@@ -972,8 +1031,13 @@ mod tests {
         };
         let first = download("first.sst", None);
         assert_eq!(gate.wait_arrived().await, "f.sst");
-        // The first fetch is held: a cancelled download waiting for its turn stops.
-        let cancelled = download("cancelled.sst", Some(Arc::new(AtomicBool::new(true))));
+        // The first fetch is held: a download waits for its turn, and stops once its
+        // restore is cancelled.
+        let cancel = Arc::new(AtomicBool::new(false));
+        let cancelled = download("cancelled.sst", Some(cancel.clone()));
+        tokio::time::sleep(CANCEL_POLL * 4).await;
+        assert!(!cancelled.is_finished(), "it did not wait for its turn");
+        cancel.store(true, std::sync::atomic::Ordering::SeqCst);
         let stopped = tokio::time::timeout(std::time::Duration::from_secs(30), cancelled)
             .await
             .expect("a cancelled download waited for another's fetch")
