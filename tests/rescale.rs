@@ -452,12 +452,7 @@ async fn largest_list_unusable(damaged: bool) {
     let store = CheckpointStorage::open("memory://unreadable-list").unwrap();
     let (at_two, model, job) = at_two_after_four(&store, tmp.path()).await;
     // The largest source of new subtask 1 of 3 (key groups 43..=85) is old subtask 1.
-    let largest = at_two
-        .metadata()
-        .handles()
-        .map(|(_, h)| h)
-        .find(|h| h.key_group_range.start() == 64)
-        .unwrap();
+    let largest = old_subtask_from(at_two.metadata(), 64);
     let list = largest
         .private
         .iter()
@@ -1307,9 +1302,14 @@ async fn checkpoint_at_two_in_halves(
 
 /// The handle of old subtask 0 in `meta`.
 fn old_subtask_zero(meta: &CheckpointMetadata) -> rockstate::KeyedStateHandle {
+    old_subtask_from(meta, 0)
+}
+
+/// The handle in `meta` of the old subtask whose key groups start at `start`.
+fn old_subtask_from(meta: &CheckpointMetadata, start: u16) -> rockstate::KeyedStateHandle {
     meta.handles()
         .map(|(_, h)| h)
-        .find(|h| h.key_group_range.start() == 0)
+        .find(|h| h.key_group_range.start() == start)
         .unwrap()
         .clone()
 }
@@ -1699,6 +1699,33 @@ fn sst_reads(gated: &rockstate::testing::GatedStore) -> BTreeMap<String, usize> 
     reads
 }
 
+/// The stored SST files `gated` was asked to read more than once.
+fn read_again(gated: &rockstate::testing::GatedStore) -> Vec<(String, usize)> {
+    sst_reads(gated)
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .collect()
+}
+
+/// Restores every subtask of 3 from `source` into `root`, side by side on tasks of their
+/// own, as a runtime does.
+async fn restore_three_side_by_side(
+    root: &Path,
+    source: Arc<RestoreSource>,
+) -> Vec<RocksStateBackend> {
+    let tasks: Vec<_> = (0..3)
+        .map(|i| {
+            let (source, root) = (source.clone(), root.to_path_buf());
+            tokio::spawn(async move { restore_subtask(&root, &source, i).await })
+        })
+        .collect();
+    let mut restored = Vec::new();
+    for task in tasks {
+        restored.push(task.await.unwrap());
+    }
+    restored
+}
+
 /// The new subtasks of a rescale that one process restores from one source, from a store
 /// other than local files, fetch each stored SST file once: a file several of them need
 /// (here the 2->3 of a checkpoint taken at 2 after 4->2, where the new outer subtasks
@@ -1725,7 +1752,7 @@ async fn new_subtasks_restored_from_one_source_fetch_each_stored_file_once() {
     drop(restored);
     let reads = sst_reads(&gated);
     assert!(reads.len() >= 4, "{reads:?}");
-    let again: Vec<_> = reads.iter().filter(|(_, n)| **n > 1).collect();
+    let again = read_again(&gated);
     assert!(
         again.is_empty(),
         "fetched more than once in turn: {again:?}"
@@ -1752,24 +1779,10 @@ async fn new_subtasks_restored_from_one_source_fetch_each_stored_file_once() {
     );
 
     let (gated, source) = logged(&store, at_two.metadata());
-    let source = Arc::new(source);
-    let root = held.join("side-by-side");
-    let tasks: Vec<_> = (0..3)
-        .map(|i| {
-            let (source, root) = (source.clone(), root.clone());
-            tokio::spawn(async move { restore_subtask(&root, &source, i).await })
-        })
-        .collect();
-    let mut restored = Vec::new();
-    for task in tasks {
-        restored.push(task.await.unwrap());
-    }
+    let restored = restore_three_side_by_side(&held.join("side-by-side"), Arc::new(source)).await;
     check(&restored, &model, "2->3 side by side, files shared");
     drop(restored);
-    let again: Vec<_> = sst_reads(&gated)
-        .into_iter()
-        .filter(|(_, n)| *n > 1)
-        .collect();
+    let again = read_again(&gated);
     assert!(
         again.is_empty(),
         "fetched more than once side by side: {again:?}"
@@ -1795,13 +1808,7 @@ async fn a_shared_copy_that_is_gone_or_replaced_is_fetched_again() {
     let first = restore_subtask(&held.join("first"), &source, 0).await;
     let dir = first.local_dir().to_path_buf();
     first.close().unwrap();
-    let old_zero = at_two
-        .metadata()
-        .handles()
-        .map(|(_, h)| h)
-        .find(|h| h.key_group_range.start() == 0)
-        .unwrap()
-        .clone();
+    let old_zero = old_subtask_zero(at_two.metadata());
     // Its copies of stored files (not the file its range deletions were flushed to).
     let ssts: Vec<(std::path::PathBuf, String)> = std::fs::read_dir(&dir)
         .unwrap()
@@ -1875,12 +1882,7 @@ async fn the_largest_sources_list_decides_whether_a_rescale_opens_a_base() {
     let (at_two, _) = snapshot(&mut coordinator, &two, &job, &job, None).await;
     drop(two);
     let manifest_of = |start: u16| {
-        let handle = at_two
-            .metadata()
-            .handles()
-            .map(|(_, h)| h)
-            .find(|h| h.key_group_range.start() == start)
-            .unwrap();
+        let handle = old_subtask_from(at_two.metadata(), start);
         let manifest = handle
             .files()
             .find(|f| f.local_name.starts_with("MANIFEST-"))
@@ -1926,21 +1928,9 @@ async fn a_rescale_from_s3_fetches_each_stored_file_once() {
     let root = tmp.path().join("at-three");
     // Held, so that no restored database compacts a file away before another needs it.
     rockstate::testing::checks::refuse_compaction_resumes(&root, true);
-    let tasks: Vec<_> = (0..3)
-        .map(|i| {
-            let (source, root) = (source.clone(), root.clone());
-            tokio::spawn(async move { restore_subtask(&root, &source, i).await })
-        })
-        .collect();
-    let mut restored = Vec::new();
-    for task in tasks {
-        restored.push(task.await.unwrap());
-    }
+    let restored = restore_three_side_by_side(&root, source).await;
     check(&restored, &model, "2->3 from S3, side by side");
-    let again: Vec<_> = sst_reads(&gated)
-        .into_iter()
-        .filter(|(_, n)| *n > 1)
-        .collect();
+    let again = read_again(&gated);
     assert!(again.is_empty(), "fetched more than once: {again:?}");
     rockstate::testing::checks::refuse_compaction_resumes(&root, false);
     let (job, mut coordinator) = coordinated(&store, "job-3", 3).await;
