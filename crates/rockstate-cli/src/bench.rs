@@ -36,8 +36,8 @@ What is measured (local-file storage in --dir, 1 KiB values over 4 subtasks):
   capture_ms_median, _p99            after the synchronous part, until the snapshot's files
                                      are taken (its flush, in the background, and links)
   restore_vs_copy                    restore time at the same parallelism / plain copy of
-                                     the same files (every byte CRC-checked); restores and
-                                     rescales are medians of 3
+                                     the same files (every byte CRC-checked); copies,
+                                     restores and rescales are medians of 3
   local_restore_vs_copy              restore time when the subtasks' earlier directories are
                                      still on this machine (local recovery) / plain copy
   local_vs_streamed_restore          local recovery / a restore that streams every file
@@ -749,18 +749,23 @@ async fn measure(args: &BenchArgs, dir: &Path, say: &dyn Fn(&str)) -> rockstate:
 
     say("restore and rescale of the last checkpoint");
     let job_dir = dir.join("store").join("job");
-    let copy_dir = dir.join("copy");
-    std::fs::create_dir_all(&copy_dir).map_err(io("create the copy directory"))?;
-    let started = Instant::now();
-    for (i, (_, handle)) in previous.handles().enumerate() {
-        let target = copy_dir.join(i.to_string());
-        std::fs::create_dir_all(&target).map_err(io("create the copy directory"))?;
-        for f in handle.files() {
-            std::fs::copy(job_dir.join(&f.path), target.join(&f.local_name))
-                .map_err(io("copy a checkpoint file"))?;
+    // The plain copy, like the restores below, is a median of repetitions.
+    let mut copies = Vec::new();
+    for rep in 0..REPEATS {
+        let copy_dir = dir.join(format!("copy-{rep}"));
+        let started = Instant::now();
+        for (i, (_, handle)) in previous.handles().enumerate() {
+            let target = copy_dir.join(i.to_string());
+            std::fs::create_dir_all(&target).map_err(io("create the copy directory"))?;
+            for f in handle.files() {
+                std::fs::copy(job_dir.join(&f.path), target.join(&f.local_name))
+                    .map_err(io("copy a checkpoint file"))?;
+            }
         }
+        copies.push(started.elapsed());
+        std::fs::remove_dir_all(&copy_dir).map_err(io("remove a copy"))?;
     }
-    let copy_s = started.elapsed().as_secs_f64();
+    let copy_s = median_s(copies);
     let source = RestoreSource::checkpoint(&job, previous.clone());
     let ingest = RescaleStrategy::Ingest;
     // Medians of alternating repetitions, each from a source of its own (a source
@@ -780,19 +785,22 @@ async fn measure(args: &BenchArgs, dir: &Path, say: &dyn Fn(&str)) -> rockstate:
     let earlier: Vec<PathBuf> = (0..PARALLELISM)
         .map(|i| dir.join(format!("src-{i}")))
         .collect();
-    let local_restore_s = restore_all(&source, dir, "local", PARALLELISM, ingest, &earlier)
-        .await?
-        .as_secs_f64();
     // The same files through the object-store API, every byte streamed as from a remote
     // store.
     let streamed_store = object_store::local::LocalFileSystem::new_with_prefix(&job_dir)
         .map_err(|e| Error::Internal(format!("open the streamed store: {e}")))?;
     let streamed = CheckpointStorage::from_store(std::sync::Arc::new(streamed_store), "streamed");
-    let streamed_source = RestoreSource::checkpoint(&streamed, previous.clone());
-    let streamed_restore_s =
-        restore_all(&streamed_source, dir, "streamed", PARALLELISM, ingest, &[])
-            .await?
-            .as_secs_f64();
+    let (mut locals, mut streams) = (Vec::new(), Vec::new());
+    for rep in 0..REPEATS {
+        let fresh = RestoreSource::checkpoint(&job, previous.clone());
+        let label = format!("local-{rep}");
+        locals.push(restore_all(&fresh, dir, &label, PARALLELISM, ingest, &earlier).await?);
+        let fresh = RestoreSource::checkpoint(&streamed, previous.clone());
+        let label = format!("streamed-{rep}");
+        streams.push(restore_all(&fresh, dir, &label, PARALLELISM, ingest, &[]).await?);
+    }
+    let local_restore_s = median_s(locals);
+    let streamed_restore_s = median_s(streams);
     let two_to_three = rescale_two_to_three(&source, &store, dir).await?;
     coordinator.shutdown(true).await?;
 
