@@ -294,10 +294,10 @@ pub(crate) async fn download_files(
 }
 
 /// [`download_files`] for files RocksDB is to ingest: RocksDB syncs every file it
-/// ingests, so each file transferred is synced as soon as it is written, beside the
-/// transfers still running, rather than all of them one after the other in the
-/// ingestion. (Files linked from local-file storage or taken from a local directory
-/// are not written here.)
+/// ingests, so each SST file transferred (or linked from a copy another restore of the
+/// source fetched) is synced as soon as it is in place, beside the transfers still
+/// running, rather than all of them one after the other in the ingestion. (Files
+/// linked from local-file storage or taken from a local directory are not synced here.)
 pub(crate) async fn download_for_ingestion(
     files: Vec<&crate::format::StateFile>,
     job: &CheckpointStorage,
@@ -362,7 +362,9 @@ async fn download_one(
     }
     job.download_file_checked(&file.path, &target, &file.info(), checked, cancel)
         .await?;
-    if sync {
+    // Only SST files are ingested (the other files of a source without a list of its
+    // SST files are read to list them, never ingested).
+    if sync && file.local_name.ends_with(".sst") {
         tokio::task::spawn_blocking(move || {
             std::fs::File::open(&target)
                 .and_then(|f| f.sync_data())
