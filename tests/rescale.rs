@@ -1946,3 +1946,44 @@ async fn a_rescale_from_s3_fetches_each_stored_file_once() {
     .unwrap();
     check(&back, &model, "3->2 from S3");
 }
+
+/// A damaged list of a source that is not the largest (same size, another CRC32) does
+/// not fail the rescale: the list only spares fetches, so that source is fetched whole
+/// and listed from its MANIFEST, every file of it checked as usual. New subtask 1 of 3
+/// of the checkpoint of [`at_two_after_four`] ingests old subtask 0 (43..=63 of it) and
+/// holds the model's data, as do the other new subtasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_list_of_another_source_fetches_that_source_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = CheckpointStorage::open("memory://damaged-other-list").unwrap();
+    let (at_two, model, job) = at_two_after_four(&store, tmp.path()).await;
+    let other = old_subtask_zero(at_two.metadata());
+    let list = other
+        .private
+        .iter()
+        .find(|f| f.local_name == "SST-LIST")
+        .unwrap();
+    let mut bytes = job
+        .read_small(&list.path, list.size)
+        .await
+        .unwrap()
+        .to_vec();
+    bytes[0] ^= 0x5a;
+    job.put(&list.path, bytes.into()).await.unwrap();
+    let (gated, source) = logged(&store, at_two.metadata());
+    let restored = restore_three(&tmp.path().join("at-three"), &source).await;
+    check(&restored, &model, "2->3, another source's list damaged");
+    // Old subtask 0 was read through its MANIFEST, fetched whole.
+    let manifest = other
+        .files()
+        .find(|f| f.local_name.starts_with("MANIFEST-"))
+        .unwrap();
+    let reads = gated.requests();
+    assert!(
+        reads
+            .iter()
+            .any(|r| r.op == rockstate::testing::Op::Get
+                && r.path == format!("job-2/{}", manifest.path)),
+        "old subtask 0 was not fetched whole"
+    );
+}

@@ -11,7 +11,7 @@ use crate::codec;
 use crate::engine::sst_list::{self, SST_LIST_NAME};
 use crate::engine::tracker::FileSet;
 use crate::engine::{live_sst_files, BackendCore, BackendOptions, ColumnSettings, Db, OpenMode};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::format::StateMeta;
 use crate::format::{KeyedSnapshot, KeyedStateHandle, StateFile};
 use crate::keygroup::KeyGroupRange;
@@ -295,17 +295,29 @@ impl BackendBuilder {
                     (RescaleStrategy::Ingest, Some((at, files))) if at == other => {
                         Some(files.clone())
                     }
-                    (RescaleStrategy::Ingest, _) => {
-                        read_sst_list(
-                            handle,
-                            source.root(),
-                            Some(other),
-                            &reuse,
-                            checked,
-                            &base_failed,
-                        )
-                        .await?
-                    }
+                    (RescaleStrategy::Ingest, _) => match read_sst_list(
+                        handle,
+                        source.root(),
+                        Some(other),
+                        &reuse,
+                        checked,
+                        &base_failed,
+                    )
+                    .await
+                    {
+                        Ok(listed) => listed,
+                        // The list only spares fetches: without it the source is fetched
+                        // whole, every file checked, and listed from its MANIFEST.
+                        Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound) => {
+                            tracing::warn!(
+                                key_groups = %handle.key_group_range,
+                                error = %e.report(),
+                                "a source's list of files is unusable; fetching all of its files instead"
+                            );
+                            None
+                        }
+                        Err(e) => return Err(e),
+                    },
                     (RescaleStrategy::IterateAndWrite, _) => None,
                 };
                 // With a list, only the files that may hold keys of the new range: the
@@ -654,7 +666,8 @@ fn list_source_files(dir: &Path) -> Result<Listed> {
 /// then not used); `None` for a snapshot without one, or whose list is unusable
 /// (logged): its files are then all fetched and listed from its MANIFEST. A list that
 /// cannot be read or fails its checksum is an error, like any other file (the caller
-/// deciding on a base then opens the source as stored).
+/// deciding on a base then opens the source as stored; for the other sources, a missing
+/// or damaged list has them fetched whole).
 async fn read_sst_list(
     handle: &KeyedStateHandle,
     job: &crate::storage::CheckpointStorage,
