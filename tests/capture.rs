@@ -306,3 +306,63 @@ async fn an_abandoned_capture_leaves_nothing_and_a_dropped_backend_frees_its_dir
     let states = register(&reopened);
     assert_eq!(read(&states, &keys), model);
 }
+
+/// Backends that share one memory budget share its write buffers. When those are near
+/// their size at a snapshot's synchronous phase, a write after the cut could make RocksDB
+/// seal the backend's fresh memtable to keep them within it, which would refuse the
+/// capture: the synchronous phase then flushes and takes the files itself, and the
+/// snapshot holds exactly the state of its cut.
+#[tokio::test]
+async fn a_snapshot_with_the_shared_write_buffers_near_their_size_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = CheckpointStorage::open(&dir.path().join("job").to_string_lossy()).unwrap();
+    let resources = rockstate::SharedResources::new(4 << 20).unwrap();
+    let b = RocksStateBackend::builder(options(&dir.path().join("db")))
+        .shared_resources(resources.clone())
+        .open()
+        .unwrap();
+    let other = RocksStateBackend::builder(BackendOptions::new(
+        dir.path().join("other"),
+        rockstate::KeyGroupRange::all(MAX_PAR).unwrap(),
+        MAX_PAR,
+    ))
+    .shared_resources(resources.clone())
+    .open()
+    .unwrap();
+    let s = register(&b);
+    let keys = owned_keys(50);
+    let mut model = Model::new();
+    apply(&s, &mut model, &keys, 0);
+    // The other backend fills the shared write buffers to 80% of their size, over three
+    // columns, each below its own write buffer size (so that none is sealed).
+    let fill: Vec<ValueState<u32, Vec<u8>>> = (0..3)
+        .map(|c| {
+            other
+                .register(ValueStateDescriptor::new(format!("fill-{c}")))
+                .unwrap()
+        })
+        .collect();
+    let (_, size) = resources.write_buffer_usage();
+    let mut n = 0u32;
+    while resources.write_buffer_usage().0 < size / 10 * 8 {
+        fill[(n % 3) as usize].put(&n, &vec![7u8; 1024]).unwrap();
+        n += 1;
+        assert!(
+            n < 10_000,
+            "the write buffers did not fill: {:?}",
+            resources.write_buffer_usage()
+        );
+    }
+    let at_cut = model.clone();
+    let hold = b.hold_snapshot_captures();
+    let mut pending = b.snapshot(1).unwrap();
+    apply(&s, &mut model, &keys, 1);
+    drop(hold);
+    pending.capture().await.unwrap();
+    let handle = pending.upload(&job, "op", 0).await.unwrap();
+    let mut restored = restored(&handle, &job, &dir.path().join("r")).await;
+    // (Read over more keys than were written.)
+    restored.retain(|key, _| keys.contains(key));
+    assert_eq!(restored, at_cut);
+    drop(other);
+}

@@ -328,8 +328,13 @@ impl RocksStateBackend {
         let staging = StagingDir::new(target.clone());
         crate::crashpoint::hit("sync");
         // Normally the flush runs in the background and the files are taken when it is
-        // done (`PendingSnapshot::capture`); after a refused capture, here.
-        let (files, capture) = if self.core.take_flush_in_sync() {
+        // done (`PendingSnapshot::capture`); after a refused capture, here. So it is when
+        // the write buffers, which every backend sharing these resources fills, are near
+        // their size: the first writes after the cut could then make RocksDB seal this
+        // backend's fresh memtable, which would refuse the capture (at parallelism 4 on
+        // two cores, the demo job had a third of its checkpoints refused so).
+        let in_sync = self.core.take_flush_in_sync() || self.resources.write_buffers_pressed();
+        let (files, capture) = if in_sync {
             if let Err(e) = self.core.checkpoint_into(&target) {
                 self.core.flush_later_in_sync();
                 return Err(e);

@@ -177,6 +177,25 @@ impl SharedResources {
         self.cache.get_usage()
     }
 
+    /// Bytes of memtables, of every backend sharing these resources, that the write
+    /// buffers hold now (sealed ones waiting for their flush included), and the size they
+    /// are kept within (half the budget).
+    pub fn write_buffer_usage(&self) -> (usize, usize) {
+        (
+            self.write_buffers.get_usage(),
+            self.write_buffers.get_buffer_size(),
+        )
+    }
+
+    /// Whether a write could make RocksDB seal a memtable to keep the write buffers
+    /// within their size, whatever the backend writing: their usage is at half their
+    /// size or more. (RocksDB seals once the memtables not yet sealed pass 7/8 of the
+    /// size, or the whole usage passes the size with half of it not yet sealed.)
+    pub(crate) fn write_buffers_pressed(&self) -> bool {
+        let (usage, size) = self.write_buffer_usage();
+        size > 0 && usage.saturating_mul(2) >= size
+    }
+
     /// Per-column-family write buffer size that suits the budget.
     pub(crate) fn write_buffer_size(&self) -> usize {
         (self.budget / 8).clamp(1 << 20, 64 << 20)
