@@ -387,6 +387,23 @@ async fn at_two_after_four(
     (at_two, model, job)
 }
 
+/// [`at_two_after_four`] in a new in-memory store `name`, with the temporary directory
+/// its subtasks ran in: that directory, the store, the source, the model and the job.
+async fn at_two_in_memory(
+    name: &str,
+) -> (
+    tempfile::TempDir,
+    CheckpointStorage,
+    RestoreSource,
+    Model,
+    CheckpointStorage,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = CheckpointStorage::open(&format!("memory://{name}")).unwrap();
+    let (at_two, model, job) = at_two_after_four(&store, tmp.path()).await;
+    (tmp, store, at_two, model, job)
+}
+
 /// New subtask 1 of 3, restored alone from the checkpoint of [`at_two_after_four`] in
 /// `store`, opens no base: it reads no source's MANIFEST (a base is opened as stored,
 /// with its MANIFEST; an ingested source is not opened at all).
@@ -413,9 +430,7 @@ async fn subtask_one_of_three_opens_no_base(
 /// copy of a stored one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_checkpoint_after_a_rescale_without_a_base_uploads_only_new_files() {
-    let tmp = tempfile::tempdir().unwrap();
-    let store = CheckpointStorage::open("memory://claim-without-a-base").unwrap();
-    let (at_two, model, job) = at_two_after_four(&store, tmp.path()).await;
+    let (tmp, store, at_two, model, job) = at_two_in_memory("claim-without-a-base").await;
     subtask_one_of_three_opens_no_base(&store, &at_two, tmp.path()).await;
     // New subtask 1 itself references what it ingested: had it fallen back to reading
     // and writing its sources, it would reference nothing. (Its compactions are held
@@ -448,9 +463,7 @@ async fn a_rescale_opens_its_largest_source_as_stored_when_its_list_is_damaged()
 /// (reads its MANIFEST); every new subtask holds the model's data.
 async fn largest_list_unusable(damaged: bool) {
     use rockstate::testing::{Match, Op};
-    let tmp = tempfile::tempdir().unwrap();
-    let store = CheckpointStorage::open("memory://unreadable-list").unwrap();
-    let (at_two, model, job) = at_two_after_four(&store, tmp.path()).await;
+    let (tmp, store, at_two, model, job) = at_two_in_memory("unreadable-list").await;
     // The largest source of new subtask 1 of 3 (key groups 43..=85) is old subtask 1.
     let largest = old_subtask_from(at_two.metadata(), 64);
     let list = largest
@@ -621,9 +634,7 @@ async fn a_rescale_ingests_no_file_wholly_outside_its_range() {
 /// range, of any source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rescale_without_a_base_ingests_no_file_wholly_outside_its_range() {
-    let tmp = tempfile::tempdir().unwrap();
-    let store = CheckpointStorage::open("memory://no-base-bounds").unwrap();
-    let (at_two, model, _) = at_two_after_four(&store, tmp.path()).await;
+    let (tmp, store, at_two, model, _) = at_two_in_memory("no-base-bounds").await;
     subtask_one_of_three_opens_no_base(&store, &at_two, tmp.path()).await;
     let (restored, release) = restore_held_at_three(tmp.path(), &at_two).await;
     let mut files = 0;
@@ -1736,9 +1747,7 @@ async fn restore_three_side_by_side(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_subtasks_restored_from_one_source_fetch_each_stored_file_once() {
     use rockstate::testing::checks::refuse_compaction_resumes;
-    let tmp = tempfile::tempdir().unwrap();
-    let store = CheckpointStorage::open("memory://fetched-once").unwrap();
-    let (at_two, model, _) = at_two_after_four(&store, tmp.path()).await;
+    let (tmp, store, at_two, model, _) = at_two_in_memory("fetched-once").await;
     let held = tmp.path().join("held");
     refuse_compaction_resumes(&held, true);
 
@@ -1797,9 +1806,7 @@ async fn new_subtasks_restored_from_one_source_fetch_each_stored_file_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_copy_that_is_gone_or_replaced_is_fetched_again() {
     use rockstate::testing::checks::refuse_compaction_resumes;
-    let tmp = tempfile::tempdir().unwrap();
-    let store = CheckpointStorage::open("memory://copy-gone").unwrap();
-    let (at_two, model, _) = at_two_after_four(&store, tmp.path()).await;
+    let (tmp, store, at_two, model, _) = at_two_in_memory("copy-gone").await;
     let held = tmp.path().join("held");
     refuse_compaction_resumes(&held, true);
     let (gated, source) = logged(&store, at_two.metadata());
@@ -1954,9 +1961,7 @@ async fn a_rescale_from_s3_fetches_each_stored_file_once() {
 /// holds the model's data, as do the other new subtasks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_list_of_another_source_fetches_that_source_whole() {
-    let tmp = tempfile::tempdir().unwrap();
-    let store = CheckpointStorage::open("memory://damaged-other-list").unwrap();
-    let (at_two, model, job) = at_two_after_four(&store, tmp.path()).await;
+    let (tmp, store, at_two, model, job) = at_two_in_memory("damaged-other-list").await;
     let other = old_subtask_zero(at_two.metadata());
     let list = other
         .private

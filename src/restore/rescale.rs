@@ -704,16 +704,8 @@ async fn read_sst_list(
         }
         None => {
             let bytes = job.read_small(&list.path, list.size).await?;
-            let (size, crc32) = (bytes.len() as u64, crc32fast::hash(&bytes));
-            if size != list.size || crc32 != list.crc32 {
-                return Err(Error::corrupt(
-                    format!("file {what}"),
-                    format!(
-                        "{size} bytes with CRC32 {crc32:08x} read, {} bytes with {:08x} recorded",
-                        list.size, list.crc32
-                    ),
-                ));
-            }
+            let size = bytes.len() as u64;
+            crate::storage::check_read(&what, &list.info(), size, crc32fast::hash(&bytes))?;
             crate::storage::count_restored(size);
             crate::storage::count_fetched(size);
             bytes.to_vec()

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-pub(crate) use transfer::{count_fetched, count_restored};
+pub(crate) use transfer::{check_read, count_fetched, count_restored};
 pub use transfer::{fetched_total, transfer_totals, FileInfo};
 pub(crate) use transfer::{link_or_copy_checked, remove_local, CheckedLinks};
 

@@ -695,7 +695,7 @@ fn inodes_in(dir: &Path) -> std::collections::HashMap<(u64, u64), std::path::Pat
 }
 
 /// Compares what was read with what was recorded.
-fn check_read(url: &str, expected: &FileInfo, total: u64, crc: u32) -> Result<()> {
+pub(crate) fn check_read(url: &str, expected: &FileInfo, total: u64, crc: u32) -> Result<()> {
     if total != expected.size {
         return Err(Error::corrupt(
             format!("file {url}"),
