@@ -265,3 +265,110 @@ fn a_directory_in_use_is_refused_with_a_clear_error() {
     count.put(key, &1).unwrap();
     assert_eq!(count.get(key).unwrap(), Some(1));
 }
+
+/// Buffered writes that RocksDB refuses to apply are lost, so the backend stops: the call
+/// that applied them fails, every later read, write and snapshot is refused, and its
+/// directory is not marked clean, so the next start restores from a checkpoint instead of
+/// reopening state that lacks writes its caller saw succeed.
+#[test]
+fn buffered_writes_that_cannot_be_applied_stop_the_backend() {
+    use rockstate::testing::checks::refuse_writes;
+
+    let dir = tempfile::tempdir().unwrap();
+    let keys = owned_keys(4);
+    {
+        let mut options = BackendOptions::for_subtask(dir.path(), 0, PAR, MAX_PAR).unwrap();
+        options.buffered_writes = 4;
+        let backend = RocksStateBackend::open(options).unwrap();
+        let v = backend
+            .register(ValueStateDescriptor::<String, u64>::new("v"))
+            .unwrap();
+        v.put(&keys[0], &1).unwrap();
+        backend.flush().unwrap();
+
+        refuse_writes(dir.path(), true);
+        for (i, key) in keys[..3].iter().enumerate() {
+            v.put(key, &(10 + i as u64)).unwrap();
+        }
+        // Buffered: read back before they are applied.
+        assert_eq!(v.get(&keys[0]).unwrap(), Some(10));
+        // The fourth fills the buffer, whose batch is refused.
+        let err = v.put(&keys[3], &13).unwrap_err();
+        refuse_writes(dir.path(), false);
+        assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+
+        // Nothing reads the state without those writes, nor writes after them.
+        for err in [
+            v.get(&keys[0]).unwrap_err(),
+            v.put(&keys[1], &2).unwrap_err(),
+            v.clear(&keys[1]).unwrap_err(),
+            match v.all_keys() {
+                Err(e) => e,
+                Ok(_) => panic!("the scan is refused"),
+            },
+            match backend.snapshot(1) {
+                Err(e) => e,
+                Ok(_) => panic!("the snapshot is refused"),
+            },
+        ] {
+            assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+            assert!(err.to_string().contains("lost"), "{err}");
+        }
+    }
+    let options = BackendOptions::for_subtask(dir.path(), 0, PAR, MAX_PAR).unwrap();
+    let err = RocksStateBackend::open(options).unwrap_err();
+    assert!(err.to_string().contains("not closed cleanly"), "{err}");
+}
+
+/// With buffered writes, every kind of read sees the writes made before it, and the
+/// writes reach RocksDB in the order they were made: across a flush, a reopen and a
+/// checkpoint-free close.
+#[test]
+fn buffered_writes_are_read_back_and_kept_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = owned_keys(3);
+    let open_with = |buffered: usize| {
+        let mut options = BackendOptions::for_subtask(dir.path(), 0, PAR, MAX_PAR).unwrap();
+        options.buffered_writes = buffered;
+        let backend = RocksStateBackend::open(options).unwrap();
+        let v = backend
+            .register(ValueStateDescriptor::<String, u64>::new("v"))
+            .unwrap();
+        let l = backend
+            .register(ListStateDescriptor::<String, u64>::new("l"))
+            .unwrap();
+        let m = backend
+            .register(MapStateDescriptor::<String, u8, u64>::new("m"))
+            .unwrap();
+        (backend, v, l, m)
+    };
+    {
+        let (_backend, v, l, m) = open_with(1_000);
+        v.put(&keys[0], &1).unwrap();
+        v.put(&keys[0], &2).unwrap();
+        v.put(&keys[1], &3).unwrap();
+        v.clear(&keys[1]).unwrap();
+        assert_eq!(v.get(&keys[0]).unwrap(), Some(2));
+        assert_eq!(v.get(&keys[1]).unwrap(), None);
+        // An append is merged by RocksDB: the read applies the buffer first.
+        l.update(&keys[0], &[1, 2]).unwrap();
+        l.add(&keys[0], &3).unwrap();
+        assert_eq!(l.get(&keys[0]).unwrap(), vec![1, 2, 3]);
+        l.add(&keys[0], &4).unwrap();
+        m.put(&keys[2], &1, &10).unwrap();
+        m.put(&keys[2], &2, &20).unwrap();
+        m.remove(&keys[2], &1).unwrap();
+        assert_eq!(m.get(&keys[2], &2).unwrap(), Some(20));
+        // A scan sees them all.
+        assert_eq!(collect(m.iter(&keys[2]).unwrap()), vec![(2, 20)]);
+        m.put(&keys[2], &3, &30).unwrap();
+        v.put(&keys[2], &5).unwrap();
+        // Closed with writes still buffered: the close applies them before its flush.
+    }
+    let (_backend, v, l, m) = open_with(0);
+    assert_eq!(v.get(&keys[0]).unwrap(), Some(2));
+    assert_eq!(v.get(&keys[1]).unwrap(), None);
+    assert_eq!(v.get(&keys[2]).unwrap(), Some(5));
+    assert_eq!(l.get(&keys[0]).unwrap(), vec![1, 2, 3, 4]);
+    assert_eq!(collect(m.iter(&keys[2]).unwrap()), vec![(2, 20), (3, 30)]);
+}

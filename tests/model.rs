@@ -12,9 +12,9 @@ use common::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestRunner};
 use rockstate::{
-    AggregateFunction, AggregatingState, AggregatingStateDescriptor, Clock, ErrorKind, ListState,
-    ListStateDescriptor, ManualClock, MapState, MapStateDescriptor, ReducingState,
-    ReducingStateDescriptor, RocksStateBackend, ValueState, ValueStateDescriptor,
+    AggregateFunction, AggregatingState, AggregatingStateDescriptor, BackendOptions, Clock,
+    ErrorKind, ListState, ListStateDescriptor, ManualClock, MapState, MapStateDescriptor,
+    ReducingState, ReducingStateDescriptor, RocksStateBackend, ValueState, ValueStateDescriptor,
 };
 
 const TTL_MS: u64 = 100;
@@ -113,8 +113,13 @@ struct States {
     aggregate: AggregatingState<String, CountSum, u8>,
 }
 
-fn open_states(dir: &Path, clock: &ManualClock, ttl: bool) -> States {
-    let backend = open(dir, clock);
+fn open_states(dir: &Path, clock: &ManualClock, ttl: bool, buffered: usize) -> States {
+    let mut options = BackendOptions::for_subtask(dir, 0, PAR, MAX_PAR).unwrap();
+    options.buffered_writes = buffered;
+    let backend = RocksStateBackend::builder(options)
+        .clock(clock.clone())
+        .open()
+        .unwrap();
     let t = Duration::from_millis(TTL_MS);
     macro_rules! reg {
         ($d:expr) => {
@@ -138,13 +143,13 @@ fn open_states(dir: &Path, clock: &ManualClock, ttl: bool) -> States {
     }
 }
 
-fn run_case(ttl: bool, ops: &[Op]) -> Result<(), TestCaseError> {
+fn run_case(ttl: bool, buffered: usize, ops: &[Op]) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(1_000);
     let keys = owned_keys(KEYS);
     let foreign = foreign_keys(KEYS);
     let mut model = Model::default();
-    let mut s = Some(open_states(dir.path(), &clock, ttl));
+    let mut s = Some(open_states(dir.path(), &clock, ttl, buffered));
 
     for op in ops {
         let st = s.as_ref().unwrap();
@@ -247,7 +252,7 @@ fn run_case(ttl: bool, ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Flush => st.backend.flush().unwrap(),
             Op::Reopen => {
                 drop(s.take());
-                s = Some(open_states(dir.path(), &clock, ttl));
+                s = Some(open_states(dir.path(), &clock, ttl, buffered));
             }
         }
         check(s.as_ref().unwrap(), &model, &keys, &clock, ttl)?;
@@ -266,6 +271,43 @@ fn check(
         ttl,
         now: clock.now_millis(),
     };
+    // Point reads of every slot first: with buffered writes, a scan applies the buffer,
+    // and the point reads before it are answered from it.
+    for (k, key) in keys.iter().enumerate() {
+        for n in 0..NAMESPACES {
+            let slot = (k, n);
+            let want = model
+                .value
+                .get(&slot)
+                .filter(|(_, w)| live.ok(*w))
+                .map(|(v, _)| *v);
+            prop_assert_eq!(st.value.with_namespace(&n).unwrap().get(key).unwrap(), want);
+            let want: Vec<u64> = model
+                .list
+                .get(&slot)
+                .map(|l| {
+                    l.iter()
+                        .filter(|(_, w)| live.ok(*w))
+                        .map(|(v, _)| *v)
+                        .collect()
+                })
+                .unwrap_or_default();
+            prop_assert_eq!(
+                &st.list.with_namespace(&n).unwrap().get(key).unwrap(),
+                &want
+            );
+            let map = st.map.with_namespace(&n).unwrap();
+            for u in 0..6u8 {
+                let w = model
+                    .map
+                    .get(&slot)
+                    .and_then(|m| m.get(&u))
+                    .filter(|(_, w)| live.ok(*w))
+                    .map(|(v, _)| *v);
+                prop_assert_eq!(map.get(key, &u).unwrap(), w);
+            }
+        }
+    }
     let mut expect_keys: [BTreeSet<(String, u8)>; 5] = Default::default();
     for (k, key) in keys.iter().enumerate() {
         for n in 0..NAMESPACES {
@@ -374,8 +416,17 @@ fn random_operations_match_the_model() {
         ..Config::default()
     };
     let mut runner = TestRunner::new(config);
-    let strategy = (any::<bool>(), prop::collection::vec(op_strategy(), 1..60));
+    // Writes buffered before they are applied: each at once, or after 1, 3 or the
+    // default count of writes (reads then find them in the buffer).
+    let buffered = prop::sample::select(vec![0, 1, 3, rockstate::DEFAULT_BUFFERED_WRITES]);
+    let strategy = (
+        any::<bool>(),
+        buffered,
+        prop::collection::vec(op_strategy(), 1..60),
+    );
     runner
-        .run(&strategy, |(ttl, ops)| run_case(ttl, &ops))
+        .run(&strategy, |(ttl, buffered, ops)| {
+            run_case(ttl, buffered, &ops)
+        })
         .unwrap();
 }

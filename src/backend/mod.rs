@@ -3,7 +3,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-pub use crate::engine::{BackendOptions, SharedResources, DEFAULT_MEMORY_BUDGET};
+pub use crate::engine::{
+    BackendOptions, SharedResources, DEFAULT_BUFFERED_WRITES, DEFAULT_MEMORY_BUDGET,
+};
 
 use crate::clock::{Clock, SystemClock};
 use crate::engine::{open_core_with, BackendCore, ColumnSettings, OpenMode, ValueMigration};
@@ -486,6 +488,7 @@ mod tests {
     use crate::state::{ListStateDescriptor, MapStateDescriptor, ValueState, ValueStateDescriptor};
 
     fn raw_entries(backend: &RocksStateBackend, state: &str) -> usize {
+        backend.core.apply_buffered().unwrap();
         let cf = backend
             .core
             .db
@@ -499,6 +502,7 @@ mod tests {
     }
 
     fn compact(backend: &RocksStateBackend, state: &str) {
+        backend.core.apply_buffered().unwrap();
         let cf = backend
             .core
             .db

@@ -12,6 +12,7 @@ use rocksdb::{
 };
 
 use crate::clock::Clock;
+use crate::engine::buffer::{Lookup, WriteBuffer};
 use crate::engine::tracker::SnapshotTracker;
 use crate::engine::ColumnSettings;
 use crate::error::{Error, Result};
@@ -65,6 +66,14 @@ pub(crate) struct BackendCore {
     /// rewritten): its directory is removed after use, so closing it neither flushes nor
     /// syncs nor marks it clean (see [`mark_scratch`](Self::mark_scratch)).
     scratch: AtomicBool,
+    /// Point writes not yet applied to RocksDB (see [`WriteBuffer`]).
+    buffer: Mutex<WriteBuffer>,
+    /// Writes buffered before they are applied; 0 applies each at once
+    /// ([`BackendOptions::buffered_writes`](crate::BackendOptions::buffered_writes)).
+    pub(crate) buffered_writes: usize,
+    /// Set when buffered writes could not be applied: they are lost, so every read or
+    /// write after it is refused (see [`apply_buffered`](Self::apply_buffered)).
+    writes_lost: AtomicBool,
 }
 
 /// The captures of one backend under way (threads taking snapshot files), and a switch
@@ -233,6 +242,9 @@ impl BackendCore {
             seals: Arc::default(),
             layout: AtomicU64::new(0),
             flush_in_sync: AtomicBool::new(false),
+            buffer: Mutex::new(WriteBuffer::default()),
+            buffered_writes: 0,
+            writes_lost: AtomicBool::new(false),
             captures: Arc::default(),
             paused_columns: Mutex::new(Vec::new()),
             scratch: AtomicBool::new(false),
@@ -256,8 +268,11 @@ impl BackendCore {
 
     /// Records that column families or files are about to change outside of writes
     /// (see [`Cut`]).
-    pub(crate) fn layout_changed(&self) {
+    /// Applies the buffered writes first: they belong to the layout before the change.
+    pub(crate) fn layout_changed(&self) -> Result<()> {
+        self.apply_buffered()?;
         self.layout.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     /// The sum of integer property `property` over the default column family and every
@@ -350,7 +365,23 @@ impl BackendCore {
         key: &[u8],
         f: impl FnOnce(Option<&[u8]>) -> Result<R>,
     ) -> Result<R> {
+        self.check_writes_applied()?;
         let cf = self.column_cf(column)?;
+        let buffer = self.buffer.lock();
+        match buffer.lookup(&column.cf_name, key) {
+            Lookup::Absent => drop(buffer),
+            Lookup::Value(value) => {
+                // Copied so that `f` runs without the lock.
+                let value = value.to_vec();
+                drop(buffer);
+                return f(Some(&value));
+            }
+            Lookup::Deleted => {
+                drop(buffer);
+                return f(None);
+            }
+            Lookup::Merged => self.apply_locked(buffer)?,
+        }
         let pinned = self
             .db
             .get_pinned_cf_opt(&cf, key, &self.read_opts)
@@ -359,24 +390,108 @@ impl BackendCore {
     }
 
     pub(crate) fn put(&self, column: &ColumnSettings, key: &[u8], value: &[u8]) -> Result<()> {
+        self.check_writes_applied()?;
         let cf = self.column_cf(column)?;
-        self.db
-            .put_cf_opt(&cf, key, value, &self.write_opts)
-            .map_err(|e| Self::fail("put", column)(e))
+        if self.buffered_writes == 0 {
+            return self
+                .db
+                .put_cf_opt(&cf, key, value, &self.write_opts)
+                .map_err(|e| Self::fail("put", column)(e));
+        }
+        let mut buffer = self.buffer.lock();
+        buffer.put(&cf, &column.cf_name, key, value);
+        self.apply_if_full(buffer)
     }
 
     pub(crate) fn merge(&self, column: &ColumnSettings, key: &[u8], operand: &[u8]) -> Result<()> {
+        self.check_writes_applied()?;
         let cf = self.column_cf(column)?;
-        self.db
-            .merge_cf_opt(&cf, key, operand, &self.write_opts)
-            .map_err(|e| Self::fail("merge", column)(e))
+        if self.buffered_writes == 0 {
+            return self
+                .db
+                .merge_cf_opt(&cf, key, operand, &self.write_opts)
+                .map_err(|e| Self::fail("merge", column)(e));
+        }
+        let mut buffer = self.buffer.lock();
+        buffer.merge(&cf, &column.cf_name, key, operand);
+        self.apply_if_full(buffer)
     }
 
     pub(crate) fn delete(&self, column: &ColumnSettings, key: &[u8]) -> Result<()> {
+        self.check_writes_applied()?;
         let cf = self.column_cf(column)?;
+        if self.buffered_writes == 0 {
+            return self
+                .db
+                .delete_cf_opt(&cf, key, &self.write_opts)
+                .map_err(|e| Self::fail("delete", column)(e));
+        }
+        let mut buffer = self.buffer.lock();
+        buffer.delete(&cf, &column.cf_name, key);
+        self.apply_if_full(buffer)
+    }
+
+    fn apply_if_full(&self, buffer: parking_lot::MutexGuard<'_, WriteBuffer>) -> Result<()> {
+        if buffer.is_full(self.buffered_writes) {
+            self.apply_locked(buffer)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Applies the buffered writes to RocksDB in one batch. Called before anything reads
+    /// RocksDB other than a point read, and by every change of column families or files.
+    ///
+    /// Errors: engine errors. The writes of a batch that RocksDB refused are lost (the
+    /// batch applies all or nothing, and calls that buffered them returned): the backend
+    /// then refuses every later read, write and snapshot, and its directory is never
+    /// marked clean, so the job restores from its last checkpoint.
+    pub(crate) fn apply_buffered(&self) -> Result<()> {
+        self.check_writes_applied()?;
+        let buffer = self.buffer.lock();
+        if buffer.is_empty() {
+            return Ok(());
+        }
+        self.apply_locked(buffer)
+    }
+
+    /// Applies while holding the buffer's lock: a point read on another thread finds a
+    /// write either still in the buffer or already in RocksDB, never in neither.
+    fn apply_locked(&self, mut buffer: parking_lot::MutexGuard<'_, WriteBuffer>) -> Result<()> {
+        let writes = buffer.len();
+        let batch = buffer.take();
+        #[cfg(feature = "testing")]
+        if crate::testing::checks::writes_refused(&self.dir) {
+            return Err(self.writes_lost(writes, Error::Internal("writes refused".into())));
+        }
         self.db
-            .delete_cf_opt(&cf, key, &self.write_opts)
-            .map_err(|e| Self::fail("delete", column)(e))
+            .write_opt(&batch, &self.write_opts)
+            .map_err(|e| self.writes_lost(writes, Error::engine("apply buffered state writes", e)))
+    }
+
+    /// Records that `writes` buffered writes were lost to `error`, and returns it.
+    fn writes_lost(&self, writes: usize, error: Error) -> Error {
+        self.writes_lost.store(true, Ordering::SeqCst);
+        let why = format!(
+            "RocksDB refused {writes} buffered state writes ({}); they are lost, so this \
+             backend refuses all further use: restore from the last checkpoint",
+            error.report()
+        );
+        tracing::error!(dir = %self.dir.display(), "{why}");
+        self.poisoned.lock().get_or_insert(why);
+        error
+    }
+
+    /// Errors: `Internal` when buffered writes were lost (see
+    /// [`apply_buffered`](Self::apply_buffered)).
+    fn check_writes_applied(&self) -> Result<()> {
+        if !self.writes_lost.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        Err(Error::Internal(format!(
+            "buffered state writes of {} could not be applied and are lost; restore from the last checkpoint",
+            self.dir.display()
+        )))
     }
 
     /// Applies puts (`Some(value)`) and deletes (`None`) atomically.
@@ -388,21 +503,36 @@ impl BackendCore {
         if ops.is_empty() {
             return Ok(());
         }
+        self.check_writes_applied()?;
         let cf = self.column_cf(column)?;
-        let mut batch = WriteBatch::default();
+        if self.buffered_writes == 0 {
+            let mut batch = WriteBatch::default();
+            for (key, value) in ops {
+                match value {
+                    Some(value) => batch.put_cf(&cf, key, value),
+                    None => batch.delete_cf(&cf, key),
+                }
+            }
+            return self
+                .db
+                .write_opt(&batch, &self.write_opts)
+                .map_err(|e| Self::fail("write batch", column)(e));
+        }
+        // All into the buffer under one lock: the buffer is applied as one batch, so
+        // these writes still land together or not at all.
+        let mut buffer = self.buffer.lock();
         for (key, value) in ops {
             match value {
-                Some(value) => batch.put_cf(&cf, key, value),
-                None => batch.delete_cf(&cf, key),
+                Some(value) => buffer.put(&cf, &column.cf_name, &key, &value),
+                None => buffer.delete(&cf, &column.cf_name, &key),
             }
         }
-        self.db
-            .write_opt(&batch, &self.write_opts)
-            .map_err(|e| Self::fail("write batch", column)(e))
+        self.apply_if_full(buffer)
     }
 
     /// Writes a record of the backend's own column family.
     pub(crate) fn put_meta(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.apply_buffered()?;
         let cf = self.cf(crate::engine::META_COLUMN)?;
         self.db
             .put_cf_opt(&cf, key, value, &self.write_opts)
@@ -411,6 +541,7 @@ impl BackendCore {
 
     /// Removes a record of the meta column.
     pub(crate) fn delete_meta(&self, key: &[u8]) -> Result<()> {
+        self.apply_buffered()?;
         let cf = self.cf(crate::engine::META_COLUMN)?;
         self.db
             .delete_cf_opt(&cf, key, &self.write_opts)
@@ -424,6 +555,7 @@ impl BackendCore {
         lower: Vec<u8>,
         upper: Option<Vec<u8>>,
     ) -> Result<RawScan<'_>> {
+        self.apply_buffered()?;
         let cf = self.column_cf(column)?;
         let mut opts = ReadOptions::default();
         opts.set_iterate_lower_bound(lower.clone());
@@ -453,6 +585,7 @@ impl BackendCore {
     /// Flushes every column family atomically; without `wait` it returns once the
     /// memtables are sealed and the flush is scheduled.
     fn flush_all(&self, wait: bool, allow_stall: bool) -> Result<()> {
+        self.apply_buffered()?;
         let names: Vec<String> = self.db.cf_names();
         let handles: Vec<_> = names.iter().filter_map(|n| self.db.cf_handle(n)).collect();
         let refs: Vec<&_> = handles.iter().collect();
@@ -619,6 +752,7 @@ impl BackendCore {
         &self,
         entries: &[(Arc<ColumnSettings>, Vec<u8>, Vec<u8>)],
     ) -> Result<()> {
+        self.apply_buffered()?;
         if entries.is_empty() {
             return Ok(());
         }
@@ -649,7 +783,7 @@ impl BackendCore {
         };
         let before = state_files(self)?;
         // Files go: a capture in flight must not take this layout for the one it saw.
-        self.layout_changed();
+        self.layout_changed()?;
         let low = crate::codec::key_group_prefix(range.start()).to_vec();
         let high = crate::codec::prefix_successor(&crate::codec::key_group_prefix(range.end()));
         for (_, column) in self.state_columns() {
@@ -714,6 +848,7 @@ impl BackendCore {
 
     /// Counts the visible entries of every state outside `range`.
     pub(crate) fn count_outside(&self, range: KeyGroupRange) -> Result<u64> {
+        self.apply_buffered()?;
         let low = crate::codec::key_group_prefix(range.start()).to_vec();
         let high = crate::codec::prefix_successor(&crate::codec::key_group_prefix(range.end()));
         let mut count = 0;
@@ -735,6 +870,7 @@ impl BackendCore {
 
     /// Deletes every entry of every state whose key group is inside `range`.
     pub(crate) fn delete_inside(&self, range: KeyGroupRange) -> Result<()> {
+        self.apply_buffered()?;
         let low = crate::codec::key_group_prefix(range.start()).to_vec();
         let high = crate::codec::prefix_successor(&crate::codec::key_group_prefix(range.end()))
             .unwrap_or_else(|| vec![0xff; 3]);
@@ -755,7 +891,7 @@ impl BackendCore {
         if files.is_empty() {
             return Ok(());
         }
-        self.layout_changed();
+        self.layout_changed()?;
         let cf = self.column_cf(column)?;
         #[cfg(feature = "testing")]
         if crate::testing::checks::ingestion_refused(&self.dir) {
@@ -775,6 +911,7 @@ impl BackendCore {
 
     /// The live SST files.
     pub(crate) fn live_files(&self) -> Result<Vec<SstFile>> {
+        self.apply_buffered()?;
         live_sst_files(&self.db)
     }
 }
@@ -790,6 +927,7 @@ impl BackendCore {
     /// taken without a second flush (the memtables are empty; without a write-ahead log
     /// there is nothing else to capture).
     pub(crate) fn checkpoint_into(&self, target: &Path) -> Result<()> {
+        self.apply_buffered()?;
         self.flush_with(true)?;
         self.link_checkpoint(target)
     }
@@ -820,6 +958,7 @@ impl BackendCore {
     /// then runs in the background. Writes must not run concurrently, as for
     /// [`checkpoint_into`](Self::checkpoint_into).
     pub(crate) fn begin_checkpoint(&self) -> Result<Cut> {
+        self.apply_buffered()?;
         let cut = Cut {
             seqno: self.db.latest_sequence_number(),
             layout: self.layout.load(Ordering::SeqCst),

@@ -108,7 +108,7 @@ impl BackendCore {
         let cf = self.column_cf(column)?;
         let mut ingest = IngestExternalFileOptions::default();
         ingest.set_move_files(true);
-        self.layout_changed();
+        self.layout_changed()?;
         self.db
             .ingest_external_file_cf_opts(&cf, &ingest, files)
             .map_err(|e| Error::engine(format!("ingest the migrated values of {}", what()), e))?;

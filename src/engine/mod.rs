@@ -3,6 +3,7 @@
 //! operator and the TTL compaction filter, options and shared memory, and the tracker of
 //! uploaded files a backend may reuse.
 
+mod buffer;
 mod column;
 mod core;
 mod meta;
@@ -21,7 +22,9 @@ pub(crate) use self::core::FileIdentity;
 pub(crate) use self::core::{live_sst_files, BackendCore, Cut, Db, RawScan, SstFile, StateEntry};
 pub(crate) use column::{ColumnSettings, META_COLUMN, STATE_COLUMN_PREFIX};
 pub(crate) use migrate::Convert;
-pub use options::{BackendOptions, SharedResources, DEFAULT_MEMORY_BUDGET};
+pub use options::{
+    BackendOptions, SharedResources, DEFAULT_BUFFERED_WRITES, DEFAULT_MEMORY_BUDGET,
+};
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
@@ -246,6 +249,7 @@ pub(crate) fn open_core_with(
     core.statistics = options.statistics.then_some(db_opts);
     core.seals = seals;
     core.writes_in_key_order = options.writes_in_key_order;
+    core.buffered_writes = options.buffered_writes;
     if matches!(mode, OpenMode::Rescaled | OpenMode::NewForIngestion) {
         core.note_compactions_paused(columns.iter().map(|c| c.cf_name.clone()));
     }
@@ -368,7 +372,7 @@ fn load_states(core: &BackendCore, columns: Vec<Arc<ColumnSettings>>) -> Result<
             }
             None => {
                 tracing::warn!(column = %settings.cf_name, "dropping column family without a state record");
-                core.layout_changed();
+                core.layout_changed()?;
                 core.db
                     .drop_cf(&settings.cf_name)
                     .map_err(|e| Error::engine("drop unrecorded column family", e))?;
@@ -410,7 +414,7 @@ impl BackendCore {
         self.delete_meta(&meta::state_key(name))?;
         entry.column.mark_dropped();
         states.remove(name);
-        self.layout_changed();
+        self.layout_changed()?;
         self.db
             .drop_cf(&cf_name)
             .map_err(|e| Error::engine(format!("drop column family \"{cf_name}\""), e))?;
@@ -499,7 +503,7 @@ impl BackendCore {
                 if entry.meta != *requested {
                     // New settings (a time-to-live) change what flushes and compactions
                     // keep: a snapshot whose files are not taken yet must not see them.
-                    self.layout_changed();
+                    self.layout_changed()?;
                     self.put_meta(
                         &meta::state_key(&requested.name),
                         &meta::encode_state(requested)?,
@@ -520,7 +524,7 @@ impl BackendCore {
                     self.writes_in_key_order,
                     self.key_group_range().len(),
                 );
-                self.layout_changed();
+                self.layout_changed()?;
                 self.db
                     .create_cf(&cf_name, &opts)
                     .map_err(|e| Error::engine(format!("create column family \"{cf_name}\""), e))?;

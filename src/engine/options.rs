@@ -42,7 +42,25 @@ pub struct BackendOptions {
     /// about 4% of its events/s. The gauges (memtable and cache sizes, pending
     /// compaction, stopped writes) are read from properties and reported either way.
     pub statistics: bool,
+    /// Point writes (puts, deletes, list appends) the backend holds in memory before it
+    /// applies them to RocksDB in one batch (default [`DEFAULT_BUFFERED_WRITES`]; also
+    /// applied at 1 MiB of keys and values, and before any scan, snapshot or flush); 0
+    /// applies each write at once. Reads always see every write made before them.
+    ///
+    /// Each RocksDB write costs a fixed amount beside its memtable insert; in batches
+    /// that cost is paid once. The demo job ran at 1.07-1.15x the events/s.
+    ///
+    /// What changes: a write RocksDB refuses (after a background error, when the disk is
+    /// full) is reported by the call that applies the buffer, a later write or scan or
+    /// the next snapshot, not by the write itself. The buffered writes are then lost,
+    /// and the backend refuses every later call and snapshot and is not marked clean
+    /// when it closes: the job restores from its last checkpoint, as it would after any
+    /// failed write.
+    pub buffered_writes: usize,
 }
+
+/// Default of [`BackendOptions::buffered_writes`].
+pub const DEFAULT_BUFFERED_WRITES: usize = 256;
 
 impl BackendOptions {
     /// Options for a subtask owning `key_group_range` of `max_parallelism` key groups,
@@ -61,6 +79,7 @@ impl BackendOptions {
             incremental: true,
             writes_in_key_order: false,
             statistics: false,
+            buffered_writes: DEFAULT_BUFFERED_WRITES,
         }
     }
 

@@ -162,6 +162,7 @@ pub fn refuse_compaction_resumes(root: &Path, refuse: bool) {
 }
 
 static REFUSED_INGESTIONS: parking_lot::Mutex<Vec<PathBuf>> = parking_lot::Mutex::new(Vec::new());
+static REFUSED_WRITES: parking_lot::Mutex<Vec<PathBuf>> = parking_lot::Mutex::new(Vec::new());
 
 /// Makes every later ingestion of files into a backend whose directory lies under `root`
 /// fail (`true`) or succeed again (`false`), as RocksDB refusing them would.
@@ -180,6 +181,24 @@ pub(crate) fn ingestion_refused(dir: &Path) -> bool {
         .any(|root| dir.starts_with(root))
 }
 
+/// Makes every later application of buffered writes by a backend whose directory lies
+/// under `root` fail (`true`) or succeed again (`false`), as RocksDB refusing the batch
+/// (after a background error) would.
+pub fn refuse_writes(root: &Path, refuse: bool) {
+    let mut refused = REFUSED_WRITES.lock();
+    refused.retain(|r| r != root);
+    if refuse {
+        refused.push(root.to_path_buf());
+    }
+}
+
+pub(crate) fn writes_refused(dir: &Path) -> bool {
+    REFUSED_WRITES
+        .lock()
+        .iter()
+        .any(|root| dir.starts_with(root))
+}
+
 pub(crate) fn compaction_resumes_refused(dir: &Path) -> bool {
     REFUSED_COMPACTION_RESUMES
         .lock()
@@ -192,6 +211,7 @@ pub(crate) fn compaction_resumes_refused(dir: &Path) -> bool {
 /// everything it holds. Panics when a column cannot be found.
 pub fn compact_states(backend: &crate::RocksStateBackend) {
     let core = &backend.core;
+    core.apply_buffered().expect("the buffered writes applied");
     for (_, column) in core.state_columns() {
         let cf = core.column_cf(&column).expect("a state column");
         let mut opts = rocksdb::CompactOptions::default();
