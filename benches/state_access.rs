@@ -407,12 +407,51 @@ fn point_reads(c: &mut Criterion) {
     g.finish();
 }
 
+/// A read-modify-write of a value (a get, then a put of the value plus one) per key, on
+/// a backend applying each write at once and on one buffering them
+/// (`BackendOptions::buffered_writes`, default 256): the per-write cost of RocksDB's write
+/// path against one batch per 256 writes. The keys were written and flushed before, so
+/// every get misses the memtable as in a job's first access after a checkpoint.
+fn buffered_writes(c: &mut Criterion) {
+    let mut g = c.benchmark_group("read_modify_write");
+    for buffered in [0, rockstate::DEFAULT_BUFFERED_WRITES] {
+        let dir = tempfile::tempdir().unwrap();
+        let all = KeyGroupRange::all(MAX_PAR).unwrap();
+        let mut options = BackendOptions::new(dir.path(), all, MAX_PAR);
+        options.memory_budget = 128 << 20;
+        options.buffered_writes = buffered;
+        let backend = RocksStateBackend::open(options).unwrap();
+        let value = backend
+            .register(ValueStateDescriptor::<u64, u64>::new("value"))
+            .unwrap();
+        for k in 0..KEYS {
+            value.put(&k, &k).unwrap();
+        }
+        backend.flush().unwrap();
+        let name = if buffered == 0 {
+            "each_write_applied".to_string()
+        } else {
+            format!("buffered_{buffered}")
+        };
+        let mut i = 0u64;
+        g.bench_function(BenchmarkId::new("value", name), |b| {
+            b.iter(|| {
+                i += 1;
+                let key = key_at(i);
+                let v = value.get(&key).unwrap().unwrap_or(0);
+                value.put(&key, &(v + 1)).unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = state_access;
     config = Criterion::default()
         .sample_size(30)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
-    targets = benches, memtable_inserts, point_reads
+    targets = benches, memtable_inserts, point_reads, buffered_writes
 }
 criterion_main!(state_access);

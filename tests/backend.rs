@@ -372,3 +372,86 @@ fn buffered_writes_are_read_back_and_kept_in_order() {
     assert_eq!(l.get(&keys[0]).unwrap(), vec![1, 2, 3, 4]);
     assert_eq!(collect(m.iter(&keys[2]).unwrap()), vec![(2, 20), (3, 30)]);
 }
+
+/// Whatever call applies the buffer when RocksDB refuses it (a read of a list with an
+/// append still buffered, a snapshot, a registration, the close) reports the refusal, and
+/// the backend refuses everything after it.
+#[test]
+fn a_refused_buffer_is_reported_by_whatever_call_applies_it() {
+    use rockstate::testing::checks::refuse_writes;
+
+    for applier in ["list read", "snapshot", "registration", "close"] {
+        let dir = tempfile::tempdir().unwrap();
+        let key = &owned_keys(1)[0];
+        let backend = open(dir.path(), &ManualClock::new(0));
+        let v = backend
+            .register(ValueStateDescriptor::<String, u64>::new("v"))
+            .unwrap();
+        let l = backend
+            .register(ListStateDescriptor::<String, u64>::new("l"))
+            .unwrap();
+        v.put(key, &1).unwrap();
+        l.add(key, &2).unwrap();
+        refuse_writes(dir.path(), true);
+        let err = match applier {
+            "list read" => l.get(key).unwrap_err(),
+            "snapshot" => match backend.snapshot(1) {
+                Err(e) => e,
+                Ok(_) => panic!("the snapshot is refused"),
+            },
+            "registration" => backend
+                .register(ValueStateDescriptor::<String, u64>::new("w"))
+                .unwrap_err(),
+            _ => {
+                let err = backend.close().unwrap_err();
+                refuse_writes(dir.path(), false);
+                assert_eq!(err.kind(), ErrorKind::Internal, "{applier}: {err}");
+                // The handles hold the database open.
+                drop((v, l));
+                let options = BackendOptions::for_subtask(dir.path(), 0, PAR, MAX_PAR).unwrap();
+                let err = RocksStateBackend::open(options).unwrap_err();
+                assert!(err.to_string().contains("not closed cleanly"), "{err}");
+                continue;
+            }
+        };
+        refuse_writes(dir.path(), false);
+        assert_eq!(err.kind(), ErrorKind::Internal, "{applier}: {err}");
+        let later = v.get(key).unwrap_err();
+        assert!(later.to_string().contains("lost"), "{applier}: {later}");
+    }
+}
+
+/// Dropping a state while writes to it and to another state are buffered keeps the other
+/// state's writes, and a handle of the dropped state is refused rather than buffered.
+#[test]
+fn dropping_a_state_with_buffered_writes_keeps_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = owned_keys(2);
+    {
+        let backend = open(dir.path(), &ManualClock::new(0));
+        let kept = backend
+            .register(ValueStateDescriptor::<String, u64>::new("kept"))
+            .unwrap();
+        let dropped = backend
+            .register(ValueStateDescriptor::<String, u64>::new("dropped"))
+            .unwrap();
+        kept.put(&keys[0], &1).unwrap();
+        dropped.put(&keys[0], &2).unwrap();
+        kept.put(&keys[1], &3).unwrap();
+        assert!(backend.drop_state("dropped").unwrap());
+        let err = dropped.put(&keys[1], &4).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        kept.put(&keys[1], &5).unwrap();
+        backend.close().unwrap();
+    }
+    let backend = open(dir.path(), &ManualClock::new(0));
+    let kept = backend
+        .register(ValueStateDescriptor::<String, u64>::new("kept"))
+        .unwrap();
+    assert_eq!(kept.get(&keys[0]).unwrap(), Some(1));
+    assert_eq!(kept.get(&keys[1]).unwrap(), Some(5));
+    let again = backend
+        .register(ValueStateDescriptor::<String, u64>::new("dropped"))
+        .unwrap();
+    assert_eq!(again.get(&keys[0]).unwrap(), None);
+}

@@ -37,6 +37,9 @@ enum Op {
     ForeignPut(usize),
     Flush,
     Reopen,
+    /// Compares scans and iteration with the model (other steps compare point reads
+    /// only: a scan applies buffered writes, so between scans they pile up).
+    Scan,
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -59,6 +62,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => (0..KEYS).prop_map(Op::ForeignPut),
         1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
+        1 => Just(Op::Scan),
     ]
 }
 
@@ -254,10 +258,15 @@ fn run_case(ttl: bool, buffered: usize, ops: &[Op]) -> Result<(), TestCaseError>
                 drop(s.take());
                 s = Some(open_states(dir.path(), &clock, ttl, buffered));
             }
+            Op::Scan => {}
         }
-        check(s.as_ref().unwrap(), &model, &keys, &clock, ttl)?;
+        if matches!(op, Op::Scan) {
+            check(s.as_ref().unwrap(), &model, &keys, &clock, ttl)?;
+        } else {
+            check_point_reads(s.as_ref().unwrap(), &model, &keys, &clock, ttl)?;
+        }
     }
-    Ok(())
+    check(s.as_ref().unwrap(), &model, &keys, &clock, ttl)
 }
 
 fn check(
@@ -273,41 +282,7 @@ fn check(
     };
     // Point reads of every slot first: with buffered writes, a scan applies the buffer,
     // and the point reads before it are answered from it.
-    for (k, key) in keys.iter().enumerate() {
-        for n in 0..NAMESPACES {
-            let slot = (k, n);
-            let want = model
-                .value
-                .get(&slot)
-                .filter(|(_, w)| live.ok(*w))
-                .map(|(v, _)| *v);
-            prop_assert_eq!(st.value.with_namespace(&n).unwrap().get(key).unwrap(), want);
-            let want: Vec<u64> = model
-                .list
-                .get(&slot)
-                .map(|l| {
-                    l.iter()
-                        .filter(|(_, w)| live.ok(*w))
-                        .map(|(v, _)| *v)
-                        .collect()
-                })
-                .unwrap_or_default();
-            prop_assert_eq!(
-                &st.list.with_namespace(&n).unwrap().get(key).unwrap(),
-                &want
-            );
-            let map = st.map.with_namespace(&n).unwrap();
-            for u in 0..6u8 {
-                let w = model
-                    .map
-                    .get(&slot)
-                    .and_then(|m| m.get(&u))
-                    .filter(|(_, w)| live.ok(*w))
-                    .map(|(v, _)| *v);
-                prop_assert_eq!(map.get(key, &u).unwrap(), w);
-            }
-        }
-    }
+    check_point_reads(st, model, keys, clock, ttl)?;
     let mut expect_keys: [BTreeSet<(String, u8)>; 5] = Default::default();
     for (k, key) in keys.iter().enumerate() {
         for n in 0..NAMESPACES {
@@ -429,4 +404,72 @@ fn random_operations_match_the_model() {
             run_case(ttl, buffered, &ops)
         })
         .unwrap();
+}
+
+/// Compares the point reads of every slot with the model.
+fn check_point_reads(
+    st: &States,
+    model: &Model,
+    keys: &[String],
+    clock: &ManualClock,
+    ttl: bool,
+) -> Result<(), TestCaseError> {
+    let live = Live {
+        ttl,
+        now: clock.now_millis(),
+    };
+    for (k, key) in keys.iter().enumerate() {
+        for n in 0..NAMESPACES {
+            let slot = (k, n);
+            let want = model
+                .value
+                .get(&slot)
+                .filter(|(_, w)| live.ok(*w))
+                .map(|(v, _)| *v);
+            prop_assert_eq!(st.value.with_namespace(&n).unwrap().get(key).unwrap(), want);
+            let want: Vec<u64> = model
+                .list
+                .get(&slot)
+                .map(|l| {
+                    l.iter()
+                        .filter(|(_, w)| live.ok(*w))
+                        .map(|(v, _)| *v)
+                        .collect()
+                })
+                .unwrap_or_default();
+            prop_assert_eq!(
+                &st.list.with_namespace(&n).unwrap().get(key).unwrap(),
+                &want
+            );
+            let map = st.map.with_namespace(&n).unwrap();
+            for u in 0..6u8 {
+                let w = model
+                    .map
+                    .get(&slot)
+                    .and_then(|m| m.get(&u))
+                    .filter(|(_, w)| live.ok(*w))
+                    .map(|(v, _)| *v);
+                prop_assert_eq!(map.get(key, &u).unwrap(), w);
+            }
+            let want = model
+                .reduce
+                .get(&slot)
+                .filter(|(_, w)| live.ok(*w))
+                .map(|(v, _)| *v);
+            prop_assert_eq!(
+                st.reduce.with_namespace(&n).unwrap().get(key).unwrap(),
+                want
+            );
+            let want = model
+                .aggregate
+                .get(&slot)
+                .filter(|(_, w)| live.ok(*w))
+                .map(|(v, _)| *v);
+            prop_assert_eq!(
+                st.aggregate.with_namespace(&n).unwrap().get(key).unwrap(),
+                want
+            );
+        }
+    }
+    Ok(())
 }

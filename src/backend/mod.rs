@@ -335,6 +335,9 @@ impl RocksStateBackend {
         // their size: the first writes after the cut could then make RocksDB seal this
         // backend's fresh memtable, which would refuse the capture (at parallelism 4 on
         // two cores, the demo job had a third of its checkpoints refused so).
+        // The buffered writes first: they belong to the snapshot, and they fill the
+        // write buffers the check below reads.
+        self.core.apply_buffered()?;
         let in_sync = self.core.take_flush_in_sync() || self.resources.write_buffers_pressed();
         let (files, capture) = if in_sync {
             if let Err(e) = self.core.checkpoint_into(&target) {

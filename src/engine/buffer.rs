@@ -21,6 +21,9 @@ use rocksdb::{AsColumnFamilyRef, WriteBatch};
 /// of writes: a large value is not held back in memory for long.
 pub(crate) const MAX_BUFFERED_BYTES: usize = 1 << 20;
 
+/// The most index entries per column family kept allocated between rounds.
+const MAX_KEPT_SLOTS: usize = 16_384;
+
 /// What the buffer knows about a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Slot {
@@ -146,7 +149,12 @@ impl WriteBuffer {
     /// keeps its capacity for the next round).
     pub(crate) fn take(&mut self) -> WriteBatch {
         for (_, slots) in &mut self.columns {
-            slots.clear();
+            // Kept for the next round, unless one large batch grew it.
+            if slots.capacity() > MAX_KEPT_SLOTS {
+                *slots = HashMap::new();
+            } else {
+                slots.clear();
+            }
         }
         self.writes = 0;
         self.bytes = 0;

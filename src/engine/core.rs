@@ -224,6 +224,9 @@ impl BackendCore {
         let mut write_opts = WriteOptions::default();
         // Durability comes from checkpoints: no write-ahead log.
         write_opts.disable_wal(true);
+        // A buffered write of a state dropped since is skipped, not an error for the
+        // whole batch (a drop applies the buffer first; this covers what races it).
+        write_opts.set_ignore_missing_column_families(true);
         Self {
             db,
             dir,
@@ -358,7 +361,8 @@ impl BackendCore {
         move |e| Error::engine(context, e)
     }
 
-    /// Calls `f` with the stored bytes under `key` (without copying them).
+    /// Calls `f` with the stored bytes under `key`: the latest buffered write, copied, or
+    /// the value RocksDB holds, without copying it.
     pub(crate) fn get_with<R>(
         &self,
         column: &ColumnSettings,
@@ -398,7 +402,7 @@ impl BackendCore {
                 .put_cf_opt(&cf, key, value, &self.write_opts)
                 .map_err(|e| Self::fail("put", column)(e));
         }
-        let mut buffer = self.buffer.lock();
+        let mut buffer = self.locked_buffer(column)?;
         buffer.put(&cf, &column.cf_name, key, value);
         self.apply_if_full(buffer)
     }
@@ -412,7 +416,7 @@ impl BackendCore {
                 .merge_cf_opt(&cf, key, operand, &self.write_opts)
                 .map_err(|e| Self::fail("merge", column)(e));
         }
-        let mut buffer = self.buffer.lock();
+        let mut buffer = self.locked_buffer(column)?;
         buffer.merge(&cf, &column.cf_name, key, operand);
         self.apply_if_full(buffer)
     }
@@ -426,9 +430,28 @@ impl BackendCore {
                 .delete_cf_opt(&cf, key, &self.write_opts)
                 .map_err(|e| Self::fail("delete", column)(e));
         }
-        let mut buffer = self.buffer.lock();
+        let mut buffer = self.locked_buffer(column)?;
         buffer.delete(&cf, &column.cf_name, key);
         self.apply_if_full(buffer)
+    }
+
+    /// The buffer, locked for a write to `column`: checked again under the lock, so that
+    /// a write racing the state's [drop](crate::RocksStateBackend::drop_state) is either
+    /// applied before its column family goes or refused (and a write racing a failed
+    /// application of the buffer is refused, not lost).
+    fn locked_buffer(
+        &self,
+        column: &ColumnSettings,
+    ) -> Result<parking_lot::MutexGuard<'_, WriteBuffer>> {
+        let buffer = self.buffer.lock();
+        self.check_writes_applied()?;
+        if column.is_dropped() {
+            drop(buffer);
+            // Reports the drop.
+            self.column_cf(column)?;
+            return Err(Error::Internal(format!("{} was dropped", column.cf_name)));
+        }
+        Ok(buffer)
     }
 
     fn apply_if_full(&self, buffer: parking_lot::MutexGuard<'_, WriteBuffer>) -> Result<()> {
@@ -442,8 +465,8 @@ impl BackendCore {
     /// Applies the buffered writes to RocksDB in one batch. Called before anything reads
     /// RocksDB other than a point read, and by every change of column families or files.
     ///
-    /// Errors: engine errors. The writes of a batch that RocksDB refused are lost (the
-    /// batch applies all or nothing, and calls that buffered them returned): the backend
+    /// Errors: engine errors. The writes of a batch that RocksDB refused are lost, in
+    /// whole or in part, after the calls that buffered them returned: the backend
     /// then refuses every later read, write and snapshot, and its directory is never
     /// marked clean, so the job restores from its last checkpoint.
     pub(crate) fn apply_buffered(&self) -> Result<()> {
@@ -488,8 +511,10 @@ impl BackendCore {
         if !self.writes_lost.load(Ordering::Relaxed) {
             return Ok(());
         }
+        let why = self.poisoned.lock().clone().unwrap_or_default();
         Err(Error::Internal(format!(
-            "buffered state writes of {} could not be applied and are lost; restore from the last checkpoint",
+            "buffered state writes of {} could not be applied and are lost; restore from the \
+             last checkpoint ({why})",
             self.dir.display()
         )))
     }
@@ -520,7 +545,7 @@ impl BackendCore {
         }
         // All into the buffer under one lock: the buffer is applied as one batch, so
         // these writes still land together or not at all.
-        let mut buffer = self.buffer.lock();
+        let mut buffer = self.locked_buffer(column)?;
         for (key, value) in ops {
             match value {
                 Some(value) => buffer.put(&cf, &column.cf_name, &key, &value),
@@ -572,6 +597,7 @@ impl BackendCore {
 
     /// Flushes every column family's memtable to SST files (atomically across families).
     pub(crate) fn flush(&self) -> Result<()> {
+        self.apply_buffered()?;
         self.flush_with(false)
     }
 
@@ -585,7 +611,6 @@ impl BackendCore {
     /// Flushes every column family atomically; without `wait` it returns once the
     /// memtables are sealed and the flush is scheduled.
     fn flush_all(&self, wait: bool, allow_stall: bool) -> Result<()> {
-        self.apply_buffered()?;
         let names: Vec<String> = self.db.cf_names();
         let handles: Vec<_> = names.iter().filter_map(|n| self.db.cf_handle(n)).collect();
         let refs: Vec<&_> = handles.iter().collect();
@@ -692,7 +717,8 @@ impl BackendCore {
                 let counted = counted;
                 let core = core;
                 core.captures.wait_released();
-                if let Err(e) = core.flush() {
+                // Not `flush`: the buffered writes are the processing thread's to apply.
+                if let Err(e) = core.flush_with(false) {
                     tracing::warn!(dir = %core.dir.display(), error = %e.report(), "cannot flush the range deletions of a rescale");
                 }
                 if let Err(e) = core.resume_compactions() {
@@ -911,7 +937,6 @@ impl BackendCore {
 
     /// The live SST files.
     pub(crate) fn live_files(&self) -> Result<Vec<SstFile>> {
-        self.apply_buffered()?;
         live_sst_files(&self.db)
     }
 }

@@ -492,11 +492,14 @@ impl BackendCore {
                     let recorded = meta::encode_state(requested)
                         .and_then(|bytes| self.put_meta(&meta::state_key(&requested.name), &bytes));
                     if let Err(e) = recorded {
-                        *self.poisoned.lock() = Some(format!(
-                            "state {:?} was migrated but its new type could not be recorded: {}",
-                            requested.name,
-                            e.report()
-                        ));
+                        // A reason already given (lost writes) is kept.
+                        self.poisoned.lock().get_or_insert_with(|| {
+                            format!(
+                                "state {:?} was migrated but its new type could not be recorded: {}",
+                                requested.name,
+                                e.report()
+                            )
+                        });
                         return Err(e);
                     }
                 }
