@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use common::*;
 use rockstate::{
-    BackendOptions, ErrorKind, KeyGroupRange, ListStateDescriptor, ManualClock, MapStateDescriptor,
-    RocksStateBackend, SharedResources, StateKind, ValueStateDescriptor,
+    BackendOptions, ErrorKind, KeyGroupRange, ListStateDescriptor, ManualClock, MapState,
+    MapStateDescriptor, RocksStateBackend, SharedResources, StateKind, ValueStateDescriptor,
 };
 
 #[test]
@@ -343,7 +343,7 @@ fn buffered_writes_are_read_back_and_kept_in_order() {
         (backend, v, l, m)
     };
     {
-        let (_backend, v, l, m) = open_with(1_000);
+        let (backend, v, l, m) = open_with(1_000);
         v.put(&keys[0], &1).unwrap();
         v.put(&keys[0], &2).unwrap();
         v.put(&keys[1], &3).unwrap();
@@ -363,6 +363,18 @@ fn buffered_writes_are_read_back_and_kept_in_order() {
         assert_eq!(collect(m.iter(&keys[2]).unwrap()), vec![(2, 20)]);
         m.put(&keys[2], &3, &30).unwrap();
         v.put(&keys[2], &5).unwrap();
+        // A batch larger than the buffer goes to RocksDB directly, after what is buffered.
+        let (big, entries): (MapState<String, u16, u64>, Vec<(u16, u64)>) = (
+            backend.register(MapStateDescriptor::new("big")).unwrap(),
+            (0..1_500u16).map(|u| (u, u64::from(u))).collect(),
+        );
+        big.put(&keys[0], &0, &7).unwrap();
+        big.put(&keys[0], &1_600, &8).unwrap();
+        big.put_all(&keys[0], entries.iter().map(|(u, v)| (u, v)))
+            .unwrap();
+        assert_eq!(big.get(&keys[0], &0).unwrap(), Some(0));
+        assert_eq!(big.get(&keys[0], &1_600).unwrap(), Some(8));
+        assert_eq!(collect(big.iter(&keys[0]).unwrap()).len(), 1_501);
         // Closed with writes still buffered: the close applies them before its flush.
     }
     let (_backend, v, l, m) = open_with(0);

@@ -13,7 +13,7 @@
 //! there; a key with a list append still buffered has the buffer applied first, so that
 //! RocksDB merges it. Reads therefore always see every write made before them.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use rocksdb::{AsColumnFamilyRef, WriteBatch};
 
@@ -96,7 +96,7 @@ impl WriteBuffer {
         let at = match self.columns.iter().position(|(name, _)| name == column) {
             Some(at) => at,
             None => {
-                self.columns.push((column.to_string(), HashMap::new()));
+                self.columns.push((column.to_string(), HashMap::default()));
                 self.columns.len() - 1
             }
         };
@@ -151,7 +151,7 @@ impl WriteBuffer {
         for (_, slots) in &mut self.columns {
             // Kept for the next round, unless one large batch grew it.
             if slots.capacity() > MAX_KEPT_SLOTS {
-                *slots = HashMap::new();
+                *slots = HashMap::default();
             } else {
                 slots.clear();
             }

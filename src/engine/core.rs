@@ -384,7 +384,10 @@ impl BackendCore {
                 drop(buffer);
                 return f(None);
             }
-            Lookup::Merged => self.apply_locked(buffer)?,
+            Lookup::Merged => {
+                let mut buffer = buffer;
+                self.apply_locked(&mut buffer)?;
+            }
         }
         let pinned = self
             .db
@@ -454,9 +457,9 @@ impl BackendCore {
         Ok(buffer)
     }
 
-    fn apply_if_full(&self, buffer: parking_lot::MutexGuard<'_, WriteBuffer>) -> Result<()> {
+    fn apply_if_full(&self, mut buffer: parking_lot::MutexGuard<'_, WriteBuffer>) -> Result<()> {
         if buffer.is_full(self.buffered_writes) {
-            self.apply_locked(buffer)
+            self.apply_locked(&mut buffer)
         } else {
             Ok(())
         }
@@ -475,12 +478,13 @@ impl BackendCore {
         if buffer.is_empty() {
             return Ok(());
         }
-        self.apply_locked(buffer)
+        let mut buffer = buffer;
+        self.apply_locked(&mut buffer)
     }
 
     /// Applies while holding the buffer's lock: a point read on another thread finds a
     /// write either still in the buffer or already in RocksDB, never in neither.
-    fn apply_locked(&self, mut buffer: parking_lot::MutexGuard<'_, WriteBuffer>) -> Result<()> {
+    fn apply_locked(&self, buffer: &mut WriteBuffer) -> Result<()> {
         let writes = buffer.len();
         let batch = buffer.take();
         #[cfg(feature = "testing")]
@@ -530,7 +534,7 @@ impl BackendCore {
         }
         self.check_writes_applied()?;
         let cf = self.column_cf(column)?;
-        if self.buffered_writes == 0 {
+        let direct = |ops: Vec<(Vec<u8>, Option<Vec<u8>>)>| {
             let mut batch = WriteBatch::default();
             for (key, value) in ops {
                 match value {
@@ -538,14 +542,24 @@ impl BackendCore {
                     None => batch.delete_cf(&cf, key),
                 }
             }
-            return self
-                .db
+            self.db
                 .write_opt(&batch, &self.write_opts)
-                .map_err(|e| Self::fail("write batch", column)(e));
+                .map_err(|e| Self::fail("write batch", column)(e))
+        };
+        if self.buffered_writes == 0 {
+            return direct(ops);
+        }
+        let mut buffer = self.locked_buffer(column)?;
+        if ops.len() >= self.buffered_writes {
+            // A batch of a buffer's size or more goes to RocksDB as it is, after the
+            // buffer (so in order), never into the buffer's index.
+            if !buffer.is_empty() {
+                self.apply_locked(&mut buffer)?;
+            }
+            return direct(ops);
         }
         // All into the buffer under one lock: the buffer is applied as one batch, so
         // these writes still land together or not at all.
-        let mut buffer = self.locked_buffer(column)?;
         for (key, value) in ops {
             match value {
                 Some(value) => buffer.put(&cf, &column.cf_name, &key, &value),
