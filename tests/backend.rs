@@ -293,9 +293,11 @@ fn buffered_writes_that_cannot_be_applied_stop_the_backend() {
         // Buffered: read back before they are applied.
         assert_eq!(v.get(&keys[0]).unwrap(), Some(10));
         // The fourth fills the buffer, whose batch is refused.
+        assert!(!backend.has_lost_writes());
         let err = v.put(&keys[3], &13).unwrap_err();
         refuse_writes(dir.path(), false);
         assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+        assert!(backend.has_lost_writes());
 
         // Nothing reads the state without those writes, nor writes after them.
         for err in [
@@ -375,7 +377,7 @@ fn buffered_writes_are_read_back_and_kept_in_order() {
         assert_eq!(big.get(&keys[0], &0).unwrap(), Some(0));
         assert_eq!(big.get(&keys[0], &1_600).unwrap(), Some(8));
         assert_eq!(collect(big.iter(&keys[0]).unwrap()).len(), 1_501);
-        // Closed with writes still buffered: the close applies them before its flush.
+        // Dropped with writes still buffered: the drop applies them before its flush.
     }
     let (_backend, v, l, m) = open_with(0);
     assert_eq!(v.get(&keys[0]).unwrap(), Some(2));

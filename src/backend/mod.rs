@@ -287,6 +287,14 @@ impl RocksStateBackend {
         self.core.flush()
     }
 
+    /// Whether RocksDB refused buffered writes ([`BackendOptions::buffered_writes`]): they
+    /// are lost, and the backend refuses every later read, write and snapshot. A runtime
+    /// seeing a failed snapshot should ask, and fail the subtask (to restore it from its
+    /// last checkpoint) rather than decline one checkpoint and go on.
+    pub fn has_lost_writes(&self) -> bool {
+        self.core.has_lost_writes()
+    }
+
     /// The synchronous phase of a snapshot for `checkpoint_id`: notes the point the
     /// snapshot stands for and seals the memtables, whose flush then runs in the
     /// background. Writes may continue as soon as it returns; the files are hard-linked
@@ -668,7 +676,10 @@ mod tests {
         };
         for scratch in [false, true] {
             let dir = root.path().join(format!("scratch-{scratch}"));
-            let options = BackendOptions::new(&dir, all, 16);
+            let mut options = BackendOptions::new(&dir, all, 16);
+            // Each write applied at once: the value is in the memtable, which only a
+            // close that is not a scratch copy's flushes.
+            options.buffered_writes = 0;
             let backend = RocksStateBackend::open(options.clone()).unwrap();
             let value = backend
                 .register(ValueStateDescriptor::<u32, u32>::new("v"))

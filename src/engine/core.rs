@@ -35,6 +35,8 @@ pub(crate) struct BackendCore {
     pub(crate) states: Mutex<BTreeMap<String, StateEntry>>,
     pub(crate) tracker: Arc<Mutex<SnapshotTracker>>,
     write_opts: WriteOptions,
+    /// The write options of the buffer's batches.
+    buffer_write_opts: WriteOptions,
     read_opts: ReadOptions,
     clock: Arc<dyn Clock>,
     max_parallelism: u32,
@@ -224,9 +226,12 @@ impl BackendCore {
         let mut write_opts = WriteOptions::default();
         // Durability comes from checkpoints: no write-ahead log.
         write_opts.disable_wal(true);
-        // A buffered write of a state dropped since is skipped, not an error for the
-        // whole batch (a drop applies the buffer first; this covers what races it).
-        write_opts.set_ignore_missing_column_families(true);
+        let mut buffer_write_opts = WriteOptions::default();
+        buffer_write_opts.disable_wal(true);
+        // A buffered write of a state dropped since is skipped, not an error that would
+        // lose the whole batch (a drop applies the buffer first, and a write checks the
+        // drop under the buffer's lock: this only guards that order).
+        buffer_write_opts.set_ignore_missing_column_families(true);
         Self {
             db,
             dir,
@@ -234,6 +239,7 @@ impl BackendCore {
             states: Mutex::new(BTreeMap::new()),
             tracker: Arc::default(),
             write_opts,
+            buffer_write_opts,
             read_opts: ReadOptions::default(),
             clock,
             max_parallelism,
@@ -372,6 +378,9 @@ impl BackendCore {
         self.check_writes_applied()?;
         let cf = self.column_cf(column)?;
         let buffer = self.buffer.lock();
+        // Again under the lock: an application that failed on another thread meanwhile
+        // left the buffer empty, and RocksDB without those writes.
+        self.check_writes_applied()?;
         match buffer.lookup(&column.cf_name, key) {
             Lookup::Absent => drop(buffer),
             Lookup::Value(value) => {
@@ -473,8 +482,8 @@ impl BackendCore {
     /// then refuses every later read, write and snapshot, and its directory is never
     /// marked clean, so the job restores from its last checkpoint.
     pub(crate) fn apply_buffered(&self) -> Result<()> {
-        self.check_writes_applied()?;
         let buffer = self.buffer.lock();
+        self.check_writes_applied()?;
         if buffer.is_empty() {
             return Ok(());
         }
@@ -492,12 +501,24 @@ impl BackendCore {
             return Err(self.writes_lost(writes, Error::Internal("writes refused".into())));
         }
         self.db
-            .write_opt(&batch, &self.write_opts)
+            .write_opt(&batch, &self.buffer_write_opts)
             .map_err(|e| self.writes_lost(writes, Error::engine("apply buffered state writes", e)))
     }
 
-    /// Records that `writes` buffered writes were lost to `error`, and returns it.
+    /// Records that `writes` buffered writes were lost to `error`, and returns it as
+    /// `Internal`: whatever RocksDB's classification (an I/O error reads as "retry"),
+    /// the backend is stopped for good.
     fn writes_lost(&self, writes: usize, error: Error) -> Error {
+        let error = match error {
+            Error::Engine {
+                context, source, ..
+            } => Error::Engine {
+                context,
+                kind: crate::error::ErrorKind::Internal,
+                source,
+            },
+            other => other,
+        };
         self.writes_lost.store(true, Ordering::SeqCst);
         let why = format!(
             "RocksDB refused {writes} buffered state writes ({}); they are lost, so this \
@@ -507,6 +528,11 @@ impl BackendCore {
         tracing::error!(dir = %self.dir.display(), "{why}");
         self.poisoned.lock().get_or_insert(why);
         error
+    }
+
+    /// Whether buffered writes were lost (see [`apply_buffered`](Self::apply_buffered)).
+    pub(crate) fn has_lost_writes(&self) -> bool {
+        self.writes_lost.load(Ordering::SeqCst)
     }
 
     /// Errors: `Internal` when buffered writes were lost (see

@@ -44,8 +44,9 @@ pub struct BackendOptions {
     pub statistics: bool,
     /// Point writes the backend holds in memory before it applies them to RocksDB in one
     /// batch (default [`DEFAULT_BUFFERED_WRITES`]); 0 applies each write at once. Point
-    /// writes are puts, deletes, list appends, map batches (`put_all`, `clear`) and the
-    /// renewals of values read with a time to live. The buffer is also applied once its
+    /// writes are puts, deletes, list appends, map batches (`put_all`, `clear`) of fewer
+    /// entries than this count (larger ones are written at once, after the buffer) and
+    /// the renewals of values read with a time to live. The buffer is also applied once its
     /// keys and values reach 1 MiB (about twice that in memory, with its index), and
     /// before anything reads RocksDB other than a point read: scans and iteration,
     /// snapshots, flushes, registering or dropping a state, closing. Reads always see
@@ -61,9 +62,11 @@ pub struct BackendOptions {
     /// full) is reported by the call that applies the buffer (a later write, a read of a
     /// list with an append still buffered, a scan, a registration, the next snapshot or
     /// the close), not by the write itself, whose call returned. Those writes are lost,
-    /// so the backend then refuses every later call and snapshot, and is not marked
-    /// clean when it closes: the job restores from its last checkpoint. (Without the
-    /// buffer, a refused write fails only its own call.)
+    /// so the backend then refuses every later read, write, scan and snapshot
+    /// ([`has_lost_writes`](crate::RocksStateBackend::has_lost_writes) says so), and is
+    /// not marked clean when it closes: the job restores from its last checkpoint. The
+    /// error's kind is `Internal` whatever RocksDB's was: retrying cannot help. (Without
+    /// the buffer, a refused write fails only its own call.)
     pub buffered_writes: usize,
 }
 

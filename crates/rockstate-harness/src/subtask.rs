@@ -102,6 +102,8 @@ where
                         }
                         spawn_upload(&ctx, id, pending, savepoint)
                     }
+                    // Writes were lost: the subtask fails (and restarts from a checkpoint).
+                    Err(e) if backend.has_lost_writes() => return Err(e),
                     Err(e) => spawn_decline(&ctx, id, e.to_string()),
                 }
             }

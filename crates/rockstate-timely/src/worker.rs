@@ -681,6 +681,11 @@ impl WorkerState {
                     let _ = tx.send(WorkerEvent::Uploaded { id, uid, result });
                 });
             }
+            Err(e) if backend.has_lost_writes() => {
+                // Writes were lost: the worker fails (and the job restarts from a
+                // checkpoint) instead of declining this one and going on.
+                self.error.get_or_insert(e);
+            }
             Err(e) => {
                 tracing::warn!(checkpoint_id = id, operator = %uid, error = %e.report(), "snapshot failed");
                 self.uploaded(job, id, &uid, Err(e));
