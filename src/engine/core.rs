@@ -509,22 +509,23 @@ impl BackendCore {
     /// `Internal`: whatever RocksDB's classification (an I/O error reads as "retry"),
     /// the backend is stopped for good.
     fn writes_lost(&self, writes: usize, error: Error) -> Error {
-        let error = match error {
-            Error::Engine {
-                context, source, ..
-            } => Error::Engine {
-                context,
-                kind: crate::error::ErrorKind::Internal,
-                source,
-            },
-            other => other,
-        };
-        self.writes_lost.store(true, Ordering::SeqCst);
         let why = format!(
             "RocksDB refused {writes} buffered state writes ({}); they are lost, so this \
              backend refuses all further use: restore from the last checkpoint",
             error.report()
         );
+        let lost = format!(
+            "apply {writes} buffered state writes, now lost (restore from the last checkpoint)"
+        );
+        let error = match error {
+            Error::Engine { source, .. } => Error::Engine {
+                context: lost,
+                kind: crate::error::ErrorKind::Internal,
+                source,
+            },
+            other => Error::Internal(format!("{lost}: {}", other.report())),
+        };
+        self.writes_lost.store(true, Ordering::SeqCst);
         tracing::error!(dir = %self.dir.display(), "{why}");
         self.poisoned.lock().get_or_insert(why);
         error

@@ -102,8 +102,13 @@ where
                         }
                         spawn_upload(&ctx, id, pending, savepoint)
                     }
-                    // Writes were lost: the subtask fails (and restarts from a checkpoint).
-                    Err(e) if backend.has_lost_writes() => return Err(e),
+                    // Writes were lost: the checkpoint is declined and the subtask fails
+                    // (the job restarts from a checkpoint) instead of going on.
+                    Err(e) if backend.has_lost_writes() => {
+                        ctx.fail(&e);
+                        spawn_decline(&ctx, id, e.to_string());
+                        return Err(e);
+                    }
                     Err(e) => spawn_decline(&ctx, id, e.to_string()),
                 }
             }

@@ -507,3 +507,70 @@ fn the_status_says_how_the_job_ended() {
         assert_eq!(view.stale, None, "{name}");
     }
 }
+
+/// Counts records; once `total` records were processed across the job, makes RocksDB
+/// refuse every later write under `refused` (the job's local directories).
+struct RefusingAfter {
+    count: ValueState<String, u64>,
+    seen: Arc<std::sync::atomic::AtomicU64>,
+    total: u64,
+    refused: std::path::PathBuf,
+}
+
+impl Operator<String, u64> for RefusingAfter {
+    fn process(&mut self, key: &String, _value: u64) -> rockstate::Result<()> {
+        let n = self.count.get(key)?.unwrap_or(0);
+        self.count.put(key, &(n + 1))?;
+        let seen = self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if seen == self.total {
+            rockstate::testing::checks::refuse_writes(&self.refused, true);
+        }
+        Ok(())
+    }
+}
+
+/// Writes RocksDB refuses when a snapshot applies them (the last records' writes, still
+/// buffered at the final checkpoint) are lost: the job fails with that reason instead of
+/// declining the checkpoint and ending as if its state were whole.
+#[test]
+fn buffered_writes_lost_at_a_snapshot_fail_the_job() {
+    let local = tempfile::tempdir().unwrap();
+    let dir = CheckpointStorage::open("memory://harness-lost-writes").unwrap();
+    let source = Events {
+        partitions: 3,
+        per_partition: 30,
+    };
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let refused = local.path().to_path_buf();
+    let factory: OperatorFactory<String, u64> = Arc::new(move |backend: &RocksStateBackend| {
+        Ok(Box::new(RefusingAfter {
+            count: backend.register(ValueStateDescriptor::new("count"))?,
+            seen: seen.clone(),
+            // Fewer writes than a buffer holds: none was applied before the snapshot.
+            total: 90,
+            refused: refused.clone(),
+        }) as Box<dyn Operator<String, u64>>)
+    });
+    let h = Harness::start(
+        config(local.path(), 0),
+        &dir,
+        source,
+        factory,
+        StartFrom::Empty,
+    )
+    .unwrap();
+    let result = h.finish();
+    rockstate::testing::checks::refuse_writes(local.path(), false);
+    let err = match result {
+        Ok(done) => panic!(
+            "the job ended although its writes were lost (completed {:?})",
+            done.completed
+        ),
+        Err(e) => e,
+    };
+    assert!(
+        err.report().to_string().contains("lost"),
+        "{}",
+        err.report()
+    );
+}

@@ -682,8 +682,10 @@ impl WorkerState {
                 });
             }
             Err(e) if backend.has_lost_writes() => {
-                // Writes were lost: the worker fails (and the job restarts from a
-                // checkpoint) instead of declining this one and going on.
+                // Writes were lost: the checkpoint is declined and the worker fails (the
+                // job restarts from a checkpoint) instead of going on.
+                tracing::error!(checkpoint_id = id, operator = %uid, error = %e.report(), "snapshot failed: state writes were lost");
+                self.uploaded(job, id, &uid, Err(e.clone()));
                 self.error.get_or_insert(e);
             }
             Err(e) => {
