@@ -97,6 +97,7 @@ struct Model {
     aggregate: BTreeMap<Slot, ((u64, u64), u64)>,
 }
 
+#[derive(Clone, Copy)]
 struct Live {
     ttl: bool,
     now: u64,
@@ -269,7 +270,58 @@ fn run_case(ttl: bool, buffered: usize, ops: &[Op]) -> Result<(), TestCaseError>
     check(s.as_ref().unwrap(), &model, &keys, &clock, ttl)
 }
 
-fn check(
+/// What the model says a slot holds at `live.now`: the value, the list, the map entries,
+/// the reduction and the aggregate.
+type Expected = (
+    Option<u64>,
+    Vec<u64>,
+    Vec<(u8, u64)>,
+    Option<u64>,
+    Option<(u64, u64)>,
+);
+
+fn expected(model: &Model, slot: Slot, live: Live) -> Expected {
+    (
+        model
+            .value
+            .get(&slot)
+            .filter(|(_, w)| live.ok(*w))
+            .map(|(v, _)| *v),
+        model
+            .list
+            .get(&slot)
+            .map(|l| {
+                l.iter()
+                    .filter(|(_, w)| live.ok(*w))
+                    .map(|(v, _)| *v)
+                    .collect()
+            })
+            .unwrap_or_default(),
+        model
+            .map
+            .get(&slot)
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, (_, w))| live.ok(*w))
+                    .map(|(u, (v, _))| (*u, *v))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        model
+            .reduce
+            .get(&slot)
+            .filter(|(_, w)| live.ok(*w))
+            .map(|(v, _)| *v),
+        model
+            .aggregate
+            .get(&slot)
+            .filter(|(_, w)| live.ok(*w))
+            .map(|(v, _)| *v),
+    )
+}
+
+/// Compares the point reads of every slot with the model.
+fn check_point_reads(
     st: &States,
     model: &Model,
     keys: &[String],
@@ -280,88 +332,66 @@ fn check(
         ttl,
         now: clock.now_millis(),
     };
-    // Point reads of every slot first: with buffered writes, a scan applies the buffer,
-    // and the point reads before it are answered from it.
-    check_point_reads(st, model, keys, clock, ttl)?;
-    let mut expect_keys: [BTreeSet<(String, u8)>; 5] = Default::default();
     for (k, key) in keys.iter().enumerate() {
         for n in 0..NAMESPACES {
-            let slot = (k, n);
-
-            let want = model
-                .value
-                .get(&slot)
-                .filter(|(_, w)| live.ok(*w))
-                .map(|(v, _)| *v);
-            prop_assert_eq!(st.value.with_namespace(&n).unwrap().get(key).unwrap(), want);
-            if want.is_some() {
-                expect_keys[0].insert((key.clone(), n));
-            }
-
-            let want: Vec<u64> = model
-                .list
-                .get(&slot)
-                .map(|l| {
-                    l.iter()
-                        .filter(|(_, w)| live.ok(*w))
-                        .map(|(v, _)| *v)
-                        .collect()
-                })
-                .unwrap_or_default();
+            let (value, list, map_entries, reduced, aggregated) = expected(model, (k, n), live);
             prop_assert_eq!(
-                &st.list.with_namespace(&n).unwrap().get(key).unwrap(),
-                &want
+                st.value.with_namespace(&n).unwrap().get(key).unwrap(),
+                value
             );
-            if !want.is_empty() {
-                expect_keys[1].insert((key.clone(), n));
-            }
-
-            let want: Vec<(u8, u64)> = model
-                .map
-                .get(&slot)
-                .map(|m| {
-                    m.iter()
-                        .filter(|(_, (_, w))| live.ok(*w))
-                        .map(|(u, (v, _))| (*u, *v))
-                        .collect()
-                })
-                .unwrap_or_default();
+            prop_assert_eq!(st.list.with_namespace(&n).unwrap().get(key).unwrap(), list);
             let map = st.map.with_namespace(&n).unwrap();
-            prop_assert_eq!(&collect(map.iter(key).unwrap()), &want);
-            prop_assert_eq!(map.is_empty(key).unwrap(), want.is_empty());
             for u in 0..6u8 {
-                let w = want.iter().find(|(x, _)| *x == u).map(|(_, v)| *v);
+                let w = map_entries.iter().find(|(x, _)| *x == u).map(|(_, v)| *v);
                 prop_assert_eq!(map.get(key, &u).unwrap(), w);
                 prop_assert_eq!(map.contains(key, &u).unwrap(), w.is_some());
             }
-            if !want.is_empty() {
-                expect_keys[2].insert((key.clone(), n));
-            }
-
-            let want = model
-                .reduce
-                .get(&slot)
-                .filter(|(_, w)| live.ok(*w))
-                .map(|(v, _)| *v);
             prop_assert_eq!(
                 st.reduce.with_namespace(&n).unwrap().get(key).unwrap(),
-                want
+                reduced
             );
-            if want.is_some() {
-                expect_keys[3].insert((key.clone(), n));
-            }
-
-            let want = model
-                .aggregate
-                .get(&slot)
-                .filter(|(_, w)| live.ok(*w))
-                .map(|(v, _)| *v);
             prop_assert_eq!(
                 st.aggregate.with_namespace(&n).unwrap().get(key).unwrap(),
-                want
+                aggregated
             );
-            if want.is_some() {
-                expect_keys[4].insert((key.clone(), n));
+        }
+    }
+    Ok(())
+}
+
+/// Compares point reads, then iteration and scans, with the model. Point reads come
+/// first: with buffered writes, a scan applies the buffer, and the point reads before it
+/// are answered from it.
+fn check(
+    st: &States,
+    model: &Model,
+    keys: &[String],
+    clock: &ManualClock,
+    ttl: bool,
+) -> Result<(), TestCaseError> {
+    check_point_reads(st, model, keys, clock, ttl)?;
+    let live = Live {
+        ttl,
+        now: clock.now_millis(),
+    };
+    let mut expect_keys: [BTreeSet<(String, u8)>; 5] = Default::default();
+    for (k, key) in keys.iter().enumerate() {
+        for n in 0..NAMESPACES {
+            let (value, list, map_entries, reduced, aggregated) = expected(model, (k, n), live);
+            let map = st.map.with_namespace(&n).unwrap();
+            prop_assert_eq!(&collect(map.iter(key).unwrap()), &map_entries);
+            prop_assert_eq!(map.is_empty(key).unwrap(), map_entries.is_empty());
+            let present = [
+                value.is_some(),
+                !list.is_empty(),
+                !map_entries.is_empty(),
+                reduced.is_some(),
+                aggregated.is_some(),
+            ];
+            for (kind, present) in present.into_iter().enumerate() {
+                if present {
+                    expect_keys[kind].insert((key.clone(), n));
+                }
             }
         }
     }
@@ -404,72 +434,4 @@ fn random_operations_match_the_model() {
             run_case(ttl, buffered, &ops)
         })
         .unwrap();
-}
-
-/// Compares the point reads of every slot with the model.
-fn check_point_reads(
-    st: &States,
-    model: &Model,
-    keys: &[String],
-    clock: &ManualClock,
-    ttl: bool,
-) -> Result<(), TestCaseError> {
-    let live = Live {
-        ttl,
-        now: clock.now_millis(),
-    };
-    for (k, key) in keys.iter().enumerate() {
-        for n in 0..NAMESPACES {
-            let slot = (k, n);
-            let want = model
-                .value
-                .get(&slot)
-                .filter(|(_, w)| live.ok(*w))
-                .map(|(v, _)| *v);
-            prop_assert_eq!(st.value.with_namespace(&n).unwrap().get(key).unwrap(), want);
-            let want: Vec<u64> = model
-                .list
-                .get(&slot)
-                .map(|l| {
-                    l.iter()
-                        .filter(|(_, w)| live.ok(*w))
-                        .map(|(v, _)| *v)
-                        .collect()
-                })
-                .unwrap_or_default();
-            prop_assert_eq!(
-                &st.list.with_namespace(&n).unwrap().get(key).unwrap(),
-                &want
-            );
-            let map = st.map.with_namespace(&n).unwrap();
-            for u in 0..6u8 {
-                let w = model
-                    .map
-                    .get(&slot)
-                    .and_then(|m| m.get(&u))
-                    .filter(|(_, w)| live.ok(*w))
-                    .map(|(v, _)| *v);
-                prop_assert_eq!(map.get(key, &u).unwrap(), w);
-            }
-            let want = model
-                .reduce
-                .get(&slot)
-                .filter(|(_, w)| live.ok(*w))
-                .map(|(v, _)| *v);
-            prop_assert_eq!(
-                st.reduce.with_namespace(&n).unwrap().get(key).unwrap(),
-                want
-            );
-            let want = model
-                .aggregate
-                .get(&slot)
-                .filter(|(_, w)| live.ok(*w))
-                .map(|(v, _)| *v);
-            prop_assert_eq!(
-                st.aggregate.with_namespace(&n).unwrap().get(key).unwrap(),
-                want
-            );
-        }
-    }
-    Ok(())
 }
