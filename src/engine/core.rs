@@ -27,6 +27,13 @@ pub(crate) struct StateEntry {
     pub column: Arc<ColumnSettings>,
 }
 
+/// A point write of a state: what [`BackendCore::point_write`] does with its key.
+enum PointWrite<'a> {
+    Put(&'a [u8]),
+    Merge(&'a [u8]),
+    Delete,
+}
+
 /// The shared inside of a backend. State handles hold it through an `Arc`.
 pub(crate) struct BackendCore {
     pub(crate) db: Db,
@@ -406,44 +413,45 @@ impl BackendCore {
     }
 
     pub(crate) fn put(&self, column: &ColumnSettings, key: &[u8], value: &[u8]) -> Result<()> {
-        self.check_writes_applied()?;
-        let cf = self.column_cf(column)?;
-        if self.buffered_writes == 0 {
-            return self
-                .db
-                .put_cf_opt(&cf, key, value, &self.write_opts)
-                .map_err(|e| Self::fail("put", column)(e));
-        }
-        let mut buffer = self.locked_buffer(column)?;
-        buffer.put(&cf, &column.cf_name, key, value);
-        self.apply_if_full(buffer)
+        self.point_write(column, key, PointWrite::Put(value))
     }
 
     pub(crate) fn merge(&self, column: &ColumnSettings, key: &[u8], operand: &[u8]) -> Result<()> {
-        self.check_writes_applied()?;
-        let cf = self.column_cf(column)?;
-        if self.buffered_writes == 0 {
-            return self
-                .db
-                .merge_cf_opt(&cf, key, operand, &self.write_opts)
-                .map_err(|e| Self::fail("merge", column)(e));
-        }
-        let mut buffer = self.locked_buffer(column)?;
-        buffer.merge(&cf, &column.cf_name, key, operand);
-        self.apply_if_full(buffer)
+        self.point_write(column, key, PointWrite::Merge(operand))
     }
 
     pub(crate) fn delete(&self, column: &ColumnSettings, key: &[u8]) -> Result<()> {
+        self.point_write(column, key, PointWrite::Delete)
+    }
+
+    /// One write of `key`: into the buffer, or straight to RocksDB without one.
+    fn point_write(
+        &self,
+        column: &ColumnSettings,
+        key: &[u8],
+        write: PointWrite<'_>,
+    ) -> Result<()> {
         self.check_writes_applied()?;
         let cf = self.column_cf(column)?;
         if self.buffered_writes == 0 {
-            return self
-                .db
-                .delete_cf_opt(&cf, key, &self.write_opts)
-                .map_err(|e| Self::fail("delete", column)(e));
+            let (op, done) = match write {
+                PointWrite::Put(value) => {
+                    ("put", self.db.put_cf_opt(&cf, key, value, &self.write_opts))
+                }
+                PointWrite::Merge(operand) => (
+                    "merge",
+                    self.db.merge_cf_opt(&cf, key, operand, &self.write_opts),
+                ),
+                PointWrite::Delete => ("delete", self.db.delete_cf_opt(&cf, key, &self.write_opts)),
+            };
+            return done.map_err(|e| Self::fail(op, column)(e));
         }
         let mut buffer = self.locked_buffer(column)?;
-        buffer.delete(&cf, &column.cf_name, key);
+        match write {
+            PointWrite::Put(value) => buffer.put(&cf, &column.cf_name, key, value),
+            PointWrite::Merge(operand) => buffer.merge(&cf, &column.cf_name, key, operand),
+            PointWrite::Delete => buffer.delete(&cf, &column.cf_name, key),
+        }
         self.apply_if_full(buffer)
     }
 

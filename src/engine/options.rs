@@ -56,7 +56,8 @@ pub struct BackendOptions {
     /// Each RocksDB write costs a fixed amount beside its memtable insert (its own batch,
     /// a turn in the write queue, the stall checks); in batches that cost is paid once:
     /// the demo job ran at 1.11x the events/s at parallelism 2 (2 000 000 events over
-    /// 100 000 keys, medians of three runs) and 1.07-1.15x at parallelism 1.
+    /// 100 000 keys, medians of three runs) and 1.02-1.33x at parallelism 1 (four pairs of
+    /// runs, on a machine whose speed varied).
     ///
     /// What changes: a write RocksDB refuses (after a background error, when the disk is
     /// full) is reported by the call that applies the buffer (a later write, a read of a
