@@ -512,8 +512,9 @@ mod tests {
             .count()
     }
 
+    /// Compacts `state`; later reads go to RocksDB (the values kept in memory are let go).
     fn compact(backend: &RocksStateBackend, state: &str) {
-        backend.core.apply_buffered().unwrap();
+        backend.core.apply_and_forget().unwrap();
         let cf = backend
             .core
             .db

@@ -12,6 +12,18 @@
 //! A point read looks in the buffer first: the value written last, or a delete, answers it
 //! there; a key with a list append still buffered has the buffer applied first, so that
 //! RocksDB merges it. Reads therefore always see every write made before them.
+//!
+//! Values stay in the index after their batch is applied, as a cache of what RocksDB now
+//! holds, within a memory budget that every backend sharing one
+//! [`SharedResources`](crate::SharedResources) shares ([`ValueCacheBudget`]). A
+//! read-modify-write job (read a key's state, write it back) then reads most of its keys
+//! from there instead of searching memtables and table files. The cache is only right
+//! while every change of a state's data goes through the buffer: everything that
+//! changes RocksDB another way (ingestion, range deletions, raw or large batched writes,
+//! column family changes) makes the backend [forget](WriteBuffer::forget) it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap as HashMap;
 
@@ -21,8 +33,42 @@ use rocksdb::{AsColumnFamilyRef, WriteBatch};
 /// of writes: a large value is not held back in memory for long.
 pub(crate) const MAX_BUFFERED_BYTES: usize = 1 << 20;
 
-/// The most index entries per column family kept allocated between rounds.
+/// The most index entries per column family kept allocated between rounds of a buffer
+/// that keeps no values once applied.
 const MAX_KEPT_SLOTS: usize = 16_384;
+
+/// Bytes counted per index entry beside its key and value: its slot in the table and the
+/// headers of its two allocations.
+const ENTRY_OVERHEAD: usize = 64;
+
+/// The memory the value caches of every backend sharing one
+/// [`SharedResources`](crate::SharedResources) may hold together. A buffer counts its
+/// entries after each application and, while the total is over the limit, lets go of its
+/// largest column's; the total may pass the limit by one round of writes per backend.
+#[derive(Debug)]
+pub(crate) struct ValueCacheBudget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl ValueCacheBudget {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    /// Bytes the caches hold now.
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the caches are kept within.
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+}
 
 /// What the buffer knows about a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +79,17 @@ enum Slot {
     Deleted,
     /// A list append is buffered: only RocksDB's merge gives the value.
     Merged,
+}
+
+impl Slot {
+    /// The bytes counted for an entry of `key_len` key bytes holding this slot.
+    fn charge(&self, key_len: usize) -> usize {
+        let value = match self {
+            Slot::Value(value) => value.len(),
+            Slot::Deleted | Slot::Merged => 0,
+        };
+        key_len + value + ENTRY_OVERHEAD
+    }
 }
 
 /// The answer of [`WriteBuffer::lookup`].
@@ -48,18 +105,60 @@ pub(crate) enum Lookup<'a> {
     Absent,
 }
 
+/// The index of one column family.
+struct Column {
+    name: String,
+    slots: HashMap<Vec<u8>, Slot>,
+    /// Bytes counted for its entries.
+    bytes: usize,
+}
+
+impl Column {
+    /// Lets go of every entry (and of a table grown large).
+    fn clear(&mut self) {
+        if self.slots.capacity() > MAX_KEPT_SLOTS {
+            self.slots = HashMap::default();
+        } else {
+            self.slots.clear();
+        }
+        self.bytes = 0;
+    }
+}
+
 /// Point writes not yet applied, in the order they were made, with an index of the latest
-/// write per column family and key.
+/// write per column family and key (and, with a cache, of the values applied before).
 #[derive(Default)]
 pub(crate) struct WriteBuffer {
     batch: WriteBatch,
     /// Per column family (by name; a backend has a handful), the latest write per key.
-    columns: Vec<(String, HashMap<Vec<u8>, Slot>)>,
+    columns: Vec<Column>,
+    /// Keys whose latest write of this round was a list append: their entries go when
+    /// the round is applied (only RocksDB knows the merged value).
+    merged: Vec<(usize, Vec<u8>)>,
     writes: usize,
     bytes: usize,
+    /// The budget of the values kept once applied; `None` keeps none.
+    cache: Option<Arc<ValueCacheBudget>>,
+    /// This buffer's bytes as last added to the budget.
+    counted: usize,
+}
+
+impl Drop for WriteBuffer {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.cache {
+            budget.used.fetch_sub(self.counted, Ordering::Relaxed);
+        }
+    }
 }
 
 impl WriteBuffer {
+    /// A buffer that keeps values once applied, within `budget`.
+    pub(crate) fn with_cache(budget: Arc<ValueCacheBudget>) -> Self {
+        let mut buffer = Self::default();
+        buffer.cache = Some(budget);
+        buffer
+    }
+
     /// Whether nothing is buffered.
     pub(crate) fn is_empty(&self) -> bool {
         self.writes == 0
@@ -76,15 +175,16 @@ impl WriteBuffer {
         self.writes >= limit || self.bytes >= MAX_BUFFERED_BYTES
     }
 
-    /// The latest buffered write of `key` in column family `column`.
+    /// The latest write of `key` in column family `column`, buffered or (with a cache)
+    /// applied.
     pub(crate) fn lookup(&self, column: &str, key: &[u8]) -> Lookup<'_> {
-        if self.writes == 0 {
+        if self.writes == 0 && self.cache.is_none() {
             return Lookup::Absent;
         }
-        let Some((_, slots)) = self.columns.iter().find(|(name, _)| name == column) else {
+        let Some(found) = self.columns.iter().find(|c| c.name == column) else {
             return Lookup::Absent;
         };
-        match slots.get(key) {
+        match found.slots.get(key) {
             Some(Slot::Value(value)) => Lookup::Value(value),
             Some(Slot::Deleted) => Lookup::Deleted,
             Some(Slot::Merged) => Lookup::Merged,
@@ -92,25 +192,37 @@ impl WriteBuffer {
         }
     }
 
-    fn slots(&mut self, column: &str) -> &mut HashMap<Vec<u8>, Slot> {
-        let at = match self.columns.iter().position(|(name, _)| name == column) {
+    fn column(&mut self, column: &str) -> usize {
+        match self.columns.iter().position(|c| c.name == column) {
             Some(at) => at,
             None => {
-                self.columns.push((column.to_string(), HashMap::default()));
+                self.columns.push(Column {
+                    name: column.to_string(),
+                    slots: HashMap::default(),
+                    bytes: 0,
+                });
                 self.columns.len() - 1
             }
-        };
-        &mut self.columns[at].1
+        }
     }
 
     fn note(&mut self, column: &str, key: &[u8], slot: Slot, bytes: usize) {
         self.writes += 1;
         self.bytes += key.len() + bytes;
-        let slots = self.slots(column);
-        match slots.get_mut(key) {
-            Some(existing) => *existing = slot,
+        let at = self.column(column);
+        if slot == Slot::Merged {
+            self.merged.push((at, key.to_vec()));
+        }
+        let charge = slot.charge(key.len());
+        let column = &mut self.columns[at];
+        match column.slots.get_mut(key) {
+            Some(existing) => {
+                column.bytes = column.bytes - existing.charge(key.len()) + charge;
+                *existing = slot;
+            }
             None => {
-                slots.insert(key.to_vec(), slot);
+                column.slots.insert(key.to_vec(), slot);
+                column.bytes += charge;
             }
         }
     }
@@ -145,20 +257,81 @@ impl WriteBuffer {
         self.note(column, key, Slot::Merged, operand.len());
     }
 
-    /// Takes the buffered writes out as one batch, leaving the buffer empty (its index
-    /// keeps its capacity for the next round).
+    /// Takes the buffered writes out as one batch, leaving nothing buffered. Without a
+    /// cache the index is emptied (keeping its capacity for the next round); with one,
+    /// it keeps the values and deletes, now RocksDB's, within the cache's budget.
     pub(crate) fn take(&mut self) -> WriteBatch {
-        for (_, slots) in &mut self.columns {
-            // Kept for the next round, unless one large batch grew it.
-            if slots.capacity() > MAX_KEPT_SLOTS {
-                *slots = HashMap::default();
-            } else {
-                slots.clear();
-            }
-        }
         self.writes = 0;
         self.bytes = 0;
-        std::mem::take(&mut self.batch)
+        let batch = std::mem::take(&mut self.batch);
+        let Some(budget) = self.cache.clone() else {
+            self.merged.clear();
+            for column in &mut self.columns {
+                column.clear();
+            }
+            return batch;
+        };
+        for (at, key) in self.merged.drain(..) {
+            let column = &mut self.columns[at];
+            if column.slots.get(&key) == Some(&Slot::Merged) {
+                column.slots.remove(&key);
+                column.bytes -= Slot::Merged.charge(key.len());
+            }
+        }
+        self.recount(&budget);
+        while budget.used() > budget.limit && self.counted > 0 {
+            let Some(largest) = self.columns.iter_mut().max_by_key(|c| c.bytes) else {
+                break;
+            };
+            largest.clear();
+            self.recount(&budget);
+        }
+        batch
+    }
+
+    /// Brings this buffer's share of the budget up to date.
+    fn recount(&mut self, budget: &ValueCacheBudget) {
+        let now: usize = self.columns.iter().map(|c| c.bytes).sum();
+        if now > self.counted {
+            budget.used.fetch_add(now - self.counted, Ordering::Relaxed);
+        } else {
+            budget.used.fetch_sub(self.counted - now, Ordering::Relaxed);
+        }
+        self.counted = now;
+    }
+
+    /// Lets go of the values kept from earlier rounds, because RocksDB's data changed
+    /// without the buffer. Only with nothing buffered: apply first.
+    pub(crate) fn forget(&mut self) {
+        debug_assert!(self.is_empty());
+        if self.cache.is_none() || self.counted == 0 {
+            return;
+        }
+        for column in &mut self.columns {
+            column.clear();
+        }
+        self.merged.clear();
+        if let Some(budget) = self.cache.clone() {
+            self.recount(&budget);
+        }
+    }
+
+    /// Lets go of the values kept of `keys` in `column`, about to be written to RocksDB
+    /// without the buffer. Only with nothing buffered: apply first.
+    pub(crate) fn forget_keys<'k>(&mut self, column: &str, keys: impl Iterator<Item = &'k [u8]>) {
+        debug_assert!(self.is_empty());
+        let Some(at) = self.columns.iter().position(|c| c.name == column) else {
+            return;
+        };
+        let column = &mut self.columns[at];
+        for key in keys {
+            if let Some(slot) = column.slots.remove(key) {
+                column.bytes -= slot.charge(key.len());
+            }
+        }
+        if let Some(budget) = self.cache.clone() {
+            self.recount(&budget);
+        }
     }
 }
 

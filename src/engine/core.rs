@@ -12,7 +12,7 @@ use rocksdb::{
 };
 
 use crate::clock::Clock;
-use crate::engine::buffer::{Lookup, WriteBuffer};
+use crate::engine::buffer::{Lookup, ValueCacheBudget, WriteBuffer};
 use crate::engine::tracker::SnapshotTracker;
 use crate::engine::ColumnSettings;
 use crate::error::{Error, Result};
@@ -285,8 +285,9 @@ impl BackendCore {
     /// Records that column families or files are about to change outside of writes
     /// (see [`Cut`]).
     /// Applies the buffered writes first: they belong to the layout before the change.
+    /// The values the buffer kept are let go: the change may alter what they cache.
     pub(crate) fn layout_changed(&self) -> Result<()> {
-        self.apply_buffered()?;
+        self.apply_and_forget()?;
         self.layout.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -499,6 +500,28 @@ impl BackendCore {
         self.apply_locked(&mut buffer)
     }
 
+    /// Applies the buffered writes, then lets go of the values the buffer kept: RocksDB's
+    /// data is about to change, or has just changed, without the buffer (ingestion, range
+    /// deletions, raw writes). Called before such a change and again after it, as values
+    /// written on another thread in between could be kept from before it.
+    ///
+    /// Errors: see [`apply_buffered`](Self::apply_buffered).
+    pub(crate) fn apply_and_forget(&self) -> Result<()> {
+        let mut buffer = self.buffer.lock();
+        self.check_writes_applied()?;
+        if !buffer.is_empty() {
+            self.apply_locked(&mut buffer)?;
+        }
+        buffer.forget();
+        Ok(())
+    }
+
+    /// Keeps the values of applied writes in the buffer's index, as a cache within
+    /// `budget` (see [`WriteBuffer`]).
+    pub(crate) fn keep_applied_values(&mut self, budget: Arc<ValueCacheBudget>) {
+        self.buffer = Mutex::new(WriteBuffer::with_cache(budget));
+    }
+
     /// Applies while holding the buffer's lock: a point read on another thread finds a
     /// write either still in the buffer or already in RocksDB, never in neither.
     fn apply_locked(&self, buffer: &mut WriteBuffer) -> Result<()> {
@@ -591,6 +614,8 @@ impl BackendCore {
             if !buffer.is_empty() {
                 self.apply_locked(&mut buffer)?;
             }
+            // Under the lock, so that no value of these keys is kept from before them.
+            buffer.forget_keys(&column.cf_name, ops.iter().map(|(key, _)| key.as_slice()));
             return direct(ops);
         }
         // All into the buffer under one lock: the buffer is applied as one batch, so
@@ -827,7 +852,7 @@ impl BackendCore {
         &self,
         entries: &[(Arc<ColumnSettings>, Vec<u8>, Vec<u8>)],
     ) -> Result<()> {
-        self.apply_buffered()?;
+        self.apply_and_forget()?;
         if entries.is_empty() {
             return Ok(());
         }
@@ -838,7 +863,8 @@ impl BackendCore {
         }
         self.db
             .write_opt(&batch, &self.write_opts)
-            .map_err(|e| Error::engine("write restored entries", e))
+            .map_err(|e| Error::engine("write restored entries", e))?;
+        self.apply_and_forget()
     }
 
     /// Deletes every entry of every state whose key group is outside `range`. Below and
@@ -887,6 +913,7 @@ impl BackendCore {
                     .map_err(Self::fail("delete range", &column))?;
             }
         }
+        self.apply_and_forget()?;
         Ok(before.saturating_sub(state_files(self)?))
     }
 
@@ -945,7 +972,7 @@ impl BackendCore {
 
     /// Deletes every entry of every state whose key group is inside `range`.
     pub(crate) fn delete_inside(&self, range: KeyGroupRange) -> Result<()> {
-        self.apply_buffered()?;
+        self.apply_and_forget()?;
         let low = crate::codec::key_group_prefix(range.start()).to_vec();
         let high = crate::codec::prefix_successor(&crate::codec::key_group_prefix(range.end()))
             .unwrap_or_else(|| vec![0xff; 3]);
@@ -955,7 +982,7 @@ impl BackendCore {
                 .delete_range_cf_opt(&cf, &low, &high, &self.write_opts)
                 .map_err(Self::fail("delete range", &column))?;
         }
-        Ok(())
+        self.apply_and_forget()
     }
 
     /// Ingests SST files written by another rockstate database into `column`, keeping
@@ -981,7 +1008,8 @@ impl BackendCore {
         opts.set_snapshot_consistency(false);
         self.db
             .ingest_external_file_cf_opts(&cf, &opts, files.to_vec())
-            .map_err(Self::fail("ingest files", column))
+            .map_err(Self::fail("ingest files", column))?;
+        self.apply_and_forget()
     }
 
     /// The live SST files.

@@ -112,6 +112,7 @@ impl BackendCore {
         self.db
             .ingest_external_file_cf_opts(&cf, &ingest, files)
             .map_err(|e| Error::engine(format!("ingest the migrated values of {}", what()), e))?;
+        self.apply_and_forget()?;
         Ok(converted)
     }
 }

@@ -3,7 +3,7 @@
 //! operator and the TTL compaction filter, options and shared memory, and the tracker of
 //! uploaded files a backend may reuse.
 
-mod buffer;
+pub(crate) mod buffer;
 mod column;
 mod core;
 mod meta;
@@ -250,6 +250,9 @@ pub(crate) fn open_core_with(
     core.seals = seals;
     core.writes_in_key_order = options.writes_in_key_order;
     core.buffered_writes = options.buffered_writes;
+    if options.buffered_writes > 0 {
+        core.keep_applied_values(resources.values.clone());
+    }
     if matches!(mode, OpenMode::Rescaled | OpenMode::NewForIngestion) {
         core.note_compactions_paused(columns.iter().map(|c| c.cf_name.clone()));
     }

@@ -1,12 +1,17 @@
 //! Settings of a backend and the memory resources backends of one process can share.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use crate::engine::buffer::ValueCacheBudget;
 use crate::error::{Error, Result};
 use crate::keygroup::{self, KeyGroupRange};
 
 /// Default memory budget of a backend that is not given [`SharedResources`]: 128 MiB.
 pub const DEFAULT_MEMORY_BUDGET: usize = 128 << 20;
+
+/// The values kept after writing them take one part in this many of a memory budget.
+const VALUE_CACHE_SHARE: usize = 4;
 
 /// Settings of one [`RocksStateBackend`](crate::RocksStateBackend) (one subtask).
 #[derive(Debug, Clone)]
@@ -151,13 +156,16 @@ impl BackendOptions {
 /// A block cache and a write-buffer budget that several backends of one process share, so
 /// that memory is budgeted per process rather than per subtask.
 ///
-/// Write buffers are charged to the cache, so one `budget` covers both. It is a soft
-/// limit: the cache may briefly exceed it under pinned blocks, and writers are not stalled
-/// (memtables are flushed instead).
+/// Write buffers are charged to the cache, so one `budget` covers both, and the values
+/// the backends keep in memory after writing them (a quarter of the budget, taken from
+/// the cache: see [`BackendOptions::buffered_writes`]). It is a soft limit: the cache may
+/// briefly exceed it under pinned blocks, the kept values by one round of buffered
+/// writes per backend, and writers are not stalled (memtables are flushed instead).
 #[derive(Clone)]
 pub struct SharedResources {
     pub(crate) cache: rocksdb::Cache,
     pub(crate) write_buffers: rocksdb::WriteBufferManager,
+    pub(crate) values: Arc<ValueCacheBudget>,
     pub(crate) budget: usize,
 }
 
@@ -170,7 +178,9 @@ impl std::fmt::Debug for SharedResources {
 }
 
 impl SharedResources {
-    /// Resources bounded by `budget` bytes, half of which may hold write buffers.
+    /// Resources bounded by `budget` bytes: a quarter for the values kept after writing
+    /// them, the rest for the block cache, half of the budget of which may hold write
+    /// buffers.
     ///
     /// Errors: `InvalidArgument` below 4 MiB.
     pub fn new(budget: usize) -> Result<Self> {
@@ -185,7 +195,8 @@ impl SharedResources {
         // mutexes were about 6% of the demo job's time, and the job ran 7-9% faster with
         // this cache at parallelism 1 and 2 (`rockstate demo`, 2 000 000 events,
         // alternating runs). Write buffers are charged to it as to the LRU cache.
-        let cache = rocksdb::Cache::new_hyper_clock_cache(budget, 0);
+        let values = budget / VALUE_CACHE_SHARE;
+        let cache = rocksdb::Cache::new_hyper_clock_cache(budget - values, 0);
         let write_buffers = rocksdb::WriteBufferManager::new_write_buffer_manager_with_cache(
             budget / 2,
             false,
@@ -194,6 +205,7 @@ impl SharedResources {
         Ok(Self {
             cache,
             write_buffers,
+            values: Arc::new(ValueCacheBudget::new(values)),
             budget,
         })
     }
@@ -206,6 +218,12 @@ impl SharedResources {
     /// Bytes currently held by the block cache (including charged write buffers).
     pub fn cache_usage(&self) -> usize {
         self.cache.get_usage()
+    }
+
+    /// Bytes of state values the backends sharing these resources keep in memory after
+    /// writing them, and the size they are kept within (a quarter of the budget).
+    pub fn value_cache_usage(&self) -> (usize, usize) {
+        (self.values.used(), self.values.limit())
     }
 
     /// Bytes of memtables, of every backend sharing these resources, that the write
