@@ -469,3 +469,87 @@ fn dropping_a_state_with_buffered_writes_keeps_the_others() {
         .unwrap();
     assert_eq!(again.get(&keys[0]).unwrap(), None);
 }
+
+/// The values kept in memory after writing them (the write buffer's cache) stay within
+/// the quarter of the budget that backends sharing one `SharedResources` share, give the
+/// memory back when their backends close, and never answer for more than they hold:
+/// every key written still reads back, from memory or from RocksDB.
+#[test]
+fn values_kept_after_writing_stay_within_their_share_of_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let resources = SharedResources::new(4 << 20).unwrap();
+    let (_, limit) = resources.value_cache_usage();
+    assert_eq!(limit, 1 << 20);
+    let open = |i: u32| {
+        let options =
+            BackendOptions::for_subtask(dir.path().join(i.to_string()), i, PAR, MAX_PAR).unwrap();
+        RocksStateBackend::builder(options)
+            .shared_resources(resources.clone())
+            .open()
+            .unwrap()
+    };
+    let backends = [open(0), open(1)];
+    let value = vec![7u8; 100];
+    let mut written = Vec::new();
+    for (i, backend) in backends.iter().enumerate() {
+        let state = backend
+            .register(ValueStateDescriptor::<String, Vec<u8>>::new("v"))
+            .unwrap();
+        let owned = if i == 0 {
+            owned_keys(20_000)
+        } else {
+            foreign_keys(20_000)
+        };
+        for key in &owned {
+            state.put(key, &value).unwrap();
+        }
+        let (used, _) = resources.value_cache_usage();
+        // Over by at most the last round of writes of each backend (256 writes, their
+        // keys and values and the bytes counted per entry).
+        assert!(
+            used <= limit + 2 * 256 * 256,
+            "backend {i}: {used} bytes kept, over {limit}"
+        );
+        written.push((state, owned));
+    }
+    assert!(resources.value_cache_usage().0 > 0);
+    for (state, owned) in &written {
+        for key in owned {
+            assert_eq!(state.get(key).unwrap().as_ref(), Some(&value), "{key}");
+        }
+    }
+    drop(written);
+    drop(backends);
+    assert_eq!(
+        resources.value_cache_usage().0,
+        0,
+        "memory kept after close"
+    );
+}
+
+/// A state dropped and registered again under its name starts empty: the values kept in
+/// memory for the dropped one are let go with it.
+#[test]
+fn values_kept_in_memory_go_with_a_dropped_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend =
+        RocksStateBackend::open(BackendOptions::for_subtask(dir.path(), 0, PAR, MAX_PAR).unwrap())
+            .unwrap();
+    let keys = owned_keys(2);
+    let v = backend
+        .register(ValueStateDescriptor::<String, u64>::new("v"))
+        .unwrap();
+    let other = backend
+        .register(ValueStateDescriptor::<String, u64>::new("other"))
+        .unwrap();
+    v.put(&keys[0], &1).unwrap();
+    other.put(&keys[1], &2).unwrap();
+    // Applied: both values are now kept in memory as well as in RocksDB.
+    backend.flush().unwrap();
+    assert!(backend.drop_state("v").unwrap());
+    let again = backend
+        .register(ValueStateDescriptor::<String, u64>::new("v"))
+        .unwrap();
+    assert_eq!(again.get(&keys[0]).unwrap(), None);
+    assert_eq!(other.get(&keys[1]).unwrap(), Some(2));
+}

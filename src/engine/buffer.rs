@@ -404,4 +404,80 @@ mod tests {
         buffer.put(&a, "a", b"big", &vec![0; MAX_BUFFERED_BYTES]);
         assert!(buffer.is_full(1000));
     }
+
+    #[test]
+    fn applied_values_and_deletes_are_kept_but_not_appends() {
+        let (_dir, db) = db();
+        let a = db.cf_handle("a").unwrap();
+        let budget = Arc::new(ValueCacheBudget::new(1 << 20));
+        let mut buffer = WriteBuffer::with_cache(budget.clone());
+        buffer.put(&a, "a", b"v", b"1");
+        buffer.delete(&a, "a", b"d");
+        buffer.merge(&a, "a", b"m", b"2");
+        buffer.merge(&a, "a", b"p", b"3");
+        buffer.put(&a, "a", b"p", b"4");
+        // (Not written: this database has no merge operator.)
+        buffer.take();
+        assert!(buffer.is_empty());
+        assert_eq!(buffer.lookup("a", b"v"), Lookup::Value(b"1"));
+        assert_eq!(buffer.lookup("a", b"d"), Lookup::Deleted);
+        // Only RocksDB knows a merged value.
+        assert_eq!(buffer.lookup("a", b"m"), Lookup::Absent);
+        // A put after the append: its value is the key's.
+        assert_eq!(buffer.lookup("a", b"p"), Lookup::Value(b"4"));
+        let kept = budget.used();
+        assert_eq!(kept, 3 + 3 * ENTRY_OVERHEAD + 2);
+
+        buffer.forget_keys("a", [&b"v"[..]].into_iter());
+        assert_eq!(buffer.lookup("a", b"v"), Lookup::Absent);
+        assert_eq!(buffer.lookup("a", b"p"), Lookup::Value(b"4"));
+        assert_eq!(budget.used(), kept - (1 + 1 + ENTRY_OVERHEAD));
+        buffer.forget();
+        assert_eq!(buffer.lookup("a", b"p"), Lookup::Absent);
+        assert_eq!(budget.used(), 0);
+        buffer.put(&a, "a", b"v", b"5");
+        buffer.take();
+        assert!(budget.used() > 0);
+        drop(buffer);
+        assert_eq!(budget.used(), 0, "a dropped buffer gives its share back");
+    }
+
+    #[test]
+    fn over_its_budget_a_buffer_lets_go_of_its_largest_column() {
+        let (_dir, db) = db();
+        let a = db.cf_handle("a").unwrap();
+        let b = db.cf_handle("b").unwrap();
+        let entry = 8 + 100 + ENTRY_OVERHEAD;
+        let budget = Arc::new(ValueCacheBudget::new(50 * entry));
+        let mut buffer = WriteBuffer::with_cache(budget.clone());
+        let mut other = WriteBuffer::with_cache(budget.clone());
+        other.put(&b, "b", b"elsewhere", &[0; 100]);
+        other.take();
+        let shared = budget.used();
+        buffer.put(&b, "b", b"small", b"1");
+        for i in 0..40u64 {
+            buffer.put(&a, "a", &i.to_be_bytes(), &[1; 100]);
+        }
+        buffer.take();
+        assert_eq!(
+            buffer.lookup("a", &0u64.to_be_bytes()),
+            Lookup::Value(&[1; 100])
+        );
+        for i in 40..60u64 {
+            buffer.put(&a, "a", &i.to_be_bytes(), &[1; 100]);
+        }
+        // This round is still whole until it is applied.
+        assert_eq!(
+            buffer.lookup("a", &59u64.to_be_bytes()),
+            Lookup::Value(&[1; 100])
+        );
+        buffer.take();
+        // Over the budget: column "a", the largest, goes; "b" stays.
+        assert_eq!(buffer.lookup("a", &0u64.to_be_bytes()), Lookup::Absent);
+        assert_eq!(buffer.lookup("a", &59u64.to_be_bytes()), Lookup::Absent);
+        assert_eq!(buffer.lookup("b", b"small"), Lookup::Value(b"1"));
+        assert!(budget.used() <= budget.limit(), "{}", budget.used());
+        assert_eq!(budget.used(), shared + 5 + 1 + ENTRY_OVERHEAD);
+        assert_eq!(other.lookup("b", b"elsewhere"), Lookup::Value(&[0; 100]));
+    }
 }
