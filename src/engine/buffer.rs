@@ -37,26 +37,83 @@ pub(crate) const MAX_BUFFERED_BYTES: usize = 1 << 20;
 /// that keeps no values once applied.
 const MAX_KEPT_SLOTS: usize = 16_384;
 
-/// Bytes counted per index entry beside its key and value: its slot in the table and the
-/// headers of its two allocations.
-const ENTRY_OVERHEAD: usize = 64;
+/// Bytes counted per index entry beside its key and value: its slot in the table (with
+/// the table's spare room) and the rounding of its two allocations.
+const ENTRY_OVERHEAD: usize = 80;
+
+/// Rounds of writes (each applied as one batch) during which a column whose values were
+/// let go while mostly missed keeps none, before it tries again.
+const PAUSED_ROUNDS: u32 = 1_024;
 
 /// The memory the value caches of every backend sharing one
 /// [`SharedResources`](crate::SharedResources) may hold together. A buffer counts its
-/// entries after each application and, while the total is over the limit, lets go of its
-/// largest column's; the total may pass the limit by one round of writes per backend.
-#[derive(Debug)]
+/// entries after each application and, while the total is over the limit and its own
+/// part over an even share, lets go of its columns' values, those that answered the
+/// fewest reads first; the total may pass the limit by one round of writes per backend.
+///
+/// The values kept are taken from the block cache as they grow: its capacity is the
+/// memory budget less what they hold (to within [`RESIZE_STEP`]), so a state too large
+/// for them to help leaves the block cache its whole budget.
 pub(crate) struct ValueCacheBudget {
     limit: usize,
     used: AtomicUsize,
+    /// Buffers sharing it.
+    users: AtomicUsize,
+    /// The block cache and the budget it shares with the values kept.
+    block_cache: Option<(rocksdb::Cache, usize)>,
+    /// `used` when the block cache's capacity was last set.
+    resized_at: AtomicUsize,
 }
 
+impl std::fmt::Debug for ValueCacheBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ValueCacheBudget")
+            .field("limit", &self.limit)
+            .field("used", &self.used())
+            .finish()
+    }
+}
+
+/// How far the values kept may move before the block cache's capacity follows them.
+const RESIZE_STEP: usize = 1 << 20;
+
 impl ValueCacheBudget {
+    /// A budget of `limit` bytes on its own (the block cache does not give way).
     pub(crate) fn new(limit: usize) -> Self {
         Self {
             limit,
             used: AtomicUsize::new(0),
+            users: AtomicUsize::new(0),
+            block_cache: None,
+            resized_at: AtomicUsize::new(0),
         }
+    }
+
+    /// A budget of `limit` bytes taken, as it is used, from `block_cache`, which shares
+    /// `total` bytes with it.
+    pub(crate) fn within(limit: usize, block_cache: rocksdb::Cache, total: usize) -> Self {
+        Self {
+            block_cache: Some((block_cache, total)),
+            ..Self::new(limit)
+        }
+    }
+
+    /// Gives the block cache what the values kept do not use.
+    fn resize_block_cache(&self) {
+        let Some((cache, total)) = &self.block_cache else {
+            return;
+        };
+        let used = self.used().min(self.limit);
+        let at = self.resized_at.load(Ordering::Relaxed);
+        if used.abs_diff(at) < RESIZE_STEP
+            || self
+                .resized_at
+                .compare_exchange(at, used, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        cache.clone().set_capacity(total - used);
     }
 
     /// Bytes the caches hold now.
@@ -111,9 +168,26 @@ struct Column {
     slots: HashMap<Vec<u8>, Slot>,
     /// Bytes counted for its entries.
     bytes: usize,
+    /// Point reads of the column, and those the index answered, since its values were
+    /// last let go.
+    lookups: u64,
+    hits: u64,
+    /// Rounds left during which it keeps no values once applied (see [`PAUSED_ROUNDS`]).
+    paused: u32,
 }
 
 impl Column {
+    fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            slots: HashMap::default(),
+            bytes: 0,
+            lookups: 0,
+            hits: 0,
+            paused: 0,
+        }
+    }
+
     /// Lets go of every entry (and of a table grown large).
     fn clear(&mut self) {
         if self.slots.capacity() > MAX_KEPT_SLOTS {
@@ -122,6 +196,27 @@ impl Column {
             self.slots.clear();
         }
         self.bytes = 0;
+        self.lookups = 0;
+        self.hits = 0;
+    }
+
+    /// Whether its values answered a smaller part of its reads than `other`'s, or as
+    /// much and it holds more (a column never read answered none).
+    fn worth_less_than(&self, other: &Column) -> bool {
+        let mine = u128::from(self.hits) * u128::from(other.lookups.max(1));
+        let theirs = u128::from(other.hits) * u128::from(self.lookups.max(1));
+        mine < theirs || (mine == theirs && self.bytes > other.bytes)
+    }
+
+    /// Lets go of its values to bring a cache back within its budget. When they answered
+    /// fewer than half of its reads, its keys are read less often than the budget can
+    /// wait for (a key space larger than it holds): keeping them only costs memory and
+    /// time, so it keeps none for [`PAUSED_ROUNDS`] rounds.
+    fn evict(&mut self) {
+        if self.hits * 2 < self.lookups {
+            self.paused = PAUSED_ROUNDS;
+        }
+        self.clear();
     }
 }
 
@@ -147,6 +242,8 @@ impl Drop for WriteBuffer {
     fn drop(&mut self) {
         if let Some(budget) = &self.cache {
             budget.used.fetch_sub(self.counted, Ordering::Relaxed);
+            budget.users.fetch_sub(1, Ordering::Relaxed);
+            budget.resize_block_cache();
         }
     }
 }
@@ -154,6 +251,7 @@ impl Drop for WriteBuffer {
 impl WriteBuffer {
     /// A buffer that keeps values once applied, within `budget`.
     pub(crate) fn with_cache(budget: Arc<ValueCacheBudget>) -> Self {
+        budget.users.fetch_add(1, Ordering::Relaxed);
         let mut buffer = Self::default();
         buffer.cache = Some(budget);
         buffer
@@ -177,14 +275,19 @@ impl WriteBuffer {
 
     /// The latest write of `key` in column family `column`, buffered or (with a cache)
     /// applied.
-    pub(crate) fn lookup(&self, column: &str, key: &[u8]) -> Lookup<'_> {
+    pub(crate) fn lookup(&mut self, column: &str, key: &[u8]) -> Lookup<'_> {
         if self.writes == 0 && self.cache.is_none() {
             return Lookup::Absent;
         }
-        let Some(found) = self.columns.iter().find(|c| c.name == column) else {
+        let Some(found) = self.columns.iter_mut().find(|c| c.name == column) else {
             return Lookup::Absent;
         };
-        match found.slots.get(key) {
+        found.lookups += 1;
+        let slot = found.slots.get(key);
+        if slot.is_some() {
+            found.hits += 1;
+        }
+        match slot {
             Some(Slot::Value(value)) => Lookup::Value(value),
             Some(Slot::Deleted) => Lookup::Deleted,
             Some(Slot::Merged) => Lookup::Merged,
@@ -196,11 +299,7 @@ impl WriteBuffer {
         match self.columns.iter().position(|c| c.name == column) {
             Some(at) => at,
             None => {
-                self.columns.push(Column {
-                    name: column.to_string(),
-                    slots: HashMap::default(),
-                    bytes: 0,
-                });
+                self.columns.push(Column::new(column));
                 self.columns.len() - 1
             }
         }
@@ -278,12 +377,28 @@ impl WriteBuffer {
                 column.bytes -= Slot::Merged.charge(key.len());
             }
         }
+        for column in &mut self.columns {
+            if column.paused > 0 {
+                column.paused -= 1;
+                column.clear();
+            }
+        }
         self.recount(&budget);
-        while budget.used() > budget.limit && self.counted > 0 {
-            let Some(largest) = self.columns.iter_mut().max_by_key(|c| c.bytes) else {
+        // Whoever holds more than an even share gives back: a backend is not emptied
+        // because another one grows.
+        let share = budget.limit / budget.users.load(Ordering::Relaxed).max(1);
+        while budget.used() > budget.limit && self.counted > share {
+            let mut worst: Option<&mut Column> = None;
+            for column in self.columns.iter_mut().filter(|c| c.bytes > 0) {
+                match &worst {
+                    Some(w) if !column.worth_less_than(w) => {}
+                    _ => worst = Some(column),
+                }
+            }
+            let Some(worst) = worst else {
                 break;
             };
-            largest.clear();
+            worst.evict();
             self.recount(&budget);
         }
         batch
@@ -298,6 +413,7 @@ impl WriteBuffer {
             budget.used.fetch_sub(self.counted - now, Ordering::Relaxed);
         }
         self.counted = now;
+        budget.resize_block_cache();
     }
 
     /// Lets go of the values kept from earlier rounds, because RocksDB's data changed
@@ -443,7 +559,7 @@ mod tests {
     }
 
     #[test]
-    fn over_its_budget_a_buffer_lets_go_of_its_largest_column() {
+    fn over_its_budget_a_buffer_lets_go_of_its_least_read_then_largest_column() {
         let (_dir, db) = db();
         let a = db.cf_handle("a").unwrap();
         let b = db.cf_handle("b").unwrap();
@@ -463,6 +579,7 @@ mod tests {
             buffer.lookup("a", &0u64.to_be_bytes()),
             Lookup::Value(&[1; 100])
         );
+        assert_eq!(buffer.lookup("b", b"small"), Lookup::Value(b"1"));
         for i in 40..60u64 {
             buffer.put(&a, "a", &i.to_be_bytes(), &[1; 100]);
         }
@@ -472,12 +589,72 @@ mod tests {
             Lookup::Value(&[1; 100])
         );
         buffer.take();
-        // Over the budget: column "a", the largest, goes; "b" stays.
+        // Over the budget: of two columns whose reads all found their key, the larger
+        // ("a") goes; "b" stays.
         assert_eq!(buffer.lookup("a", &0u64.to_be_bytes()), Lookup::Absent);
         assert_eq!(buffer.lookup("a", &59u64.to_be_bytes()), Lookup::Absent);
         assert_eq!(buffer.lookup("b", b"small"), Lookup::Value(b"1"));
         assert!(budget.used() <= budget.limit(), "{}", budget.used());
         assert_eq!(budget.used(), shared + 5 + 1 + ENTRY_OVERHEAD);
         assert_eq!(other.lookup("b", b"elsewhere"), Lookup::Value(&[0; 100]));
+    }
+
+    #[test]
+    fn a_column_whose_values_were_mostly_missed_keeps_none_for_a_while() {
+        let (_dir, db) = db();
+        let a = db.cf_handle("a").unwrap();
+        let b = db.cf_handle("b").unwrap();
+        let entry = 8 + 8 + ENTRY_OVERHEAD;
+        let budget = Arc::new(ValueCacheBudget::new(30 * entry));
+        let mut buffer = WriteBuffer::with_cache(budget.clone());
+        // Column "b" is read back; column "a" only ever sees new keys.
+        buffer.put(&b, "b", b"hot", b"1");
+        buffer.take();
+        for i in 0..40u64 {
+            assert_eq!(buffer.lookup("a", &i.to_be_bytes()), Lookup::Absent);
+            assert_eq!(buffer.lookup("b", b"hot"), Lookup::Value(b"1"));
+            buffer.put(&a, "a", &i.to_be_bytes(), &i.to_be_bytes());
+            buffer.take();
+        }
+        // Over the budget, "a" went, and keeps nothing now; "b" stays.
+        assert!(budget.used() <= budget.limit());
+        buffer.put(&a, "a", b"new", b"2");
+        assert_eq!(buffer.lookup("a", b"new"), Lookup::Value(b"2"), "unapplied");
+        buffer.take();
+        assert_eq!(buffer.lookup("a", b"new"), Lookup::Absent);
+        assert_eq!(buffer.lookup("b", b"hot"), Lookup::Value(b"1"));
+        // It tries again after its pause.
+        for _ in 0..PAUSED_ROUNDS {
+            buffer.take();
+        }
+        buffer.put(&a, "a", b"new", b"3");
+        buffer.take();
+        assert_eq!(buffer.lookup("a", b"new"), Lookup::Value(b"3"));
+    }
+
+    #[test]
+    fn the_block_cache_gives_way_to_the_values_kept_and_gets_it_back() {
+        let (_dir, db) = db();
+        let a = db.cf_handle("a").unwrap();
+        let total = 16 << 20;
+        let cache = rocksdb::Cache::new_hyper_clock_cache(total, 0);
+        let budget = Arc::new(ValueCacheBudget::within(4 << 20, cache.clone(), total));
+        let mut buffer = WriteBuffer::with_cache(budget.clone());
+        for i in 0..2_000u64 {
+            buffer.put(&a, "a", &i.to_be_bytes(), &[0; 1_000]);
+            if buffer.is_full(256) {
+                buffer.take();
+            }
+        }
+        buffer.take();
+        let used = budget.used();
+        assert!(used > 2 << 20, "{used}");
+        let capacity = cache.get_capacity();
+        assert!(
+            capacity <= total - used + RESIZE_STEP && capacity >= total - used,
+            "capacity {capacity} with {used} bytes of values kept"
+        );
+        drop(buffer);
+        assert_eq!(cache.get_capacity(), total);
     }
 }

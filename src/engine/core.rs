@@ -385,7 +385,7 @@ impl BackendCore {
     ) -> Result<R> {
         self.check_writes_applied()?;
         let cf = self.column_cf(column)?;
-        let buffer = self.buffer.lock();
+        let mut buffer = self.buffer.lock();
         // Again under the lock: an application that failed on another thread meanwhile
         // left the buffer empty, and RocksDB without those writes.
         self.check_writes_applied()?;

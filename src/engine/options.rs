@@ -206,17 +206,21 @@ impl SharedResources {
         // mutexes were about 6% of the demo job's time, and the job ran 7-9% faster with
         // this cache at parallelism 1 and 2 (`rockstate demo`, 2 000 000 events,
         // alternating runs). Write buffers are charged to it as to the LRU cache.
-        let values = budget / VALUE_CACHE_SHARE;
-        let cache = rocksdb::Cache::new_hyper_clock_cache(budget - values, 0);
+        let cache = rocksdb::Cache::new_hyper_clock_cache(budget, 0);
         let write_buffers = rocksdb::WriteBufferManager::new_write_buffer_manager_with_cache(
             budget / 2,
             false,
             cache.clone(),
         );
+        let values = Arc::new(ValueCacheBudget::within(
+            budget / VALUE_CACHE_SHARE,
+            cache.clone(),
+            budget,
+        ));
         Ok(Self {
             cache,
             write_buffers,
-            values: Arc::new(ValueCacheBudget::new(values)),
+            values,
             budget,
         })
     }
