@@ -42,7 +42,8 @@ const MAX_KEPT_SLOTS: usize = 16_384;
 const ENTRY_OVERHEAD: usize = 80;
 
 /// Rounds of writes (each applied as one batch) during which a column whose values were
-/// let go while mostly missed keeps none, before it tries again.
+/// let go while mostly missed keeps none, before it tries again; twice as many after each
+/// such eviction in a row, up to 64 times as many.
 const PAUSED_ROUNDS: u32 = 1_024;
 
 /// The memory the value caches of every backend sharing one
@@ -174,6 +175,8 @@ struct Column {
     hits: u64,
     /// Rounds left during which it keeps no values once applied (see [`PAUSED_ROUNDS`]).
     paused: u32,
+    /// Evictions in a row of values that were mostly missed.
+    strikes: u32,
 }
 
 impl Column {
@@ -185,6 +188,7 @@ impl Column {
             lookups: 0,
             hits: 0,
             paused: 0,
+            strikes: 0,
         }
     }
 
@@ -211,10 +215,14 @@ impl Column {
     /// Lets go of its values to bring a cache back within its budget. When they answered
     /// fewer than half of its reads, its keys are read less often than the budget can
     /// wait for (a key space larger than it holds): keeping them only costs memory and
-    /// time, so it keeps none for [`PAUSED_ROUNDS`] rounds.
+    /// time, so it keeps none for [`PAUSED_ROUNDS`] rounds (more after each such
+    /// eviction in a row).
     fn evict(&mut self) {
         if self.hits * 2 < self.lookups {
-            self.paused = PAUSED_ROUNDS;
+            self.paused = PAUSED_ROUNDS << self.strikes.min(6);
+            self.strikes += 1;
+        } else {
+            self.strikes = 0;
         }
         self.clear();
     }
