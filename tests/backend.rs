@@ -489,7 +489,8 @@ fn values_kept_after_writing_stay_within_their_share_of_the_budget() {
             .unwrap()
     };
     let backends = [open(0), open(1)];
-    let value = vec![7u8; 100];
+    // A value of its own per key, of 100 bytes.
+    let value_of = |key: &str| format!("{key:->100}").into_bytes();
     let mut written = Vec::new();
     for (i, backend) in backends.iter().enumerate() {
         let state = backend
@@ -501,7 +502,10 @@ fn values_kept_after_writing_stay_within_their_share_of_the_budget() {
             foreign_keys(20_000)
         };
         for key in &owned {
-            state.put(key, &value).unwrap();
+            state.put(key, &value_of(key)).unwrap();
+            // Read back, as a read-modify-write job would: values that answer reads are
+            // kept (those of a state never read are not).
+            assert_eq!(state.get(key).unwrap(), Some(value_of(key)), "{key}");
         }
         let (used, _) = resources.value_cache_usage();
         // Over by at most the last round of writes of each backend (256 writes, their
@@ -515,7 +519,7 @@ fn values_kept_after_writing_stay_within_their_share_of_the_budget() {
     assert!(resources.value_cache_usage().0 > 0);
     for (state, owned) in &written {
         for key in owned {
-            assert_eq!(state.get(key).unwrap().as_ref(), Some(&value), "{key}");
+            assert_eq!(state.get(key).unwrap(), Some(value_of(key)), "{key}");
         }
     }
     drop(written);

@@ -63,7 +63,7 @@ pub(crate) struct ValueCacheBudget {
     /// The block cache and the budget it shares with the values kept.
     block_cache: Option<(rocksdb::Cache, usize)>,
     /// `used` when the block cache's capacity was last set.
-    resized_at: AtomicUsize,
+    resized_at: parking_lot::Mutex<usize>,
 }
 
 impl std::fmt::Debug for ValueCacheBudget {
@@ -86,7 +86,7 @@ impl ValueCacheBudget {
             used: AtomicUsize::new(0),
             users: AtomicUsize::new(0),
             block_cache: None,
-            resized_at: AtomicUsize::new(0),
+            resized_at: parking_lot::Mutex::new(0),
         }
     }
 
@@ -104,16 +104,14 @@ impl ValueCacheBudget {
         let Some((cache, total)) = &self.block_cache else {
             return;
         };
+        // Read and set under one lock, so that capacities are set in the order of the
+        // usage they follow.
+        let mut at = self.resized_at.lock();
         let used = self.used().min(self.limit);
-        let at = self.resized_at.load(Ordering::Relaxed);
-        if used.abs_diff(at) < RESIZE_STEP
-            || self
-                .resized_at
-                .compare_exchange(at, used, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
+        if used.abs_diff(*at) < RESIZE_STEP {
             return;
         }
+        *at = used;
         cache.clone().set_capacity(total - used);
     }
 
@@ -177,6 +175,9 @@ struct Column {
     paused: u32,
     /// Evictions in a row of values that were mostly missed.
     strikes: u32,
+    /// Keeps no values once applied: a state with a time to live, whose values RocksDB's
+    /// compactions remove without the buffer (see [`WriteBuffer::keep_none`]).
+    volatile: bool,
 }
 
 impl Column {
@@ -189,6 +190,7 @@ impl Column {
             hits: 0,
             paused: 0,
             strikes: 0,
+            volatile: false,
         }
     }
 
@@ -218,7 +220,7 @@ impl Column {
     /// time, so it keeps none for [`PAUSED_ROUNDS`] rounds (more after each such
     /// eviction in a row).
     fn evict(&mut self) {
-        if self.hits * 2 < self.lookups {
+        if self.hits * 2 < self.lookups.max(1) {
             self.paused = PAUSED_ROUNDS << self.strikes.min(6);
             self.strikes += 1;
         } else {
@@ -313,6 +315,15 @@ impl WriteBuffer {
         }
     }
 
+    /// Keeps no values of `column` once applied, from now on: its state has a time to
+    /// live, so RocksDB's compactions remove expired values without the buffer, and a
+    /// reader that accepts expired values until they are removed must not find them here
+    /// after.
+    pub(crate) fn keep_none(&mut self, column: &str) {
+        let at = self.column(column);
+        self.columns[at].volatile = true;
+    }
+
     fn note(&mut self, column: &str, key: &[u8], slot: Slot, bytes: usize) {
         self.writes += 1;
         self.bytes += key.len() + bytes;
@@ -386,7 +397,9 @@ impl WriteBuffer {
             }
         }
         for column in &mut self.columns {
-            if column.paused > 0 {
+            if column.volatile {
+                column.clear();
+            } else if column.paused > 0 {
                 column.paused -= 1;
                 column.clear();
             }

@@ -448,6 +448,9 @@ impl BackendCore {
             return done.map_err(|e| Self::fail(op, column)(e));
         }
         let mut buffer = self.locked_buffer(column)?;
+        if column.ttl_ms().is_some() {
+            buffer.keep_none(&column.cf_name);
+        }
         match write {
             PointWrite::Put(value) => buffer.put(&cf, &column.cf_name, key, value),
             PointWrite::Merge(operand) => buffer.merge(&cf, &column.cf_name, key, operand),
@@ -617,6 +620,9 @@ impl BackendCore {
             // Under the lock, so that no value of these keys is kept from before them.
             buffer.forget_keys(&column.cf_name, ops.iter().map(|(key, _)| key.as_slice()));
             return direct(ops);
+        }
+        if column.ttl_ms().is_some() {
+            buffer.keep_none(&column.cf_name);
         }
         // All into the buffer under one lock: the buffer is applied as one batch, so
         // these writes still land together or not at all.

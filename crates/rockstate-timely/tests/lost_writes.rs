@@ -104,7 +104,11 @@ fn writes_lost_at_the_final_snapshot_fail_the_worker() {
             "the worker ended although its last writes were lost (completed {:?}, declined {:?})",
             report.completed, report.failed
         ),
-        Err(e) => assert!(e.report().to_string().contains("lost"), "{}", e.report()),
+        Err(e) => assert!(
+            e.report().to_string().contains("buffered state writes"),
+            "{}",
+            e.report()
+        ),
     }
 
     // The last completed checkpoint is the one before: it holds every count up to it.
