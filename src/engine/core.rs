@@ -867,10 +867,12 @@ impl BackendCore {
             let cf = self.column_cf(column)?;
             batch.put_cf(&cf, key, value);
         }
-        self.db
+        let written = self
+            .db
             .write_opt(&batch, &self.write_opts)
-            .map_err(|e| Error::engine("write restored entries", e))?;
-        self.apply_and_forget()
+            .map_err(|e| Error::engine("write restored entries", e));
+        // Also after a failure: part of the batch may have landed.
+        written.and(self.apply_and_forget())
     }
 
     /// Deletes every entry of every state whose key group is outside `range`. Below and
@@ -893,12 +895,26 @@ impl BackendCore {
         self.layout_changed()?;
         let low = crate::codec::key_group_prefix(range.start()).to_vec();
         let high = crate::codec::prefix_successor(&crate::codec::key_group_prefix(range.end()));
+        let deleted = self.delete_spans_outside(range, &low, high.as_deref());
+        // Also after a failure: some columns may have changed.
+        deleted.and(self.apply_and_forget())?;
+        Ok(before.saturating_sub(state_files(self)?))
+    }
+
+    /// The deletions of [`delete_outside`](Self::delete_outside), below `low` and from
+    /// `high` on.
+    fn delete_spans_outside(
+        &self,
+        range: KeyGroupRange,
+        low: &[u8],
+        high: Option<&[u8]>,
+    ) -> Result<()> {
         for (_, column) in self.state_columns() {
             let mut spans = Vec::new();
             if range.start() > 0 {
-                spans.extend(self.extent(&column, None, Some(&low))?);
+                spans.extend(self.extent(&column, None, Some(low))?);
             }
-            if let Some(high) = &high {
+            if let Some(high) = high {
                 spans.extend(self.extent(&column, Some(high), None)?);
             }
             let cf = self.column_cf(&column)?;
@@ -919,8 +935,7 @@ impl BackendCore {
                     .map_err(Self::fail("delete range", &column))?;
             }
         }
-        self.apply_and_forget()?;
-        Ok(before.saturating_sub(state_files(self)?))
+        Ok(())
     }
 
     /// The first and the last key present in `column` between `lower` (inclusive) and
@@ -982,13 +997,17 @@ impl BackendCore {
         let low = crate::codec::key_group_prefix(range.start()).to_vec();
         let high = crate::codec::prefix_successor(&crate::codec::key_group_prefix(range.end()))
             .unwrap_or_else(|| vec![0xff; 3]);
-        for (_, column) in self.state_columns() {
-            let cf = self.column_cf(&column)?;
-            self.db
-                .delete_range_cf_opt(&cf, &low, &high, &self.write_opts)
-                .map_err(Self::fail("delete range", &column))?;
-        }
-        self.apply_and_forget()
+        let deleted = self
+            .state_columns()
+            .into_iter()
+            .try_for_each(|(_, column)| {
+                let cf = self.column_cf(&column)?;
+                self.db
+                    .delete_range_cf_opt(&cf, &low, &high, &self.write_opts)
+                    .map_err(Self::fail("delete range", &column))
+            });
+        // Also after a failure: some columns may have changed.
+        deleted.and(self.apply_and_forget())
     }
 
     /// Ingests SST files written by another rockstate database into `column`, keeping
@@ -1014,8 +1033,9 @@ impl BackendCore {
         opts.set_snapshot_consistency(false);
         self.db
             .ingest_external_file_cf_opts(&cf, &opts, files.to_vec())
-            .map_err(Self::fail("ingest files", column))?;
-        self.apply_and_forget()
+            .map_err(Self::fail("ingest files", column))
+            // Also after a failure, which may come after the files went in.
+            .and(self.apply_and_forget())
     }
 
     /// The live SST files.

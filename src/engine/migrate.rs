@@ -111,8 +111,9 @@ impl BackendCore {
         self.layout_changed()?;
         self.db
             .ingest_external_file_cf_opts(&cf, &ingest, files)
-            .map_err(|e| Error::engine(format!("ingest the migrated values of {}", what()), e))?;
-        self.apply_and_forget()?;
+            .map_err(|e| Error::engine(format!("ingest the migrated values of {}", what()), e))
+            // Also after a failure, which may come after the files went in.
+            .and(self.apply_and_forget())?;
         Ok(converted)
     }
 }
