@@ -3,6 +3,7 @@
 //! the checkpoint and ending as if its state were whole.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use rockstate::restore::RestoreOptions;
 use rockstate::testing::checks::refuse_writes;
@@ -75,6 +76,14 @@ fn writes_lost_at_the_final_snapshot_fail_the_worker() {
                 .probe_with(&probe);
             Ok(())
         })?;
+        // A failure, not a hang, if the checkpoints never come.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let waited = || -> rockstate::Result<()> {
+            if Instant::now() > deadline {
+                return Err(rockstate::Error::Internal("no progress within 60 s".into()));
+            }
+            Ok(())
+        };
         w.set_final_epoch(first + EPOCHS - 1);
         input.advance_to(first);
         for k in 0..EPOCHS {
@@ -82,6 +91,7 @@ fn writes_lost_at_the_final_snapshot_fail_the_worker() {
             if k == EPOCHS - 1 {
                 // The checkpoint before is complete before the last epoch starts.
                 while !w.report().completed.contains(&(epoch - 1)) {
+                    waited()?;
                     w.step(worker)?;
                 }
             }
@@ -90,6 +100,7 @@ fn writes_lost_at_the_final_snapshot_fail_the_worker() {
             }
             input.advance_to(epoch + 1);
             while !w.can_advance() || probe.less_than(&epoch.saturating_sub(1)) {
+                waited()?;
                 w.step(worker)?;
             }
         }
