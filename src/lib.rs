@@ -343,8 +343,8 @@ pub mod testing;
 #[cfg(feature = "testing")]
 pub use backend::CaptureHold;
 pub use backend::{
-    BackendBuilder, BackendOptions, RocksStateBackend, SharedResources, DEFAULT_BUFFERED_WRITES,
-    DEFAULT_MEMORY_BUDGET,
+    BackendBuilder, BackendOptions, RocksStateBackend, SharedResources, ValueCacheStats,
+    DEFAULT_BUFFERED_WRITES, DEFAULT_MEMORY_BUDGET,
 };
 pub use checkpoint::{
     AckOutcome, CheckpointCoordinator, CheckpointMetadata, CoordinatorOptions, OperatorSpec,

@@ -521,14 +521,32 @@ fn values_kept_after_writing_stay_within_their_share_of_the_budget() {
             used <= limit + 2 * 256 * 256,
             "backend {i}: {used} bytes kept, over {limit}"
         );
-        written.push((state, owned));
+        // To stay within its share the backend let its values go, each time right after
+        // the write applied last: the one read that followed missed. Every other read
+        // found the value just written in memory, so it never paused.
+        let stats = backend.value_cache_stats();
+        assert!(stats.evictions > 0, "{stats:?}");
+        assert_eq!(stats.lookups, 20_000, "{stats:?}");
+        assert_eq!(stats.hits, 20_000 - stats.evictions, "{stats:?}");
+        assert_eq!(stats.pauses, 0, "{stats:?}");
+        written.push((state, owned, stats));
     }
     assert!(resources.value_cache_usage().0 > 0);
-    for (state, owned) in &written {
+    for (state, owned, _) in &written {
         for key in owned {
             assert_eq!(state.get(key).unwrap(), Some(value_of(key)), "{key}");
         }
     }
+    // Read again, most values came from RocksDB: memory held only the last ones.
+    let mut kept = 0;
+    for (backend, (_, _, before)) in backends.iter().zip(&written) {
+        let now = backend.value_cache_stats();
+        assert_eq!(now.lookups, 40_000, "{now:?}");
+        let answered = now.hits - before.hits;
+        assert!(answered > 0 && answered < 5_000, "{now:?} after {before:?}");
+        kept += now.bytes;
+    }
+    assert_eq!(kept as usize, resources.value_cache_usage().0);
     drop(written);
     drop(backends);
     assert_eq!(

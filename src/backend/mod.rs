@@ -4,7 +4,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use crate::engine::{
-    BackendOptions, SharedResources, DEFAULT_BUFFERED_WRITES, DEFAULT_MEMORY_BUDGET,
+    BackendOptions, SharedResources, ValueCacheStats, DEFAULT_BUFFERED_WRITES,
+    DEFAULT_MEMORY_BUDGET,
 };
 
 use crate::clock::{Clock, SystemClock};
@@ -295,6 +296,16 @@ impl RocksStateBackend {
         self.core.has_lost_writes()
     }
 
+    /// What this backend's point reads found in memory since it was opened: how many
+    /// were answered by its buffered writes or by the values it keeps once applied
+    /// (without RocksDB), its evictions of kept values, and the bytes it keeps now. A
+    /// hit ratio far below one half with a large state says the values kept do not pay
+    /// for themselves: the backend then keeps fewer by itself, and `buffered_writes`
+    /// decides whether it keeps any.
+    pub fn value_cache_stats(&self) -> ValueCacheStats {
+        self.core.value_cache_stats()
+    }
+
     /// The synchronous phase of a snapshot for `checkpoint_id`: notes the point the
     /// snapshot stands for and seals the memtables, whose flush then runs in the
     /// background. Writes may continue as soon as it returns; the files are hard-linked
@@ -402,9 +413,11 @@ impl RocksStateBackend {
     /// block cache usage, pending compaction bytes, live SST bytes, estimated keys, whether
     /// writes are stopped and the delayed write rate (gauges), and block cache hits and
     /// misses and stall time (counters, from RocksDB's statistics, only when the backend
-    /// was opened with [`BackendOptions::statistics`](crate::BackendOptions::statistics)).
+    /// was opened with [`BackendOptions::statistics`](crate::BackendOptions::statistics));
+    /// and what point reads found in memory ([`value_cache_stats`](Self::value_cache_stats)).
     /// Runtimes call it now and then (the harness and the timely adapter at every
-    /// checkpoint); it reads a few properties and takes no lock on the write path.
+    /// checkpoint); it reads a few properties, and holds the write path's lock only to
+    /// copy five numbers.
     pub fn record_metrics(&self, job: &str, operator: &str, subtask: u32) {
         let labels = [
             ("job", job.to_string()),
@@ -423,6 +436,12 @@ impl RocksStateBackend {
         }
         // Counted by what changed since the last reading: a backend reopened in the same
         // process (a restart, a rescale) starts its statistics from zero again.
+        let cache = self.core.value_cache_deltas();
+        metrics::gauge!(crate::telemetry::VALUE_CACHE_BYTES, &labels).set(cache.bytes as f64);
+        metrics::counter!(crate::telemetry::VALUE_CACHE_LOOKUPS, &labels).increment(cache.lookups);
+        metrics::counter!(crate::telemetry::VALUE_CACHE_HITS, &labels).increment(cache.hits);
+        metrics::counter!(crate::telemetry::VALUE_CACHE_EVICTIONS, &labels)
+            .increment(cache.evictions);
         let Some((hits, misses, stalls)) = self.core.ticker_deltas() else {
             return;
         };

@@ -126,6 +126,29 @@ impl ValueCacheBudget {
     }
 }
 
+/// What a backend's point reads found in memory (its buffered writes and the values it
+/// keeps once applied, see [`BackendOptions::buffered_writes`]), counted since the
+/// backend was opened; from [`RocksStateBackend::value_cache_stats`].
+///
+/// [`BackendOptions::buffered_writes`]: crate::BackendOptions::buffered_writes
+/// [`RocksStateBackend::value_cache_stats`]: crate::RocksStateBackend::value_cache_stats
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ValueCacheStats {
+    /// Point reads of values and map entries.
+    pub lookups: u64,
+    /// Of those, the reads answered from memory (a value, or that the key was deleted)
+    /// without RocksDB.
+    pub hits: u64,
+    /// Times a state's kept values were let go to stay within the budget.
+    pub evictions: u64,
+    /// Of those, the evictions of values that answered fewer than half of their state's
+    /// reads: the state then keeps none for a while (a key space larger than the budget
+    /// holds, where keeping them costs more than it saves).
+    pub pauses: u64,
+    /// Bytes counted for the values kept now.
+    pub bytes: u64,
+}
+
 /// What the buffer knows about a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Slot {
@@ -218,15 +241,17 @@ impl Column {
     /// fewer than half of its reads, its keys are read less often than the budget can
     /// wait for (a key space larger than it holds): keeping them only costs memory and
     /// time, so it keeps none for [`PAUSED_ROUNDS`] rounds (more after each such
-    /// eviction in a row).
-    fn evict(&mut self) {
-        if self.hits * 2 < self.lookups.max(1) {
+    /// eviction in a row). Returns whether it paused.
+    fn evict(&mut self) -> bool {
+        let missed = self.hits * 2 < self.lookups.max(1);
+        if missed {
             self.paused = PAUSED_ROUNDS << self.strikes.min(6);
             self.strikes += 1;
         } else {
             self.strikes = 0;
         }
         self.clear();
+        missed
     }
 }
 
@@ -246,6 +271,8 @@ pub(crate) struct WriteBuffer {
     cache: Option<Arc<ValueCacheBudget>>,
     /// This buffer's bytes as last added to the budget.
     counted: usize,
+    /// What its lookups found, and its evictions (`bytes` unused: see `counted`).
+    stats: ValueCacheStats,
 }
 
 impl Drop for WriteBuffer {
@@ -286,6 +313,7 @@ impl WriteBuffer {
     /// The latest write of `key` in column family `column`, buffered or (with a cache)
     /// applied.
     pub(crate) fn lookup(&mut self, column: &str, key: &[u8]) -> Lookup<'_> {
+        self.stats.lookups += 1;
         if self.writes == 0 && self.cache.is_none() {
             return Lookup::Absent;
         }
@@ -296,6 +324,9 @@ impl WriteBuffer {
         let slot = found.slots.get(key);
         if slot.is_some() {
             found.hits += 1;
+        }
+        if matches!(slot, Some(Slot::Value(_) | Slot::Deleted)) {
+            self.stats.hits += 1;
         }
         match slot {
             Some(Slot::Value(value)) => Lookup::Value(value),
@@ -408,6 +439,24 @@ impl WriteBuffer {
         // Whoever holds more than an even share gives back: a backend is not emptied
         // because another one grows.
         let share = budget.limit / budget.users.load(Ordering::Relaxed).max(1);
+        // A state is judged once its values fill a quarter of the share, not only when
+        // the share is full: with its keys read evenly, the part of its reads its values
+        // answer grows with what they hold, so fewer than one in eight there would be
+        // fewer than half at the full share, where it would pause anyway. Judged early,
+        // a key space too large for memory costs a quarter of the filling.
+        if self.counted >= share / 4 {
+            let mut judged = false;
+            for column in &mut self.columns {
+                if column.bytes >= share / 4 && column.hits * 8 < column.lookups {
+                    self.stats.evictions += 1;
+                    self.stats.pauses += u64::from(column.evict());
+                    judged = true;
+                }
+            }
+            if judged {
+                self.recount(&budget);
+            }
+        }
         while budget.used() > budget.limit && self.counted > share {
             let mut worst: Option<&mut Column> = None;
             for column in self.columns.iter_mut().filter(|c| c.bytes > 0) {
@@ -419,10 +468,21 @@ impl WriteBuffer {
             let Some(worst) = worst else {
                 break;
             };
-            worst.evict();
+            self.stats.evictions += 1;
+            if worst.evict() {
+                self.stats.pauses += 1;
+            }
             self.recount(&budget);
         }
         batch
+    }
+
+    /// What its lookups found since it was made, its evictions, and the bytes it keeps.
+    pub(crate) fn stats(&self) -> ValueCacheStats {
+        ValueCacheStats {
+            bytes: self.counted as u64,
+            ..self.stats
+        }
     }
 
     /// Brings this buffer's share of the budget up to date.
@@ -639,6 +699,10 @@ mod tests {
         }
         // Over the budget, "a" went, and keeps nothing now; "b" stays.
         assert!(budget.used() <= budget.limit());
+        let stats = buffer.stats();
+        assert_eq!((stats.lookups, stats.hits), (80, 40), "{stats:?}");
+        assert_eq!((stats.evictions, stats.pauses), (1, 1), "{stats:?}");
+        assert_eq!(stats.bytes as usize, budget.used());
         buffer.put(&a, "a", b"new", b"2");
         assert_eq!(buffer.lookup("a", b"new"), Lookup::Value(b"2"), "unapplied");
         buffer.take();
@@ -651,6 +715,37 @@ mod tests {
         buffer.put(&a, "a", b"new", b"3");
         buffer.take();
         assert_eq!(buffer.lookup("a", b"new"), Lookup::Value(b"3"));
+    }
+
+    #[test]
+    fn a_column_is_judged_when_its_values_fill_a_quarter_of_the_share() {
+        let (_dir, db) = db();
+        let a = db.cf_handle("a").unwrap();
+        let b = db.cf_handle("b").unwrap();
+        let entry = 8 + 8 + ENTRY_OVERHEAD;
+        let budget = Arc::new(ValueCacheBudget::new(40 * entry));
+        let mut buffer = WriteBuffer::with_cache(budget.clone());
+        // Both columns get a new key each round; only "b"'s are read back.
+        for i in 0..12u64 {
+            let key = i.to_be_bytes();
+            assert_eq!(buffer.lookup("a", &key), Lookup::Absent);
+            buffer.put(&a, "a", &key, &key);
+            buffer.put(&b, "b", &key, &key);
+            buffer.take();
+            assert_eq!(buffer.lookup("b", &key), Lookup::Value(&key));
+            let stats = buffer.stats();
+            // At 10 entries (a quarter of the share), "a" had answered none of its reads:
+            // it keeps none now, long before the budget is full.
+            let judged = i >= 9;
+            assert_eq!(stats.pauses, u64::from(judged), "round {i}: {stats:?}");
+            assert!(budget.used() < 24 * entry);
+        }
+        assert_eq!(buffer.lookup("a", &11u64.to_be_bytes()), Lookup::Absent);
+        for i in 0..12u64 {
+            let key = i.to_be_bytes();
+            assert_eq!(buffer.lookup("b", &key), Lookup::Value(&key), "{i}");
+        }
+        assert_eq!(budget.used(), 12 * entry);
     }
 
     #[test]

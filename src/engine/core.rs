@@ -12,7 +12,7 @@ use rocksdb::{
 };
 
 use crate::clock::Clock;
-use crate::engine::buffer::{Lookup, ValueCacheBudget, WriteBuffer};
+use crate::engine::buffer::{Lookup, ValueCacheBudget, ValueCacheStats, WriteBuffer};
 use crate::engine::tracker::SnapshotTracker;
 use crate::engine::ColumnSettings;
 use crate::error::{Error, Result};
@@ -55,6 +55,8 @@ pub(crate) struct BackendCore {
     pub(crate) statistics: Option<rocksdb::Options>,
     /// The statistics counters at the last [`ticker_deltas`](Self::ticker_deltas).
     last_tickers: Mutex<[u64; 3]>,
+    /// The value cache's figures at the last reading for the metrics.
+    last_cache_stats: Mutex<ValueCacheStats>,
     /// Why the local state can no longer be trusted (a migration converted the values
     /// but could not record the new type): snapshots are refused and the directory is
     /// not marked clean, so the next start restores from a snapshot instead.
@@ -254,6 +256,7 @@ impl BackendCore {
             writes_in_key_order: false,
             statistics: None,
             last_tickers: Mutex::new([0; 3]),
+            last_cache_stats: Mutex::new(ValueCacheStats::default()),
             poisoned: Mutex::new(None),
             seals: Arc::default(),
             layout: AtomicU64::new(0),
@@ -330,6 +333,28 @@ impl BackendCore {
             .collect();
         *last = now;
         Some((delta[0], delta[1], delta[2]))
+    }
+
+    /// What point reads found in memory since the backend was opened, and the bytes of
+    /// values kept.
+    pub(crate) fn value_cache_stats(&self) -> ValueCacheStats {
+        self.buffer.lock().stats()
+    }
+
+    /// The value cache's figures now, with its counters as increments since the last
+    /// call.
+    pub(crate) fn value_cache_deltas(&self) -> ValueCacheStats {
+        let now = self.value_cache_stats();
+        let mut last = self.last_cache_stats.lock();
+        let delta = ValueCacheStats {
+            lookups: now.lookups.saturating_sub(last.lookups),
+            hits: now.hits.saturating_sub(last.hits),
+            evictions: now.evictions.saturating_sub(last.evictions),
+            pauses: now.pauses.saturating_sub(last.pauses),
+            bytes: now.bytes,
+        };
+        *last = now;
+        delta
     }
 
     pub(crate) fn max_parallelism(&self) -> u32 {

@@ -20,6 +20,7 @@ use rocksdb::{ColumnFamilyDescriptor, Options};
 
 pub(crate) use self::core::FileIdentity;
 pub(crate) use self::core::{live_sst_files, BackendCore, Cut, Db, RawScan, SstFile, StateEntry};
+pub use buffer::ValueCacheStats;
 pub(crate) use column::{ColumnSettings, META_COLUMN, STATE_COLUMN_PREFIX};
 pub(crate) use migrate::Convert;
 pub use options::{

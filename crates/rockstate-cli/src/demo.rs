@@ -48,7 +48,9 @@ With --json the last line of stdout is one JSON object: job_id, parallelism,
 max_parallelism, events_processed, events_total, checkpoints_completed,
 upload_mean_bytes and upload_max_bytes (bytes uploaded per completed checkpoint; harness
 engine), last_checkpoint, restored_from, savepoint, stopped_by (\"end\", \"signal\" or \"request\": `rockstate stop`), state_digest, state_entries,
-elapsed_ms.";
+elapsed_ms, and (harness engine) value_cache_lookups, value_cache_hits, value_cache_evictions
+and value_cache_pauses: the point reads of every subtask, those answered from memory, and the
+times kept values were let go (a pause: the state then kept none for a while).";
 
 /// Records handed to the harness between checks for a stop signal.
 const CHUNK: u64 = 2_000;
@@ -528,6 +530,14 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
         .as_ref()
         .map(|m| job.url_of(&format!("chk-{}", m.checkpoint_id)));
     let elapsed = started.elapsed();
+    let mut cache = rockstate::ValueCacheStats::default();
+    for backend in &finished.backends {
+        let stats = backend.value_cache_stats();
+        cache.lookups += stats.lookups;
+        cache.hits += stats.hits;
+        cache.evictions += stats.evictions;
+        cache.pauses += stats.pauses;
+    }
     for backend in finished.backends {
         backend.close()?;
     }
@@ -550,6 +560,10 @@ pub fn run(args: DemoArgs) -> rockstate::Result<u8> {
             "state_digest": digest.to_string(),
             "state_entries": digest.entries,
             "elapsed_ms": elapsed.as_millis() as u64,
+            "value_cache_lookups": cache.lookups,
+            "value_cache_hits": cache.hits,
+            "value_cache_evictions": cache.evictions,
+            "value_cache_pauses": cache.pauses,
         }));
     } else {
         println!(

@@ -212,6 +212,16 @@ fn reference() -> &'static Reference {
         assert!(digest.chars().all(|c| c.is_ascii_hexdigit()), "{digest:?}");
         let entries = doc["state_entries"].as_u64().unwrap();
         assert!(entries > 0);
+        // The job reads back what it wrote: most reads are answered from memory.
+        let lookups = doc["value_cache_lookups"].as_u64().unwrap();
+        let hits = doc["value_cache_hits"].as_u64().unwrap();
+        assert!(lookups >= EVENTS, "{}", run.context());
+        assert!(hits > lookups / 2 && hits <= lookups, "{}", run.context());
+        assert!(
+            doc["value_cache_pauses"].as_u64().is_some(),
+            "{}",
+            run.context()
+        );
         Reference { digest, entries }
     })
 }
@@ -2144,6 +2154,9 @@ fn the_metrics_endpoint_is_scraped_while_the_job_runs() {
         r#"rockstate_rocksdb_memtable_bytes{job="scraped",operator="counter",subtask="0"}"#,
         r#"rockstate_rocksdb_estimated_keys{job="scraped",operator="counter",subtask="1"}"#,
         r#"rockstate_rocksdb_block_cache_hits_total{job="scraped",operator="counter",subtask="0"}"#,
+        r#"rockstate_value_cache_lookups_total{job="scraped",operator="counter",subtask="1"}"#,
+        r#"rockstate_value_cache_hits_total{job="scraped",operator="counter",subtask="0"}"#,
+        r#"rockstate_value_cache_bytes{job="scraped",operator="counter",subtask="1"}"#,
     ] {
         assert!(
             sample(&second, series).is_some_and(|v| v > 0.0),
