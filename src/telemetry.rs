@@ -17,10 +17,11 @@
 //! | `rockstate_restore_bytes_total` | counter | | bytes of snapshot files restores fetched and checked, per file (or took from the local directory after a check, or linked from a checked copy another restore of the same source fetched; a failed restore's completed files included) |
 //! | `rockstate_restore_fetched_bytes_total` | counter | | of those, the bytes taken from checkpoint storage (downloaded, or linked or copied from local-file storage): not taken from the local directory nor linked from a copy another restore of the same source fetched |
 //! | `rockstate_value_cache_lookups_total` | counter | `job`, `operator`, `subtask` | point reads, see [`RocksStateBackend::value_cache_stats`](crate::RocksStateBackend::value_cache_stats) |
-//! | `rockstate_value_cache_hits_total` | counter | `job`, `operator`, `subtask` | of those, the reads answered from memory without RocksDB |
-//! | `rockstate_value_cache_evictions_total` | counter | `job`, `operator`, `subtask` | times a state's kept values were let go to stay within the budget |
+//! | `rockstate_value_cache_hits_total` | counter | `job`, `operator`, `subtask` | of those, the reads answered from memory (a write not yet applied, a value kept) without RocksDB |
+//! | `rockstate_value_cache_evictions_total` | counter | `job`, `operator`, `subtask` | times a state's kept values were let go, to stay within the budget or because they answered too few reads |
+//! | `rockstate_value_cache_pauses_total` | counter | `job`, `operator`, `subtask` | of those, the times the state then kept none for a while |
 //! | `rockstate_value_cache_bytes` | gauge | `job`, `operator`, `subtask` | bytes counted for the values kept |
-//! | `rockstate_rocksdb_*` | gauges, counters | `operator`, `subtask` | RocksDB's own figures, see [`RocksStateBackend::record_metrics`](crate::RocksStateBackend::record_metrics); the counters only from backends opened with [`BackendOptions::statistics`](crate::BackendOptions::statistics) |
+//! | `rockstate_rocksdb_*` | gauges, counters | `job`, `operator`, `subtask` | RocksDB's own figures, see [`RocksStateBackend::record_metrics`](crate::RocksStateBackend::record_metrics); the counters only from backends opened with [`BackendOptions::statistics`](crate::BackendOptions::statistics) |
 //!
 //! Call [`describe`] once after installing the recorder to give every metric its help
 //! text and unit.
@@ -42,6 +43,7 @@ pub(crate) const RESTORE_FETCHED: &str = "rockstate_restore_fetched_bytes_total"
 pub(crate) const VALUE_CACHE_LOOKUPS: &str = "rockstate_value_cache_lookups_total";
 pub(crate) const VALUE_CACHE_HITS: &str = "rockstate_value_cache_hits_total";
 pub(crate) const VALUE_CACHE_EVICTIONS: &str = "rockstate_value_cache_evictions_total";
+pub(crate) const VALUE_CACHE_PAUSES: &str = "rockstate_value_cache_pauses_total";
 pub(crate) const VALUE_CACHE_BYTES: &str = "rockstate_value_cache_bytes";
 
 /// RocksDB integer properties reported as gauges: (property, metric, help). The first four
@@ -153,14 +155,18 @@ pub fn describe() {
         Unit::Microseconds,
         "time writes were stalled by RocksDB"
     );
-    describe_counter!(VALUE_CACHE_LOOKUPS, "point reads of values and map entries");
+    describe_counter!(VALUE_CACHE_LOOKUPS, "point reads of stored state values");
     describe_counter!(
         VALUE_CACHE_HITS,
-        "point reads answered from the values kept in memory, without RocksDB"
+        "point reads answered from memory (a write not yet applied, a value kept), without RocksDB"
     );
     describe_counter!(
         VALUE_CACHE_EVICTIONS,
-        "times a state's values kept in memory were let go to stay within the budget"
+        "times a state's values kept in memory were let go, to stay within the budget or because they answered too few reads"
+    );
+    describe_counter!(
+        VALUE_CACHE_PAUSES,
+        "times a state's values kept in memory were let go and the state then kept none for a while"
     );
     describe_gauge!(
         VALUE_CACHE_BYTES,

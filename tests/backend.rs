@@ -543,7 +543,10 @@ fn values_kept_after_writing_stay_within_their_share_of_the_budget() {
         let now = backend.value_cache_stats();
         assert_eq!(now.lookups, 40_000, "{now:?}");
         let answered = now.hits - before.hits;
-        assert!(answered > 0 && answered < 5_000, "{now:?} after {before:?}");
+        // The 1 MiB budget (a backend takes more than its even share while the other
+        // holds less) holds under 5 600 entries of a key, a 100-byte value and the 80
+        // bytes counted per entry, and one round of 256 writes may pass it.
+        assert!(answered > 0 && answered < 5_900, "{now:?} after {before:?}");
         kept += now.bytes;
     }
     assert_eq!(kept as usize, resources.value_cache_usage().0);

@@ -301,7 +301,8 @@ impl RocksStateBackend {
     /// (without RocksDB), its evictions of kept values, and the bytes it keeps now. A
     /// hit ratio far below one half with a large state says the values kept do not pay
     /// for themselves: the backend then keeps fewer by itself, and `buffered_writes`
-    /// decides whether it keeps any.
+    /// decides whether it keeps any. The counts start at zero with each opening: a
+    /// backend restored after a failure counts from its restore.
     pub fn value_cache_stats(&self) -> ValueCacheStats {
         self.core.value_cache_stats()
     }
@@ -408,7 +409,7 @@ impl RocksStateBackend {
         }
     }
 
-    /// Records RocksDB's own figures for this backend in the metrics
+    /// Records this backend's figures in the metrics
     /// ([`crate::telemetry`]), labelled with `job`, `operator` and `subtask`: memtable bytes,
     /// block cache usage, pending compaction bytes, live SST bytes, estimated keys, whether
     /// writes are stopped and the delayed write rate (gauges), and block cache hits and
@@ -442,6 +443,7 @@ impl RocksStateBackend {
         metrics::counter!(crate::telemetry::VALUE_CACHE_HITS, &labels).increment(cache.hits);
         metrics::counter!(crate::telemetry::VALUE_CACHE_EVICTIONS, &labels)
             .increment(cache.evictions);
+        metrics::counter!(crate::telemetry::VALUE_CACHE_PAUSES, &labels).increment(cache.pauses);
         let Some((hits, misses, stalls)) = self.core.ticker_deltas() else {
             return;
         };

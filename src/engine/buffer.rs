@@ -51,6 +51,8 @@ const PAUSED_ROUNDS: u32 = 1_024;
 /// entries after each application and, while the total is over the limit and its own
 /// part over an even share, lets go of its columns' values, those that answered the
 /// fewest reads first; the total may pass the limit by one round of writes per backend.
+/// A column whose values fill a quarter of the even share while answering fewer than a
+/// tenth of its reads is let go earlier (see [`WriteBuffer::take`]).
 ///
 /// The values kept are taken from the block cache as they grow: its capacity is the
 /// memory budget less what they hold (to within [`RESIZE_STEP`]), so a state too large
@@ -133,20 +135,37 @@ impl ValueCacheBudget {
 /// [`BackendOptions::buffered_writes`]: crate::BackendOptions::buffered_writes
 /// [`RocksStateBackend::value_cache_stats`]: crate::RocksStateBackend::value_cache_stats
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ValueCacheStats {
-    /// Point reads of values and map entries.
+    /// Point reads of stored values: a value, a list, a map entry, a reduced or
+    /// aggregated value (counted also with `buffered_writes` at 0).
     pub lookups: u64,
-    /// Of those, the reads answered from memory (a value, or that the key was deleted)
-    /// without RocksDB.
+    /// Of those, the reads answered from memory without RocksDB, by a write not yet
+    /// applied or a value kept (a value, or that the key was deleted).
     pub hits: u64,
-    /// Times a state's kept values were let go to stay within the budget.
+    /// Times a state's kept values were let go: to stay within the budget, or because
+    /// they answered too few of its reads. Letting go of every value because the stored
+    /// data changed without the buffer (a restore's ingestion, registering a state, and
+    /// the like) is not counted.
     pub evictions: u64,
-    /// Of those, the evictions of values that answered fewer than half of their state's
-    /// reads: the state then keeps none for a while (a key space larger than the budget
-    /// holds, where keeping them costs more than it saves).
+    /// Of those, the evictions after which the state keeps none for a while: its values
+    /// answered fewer than half of its reads, or fewer than a tenth once they filled a
+    /// quarter of the backend's even share of the budget (a key space larger than
+    /// memory holds, where keeping them costs more than it saves).
     pub pauses: u64,
     /// Bytes counted for the values kept now.
     pub bytes: u64,
+}
+
+impl ValueCacheStats {
+    /// The part of the point reads answered from memory (0 without reads).
+    pub fn hit_ratio(&self) -> f64 {
+        if self.lookups == 0 {
+            0.0
+        } else {
+            self.hits as f64 / self.lookups as f64
+        }
+    }
 }
 
 /// What the buffer knows about a key.
@@ -322,10 +341,9 @@ impl WriteBuffer {
         };
         found.lookups += 1;
         let slot = found.slots.get(key);
-        if slot.is_some() {
-            found.hits += 1;
-        }
+        // A buffered append is no answer: the buffer is applied and RocksDB read.
         if matches!(slot, Some(Slot::Value(_) | Slot::Deleted)) {
+            found.hits += 1;
             self.stats.hits += 1;
         }
         match slot {
@@ -439,15 +457,20 @@ impl WriteBuffer {
         // Whoever holds more than an even share gives back: a backend is not emptied
         // because another one grows.
         let share = budget.limit / budget.users.load(Ordering::Relaxed).max(1);
-        // A state is judged once its values fill a quarter of the share, not only when
-        // the share is full: with its keys read evenly, the part of its reads its values
-        // answer grows with what they hold, so fewer than one in eight there would be
-        // fewer than half at the full share, where it would pause anyway. Judged early,
-        // a key space too large for memory costs a quarter of the filling.
-        if self.counted >= share / 4 {
+        // A state is judged once its values fill a quarter of the even share, not only
+        // once the budget is full. The even share is the room a buffer keeps when the
+        // others grow (above it, it gives back). With its keys read at random, evenly,
+        // the part of its reads answered since it started keeping them is below a
+        // tenth at a quarter of the share about when it would be below half with the
+        // share full (its keys then number about 1.25 times what the share holds),
+        // where it would pause anyway; a hot set answers more early on. Judged early, a
+        // key space too large for memory costs a quarter of a share's filling each time
+        // it tries again, not the whole budget's.
+        let quarter = share / 4;
+        if self.counted >= quarter {
             let mut judged = false;
             for column in &mut self.columns {
-                if column.bytes >= share / 4 && column.hits * 8 < column.lookups {
+                if column.bytes >= quarter && column.hits * 10 < column.lookups.max(1) {
                     self.stats.evictions += 1;
                     self.stats.pauses += u64::from(column.evict());
                     judged = true;
@@ -655,6 +678,11 @@ mod tests {
         for i in 0..40u64 {
             buffer.put(&a, "a", &i.to_be_bytes(), &[1; 100]);
         }
+        // Read before it is applied: a column never read would be let go at once.
+        assert_eq!(
+            buffer.lookup("a", &39u64.to_be_bytes()),
+            Lookup::Value(&[1; 100])
+        );
         buffer.take();
         assert_eq!(
             buffer.lookup("a", &0u64.to_be_bytes()),
@@ -688,19 +716,33 @@ mod tests {
         let entry = 8 + 8 + ENTRY_OVERHEAD;
         let budget = Arc::new(ValueCacheBudget::new(30 * entry));
         let mut buffer = WriteBuffer::with_cache(budget.clone());
-        // Column "b" is read back; column "a" only ever sees new keys.
+        // Column "b" is read back; column "a" sees a new key each round, read back every
+        // fourth round: its values answer a fifth of its reads.
         buffer.put(&b, "b", b"hot", b"1");
         buffer.take();
         for i in 0..40u64 {
-            assert_eq!(buffer.lookup("a", &i.to_be_bytes()), Lookup::Absent);
+            let key = i.to_be_bytes();
+            assert_eq!(buffer.lookup("a", &key), Lookup::Absent);
             assert_eq!(buffer.lookup("b", b"hot"), Lookup::Value(b"1"));
-            buffer.put(&a, "a", &i.to_be_bytes(), &i.to_be_bytes());
+            buffer.put(&a, "a", &key, &key);
             buffer.take();
+            // More than a tenth answered: not let go at a quarter of the budget, only
+            // once it is full (31 entries), and then paused (fewer than half).
+            let over = i >= 29;
+            assert_eq!(buffer.stats().evictions, u64::from(over), "round {i}");
+            if i % 4 == 0 {
+                let expected = if over {
+                    Lookup::Absent
+                } else {
+                    Lookup::Value(&key)
+                };
+                assert_eq!(buffer.lookup("a", &key), expected, "round {i}");
+            }
         }
         // Over the budget, "a" went, and keeps nothing now; "b" stays.
         assert!(budget.used() <= budget.limit());
         let stats = buffer.stats();
-        assert_eq!((stats.lookups, stats.hits), (80, 40), "{stats:?}");
+        assert_eq!((stats.lookups, stats.hits), (90, 48), "{stats:?}");
         assert_eq!((stats.evictions, stats.pauses), (1, 1), "{stats:?}");
         assert_eq!(stats.bytes as usize, budget.used());
         buffer.put(&a, "a", b"new", b"2");
@@ -718,13 +760,16 @@ mod tests {
     }
 
     #[test]
-    fn a_column_is_judged_when_its_values_fill_a_quarter_of_the_share() {
+    fn a_column_is_judged_when_its_values_fill_a_quarter_of_the_even_share() {
         let (_dir, db) = db();
         let a = db.cf_handle("a").unwrap();
         let b = db.cf_handle("b").unwrap();
         let entry = 8 + 8 + ENTRY_OVERHEAD;
         let budget = Arc::new(ValueCacheBudget::new(40 * entry));
         let mut buffer = WriteBuffer::with_cache(budget.clone());
+        // Another buffer shares the budget: an even share is 20 entries, and a quarter of
+        // it 5. (That this one holds nothing does not count: it may grow any time.)
+        let idle = WriteBuffer::with_cache(budget.clone());
         // Both columns get a new key each round; only "b"'s are read back.
         for i in 0..12u64 {
             let key = i.to_be_bytes();
@@ -734,9 +779,9 @@ mod tests {
             buffer.take();
             assert_eq!(buffer.lookup("b", &key), Lookup::Value(&key));
             let stats = buffer.stats();
-            // At 10 entries (a quarter of the share), "a" had answered none of its reads:
+            // At 5 entries (a quarter of the share), "a" had answered none of its reads:
             // it keeps none now, long before the budget is full.
-            let judged = i >= 9;
+            let judged = i >= 4;
             assert_eq!(stats.pauses, u64::from(judged), "round {i}: {stats:?}");
             assert!(budget.used() < 24 * entry);
         }
@@ -746,6 +791,7 @@ mod tests {
             assert_eq!(buffer.lookup("b", &key), Lookup::Value(&key), "{i}");
         }
         assert_eq!(budget.used(), 12 * entry);
+        drop(idle);
     }
 
     #[test]
@@ -758,6 +804,11 @@ mod tests {
         let mut buffer = WriteBuffer::with_cache(budget.clone());
         for i in 0..2_000u64 {
             buffer.put(&a, "a", &i.to_be_bytes(), &[0; 1_000]);
+            // Read back, or its values would be let go as never read.
+            assert_eq!(
+                buffer.lookup("a", &i.to_be_bytes()),
+                Lookup::Value(&[0; 1_000])
+            );
             if buffer.is_full(256) {
                 buffer.take();
             }

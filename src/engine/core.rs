@@ -320,12 +320,12 @@ impl BackendCore {
     pub(crate) fn ticker_deltas(&self) -> Option<(u64, u64, u64)> {
         use rocksdb::statistics::Ticker;
         let opts = self.statistics.as_ref()?;
+        let mut last = self.last_tickers.lock();
         let now = [
             opts.get_ticker_count(Ticker::BlockCacheHit),
             opts.get_ticker_count(Ticker::BlockCacheMiss),
             opts.get_ticker_count(Ticker::StallMicros),
         ];
-        let mut last = self.last_tickers.lock();
         let delta: Vec<u64> = now
             .iter()
             .zip(last.iter())
@@ -344,8 +344,10 @@ impl BackendCore {
     /// The value cache's figures now, with its counters as increments since the last
     /// call.
     pub(crate) fn value_cache_deltas(&self) -> ValueCacheStats {
-        let now = self.value_cache_stats();
+        // Read under the lock of the last reading, so that two callers cannot count
+        // the same increments twice.
         let mut last = self.last_cache_stats.lock();
+        let now = self.value_cache_stats();
         let delta = ValueCacheStats {
             lookups: now.lookups.saturating_sub(last.lookups),
             hits: now.hits.saturating_sub(last.hits),

@@ -73,9 +73,9 @@ pub struct BackendOptions {
     /// values of its states whose values answered the fewest reads first; a state whose
     /// values answered fewer than half of its reads keeps none for a while (longer each
     /// time), and so does one whose values, once they fill a quarter of the backend's
-    /// share, answered fewer than one read in eight (with keys read evenly, the part
-    /// answered grows with what is held), so state larger than memory costs nothing
-    /// measurable
+    /// even share, answered fewer than a tenth of its reads (with keys read at random,
+    /// evenly, about when they would answer fewer than half with the share full), so
+    /// state larger than memory costs little: no cost was measured in the demo runs below
     /// ([`value_cache_stats`](crate::RocksStateBackend::value_cache_stats) counts the
     /// reads, those answered, the evictions and the pauses). States with a time to live
     /// keep none (RocksDB's compactions remove their expired values). Anything that changes
@@ -84,10 +84,10 @@ pub struct BackendOptions {
     /// more) lets them go. The demo job (`rockstate demo`, runs of each build in turn) ran
     /// at 1.42x and 1.67x the events/s of the buffer alone with 10 000 keys at parallelism
     /// 1, 1.17x and 1.50x at parallelism 2, and 1.11x and 1.07x with 100 000 keys at
-    /// parallelism 1 and 2. With state larger than memory, at parallelism 2: 1.00-1.04x
-    /// with 300 000 keys (3 000 000 events, three pairs of runs) and 1.00x and 1.01x
+    /// parallelism 1 and 2. With state larger than memory, at parallelism 2: 0.98-1.01x
+    /// with 300 000 keys (3 000 000 events, three pairs of runs) and 1.00x and 1.03x
     /// with 1 000 000 keys (two pairs); before states were judged at a quarter of the
-    /// share, 0.88-0.95x and 0.92-0.99x.
+    /// share, 0.88-0.95x (ten pairs) and 0.92-0.99x.
     ///
     /// What changes: a write RocksDB refuses (after a background error, when the disk is
     /// full) is reported by the call that applies the buffer (a later write, a read of a

@@ -50,7 +50,8 @@ upload_mean_bytes and upload_max_bytes (bytes uploaded per completed checkpoint;
 engine), last_checkpoint, restored_from, savepoint, stopped_by (\"end\", \"signal\" or \"request\": `rockstate stop`), state_digest, state_entries,
 elapsed_ms, and (harness engine) value_cache_lookups, value_cache_hits, value_cache_evictions
 and value_cache_pauses: the point reads of every subtask, those answered from memory, and the
-times kept values were let go (a pause: the state then kept none for a while).";
+times kept values were let go (a pause: the state then kept none for a while), summed over the
+subtasks' backends at the end (a subtask restored after a failure counts from its restore).";
 
 /// Records handed to the harness between checks for a stop signal.
 const CHUNK: u64 = 2_000;
