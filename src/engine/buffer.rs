@@ -256,7 +256,8 @@ impl Column {
         mine < theirs || (mine == theirs && self.bytes > other.bytes)
     }
 
-    /// Lets go of its values to bring a cache back within its budget. When they answered
+    /// Lets go of its values, to bring a cache back within its budget or because they
+    /// answered too few reads (see [`WriteBuffer::take`]). When they answered
     /// fewer than half of its reads, its keys are read less often than the budget can
     /// wait for (a key space larger than it holds): keeping them only costs memory and
     /// time, so it keeps none for [`PAUSED_ROUNDS`] rounds (more after each such
@@ -466,11 +467,17 @@ impl WriteBuffer {
         // where it would pause anyway; a hot set answers more early on. Judged early, a
         // key space too large for memory costs a quarter of a share's filling each time
         // it tries again, not the whole budget's.
+        // A state not read yet gives no evidence (values loaded before they are read):
+        // it is judged once the budget is full, as a state never read is.
         let quarter = share / 4;
         if self.counted >= quarter {
             let mut judged = false;
             for column in &mut self.columns {
-                if column.bytes >= quarter && column.hits * 10 < column.lookups.max(1) {
+                if column.bytes > 0
+                    && column.bytes >= quarter
+                    && column.lookups > 0
+                    && column.hits * 10 < column.lookups
+                {
                     self.stats.evictions += 1;
                     self.stats.pauses += u64::from(column.evict());
                     judged = true;
@@ -678,11 +685,6 @@ mod tests {
         for i in 0..40u64 {
             buffer.put(&a, "a", &i.to_be_bytes(), &[1; 100]);
         }
-        // Read before it is applied: a column never read would be let go at once.
-        assert_eq!(
-            buffer.lookup("a", &39u64.to_be_bytes()),
-            Lookup::Value(&[1; 100])
-        );
         buffer.take();
         assert_eq!(
             buffer.lookup("a", &0u64.to_be_bytes()),
@@ -770,14 +772,14 @@ mod tests {
         // Another buffer shares the budget: an even share is 20 entries, and a quarter of
         // it 5. (That this one holds nothing does not count: it may grow any time.)
         let idle = WriteBuffer::with_cache(budget.clone());
-        // Both columns get a new key each round; only "b"'s are read back.
+        // Both columns get a new key each round; "a" reads each first and misses, "b" is
+        // not read yet (no evidence: it is not judged before the budget is full).
         for i in 0..12u64 {
             let key = i.to_be_bytes();
             assert_eq!(buffer.lookup("a", &key), Lookup::Absent);
             buffer.put(&a, "a", &key, &key);
             buffer.put(&b, "b", &key, &key);
             buffer.take();
-            assert_eq!(buffer.lookup("b", &key), Lookup::Value(&key));
             let stats = buffer.stats();
             // At 5 entries (a quarter of the share), "a" had answered none of its reads:
             // it keeps none now, long before the budget is full.
@@ -804,11 +806,6 @@ mod tests {
         let mut buffer = WriteBuffer::with_cache(budget.clone());
         for i in 0..2_000u64 {
             buffer.put(&a, "a", &i.to_be_bytes(), &[0; 1_000]);
-            // Read back, or its values would be let go as never read.
-            assert_eq!(
-                buffer.lookup("a", &i.to_be_bytes()),
-                Lookup::Value(&[0; 1_000])
-            );
             if buffer.is_full(256) {
                 buffer.take();
             }

@@ -75,7 +75,7 @@ pub struct BackendOptions {
     /// time), and so does one whose values, once they fill a quarter of the backend's
     /// even share, answered fewer than a tenth of its reads (with keys read at random,
     /// evenly, about when they would answer fewer than half with the share full), so
-    /// state larger than memory costs little: no cost was measured in the demo runs below
+    /// state larger than memory costs little: 0.98-1.03x in the demo runs below
     /// ([`value_cache_stats`](crate::RocksStateBackend::value_cache_stats) counts the
     /// reads, those answered, the evictions and the pauses). States with a time to live
     /// keep none (RocksDB's compactions remove their expired values). Anything that changes
@@ -87,7 +87,9 @@ pub struct BackendOptions {
     /// parallelism 1 and 2. With state larger than memory, at parallelism 2: 0.98-1.01x
     /// with 300 000 keys (3 000 000 events, three pairs of runs) and 1.00x and 1.03x
     /// with 1 000 000 keys (two pairs); before states were judged at a quarter of the
-    /// share, 0.88-0.95x (ten pairs) and 0.92-0.99x.
+    /// share, 0.88-0.95x (ten pairs) and 0.92-0.99x (five pairs, with this build and
+    /// the one before its last review). A state not read yet is judged only when the
+    /// budget is full.
     ///
     /// What changes: a write RocksDB refuses (after a background error, when the disk is
     /// full) is reported by the call that applies the buffer (a later write, a read of a
