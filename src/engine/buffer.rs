@@ -469,23 +469,17 @@ impl WriteBuffer {
         // it tries again, not the whole budget's.
         // A state not read yet gives no evidence (values loaded before they are read):
         // it is judged once the budget is full, as a state never read is.
-        let quarter = share / 4;
-        if self.counted >= quarter {
-            let mut judged = false;
-            for column in &mut self.columns {
-                if column.bytes > 0
-                    && column.bytes >= quarter
-                    && column.lookups > 0
-                    && column.hits * 10 < column.lookups
-                {
-                    self.stats.evictions += 1;
-                    self.stats.pauses += u64::from(column.evict());
-                    judged = true;
-                }
+        let quarter = (share / 4).max(1);
+        let mut judged = false;
+        for column in &mut self.columns {
+            if column.bytes >= quarter && column.lookups > 0 && column.hits * 10 < column.lookups {
+                self.stats.evictions += 1;
+                self.stats.pauses += u64::from(column.evict());
+                judged = true;
             }
-            if judged {
-                self.recount(&budget);
-            }
+        }
+        if judged {
+            self.recount(&budget);
         }
         while budget.used() > budget.limit && self.counted > share {
             let mut worst: Option<&mut Column> = None;

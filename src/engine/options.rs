@@ -87,9 +87,8 @@ pub struct BackendOptions {
     /// parallelism 1 and 2. With state larger than memory, at parallelism 2: 0.98-1.01x
     /// with 300 000 keys (3 000 000 events, three pairs of runs) and 1.00x and 1.03x
     /// with 1 000 000 keys (two pairs); before states were judged at a quarter of the
-    /// share, 0.88-0.95x (ten pairs) and 0.92-0.99x (five pairs, with this build and
-    /// the one before its last review). A state not read yet is judged only when the
-    /// budget is full.
+    /// share, 0.88-0.95x (ten pairs) and 0.92-1.00x (six pairs with the builds before).
+    /// A state not read yet is judged only when the budget is full.
     ///
     /// What changes: a write RocksDB refuses (after a background error, when the disk is
     /// full) is reported by the call that applies the buffer (a later write, a read of a
